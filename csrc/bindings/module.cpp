@@ -1,0 +1,44 @@
+// pyquant._C: the CPU kernels. Arguments are raw addresses, dtype codes and a Layout; tensors are
+// made and checked in Python (pyquant/ops), so this module needs no libtorch.
+#include <pybind11/pybind11.h>
+#include "kernel_table.h"
+#include "layout_binding.h"
+
+namespace py = pybind11;
+using namespace pq;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyquant CPU kernels (torch-free)";
+  bind_layout(m);
+
+  m.def("fake_quant_forward",
+        [](int op, uintptr_t x, int xdt, uintptr_t y, int ydt, uintptr_t s, uintptr_t o, float qmin, float qmax,
+           const QLayout& L) {
+          py::gil_scoped_release nogil;
+          fake_quant_table().forward(FqOp(op), ptr<const void>(x), DType(xdt), ptr<void>(y), DType(ydt),
+                                     ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, cpu_threads());
+        },
+        "y = op(x) for op 0=quantize_dequantize, 1=quantize, 2=dequantize");
+
+  m.def("fake_quant_backward",
+        [](uintptr_t g, uintptr_t x, int dt, uintptr_t dx, uintptr_t s, uintptr_t o, float qmin, float qmax,
+           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale) {
+          py::gil_scoped_release nogil;
+          fake_quant_table().backward(ptr<const void>(g), ptr<const void>(x), DType(dt), ptr<void>(dx),
+                                      ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, ptr<double>(ws),
+                                      ptr<float>(ds), ptr<float>(doff), grad_scale, cpu_threads());
+        },
+        "fused backward of quantize_dequantize: dx and per-scale ds/do (null address = not wanted); "
+        "ws holds num_threads() * 2 * nscale float64");
+
+  m.def("simd_level", []() { return std::string(simd_level()); }, "SIMD level in use: avx512, avx2 or baseline");
+  m.def("set_simd_level", [](const std::string& name) { return set_simd_level(name.c_str()); },
+        "Use 'avx512', 'avx2', 'baseline' or 'auto'; returns False if this CPU lacks it");
+  m.def("num_threads", &cpu_threads, "threads the CPU kernels may use");
+  m.def("set_num_threads", &set_cpu_threads, "cap the CPU kernels' threads (0: OpenMP's default)");
+#if defined(PQ_HAVE_OPENMP)
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

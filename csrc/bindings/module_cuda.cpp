@@ -1,0 +1,49 @@
+// pyquant._C_cuda: the CUDA kernels. Like _C it sees raw addresses only; Python passes the current
+// torch stream of the tensor's device (never the legacy default stream).
+#include <pybind11/pybind11.h>
+#include <stdexcept>
+#include "layout_binding.h"
+#include "pyquant/cuda_api.h"
+
+namespace py = pybind11;
+using namespace pq;
+
+#ifndef PQ_CUDA_ARCHS
+#define PQ_CUDA_ARCHS ""
+#endif
+
+static void check(const char* err) {
+  if (err) throw std::runtime_error(std::string("pyquant CUDA kernel failed: ") + err);
+}
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyquant CUDA kernels (torch-free)";
+  bind_layout(m);
+  m.def("fake_quant_forward",
+        [](int op, uintptr_t x, int xdt, uintptr_t y, int ydt, uintptr_t s, uintptr_t o, float qmin, float qmax,
+           const QLayout& L, uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::fake_quant_forward(FqOp(op), ptr<const void>(x), DType(xdt), ptr<void>(y), DType(ydt),
+                                           ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, stream);
+          }
+          check(err);
+        });
+  m.def("fake_quant_backward",
+        [](uintptr_t g, uintptr_t x, int dt, uintptr_t dx, uintptr_t s, uintptr_t o, float qmin, float qmax,
+           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale, uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::fake_quant_backward(ptr<const void>(g), ptr<const void>(x), DType(dt), ptr<void>(dx),
+                                            ptr<const float>(s), ptr<const float>(o), qmin, qmax, L,
+                                            ptr<double>(ws), ptr<float>(ds), ptr<float>(doff), grad_scale, stream);
+          }
+          check(err);
+        },
+        "ws holds 2 * nscale float64");
+  m.def("device_count", &cuda::device_count);
+  m.def("runtime_version", &cuda::runtime_version);
+  m.attr("archs") = PQ_CUDA_ARCHS;
+}

@@ -1,0 +1,329 @@
+// The CPU fake-quant loops, written once over an instruction-set wrapper `Isa` (simd.h) and
+// included by one translation unit per SIMD level. Threads split the tensor into contiguous
+// element ranges; each range is walked row by row so the scale lookup costs one division per
+// row, not per element.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include "pyquant/fake_quant.h"
+#include "kernel_table.h"
+#include "simd.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace pq {
+namespace PQ_ISA_NS {
+
+using Isa = PQ_ISA_TYPE;
+
+// Work below this many elements per thread is not worth waking another thread for.
+constexpr int64_t kGrain = 32768;
+// Outputs larger than this bypass the cache (streaming stores): they would not stay in it anyway
+// and a regular store first reads the line it writes.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+inline int pick_threads(int64_t numel, int max_threads) {
+  int64_t t = (numel + kGrain - 1) / kGrain;
+  return int(std::max<int64_t>(1, std::min<int64_t>(t, max_threads)));
+}
+
+// Runs fn(tid, begin, end) over `nthreads` contiguous ranges whose starts are multiples of 64.
+template <class Fn>
+inline void parallel_ranges(int64_t numel, int nthreads, Fn&& fn) {
+  if (nthreads <= 1) { fn(0, int64_t(0), numel); return; }
+  const int64_t per = ((numel + nthreads - 1) / nthreads + 63) / 64 * 64;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num();
+    const int64_t b = std::min<int64_t>(numel, per * tid);
+    const int64_t e = std::min<int64_t>(numel, b + per);
+    fn(tid, b, e);
+  }
+#else
+  for (int tid = 0; tid < nthreads; ++tid) {
+    const int64_t b = std::min<int64_t>(numel, per * tid);
+    fn(tid, b, std::min<int64_t>(numel, b + per));
+  }
+#endif
+}
+
+// Walks [begin, end) and calls seg(offset, n, scale_index, per_element) for each run of elements
+// that share one scale (per_element=false), or whose scales are consecutive (per_element=true).
+template <class Seg>
+inline void walk(const QLayout& L, int64_t begin, int64_t end, Seg&& seg) {
+  if (begin >= end) return;
+  const int64_t len = L.row_len;
+  int64_t r = begin / len, j = begin % len, i = begin;
+  while (i < end) {
+    const int64_t base = L.row_base(r);
+    const int64_t jend = std::min<int64_t>(len, j + (end - i));
+    if (L.inner_block >= len) {
+      seg(i, jend - j, base, false);
+    } else if (L.inner_block == 1) {
+      seg(i, jend - j, base + j, true);
+    } else {
+      for (int64_t jb = j; jb < jend;) {
+        const int64_t k = jb / L.inner_block;
+        const int64_t je = std::min<int64_t>(jend, (k + 1) * L.inner_block);
+        seg(i + (jb - j), je - jb, base + k, false);
+        jb = je;
+      }
+    }
+    i += jend - j;
+    ++r;
+    j = 0;
+  }
+}
+
+template <FqOp OP>
+inline float op_scalar(float x, float s, float o, float qmin, float qmax) {
+  if constexpr (OP == FqOp::QDQ) return fake_quant_one(x, s, o, qmin, qmax);
+  else if constexpr (OP == FqOp::Q) return quantize_one(x, s, o, qmin, qmax);
+  else return dequantize_one(x, s, o);
+}
+
+template <class Tin, class Tout>
+constexpr bool has_vec() {
+  return Isa::W > 1 && VecType<Tin>::value && VecType<Tout>::value;
+}
+
+// ---------------------------------------------------------------- forward
+template <FqOp OP, class Tin, class Tout>
+void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float qmin, float qmax,
+                   const QLayout& L, int max_threads) {
+  const int nt = pick_threads(L.numel, max_threads);
+  const bool stream = L.numel * int64_t(sizeof(Tout)) >= kStreamBytes;
+  parallel_ranges(L.numel, nt, [&](int, int64_t b, int64_t e) {
+    walk(L, b, e, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
+      const Tin* xp = x + off;
+      Tout* yp = y + off;
+      int64_t t = 0;
+      if constexpr (has_vec<Tin, Tout>()) {
+        using V = typename Isa::V;
+        constexpr int W = Isa::W;
+        const V lo = Isa::set1(qmin), hi = Isa::set1(qmax);
+        auto vop = [&](V xv, V sv, V ov) -> V {
+          if constexpr (OP == FqOp::DQ) return Isa::mul(Isa::add(xv, ov), sv);
+          V q = Isa::clamp(Isa::sub(Isa::rint(Isa::div(xv, sv)), ov), lo, hi);
+          if constexpr (OP == FqOp::Q) return q;
+          else return Isa::mul(Isa::add(q, ov), sv);
+        };
+        if (per_elem) {
+          for (; t + W <= n; t += W)
+            Isa::store(yp + t, vop(Isa::load(xp + t), Isa::load(s + k + t), Isa::load(o + k + t)));
+        } else {
+          const V sv = Isa::set1(s[k]), ov = Isa::set1(o[k]);
+          const float sk = s[k], ok = o[k];
+          if (stream) {
+            constexpr uintptr_t align = W * sizeof(Tout);
+            for (; t < n && (reinterpret_cast<uintptr_t>(yp + t) % align) != 0; ++t)
+              Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax));
+            for (; t + 2 * W <= n; t += 2 * W) {
+              V a = Isa::load(xp + t), c = Isa::load(xp + t + W);
+              Isa::stream(yp + t, vop(a, sv, ov));
+              Isa::stream(yp + t + W, vop(c, sv, ov));
+            }
+            for (; t + W <= n; t += W) Isa::stream(yp + t, vop(Isa::load(xp + t), sv, ov));
+          } else {
+            for (; t + 2 * W <= n; t += 2 * W) {
+              V a = Isa::load(xp + t), c = Isa::load(xp + t + W);
+              Isa::store(yp + t, vop(a, sv, ov));
+              Isa::store(yp + t + W, vop(c, sv, ov));
+            }
+            for (; t + W <= n; t += W) Isa::store(yp + t, vop(Isa::load(xp + t), sv, ov));
+          }
+        }
+      }
+      if (per_elem) {
+        for (; t < n; ++t)
+          Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), s[k + t], o[k + t], qmin, qmax));
+      } else {
+        const float sk = s[k], ok = o[k];
+        for (; t < n; ++t)
+          Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax));
+      }
+    });
+    if constexpr (Isa::W > 1) {
+      if (stream) Isa::fence();
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward
+// One pass: writes dx (when wanted) and accumulates ds/do per scale into a per-thread float64
+// workspace `ws` of shape [threads][2][nscale], reduced at the end.
+template <class T, bool NEED_DX, bool NEED_SO>
+void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* o, float qmin, float qmax,
+                    const QLayout& L, double* ws, float* ds, float* doff, float grad_scale, int max_threads) {
+  const int nt = pick_threads(L.numel, max_threads);
+  const int64_t ns = L.nscale;
+  const bool stream = NEED_DX && L.numel * int64_t(sizeof(T)) >= kStreamBytes;
+  if (NEED_SO) std::fill(ws, ws + int64_t(nt) * 2 * ns, 0.0);
+  parallel_ranges(L.numel, nt, [&](int tid, int64_t b, int64_t e) {
+    double* wds = ws + int64_t(tid) * 2 * ns;
+    double* wdo = wds + ns;
+    walk(L, b, e, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
+      const T* gp = g + off;
+      const T* xp = x + off;
+      T* dxp = NEED_DX ? dx + off : nullptr;
+      int64_t t = 0;
+      if constexpr (has_vec<T, T>()) {
+        using V = typename Isa::V;
+        constexpr int W = Isa::W;
+        const V lo = Isa::set1(qmin), hi = Isa::set1(qmax), one = Isa::set1(1.0f);
+        // Element terms for one vector; the same formulas as fake_quant_grad_one.
+        auto terms = [&](V gv, V xv, V sv, V ov, V& dxv, V& dsv, V& dov) {
+          V tq = Isa::div(xv, sv);
+          V r = Isa::rint(tq);
+          V q = Isa::sub(r, ov);
+          auto m = Isa::inside(q, lo, hi);
+          V mf = Isa::mask_to_one(m);
+          if constexpr (NEED_DX) dxv = Isa::mul(gv, mf);
+          if constexpr (NEED_SO) {
+            V qc = Isa::clamp(q, lo, hi);
+            dsv = Isa::mul(gv, Isa::select(m, Isa::sub(r, tq), Isa::add(qc, ov)));
+            dov = Isa::mul(Isa::mul(gv, sv), Isa::sub(one, mf));
+          }
+        };
+        alignas(64) float tmp_s[W], tmp_o[W];
+        if (per_elem) {
+          for (; t + W <= n; t += W) {
+            V dxv, dsv, dov;
+            terms(Isa::load(gp + t), Isa::load(xp + t), Isa::load(s + k + t), Isa::load(o + k + t), dxv, dsv, dov);
+            if constexpr (NEED_DX) Isa::store(dxp + t, dxv);
+            if constexpr (NEED_SO) {
+              Isa::to_array(tmp_s, dsv);
+              Isa::to_array(tmp_o, dov);
+              for (int l = 0; l < W; ++l) { wds[k + t + l] += tmp_s[l]; wdo[k + t + l] += tmp_o[l]; }
+            }
+          }
+        } else {
+          const V sv = Isa::set1(s[k]), ov = Isa::set1(o[k]);
+          V acc_s = Isa::set1(0.0f), acc_o = Isa::set1(0.0f);
+          // Float lanes are flushed into float64 every kFlush vectors to bound rounding error.
+          constexpr int kFlush = 64;
+          int since = 0;
+          auto flush = [&]() {
+            if constexpr (NEED_SO) {
+              Isa::to_array(tmp_s, acc_s);
+              Isa::to_array(tmp_o, acc_o);
+              double a = 0.0, c = 0.0;
+              for (int l = 0; l < W; ++l) { a += tmp_s[l]; c += tmp_o[l]; }
+              wds[k] += a;
+              wdo[k] += c;
+              acc_s = Isa::set1(0.0f);
+              acc_o = Isa::set1(0.0f);
+            }
+            since = 0;
+          };
+          constexpr uintptr_t align = W * sizeof(T);
+          if (stream) {
+            for (; t < n && (reinterpret_cast<uintptr_t>(dxp + t) % align) != 0; ++t) {
+              FqGrad gr = fake_quant_grad_one(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[k], o[k], qmin, qmax);
+              Elem<T>::store(dxp + t, gr.dx);
+              if constexpr (NEED_SO) { wds[k] += gr.ds; wdo[k] += gr.doff; }
+            }
+          }
+          for (; t + W <= n; t += W) {
+            V dxv, dsv, dov;
+            terms(Isa::load(gp + t), Isa::load(xp + t), sv, ov, dxv, dsv, dov);
+            if constexpr (NEED_DX) {
+              if (stream) Isa::stream(dxp + t, dxv);
+              else Isa::store(dxp + t, dxv);
+            }
+            if constexpr (NEED_SO) {
+              acc_s = Isa::add(acc_s, dsv);
+              acc_o = Isa::add(acc_o, dov);
+              if (++since == kFlush) flush();
+            }
+          }
+          if (since) flush();
+        }
+      }
+      for (; t < n; ++t) {
+        const int64_t kk = per_elem ? k + t : k;
+        FqGrad gr = fake_quant_grad_one(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[kk], o[kk], qmin, qmax);
+        if constexpr (NEED_DX) Elem<T>::store(dxp + t, gr.dx);
+        if constexpr (NEED_SO) { wds[kk] += gr.ds; wdo[kk] += gr.doff; }
+      }
+    });
+    if constexpr (Isa::W > 1) {
+      if (stream) Isa::fence();
+    }
+  });
+  if (NEED_SO) {
+    for (int64_t kk = 0; kk < ns; ++kk) {
+      double a = 0.0, c = 0.0;
+      for (int tt = 0; tt < nt; ++tt) { a += ws[int64_t(tt) * 2 * ns + kk]; c += ws[int64_t(tt) * 2 * ns + ns + kk]; }
+      if (ds) ds[kk] = float(a * double(grad_scale));
+      if (doff) doff[kk] = float(c * double(grad_scale));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- type dispatch
+template <FqOp OP, class Tin>
+void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
+                 const QLayout& L, int nt) {
+  const Tin* xp = static_cast<const Tin*>(x);
+  switch (ydt) {
+    case DType::F32: return forward_typed<OP, Tin, float>(xp, (float*)y, s, o, qmin, qmax, L, nt);
+    case DType::F16: return forward_typed<OP, Tin, half_t>(xp, (half_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::BF16: return forward_typed<OP, Tin, bf16_t>(xp, (bf16_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::I8: return forward_typed<OP, Tin, int8_t>(xp, (int8_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::U8: return forward_typed<OP, Tin, uint8_t>(xp, (uint8_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::I16: return forward_typed<OP, Tin, int16_t>(xp, (int16_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::I32: return forward_typed<OP, Tin, int32_t>(xp, (int32_t*)y, s, o, qmin, qmax, L, nt);
+  }
+}
+
+template <FqOp OP>
+void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
+                float qmax, const QLayout& L, int nt) {
+  switch (xdt) {
+    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+  }
+}
+
+inline void forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
+                    float qmin, float qmax, const QLayout& L, int nt) {
+  switch (op) {
+    case FqOp::QDQ: return forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
+    case FqOp::Q: return forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
+    case FqOp::DQ: return forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
+  }
+}
+
+template <class T>
+void backward_t(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
+                const QLayout& L, double* ws, float* ds, float* doff, float gs, int nt) {
+  const T* gp = (const T*)g;
+  const T* xp = (const T*)x;
+  T* dxp = (T*)dx;
+  const bool so = ds != nullptr || doff != nullptr;
+  if (dxp && so) backward_typed<T, true, true>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+  else if (dxp) backward_typed<T, true, false>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+  else if (so) backward_typed<T, false, true>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+}
+
+inline void backward(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o, float qmin,
+                     float qmax, const QLayout& L, double* ws, float* ds, float* doff, float gs, int nt) {
+  switch (dt) {
+    case DType::F32: return backward_t<float>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+    case DType::F16: return backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+    case DType::BF16: return backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+    default: return;  // validated by the caller: gradients exist for float types only
+  }
+}
+
+}  // namespace PQ_ISA_NS
+}  // namespace pq

@@ -1,0 +1,132 @@
+// Thin vector wrappers, one per instruction set, so that the fake-quant loops are written once.
+// Each translation unit is compiled with its own -m flags and sees only the wrappers it can use.
+// Lanes hold float32; load/store convert from/to the element type. Min/max are ordered so that a
+// NaN lane passes through the clamp, as in the scalar code.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+#include "pyquant/common.h"
+
+namespace pq {
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+struct IsaAvx512 {
+  static constexpr int W = 16;
+  using V = __m512;
+  using M = __mmask16;
+  static V set1(float f) { return _mm512_set1_ps(f); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V rint(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V clamp(V v, V lo, V hi) { return _mm512_max_ps(lo, _mm512_min_ps(hi, v)); }
+  static M inside(V q, V lo, V hi) {
+    return _mm512_cmp_ps_mask(q, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(q, hi, _CMP_LE_OQ);
+  }
+  static V mask_to_one(M m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
+  static V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  static void to_array(float* dst, V v) { _mm512_storeu_ps(dst, v); }
+
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+  static V load(const bf16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
+  static __m256i to_f16(V v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m256i to_bf16(V v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
+                                   _mm512_set1_epi32(0x7fc0));
+    r = _mm512_mask_mov_epi32(r, nan, qnan);
+    return _mm512_cvtepi32_epi16(r);
+  }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(half_t* p, V v) { _mm256_storeu_si256((__m256i*)p, to_f16(v)); }
+  static void store(bf16_t* p, V v) { _mm256_storeu_si256((__m256i*)p, to_bf16(v)); }
+  // Streaming stores need the address aligned to the store width.
+  static void stream(float* p, V v) { _mm512_stream_ps(p, v); }
+  static void stream(half_t* p, V v) { _mm256_stream_si256((__m256i*)p, to_f16(v)); }
+  static void stream(bf16_t* p, V v) { _mm256_stream_si256((__m256i*)p, to_bf16(v)); }
+  static void fence() { _mm_sfence(); }
+};
+#endif
+
+#if defined(__AVX2__) && defined(__F16C__)
+struct IsaAvx2 {
+  static constexpr int W = 8;
+  using V = __m256;
+  using M = __m256;
+  static V set1(float f) { return _mm256_set1_ps(f); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V rint(V v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V clamp(V v, V lo, V hi) { return _mm256_max_ps(lo, _mm256_min_ps(hi, v)); }
+  static M inside(V q, V lo, V hi) {
+    return _mm256_and_ps(_mm256_cmp_ps(q, lo, _CMP_GE_OQ), _mm256_cmp_ps(q, hi, _CMP_LE_OQ));
+  }
+  static V mask_to_one(M m) { return _mm256_and_ps(m, _mm256_set1_ps(1.0f)); }
+  static V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  static void to_array(float* dst, V v) { _mm256_storeu_ps(dst, v); }
+
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const half_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+  static V load(const bf16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
+  static __m128i to_f16(V v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static __m128i to_bf16(V v) {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    __m256i qnan = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)),
+                                   _mm256_set1_epi32(0x7fc0));
+    r = _mm256_blendv_epi8(r, qnan, nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void store(half_t* p, V v) { _mm_storeu_si128((__m128i*)p, to_f16(v)); }
+  static void store(bf16_t* p, V v) { _mm_storeu_si128((__m128i*)p, to_bf16(v)); }
+  static void stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static void stream(half_t* p, V v) { _mm_stream_si128((__m128i*)p, to_f16(v)); }
+  static void stream(bf16_t* p, V v) { _mm_stream_si128((__m128i*)p, to_bf16(v)); }
+  static void fence() { _mm_sfence(); }
+};
+#endif
+
+// The baseline: one lane, so the loops take their scalar paths (left to the compiler). The
+// members exist only so that the shared loops compile; has_vec() keeps them unused.
+struct IsaScalar {
+  static constexpr int W = 1;
+  using V = float;
+  using M = bool;
+  static V set1(float f) { return f; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V div(V a, V b) { return a / b; }
+  static V rint(V v) { return rintf(v); }
+  static V clamp(V v, V lo, V hi) { v = v < lo ? lo : v; return v > hi ? hi : v; }
+  static M inside(V q, V lo, V hi) { return q >= lo && q <= hi; }
+  static V mask_to_one(M m) { return m ? 1.0f : 0.0f; }
+  static V select(M m, V a, V b) { return m ? a : b; }
+  static void to_array(float* dst, V v) { *dst = v; }
+  template <class T> static V load(const T* p) { return Elem<T>::load(p); }
+  template <class T> static void store(T* p, V v) { Elem<T>::store(p, v); }
+  template <class T> static void stream(T* p, V v) { Elem<T>::store(p, v); }
+  static void fence() {}
+};
+
+// Which element types have a vector path (integers use the scalar loop).
+template <class T> struct VecType { static constexpr bool value = false; };
+template <> struct VecType<float> { static constexpr bool value = true; };
+template <> struct VecType<half_t> { static constexpr bool value = true; };
+template <> struct VecType<bf16_t> { static constexpr bool value = true; };
+
+}  // namespace pq

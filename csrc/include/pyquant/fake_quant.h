@@ -1,0 +1,70 @@
+// Fake quantization: the per-element math (the contract in DESIGN.md) and the layout that maps an
+// element to its scale/offset. Used by the CPU loops and the CUDA kernels alike.
+#pragma once
+#include "pyquant/common.h"
+
+namespace pq {
+
+// q = clamp(rint(x / s) - o, qmin, qmax). The comparisons are written so that NaN passes through.
+PQ_HD float quantize_one(float x, float s, float o, float qmin, float qmax) {
+  float q = rintf(x / s) - o;
+  q = q < qmin ? qmin : q;
+  q = q > qmax ? qmax : q;
+  return q;
+}
+PQ_HD float dequantize_one(float q, float s, float o) { return (q + o) * s; }
+PQ_HD float fake_quant_one(float x, float s, float o, float qmin, float qmax) {
+  return dequantize_one(quantize_one(x, s, o, qmin, qmax), s, o);
+}
+
+// Gradient terms of x_hat for one element (STE on the rounding):
+//   dx = g * m;  ds = g * (m ? rint(x/s) - x/s : q + o);  do = g * s * (1 - m)
+struct FqGrad { float dx, ds, doff; };
+PQ_HD FqGrad fake_quant_grad_one(float g, float x, float s, float o, float qmin, float qmax) {
+  const float t = x / s;
+  const float r = rintf(t);
+  const float q = r - o;
+  const bool inside = (q >= qmin) && (q <= qmax);
+  float qc = q < qmin ? qmin : q;
+  qc = qc > qmax ? qmax : qc;
+  const float m = inside ? 1.0f : 0.0f;
+  FqGrad out;
+  out.dx = g * m;
+  out.ds = g * (inside ? (r - t) : (qc + o));
+  out.doff = (g * s) * (1.0f - m);
+  return out;
+}
+
+// Which scale an element uses. The tensor is walked in memory order as R rows of L elements.
+// Along a row the scale changes every `inner_block` elements (inner_block >= L: one scale per row;
+// scale values along a row are contiguous). The row's first scale index is
+//   row_base(r) = sum_d (r_d / outer_block[d]) * outer_sstride[d],
+// with r decomposed in mixed radix over outer_size (dimension 0 outermost).
+constexpr int kMaxOuterDims = 6;
+struct QLayout {
+  int64_t numel = 0;
+  int64_t row_len = 1;       // L
+  int64_t inner_block = 1;   // elements per scale along a row
+  int64_t nscale = 1;        // number of scale (and offset) values
+  int32_t n_outer = 0;
+  int64_t outer_size[kMaxOuterDims] = {};
+  int64_t outer_block[kMaxOuterDims] = {};
+  int64_t outer_sstride[kMaxOuterDims] = {};
+
+  PQ_HD int64_t rows() const { return row_len > 0 ? numel / row_len : 0; }
+  PQ_HD int64_t row_base(int64_t r) const {
+    int64_t base = 0;
+    for (int d = n_outer - 1; d >= 0; --d) {
+      const int64_t sz = outer_size[d];
+      const int64_t rd = r % sz;
+      r /= sz;
+      base += (rd / outer_block[d]) * outer_sstride[d];
+    }
+    return base;
+  }
+  PQ_HD bool one_scale_per_row() const { return inner_block >= row_len; }
+};
+
+enum class FqOp : int32_t { QDQ = 0, Q = 1, DQ = 2 };
+
+}  // namespace pq
