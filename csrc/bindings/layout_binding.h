@@ -11,7 +11,7 @@ namespace pq {
 
 inline void bind_layout(pybind11::module_& m) {
   namespace py = pybind11;
-  py::class_<QLayout>(m, "Layout")
+  py::class_<QLayout>(m, "Layout", py::module_local())
       .def(py::init([](int64_t numel, int64_t row_len, int64_t inner_block, int64_t nscale,
                        const std::vector<int64_t>& size, const std::vector<int64_t>& block,
                        const std::vector<int64_t>& sstride) {

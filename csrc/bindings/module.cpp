@@ -1,6 +1,7 @@
 // pyquant._C: the CPU kernels. Arguments are raw addresses, dtype codes and a Layout; tensors are
 // made and checked in Python (pyquant/ops), so this module needs no libtorch.
 #include <pybind11/pybind11.h>
+#include <cmath>
 #include "kernel_table.h"
 #include "layout_binding.h"
 
@@ -31,6 +32,14 @@ PYBIND11_MODULE(_C, m) {
         "fused backward of quantize_dequantize: dx and per-scale ds/do (null address = not wanted); "
         "ws holds num_threads() * 2 * nscale float64");
 
+  m.def("first_bad_scale",
+        [](uintptr_t s, int64_t n) -> int64_t {
+          const float* p = ptr<const float>(s);
+          for (int64_t i = 0; i < n; ++i)
+            if (!(p[i] > 0.0f) || !std::isfinite(p[i])) return i;
+          return -1;
+        },
+        "index of the first scale that is not positive and finite, or -1");
   m.def("simd_level", []() { return std::string(simd_level()); }, "SIMD level in use: avx512, avx2 or baseline");
   m.def("set_simd_level", [](const std::string& name) { return set_simd_level(name.c_str()); },
         "Use 'avx512', 'avx2', 'baseline' or 'auto'; returns False if this CPU lacks it");

@@ -1,0 +1,79 @@
+"""Loads the compiled modules and says, once, what is missing and why.
+
+``pyquant._C`` holds the CPU kernels and is always built; ``pyquant._C_cuda`` holds the CUDA kernels
+and exists when the package was built with nvcc (``PYQUANT_CUDA=AUTO`` finding it, or ``ON``).
+Without a module the ops fall back to the pure-torch reference, which is correct but slower.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Any, Optional
+
+_cpu: Optional[ModuleType] = None
+_cuda: Optional[ModuleType] = None
+_cpu_error: Optional[str] = None
+_cuda_error: Optional[str] = None
+
+try:
+    from pyquant import _C as _cpu  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _cpu_error = f"{exc}"
+
+try:
+    from pyquant import _C_cuda as _cuda  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _cuda_error = f"{exc}"
+
+_warned = False
+
+
+def _warn_missing_once() -> None:
+    global _warned
+    if _warned or _cpu is not None:
+        return
+    _warned = True
+    warnings.warn(
+        "pyquant: the compiled CPU module pyquant._C could not be imported "
+        f"({_cpu_error}); ops run on the pure-torch reference (slow). Rebuild with "
+        "`pip install -e .` from a checkout.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def cpu_module() -> Optional[ModuleType]:
+    """The CPU kernel module, or None (warns once) when it was not built."""
+    if _cpu is None:
+        _warn_missing_once()
+    return _cpu
+
+
+def cuda_module() -> Optional[ModuleType]:
+    """The CUDA kernel module, or None when pyquant was built without nvcc."""
+    return _cuda
+
+
+def native_info() -> dict[str, Any]:
+    """What the native side of this install can do.
+
+    Keys: ``cpu_module`` (bool), ``cpu_error``, ``simd`` (avx512 / avx2 / baseline), ``threads``,
+    ``openmp``, ``cuda_module`` (bool), ``cuda_error``, ``cuda_archs``, ``cuda_runtime``,
+    ``cuda_devices`` (visible GPUs; 0 on a machine without one).
+    """
+    info: dict[str, Any] = {
+        "cpu_module": _cpu is not None,
+        "cpu_error": _cpu_error,
+        "simd": _cpu.simd_level() if _cpu else None,
+        "threads": _cpu.num_threads() if _cpu else None,
+        "openmp": bool(_cpu.openmp) if _cpu else None,
+        "cuda_module": _cuda is not None,
+        "cuda_error": _cuda_error,
+        "cuda_archs": _cuda.archs.split(",") if _cuda else [],
+        "cuda_runtime": _cuda.runtime_version() if _cuda else None,
+        "cuda_devices": _cuda.device_count() if _cuda else 0,
+    }
+    if os.environ.get("PYQUANT_SIMD"):
+        info["simd_cap"] = os.environ["PYQUANT_SIMD"]
+    return info

@@ -1,0 +1,128 @@
+"""pyquant.ops: the stable functional API. Tensors in, tensors out; works under autograd,
+``torch.compile(fullgraph=True)`` and ``torch.export``. Each op is one torch.library op
+(``torch.ops.pyquant.*``) with native CPU/CUDA kernels and a pure-torch reference fallback.
+
+Conventions (DESIGN.md): ``q = clamp(round(x / s) - o, qmin, qmax)``, ``x_hat = (q + o) * s``, round
+half to even, math in float32. ``signed=True`` uses the grid ``[-2^(b-1), 2^(b-1)-1]``, else
+``[0, 2^b-1]``. The offset is the negative of ONNX's zero point.
+
+Granularity is given by ``axis`` (per-channel) or ``block_size`` (per-block); neither means per-tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _cpu, _cuda, _layout, _reference, _registry
+
+__all__ = [
+    "quantize", "dequantize", "quantize_dequantize", "grid", "reference",
+]
+
+reference = _reference
+
+HAS_CPU_KERNELS = _cpu.register()
+HAS_CUDA_KERNELS = _cuda.register()
+
+BlockSize = Sequence[int]
+
+
+def grid(bitwidth: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of the integer grid for `bitwidth` bits (2..16)."""
+    if isinstance(bitwidth, bool) or not isinstance(bitwidth, int):
+        raise TypeError(f"bitwidth must be an int in 2..16, got {bitwidth!r}")
+    if not 2 <= bitwidth <= 16:
+        raise ValueError(f"bitwidth must be in 2..16, got {bitwidth}")
+    if signed:
+        return -(2 ** (bitwidth - 1)), 2 ** (bitwidth - 1) - 1
+    return 0, 2**bitwidth - 1
+
+
+def _param_shape(x: torch.Tensor, axis: Optional[int], block_size: Optional[BlockSize]) -> tuple[int, ...]:
+    if axis is not None and block_size is not None:
+        raise ValueError("give either axis (per-channel) or block_size (per-block), not both")
+    nd = x.dim()
+    if axis is not None:
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {axis!r}")
+        if not -nd <= axis < nd:
+            raise ValueError(f"axis must be in [{-nd}, {nd - 1}] for a {nd}-d input, got {axis}")
+        a = axis % nd
+        return tuple(x.shape[d] if d == a else 1 for d in range(nd))
+    if block_size is not None:
+        bs = tuple(block_size)
+        if len(bs) != nd:
+            raise ValueError(f"block_size must have one entry per dimension of x ({nd}), got {bs}")
+        shape = []
+        for d, (n, b) in enumerate(zip(x.shape, bs)):
+            if isinstance(b, bool) or not isinstance(b, int) or (b < 1 and b != -1):
+                raise ValueError(f"block_size[{d}] must be a positive int or -1 (whole dimension), got {b!r}")
+            b = n if b == -1 else b
+            if n % b:
+                raise ValueError(f"block_size[{d}]={b} does not divide x.shape[{d}]={n}")
+            shape.append(n // b if b else 1)
+        return tuple(shape)
+    return (1,) * nd
+
+
+def _params(x: torch.Tensor, scale, offset, axis, block_size):
+    shape = _param_shape(x, axis, block_size)
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), device=x.device)
+    if scale.dtype != torch.float32:
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a floating tensor, got {scale.dtype}")
+        scale = scale.float()
+    n = math.prod(shape)
+    if scale.numel() != n:
+        what = ("per-tensor (1 value)" if axis is None and block_size is None else
+                f"per-channel along axis {axis}" if axis is not None else f"per-block {tuple(block_size)}")
+        raise ValueError(f"scale has {scale.numel()} values; {what} needs {n} (shape {shape})")
+    scale = scale.reshape(shape)
+    if offset is None:
+        offset = torch.zeros(shape, dtype=torch.float32, device=x.device)
+    else:
+        if not isinstance(offset, torch.Tensor):
+            offset = torch.tensor(float(offset), device=x.device)
+        offset = offset.to(torch.float32)
+        if offset.numel() != n:
+            raise ValueError(f"offset has {offset.numel()} values; expected {n} like scale")
+        offset = offset.reshape(shape)
+    return scale, offset
+
+
+def quantize_dequantize(x: torch.Tensor, scale: Union[torch.Tensor, float],
+                        offset: Union[torch.Tensor, float, None] = None, *, bitwidth: int = 8,
+                        signed: bool = False, axis: Optional[int] = None,
+                        block_size: Optional[BlockSize] = None, lsq_grad_scale: bool = False) -> torch.Tensor:
+    """Fake quantization ``(clamp(round(x/s) - o, qmin, qmax) + o) * s`` in x's dtype.
+
+    Differentiable in x (straight-through), scale and offset (range learning). ``lsq_grad_scale``
+    multiplies the scale/offset gradients by ``1/sqrt(n * qmax)`` (n = elements per scale), as LSQ does.
+    """
+    qmin, qmax = grid(bitwidth, signed)
+    s, o = _params(x, scale, offset, axis, block_size)
+    gs = 1.0
+    if lsq_grad_scale:
+        gs = 1.0 / math.sqrt(max(x.numel() // max(s.numel(), 1), 1) * qmax)
+    return _registry.ops.quantize_dequantize(x, s, o, qmin, qmax, gs)
+
+
+def quantize(x: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union[torch.Tensor, float, None] = None,
+             *, bitwidth: int = 8, signed: bool = False, axis: Optional[int] = None,
+             block_size: Optional[BlockSize] = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Integer codes ``clamp(round(x/s) - o, qmin, qmax)``, as float32 (default) or an integer dtype
+    that holds the grid (int8/uint8/int16/int32). Integer output rejects NaN inputs."""
+    qmin, qmax = grid(bitwidth, signed)
+    s, o = _params(x, scale, offset, axis, block_size)
+    return _registry.ops.quantize(x, s, o, qmin, qmax, out_dtype)
+
+
+def dequantize(q: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union[torch.Tensor, float, None] = None,
+               *, axis: Optional[int] = None, block_size: Optional[BlockSize] = None,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q + o) * s`` for integer codes (any int or float dtype) in float32/float16/bfloat16."""
+    s, o = _params(q, scale, offset, axis, block_size)
+    return _registry.ops.dequantize(q, s, o, out_dtype)

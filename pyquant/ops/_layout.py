@@ -1,0 +1,183 @@
+"""Argument checks and the mapping from (tensor, scale) to the kernels' row layout.
+
+Ops take ``scale`` and ``offset`` in *block-broadcast* form: same number of dimensions as ``x``,
+each dimension either 1 (one value for the whole dimension) or ``x.shape[d] // block[d]``. Per-tensor,
+per-channel and per-block encodings are all this one form, so the kernels see a single layout.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
+DTYPE_CODE = {
+    torch.float32: 0, torch.float16: 1, torch.bfloat16: 2,
+    torch.int8: 3, torch.uint8: 4, torch.int16: 5, torch.int32: 6,
+}
+INT_RANGE = {
+    torch.int8: (-128, 127), torch.uint8: (0, 255),
+    torch.int16: (-32768, 32767), torch.int32: (-(2**31), 2**31 - 1),
+}
+MAX_OUTER_DIMS = 6
+
+
+def check_grid(qmin: int, qmax: int) -> None:
+    if not (isinstance(qmin, int) and isinstance(qmax, int)):
+        raise TypeError(f"qmin and qmax must be ints, got {type(qmin).__name__} and {type(qmax).__name__}")
+    if qmin >= qmax:
+        raise ValueError(f"qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
+    if qmin < -(2**15) or qmax > 2**16 - 1 or qmax - qmin > 2**16 - 1:
+        raise ValueError(
+            f"the grid [qmin, qmax] = [{qmin}, {qmax}] is wider than 16 bits; "
+            "bit widths 2..16 are supported")
+
+
+def block_sizes(x_shape: Sequence[int], s_shape: Sequence[int], name: str = "scale") -> tuple[int, ...]:
+    """Elements per scale along each dimension; raises if ``s_shape`` is not block-broadcast."""
+    if len(s_shape) != len(x_shape):
+        raise ValueError(
+            f"{name} must have x.ndim={len(x_shape)} dimensions in block-broadcast form "
+            f"(use pyquant.ops.quantize_dequantize for axis/block_size), got shape {tuple(s_shape)}")
+    blocks = []
+    for d, (n, k) in enumerate(zip(x_shape, s_shape)):
+        if k == 1:
+            blocks.append(max(n, 1))
+        elif k > 0 and n % k == 0:
+            blocks.append(n // k)
+        else:
+            raise ValueError(
+                f"{name}.shape[{d}]={k} does not divide x.shape[{d}]={n}; each dimension of {name} "
+                f"must be 1 or a divisor of x's")
+    return tuple(blocks)
+
+
+def check_params(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, x_float: bool = True) -> None:
+    """Type and shape checks shared by every kernel and the fake (meta) kernels."""
+    allowed = FLOAT_DTYPES if x_float else FLOAT_DTYPES + INT_DTYPES
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"x must be one of {names}; got {x.dtype}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"scale must be float32, got {scale.dtype}")
+    if offset.dtype != torch.float32:
+        raise TypeError(f"offset must be float32, got {offset.dtype}")
+    if scale.device != x.device or offset.device != x.device:
+        raise ValueError(f"scale and offset must be on x's device {x.device}, got {scale.device} and {offset.device}")
+    if scale.numel() == 1 and offset.numel() == 1:
+        return
+    block_sizes(x.shape, scale.shape, "scale")
+    if offset.shape != scale.shape:
+        raise ValueError(f"offset must have the shape of scale {tuple(scale.shape)}, got {tuple(offset.shape)}")
+
+
+def check_scale_values(scale: torch.Tensor) -> None:
+    """Scale must be positive and finite: a zero or NaN scale would silently produce garbage."""
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        v = scale[bad].flatten()[0].item()
+        raise ValueError(f"scale must be positive and finite; found {v} (use a range-derived encoding)")
+
+
+def as_block_broadcast(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-tensor parameters of any shape become (1,)*x.ndim; others must already be block-broadcast."""
+    if p.dim() == x.dim():
+        return p
+    if p.numel() == 1:
+        return p.reshape((1,) * x.dim())
+    return p  # check_params reports the mismatch
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(shape: tuple[int, ...], s_shape: tuple[int, ...]) -> tuple:
+    """(numel, row_len, inner_block, nscale, outer_size, outer_block, outer_sstride) for a contiguous
+    tensor of `shape` and a contiguous block-broadcast scale of `s_shape`."""
+    numel = math.prod(shape)
+    nscale = math.prod(s_shape) if s_shape else 1
+    dims = []  # (size, nblocks) outer→inner, size-1 dims dropped
+    for n, k in zip(shape, s_shape):
+        if n != 1:
+            dims.append((n, k))
+    if numel == 0 or not dims:
+        return (numel, max(numel, 1), max(numel, 1), nscale, [], [], [])
+    # scale strides of a contiguous tensor of nblocks
+    sstr = [0] * len(dims)
+    acc = 1
+    for i in range(len(dims) - 1, -1, -1):
+        sstr[i] = acc
+        acc *= dims[i][1]
+    # Row: trailing broadcast dims merge into one row with one scale; else the last dim is the row.
+    i = len(dims)
+    row_len = 1
+    while i > 0 and dims[i - 1][1] == 1:
+        row_len *= dims[i - 1][0]
+        i -= 1
+    if i == len(dims):
+        n, k = dims[-1]
+        row_len, inner_block = n, n // k
+        i -= 1
+    else:
+        inner_block = row_len
+    outer = []  # (size, block, sstride)
+    for d in range(i):
+        n, k = dims[d]
+        blk = n // k
+        if k == 1:
+            entry = (n, n, 0)
+        else:
+            entry = (n, blk, sstr[d])
+        if outer:
+            pn, pb, ps = outer[-1]
+            if k == 1 and pb == pn:  # two broadcast dims
+                outer[-1] = (pn * n, pn * n, 0)
+                continue
+            if blk == 1 and pb == 1 and ps == sstr[d] * n:  # two per-element dims, contiguous in scale
+                outer[-1] = (pn * n, 1, sstr[d])
+                continue
+        outer.append(entry)
+    if len(outer) > MAX_OUTER_DIMS:
+        raise ValueError(f"this block structure needs {len(outer)} outer dimensions; at most {MAX_OUTER_DIMS} are supported")
+    return (numel, row_len, inner_block, nscale,
+            [o[0] for o in outer], [o[1] for o in outer], [o[2] for o in outer])
+
+
+@functools.lru_cache(maxsize=4096)
+def _native_layout(module, shape: tuple[int, ...], s_shape: tuple[int, ...]):
+    return module.Layout(*_plan(shape, s_shape))
+
+
+def _dense_perm(x: torch.Tensor) -> Optional[tuple[int, ...]]:
+    """The permutation that makes a dense (non-overlapping, gap-free) tensor contiguous, or None."""
+    perm = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))
+    if x.permute(perm).is_contiguous():
+        return perm
+    return None
+
+
+def prepare(module, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """Brings x into memory order (contiguous when it is not dense) and returns
+    (x_kernel, scale_kernel, offset_kernel, layout, perm). `perm` maps the output allocated with
+    torch.empty_like(x_kernel_source) to the kernel's order; None means x is used as it is."""
+    if scale.dim() != x.dim():
+        scale = scale.reshape((1,) * x.dim())
+        offset = offset.reshape((1,) * x.dim())
+    perm = None
+    if not x.is_contiguous():
+        perm = _dense_perm(x)
+        if perm is None:
+            x = x.contiguous()
+    if perm is not None:
+        xk = x.permute(perm)
+        scale = scale.permute(perm)
+        offset = offset.permute(perm)
+    else:
+        xk = x
+    if not scale.is_contiguous():
+        scale = scale.contiguous()
+    if not offset.is_contiguous():
+        offset = offset.contiguous()
+    layout = _native_layout(module, tuple(xk.shape), tuple(scale.shape))
+    return x, xk, scale, offset, layout, perm

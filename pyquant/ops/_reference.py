@@ -1,0 +1,75 @@
+"""Pure-torch reference of every op: the registered fallback on devices without a native kernel,
+and the oracle the kernels are tested against. Math in float32 (DESIGN.md, Quantization math);
+reductions over the elements that share a scale in float64."""
+from __future__ import annotations
+
+import torch
+
+
+def expand(p: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A block-broadcast parameter repeated to one value per element (broadcast dims stay 1)."""
+    if p.dim() != len(shape):
+        return p.reshape((1,) * len(shape)) if p.numel() == 1 else p
+    for d, (n, k) in enumerate(zip(shape, p.shape)):
+        if k != 1 and k != n:
+            p = p.repeat_interleave(n // k, dim=d)
+    return p
+
+
+def reduce_to(t: torch.Tensor, s_shape: torch.Size) -> torch.Tensor:
+    """Sums a full-size tensor over the elements that share each scale value (float64)."""
+    t = t.double()
+    if len(s_shape) != t.dim():
+        return t.sum().reshape(s_shape)
+    split = []
+    for n, k in zip(t.shape, s_shape):
+        split += [k, n // k] if k != 0 else [0, 1]
+    t = t.reshape(split)
+    return t.sum(dim=tuple(range(1, 2 * len(s_shape), 2))).reshape(s_shape)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
+             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    s = expand(scale, x.shape)
+    o = expand(offset, x.shape)
+    q = torch.clamp(torch.round(x.float() / s) - o, qmin, qmax)
+    return q.to(out_dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    s = expand(scale, q.shape)
+    o = expand(offset, q.shape)
+    return ((q.float() + o) * s).to(out_dtype)
+
+
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
+                        grad_scale: float = 1.0) -> torch.Tensor:
+    s = expand(scale, x.shape)
+    o = expand(offset, x.shape)
+    q = torch.clamp(torch.round(x.float() / s) - o, qmin, qmax)
+    return ((q + o) * s).to(x.dtype)
+
+
+def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                                 qmin: int, qmax: int, grad_scale: float, output_mask: list[bool]):
+    """(dx, dscale, doffset); an output not asked for in `output_mask` is an empty tensor."""
+    s = expand(scale, x.shape)
+    o = expand(offset, x.shape)
+    g = grad.float()
+    t = x.float() / s
+    r = torch.round(t)
+    q = r - o
+    inside = (q >= qmin) & (q <= qmax)
+    m = inside.float()
+    empty = x.new_empty(0, dtype=torch.float32)
+    dx = (g * m).to(x.dtype) if output_mask[0] else x.new_empty(0)
+    ds = do = empty
+    if output_mask[1]:
+        qc = torch.clamp(q, qmin, qmax)
+        ds_full = g * torch.where(inside, r - t, qc + o)
+        ds = (reduce_to(ds_full, scale.shape) * grad_scale).float()
+    if output_mask[2]:
+        do_full = (g * s) * (1.0 - m)
+        do = (reduce_to(do_full, offset.shape) * grad_scale).float()
+    return dx, ds, do

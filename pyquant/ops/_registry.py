@@ -1,0 +1,120 @@
+"""The one definition of each op (torch.library): schema, fake kernel, autograd, and the pure-torch
+reference as the fallback kernel for any device. Device kernels register in _cpu.py / _cuda.py."""
+from __future__ import annotations
+
+import torch
+
+from . import _layout, _reference
+
+LIB_NAME = "pyquant"
+_lib = torch.library.Library(LIB_NAME, "DEF")
+
+_lib.define("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, "
+            "float grad_scale=1.0) -> Tensor")
+_lib.define("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmin, "
+            "int qmax, float grad_scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+_lib.define("quantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, ScalarType out_dtype) -> Tensor")
+_lib.define("dequantize(Tensor q, Tensor scale, Tensor offset, ScalarType out_dtype) -> Tensor")
+
+ops = torch.ops.pyquant
+
+
+def check_out_dtype_for_quantize(out_dtype: torch.dtype, qmin: int, qmax: int) -> None:
+    if out_dtype == torch.float32:
+        return
+    if out_dtype not in _layout.INT_RANGE:
+        raise TypeError(f"out_dtype must be float32, int8, uint8, int16 or int32; got {out_dtype}")
+    lo, hi = _layout.INT_RANGE[out_dtype]
+    if qmin < lo or qmax > hi:
+        raise ValueError(f"out_dtype {out_dtype} cannot hold the grid [{qmin}, {qmax}]")
+
+
+def check_out_dtype_for_dequantize(out_dtype: torch.dtype) -> None:
+    if out_dtype not in _layout.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, float16 or bfloat16; got {out_dtype}")
+
+
+# ---- reference kernels (fallback for every device) ------------------------------------------
+def _ref_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0):
+    _layout.check_grid(qmin, qmax)
+    _layout.check_params(x, scale, offset)
+    _layout.check_scale_values(scale)
+    return _reference.quantize_dequantize(x, scale, offset, qmin, qmax, grad_scale)
+
+
+def _ref_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
+    return _reference.quantize_dequantize_backward(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask)
+
+
+def _ref_quantize(x, scale, offset, qmin, qmax, out_dtype):
+    _layout.check_grid(qmin, qmax)
+    _layout.check_params(x, scale, offset)
+    check_out_dtype_for_quantize(out_dtype, qmin, qmax)
+    _layout.check_scale_values(scale)
+    if out_dtype != torch.float32 and x.is_floating_point() and bool(torch.isnan(x).any()):
+        raise ValueError("x contains NaN, which has no integer code; use out_dtype=torch.float32 to keep it")
+    return _reference.quantize(x, scale, offset, qmin, qmax, out_dtype)
+
+
+def _ref_dequantize(q, scale, offset, out_dtype):
+    _layout.check_params(q, scale, offset, x_float=False)
+    check_out_dtype_for_dequantize(out_dtype)
+    _layout.check_scale_values(scale)
+    return _reference.dequantize(q, scale, offset, out_dtype)
+
+
+torch.library.register_kernel("pyquant::quantize_dequantize", None, _ref_qdq, lib=_lib)
+torch.library.register_kernel("pyquant::quantize_dequantize_backward", None, _ref_qdq_bwd, lib=_lib)
+torch.library.register_kernel("pyquant::quantize", None, _ref_quantize, lib=_lib)
+torch.library.register_kernel("pyquant::dequantize", None, _ref_dequantize, lib=_lib)
+
+
+# ---- fake (meta) kernels: shapes only, for torch.compile / torch.export ----------------------
+@torch.library.register_fake("pyquant::quantize_dequantize", lib=_lib)
+def _fake_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0):
+    _layout.check_grid(qmin, qmax)
+    _layout.check_params(x, scale, offset)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("pyquant::quantize_dequantize_backward", lib=_lib)
+def _fake_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
+    dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    ds = torch.empty_like(scale) if output_mask[1] else scale.new_empty(0)
+    do = torch.empty_like(offset) if output_mask[2] else offset.new_empty(0)
+    return dx, ds, do
+
+
+@torch.library.register_fake("pyquant::quantize", lib=_lib)
+def _fake_quantize(x, scale, offset, qmin, qmax, out_dtype):
+    _layout.check_grid(qmin, qmax)
+    _layout.check_params(x, scale, offset)
+    check_out_dtype_for_quantize(out_dtype, qmin, qmax)
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+@torch.library.register_fake("pyquant::dequantize", lib=_lib)
+def _fake_dequantize(q, scale, offset, out_dtype):
+    _layout.check_params(q, scale, offset, x_float=False)
+    check_out_dtype_for_dequantize(out_dtype)
+    return torch.empty_like(q, dtype=out_dtype)
+
+
+# ---- autograd -------------------------------------------------------------------------------
+def _qdq_setup_context(ctx, inputs, output):
+    x, scale, offset, qmin, qmax, grad_scale = inputs
+    ctx.save_for_backward(x, scale, offset)
+    ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
+
+
+def _qdq_backward(ctx, grad):
+    x, scale, offset = ctx.saved_tensors
+    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+    if not any(need):
+        return None, None, None, None, None, None
+    dx, ds, do = ops.quantize_dequantize_backward(grad, x, scale, offset, ctx.qmin, ctx.qmax, ctx.grad_scale, need)
+    return (dx if need[0] else None, ds if need[1] else None, do if need[2] else None, None, None, None)
+
+
+torch.library.register_autograd("pyquant::quantize_dequantize", _qdq_backward,
+                                setup_context=_qdq_setup_context, lib=_lib)
