@@ -62,8 +62,9 @@ def qdq_backward(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
     need_dx, need_s, need_o = (bool(v) for v in output_mask)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     dxk = (dx.permute(perm) if perm is not None else dx) if need_dx else None
-    ds = torch.empty(scale.shape, dtype=torch.float32, device=x.device) if need_s else scale.new_empty(0)
-    do = torch.empty(offset.shape, dtype=torch.float32, device=x.device) if need_o else offset.new_empty(0)
+    # ds/do are written in the kernel's (memory) order, the order of s; permuted back below.
+    ds = torch.empty(s.shape, dtype=torch.float32, device=x.device) if need_s else scale.new_empty(0)
+    do = torch.empty(o.shape, dtype=torch.float32, device=x.device) if need_o else offset.new_empty(0)
     ws = torch.empty(2 * layout.nscale, dtype=torch.float64, device=x.device) if (need_s or need_o) else None
     with torch.cuda.device(x.device):
         G.fake_quant_backward(gk.data_ptr(), xk.data_ptr(), DTYPE_CODE[x.dtype],
@@ -72,7 +73,15 @@ def qdq_backward(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
                               ws.data_ptr() if ws is not None else 0,
                               ds.data_ptr() if need_s else 0, do.data_ptr() if need_o else 0,
                               float(grad_scale), _stream(x))
-    return dx, ds, do
+    return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
+
+
+def _unpermute(t: torch.Tensor, perm, like: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return t
+    if perm is not None:
+        t = t.permute(_layout.inverse(perm)).contiguous()
+    return t.reshape(like.shape)
 
 
 def register() -> bool:

@@ -157,6 +157,13 @@ def _dense_perm(x: torch.Tensor) -> Optional[tuple[int, ...]]:
     return None
 
 
+def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
 def prepare(module, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
     """Brings x into memory order (contiguous when it is not dense) and returns
     (x_kernel, scale_kernel, offset_kernel, layout, perm). `perm` maps the output allocated with

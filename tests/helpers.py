@@ -1,0 +1,42 @@
+"""Random inputs and encodings for the op tests (never zeros)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rand_input(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale
+    # heavy tail so that clipping happens on both ends
+    x += torch.distributions.Laplace(0.0, 1.0).sample(shape) * (torch.rand(shape, generator=g) < 0.05)
+    return x.to(dtype).to(device)
+
+
+def rand_params(x, s_shape, bitwidth, signed, seed=1):
+    """Scales that put most of x inside the grid (some clipping), and integer offsets on the grid."""
+    g = torch.Generator().manual_seed(seed)
+    n_levels = 2**bitwidth - 1
+    span = 2.0 * float(x.float().abs().amax()) if x.numel() else 1.0
+    base = max(span / n_levels, 1e-6)
+    s = base * (0.5 + torch.rand(s_shape, generator=g))
+    if signed:
+        o = torch.zeros(s_shape)
+    else:
+        o = -torch.randint(0, 2**bitwidth, s_shape, generator=g).float()
+    return s.to(x.device), o.to(x.device)
+
+
+def grid(bitwidth, signed):
+    if signed:
+        return -(2 ** (bitwidth - 1)), 2 ** (bitwidth - 1) - 1
+    return 0, 2**bitwidth - 1
+
+
+def block_shape(shape, blocks):
+    return tuple(n // b for n, b in zip(shape, blocks))
+
+
+def lsq_scale(numel, nscale, qmax):
+    return 1.0 / math.sqrt(max(numel // nscale, 1) * qmax)
