@@ -1,0 +1,114 @@
+"""Timing and reporting shared by the benchmarks: medians after warm-up, side-by-side ratios, and
+results written atomically as bench/results/<name>.json plus a Markdown table."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median_time(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 15, device: str = "cpu",
+                max_seconds: float = 20.0) -> float:
+    """Median seconds per call. On CUDA, timed with events around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+            if time.perf_counter() - start > max_seconds and len(times) >= 3:
+                break
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > max_seconds and len(times) >= 3:
+                break
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    import pyquant
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "pyquant": pyquant.__version__,
+        "native": pyquant.native_info(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        if v is None:
+            return "–"
+        return str(v)
+
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def write_results(name: str, rows: list[dict[str, Any]], columns: list[str], *, title: str,
+                  notes: Optional[list[str]] = None, out_dir: Optional[Path] = None) -> Path:
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    meta = machine()
+    payload = {"name": name, "title": title, "machine": meta, "rows": rows, "notes": notes or [],
+               "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write(out_dir / f"{name}.json", json.dumps(payload, indent=2, default=str) + "\n")
+    md = [f"# {title}", "",
+          f"{meta['cpu']}, {meta['cpu_threads']} threads, torch {meta['torch']}, "
+          f"pyquant SIMD {meta['native'].get('simd')}" + (f", GPU {meta['gpu']}" if "gpu" in meta else ""),
+          "", markdown_table(rows, columns), ""]
+    for n in notes or []:
+        md.append(f"- {n}")
+    atomic_write(out_dir / f"{name}.md", "\n".join(md) + "\n")
+    return out_dir / f"{name}.json"
