@@ -1,0 +1,114 @@
+"""Glue between the op registry and a native kernel module (pyquant._C or pyquant._C_cuda): argument
+checks, memory-order handling, output allocation. _cpu.py and _cuda.py instantiate it per device."""
+from __future__ import annotations
+
+import contextlib
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+
+from . import _layout, _registry
+from ._layout import DTYPE_CODE
+
+QDQ, Q, DQ = 0, 1, 2
+
+
+class NativeBackend:
+    """Runs the fake-quant ops through `module` for tensors of one device type.
+
+    `extra_args(x)` gives the trailing kernel arguments (the CUDA stream), `context(x)` the context
+    the call runs under (the tensor's CUDA device), and `ws_slots()` how many per-thread
+    workspaces the backward reduction needs.
+    """
+
+    def __init__(self, module: ModuleType, device_type: str, *, ws_slots: Callable[[], int],
+                 extra_args: Callable[[torch.Tensor], tuple] = lambda x: (),
+                 context: Callable[[torch.Tensor], contextlib.AbstractContextManager] =
+                 lambda x: contextlib.nullcontext(),
+                 native_scale_check: bool = False):
+        self.m = module
+        self.device_type = device_type
+        self.ws_slots = ws_slots
+        self.extra_args = extra_args
+        self.context = context
+        self.native_scale_check = native_scale_check
+
+    def _check_scale(self, s: torch.Tensor, nscale: int) -> None:
+        if self.native_scale_check:  # a C++ loop over the (contiguous, host) scales: no tensor ops
+            bad = self.m.first_bad_scale(s.data_ptr(), nscale)
+            if bad >= 0:
+                raise ValueError(f"scale must be positive and finite; found {s.flatten()[bad].item()} at index {bad}")
+        else:
+            _layout.check_scale_values(s)
+
+    def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype):
+        x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
+        self._check_scale(s, layout.nscale)
+        y = torch.empty_like(x, dtype=out_dtype)
+        yk = y.permute(perm) if perm is not None else y
+        with self.context(x):
+            self.m.fake_quant_forward(op, xk.data_ptr(), DTYPE_CODE[x.dtype], yk.data_ptr(), DTYPE_CODE[out_dtype],
+                                      s.data_ptr(), o.data_ptr(), float(qmin), float(qmax), layout,
+                                      *self.extra_args(x))
+        return y
+
+    def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0):
+        _layout.check_grid(qmin, qmax)
+        _layout.check_params(x, scale, offset)
+        return self._forward(QDQ, x, scale, offset, qmin, qmax, x.dtype)
+
+    def quantize(self, x, scale, offset, qmin, qmax, out_dtype):
+        _layout.check_grid(qmin, qmax)
+        _layout.check_params(x, scale, offset)
+        _registry.check_out_dtype_for_quantize(out_dtype, qmin, qmax)
+        if out_dtype != torch.float32 and bool(torch.isnan(x).any()):
+            raise ValueError("x contains NaN, which has no integer code; use out_dtype=torch.float32 to keep it")
+        return self._forward(Q, x, scale, offset, qmin, qmax, out_dtype)
+
+    def dequantize(self, q, scale, offset, out_dtype):
+        _layout.check_params(q, scale, offset, x_float=False)
+        _registry.check_out_dtype_for_dequantize(out_dtype)
+        return self._forward(DQ, q, scale, offset, 0, 1, out_dtype)
+
+    def qdq_backward(self, grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
+        if grad.shape != x.shape:
+            raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+        grad = grad.to(x.dtype)
+        x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
+        gk = grad.permute(perm) if perm is not None else grad
+        if not gk.is_contiguous():
+            gk = gk.contiguous()
+        need_dx, need_s, need_o = (bool(v) for v in output_mask)
+        dev = x.device
+        dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+        dxk = (dx.permute(perm) if perm is not None else dx) if need_dx else None
+        # ds/do are written in the kernel's (memory) order, the order of s; permuted back below.
+        ds = torch.empty(s.shape, dtype=torch.float32, device=dev) if need_s else scale.new_empty(0)
+        do = torch.empty(o.shape, dtype=torch.float32, device=dev) if need_o else offset.new_empty(0)
+        ws = None
+        if need_s or need_o:
+            ws = torch.empty(self.ws_slots() * 2 * layout.nscale, dtype=torch.float64, device=dev)
+        with self.context(x):
+            self.m.fake_quant_backward(gk.data_ptr(), xk.data_ptr(), DTYPE_CODE[x.dtype],
+                                       dxk.data_ptr() if need_dx else 0, s.data_ptr(), o.data_ptr(),
+                                       float(qmin), float(qmax), layout, ws.data_ptr() if ws is not None else 0,
+                                       ds.data_ptr() if need_s else 0, do.data_ptr() if need_o else 0,
+                                       float(grad_scale), *self.extra_args(x))
+        return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
+
+    def register(self) -> None:
+        lib = _registry._lib
+        dt = self.device_type
+        torch.library.register_kernel("pyquant::quantize_dequantize", dt, self.qdq, lib=lib)
+        torch.library.register_kernel("pyquant::quantize_dequantize_backward", dt, self.qdq_backward, lib=lib)
+        torch.library.register_kernel("pyquant::quantize", dt, self.quantize, lib=lib)
+        torch.library.register_kernel("pyquant::dequantize", dt, self.dequantize, lib=lib)
+
+
+def _unpermute(t: torch.Tensor, perm: Optional[tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:
+    if t.numel() == 0:
+        return t
+    if perm is not None:
+        t = t.permute(_layout.inverse(perm)).contiguous()
+    return t.reshape(like.shape)
