@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <cmath>
 #include "kernel_table.h"
+#include "stats_table.h"
 #include "layout_binding.h"
 
 namespace py = pybind11;
@@ -32,6 +33,24 @@ PYBIND11_MODULE(_C, m) {
         "fused backward of quantize_dequantize: dx and per-scale ds/do (null address = not wanted); "
         "ws holds num_threads() * 2 * nscale float64");
 
+  m.def("minmax",
+        [](uintptr_t x, int dt, const QLayout& L, uintptr_t mn, uintptr_t mx, uintptr_t nonfinite, uintptr_t ws_f,
+           uintptr_t ws_i) {
+          py::gil_scoped_release nogil;
+          stats_table().minmax(ptr<const void>(x), DType(dt), L, ptr<float>(mn), ptr<float>(mx),
+                               ptr<int64_t>(nonfinite), ptr<float>(ws_f), ptr<int64_t>(ws_i), cpu_threads());
+        },
+        "per-group min/max of finite values and count of non-finite ones; ws_f: num_threads()*2*nscale "
+        "float32, ws_i: num_threads()*nscale int64");
+  m.def("histogram",
+        [](uintptr_t x, int dt, const QLayout& L, uintptr_t lo, uintptr_t range, int64_t nbins, uintptr_t counts,
+           uintptr_t ws, int64_t ws_len) {
+          py::gil_scoped_release nogil;
+          stats_table().histogram(ptr<const void>(x), DType(dt), L, ptr<const float>(lo), ptr<const float>(range),
+                                  nbins, ptr<int64_t>(counts), ptr<int64_t>(ws), ws_len, cpu_threads());
+        },
+        "adds the finite elements of each group into counts[nscale, nbins] over [lo, lo + range); a "
+        "workspace of num_threads()*4*nscale*nbins int64 lets threads count privately");
   m.def("first_bad_scale",
         [](uintptr_t s, int64_t n) -> int64_t {
           const float* p = ptr<const float>(s);

@@ -43,6 +43,27 @@ PYBIND11_MODULE(_C_cuda, m) {
           check(err);
         },
         "ws holds 2 * nscale float64");
+  m.def("minmax",
+        [](uintptr_t x, int dt, const QLayout& L, uintptr_t mn, uintptr_t mx, uintptr_t nonfinite, uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::minmax(ptr<const void>(x), DType(dt), L, ptr<float>(mn), ptr<float>(mx),
+                               ptr<int64_t>(nonfinite), stream);
+          }
+          check(err);
+        });
+  m.def("histogram",
+        [](uintptr_t x, int dt, const QLayout& L, uintptr_t lo, uintptr_t range, int64_t nbins, uintptr_t counts,
+           uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::histogram(ptr<const void>(x), DType(dt), L, ptr<const float>(lo), ptr<const float>(range),
+                                  nbins, ptr<int64_t>(counts), stream);
+          }
+          check(err);
+        });
   m.def("device_count", &cuda::device_count);
   m.def("runtime_version", &cuda::runtime_version);
   m.attr("archs") = PQ_CUDA_ARCHS;

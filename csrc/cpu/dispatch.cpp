@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include "kernel_table.h"
+#include "stats_table.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -51,6 +52,13 @@ const FakeQuantTable& fake_quant_table() {
     g_table.store(t, std::memory_order_release);
   }
   return *t;
+}
+
+const StatsTable& stats_table() {
+  const FakeQuantTable* t = &fake_quant_table();
+  if (t == &fake_quant_table_avx512()) return stats_table_avx512();
+  if (t == &fake_quant_table_avx2()) return stats_table_avx2();
+  return stats_table_scalar();
 }
 
 const char* simd_level() { return fake_quant_table().name; }

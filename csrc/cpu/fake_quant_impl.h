@@ -8,75 +8,20 @@
 #include <type_traits>
 #include "pyquant/fake_quant.h"
 #include "kernel_table.h"
+#include "parallel.h"
 #include "simd.h"
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
 namespace pq {
 namespace PQ_ISA_NS {
 
 using Isa = PQ_ISA_TYPE;
+using cpu::pick_threads;
+using cpu::parallel_ranges;
+using cpu::walk;
 
-// Work below this many elements per thread is not worth waking another thread for.
-constexpr int64_t kGrain = 32768;
 // Outputs larger than this bypass the cache (streaming stores): they would not stay in it anyway
 // and a regular store first reads the line it writes.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
-
-inline int pick_threads(int64_t numel, int max_threads) {
-  int64_t t = (numel + kGrain - 1) / kGrain;
-  return int(std::max<int64_t>(1, std::min<int64_t>(t, max_threads)));
-}
-
-// Runs fn(tid, begin, end) over `nthreads` contiguous ranges whose starts are multiples of 64.
-template <class Fn>
-inline void parallel_ranges(int64_t numel, int nthreads, Fn&& fn) {
-  if (nthreads <= 1) { fn(0, int64_t(0), numel); return; }
-  const int64_t per = ((numel + nthreads - 1) / nthreads + 63) / 64 * 64;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = omp_get_thread_num();
-    const int64_t b = std::min<int64_t>(numel, per * tid);
-    const int64_t e = std::min<int64_t>(numel, b + per);
-    fn(tid, b, e);
-  }
-#else
-  for (int tid = 0; tid < nthreads; ++tid) {
-    const int64_t b = std::min<int64_t>(numel, per * tid);
-    fn(tid, b, std::min<int64_t>(numel, b + per));
-  }
-#endif
-}
-
-// Walks [begin, end) and calls seg(offset, n, scale_index, per_element) for each run of elements
-// that share one scale (per_element=false), or whose scales are consecutive (per_element=true).
-template <class Seg>
-inline void walk(const QLayout& L, int64_t begin, int64_t end, Seg&& seg) {
-  if (begin >= end) return;
-  const int64_t len = L.row_len;
-  int64_t r = begin / len, j = begin % len, i = begin;
-  while (i < end) {
-    const int64_t base = L.row_base(r);
-    const int64_t jend = std::min<int64_t>(len, j + (end - i));
-    if (L.inner_block >= len) {
-      seg(i, jend - j, base, false);
-    } else if (L.inner_block == 1) {
-      seg(i, jend - j, base + j, true);
-    } else {
-      for (int64_t jb = j; jb < jend;) {
-        const int64_t k = jb / L.inner_block;
-        const int64_t je = std::min<int64_t>(jend, (k + 1) * L.inner_block);
-        seg(i + (jb - j), je - jb, base + k, false);
-        jb = je;
-      }
-    }
-    i += jend - j;
-    ++r;
-    j = 0;
-  }
-}
 
 template <FqOp OP>
 inline float op_scalar(float x, float s, float o, float qmin, float qmax) {

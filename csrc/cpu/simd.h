@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include "pyquant/common.h"
+#include "pyquant/stats.h"
 
 namespace pq {
 
@@ -52,6 +53,16 @@ struct IsaAvx512 {
   static void stream(half_t* p, V v) { _mm256_stream_si256((__m256i*)p, to_f16(v)); }
   static void stream(bf16_t* p, V v) { _mm256_stream_si256((__m256i*)p, to_bf16(v)); }
   static void fence() { _mm_sfence(); }
+
+  // statistics
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static M finite(V v) { return __mmask16(~_mm512_fpclass_ps_mask(v, 0x99)); }  // not NaN or +-inf
+  static int count_false(M m) { return W - __builtin_popcount(unsigned(m)); }
+  static unsigned bits(M m) { return unsigned(m); }
+  static float hmin(V v) { return _mm512_reduce_min_ps(v); }
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
+  static void to_int_array(int32_t* dst, V v) { _mm512_storeu_si512((void*)dst, _mm512_cvttps_epi32(v)); }
 };
 #endif
 
@@ -97,6 +108,31 @@ struct IsaAvx2 {
   static void stream(half_t* p, V v) { _mm_stream_si128((__m128i*)p, to_f16(v)); }
   static void stream(bf16_t* p, V v) { _mm_stream_si128((__m128i*)p, to_bf16(v)); }
   static void fence() { _mm_sfence(); }
+
+  // statistics
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  static M finite(V v) {
+    const V absv = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    return _mm256_cmp_ps(absv, _mm256_set1_ps(INFINITY), _CMP_LT_OQ);
+  }
+  static int count_false(M m) { return W - __builtin_popcount(unsigned(_mm256_movemask_ps(m))); }
+  static unsigned bits(M m) { return unsigned(_mm256_movemask_ps(m)); }
+  static float hmin(V v) {
+    alignas(32) float a[W];
+    _mm256_store_ps(a, v);
+    float r = a[0];
+    for (int i = 1; i < W; ++i) r = a[i] < r ? a[i] : r;
+    return r;
+  }
+  static float hmax(V v) {
+    alignas(32) float a[W];
+    _mm256_store_ps(a, v);
+    float r = a[0];
+    for (int i = 1; i < W; ++i) r = a[i] > r ? a[i] : r;
+    return r;
+  }
+  static void to_int_array(int32_t* dst, V v) { _mm256_storeu_si256((__m256i*)dst, _mm256_cvttps_epi32(v)); }
 };
 #endif
 
@@ -121,6 +157,14 @@ struct IsaScalar {
   template <class T> static void store(T* p, V v) { Elem<T>::store(p, v); }
   template <class T> static void stream(T* p, V v) { Elem<T>::store(p, v); }
   static void fence() {}
+  static V min(V a, V b) { return b < a ? b : a; }
+  static V max(V a, V b) { return b > a ? b : a; }
+  static M finite(V v) { return is_finite(v); }
+  static int count_false(M m) { return m ? 0 : 1; }
+  static unsigned bits(M m) { return m ? 1u : 0u; }
+  static float hmin(V v) { return v; }
+  static float hmax(V v) { return v; }
+  static void to_int_array(int32_t* dst, V v) { *dst = int32_t(v); }
 };
 
 // Which element types have a vector path (integers use the scalar loop).

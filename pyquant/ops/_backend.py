@@ -97,9 +97,58 @@ class NativeBackend:
                                        float(grad_scale), *self.extra_args(x))
         return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
 
+    # ---- statistics ----
+    def minmax(self, x, shape):
+        if x.dtype not in _layout.FLOAT_DTYPES:
+            raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+        shape = _registry.check_group_shape(x, shape)
+        x, xk, _, layout, perm = _layout.prepare_groups(self.m, x, shape, [])
+        kshape = tuple(shape[d] for d in perm) if perm is not None else shape
+        dev = x.device
+        mn = torch.empty(kshape, dtype=torch.float32, device=dev)
+        mx = torch.empty(kshape, dtype=torch.float32, device=dev)
+        nf = torch.empty(kshape, dtype=torch.int64, device=dev)
+        args = [xk.data_ptr(), DTYPE_CODE[x.dtype], layout, mn.data_ptr(), mx.data_ptr(), nf.data_ptr()]
+        if self.device_type == "cpu":
+            t = self.ws_slots()
+            ws_f = torch.empty(t * 2 * layout.nscale, dtype=torch.float32)
+            ws_i = torch.empty(t * layout.nscale, dtype=torch.int64)
+            args += [ws_f.data_ptr(), ws_i.data_ptr()]
+        with self.context(x):
+            self.m.minmax(*args, *self.extra_args(x))
+        like = torch.empty(shape, device="meta")
+        return tuple(_unpermute(t, perm, like) for t in (mn, mx, nf))
+
+    def histogram(self, x, lo, rng, nbins):
+        _registry.check_histogram_args(x, lo, rng, nbins)
+        _registry.check_range_values(rng)
+        x, xk, (lok, rk), layout, perm = _layout.prepare_groups(self.m, x, tuple(lo.shape), [lo, rng])
+        kshape = tuple(lok.shape) + (nbins,)
+        dev = x.device
+        if self.device_type == "cpu":
+            counts = torch.zeros(kshape, dtype=torch.int64)
+            t = self.ws_slots()
+            # Private per-thread counts (4 interleaved copies) when they are small; else the
+            # threads split the groups.
+            need = t * 4 * layout.nscale * nbins
+            ws = torch.empty(need, dtype=torch.int64) if need <= (1 << 21) else None
+            self.m.histogram(xk.data_ptr(), DTYPE_CODE[x.dtype], layout, lok.data_ptr(), rk.data_ptr(), nbins,
+                             counts.data_ptr(), ws.data_ptr() if ws is not None else 0,
+                             need if ws is not None else 0)
+        else:
+            counts = torch.empty(kshape, dtype=torch.int64, device=dev)
+            with self.context(x):
+                self.m.histogram(xk.data_ptr(), DTYPE_CODE[x.dtype], layout, lok.data_ptr(), rk.data_ptr(), nbins,
+                                 counts.data_ptr(), *self.extra_args(x))
+        if perm is not None:
+            counts = counts.permute(_layout.inverse(perm) + (len(perm),)).contiguous()
+        return counts.reshape(tuple(lo.shape) + (nbins,))
+
     def register(self) -> None:
         lib = _registry._lib
         dt = self.device_type
+        torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)
+        torch.library.register_kernel("pyquant::histogram", dt, self.histogram, lib=lib)
         torch.library.register_kernel("pyquant::quantize_dequantize", dt, self.qdq, lib=lib)
         torch.library.register_kernel("pyquant::quantize_dequantize_backward", dt, self.qdq_backward, lib=lib)
         torch.library.register_kernel("pyquant::quantize", dt, self.quantize, lib=lib)

@@ -166,11 +166,18 @@ def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 def prepare(module, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
     """Brings x into memory order (contiguous when it is not dense) and returns
-    (x_kernel, scale_kernel, offset_kernel, layout, perm). `perm` maps the output allocated with
-    torch.empty_like(x_kernel_source) to the kernel's order; None means x is used as it is."""
-    if scale.dim() != x.dim():
-        scale = scale.reshape((1,) * x.dim())
-        offset = offset.reshape((1,) * x.dim())
+    (x, x_kernel, scale_kernel, offset_kernel, layout, perm). `perm` maps tensors allocated with
+    torch.empty_like(x) to the kernel's order; None means x is used as it is."""
+    x, xk, (s, o), layout, perm = prepare_groups(module, x, tuple(scale.shape), [scale, offset])
+    return x, xk, s, o, layout, perm
+
+
+def prepare_groups(module, x: torch.Tensor, g_shape: tuple[int, ...], params: list[torch.Tensor]):
+    """Like prepare for any number of per-group tensors of block-broadcast shape `g_shape`:
+    returns (x, x_kernel, params_kernel, layout, perm)."""
+    if len(g_shape) != x.dim():
+        g_shape = (1,) * x.dim()
+        params = [p.reshape(g_shape) for p in params]
     perm = None
     if not x.is_contiguous():
         perm = _dense_perm(x)
@@ -178,13 +185,10 @@ def prepare(module, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
             x = x.contiguous()
     if perm is not None:
         xk = x.permute(perm)
-        scale = scale.permute(perm)
-        offset = offset.permute(perm)
+        params = [p.permute(perm) for p in params]
+        g_shape = tuple(g_shape[d] for d in perm)
     else:
         xk = x
-    if not scale.is_contiguous():
-        scale = scale.contiguous()
-    if not offset.is_contiguous():
-        offset = offset.contiguous()
-    layout = _native_layout(module, tuple(xk.shape), tuple(scale.shape))
-    return x, xk, scale, offset, layout, perm
+    params = [p if p.is_contiguous() else p.contiguous() for p in params]
+    layout = _native_layout(module, tuple(xk.shape), tuple(g_shape))
+    return x, xk, params, layout, perm

@@ -73,3 +73,51 @@ def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: tor
         do_full = (g * s) * (1.0 - m)
         do = (reduce_to(do_full, offset.shape) * grad_scale).float()
     return dx, ds, do
+
+
+def _grouped(x: torch.Tensor, g_shape) -> torch.Tensor:
+    """x as [n_groups, elements_per_group] for a block-broadcast group shape."""
+    g_shape = tuple(g_shape) if len(g_shape) == x.dim() else (1,) * x.dim()
+    split = []
+    for n, k in zip(x.shape, g_shape):
+        split += [k, n // k] if k else [0, 1]
+    nd = x.dim()
+    t = x.reshape(split).permute(list(range(0, 2 * nd, 2)) + list(range(1, 2 * nd, 2)))
+    ng = 1
+    for k in g_shape:
+        ng *= k
+    return t.reshape(ng, -1)
+
+
+def minmax(x: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) of the finite values (+inf/-inf if none) and the non-finite count."""
+    g_shape = tuple(shape) if len(shape) == x.dim() else (1,) * x.dim()
+    t = _grouped(x.float(), g_shape)
+    fin = torch.isfinite(t)
+    inf = torch.tensor(float("inf"), device=x.device)
+    mn = torch.where(fin, t, inf).amin(dim=1) if t.shape[1] else torch.full((t.shape[0],), float("inf"))
+    mx = torch.where(fin, t, -inf).amax(dim=1) if t.shape[1] else torch.full((t.shape[0],), -float("inf"))
+    nf = (~fin).sum(dim=1)
+    return mn.reshape(g_shape), mx.reshape(g_shape), nf.reshape(g_shape).to(torch.int64)
+
+
+def hist_bin(x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor, nbins: int) -> torch.Tensor:
+    """The bin rule of the histograms, element by element (float32, as the kernels compute it)."""
+    t = ((x - lo) * float(nbins)) / rng
+    b = torch.where(t > 0, t, torch.zeros_like(t))
+    b = torch.where(b >= nbins, torch.full_like(b, nbins - 1), b)
+    return b.to(torch.int64).clamp_(0, nbins - 1)
+
+
+def histogram(x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor, nbins: int) -> torch.Tensor:
+    """counts[*group_shape, nbins] of the finite values of each group over [lo, lo + range)."""
+    g_shape = tuple(lo.shape) if lo.dim() == x.dim() else (1,) * x.dim()
+    t = _grouped(x.float(), g_shape)
+    ng = t.shape[0]
+    lo_g = lo.reshape(ng, 1).float()
+    r_g = rng.reshape(ng, 1).float()
+    fin = torch.isfinite(t)
+    b = hist_bin(torch.where(fin, t, lo_g.expand_as(t)), lo_g, r_g, nbins)
+    idx = (torch.arange(ng, device=x.device).unsqueeze(1) * nbins + b)[fin]
+    counts = torch.bincount(idx, minlength=ng * nbins)
+    return counts.reshape(tuple(g_shape) + (nbins,))

@@ -16,6 +16,9 @@ _lib.define("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, T
 _lib.define("quantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, ScalarType out_dtype) -> Tensor")
 _lib.define("dequantize(Tensor q, Tensor scale, Tensor offset, ScalarType out_dtype) -> Tensor")
 
+_lib.define("minmax(Tensor x, int[] shape) -> (Tensor, Tensor, Tensor)")
+_lib.define("histogram(Tensor x, Tensor lo, Tensor range, int nbins) -> Tensor")
+
 ops = torch.ops.pyquant
 
 
@@ -63,6 +66,49 @@ def _ref_dequantize(q, scale, offset, out_dtype):
     return _reference.dequantize(q, scale, offset, out_dtype)
 
 
+def check_group_shape(x: torch.Tensor, shape) -> tuple[int, ...]:
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != x.dim():
+        if all(v == 1 for v in shape):
+            return (1,) * x.dim()
+        raise ValueError(f"shape must have x.ndim={x.dim()} entries (block-broadcast form), got {shape}")
+    _layout.block_sizes(x.shape, shape, "shape")
+    return shape
+
+
+def check_histogram_args(x, lo, rng, nbins):
+    if x.dtype not in _layout.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if isinstance(nbins, bool) or not isinstance(nbins, int) or not 1 <= nbins <= 1 << 20:
+        raise ValueError(f"nbins must be an int in 1..{1 << 20}, got {nbins!r}")
+    if lo.dtype != torch.float32 or rng.dtype != torch.float32:
+        raise TypeError(f"lo and range must be float32, got {lo.dtype} and {rng.dtype}")
+    if lo.shape != rng.shape:
+        raise ValueError(f"lo and range must have one shape, got {tuple(lo.shape)} and {tuple(rng.shape)}")
+    if lo.numel() != 1:
+        _layout.block_sizes(x.shape, lo.shape, "lo")
+
+
+def check_range_values(rng: torch.Tensor) -> None:
+    bad = ~(torch.isfinite(rng) & (rng > 0))
+    if bool(bad.any()):
+        raise ValueError(f"range must be positive and finite; found {rng[bad].flatten()[0].item()}")
+
+
+def _ref_minmax(x, shape):
+    if x.dtype not in _layout.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    return _reference.minmax(x, check_group_shape(x, shape))
+
+
+def _ref_histogram(x, lo, rng, nbins):
+    check_histogram_args(x, lo, rng, nbins)
+    check_range_values(rng)
+    return _reference.histogram(x, lo, rng, nbins)
+
+
+torch.library.register_kernel("pyquant::minmax", None, _ref_minmax, lib=_lib)
+torch.library.register_kernel("pyquant::histogram", None, _ref_histogram, lib=_lib)
 torch.library.register_kernel("pyquant::quantize_dequantize", None, _ref_qdq, lib=_lib)
 torch.library.register_kernel("pyquant::quantize_dequantize_backward", None, _ref_qdq_bwd, lib=_lib)
 torch.library.register_kernel("pyquant::quantize", None, _ref_quantize, lib=_lib)
@@ -98,6 +144,19 @@ def _fake_dequantize(q, scale, offset, out_dtype):
     _layout.check_params(q, scale, offset, x_float=False)
     check_out_dtype_for_dequantize(out_dtype)
     return torch.empty_like(q, dtype=out_dtype)
+
+
+@torch.library.register_fake("pyquant::minmax", lib=_lib)
+def _fake_minmax(x, shape):
+    shape = check_group_shape(x, shape)
+    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.register_fake("pyquant::histogram", lib=_lib)
+def _fake_histogram(x, lo, rng, nbins):
+    check_histogram_args(x, lo, rng, nbins)
+    return x.new_empty(tuple(lo.shape) + (nbins,), dtype=torch.int64)
 
 
 # ---- autograd -------------------------------------------------------------------------------

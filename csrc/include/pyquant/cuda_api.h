@@ -19,3 +19,16 @@ int runtime_version();
 
 }  // namespace cuda
 }  // namespace pq
+
+namespace pq {
+namespace cuda {
+
+// Per-group min/max of finite values (+inf/-inf when none) and the count of non-finite values.
+const char* minmax(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nonfinite,
+                   uintptr_t stream);
+// counts[nscale * nbins] (zeroed here) receives the finite elements of each group.
+const char* histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
+                      int64_t nbins, int64_t* counts, uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace pq

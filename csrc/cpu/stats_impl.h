@@ -1,0 +1,207 @@
+// CPU calibration statistics (min/max, histograms), written once over an instruction-set wrapper
+// and included by one translation unit per SIMD level, like fake_quant_impl.h.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include "parallel.h"
+#include "pyquant/stats.h"
+#include "simd.h"
+#include "stats_table.h"
+
+namespace pq {
+namespace PQ_ISA_NS {
+
+using Isa = PQ_ISA_TYPE;
+
+template <class T>
+constexpr bool vec_ok() {
+  return Isa::W > 1 && VecType<T>::value;
+}
+
+// ---------------------------------------------------------------- min/max
+template <class T>
+void minmax_typed(const T* x, const QLayout& L, float* mn, float* mx, int64_t* nonfinite, float* ws_f,
+                  int64_t* ws_i, int max_threads) {
+  const int nt = cpu::pick_threads(L.numel, max_threads);
+  const int64_t ns = L.nscale;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int t = 0; t < nt; ++t) {
+    std::fill(ws_f + int64_t(t) * 2 * ns, ws_f + int64_t(t) * 2 * ns + ns, inf);
+    std::fill(ws_f + int64_t(t) * 2 * ns + ns, ws_f + int64_t(t) * 2 * ns + 2 * ns, -inf);
+    std::fill(ws_i + int64_t(t) * ns, ws_i + int64_t(t) * ns + ns, int64_t(0));
+  }
+  cpu::parallel_ranges(L.numel, nt, [&](int tid, int64_t b, int64_t e) {
+    float* tmn = ws_f + int64_t(tid) * 2 * ns;
+    float* tmx = tmn + ns;
+    int64_t* tnf = ws_i + int64_t(tid) * ns;
+    cpu::walk(L, b, e, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
+      const T* xp = x + off;
+      int64_t t = 0;
+      if constexpr (vec_ok<T>()) {
+        using V = typename Isa::V;
+        constexpr int W = Isa::W;
+        const V pinf = Isa::set1(inf), ninf = Isa::set1(-inf);
+        if (per_elem) {
+          for (; t + W <= n; t += W) {
+            V v = Isa::load(xp + t);
+            auto fin = Isa::finite(v);
+            Isa::store(tmn + k + t, Isa::min(Isa::load(tmn + k + t), Isa::select(fin, v, pinf)));
+            Isa::store(tmx + k + t, Isa::max(Isa::load(tmx + k + t), Isa::select(fin, v, ninf)));
+            const unsigned bad = ~Isa::bits(fin);
+            if (bad & ((1u << W) - 1u))
+              for (int l = 0; l < W; ++l) tnf[k + t + l] += (bad >> l) & 1u;
+          }
+        } else {
+          V vmn0 = pinf, vmx0 = ninf, vmn1 = pinf, vmx1 = ninf;
+          int64_t bad = 0;
+          for (; t + 2 * W <= n; t += 2 * W) {
+            V a = Isa::load(xp + t), c = Isa::load(xp + t + W);
+            auto fa = Isa::finite(a), fc = Isa::finite(c);
+            vmn0 = Isa::min(vmn0, Isa::select(fa, a, pinf));
+            vmx0 = Isa::max(vmx0, Isa::select(fa, a, ninf));
+            vmn1 = Isa::min(vmn1, Isa::select(fc, c, pinf));
+            vmx1 = Isa::max(vmx1, Isa::select(fc, c, ninf));
+            bad += Isa::count_false(fa) + Isa::count_false(fc);
+          }
+          for (; t + W <= n; t += W) {
+            V a = Isa::load(xp + t);
+            auto fa = Isa::finite(a);
+            vmn0 = Isa::min(vmn0, Isa::select(fa, a, pinf));
+            vmx0 = Isa::max(vmx0, Isa::select(fa, a, ninf));
+            bad += Isa::count_false(fa);
+          }
+          const float m0 = Isa::hmin(Isa::min(vmn0, vmn1)), m1 = Isa::hmax(Isa::max(vmx0, vmx1));
+          tmn[k] = m0 < tmn[k] ? m0 : tmn[k];
+          tmx[k] = m1 > tmx[k] ? m1 : tmx[k];
+          tnf[k] += bad;
+        }
+      }
+      for (; t < n; ++t) {
+        const float v = Elem<T>::load(xp + t);
+        const int64_t kk = per_elem ? k + t : k;
+        if (is_finite(v)) {
+          tmn[kk] = v < tmn[kk] ? v : tmn[kk];
+          tmx[kk] = v > tmx[kk] ? v : tmx[kk];
+        } else {
+          tnf[kk] += 1;
+        }
+      }
+    });
+  });
+  for (int64_t k = 0; k < ns; ++k) {
+    float a = inf, c = -inf;
+    int64_t bad = 0;
+    for (int t = 0; t < nt; ++t) {
+      a = std::min(a, ws_f[int64_t(t) * 2 * ns + k]);
+      c = std::max(c, ws_f[int64_t(t) * 2 * ns + ns + k]);
+      bad += ws_i[int64_t(t) * ns + k];
+    }
+    mn[k] = a;
+    mx[k] = c;
+    nonfinite[k] = bad;
+  }
+}
+
+// ---------------------------------------------------------------- histograms
+// Counts one run of elements of group k into hist (nbins entries, `copies` interleaved copies at
+// stride `cstride`: consecutive equal bins then do not wait on each other's increment).
+template <class T>
+inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbins, int64_t* hist, int copies,
+                     int64_t cstride) {
+  const float nbf = float(nbins);
+  int64_t t = 0;
+  if constexpr (vec_ok<T>()) {
+    using V = typename Isa::V;
+    constexpr int W = Isa::W;
+    const V vlo = Isa::set1(lo), vnb = Isa::set1(nbf), vr = Isa::set1(range), zero = Isa::set1(0.0f),
+            top = Isa::set1(nbf - 1.0f);
+    alignas(64) int32_t idx[W];
+    for (; t + W <= n; t += W) {
+      V v = Isa::load(xp + t);
+      auto fin = Isa::finite(v);
+      V pos = Isa::div(Isa::mul(Isa::sub(v, vlo), vnb), vr);
+      pos = Isa::min(Isa::max(pos, zero), top);  // hist_bin's clamps; NaN lanes are masked below
+      Isa::to_int_array(idx, pos);
+      const unsigned ok = Isa::bits(fin);
+      if (ok == (1u << W) - 1u) {
+        for (int l = 0; l < W; ++l) hist[(l % copies) * cstride + idx[l]] += 1;
+      } else {
+        for (int l = 0; l < W; ++l)
+          if ((ok >> l) & 1u) hist[(l % copies) * cstride + idx[l]] += 1;
+      }
+    }
+  }
+  for (; t < n; ++t) {
+    const float v = Elem<T>::load(xp + t);
+    if (is_finite(v)) hist[(t % copies) * cstride + hist_bin(v, lo, range, nbf, nbins)] += 1;
+  }
+}
+
+template <class T>
+void histogram_typed(const T* x, const QLayout& L, const float* lo, const float* range, int64_t nbins,
+                     int64_t* counts, int64_t* ws, int64_t ws_len, int max_threads) {
+  const int64_t ns = L.nscale;
+  const int64_t entries = ns * nbins;
+  constexpr int kCopies = 4;
+  int nt = cpu::pick_threads(L.numel, max_threads);
+  if (ws != nullptr && ws_len >= int64_t(nt) * kCopies * entries) {
+    // Private mode: threads split the elements and count into their own copies.
+    std::fill(ws, ws + int64_t(nt) * kCopies * entries, int64_t(0));
+    cpu::parallel_ranges(L.numel, nt, [&](int tid, int64_t b, int64_t e) {
+      int64_t* mine = ws + int64_t(tid) * kCopies * entries;
+      cpu::walk(L, b, e, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
+        if (per_elem) {
+          for (int64_t t = 0; t < n; ++t)
+            hist_run<T>(x + off + t, 1, lo[k + t], range[k + t], nbins, mine + (k + t) * nbins, 1, entries);
+        } else {
+          hist_run<T>(x + off, n, lo[k], range[k], nbins, mine + k * nbins, kCopies, entries);
+        }
+      });
+    });
+    cpu::parallel_split(entries, std::min<int>(nt, int(std::max<int64_t>(1, entries / 4096))),
+                        [&](int, int64_t a, int64_t b) {
+                          for (int64_t i = a; i < b; ++i) {
+                            int64_t s = counts[i];
+                            for (int t = 0; t < nt * kCopies; ++t) s += ws[int64_t(t) * entries + i];
+                            counts[i] = s;
+                          }
+                        });
+    return;
+  }
+  // Ownership mode: each thread takes a range of groups and counts straight into `counts`.
+  nt = int(std::min<int64_t>(nt, ns));
+  cpu::parallel_split(ns, nt, [&](int, int64_t k0, int64_t k1) {
+    cpu::walk_groups(L, k0, k1, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
+      if (per_elem) {
+        for (int64_t t = 0; t < n; ++t)
+          hist_run<T>(x + off + t, 1, lo[k + t], range[k + t], nbins, counts + (k + t) * nbins, 1, 0);
+      } else {
+        hist_run<T>(x + off, n, lo[k], range[k], nbins, counts + k * nbins, 1, 0);
+      }
+    });
+  });
+}
+
+inline void minmax(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nf, float* wf,
+                   int64_t* wi, int nt) {
+  switch (dt) {
+    case DType::F32: return minmax_typed<float>((const float*)x, L, mn, mx, nf, wf, wi, nt);
+    case DType::F16: return minmax_typed<half_t>((const half_t*)x, L, mn, mx, nf, wf, wi, nt);
+    case DType::BF16: return minmax_typed<bf16_t>((const bf16_t*)x, L, mn, mx, nf, wf, wi, nt);
+    default: return;
+  }
+}
+
+inline void histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
+                      int64_t nbins, int64_t* counts, int64_t* ws, int64_t ws_len, int nt) {
+  switch (dt) {
+    case DType::F32: return histogram_typed<float>((const float*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
+    case DType::F16: return histogram_typed<half_t>((const half_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
+    case DType::BF16: return histogram_typed<bf16_t>((const bf16_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
+    default: return;
+  }
+}
+
+}  // namespace PQ_ISA_NS
+}  // namespace pq

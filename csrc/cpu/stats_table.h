@@ -1,0 +1,24 @@
+// The CPU statistics entry points of one SIMD level (minmax.cpp / histogram.cpp per level).
+#pragma once
+#include "pyquant/fake_quant.h"
+
+namespace pq {
+
+struct StatsTable {
+  // Per scale group: min and max over finite elements (+inf/-inf when there is none) and the
+  // number of non-finite elements. ws_f: threads * 2 * nscale floats, ws_i: threads * nscale.
+  void (*minmax)(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nonfinite,
+                 float* ws_f, int64_t* ws_i, int max_threads);
+  // counts[k * nbins + hist_bin(x, lo[k], range[k])] += 1 for every finite x of group k. With a
+  // workspace of at least threads * nscale * nbins entries the threads count privately; without,
+  // they split the groups between them.
+  void (*histogram)(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
+                    int64_t nbins, int64_t* counts, int64_t* ws, int64_t ws_len, int max_threads);
+};
+
+const StatsTable& stats_table_scalar();
+const StatsTable& stats_table_avx2();
+const StatsTable& stats_table_avx512();
+const StatsTable& stats_table();  // the selected level (dispatch.cpp)
+
+}  // namespace pq
