@@ -51,6 +51,22 @@ PYBIND11_MODULE(_C, m) {
         },
         "adds the finite elements of each group into counts[nscale, nbins] over [lo, lo + range); a "
         "workspace of num_threads()*4*nscale*nbins int64 lets threads count privately");
+  m.def("search",
+        [](uintptr_t counts, int64_t G, int64_t nbins, uintptr_t c0, uintptr_t bw, uintptr_t cand_d, uintptr_t cand_o,
+           int64_t C, float ns, float gamma, float p, uintptr_t best_idx, uintptr_t best_noise) {
+          py::gil_scoped_release nogil;
+          stats_table().search(ptr<const int64_t>(counts), G, nbins, ptr<const float>(c0), ptr<const float>(bw),
+                               ptr<const float>(cand_d), ptr<const float>(cand_o), C, ns, gamma, p,
+                               ptr<int64_t>(best_idx), ptr<double>(best_noise), cpu_threads());
+        },
+        "index and noise of the best of C candidates (d, o) for each of G histograms");
+  m.def("entropy_search",
+        [](uintptr_t counts, int64_t G, int64_t nb, int64_t nq, uintptr_t best_i, uintptr_t best_kl) {
+          py::gil_scoped_release nogil;
+          entropy_search_cpu(ptr<const int64_t>(counts), G, nb, nq, ptr<int64_t>(best_i), ptr<double>(best_kl),
+                             cpu_threads());
+        },
+        "clip point (number of kept bins) with the least KL divergence for each of G histograms");
   m.def("first_bad_scale",
         [](uintptr_t s, int64_t n) -> int64_t {
           const float* p = ptr<const float>(s);

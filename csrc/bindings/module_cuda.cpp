@@ -64,6 +64,28 @@ PYBIND11_MODULE(_C_cuda, m) {
           }
           check(err);
         });
+  m.def("search",
+        [](uintptr_t counts, int64_t G, int64_t nbins, uintptr_t c0, uintptr_t bw, uintptr_t cand_d, uintptr_t cand_o,
+           int64_t C, float ns, float gamma, float p, uintptr_t best_idx, uintptr_t best_noise, uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::search(ptr<const int64_t>(counts), G, nbins, ptr<const float>(c0), ptr<const float>(bw),
+                               ptr<const float>(cand_d), ptr<const float>(cand_o), C, ns, gamma, p,
+                               ptr<int64_t>(best_idx), ptr<double>(best_noise), stream);
+          }
+          check(err);
+        });
+  m.def("entropy_search",
+        [](uintptr_t counts, int64_t G, int64_t nb, int64_t nq, uintptr_t best_i, uintptr_t best_kl, uintptr_t stream) {
+          const char* err;
+          {
+            py::gil_scoped_release nogil;
+            err = cuda::entropy_search(ptr<const int64_t>(counts), G, nb, nq, ptr<int64_t>(best_i),
+                                       ptr<double>(best_kl), stream);
+          }
+          check(err);
+        });
   m.def("device_count", &cuda::device_count);
   m.def("runtime_version", &cuda::runtime_version);
   m.attr("archs") = PQ_CUDA_ARCHS;

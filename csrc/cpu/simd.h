@@ -63,6 +63,14 @@ struct IsaAvx512 {
   static float hmin(V v) { return _mm512_reduce_min_ps(v); }
   static float hmax(V v) { return _mm512_reduce_max_ps(v); }
   static void to_int_array(int32_t* dst, V v) { _mm512_storeu_si512((void*)dst, _mm512_cvttps_epi32(v)); }
+  // Eight float64 partial sums; lanes 0..15 of v are added in order (lane l and l+8 into sum l).
+  using D8 = __m512d;
+  static D8 dzero() { return _mm512_setzero_pd(); }
+  static D8 dadd8(D8 acc, V v) {
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    return _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  }
+  static void dstore8(double* dst, D8 acc) { _mm512_storeu_pd(dst, acc); }
 };
 #endif
 
@@ -133,6 +141,15 @@ struct IsaAvx2 {
     return r;
   }
   static void to_int_array(int32_t* dst, V v) { _mm256_storeu_si256((__m256i*)dst, _mm256_cvttps_epi32(v)); }
+  // Eight float64 partial sums as two halves (lanes 0..3 and 4..7 of v).
+  struct D8 { __m256d lo, hi; };
+  static D8 dzero() { return D8{_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  static D8 dadd8(D8 acc, V v) {
+    acc.lo = _mm256_add_pd(acc.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    acc.hi = _mm256_add_pd(acc.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    return acc;
+  }
+  static void dstore8(double* dst, D8 acc) { _mm256_storeu_pd(dst, acc.lo); _mm256_storeu_pd(dst + 4, acc.hi); }
 };
 #endif
 
@@ -165,6 +182,10 @@ struct IsaScalar {
   static float hmin(V v) { return v; }
   static float hmax(V v) { return v; }
   static void to_int_array(int32_t* dst, V v) { *dst = int32_t(v); }
+  using D8 = double;
+  static D8 dzero() { return 0.0; }
+  static D8 dadd8(D8 acc, V v) { return acc + double(v); }
+  static void dstore8(double* dst, D8 acc) { *dst = acc; }
 };
 
 // Which element types have a vector path (integers use the scalar loop).

@@ -5,7 +5,7 @@
 
 namespace pq {
 const StatsTable& stats_table_avx2() {
-  static const StatsTable t{&avx2::minmax, &avx2::histogram};
+  static const StatsTable t{&avx2::minmax, &avx2::histogram, &avx2::search};
   return t;
 }
 }  // namespace pq

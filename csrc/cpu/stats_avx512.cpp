@@ -5,7 +5,7 @@
 
 namespace pq {
 const StatsTable& stats_table_avx512() {
-  static const StatsTable t{&avx512::minmax, &avx512::histogram};
+  static const StatsTable t{&avx512::minmax, &avx512::histogram, &avx512::search};
   return t;
 }
 }  // namespace pq

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 #include "parallel.h"
 #include "pyquant/stats.h"
 #include "simd.h"
@@ -180,6 +181,80 @@ void histogram_typed(const T* x, const QLayout& L, const float* lo, const float*
         hist_run<T>(x + off, n, lo[k], range[k], nbins, counts + k * nbins, 1, 0);
       }
     });
+  });
+}
+
+// ---------------------------------------------------------------- encoding search
+// The vector path computes the same float32 terms as noise_term and adds them into the same eight
+// float64 partial sums (lane = bin index modulo 8), so it returns candidate_noise's exact value.
+inline double noise_vec(const float* mid, const float* cnt, int64_t n, float d, float o, float ns, float gamma,
+                        float p) {
+  if constexpr (Isa::W >= 8) {
+    if (p == 2.0f) {
+      using V = typename Isa::V;
+      constexpr int W = Isa::W;
+      const V vd = Isa::set1(d), vo = Isa::set1(o), vns = Isa::set1(ns), zero = Isa::set1(0.0f),
+              vg = Isa::set1(gamma);
+      alignas(64) double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      alignas(64) float term[W];
+      int64_t i = 0;
+      auto dacc = Isa::dzero();
+      for (; i + W <= n; i += W) {
+        V m = Isa::load(mid + i);
+        V q = Isa::rint(Isa::sub(Isa::div(m, vd), vo));
+        auto inside = Isa::inside(q, zero, vns);
+        V qc = Isa::clamp(q, zero, vns);
+        V e = Isa::sub(Isa::mul(Isa::add(qc, vo), vd), m);
+        V t = Isa::mul(Isa::mul(e, e), Isa::load(cnt + i));
+        t = Isa::select(inside, t, Isa::mul(t, vg));
+        dacc = Isa::dadd8(dacc, t);
+      }
+      Isa::dstore8(acc, dacc);
+      for (; i < n; ++i) acc[i & 7] += double(noise_term(mid[i], cnt[i], d, o, ns, gamma, p));
+      (void)term;
+      return combine8(acc);
+    }
+  }
+  return candidate_noise(mid, cnt, n, d, o, ns, gamma, p);
+}
+
+inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0, const float* bw,
+                   const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
+                   int64_t* best_idx, double* best_noise, int max_threads) {
+  const int64_t work = G * C * nb;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(max_threads), G, work / 100000 + 1})));
+  cpu::parallel_split(G, nt, [&](int, int64_t g0, int64_t g1) {
+    std::vector<float> mid(size_t(nb) + 64), cnt(size_t(nb) + 64);
+    std::vector<double> pn(size_t(nb) + 1), ps1(size_t(nb) + 1), ps2(size_t(nb) + 1);
+    const HistPrefix P{pn.data(), ps1.data(), ps2.data()};
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t* h = counts + g * nb;
+      int64_t first = 0, last = nb;  // bins outside [first, last) are empty and add nothing
+      while (first < nb && h[first] == 0) ++first;
+      while (last > first && h[last - 1] == 0) --last;
+      const int64_t n = last - first;
+      for (int64_t i = 0; i < n; ++i) {
+        mid[i] = bin_mid(c0[g], bw[g], first + i);
+        cnt[i] = float(h[first + i]);
+      }
+      if (p == 2.0f) build_prefix(mid.data(), cnt.data(), n, pn.data(), ps1.data(), ps2.data());
+      int64_t bi = 0;
+      double bn = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = cand_d[g * C + c], o = cand_o[g * C + c];
+        double v;
+        if (p == 2.0f) {
+          int64_t lo, hi;
+          const double clip = clipped_noise(mid.data(), P, n, d, o, ns, gamma, &lo, &hi);
+          v = noise_vec(mid.data() + lo, cnt.data() + lo, hi - lo, d, o, ns, gamma, p) + clip;
+        } else {
+          v = noise_vec(mid.data(), cnt.data(), n, d, o, ns, gamma, p);
+        }
+        if (c == 0 || v < bn) { bn = v; bi = c; }
+      }
+      best_idx[g] = bi;
+      best_noise[g] = bn;
+    }
   });
 }
 

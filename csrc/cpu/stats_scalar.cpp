@@ -5,7 +5,7 @@
 
 namespace pq {
 const StatsTable& stats_table_scalar() {
-  static const StatsTable t{&scalar::minmax, &scalar::histogram};
+  static const StatsTable t{&scalar::minmax, &scalar::histogram, &scalar::search};
   return t;
 }
 }  // namespace pq

@@ -14,11 +14,21 @@ struct StatsTable {
   // they split the groups between them.
   void (*histogram)(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
                     int64_t nbins, int64_t* counts, int64_t* ws, int64_t ws_len, int max_threads);
+  // For each of G histograms (counts[G, nbins], bin centres c0[g] + bw[g] * i) and its C candidates
+  // (cand_d, cand_o: [G, C]), the index and noise of the best candidate (first of equal minima).
+  void (*search)(const int64_t* counts, int64_t G, int64_t nbins, const float* c0, const float* bw,
+                 const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
+                 int64_t* best_idx, double* best_noise, int max_threads);
 };
 
 const StatsTable& stats_table_scalar();
 const StatsTable& stats_table_avx2();
 const StatsTable& stats_table_avx512();
 const StatsTable& stats_table();  // the selected level (dispatch.cpp)
+
+// For each of G histograms (counts[G, nb]) the clip point i in [nq, nb] with the least KL divergence
+// (kl_clip in stats.h) and that divergence (entropy.cpp).
+void entropy_search_cpu(const int64_t* counts, int64_t G, int64_t nb, int64_t nq, int64_t* best_i, double* best_kl,
+                        int max_threads);
 
 }  // namespace pq

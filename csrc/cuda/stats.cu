@@ -107,6 +107,101 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const T* __restrict
   }
 }
 
+// One block per histogram: its non-empty span of bins (centres, counts, prefix sums) goes to shared
+// memory, threads take candidates, and the block keeps the first of the smallest totals. The
+// arithmetic is the CPU search's, in the same order, so both give the same index and noise.
+__global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restrict__ counts, int64_t nb,
+                                                          const float* __restrict__ c0, const float* __restrict__ bw,
+                                                          const float* __restrict__ cand_d,
+                                                          const float* __restrict__ cand_o, int64_t C, float ns,
+                                                          float gamma, float p, int64_t* best_idx,
+                                                          double* best_noise) {
+  extern __shared__ double s_dbuf[];
+  __shared__ int64_t s_first, s_last;
+  __shared__ double s_val[kThreads];
+  __shared__ int64_t s_idx[kThreads];
+  const int64_t g = blockIdx.x;
+  const int64_t* h = counts + g * nb;
+  if (threadIdx.x == 0) {
+    int64_t f = 0, l = nb;
+    while (f < nb && h[f] == 0) ++f;
+    while (l > f && h[l - 1] == 0) --l;
+    s_first = f;
+    s_last = l;
+  }
+  __syncthreads();
+  const int64_t first = s_first, n = s_last - s_first;
+  double* pn = s_dbuf;
+  double* ps1 = pn + (nb + 1);
+  double* ps2 = ps1 + (nb + 1);
+  float* mid = reinterpret_cast<float*>(ps2 + (nb + 1));
+  float* cnt = mid + nb;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    mid[i] = bin_mid(c0[g], bw[g], first + i);
+    cnt[i] = float(h[first + i]);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && p == 2.0f) build_prefix(mid, cnt, n, pn, ps1, ps2);
+  __syncthreads();
+  const HistPrefix P{pn, ps1, ps2};
+  double best = 0.0;
+  int64_t bi = -1;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const float d = cand_d[g * C + c], o = cand_o[g * C + c];
+    double v;
+    if (p == 2.0f) {
+      int64_t lo, hi;
+      const double clip = clipped_noise(mid, P, n, d, o, ns, gamma, &lo, &hi);
+      v = candidate_noise(mid + lo, cnt + lo, hi - lo, d, o, ns, gamma, p) + clip;
+    } else {
+      v = candidate_noise(mid, cnt, n, d, o, ns, gamma, p);
+    }
+    if (bi < 0 || v < best) { best = v; bi = c; }
+  }
+  s_val[threadIdx.x] = best;
+  s_idx[threadIdx.x] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double bv = 0.0;
+    int64_t bx = -1;
+    for (int t = 0; t < kThreads; ++t) {
+      const int64_t ix = s_idx[t];
+      if (ix < 0) continue;
+      if (bx < 0 || s_val[t] < bv || (s_val[t] == bv && ix < bx)) { bv = s_val[t]; bx = ix; }
+    }
+    best_idx[g] = bx;
+    best_noise[g] = bv;
+  }
+}
+
+// One block per histogram, threads over clip points; the first of the smallest divergences wins.
+__global__ void __launch_bounds__(kThreads) entropy_kernel(const int64_t* __restrict__ counts, int64_t nb, int64_t nq,
+                                                           int64_t* best_i, double* best_kl) {
+  __shared__ double s_val[kThreads];
+  __shared__ int64_t s_idx[kThreads];
+  const int64_t* h = counts + int64_t(blockIdx.x) * nb;
+  double best = 0.0;
+  int64_t bi = -1;
+  for (int64_t i = nq + threadIdx.x; i <= nb; i += blockDim.x) {
+    const double kl = kl_clip(h, nb, i, nq);
+    if (bi < 0 || kl < best) { best = kl; bi = i; }
+  }
+  s_val[threadIdx.x] = best;
+  s_idx[threadIdx.x] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double bv = 0.0;
+    int64_t bx = -1;
+    for (int t = 0; t < kThreads; ++t) {
+      const int64_t ix = s_idx[t];
+      if (ix < 0) continue;
+      if (bx < 0 || s_val[t] < bv || (s_val[t] == bv && ix < bx)) { bv = s_val[t]; bx = ix; }
+    }
+    best_i[blockIdx.x] = bx < 0 ? nb : bx;
+    best_kl[blockIdx.x] = bv;
+  }
+}
+
 inline dim3 grid_for(const QLayout& L) {
   const int64_t rows = L.rows();
   const int64_t gy = std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridY);
@@ -163,6 +258,35 @@ const char* histogram(const void* x, DType dt, const QLayout& L, const float* lo
     default:
       return "histogram: x must be float32, float16 or bfloat16";
   }
+  return last_error();
+}
+
+const char* search(const int64_t* counts, int64_t G, int64_t nbins, const float* c0, const float* bw,
+                   const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
+                   int64_t* best_idx, double* best_noise, uintptr_t stream) {
+  if (G == 0) return nullptr;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  // prefix sums (3 x (nbins+1) doubles), centres and counts (2 x nbins floats)
+  const size_t smem = 3 * sizeof(double) * size_t(nbins + 1) + 2 * sizeof(float) * size_t(nbins);
+  int dev = 0, optin = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const size_t static_smem = kThreads * (sizeof(double) + sizeof(int64_t)) + 2 * sizeof(int64_t);
+  if (smem + static_smem > size_t(optin)) return "search: too many bins for one block's shared memory on this GPU";
+  if (smem > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+  }
+  search_kernel<<<unsigned(G), kThreads, smem, st>>>(counts, nbins, c0, bw, cand_d, cand_o, C, ns, gamma, p, best_idx,
+                                                     best_noise);
+  return last_error();
+}
+
+const char* entropy_search(const int64_t* counts, int64_t G, int64_t nb, int64_t nq, int64_t* best_i, double* best_kl,
+                           uintptr_t stream) {
+  if (G == 0) return nullptr;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  entropy_kernel<<<unsigned(G), kThreads, 0, st>>>(counts, nb, nq, best_i, best_kl);
   return last_error();
 }
 

@@ -144,9 +144,35 @@ class NativeBackend:
             counts = counts.permute(_layout.inverse(perm) + (len(perm),)).contiguous()
         return counts.reshape(tuple(lo.shape) + (nbins,))
 
+    def search(self, counts, c0, bw, cand_d, cand_o, ns, gamma, p):
+        _registry.check_search_args(counts, c0, bw, cand_d, cand_o, ns, gamma, p)
+        counts, c0, bw, cand_d, cand_o = (t.contiguous() for t in (counts, c0, bw, cand_d, cand_o))
+        G, nb = counts.shape
+        C = cand_d.shape[1]
+        best = torch.empty(G, dtype=torch.int64, device=counts.device)
+        noise = torch.empty(G, dtype=torch.float64, device=counts.device)
+        with self.context(counts):
+            self.m.search(counts.data_ptr(), G, nb, c0.data_ptr(), bw.data_ptr(), cand_d.data_ptr(), cand_o.data_ptr(),
+                          C, float(ns), float(gamma), float(p), best.data_ptr(), noise.data_ptr(),
+                          *self.extra_args(counts))
+        return best, noise
+
+    def entropy_search(self, counts, nq):
+        _registry.check_entropy_args(counts, nq)
+        counts = counts.contiguous()
+        G, nb = counts.shape
+        best = torch.empty(G, dtype=torch.int64, device=counts.device)
+        kl = torch.empty(G, dtype=torch.float64, device=counts.device)
+        with self.context(counts):
+            self.m.entropy_search(counts.data_ptr(), G, nb, nq, best.data_ptr(), kl.data_ptr(),
+                                  *self.extra_args(counts))
+        return best, kl
+
     def register(self) -> None:
         lib = _registry._lib
         dt = self.device_type
+        torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
+        torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
         torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)
         torch.library.register_kernel("pyquant::histogram", dt, self.histogram, lib=lib)
         torch.library.register_kernel("pyquant::quantize_dequantize", dt, self.qdq, lib=lib)

@@ -121,3 +121,63 @@ def histogram(x: torch.Tensor, lo: torch.Tensor, rng: torch.Tensor, nbins: int) 
     idx = (torch.arange(ng, device=x.device).unsqueeze(1) * nbins + b)[fin]
     counts = torch.bincount(idx, minlength=ng * nbins)
     return counts.reshape(tuple(g_shape) + (nbins,))
+
+
+def noise_terms(mid: torch.Tensor, cnt: torch.Tensor, d: torch.Tensor, o: torch.Tensor, ns: float, gamma: float,
+                p: float) -> torch.Tensor:
+    """The float32 per-bin error terms of candidates (d, o) (see csrc/include/pyquant/stats.h)."""
+    q = torch.round(mid / d - o)
+    clipped = (q < 0) | (q > ns)
+    qc = torch.clamp(q, 0, ns)
+    e = ((qc + o) * d - mid).abs()
+    ep = e * e if p == 2.0 else torch.pow(e, p)
+    t = ep * cnt
+    return torch.where(clipped, t * gamma, t)
+
+
+def search(counts: torch.Tensor, c0: torch.Tensor, bw: torch.Tensor, cand_d: torch.Tensor, cand_o: torch.Tensor,
+           ns: int, gamma: float, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force over all bins and candidates: (index of the best candidate, its noise) per histogram."""
+    G, nb = counts.shape
+    i = torch.arange(nb, device=counts.device, dtype=torch.float32)
+    mid = (c0.reshape(G, 1) + bw.reshape(G, 1) * i).unsqueeze(1)          # [G, 1, nb]
+    cnt = counts.float().unsqueeze(1)
+    t = noise_terms(mid, cnt, cand_d.unsqueeze(2), cand_o.unsqueeze(2), float(ns), float(gamma), float(p))
+    noise = t.double().sum(dim=2)                                          # [G, C]
+    best = noise.argmin(dim=1)
+    return best, noise.gather(1, best.unsqueeze(1)).squeeze(1)
+
+
+def kl_clip(h: torch.Tensor, i: int, nq: int) -> float:
+    """KL divergence of clipping histogram h after its first i bins, quantized to nq levels (float64)."""
+    h = h.double()
+    total = float(h.sum())
+    kept = float(h[:i].sum())
+    if total <= 0 or kept <= 0:
+        return 0.0
+    p = h[:i].clone()
+    p[i - 1] += total - kept
+    m = i // nq
+    q = torch.zeros(i, dtype=torch.float64)
+    for j in range(nq):
+        a, b = j * m, (i if j == nq - 1 else (j + 1) * m)
+        chunk = h[a:b]
+        nz = int((chunk > 0).sum())
+        if nz:
+            q[a:b] = torch.where(chunk > 0, float(chunk.sum()) / nz / kept, 0.0)
+    p = p / total
+    q = torch.where((p > 0) & (q <= 0), torch.full_like(q, 1e-12), q)
+    keep = p > 0
+    return float((p[keep] * (torch.log(p[keep]) - torch.log(q[keep]))).sum())
+
+
+def entropy_search(counts: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    G, nb = counts.shape
+    best_i, best_kl = [], []
+    for g in range(G):
+        kls = [kl_clip(counts[g].cpu(), i, nq) for i in range(nq, nb + 1)]
+        k = min(range(len(kls)), key=lambda j: (kls[j], j))
+        best_i.append(nq + k)
+        best_kl.append(kls[k])
+    return (torch.tensor(best_i, dtype=torch.int64, device=counts.device),
+            torch.tensor(best_kl, dtype=torch.float64, device=counts.device))

@@ -18,6 +18,9 @@ _lib.define("dequantize(Tensor q, Tensor scale, Tensor offset, ScalarType out_dt
 
 _lib.define("minmax(Tensor x, int[] shape) -> (Tensor, Tensor, Tensor)")
 _lib.define("histogram(Tensor x, Tensor lo, Tensor range, int nbins) -> Tensor")
+_lib.define("search(Tensor counts, Tensor c0, Tensor bw, Tensor cand_d, Tensor cand_o, int ns, float gamma, "
+            "float p) -> (Tensor, Tensor)")
+_lib.define("entropy_search(Tensor counts, int nq) -> (Tensor, Tensor)")
 
 ops = torch.ops.pyquant
 
@@ -107,6 +110,45 @@ def _ref_histogram(x, lo, rng, nbins):
     return _reference.histogram(x, lo, rng, nbins)
 
 
+def check_search_args(counts, c0, bw, cand_d, cand_o, ns, gamma, p):
+    if counts.dtype != torch.int64 or counts.dim() != 2:
+        raise TypeError(f"counts must be an int64 [groups, bins] tensor, got {counts.dtype} {tuple(counts.shape)}")
+    G = counts.shape[0]
+    for name, t in (("c0", c0), ("bw", bw)):
+        if t.dtype != torch.float32 or t.shape != (G,):
+            raise ValueError(f"{name} must be float32 of shape ({G},), got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("cand_d", cand_d), ("cand_o", cand_o)):
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] != G or t.shape[1] < 1:
+            raise ValueError(f"{name} must be float32 of shape ({G}, candidates), got {t.dtype} {tuple(t.shape)}")
+    if cand_d.shape != cand_o.shape:
+        raise ValueError("cand_d and cand_o must have one shape")
+    if ns < 1:
+        raise ValueError(f"ns must be >= 1, got {ns}")
+    if not gamma >= 1.0:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    if not p > 0:
+        raise ValueError(f"p must be > 0, got {p}")
+
+
+def _ref_search(counts, c0, bw, cand_d, cand_o, ns, gamma, p):
+    check_search_args(counts, c0, bw, cand_d, cand_o, ns, gamma, p)
+    return _reference.search(counts, c0, bw, cand_d, cand_o, ns, gamma, p)
+
+
+def check_entropy_args(counts, nq):
+    if counts.dtype != torch.int64 or counts.dim() != 2:
+        raise TypeError(f"counts must be an int64 [groups, bins] tensor, got {counts.dtype} {tuple(counts.shape)}")
+    if not 1 <= nq <= counts.shape[1]:
+        raise ValueError(f"nq (quantization levels) must be in 1..{counts.shape[1]} (the number of bins), got {nq}")
+
+
+def _ref_entropy_search(counts, nq):
+    check_entropy_args(counts, nq)
+    return _reference.entropy_search(counts, nq)
+
+
+torch.library.register_kernel("pyquant::entropy_search", None, _ref_entropy_search, lib=_lib)
+torch.library.register_kernel("pyquant::search", None, _ref_search, lib=_lib)
 torch.library.register_kernel("pyquant::minmax", None, _ref_minmax, lib=_lib)
 torch.library.register_kernel("pyquant::histogram", None, _ref_histogram, lib=_lib)
 torch.library.register_kernel("pyquant::quantize_dequantize", None, _ref_qdq, lib=_lib)
@@ -157,6 +199,20 @@ def _fake_minmax(x, shape):
 def _fake_histogram(x, lo, rng, nbins):
     check_histogram_args(x, lo, rng, nbins)
     return x.new_empty(tuple(lo.shape) + (nbins,), dtype=torch.int64)
+
+
+@torch.library.register_fake("pyquant::search", lib=_lib)
+def _fake_search(counts, c0, bw, cand_d, cand_o, ns, gamma, p):
+    check_search_args(counts, c0, bw, cand_d, cand_o, ns, gamma, p)
+    G = counts.shape[0]
+    return counts.new_empty((G,), dtype=torch.int64), counts.new_empty((G,), dtype=torch.float64)
+
+
+@torch.library.register_fake("pyquant::entropy_search", lib=_lib)
+def _fake_entropy_search(counts, nq):
+    check_entropy_args(counts, nq)
+    G = counts.shape[0]
+    return counts.new_empty((G,), dtype=torch.int64), counts.new_empty((G,), dtype=torch.float64)
 
 
 # ---- autograd -------------------------------------------------------------------------------

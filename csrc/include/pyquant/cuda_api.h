@@ -29,6 +29,13 @@ const char* minmax(const void* x, DType dt, const QLayout& L, float* mn, float* 
 // counts[nscale * nbins] (zeroed here) receives the finite elements of each group.
 const char* histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
                       int64_t nbins, int64_t* counts, uintptr_t stream);
+// Best of C candidates per histogram (see stats.h); same results as the CPU search.
+const char* search(const int64_t* counts, int64_t G, int64_t nbins, const float* c0, const float* bw,
+                   const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
+                   int64_t* best_idx, double* best_noise, uintptr_t stream);
+// KL clip-point search per histogram (kl_clip in stats.h); same results as the CPU search.
+const char* entropy_search(const int64_t* counts, int64_t G, int64_t nb, int64_t nq, int64_t* best_i, double* best_kl,
+                           uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace pq

@@ -19,3 +19,168 @@ PQ_HD int64_t hist_bin(float x, float lo, float range, float nbins_f, int64_t nb
 PQ_HD bool is_finite(float x) { return (f32_bits(x) & 0x7f800000u) != 0x7f800000u; }
 
 }  // namespace pq
+
+namespace pq {
+
+// ---- encoding search over histograms -------------------------------------------------------------
+// A candidate encoding (d, o) on the unsigned grid 0..ns (real value of code q: (q + o) * d) is scored
+// by the expected error of the histogram's bins, each bin's population placed at its centre:
+//   q = rint(mid / d - o);  err = |(clamp(q, 0, ns) + o) * d - mid|^p * count,  times gamma if clipped.
+// The per-bin term is float32; terms are summed in float64 in a fixed order (eight partial sums by
+// bin index modulo 8, combined pairwise) so that every device gives the same total.
+
+PQ_HD float bin_mid(float c0, float bw, int64_t i) { return c0 + bw * float(i); }
+
+PQ_HD float noise_term(float mid, float cnt, float d, float o, float ns, float gamma, float p) {
+  const float q = rintf(mid / d - o);
+  const bool clipped = q < 0.0f || q > ns;
+  float qc = q < 0.0f ? 0.0f : q;
+  qc = qc > ns ? ns : qc;
+  const float e = fabsf((qc + o) * d - mid);
+  const float ep = p == 2.0f ? e * e : powf(e, p);
+  const float t = ep * cnt;
+  return clipped ? t * gamma : t;
+}
+
+PQ_HD double combine8(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// Total noise of one candidate over bins [begin, end) (mid/cnt indexed from 0 = begin's bin).
+PQ_HD double candidate_noise(const float* mid, const float* cnt, int64_t n, float d, float o, float ns, float gamma,
+                             float p) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) acc[i & 7] += double(noise_term(mid[i], cnt[i], d, o, ns, gamma, p));
+  return combine8(acc);
+}
+
+}  // namespace pq
+
+namespace pq {
+
+// For p = 2 the clipped bins need not be visited one by one: below the grid every bin's value is
+// (0 + o) * d and above it (ns + o) * d, so their squared errors follow from prefix sums of count,
+// count*mid and count*mid^2. Only the bins inside the grid are summed term by term.
+struct HistPrefix {
+  const double* n;   // n[i]  = sum of counts of bins [0, i)
+  const double* s1;  // s1[i] = sum of count * mid
+  const double* s2;  // s2[i] = sum of count * mid^2
+};
+
+PQ_HD void build_prefix(const float* mid, const float* cnt, int64_t n, double* pn, double* ps1, double* ps2) {
+  pn[0] = ps1[0] = ps2[0] = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double c = cnt[i], m = mid[i];
+    pn[i + 1] = pn[i] + c;
+    ps1[i + 1] = ps1[i] + c * m;
+    ps2[i + 1] = ps2[i] + c * m * m;
+  }
+}
+
+// First bin i in [0, n] whose code rint(mid[i] / d - o) is >= thr (codes grow with i).
+PQ_HD int64_t first_code_at_least(const float* mid, int64_t n, float d, float o, float thr) {
+  if (n == 0) return 0;
+  const double bwd = n > 1 ? (double(mid[n - 1]) - double(mid[0])) / double(n - 1) : 1.0;
+  double est = bwd > 0 ? ((double(thr) - 0.5 + double(o)) * double(d) - double(mid[0])) / bwd : 0.0;
+  est = est < 0.0 ? 0.0 : (est > double(n) ? double(n) : est);
+  int64_t i = int64_t(est);
+  while (i > 0 && rintf(mid[i - 1] / d - o) >= thr) --i;
+  while (i < n && !(rintf(mid[i] / d - o) >= thr)) ++i;
+  return i;
+}
+
+PQ_HD double clipped_sq_error(const HistPrefix& P, int64_t a, int64_t b, float value) {
+  if (b <= a) return 0.0;
+  const double v = value;
+  const double sn = P.n[b] - P.n[a], s1 = P.s1[b] - P.s1[a], s2 = P.s2[b] - P.s2[a];
+  const double e = v * v * sn - 2.0 * v * s1 + s2;
+  return e > 0.0 ? e : 0.0;
+}
+
+// Splits a p = 2 candidate into [0, lo) clipped low, [lo, hi) inside, [hi, n) clipped high, and
+// returns gamma times the clipped error; the caller adds the inside bins' terms.
+PQ_HD double clipped_noise(const float* mid, const HistPrefix& P, int64_t n, float d, float o, float ns, float gamma,
+                           int64_t* lo, int64_t* hi) {
+  *lo = first_code_at_least(mid, n, d, o, 0.0f);
+  *hi = *lo + first_code_at_least(mid + *lo, n - *lo, d, o, ns + 1.0f);
+  const double low = clipped_sq_error(P, 0, *lo, (0.0f + o) * d);
+  const double high = clipped_sq_error(P, *hi, n, (ns + o) * d);
+  return double(gamma) * low + double(gamma) * high;
+}
+
+}  // namespace pq
+
+namespace pq {
+
+// ---- KL-divergence (entropy) threshold search, TensorRT-style ---------------------------------------
+// Natural log with the same float64 operations on every device (no libm), so KL totals agree bit
+// for bit between the CPU and CUDA searches. Accurate to a few ulp for x > 0.
+PQ_HD double det_log(double x) {
+  uint64_t u;
+#if defined(__CUDA_ARCH__)
+  u = uint64_t(__double_as_longlong(x));
+#else
+  std::memcpy(&u, &x, 8);
+#endif
+  int64_t e = int64_t((u >> 52) & 0x7ff) - 1023;
+  u = (u & 0x000fffffffffffffull) | 0x3ff0000000000000ull;  // mantissa in [1, 2)
+  double m;
+#if defined(__CUDA_ARCH__)
+  m = __longlong_as_double((long long)u);
+#else
+  std::memcpy(&m, &u, 8);
+#endif
+  if (m > 1.4142135623730951) { m = m * 0.5; e += 1; }
+  const double t = (m - 1.0) / (m + 1.0), t2 = t * t;
+  double s = 1.0 / 23.0;
+  s = s * t2 + 1.0 / 21.0;
+  s = s * t2 + 1.0 / 19.0;
+  s = s * t2 + 1.0 / 17.0;
+  s = s * t2 + 1.0 / 15.0;
+  s = s * t2 + 1.0 / 13.0;
+  s = s * t2 + 1.0 / 11.0;
+  s = s * t2 + 1.0 / 9.0;
+  s = s * t2 + 1.0 / 7.0;
+  s = s * t2 + 1.0 / 5.0;
+  s = s * t2 + 1.0 / 3.0;
+  s = s * t2 + 1.0;
+  return 2.0 * t * s + double(e) * 0.6931471805599453;
+}
+
+// KL(P || Q) for clipping a histogram h[0..nb) after its first i bins, quantized to nq levels:
+// P = h[0..i) with the counts beyond folded into bin i-1; Q spreads each of nq chunks of h[0..i)
+// (i / nq bins each, the last takes the rest) evenly over the chunk's non-empty bins. Bins where P > 0
+// and Q = 0 get Q = 1e-12 of the mass instead of an infinite divergence.
+PQ_HD double kl_clip(const int64_t* h, int64_t nb, int64_t i, int64_t nq) {
+  double total = 0.0, kept = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    total += double(h[b]);
+    if (b < i) kept += double(h[b]);
+  }
+  if (total <= 0.0 || kept <= 0.0) return 0.0;
+  const double outliers = total - kept;
+  const int64_t m = i / nq;
+  double kl = 0.0;
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t a = j * m, b = (j == nq - 1) ? i : (j + 1) * m;
+    double chunk = 0.0;
+    int64_t nz = 0;
+    for (int64_t k = a; k < b; ++k) {
+      chunk += double(h[k]);
+      nz += h[k] > 0;
+    }
+    const double q_each = nz > 0 ? chunk / double(nz) / kept : 0.0;
+    for (int64_t k = a; k < b; ++k) {
+      double pk = double(h[k]);
+      if (k == i - 1) pk += outliers;
+      if (pk <= 0.0) continue;
+      pk /= total;
+      double qk = h[k] > 0 ? q_each : 0.0;
+      if (qk <= 0.0) qk = 1e-12;
+      kl += pk * (det_log(pk) - det_log(qk));
+    }
+  }
+  return kl;
+}
+
+}  // namespace pq

@@ -1,0 +1,9 @@
+"""Calibration and quantizers: encodings, analyzers (statistics → encodings) and quantizer modules."""
+from .analyzers import (CalibrationError, EncodingAnalyzer, Entropy, MinMax, Mse, Percentile, Sqnr, TfEnhanced,
+                        sqnr_candidates)
+from .encoding import Encoding, from_range, from_scale_offset, min_scale
+from .quantizer import Dequantize, Quantize, QuantizeDequantize, QuantizerError
+
+__all__ = ["Encoding", "from_range", "from_scale_offset", "min_scale", "EncodingAnalyzer", "MinMax", "Sqnr",
+           "TfEnhanced", "Mse", "Percentile", "Entropy", "CalibrationError", "sqnr_candidates",
+           "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]

@@ -1,0 +1,223 @@
+"""Quantizer modules: QuantizeDequantize (fake quantization, for simulation and QAT), Quantize
+(integer codes) and Dequantize. Built on pyquant.ops; statistics and encodings come from an
+analyzer (pyquant.quant.analyzers)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops import _registry
+from .analyzers import EncodingAnalyzer, MinMax
+from .encoding import Encoding, _broadcast_to, from_range, from_scale_offset, min_scale
+
+__all__ = ["QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
+
+
+class QuantizerError(RuntimeError):
+    """A quantizer used in a state that cannot work (no encoding yet, frozen, ...)."""
+
+
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    return t + (torch.round(t) - t).detach()
+
+
+class _QuantizerBase(nn.Module):
+    def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
+                 encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
+                 *, param_mode: str = "minmax", name: Optional[str] = None):
+        super().__init__()
+        ops.grid(bitwidth, symmetric)  # validates bitwidth
+        if param_mode not in ("minmax", "scale_offset"):
+            raise ValueError(f"param_mode must be 'minmax' or 'scale_offset', got {param_mode!r}")
+        self.shape = tuple(int(v) for v in shape)
+        self.bitwidth = int(bitwidth)
+        self.symmetric = bool(symmetric)
+        self.block_size = tuple(block_size) if block_size is not None else None
+        self.param_mode = param_mode
+        self.name = name
+        self.encoding_analyzer = encoding_analyzer if encoding_analyzer is not None else MinMax(self.shape)
+        if tuple(self.encoding_analyzer.shape) != self.shape:
+            raise ValueError(f"the analyzer's shape {self.encoding_analyzer.shape} differs from the quantizer's "
+                             f"{self.shape}")
+        if name and self.encoding_analyzer.name is None:
+            self.encoding_analyzer.name = name
+        if param_mode == "minmax":
+            self.min = nn.Parameter(torch.zeros(self.shape))
+            self.max = nn.Parameter(torch.zeros(self.shape))
+        else:
+            self.scale = nn.Parameter(torch.ones(self.shape))
+            self.offset = nn.Parameter(torch.zeros(self.shape), requires_grad=not self.symmetric)
+        self.register_buffer("initialized", torch.tensor(False), persistent=True)
+        self.enabled = True
+        self.frozen = False
+        self._calibrating = False
+
+    # ---- grid ----
+    @property
+    def qmin(self) -> int:
+        return ops.grid(self.bitwidth, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return ops.grid(self.bitwidth, self.symmetric)[1]
+
+    def _label(self) -> str:
+        return f"quantizer '{self.name}'" if self.name else type(self).__name__
+
+    # ---- encodings ----
+    def set_encoding(self, enc: Encoding) -> None:
+        if enc.bitwidth != self.bitwidth or enc.symmetric != self.symmetric:
+            raise ValueError(f"{self._label()}: encoding is {enc.bitwidth}-bit "
+                             f"{'sym' if enc.symmetric else 'asym'}, quantizer is {self.bitwidth}-bit "
+                             f"{'sym' if self.symmetric else 'asym'}")
+        with torch.no_grad():
+            if self.param_mode == "minmax":
+                self.min.copy_(enc.min.reshape(self.shape))
+                self.max.copy_(enc.max.reshape(self.shape))
+            else:
+                self.scale.copy_(enc.scale.reshape(self.shape))
+                self.offset.copy_(enc.offset.reshape(self.shape))
+            self.initialized.fill_(True)
+
+    def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Differentiable (scale, offset) from the parameters."""
+        if self.param_mode == "scale_offset":
+            return self.scale, self.offset
+        qmin, qmax = self.qmin, self.qmax
+        ns = qmax - qmin
+        s = torch.clamp((self.max - self.min) / ns, min=min_scale(ns))
+        if self.symmetric:
+            return s, torch.zeros_like(s)
+        o = torch.clamp(_round_ste(self.min / s) - qmin, -qmax, -qmin)
+        return s, o
+
+    def get_encoding(self) -> Optional[Encoding]:
+        if not bool(self.initialized):
+            return None
+        with torch.no_grad():
+            s, o = self._scale_offset()
+            return from_scale_offset(s.detach().clone(), o.detach().clone(), self.bitwidth, self.symmetric,
+                                     self.block_size)
+
+    @contextlib.contextmanager
+    def compute_encodings(self) -> Iterator[None]:
+        """Inside the block the quantizer only observes its inputs (returns them unchanged); on exit the
+        analyzer's statistics become the encoding (unless the quantizer is frozen)."""
+        self.encoding_analyzer.reset()
+        self._calibrating = True
+        try:
+            yield
+        finally:
+            self._calibrating = False
+        if not self.frozen:
+            self.set_encoding(self.encoding_analyzer.compute_encodings(self.bitwidth, self.symmetric))
+
+    def freeze(self) -> None:
+        """Keep the current encoding: no range learning, no recalibration."""
+        self.frozen = True
+        for p in self._encoding_params():
+            p.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+        for p in self._encoding_params():
+            p.requires_grad_(True)
+        if self.param_mode == "scale_offset" and self.symmetric:
+            self.offset.requires_grad_(False)
+
+    def _encoding_params(self) -> list[nn.Parameter]:
+        return [self.min, self.max] if self.param_mode == "minmax" else [self.scale, self.offset]
+
+    def _ready(self, x: torch.Tensor) -> bool:
+        if self._calibrating:
+            self.encoding_analyzer.update_stats(x)
+            return False
+        if not self.enabled:
+            return False
+        if not bool(self.initialized):
+            raise QuantizerError(f"{self._label()} has no encoding yet: calibrate it (with q.compute_encodings(): "
+                                 f"q(data)) or set one (q.set_encoding(...))")
+        return True
+
+    def extra_repr(self) -> str:
+        parts = [f"shape={self.shape}", f"bitwidth={self.bitwidth}", f"symmetric={self.symmetric}",
+                 f"analyzer={type(self.encoding_analyzer).__name__}"]
+        if self.block_size is not None:
+            parts.append(f"block_size={self.block_size}")
+        if self.name:
+            parts.insert(0, f"name={self.name!r}")
+        enc = self.get_encoding()
+        parts.append(repr(enc) if enc is not None else "uncalibrated")
+        if not self.enabled:
+            parts.append("disabled")
+        if self.frozen:
+            parts.append("frozen")
+        return ", ".join(parts)
+
+
+class QuantizeDequantize(_QuantizerBase):
+    """Fake quantization ``x -> (clamp(round(x/s) - o, qmin, qmax) + o) * s`` with a learnable range.
+
+    Args:
+        shape: encoding shape, right-aligned against the input (``()`` per tensor, ``(C, 1)`` per output
+            channel of a weight, ``(1, C, 1, 1)`` per channel of an NCHW activation, ``(C, K // B)`` with
+            ``block_size=(1, B)`` per block).
+        bitwidth: 2..16. symmetric: signed grid with offset 0, else unsigned grid with an offset.
+        encoding_analyzer: statistics → encoding (default ``MinMax(shape)``).
+        param_mode: ``"minmax"`` (parameters ``min``/``max``, AIMET's) or ``"scale_offset"`` (parameters
+            ``scale``/``offset``; their gradients come straight from the fused kernel).
+        lsq_grad_scale: scale the range gradients by ``1/sqrt(n * qmax)`` (LSQ).
+    """
+
+    def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
+                 encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
+                 *, param_mode: str = "minmax", lsq_grad_scale: bool = False, name: Optional[str] = None):
+        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, param_mode=param_mode, name=name)
+        self.lsq_grad_scale = lsq_grad_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready(x):
+            return x
+        s, o = self._scale_offset()
+        s, o = _broadcast_to(s, x), _broadcast_to(o, x)
+        gs = 1.0
+        if self.lsq_grad_scale:
+            gs = float(1.0 / (max(x.numel() // max(s.numel(), 1), 1) * self.qmax) ** 0.5)
+        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs)
+
+
+class Quantize(_QuantizerBase):
+    """Integer codes ``clamp(round(x/s) - o, qmin, qmax)`` as float32 or `out_dtype` (int8, uint8, ...)."""
+
+    def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
+                 encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
+                 *, out_dtype: torch.dtype = torch.float32, name: Optional[str] = None):
+        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, name=name)
+        self.out_dtype = out_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready(x):
+            return x
+        with torch.no_grad():
+            s, o = self._scale_offset()
+        return _registry.ops.quantize(x, _broadcast_to(s, x), _broadcast_to(o, x), self.qmin, self.qmax,
+                                      self.out_dtype)
+
+
+class Dequantize(nn.Module):
+    """``(q + o) * s`` with a fixed encoding (e.g. a Quantize's ``get_encoding()``)."""
+
+    def __init__(self, encoding: Encoding, out_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.encoding = encoding
+        self.out_dtype = out_dtype
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.encoding.dequantize(q, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return repr(self.encoding)
