@@ -164,7 +164,7 @@ def kl_clip(h: torch.Tensor, i: int, nq: int) -> float:
         chunk = h[a:b]
         nz = int((chunk > 0).sum())
         if nz:
-            q[a:b] = torch.where(chunk > 0, float(chunk.sum()) / nz / kept, 0.0)
+            q[a:b] = (chunk > 0).double() * (float(chunk.sum()) / nz / kept)
     p = p / total
     q = torch.where((p > 0) & (q <= 0), torch.full_like(q, 1e-12), q)
     keep = p > 0

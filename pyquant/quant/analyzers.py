@@ -350,6 +350,15 @@ class _Histogram(EncodingAnalyzer):
             return counts
         return torch.where(same.unsqueeze(-1), counts, self._rebin(counts, lo, hi, lo_n, hi_n))
 
+    def sync_range(self, process_group=None) -> None:
+        """All-reduces the ranges set by update_range, so that every rank then counts into the same bins
+        (two-pass calibration: update_range on all batches, sync_range, update_stats, sync)."""
+        import torch.distributed as dist
+        if self.lo is None:
+            raise CalibrationError(f"{self._label()}: sync_range needs update_range first")
+        dist.all_reduce(self.lo, op=dist.ReduceOp.MIN, group=process_group)
+        dist.all_reduce(self.hi, op=dist.ReduceOp.MAX, group=process_group)
+
     def sync(self, process_group=None) -> None:
         import torch.distributed as dist
         _ensure_synced_batches(self, process_group)
@@ -546,12 +555,17 @@ class Entropy(_Histogram):
         mn, mx = self._reshape_out(mn), self._reshape_out(mx)
         if self.signed_min is None:
             self.signed_min, self.signed_max = mn, mx
-            amax = torch.maximum(mn.abs(), mx.abs())
-            amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
-            self.lo, self.hi = torch.zeros_like(amax), amax  # histogram of |x| starts at 0
         else:
             self.signed_min, self.signed_max = torch.minimum(self.signed_min, mn), torch.maximum(self.signed_max, mx)
+        if self.lo is None:  # the histogram of |x| starts at 0
+            amax = torch.maximum(mn.abs(), mx.abs())
+            amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+            self.lo, self.hi = torch.zeros_like(amax), amax
         super().update_stats(x)
+
+    def update_range(self, x: torch.Tensor) -> None:
+        super().update_range(x)
+        self.lo = torch.zeros_like(self.lo)
 
     def _state_tensors(self):
         st = super()._state_tensors()
