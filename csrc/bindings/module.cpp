@@ -49,7 +49,7 @@ PYBIND11_MODULE(_C, m) {
           stats_table().histogram(ptr<const void>(x), DType(dt), L, ptr<const float>(lo), ptr<const float>(range),
                                   nbins, ptr<int64_t>(counts), ptr<int64_t>(ws), ws_len, cpu_threads());
         },
-        "adds the finite elements of each group into counts[nscale, nbins] over [lo, lo + range); a "
+        "counts[nscale, nbins] (overwritten) of the finite elements of each group over [lo, lo + range); a "
         "workspace of num_threads()*4*nscale*nbins int64 lets threads count privately");
   m.def("search",
         [](uintptr_t counts, int64_t G, int64_t nbins, uintptr_t c0, uintptr_t bw, uintptr_t cand_d, uintptr_t cand_o,

@@ -105,11 +105,10 @@ void minmax_typed(const T* x, const QLayout& L, float* mn, float* mx, int64_t* n
 }
 
 // ---------------------------------------------------------------- histograms
-// Counts one run of elements of group k into hist (nbins entries, `copies` interleaved copies at
+// Counts one run of elements of group k into hist (nbins entries, COPIES interleaved copies at
 // stride `cstride`: consecutive equal bins then do not wait on each other's increment).
-template <class T>
-inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbins, int64_t* hist, int copies,
-                     int64_t cstride) {
+template <class T, int COPIES>
+inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbins, int64_t* hist, int64_t cstride) {
   const float nbf = float(nbins);
   int64_t t = 0;
   if constexpr (vec_ok<T>()) {
@@ -126,16 +125,16 @@ inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbin
       Isa::to_int_array(idx, pos);
       const unsigned ok = Isa::bits(fin);
       if (ok == (1u << W) - 1u) {
-        for (int l = 0; l < W; ++l) hist[(l % copies) * cstride + idx[l]] += 1;
+        for (int l = 0; l < W; ++l) hist[(l % COPIES) * cstride + idx[l]] += 1;
       } else {
         for (int l = 0; l < W; ++l)
-          if ((ok >> l) & 1u) hist[(l % copies) * cstride + idx[l]] += 1;
+          if ((ok >> l) & 1u) hist[(l % COPIES) * cstride + idx[l]] += 1;
       }
     }
   }
   for (; t < n; ++t) {
     const float v = Elem<T>::load(xp + t);
-    if (is_finite(v)) hist[(t % copies) * cstride + hist_bin(v, lo, range, nbf, nbins)] += 1;
+    if (is_finite(v)) hist[(t % COPIES) * cstride + hist_bin(v, lo, range, nbf, nbins)] += 1;
   }
 }
 
@@ -144,7 +143,7 @@ void histogram_typed(const T* x, const QLayout& L, const float* lo, const float*
                      int64_t* counts, int64_t* ws, int64_t ws_len, int max_threads) {
   const int64_t ns = L.nscale;
   const int64_t entries = ns * nbins;
-  constexpr int kCopies = 4;
+  constexpr int kCopies = 4;  // hist_run's interleaved copies (the scratch below assumes 4)
   int nt = cpu::pick_threads(L.numel, max_threads);
   if (ws != nullptr && ws_len >= int64_t(nt) * kCopies * entries) {
     // Private mode: threads split the elements and count into their own copies.
@@ -154,31 +153,40 @@ void histogram_typed(const T* x, const QLayout& L, const float* lo, const float*
       cpu::walk(L, b, e, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
         if (per_elem) {
           for (int64_t t = 0; t < n; ++t)
-            hist_run<T>(x + off + t, 1, lo[k + t], range[k + t], nbins, mine + (k + t) * nbins, 1, entries);
+            hist_run<T, 1>(x + off + t, 1, lo[k + t], range[k + t], nbins, mine + (k + t) * nbins, entries);
         } else {
-          hist_run<T>(x + off, n, lo[k], range[k], nbins, mine + k * nbins, kCopies, entries);
+          hist_run<T, kCopies>(x + off, n, lo[k], range[k], nbins, mine + k * nbins, entries);
         }
       });
     });
     cpu::parallel_split(entries, std::min<int>(nt, int(std::max<int64_t>(1, entries / 4096))),
                         [&](int, int64_t a, int64_t b) {
                           for (int64_t i = a; i < b; ++i) {
-                            int64_t s = counts[i];
+                            int64_t s = 0;
                             for (int t = 0; t < nt * kCopies; ++t) s += ws[int64_t(t) * entries + i];
                             counts[i] = s;
                           }
                         });
     return;
   }
-  // Ownership mode: each thread takes a range of groups and counts straight into `counts`.
+  // Ownership mode: each thread takes a range of groups and counts straight into `counts`; long
+  // runs go through a small scratch of kCopies interleaved copies first.
   nt = int(std::min<int64_t>(nt, ns));
   cpu::parallel_split(ns, nt, [&](int, int64_t k0, int64_t k1) {
+    std::fill(counts + k0 * nbins, counts + k1 * nbins, int64_t(0));
+    std::vector<int64_t> scratch(size_t(kCopies * nbins));
     cpu::walk_groups(L, k0, k1, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
       if (per_elem) {
         for (int64_t t = 0; t < n; ++t)
-          hist_run<T>(x + off + t, 1, lo[k + t], range[k + t], nbins, counts + (k + t) * nbins, 1, 0);
+          hist_run<T, 1>(x + off + t, 1, lo[k + t], range[k + t], nbins, counts + (k + t) * nbins, 0);
+      } else if (n >= 4 * nbins) {
+        std::fill(scratch.begin(), scratch.end(), int64_t(0));
+        hist_run<T, kCopies>(x + off, n, lo[k], range[k], nbins, scratch.data(), nbins);
+        int64_t* dst = counts + k * nbins;
+        for (int64_t b = 0; b < nbins; ++b)
+          dst[b] += scratch[b] + scratch[nbins + b] + scratch[2 * nbins + b] + scratch[3 * nbins + b];
       } else {
-        hist_run<T>(x + off, n, lo[k], range[k], nbins, counts + k * nbins, 1, 0);
+        hist_run<T, 1>(x + off, n, lo[k], range[k], nbins, counts + k * nbins, 0);
       }
     });
   });
@@ -218,6 +226,32 @@ inline double noise_vec(const float* mid, const float* cnt, int64_t n, float d, 
   return candidate_noise(mid, cnt, n, d, o, ns, gamma, p);
 }
 
+// inside_noise (stats.h) with vectors: the same float32 terms into the same sixteen float32 lanes.
+inline double inside_noise_vec(const float* mid, const float* cnt, int64_t n, float d, float o) {
+  if constexpr (Isa::W >= 8) {
+    using V = typename Isa::V;
+    constexpr int W = Isa::W;
+    constexpr int R = 16 / W;  // vectors per 16 lanes
+    const V vd = Isa::set1(d), vo = Isa::set1(o);
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Isa::set1(0.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      for (int r = 0; r < R; ++r) {
+        V m = Isa::load(mid + i + r * W);
+        V q = Isa::rint(Isa::sub(Isa::div(m, vd), vo));
+        V e = Isa::sub(Isa::mul(Isa::add(q, vo), vd), m);
+        acc[r] = Isa::add(acc[r], Isa::mul(Isa::mul(e, e), Isa::load(cnt + i + r * W)));
+      }
+    }
+    alignas(64) float lanes[16];
+    for (int r = 0; r < R; ++r) Isa::to_array(lanes + r * W, acc[r]);
+    for (; i < n; ++i) lanes[i & 15] += inside_term(mid[i], cnt[i], d, o);
+    return combine16(lanes);
+  }
+  return inside_noise(mid, cnt, n, d, o);
+}
+
 inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0, const float* bw,
                    const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
                    int64_t* best_idx, double* best_noise, int max_threads) {
@@ -238,6 +272,7 @@ inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0
         cnt[i] = float(h[first + i]);
       }
       if (p == 2.0f) build_prefix(mid.data(), cnt.data(), n, pn.data(), ps1.data(), ps2.data());
+      const Span sp = make_span(mid.data(), n);
       int64_t bi = 0;
       double bn = 0.0;
       for (int64_t c = 0; c < C; ++c) {
@@ -245,8 +280,9 @@ inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0
         double v;
         if (p == 2.0f) {
           int64_t lo, hi;
-          const double clip = clipped_noise(mid.data(), P, n, d, o, ns, gamma, &lo, &hi);
-          v = noise_vec(mid.data() + lo, cnt.data() + lo, hi - lo, d, o, ns, gamma, p) + clip;
+          const double clip = clipped_noise(mid.data(), P, sp, n, d, o, ns, gamma, &lo, &hi);
+          if (c > 0 && !(clip < bn)) continue;  // the inside bins only add: cannot beat the best
+          v = inside_noise_vec(mid.data() + lo, cnt.data() + lo, hi - lo, d, o) + clip;
         } else {
           v = noise_vec(mid.data(), cnt.data(), n, d, o, ns, gamma, p);
         }

@@ -9,7 +9,7 @@ struct StatsTable {
   // number of non-finite elements. ws_f: threads * 2 * nscale floats, ws_i: threads * nscale.
   void (*minmax)(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nonfinite,
                  float* ws_f, int64_t* ws_i, int max_threads);
-  // counts[k * nbins + hist_bin(x, lo[k], range[k])] += 1 for every finite x of group k. With a
+  // counts[k * nbins + b] = number of finite x of group k with hist_bin(x, lo[k], range[k]) = b. With a
   // workspace of at least threads * nscale * nbins entries the threads count privately; without,
   // they split the groups between them.
   void (*histogram)(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,

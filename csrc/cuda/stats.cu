@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restr
   if (threadIdx.x == 0 && p == 2.0f) build_prefix(mid, cnt, n, pn, ps1, ps2);
   __syncthreads();
   const HistPrefix P{pn, ps1, ps2};
+  const Span sp = make_span(mid, n);
   double best = 0.0;
   int64_t bi = -1;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
@@ -151,8 +152,9 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restr
     double v;
     if (p == 2.0f) {
       int64_t lo, hi;
-      const double clip = clipped_noise(mid, P, n, d, o, ns, gamma, &lo, &hi);
-      v = candidate_noise(mid + lo, cnt + lo, hi - lo, d, o, ns, gamma, p) + clip;
+      const double clip = clipped_noise(mid, P, sp, n, d, o, ns, gamma, &lo, &hi);
+      if (bi >= 0 && !(clip < best)) continue;  // the inside bins only add: cannot beat the best
+      v = inside_noise(mid + lo, cnt + lo, hi - lo, d, o) + clip;
     } else {
       v = candidate_noise(mid, cnt, n, d, o, ns, gamma, p);
     }

@@ -126,7 +126,7 @@ class NativeBackend:
         kshape = tuple(lok.shape) + (nbins,)
         dev = x.device
         if self.device_type == "cpu":
-            counts = torch.zeros(kshape, dtype=torch.int64)
+            counts = torch.empty(kshape, dtype=torch.int64)  # the kernel writes every entry
             t = self.ws_slots()
             # Private per-thread counts (4 interleaved copies) when they are small; else the
             # threads split the groups.

@@ -274,7 +274,7 @@ class _Histogram(EncodingAnalyzer):
             if self.growth_limit is not None:
                 half = self.growth_limit * (en - e0) / 2
                 self.limit_lo, self.limit_hi = e0 - half, en + half
-            self.counts = torch.zeros(self.lo.shape + (nb,), dtype=torch.int64, device=x.device)
+            self.counts = None
         else:
             lim_lo = self.limit_lo if self.limit_lo is not None else torch.full_like(self.lo, -math.inf)
             lim_hi = self.limit_hi if self.limit_hi is not None else torch.full_like(self.hi, math.inf)
@@ -291,7 +291,11 @@ class _Histogram(EncodingAnalyzer):
         e0, en, _ = self._edges(self.lo, self.hi)
         gs = g if len(g) else ()
         new = op.histogram(x, e0.reshape(gs).contiguous(), (en - e0).reshape(gs).contiguous(), nb)
-        self.counts = self.counts + new.reshape(self.counts.shape)
+        new = new.reshape(self.lo.shape + (nb,))
+        if self.counts is None:
+            self.counts = new
+        else:
+            self.counts += new
         self.num_batches += 1
 
     def _rebin(self, counts, lo, hi, lo_n, hi_n):

@@ -54,6 +54,27 @@ PQ_HD double candidate_noise(const float* mid, const float* cnt, int64_t n, floa
   return combine8(acc);
 }
 
+// Squared-error terms of bins known to lie inside the grid (p = 2: no clamp, no gamma; the same
+// float32 value as noise_term), summed in sixteen float32 partial sums (lane = index modulo 16) that
+// are then added pairwise in float64. Every device follows this order exactly.
+PQ_HD float inside_term(float mid, float cnt, float d, float o) {
+  const float q = rintf(mid / d - o);
+  const float e = (q + o) * d - mid;
+  return (e * e) * cnt;
+}
+
+PQ_HD double combine16(const float* a) {
+  double l[8];
+  for (int k = 0; k < 8; ++k) l[k] = double(a[2 * k]) + double(a[2 * k + 1]);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+PQ_HD double inside_noise(const float* mid, const float* cnt, int64_t n, float d, float o) {
+  float acc[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) acc[i & 15] += inside_term(mid[i], cnt[i], d, o);
+  return combine16(acc);
+}
+
 }  // namespace pq
 
 namespace pq {
@@ -77,14 +98,39 @@ PQ_HD void build_prefix(const float* mid, const float* cnt, int64_t n, double* p
   }
 }
 
-// First bin i in [0, n] whose code rint(mid[i] / d - o) is >= thr (codes grow with i).
-PQ_HD int64_t first_code_at_least(const float* mid, int64_t n, float d, float o, float thr) {
-  if (n == 0) return 0;
-  const double bwd = n > 1 ? (double(mid[n - 1]) - double(mid[0])) / double(n - 1) : 1.0;
-  double est = bwd > 0 ? ((double(thr) - 0.5 + double(o)) * double(d) - double(mid[0])) / bwd : 0.0;
-  est = est < 0.0 ? 0.0 : (est > double(n) ? double(n) : est);
-  int64_t i = int64_t(est);
-  while (i > 0 && rintf(mid[i - 1] / d - o) >= thr) --i;
+// Where the bin centres of a histogram's non-empty span sit: mid[i] ~ mid0 + i / inv_bw, each within
+// `tol` bins of that line (float32 rounding of c0 + bw * i, with a wide margin).
+struct Span {
+  double mid0, inv_bw, tol;
+};
+
+PQ_HD Span make_span(const float* mid, int64_t n) {
+  Span sp;
+  sp.mid0 = n > 0 ? double(mid[0]) : 0.0;
+  const double w = n > 1 ? (double(mid[n - 1]) - double(mid[0])) / double(n - 1) : 1.0;
+  sp.inv_bw = w > 0.0 ? 1.0 / w : 0.0;
+  const double big = n > 0 ? fmax(fabs(double(mid[0])), fabs(double(mid[n - 1]))) : 0.0;
+  sp.tol = 1e-3 + 64.0 * 1.1920928955078125e-07 * big * sp.inv_bw;
+  return sp;
+}
+
+// First bin i in [a, n] whose code rint(mid[i] / d - o) is >= thr (codes grow with i). The bin is read
+// off the span's line; only when the code boundary falls within `tol` of a bin centre are the codes
+// themselves evaluated (rint is half-to-even, so ties are settled by the exact computation).
+PQ_HD int64_t first_code_at_least(const float* mid, int64_t a, int64_t n, float d, float o, float thr, const Span& sp) {
+  if (a >= n) return n;
+  double est = sp.inv_bw > 0.0 ? ((double(thr) - 0.5 + double(o)) * double(d) - sp.mid0) * sp.inv_bw : 0.0;
+  const double lo_b = double(a), hi_b = double(n);
+  if (est <= lo_b - 1.0) return a;
+  if (est >= hi_b) {
+    if (est - (hi_b - 1.0) > sp.tol) return n;
+    est = hi_b - 1.0;
+  }
+  const double c = ceil(est);
+  int64_t i = int64_t(c);
+  if (c - est > sp.tol && est - (c - 1.0) > sp.tol) return i < a ? a : (i > n ? n : i);
+  i = i < a ? a : (i > n ? n : i);
+  while (i > a && rintf(mid[i - 1] / d - o) >= thr) --i;
   while (i < n && !(rintf(mid[i] / d - o) >= thr)) ++i;
   return i;
 }
@@ -99,10 +145,10 @@ PQ_HD double clipped_sq_error(const HistPrefix& P, int64_t a, int64_t b, float v
 
 // Splits a p = 2 candidate into [0, lo) clipped low, [lo, hi) inside, [hi, n) clipped high, and
 // returns gamma times the clipped error; the caller adds the inside bins' terms.
-PQ_HD double clipped_noise(const float* mid, const HistPrefix& P, int64_t n, float d, float o, float ns, float gamma,
-                           int64_t* lo, int64_t* hi) {
-  *lo = first_code_at_least(mid, n, d, o, 0.0f);
-  *hi = *lo + first_code_at_least(mid + *lo, n - *lo, d, o, ns + 1.0f);
+PQ_HD double clipped_noise(const float* mid, const HistPrefix& P, const Span& sp, int64_t n, float d, float o, float ns,
+                           float gamma, int64_t* lo, int64_t* hi) {
+  *lo = first_code_at_least(mid, 0, n, d, o, 0.0f, sp);
+  *hi = first_code_at_least(mid, *lo, n, d, o, ns + 1.0f, sp);
   const double low = clipped_sq_error(P, 0, *lo, (0.0f + o) * d);
   const double high = clipped_sq_error(P, *hi, n, (ns + o) * d);
   return double(gamma) * low + double(gamma) * high;
