@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build with the CUDA module (sm_90), run the CUDA tests, run
-# compute-sanitizer (memcheck) over the CUDA kernel tests, then the GPU benchmarks. Logs and
+# compute-sanitizer (memcheck) over the CUDA kernel tests, then the GPU benchmarks (fake quant,
+# calibration). Logs and
 # results go under $OUT (default /tmp/pyquant-gpu). Usage: bash bench/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,12 @@ python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$OUT/tests_cu
 
 step "compute-sanitizer memcheck"
 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -x -m cuda -p no:cacheprovider \
-  tests/test_fake_quant.py -k "forward_matches_reference and float32 and per_ or backward_matches or large" \
+  tests/test_fake_quant.py tests/test_stats_kernels.py \
+  -k "forward_matches_reference and float32 and per_ or backward_matches or large or minmax_and_histogram or search or entropy" \
   >"$OUT/memcheck.log" 2>&1
 rc=$?; tail -3 "$OUT/memcheck.log"; [[ $rc -eq 0 ]] || { echo "memcheck failed ($rc)"; status=1; }
 
 step "benchmarks"
 python3 -m bench.fake_quant --device cuda ${1:-} --out "$OUT" 2>&1 | tail -20
+python3 -m bench.calibration_cuda ${1:-} --out "$OUT" 2>&1 | tail -12
 exit $status

@@ -16,15 +16,22 @@ _cuda: Optional[ModuleType] = None
 _cpu_error: Optional[str] = None
 _cuda_error: Optional[str] = None
 
-try:
-    from pyquant import _C as _cpu  # type: ignore[attr-defined]
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _cpu_error = f"{exc}"
+def _load(name: str):
+    """(module, None) or (None, why it is missing)."""
+    import importlib
+    import importlib.util
+    try:
+        if importlib.util.find_spec(f"pyquant.{name}") is None:
+            why = ("was not built (the CUDA module needs nvcc at build time; PYQUANT_CUDA=OFF skips it)"
+                   if name == "_C_cuda" else "was not built (install pyquant with `pip install -e .`)")
+            return None, f"pyquant.{name} {why}"
+        return importlib.import_module(f"pyquant.{name}"), None
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        return None, f"pyquant.{name} failed to load: {exc}"
 
-try:
-    from pyquant import _C_cuda as _cuda  # type: ignore[attr-defined]
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _cuda_error = f"{exc}"
+
+_cpu, _cpu_error = _load("_C")
+_cuda, _cuda_error = _load("_C_cuda")
 
 _warned = False
 

@@ -107,8 +107,8 @@ void minmax_typed(const T* x, const QLayout& L, float* mn, float* mx, int64_t* n
 // ---------------------------------------------------------------- histograms
 // Counts one run of elements of group k into hist (nbins entries, COPIES interleaved copies at
 // stride `cstride`: consecutive equal bins then do not wait on each other's increment).
-template <class T, int COPIES>
-inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbins, int64_t* hist, int64_t cstride) {
+template <class T, int COPIES, class C = int64_t>
+inline void hist_run(const T* xp, int64_t n, float lo, float range, int64_t nbins, C* hist, int64_t cstride) {
   const float nbf = float(nbins);
   int64_t t = 0;
   if constexpr (vec_ok<T>()) {
@@ -169,22 +169,23 @@ void histogram_typed(const T* x, const QLayout& L, const float* lo, const float*
                         });
     return;
   }
-  // Ownership mode: each thread takes a range of groups and counts straight into `counts`; long
-  // runs go through a small scratch of kCopies interleaved copies first.
+  // Ownership mode: each thread takes a range of groups and counts straight into `counts`.
   nt = int(std::min<int64_t>(nt, ns));
   cpu::parallel_split(ns, nt, [&](int, int64_t k0, int64_t k1) {
     std::fill(counts + k0 * nbins, counts + k1 * nbins, int64_t(0));
-    std::vector<int64_t> scratch(size_t(kCopies * nbins));
+    constexpr int kRowCopies = 2;  // int32 scratch per long run, folded into the int64 counts
+    std::vector<int32_t> scratch(size_t(kRowCopies * nbins));
     cpu::walk_groups(L, k0, k1, [&](int64_t off, int64_t n, int64_t k, bool per_elem) {
       if (per_elem) {
         for (int64_t t = 0; t < n; ++t)
           hist_run<T, 1>(x + off + t, 1, lo[k + t], range[k + t], nbins, counts + (k + t) * nbins, 0);
-      } else if (n >= 4 * nbins) {
-        std::fill(scratch.begin(), scratch.end(), int64_t(0));
-        hist_run<T, kCopies>(x + off, n, lo[k], range[k], nbins, scratch.data(), nbins);
+      } else if (lo[k] == 0.0f && n >= 4 * nbins && n < (int64_t(1) << 31)) {
+        // A range starting at exactly 0 is rectified data: its zeros pile into bin 0, and increments
+        // of one counter would wait on each other, so they alternate between two copies.
+        std::fill(scratch.begin(), scratch.end(), int32_t(0));
+        hist_run<T, kRowCopies, int32_t>(x + off, n, lo[k], range[k], nbins, scratch.data(), nbins);
         int64_t* dst = counts + k * nbins;
-        for (int64_t b = 0; b < nbins; ++b)
-          dst[b] += scratch[b] + scratch[nbins + b] + scratch[2 * nbins + b] + scratch[3 * nbins + b];
+        for (int64_t b = 0; b < nbins; ++b) dst[b] += int64_t(scratch[b]) + int64_t(scratch[nbins + b]);
       } else {
         hist_run<T, 1>(x + off, n, lo[k], range[k], nbins, counts + k * nbins, 0);
       }
@@ -234,18 +235,18 @@ inline double inside_noise_vec(const float* mid, const float* cnt, int64_t n, fl
     constexpr int R = 16 / W;  // vectors per 16 lanes
     const V vd = Isa::set1(d), vo = Isa::set1(o);
     V acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = Isa::set1(0.0f);
+    for (int k = 0; k < R; ++k) acc[k] = Isa::set1(0.0f);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      for (int r = 0; r < R; ++r) {
-        V m = Isa::load(mid + i + r * W);
+      for (int k = 0; k < R; ++k) {
+        V m = Isa::load(mid + i + k * W);
         V q = Isa::rint(Isa::sub(Isa::div(m, vd), vo));
         V e = Isa::sub(Isa::mul(Isa::add(q, vo), vd), m);
-        acc[r] = Isa::add(acc[r], Isa::mul(Isa::mul(e, e), Isa::load(cnt + i + r * W)));
+        acc[k] = Isa::add(acc[k], Isa::mul(Isa::mul(e, e), Isa::load(cnt + i + k * W)));
       }
     }
     alignas(64) float lanes[16];
-    for (int r = 0; r < R; ++r) Isa::to_array(lanes + r * W, acc[r]);
+    for (int k = 0; k < R; ++k) Isa::to_array(lanes + k * W, acc[k]);
     for (; i < n; ++i) lanes[i & 15] += inside_term(mid[i], cnt[i], d, o);
     return combine16(lanes);
   }

@@ -118,7 +118,7 @@ def from_range(mn: torch.Tensor, mx: torch.Tensor, bitwidth: int, symmetric: boo
     else:
         mx = torch.where(narrow, mx + n * smin, mx)
         s = torch.clamp((mx - mn) / n, min=smin)
-        o = torch.clamp(torch.round(mn / s) - qmin, -qmax, -qmin)
+        o = torch.clamp(torch.round(mn / s) - qmin, -qmax, -qmin) + 0.0  # + 0.0: no negative zero
         lo, hi = (qmin + o) * s, (qmax + o) * s
     return Encoding(scale=s, offset=o, bitwidth=bitwidth, symmetric=symmetric, min=lo, max=hi,
                     block_size=tuple(block_size) if block_size is not None else None)
