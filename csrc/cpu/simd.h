@@ -30,6 +30,10 @@ struct IsaAvx512 {
   static void to_array(float* dst, V v) { _mm512_storeu_ps(dst, v); }
 
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  // The first `count` (0..W) lanes from p, the rest 0 (nothing beyond them is read).
+  static V load_partial(const float* p, int count) {
+    return _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1u), p);
+  }
   static V load(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
   static V load(const bf16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -94,6 +98,10 @@ struct IsaAvx2 {
   static void to_array(float* dst, V v) { _mm256_storeu_ps(dst, v); }
 
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_partial(const float* p, int count) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), idx));
+  }
   static V load(const half_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
   static V load(const bf16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
@@ -171,6 +179,7 @@ struct IsaScalar {
   static V select(M m, V a, V b) { return m ? a : b; }
   static void to_array(float* dst, V v) { *dst = v; }
   template <class T> static V load(const T* p) { return Elem<T>::load(p); }
+  static V load_partial(const float* p, int count) { return count > 0 ? *p : 0.0f; }
   template <class T> static void store(T* p, V v) { Elem<T>::store(p, v); }
   template <class T> static void stream(T* p, V v) { Elem<T>::store(p, v); }
   static void fence() {}

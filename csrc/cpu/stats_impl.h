@@ -236,18 +236,26 @@ inline double inside_noise_vec(const float* mid, const float* cnt, int64_t n, fl
     const V vd = Isa::set1(d), vo = Isa::set1(o);
     V acc[R];
     for (int k = 0; k < R; ++k) acc[k] = Isa::set1(0.0f);
+    auto step = [&](int64_t i, int k, int count) {
+      // masked lanes load mid = cnt = 0, whose term is exactly 0: the lane sums are unchanged
+      V m = count == W ? Isa::load(mid + i + k * W) : Isa::load_partial(mid + i + k * W, count);
+      V c = count == W ? Isa::load(cnt + i + k * W) : Isa::load_partial(cnt + i + k * W, count);
+      V q = Isa::rint(Isa::sub(Isa::div(m, vd), vo));
+      V e = Isa::sub(Isa::mul(Isa::add(q, vo), vd), m);
+      acc[k] = Isa::add(acc[k], Isa::mul(Isa::mul(e, e), c));
+    };
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
+    for (; i + 16 <= n; i += 16)
+      for (int k = 0; k < R; ++k) step(i, k, W);
+    if (i < n) {
+      const int rem = int(n - i);
       for (int k = 0; k < R; ++k) {
-        V m = Isa::load(mid + i + k * W);
-        V q = Isa::rint(Isa::sub(Isa::div(m, vd), vo));
-        V e = Isa::sub(Isa::mul(Isa::add(q, vo), vd), m);
-        acc[k] = Isa::add(acc[k], Isa::mul(Isa::mul(e, e), Isa::load(cnt + i + k * W)));
+        const int cnt_k = rem - k * W;
+        if (cnt_k > 0) step(i, k, cnt_k < W ? cnt_k : W);
       }
     }
     alignas(64) float lanes[16];
     for (int k = 0; k < R; ++k) Isa::to_array(lanes + k * W, acc[k]);
-    for (; i < n; ++i) lanes[i & 15] += inside_term(mid[i], cnt[i], d, o);
     return combine16(lanes);
   }
   return inside_noise(mid, cnt, n, d, o);
