@@ -18,6 +18,7 @@ demo: install
 
 bench: install
 	$(PYTHON) -m bench.fake_quant
+	$(PYTHON) -m bench.calibration
 
 clean:
 	rm -rf build *.egg-info
