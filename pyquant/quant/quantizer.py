@@ -55,6 +55,7 @@ class _QuantizerBase(nn.Module):
         self.enabled = True
         self.frozen = False
         self._calibrating = False
+        self._export = False  # ONNX export: torch's fake-quant ops, which export as QuantizeLinear/DequantizeLinear
 
     # ---- grid ----
     @property
@@ -182,12 +183,39 @@ class QuantizeDequantize(_QuantizerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._ready(x):
             return x
+        if self._export:
+            return self._export_forward(x)
         s, o = self._scale_offset()
         s, o = _broadcast_to(s, x), _broadcast_to(o, x)
         gs = 1.0
         if self.lsq_grad_scale:
             gs = float(1.0 / (max(x.numel() // max(s.numel(), 1), 1) * self.qmax) ** 0.5)
         return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs)
+
+
+    def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""
+        if self.bitwidth != 8:
+            raise NotImplementedError(f"{self._label()}: ONNX QuantizeLinear/DequantizeLinear export supports 8-bit "
+                                      f"encodings; this one is {self.bitwidth}-bit")
+        enc = self.get_encoding()
+        if enc is None:
+            raise QuantizerError(f"{self._label()} has no encoding to export")
+        return enc.scale.detach().clone(), (-enc.offset).round().to(torch.int32)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function through torch.fake_quantize_per_{tensor,channel}_affine, which the ONNX
+        exporter writes as QuantizeLinear + DequantizeLinear. Scale and zero point are constants
+        computed outside the traced region (see pyquant.sim.export.export_mode)."""
+        s, zp = self._export_consts
+        nontrivial = [d for d, k in enumerate(_broadcast_to(s, x).shape) if k > 1]
+        if not nontrivial:
+            return torch.fake_quantize_per_tensor_affine(x, float(s.flatten()[0]), int(zp.flatten()[0]),
+                                                         self.qmin, self.qmax)
+        if len(nontrivial) > 1:
+            raise NotImplementedError(f"{self._label()}: per-block encodings have no opset-13 QDQ form")
+        return torch.fake_quantize_per_channel_affine(x, s.flatten().contiguous(), zp.flatten().contiguous(),
+                                                      nontrivial[0], self.qmin, self.qmax)
 
 
 class Quantize(_QuantizerBase):

@@ -1,0 +1,1 @@
+"""Simulation of whole models: QuantSim, the hardware config, encodings files and ONNX QDQ export."""

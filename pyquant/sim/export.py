@@ -1,0 +1,73 @@
+"""ONNX QDQ export of a QuantSim: every enabled quantizer becomes QuantizeLinear + DequantizeLinear
+(per-channel with `axis`, opset >= 13), written atomically."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..quant import QuantizeDequantize
+
+
+@contextlib.contextmanager
+def export_mode(model: torch.nn.Module):
+    qs = [m for m in model.modules() if isinstance(m, QuantizeDequantize) and m.enabled]
+    for q in qs:
+        q._export_consts = q.export_constants()  # computed here, so the trace sees constants only
+        q._export = True
+    try:
+        yield
+    finally:
+        for q in qs:
+            q._export = False
+            q._export_consts = None
+
+
+def export_onnx(sim, path: Path, dummy_input: Any, opset_version: int = 13) -> None:
+    if opset_version < 13:
+        raise ValueError(f"opset_version must be >= 13 (per-channel QuantizeLinear needs it), got {opset_version}")
+    model = sim.model
+    if isinstance(dummy_input, dict):
+        args: tuple = ()
+        kwargs = dict(dummy_input)
+        input_names = list(dummy_input)
+    else:
+        args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+        kwargs = {}
+        input_names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    was_training = model.training
+    model.eval()
+    try:
+        with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(model, args if not kwargs else (kwargs,), tmp, opset_version=opset_version,
+                              input_names=input_names, output_names=["output"], do_constant_folding=True,
+                              dynamo=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        model.train(was_training)
+
+
+def run_onnx(path: os.PathLike, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    """Runs an exported model with onnxruntime's CPU execution provider (its real int8 kernels for
+    QDQ models): the on-target check of the simulation."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError("the on-target check needs onnxruntime: pip install onnxruntime") from exc
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]

@@ -1,0 +1,177 @@
+"""Graph capture for QuantSim: torch.fx tracing (transformers' tracer for HuggingFace models), shape
+propagation, and the classification of graph nodes into the ONNX op types the hardware config
+speaks of."""
+from __future__ import annotations
+
+import operator
+import sys
+import traceback
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+
+class UntraceableModelError(RuntimeError):
+    """The model could not be captured as a graph; the message names the first call that failed."""
+
+
+# Leaf module types -> ONNX op type (the hardware config's vocabulary).
+MODULE_OPS: dict[type, str] = {
+    nn.Conv1d: "Conv", nn.Conv2d: "Conv", nn.Conv3d: "Conv",
+    nn.ConvTranspose1d: "ConvTranspose", nn.ConvTranspose2d: "ConvTranspose",
+    nn.Linear: "Gemm", nn.Embedding: "Gather",
+    nn.LayerNorm: "LayerNormalization", nn.GroupNorm: "GroupNormalization",
+    nn.BatchNorm1d: "BatchNormalization", nn.BatchNorm2d: "BatchNormalization",
+    nn.ReLU: "Relu", nn.ReLU6: "Clip", nn.GELU: "Gelu", nn.SiLU: "Silu", nn.Sigmoid: "Sigmoid",
+    nn.Tanh: "Tanh", nn.Softmax: "Softmax", nn.LeakyReLU: "LeakyRelu", nn.PReLU: "PRelu",
+    nn.Hardswish: "HardSwish", nn.Hardsigmoid: "HardSigmoid", nn.ELU: "Elu",
+    nn.MaxPool1d: "MaxPool", nn.MaxPool2d: "MaxPool", nn.AvgPool1d: "AveragePool", nn.AvgPool2d: "AveragePool",
+    nn.AdaptiveAvgPool1d: "GlobalAveragePool", nn.AdaptiveAvgPool2d: "GlobalAveragePool",
+    nn.AdaptiveMaxPool2d: "GlobalMaxPool", nn.Upsample: "Resize",
+}
+
+# Parameters that carry weights (quantized per the config's "weight" rule), and their channel axis.
+WEIGHT_AXIS: dict[type, int] = {
+    nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.Linear: 0,
+    nn.Embedding: 0, nn.LayerNorm: 0, nn.GroupNorm: 0, nn.PReLU: 0,
+}
+
+# Functions / methods -> ONNX op type.
+FUNCTION_OPS: dict[Any, str] = {
+    operator.add: "Add", torch.add: "Add", operator.iadd: "Add",
+    operator.sub: "Sub", torch.sub: "Sub",
+    operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul",
+    operator.truediv: "Div", torch.div: "Div",
+    operator.matmul: "MatMul", torch.matmul: "MatMul", torch.bmm: "MatMul", torch.mm: "MatMul",
+    torch.baddbmm: "MatMul", torch.einsum: "Einsum",
+    torch.cat: "Concat", torch.concat: "Concat", torch.stack: "Concat",
+    F.relu: "Relu", torch.relu: "Relu", F.relu6: "Clip", F.gelu: "Gelu", F.silu: "Silu",
+    torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid", torch.tanh: "Tanh", F.tanh: "Tanh",
+    F.softmax: "Softmax", torch.softmax: "Softmax", F.log_softmax: "LogSoftmax",
+    F.layer_norm: "LayerNormalization", F.linear: "Gemm", F.conv2d: "Conv", F.conv1d: "Conv",
+    F.embedding: "Gather", F.hardswish: "HardSwish", F.leaky_relu: "LeakyRelu",
+    F.max_pool2d: "MaxPool", F.avg_pool2d: "AveragePool", F.adaptive_avg_pool2d: "GlobalAveragePool",
+    torch.mean: "ReduceMean", F.scaled_dot_product_attention: "Attention",
+    torch.erf: "Erf", torch.pow: "Pow", torch.sqrt: "Sqrt", torch.exp: "Exp",
+}
+METHOD_OPS: dict[str, str] = {
+    "add": "Add", "add_": "Add", "sub": "Sub", "mul": "Mul", "mul_": "Mul", "div": "Div", "matmul": "MatMul",
+    "bmm": "MatMul", "relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "softmax": "Softmax",
+    "mean": "ReduceMean", "pow": "Pow", "sqrt": "Sqrt", "exp": "Exp",
+}
+
+# Data movement: the output holds the input's values, so it needs no quantizer of its own.
+PASSTHROUGH_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+    operator.getitem, getattr, torch.chunk, torch.split, F.dropout, torch.narrow, torch.t,
+    F.pad, torch.flip, torch.roll,
+}
+PASSTHROUGH_METHODS = {
+    "view", "reshape", "permute", "transpose", "flatten", "squeeze", "unsqueeze", "contiguous", "expand",
+    "expand_as", "chunk", "split", "size", "dim", "t", "repeat", "narrow", "unbind", "type_as", "to", "float",
+    "clone", "detach", "flip", "roll", "masked_fill",
+}
+PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+def node_op_type(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
+    """The ONNX op type of a compute node, "Passthrough" for data movement, None for anything else."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, PASSTHROUGH_MODULES):
+            return "Passthrough"
+        for t in type(mod).__mro__:
+            if t in MODULE_OPS:
+                return MODULE_OPS[t]
+        return None
+    if node.op == "call_function":
+        if node.target in PASSTHROUGH_FUNCTIONS:
+            return "Passthrough"
+        return FUNCTION_OPS.get(node.target)
+    if node.op == "call_method":
+        if node.target in PASSTHROUGH_METHODS:
+            return "Passthrough"
+        return METHOD_OPS.get(node.target)
+    return None
+
+
+class _RecordingTracer(fx.Tracer):
+    """A tracer that remembers what it was tracing when it failed."""
+
+    def __init__(self):
+        super().__init__()
+        self.current: Optional[str] = None
+
+    def call_module(self, m, forward, args, kwargs):
+        prev = self.current
+        self.current = self.path_of_module(m) or type(m).__name__
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.current = prev
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and pyquant: the user's line that failed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        f = fr.filename
+        if "/torch/" in f or "/pyquant/" in f or f.startswith("<"):
+            continue
+        return f"{f}:{fr.lineno}: {fr.line}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def trace(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
+    """Captures `model` as a torch.fx GraphModule (HuggingFace models through transformers' tracer).
+
+    Raises UntraceableModelError naming the module and source line where tracing failed."""
+    try:
+        if _is_hf(model):
+            from transformers.utils import fx as hf_fx
+            names = list(dummy_input.keys()) if isinstance(dummy_input, dict) else ["input_ids"]
+            return hf_fx.symbolic_trace(model, input_names=names)
+        tracer = _RecordingTracer()
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
+        where = getattr(locals().get("tracer"), "current", None)
+        msg = (f"cannot capture {type(model).__name__} as a graph: the first untraceable call is "
+               f"{_user_frame(exc)}")
+        if where:
+            msg += f" (inside module '{where}')"
+        msg += f" — {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. Data-dependent Python " \
+               "control flow cannot be traced: move it out of forward or make it a leaf module."
+        raise UntraceableModelError(msg) from exc
+
+
+def propagate_shapes(gm: fx.GraphModule, dummy_input: Any) -> None:
+    """Runs the graph once on `dummy_input`, recording each node's output dtype in node.meta['pq_dtype']."""
+    env: dict[str, Any] = {}
+    dtypes: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            dtypes[n] = out.dtype if isinstance(out, torch.Tensor) else type(out)
+            return out
+
+    with torch.no_grad():
+        if isinstance(dummy_input, dict):
+            args = [dummy_input[n.target] if n.target in dummy_input else None
+                    for n in gm.graph.nodes if n.op == "placeholder"]
+            Recorder(gm).run(*args)
+        elif isinstance(dummy_input, (tuple, list)):
+            Recorder(gm).run(*dummy_input)
+        else:
+            Recorder(gm).run(dummy_input)
+    for n, dt in dtypes.items():
+        n.meta["pq_dtype"] = dt
+    del env

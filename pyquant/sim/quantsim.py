@@ -1,0 +1,361 @@
+"""QuantSim: a model with quantizers on its weights, inputs and outputs, calibrated on a few batches,
+that predicts on-target accuracy and exports what the target needs (QDQ ONNX + encodings)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..quant import (Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced, from_range)
+from ..quant.analyzers import EncodingAnalyzer
+from . import graph as G
+from .config import HardwareConfig, load_config
+
+QUANT_SCHEMES = {
+    "tf_enhanced": TfEnhanced, "min_max": MinMax, "tf": MinMax, "mse": Mse, "percentile": Percentile,
+    "entropy": Entropy,
+}
+
+__all__ = ["QuantSim", "QUANT_SCHEMES"]
+
+
+class _WeightQuantizer(nn.Module):
+    """Parametrization that fake-quantizes a module's weight on every access."""
+
+    def __init__(self, q: QuantizeDequantize):
+        super().__init__()
+        self.q = q
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.q(w)
+
+
+class QuantSim:
+    """Simulates quantized inference (and training) of `model`.
+
+    Args:
+        model: the FP32 model; it is copied, never modified.
+        dummy_input: an input (tensor, tuple, or dict for HuggingFace models) used to capture the graph.
+        quant_scheme: how encodings are calibrated: "tf_enhanced" (default), "min_max", "mse",
+            "percentile" or "entropy".
+        param_bw / output_bw: bit widths of weights and activations (2..16).
+        config: hardware config: a named profile ("default": per-channel weights, "per_tensor",
+            "strict_symmetric_int8"), a JSON path or a dict.
+
+    After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
+    inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
+    """
+
+    def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
+                 output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default"):
+        if quant_scheme not in QUANT_SCHEMES:
+            raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
+        from ..ops import grid
+        grid(param_bw, True)
+        grid(output_bw, False)
+        self.quant_scheme = quant_scheme
+        self.param_bw = param_bw
+        self.output_bw = output_bw
+        self.config = config if isinstance(config, HardwareConfig) else load_config(config)
+        self._dummy_input = dummy_input
+        fp32 = copy.deepcopy(model)
+        fp32.eval()
+        gm = G.trace(fp32, dummy_input)
+        G.propagate_shapes(gm, dummy_input)
+        self.model: fx.GraphModule = gm
+        self.param_quantizers: dict[str, QuantizeDequantize] = {}
+        self.activation_quantizers: dict[str, QuantizeDequantize] = {}
+        self._op_types: dict[str, str] = {}
+        self._constraints: dict[str, tuple[float, float]] = {}
+        self._place_quantizers()
+
+    # ------------------------------------------------------------------------------------------
+    def _analyzer(self, shape) -> EncodingAnalyzer:
+        return QUANT_SCHEMES[self.quant_scheme](shape)
+
+    def _place_quantizers(self) -> None:
+        gm, cfg = self.model, self.config
+        nodes = list(gm.graph.nodes)
+        op_type = {n: G.node_op_type(gm, n) for n in nodes}
+        users = {n: list(n.users) for n in nodes}
+
+        # Supergroups: no quantizer between the ops of a group (e.g. Conv -> Relu).
+        in_group_middle: set[fx.Node] = set()
+        for group in cfg.supergroups:
+            for n in nodes:
+                chain = [n]
+                ok = op_type.get(n) == group[0]
+                for t in group[1:]:
+                    if not ok:
+                        break
+                    u = users[chain[-1]]
+                    if len(u) != 1 or op_type.get(u[0]) != t:
+                        ok = False
+                        break
+                    chain.append(u[0])
+                if ok and len(chain) == len(group):
+                    in_group_middle.update(chain[:-1])
+
+        # Weights: one parametrized quantizer per weight parameter the config quantizes.
+        for n in nodes:
+            if n.op != "call_module" or op_type[n] is None or op_type[n] == "Passthrough":
+                continue
+            mod = gm.get_submodule(n.target)
+            axis = next((a for t, a in G.WEIGHT_AXIS.items() if isinstance(mod, t)), None)
+            w = getattr(mod, "weight", None)
+            if axis is None or not isinstance(w, nn.Parameter):
+                continue
+            rule = cfg.param_rule(op_type[n], "weight")
+            if not rule.is_quantized:
+                continue
+            per_channel = cfg.per_channel(op_type[n]) and op_type[n] in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
+            name = f"{n.target}.weight"
+            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape), name=name)
+            parametrize.register_parametrization(mod, "weight", _WeightQuantizer(q), unsafe=True)
+            self.param_quantizers[name] = q
+            self._op_types[name] = op_type[n]
+
+        # Activations: model inputs, and outputs of quantizable ops (not inside a supergroup).
+        is_float = lambda n: n.meta.get("pq_dtype") in (torch.float32, torch.float16, torch.bfloat16)
+        outputs: set[fx.Node] = set()
+        for n in nodes:
+            if n.op == "output":
+                fx.node.map_arg(n.args, outputs.add)
+        counter = 0
+        for n in nodes:
+            t = op_type.get(n)
+            if n.op == "placeholder":
+                if not (cfg.model_input_quantized and is_float(n)):
+                    continue
+                name, ot = f"input.{n.target}", "ModelInput"
+            elif t is None or t == "Passthrough" or not is_float(n) or n in in_group_middle:
+                continue
+            else:
+                if not cfg.output_quantized(t):
+                    continue
+                if n in outputs and not cfg.model_output_quantized:
+                    continue
+                base = n.target if n.op == "call_module" else n.name
+                name, ot = f"{base}.output", t
+            sym = cfg.activation_symmetric(ot if ot != "ModelInput" else "")
+            q = QuantizeDequantize((), self.output_bw, sym, self._analyzer(()), name=name)
+            qname = f"_pq_act_{counter}"
+            counter += 1
+            gm.add_submodule(qname, q)
+            with gm.graph.inserting_after(n):
+                qn = gm.graph.call_module(qname, (n,))
+            n.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
+            qn.meta["pq_dtype"] = n.meta.get("pq_dtype")
+            self.activation_quantizers[name] = q
+            self._op_types[name] = ot
+            c = cfg.encoding_constraint(ot) if ot != "ModelInput" else None
+            if c is not None:
+                self._constraints[name] = c
+        gm.graph.lint()
+        gm.recompile()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def quantizers(self) -> dict[str, QuantizeDequantize]:
+        """Every quantizer by name: '<module>.weight', '<op>.output', 'input.<name>'."""
+        return {**self.param_quantizers, **self.activation_quantizers}
+
+    def compute_encodings(self, forward_fn: Union[Callable[[nn.Module], Any], Iterable],
+                          forward_pass_callback_args: Any = None, *, progress: Optional[bool] = None) -> None:
+        """Calibrates: weights first (from the weights themselves), then activations, observed while
+        `forward_fn(sim.model)` (or `forward_fn(sim.model, args)`) runs the calibration data with the
+        weights already quantized. `forward_fn` may also be an iterable of input batches (a data
+        loader), then shown with a progress bar on a terminal."""
+        with torch.no_grad():
+            for name, q in self.param_quantizers.items():
+                if not q.enabled:
+                    continue
+                w = self._weight_of(name)
+                with q.compute_encodings():
+                    q(w)
+        fixed = {n for n in self._constraints}
+        for n in fixed:  # encoding constraints (e.g. Softmax in [0, 1]) need no data
+            lo, hi = self._constraints[n]
+            q = self.activation_quantizers[n]
+            q.set_encoding(from_range(torch.tensor(lo), torch.tensor(hi), q.bitwidth, q.symmetric))
+        acts = {n: q for n, q in self.activation_quantizers.items() if q.enabled and n not in fixed}
+        seen: dict[str, bool] = {n: False for n in acts}
+        with contextlib.ExitStack() as stack:
+            for n, q in acts.items():
+                stack.enter_context(_tolerant_calibration(q, seen, n))
+            with torch.no_grad():
+                self._run(forward_fn, forward_pass_callback_args, progress)
+        unseen = [n for n, s in seen.items() if not s]
+        if unseen:
+            warnings.warn(f"QuantSim: {len(unseen)} quantizer(s) saw no data during calibration and were "
+                          f"disabled: {', '.join(unseen[:8])}{' ...' if len(unseen) > 8 else ''}", RuntimeWarning,
+                          stacklevel=2)
+
+    def _run(self, forward_fn, args, progress) -> None:
+        if callable(forward_fn):
+            forward_fn(self.model) if args is None else forward_fn(self.model, args)
+            return
+        batches = forward_fn
+        total = len(batches) if hasattr(batches, "__len__") else None
+        show = sys.stderr.isatty() if progress is None else progress
+        t0 = time.perf_counter()
+        for i, b in enumerate(batches, 1):
+            if isinstance(b, dict):
+                self.model(**b)
+            elif isinstance(b, (tuple, list)):
+                labelled = len(b) == 2 and torch.is_tensor(b[1]) and not b[1].is_floating_point()
+                self.model(b[0]) if labelled else self.model(*b)  # (inputs, labels) batches
+            else:
+                self.model(b)
+            if show:
+                rate = i / max(time.perf_counter() - t0, 1e-9)
+                print(f"\rcalibrating {i}/{total if total else '?'} batches ({rate:.1f}/s)", end="",
+                      file=sys.stderr, flush=True)
+        if show:
+            print(file=sys.stderr)
+
+    def _weight_of(self, name: str) -> torch.Tensor:
+        mod = self.model.get_submodule(name.rsplit(".", 1)[0])
+        return mod.parametrizations.weight.original
+
+    # ------------------------------------------------------------------------------------------
+    def set_bitwidth(self, name: str, bitwidth: int) -> None:
+        """Overrides one quantizer's bit width (recompute or reload its encoding afterwards)."""
+        from ..ops import grid
+        q = self._get(name)
+        grid(bitwidth, q.symmetric)
+        q.bitwidth = bitwidth
+        q.initialized.fill_(False)
+
+    def enable(self, name: str, enabled: bool = True) -> None:
+        self._get(name).enabled = enabled
+
+    def _get(self, name: str) -> QuantizeDequantize:
+        try:
+            return self.quantizers[name]
+        except KeyError:
+            raise KeyError(f"no quantizer named {name!r}; names look like {list(self.quantizers)[:4]}") from None
+
+    def encodings(self) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+        """(activation encodings, param encodings) of the enabled, calibrated quantizers."""
+        act = {n: q.get_encoding() for n, q in self.activation_quantizers.items() if q.enabled and q.get_encoding()}
+        par = {n: q.get_encoding() for n, q in self.param_quantizers.items() if q.enabled and q.get_encoding()}
+        return act, par
+
+    def summary(self, file=None) -> str:
+        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding."""
+        rows = [("name", "op", "bw", "sym", "granularity", "enabled", "scale", "offset")]
+        for name, q in self.quantizers.items():
+            enc = q.get_encoding()
+            if enc is None:
+                sc = off = "-"
+                gran = "per_channel" if any(s > 1 for s in q.shape) else "per_tensor"
+            else:
+                s = enc.scale.flatten()
+                o = enc.offset.flatten()
+                sc = f"{float(s[0]):.4g}" if s.numel() == 1 else f"[{float(s.min()):.3g}..{float(s.max()):.3g}]"
+                off = f"{int(o[0])}" if o.numel() == 1 else f"[{int(o.min())}..{int(o.max())}]"
+                gran = enc.granularity
+            rows.append((name, self._op_types.get(name, "?"), str(q.bitwidth), "sym" if q.symmetric else "asym",
+                         gran, "yes" if q.enabled else "no", sc, off))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        text = "\n".join(lines)
+        print(text, file=file or sys.stdout)
+        return text
+
+    # ------------------------------------------------------------------------------------------
+    def load_encodings(self, path: Union[str, os.PathLike], strict: bool = True) -> None:
+        """Sets the quantizers' encodings from an encodings file (versions 1.0.0 and 2.0.0)."""
+        from .encodings import load_encodings
+        act, par = load_encodings(path)
+        missing = []
+        for table, quants in ((act, self.activation_quantizers), (par, self.param_quantizers)):
+            for name, enc in table.items():
+                q = quants.get(name)
+                if q is None:
+                    missing.append(name)
+                    continue
+                q.bitwidth, q.symmetric = enc.bitwidth, enc.symmetric
+                q.set_encoding(_reshape_encoding(enc, q.shape))
+        if missing and strict:
+            raise KeyError(f"encodings for unknown quantizers: {missing[:8]}")
+
+    def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any = None, *,
+               encoding_version: str = "1.0.0", opset_version: int = 13) -> dict[str, Path]:
+        """Writes `<prefix>.onnx` (QuantizeLinear/DequantizeLinear, per-channel with axis),
+        `<prefix>.encodings` (AIMET-compatible JSON) and `<prefix>.pth` (the FP32 weights), each
+        atomically. Returns the paths."""
+        from .encodings import write_encodings
+        from .export import export_onnx
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        dummy = self._dummy_input if dummy_input is None else dummy_input
+        act, par = self.encodings()
+        paths = {"encodings": out / f"{filename_prefix}.encodings", "onnx": out / f"{filename_prefix}.onnx",
+                 "pth": out / f"{filename_prefix}.pth"}
+        write_encodings(paths["encodings"], act, par, version=encoding_version,
+                        quantizer_args={"activation_bitwidth": self.output_bw, "param_bitwidth": self.param_bw,
+                                        "quant_scheme": self.quant_scheme})
+        export_onnx(self, paths["onnx"], dummy, opset_version=opset_version)
+        state = {k.replace("parametrizations.weight.original", "weight"): v.detach().clone()
+                 for k, v in self.model.state_dict().items()
+                 if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
+        _atomic_save(state, paths["pth"])
+        return paths
+
+
+@contextlib.contextmanager
+def _tolerant_calibration(q: QuantizeDequantize, seen: dict, name: str):
+    """q.compute_encodings(), but a quantizer that saw no data is disabled instead of failing."""
+    q.encoding_analyzer.reset()
+    q._calibrating = True
+    try:
+        yield
+    finally:
+        q._calibrating = False
+    if q.encoding_analyzer.num_batches == 0:
+        q.enabled = False
+        return
+    seen[name] = True
+    if not q.frozen:
+        q.set_encoding(q.encoding_analyzer.compute_encodings(q.bitwidth, q.symmetric))
+
+
+def _reshape_encoding(enc: Encoding, shape) -> Encoding:
+    from ..quant import from_scale_offset
+    s = enc.scale.reshape(shape) if enc.scale.numel() == max(1, _numel(shape)) else enc.scale
+    o = enc.offset.reshape(shape) if enc.offset.numel() == max(1, _numel(shape)) else enc.offset
+    return from_scale_offset(s, o, enc.bitwidth, enc.symmetric, enc.block_size)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
