@@ -47,9 +47,11 @@ def export_onnx(sim, path: Path, dummy_input: Any, opset_version: int = 13) -> N
     try:
         with export_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            dynamic = {n: {0: "batch"} for n in input_names}  # the batch size stays free
+            dynamic["output"] = {0: "batch"}
             torch.onnx.export(model, args if not kwargs else (kwargs,), tmp, opset_version=opset_version,
                               input_names=input_names, output_names=["output"], do_constant_folding=True,
-                              dynamo=False)
+                              dynamic_axes=dynamic, dynamo=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -77,6 +77,34 @@ PASSTHROUGH_METHODS = {
 PASSTHROUGH_MODULES = (nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
 
 
+_aten = torch.ops.aten
+# Graphs captured with torch.export hold ATen ops: op type and, for weighted ops, the weight's argument
+# index and channel axis.
+ATEN_OPS: dict[Any, str] = {
+    _aten.linear.default: "Gemm", _aten.conv1d.default: "Conv", _aten.conv2d.default: "Conv",
+    _aten.convolution.default: "Conv", _aten.embedding.default: "Gather",
+    _aten.layer_norm.default: "LayerNormalization", _aten.gelu.default: "Gelu", _aten.relu.default: "Relu",
+    _aten.hardtanh.default: "Clip", _aten.silu.default: "Silu", _aten.sigmoid.default: "Sigmoid",
+    _aten.tanh.default: "Tanh", _aten.softmax.int: "Softmax", _aten._softmax.default: "Softmax",
+    _aten.add.Tensor: "Add", _aten.sub.Tensor: "Sub", _aten.mul.Tensor: "Mul", _aten.div.Tensor: "Div",
+    _aten.matmul.default: "MatMul", _aten.bmm.default: "MatMul", _aten.mm.default: "MatMul",
+    _aten.cat.default: "Concat", _aten.mean.dim: "ReduceMean",
+    _aten.scaled_dot_product_attention.default: "Attention",
+    _aten.max_pool2d.default: "MaxPool", _aten.avg_pool2d.default: "AveragePool",
+    _aten.adaptive_avg_pool2d.default: "GlobalAveragePool",
+}
+ATEN_WEIGHTS: dict[Any, tuple[int, int]] = {  # op -> (weight argument index, channel axis)
+    _aten.linear.default: (1, 0), _aten.conv1d.default: (1, 0), _aten.conv2d.default: (1, 0),
+    _aten.convolution.default: (1, 0), _aten.embedding.default: (0, 0),
+}
+ATEN_PASSTHROUGH = {
+    _aten.view.default, _aten.reshape.default, _aten.transpose.int, _aten.permute.default,
+    _aten.unsqueeze.default, _aten.squeeze.dim, _aten.expand.default, _aten.slice.Tensor, _aten.select.int,
+    _aten.dropout.default, _aten.clone.default, _aten.contiguous.default, _aten.flatten.using_ints,
+    _aten.to.dtype, _aten.to.device, _aten.to.dtype_layout, _aten._to_copy.default, _aten.t.default,
+}
+
+
 def node_op_type(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
     """The ONNX op type of a compute node, "Passthrough" for data movement, None for anything else."""
     if node.op == "call_module":
@@ -88,9 +116,9 @@ def node_op_type(gm: fx.GraphModule, node: fx.Node) -> Optional[str]:
                 return MODULE_OPS[t]
         return None
     if node.op == "call_function":
-        if node.target in PASSTHROUGH_FUNCTIONS:
+        if node.target in PASSTHROUGH_FUNCTIONS or node.target in ATEN_PASSTHROUGH:
             return "Passthrough"
-        return FUNCTION_OPS.get(node.target)
+        return FUNCTION_OPS.get(node.target) or ATEN_OPS.get(node.target)
     if node.op == "call_method":
         if node.target in PASSTHROUGH_METHODS:
             return "Passthrough"
@@ -129,20 +157,36 @@ def _is_hf(model: nn.Module) -> bool:
     return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
 
 
+def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
+    """torch.export (non-strict) as a GraphModule of ATen ops with the parameters as attributes."""
+    if isinstance(dummy_input, dict):
+        args, kwargs = (), dict(dummy_input)
+    elif isinstance(dummy_input, (tuple, list)):
+        args, kwargs = tuple(dummy_input), {}
+    else:
+        args, kwargs = (dummy_input,), {}
+    ep = torch.export.export(model, args, kwargs, strict=False)
+    return ep.module()
+
+
 def trace(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
-    """Captures `model` as a torch.fx GraphModule (HuggingFace models through transformers' tracer).
+    """Captures `model` as a torch.fx GraphModule: symbolic tracing keeps the module structure; models it
+    cannot trace (HuggingFace transformers, Python control flow on shapes) are captured with torch.export.
 
     Raises UntraceableModelError naming the module and source line where tracing failed."""
+    tracer = _RecordingTracer()
     try:
         if _is_hf(model):
-            from transformers.utils import fx as hf_fx
-            names = list(dummy_input.keys()) if isinstance(dummy_input, dict) else ["input_ids"]
-            return hf_fx.symbolic_trace(model, input_names=names)
-        tracer = _RecordingTracer()
+            return _export(model, dummy_input)
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # noqa: BLE001 - any tracing failure becomes one clear error
-        where = getattr(locals().get("tracer"), "current", None)
+        if not _is_hf(model):
+            try:
+                return _export(model, dummy_input)
+            except Exception:  # noqa: BLE001 - report the symbolic tracer's (more precise) failure
+                pass
+        where = tracer.current
         msg = (f"cannot capture {type(model).__name__} as a graph: the first untraceable call is "
                f"{_user_frame(exc)}")
         if where:

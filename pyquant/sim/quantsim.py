@@ -48,7 +48,7 @@ class QuantSim:
         model: the FP32 model; it is copied, never modified.
         dummy_input: an input (tensor, tuple, or dict for HuggingFace models) used to capture the graph.
         quant_scheme: how encodings are calibrated: "tf_enhanced" (default), "min_max", "mse",
-            "percentile" or "entropy".
+            "percentile" or "entropy" (the last two clip activations; weights then use min/max).
         param_bw / output_bw: bit widths of weights and activations (2..16).
         config: hardware config: a named profile ("default": per-channel weights, "per_tensor",
             "strict_symmetric_int8"), a JSON path or a dict.
@@ -78,10 +78,15 @@ class QuantSim:
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
         self._op_types: dict[str, str] = {}
         self._constraints: dict[str, tuple[float, float]] = {}
+        self._graph_weights: dict[str, str] = {}  # quantizer name -> parameter (torch.export graphs)
         self._place_quantizers()
 
     # ------------------------------------------------------------------------------------------
-    def _analyzer(self, shape) -> EncodingAnalyzer:
+    def _analyzer(self, shape, param: bool = False) -> EncodingAnalyzer:
+        # Percentile and entropy clip outliers of activation distributions; weights, a few hundred
+        # values per channel, keep their full range with them.
+        if param and self.quant_scheme in ("percentile", "entropy"):
+            return MinMax(shape)
         return QUANT_SCHEMES[self.quant_scheme](shape)
 
     def _place_quantizers(self) -> None:
@@ -90,21 +95,31 @@ class QuantSim:
         op_type = {n: G.node_op_type(gm, n) for n in nodes}
         users = {n: list(n.users) for n in nodes}
 
-        # Supergroups: no quantizer between the ops of a group (e.g. Conv -> Relu).
+        # Supergroups: no quantizer between the ops of a group (e.g. Conv -> Relu). Data-movement
+        # nodes between them (an Identity left by batch-norm folding, a reshape) do not break a group.
+        def next_op(node: fx.Node) -> Optional[fx.Node]:
+            while True:
+                u = users[node]
+                if len(u) != 1:
+                    return None
+                if op_type.get(u[0]) == "Passthrough":
+                    node = u[0]
+                    continue
+                return u[0]
+
         in_group_middle: set[fx.Node] = set()
         for group in cfg.supergroups:
             for n in nodes:
-                chain = [n]
-                ok = op_type.get(n) == group[0]
+                if op_type.get(n) != group[0]:
+                    continue
+                chain, cur = [n], n
                 for t in group[1:]:
-                    if not ok:
+                    nxt = next_op(cur)
+                    if nxt is None or op_type.get(nxt) != t:
                         break
-                    u = users[chain[-1]]
-                    if len(u) != 1 or op_type.get(u[0]) != t:
-                        ok = False
-                        break
-                    chain.append(u[0])
-                if ok and len(chain) == len(group):
+                    chain.append(nxt)
+                    cur = nxt
+                if len(chain) == len(group):
                     in_group_middle.update(chain[:-1])
 
         # Weights: one parametrized quantizer per weight parameter the config quantizes.
@@ -122,10 +137,39 @@ class QuantSim:
             per_channel = cfg.per_channel(op_type[n]) and op_type[n] in ("Conv", "ConvTranspose", "Gemm", "MatMul")
             shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
             name = f"{n.target}.weight"
-            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape), name=name)
+            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True), name=name)
             parametrize.register_parametrization(mod, "weight", _WeightQuantizer(q), unsafe=True)
             self.param_quantizers[name] = q
             self._op_types[name] = op_type[n]
+
+        # Weights of ATen ops (graphs from torch.export): a quantizer node between the parameter and the op.
+        for n in nodes:
+            spec = G.ATEN_WEIGHTS.get(n.target) if n.op == "call_function" else None
+            if spec is None or len(n.args) <= spec[0]:
+                continue
+            w_node = n.args[spec[0]]
+            if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+                continue
+            w = _get_attr(gm, w_node.target)
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                continue
+            rule = cfg.param_rule(op_type[n], "weight")
+            name = f"{w_node.target}"
+            if not rule.is_quantized or name in self.param_quantizers:
+                continue
+            axis = spec[1]
+            per_channel = cfg.per_channel(op_type[n]) and op_type[n] in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
+            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True),
+                                   name=name)
+            qname = f"_pq_w_{len(self.param_quantizers)}"
+            gm.add_submodule(qname, q)
+            with gm.graph.inserting_after(w_node):
+                qn = gm.graph.call_module(qname, (w_node,))
+            w_node.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
+            self.param_quantizers[name] = q
+            self._op_types[name] = op_type[n]
+            self._graph_weights[name] = w_node.target
 
         # Activations: model inputs, and outputs of quantizable ops (not inside a supergroup).
         is_float = lambda n: n.meta.get("pq_dtype") in (torch.float32, torch.float16, torch.bfloat16)
@@ -227,6 +271,8 @@ class QuantSim:
             print(file=sys.stderr)
 
     def _weight_of(self, name: str) -> torch.Tensor:
+        if name in self._graph_weights:
+            return _get_attr(self.model, self._graph_weights[name])
         mod = self.model.get_submodule(name.rsplit(".", 1)[0])
         return mod.parametrizations.weight.original
 
@@ -281,7 +327,7 @@ class QuantSim:
     def load_encodings(self, path: Union[str, os.PathLike], strict: bool = True) -> None:
         """Sets the quantizers' encodings from an encodings file (versions 1.0.0 and 2.0.0)."""
         from .encodings import load_encodings
-        act, par = load_encodings(path)
+        act, par = load_encodings(path, param_names=list(self.param_quantizers))
         missing = []
         for table, quants in ((act, self.activation_quantizers), (par, self.param_quantizers)):
             for name, enc in table.items():
@@ -340,6 +386,13 @@ def _reshape_encoding(enc: Encoding, shape) -> Encoding:
     s = enc.scale.reshape(shape) if enc.scale.numel() == max(1, _numel(shape)) else enc.scale
     o = enc.offset.reshape(shape) if enc.offset.numel() == max(1, _numel(shape)) else enc.offset
     return from_scale_offset(s, o, enc.bitwidth, enc.symmetric, enc.block_size)
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _numel(shape) -> int:

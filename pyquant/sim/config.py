@@ -1,0 +1,616 @@
+"""Hardware config: which tensors a target quantizes, and how (AIMET-style JSON).
+
+A config says, per ONNX op type, whether inputs / outputs / parameters are quantized, whether they are
+symmetric, whether weights are per-channel, which ops fuse into one kernel (supergroups: no quantizer
+between them) and which outputs have a fixed range. Files use the schema of AIMET's quantsim configs, so
+AIMET's own files load here unchanged; booleans are the strings ``"True"`` / ``"False"``::
+
+    {
+      "defaults": {"ops": {"is_output_quantized": "True"},
+                   "params": {"is_quantized": "True", "is_symmetric": "True"},
+                   "per_channel_quantization": "False", "strict_symmetric": "False"},
+      "params": {"bias": {"is_quantized": "False"}},
+      "op_type": {"Conv": {"per_channel_quantization": "True"},
+                  "Softmax": {"encoding_constraints": {"min": 0.0, "max": 1.0}}},
+      "supergroups": [{"op_list": ["Conv", "Relu"]}],
+      "model_input": {"is_input_quantized": "True"},
+      "model_output": {}
+    }
+
+Resolution (the most specific setting wins, field by field, as in AIMET):
+
+* parameters: ``op_type.<Op>.params.<name>`` > ``params.<name>`` > ``defaults.params``; a field set
+  nowhere is False (not quantized, asymmetric);
+* activations: ``op_type.<Op>`` > ``defaults.ops``; unset: inputs not quantized, outputs not quantized,
+  asymmetric;
+* per-channel (weights): ``op_type.<Op>.per_channel_quantization`` > ``defaults.per_channel_quantization``
+  > False.
+
+Every section is optional when loading (a missing one is empty); ``to_dict()`` always writes the six
+sections AIMET requires, so its output loads in AIMET too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from importlib import resources
+from typing import Any, Iterable, Mapping, Optional, Union
+
+__all__ = [
+    "ConfigError", "ConfigWarning", "HardwareConfig", "ParamRule", "ParamSettings", "OpSettings",
+    "DefaultOpSettings", "Defaults", "KernelSpec", "SupportedKernel", "ModelInput", "ModelOutput",
+    "PROFILES", "load_config", "profile_path",
+]
+
+PROFILES = ("default", "per_tensor", "strict_symmetric_int8")
+"""Named profiles shipped in ``pyquant/sim/configs``: ``default`` (per-channel symmetric weights,
+asymmetric activations), ``per_tensor`` (the same with per-tensor weights) and
+``strict_symmetric_int8`` (everything symmetric, strict symmetric grid)."""
+
+ConfigLike = Union[str, os.PathLike, Mapping[str, Any], "HardwareConfig"]
+
+
+class ConfigError(ValueError):
+    """An invalid hardware config; the message starts with the JSON path of the offending entry."""
+
+
+class ConfigWarning(UserWarning):
+    """A config entry that is valid but probably not what was meant (e.g. an unknown ONNX op name)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed model of the file
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+    """Resolved settings of one parameter of one op type."""
+
+    is_quantized: bool
+    is_symmetric: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSettings:
+    """``{"is_quantized": ..., "is_symmetric": ...}``; None = not set at this level."""
+
+    is_quantized: Optional[bool] = None
+    is_symmetric: Optional[bool] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """``{"bitwidth": 8, "dtype": "int"}``."""
+
+    bitwidth: int
+    dtype: str  # "int" or "float"
+
+
+@dataclasses.dataclass(frozen=True)
+class SupportedKernel:
+    """One entry of ``supported_kernels``: an activation/param (dtype, bitwidth) pair the target runs."""
+
+    activation: KernelSpec
+    param: Optional[KernelSpec] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultOpSettings:
+    """``defaults.ops``."""
+
+    is_input_quantized: Optional[bool] = None
+    is_output_quantized: Optional[bool] = None
+    is_symmetric: Optional[bool] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSettings:
+    """``op_type.<OnnxOpName>``; None = not set for this op type (the defaults apply)."""
+
+    is_input_quantized: Optional[bool] = None
+    is_output_quantized: Optional[bool] = None
+    is_symmetric: Optional[bool] = None
+    per_channel_quantization: Optional[bool] = None
+    params: Mapping[str, ParamSettings] = dataclasses.field(default_factory=dict)
+    encoding_constraints: Optional[tuple[float, Optional[float]]] = None
+    supported_kernels: Optional[tuple[SupportedKernel, ...]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """``defaults``."""
+
+    ops: DefaultOpSettings = DefaultOpSettings()
+    params: ParamSettings = ParamSettings()
+    per_channel_quantization: Optional[bool] = None
+    strict_symmetric: Optional[bool] = None
+    unsigned_symmetric: Optional[bool] = None
+    hw_version: Optional[str] = None
+    supported_kernels: Optional[tuple[SupportedKernel, ...]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInput:
+    """``model_input``."""
+
+    is_input_quantized: Optional[bool] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+    """``model_output``."""
+
+    is_output_quantized: Optional[bool] = None
+
+
+@dataclasses.dataclass(frozen=True, eq=True)
+class HardwareConfig:
+    """A validated hardware config. Build it with :func:`load_config`; query it with the methods below.
+
+    ``op_type`` arguments are ONNX op names (``"Conv"``, ``"Gemm"``, ...); a name without an entry in
+    ``op_type`` (or None / ``""``) gets the defaults.
+    """
+
+    defaults: Defaults = Defaults()
+    params: Mapping[str, ParamSettings] = dataclasses.field(default_factory=dict)
+    op_type: Mapping[str, OpSettings] = dataclasses.field(default_factory=dict)
+    supergroups: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    supergroup_pass_list: Optional[tuple[str, ...]] = None
+    model_input: ModelInput = ModelInput()
+    model_output: ModelOutput = ModelOutput()
+    source: Optional[str] = dataclasses.field(default=None, compare=False)
+    """Where it came from (profile name or file path), for messages only."""
+
+    __hash__ = None  # mutable containers inside
+
+    # ---- per op type ----
+    def _op(self, op_type: Optional[str]) -> OpSettings:
+        return self.op_type.get(op_type, _NO_OP) if op_type else _NO_OP
+
+    def input_quantized(self, op_type: Optional[str]) -> bool:
+        """Whether the op's inputs get a quantizer of their own."""
+        return _first(self._op(op_type).is_input_quantized, self.defaults.ops.is_input_quantized, False)
+
+    def output_quantized(self, op_type: Optional[str]) -> bool:
+        """Whether the op's output is quantized (before supergroups are applied)."""
+        return _first(self._op(op_type).is_output_quantized, self.defaults.ops.is_output_quantized, False)
+
+    def activation_symmetric(self, op_type: Optional[str]) -> bool:
+        """Whether the op's input/output activations use symmetric encodings."""
+        return _first(self._op(op_type).is_symmetric, self.defaults.ops.is_symmetric, False)
+
+    def per_channel(self, op_type: Optional[str]) -> bool:
+        """Whether the op's weights are quantized per output channel."""
+        return _first(self._op(op_type).per_channel_quantization, self.defaults.per_channel_quantization, False)
+
+    def param_rule(self, op_type: Optional[str], param_name: str) -> ParamRule:
+        """Settings of parameter ``param_name`` ("weight", "bias", ...) of an op of type ``op_type``:
+        ``op_type.<Op>.params.<name>`` > ``params.<name>`` > ``defaults.params``, field by field."""
+        layers = (self._op(op_type).params.get(param_name), self.params.get(param_name), self.defaults.params)
+        q = _first(*(p.is_quantized for p in layers if p is not None), False)
+        s = _first(*(p.is_symmetric for p in layers if p is not None), False)
+        return ParamRule(is_quantized=q, is_symmetric=s)
+
+    def encoding_constraint(self, op_type: Optional[str]) -> Optional[tuple[float, Optional[float]]]:
+        """Fixed output range ``(min, max)`` of the op, or None. ``max`` is None when the config fixes only
+        the minimum (AIMET allows ``{"min": 0.0}``: the maximum is still calibrated)."""
+        return self._op(op_type).encoding_constraints
+
+    def supported_kernels(self, op_type: Optional[str] = None) -> tuple[SupportedKernel, ...]:
+        """The op's ``supported_kernels``, else the defaults', else ()."""
+        return _first(self._op(op_type).supported_kernels, self.defaults.supported_kernels, ())
+
+    # ---- global ----
+    @property
+    def strict_symmetric(self) -> bool:
+        return bool(self.defaults.strict_symmetric)
+
+    @property
+    def unsigned_symmetric(self) -> bool:
+        return bool(self.defaults.unsigned_symmetric)
+
+    @property
+    def hw_version(self) -> Optional[str]:
+        return self.defaults.hw_version
+
+    @property
+    def model_input_quantized(self) -> bool:
+        """Whether the model's (floating-point) inputs are quantized."""
+        return bool(self.model_input.is_input_quantized)
+
+    @property
+    def model_output_quantized(self) -> bool:
+        """Whether ``model_output.is_output_quantized`` is set: the model's outputs are quantized even if
+        the last op's rule says otherwise. (Unset, AIMET quantizes them by the last op's rule.)"""
+        return bool(self.model_output.is_output_quantized)
+
+    # ---- serialization ----
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict in the AIMET schema; ``load_config(cfg.to_dict()) == cfg``."""
+        d = self.defaults
+        defaults: dict[str, Any] = {"ops": _settings_dict(d.ops), "params": _settings_dict(d.params)}
+        for key in ("per_channel_quantization", "strict_symmetric", "unsigned_symmetric"):
+            if getattr(d, key) is not None:
+                defaults[key] = _bstr(getattr(d, key))
+        if d.hw_version is not None:
+            defaults["hw_version"] = d.hw_version
+        if d.supported_kernels is not None:
+            defaults["supported_kernels"] = [_kernel_dict(k) for k in d.supported_kernels]
+        out: dict[str, Any] = {
+            "defaults": defaults,
+            "params": {name: _settings_dict(p) for name, p in self.params.items()},
+            "op_type": {name: _op_dict(o) for name, o in self.op_type.items()},
+            "supergroups": [{"op_list": list(g)} for g in self.supergroups],
+        }
+        if self.supergroup_pass_list is not None:
+            out["supergroup_pass_list"] = list(self.supergroup_pass_list)
+        out["model_input"] = _settings_dict(self.model_input)
+        out["model_output"] = _settings_dict(self.model_output)
+        return out
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the config as JSON (indent 2)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def __repr__(self) -> str:
+        src = f"{self.source!r}, " if self.source else ""
+        return (f"HardwareConfig({src}{len(self.op_type)} op types, {len(self.supergroups)} supergroups, "
+                f"per_channel default={self.per_channel(None)}, strict_symmetric={self.strict_symmetric})")
+
+
+_NO_OP = OpSettings()
+
+
+def _first(*values):
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def _bstr(v: bool) -> str:
+    return "True" if v else "False"
+
+
+def _settings_dict(obj) -> dict[str, str]:
+    return {f.name: _bstr(getattr(obj, f.name)) for f in dataclasses.fields(obj) if getattr(obj, f.name) is not None}
+
+
+def _kernel_dict(k: SupportedKernel) -> dict[str, Any]:
+    d: dict[str, Any] = {"activation": {"bitwidth": k.activation.bitwidth, "dtype": k.activation.dtype}}
+    if k.param is not None:
+        d["param"] = {"bitwidth": k.param.bitwidth, "dtype": k.param.dtype}
+    return d
+
+
+def _op_dict(o: OpSettings) -> dict[str, Any]:
+    d: dict[str, Any] = {}
+    for key in ("is_input_quantized", "is_output_quantized", "is_symmetric", "per_channel_quantization"):
+        if getattr(o, key) is not None:
+            d[key] = _bstr(getattr(o, key))
+    if o.params:
+        d["params"] = {name: _settings_dict(p) for name, p in o.params.items()}
+    if o.encoding_constraints is not None:
+        lo, hi = o.encoding_constraints
+        d["encoding_constraints"] = {"min": lo} if hi is None else {"min": lo, "max": hi}
+    if o.supported_kernels is not None:
+        d["supported_kernels"] = [_kernel_dict(k) for k in o.supported_kernels]
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+def profile_path(name: str) -> str:
+    """File path of a named profile (see :data:`PROFILES`)."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; the named profiles are {', '.join(PROFILES)}")
+    return str(resources.files(__package__).joinpath("configs", f"{name}.json"))
+
+
+def load_config(config: ConfigLike) -> HardwareConfig:
+    """A :class:`HardwareConfig` from a named profile (``"default"``, ``"per_tensor"``,
+    ``"strict_symmetric_int8"``), a JSON file path, or a dict in the same schema.
+
+    Raises :class:`ConfigError` (a ValueError) naming the JSON path of the first invalid entry, e.g.
+    ``op_type.Conv.params.weight.is_symmetric: expected "True" or "False", got "yes"``. Op names that
+    are not ONNX operators are accepted with a :class:`ConfigWarning`.
+    """
+    if isinstance(config, HardwareConfig):
+        return config
+    if isinstance(config, Mapping):
+        return _parse(config, source=None)
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(f"config must be a profile name, a JSON path or a dict, got {type(config).__name__}")
+    text_path = os.fspath(config)
+    if isinstance(config, str) and config in PROFILES:
+        path, source = profile_path(config), config
+    elif os.path.isfile(text_path):
+        path, source = text_path, text_path
+    else:
+        raise ConfigError(f"{text_path!r} is neither a named profile ({', '.join(PROFILES)}) nor an existing "
+                          f"JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e}") from None
+    return _parse(data, source=source)
+
+
+_TOP_KEYS = ("defaults", "params", "op_type", "supergroups", "supergroup_pass_list", "model_input", "model_output")
+_DEFAULTS_KEYS = ("ops", "params", "per_channel_quantization", "strict_symmetric", "unsigned_symmetric",
+                  "hw_version", "supported_kernels")
+_DEFAULT_OPS_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric")
+_PARAM_KEYS = ("is_quantized", "is_symmetric")
+_OP_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric", "per_channel_quantization", "params",
+            "encoding_constraints", "supported_kernels")
+_KERNEL_BITWIDTHS = (4, 8, 16, 32)
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, (list, tuple)):
+        return "an array"
+    if isinstance(v, Mapping):
+        return "an object"
+    return type(v).__name__
+
+
+def _show(v: Any) -> str:
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _join(path: str, key: Union[str, int]) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _object(v: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{path}: expected an object, got {_type_name(v)} {_show(v)}")
+    for k in v:
+        if not isinstance(k, str):
+            raise ConfigError(f"{path}: keys must be strings, got {_show(k)}")
+    return v
+
+
+def _keys(v: Mapping[str, Any], allowed: Iterable[str], path: str, what: str = "key") -> None:
+    allowed = tuple(allowed)
+    for k in v:
+        if k not in allowed:
+            raise ConfigError(f"{_join(path, k)}: unknown {what}; expected one of {', '.join(allowed)}")
+
+
+def _bool(v: Any, path: str) -> bool:
+    if v == "True" and isinstance(v, str):
+        return True
+    if v == "False" and isinstance(v, str):
+        return False
+    raise ConfigError(f'{path}: expected "True" or "False", got {_show(v)}')
+
+
+def _opt_bool(obj: Mapping[str, Any], key: str, path: str) -> Optional[bool]:
+    return _bool(obj[key], _join(path, key)) if key in obj else None
+
+
+def _number(v: Any, path: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {_type_name(v)} {_show(v)}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{path}: expected a finite number, got {_show(v)}")
+    return float(v)
+
+
+def _string(v: Any, path: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{path}: expected a string, got {_type_name(v)} {_show(v)}")
+    return v
+
+
+def _array(v: Any, path: str) -> list:
+    if not isinstance(v, (list, tuple)):
+        raise ConfigError(f"{path}: expected an array, got {_type_name(v)} {_show(v)}")
+    return list(v)
+
+
+def _param_settings(v: Any, path: str) -> ParamSettings:
+    obj = _object(v, path)
+    _keys(obj, _PARAM_KEYS, path)
+    return ParamSettings(is_quantized=_opt_bool(obj, "is_quantized", path),
+                         is_symmetric=_opt_bool(obj, "is_symmetric", path))
+
+
+def _param_table(v: Any, path: str) -> dict[str, ParamSettings]:
+    obj = _object(v, path)
+    return {name: _param_settings(p, _join(path, name)) for name, p in obj.items()}
+
+
+def _kernel_spec(v: Any, path: str) -> KernelSpec:
+    obj = _object(v, path)
+    _keys(obj, ("bitwidth", "dtype"), path)
+    for req in ("bitwidth", "dtype"):
+        if req not in obj:
+            raise ConfigError(f"{_join(path, req)}: missing (required)")
+    bw = obj["bitwidth"]
+    if isinstance(bw, bool) or not isinstance(bw, int) or bw not in _KERNEL_BITWIDTHS:
+        raise ConfigError(f"{_join(path, 'bitwidth')}: expected one of {', '.join(map(str, _KERNEL_BITWIDTHS))}, "
+                          f"got {_show(bw)}")
+    dtype = obj["dtype"]
+    if dtype not in ("int", "float"):
+        raise ConfigError(f'{_join(path, "dtype")}: expected "int" or "float", got {_show(dtype)}')
+    if dtype == "float" and bw not in (16, 32):
+        raise ConfigError(f"{path}: a float kernel must be 16 or 32 bits, got {bw}")
+    return KernelSpec(bitwidth=bw, dtype=dtype)
+
+
+def _kernels(v: Any, path: str, param_required: bool) -> tuple[SupportedKernel, ...]:
+    items = _array(v, path)
+    if not items:
+        raise ConfigError(f"{path}: expected at least one kernel")
+    out = []
+    for i, item in enumerate(items):
+        p = _join(path, i)
+        obj = _object(item, p)
+        _keys(obj, ("activation", "param"), p)
+        if "activation" not in obj:
+            raise ConfigError(f"{_join(p, 'activation')}: missing (required)")
+        if param_required and "param" not in obj:
+            raise ConfigError(f"{_join(p, 'param')}: missing (required in defaults.supported_kernels)")
+        act = _kernel_spec(obj["activation"], _join(p, "activation"))
+        par = _kernel_spec(obj["param"], _join(p, "param")) if "param" in obj else None
+        out.append(SupportedKernel(activation=act, param=par))
+    return tuple(out)
+
+
+def _constraints(v: Any, path: str) -> tuple[float, Optional[float]]:
+    obj = _object(v, path)
+    _keys(obj, ("min", "max"), path)
+    if "min" not in obj:
+        raise ConfigError(f"{_join(path, 'min')}: missing (required)")
+    lo = _number(obj["min"], _join(path, "min"))
+    hi = _number(obj["max"], _join(path, "max")) if "max" in obj else None
+    if hi is not None and not lo < hi:
+        raise ConfigError(f"{path}: min must be less than max, got min={lo}, max={hi}")
+    return lo, hi
+
+
+def _op_settings(v: Any, path: str) -> OpSettings:
+    obj = _object(v, path)
+    _keys(obj, _OP_KEYS, path)
+    return OpSettings(
+        is_input_quantized=_opt_bool(obj, "is_input_quantized", path),
+        is_output_quantized=_opt_bool(obj, "is_output_quantized", path),
+        is_symmetric=_opt_bool(obj, "is_symmetric", path),
+        per_channel_quantization=_opt_bool(obj, "per_channel_quantization", path),
+        params=_param_table(obj["params"], _join(path, "params")) if "params" in obj else {},
+        encoding_constraints=(_constraints(obj["encoding_constraints"], _join(path, "encoding_constraints"))
+                              if "encoding_constraints" in obj else None),
+        supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), False)
+                           if "supported_kernels" in obj else None),
+    )
+
+
+def _defaults(v: Any, path: str) -> Defaults:
+    obj = _object(v, path)
+    _keys(obj, _DEFAULTS_KEYS, path)
+    ops = DefaultOpSettings()
+    if "ops" in obj:
+        p = _join(path, "ops")
+        o = _object(obj["ops"], p)
+        _keys(o, _DEFAULT_OPS_KEYS, p)
+        ops = DefaultOpSettings(**{k: _opt_bool(o, k, p) for k in _DEFAULT_OPS_KEYS})
+    params = _param_settings(obj["params"], _join(path, "params")) if "params" in obj else ParamSettings()
+    return Defaults(
+        ops=ops, params=params,
+        per_channel_quantization=_opt_bool(obj, "per_channel_quantization", path),
+        strict_symmetric=_opt_bool(obj, "strict_symmetric", path),
+        unsigned_symmetric=_opt_bool(obj, "unsigned_symmetric", path),
+        hw_version=_string(obj["hw_version"], _join(path, "hw_version")) if "hw_version" in obj else None,
+        supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), True)
+                           if "supported_kernels" in obj else None),
+    )
+
+
+def _supergroups(v: Any, path: str) -> list[tuple[str, ...]]:
+    out = []
+    for i, item in enumerate(_array(v, path)):
+        p = _join(path, i)
+        obj = _object(item, p)
+        _keys(obj, ("op_list",), p)
+        if "op_list" not in obj:
+            raise ConfigError(f"{_join(p, 'op_list')}: missing (required)")
+        pl = _join(p, "op_list")
+        ops = tuple(_string(op, _join(pl, j)) for j, op in enumerate(_array(obj["op_list"], pl)))
+        if len(ops) < 2:
+            raise ConfigError(f"{pl}: a supergroup needs at least 2 ops, got {len(ops)}")
+        out.append(ops)
+    return out
+
+
+def _parse(data: Any, source: Optional[str]) -> HardwareConfig:
+    top = _object(data, "(top level)")
+    for k in top:
+        if k not in _TOP_KEYS:
+            raise ConfigError(f"{k}: unknown section; expected one of {', '.join(_TOP_KEYS)}")
+    model_input = ModelInput()
+    if "model_input" in top:
+        mi = _object(top["model_input"], "model_input")
+        _keys(mi, ("is_input_quantized",), "model_input")
+        model_input = ModelInput(_opt_bool(mi, "is_input_quantized", "model_input"))
+    model_output = ModelOutput()
+    if "model_output" in top:
+        mo = _object(top["model_output"], "model_output")
+        _keys(mo, ("is_output_quantized",), "model_output")
+        model_output = ModelOutput(_opt_bool(mo, "is_output_quantized", "model_output"))
+    pass_list = None
+    if "supergroup_pass_list" in top:
+        pass_list = tuple(_string(s, _join("supergroup_pass_list", i))
+                          for i, s in enumerate(_array(top["supergroup_pass_list"], "supergroup_pass_list")))
+    op_table = _object(top.get("op_type", {}), "op_type")
+    cfg = HardwareConfig(
+        defaults=_defaults(top["defaults"], "defaults") if "defaults" in top else Defaults(),
+        params=_param_table(top.get("params", {}), "params"),
+        op_type={name: _op_settings(o, _join("op_type", name)) for name, o in op_table.items()},
+        supergroups=_supergroups(top.get("supergroups", []), "supergroups"),
+        supergroup_pass_list=pass_list,
+        model_input=model_input,
+        model_output=model_output,
+        source=source,
+    )
+    _warn_unknown_ops(cfg)
+    return cfg
+
+
+def _warn_unknown_ops(cfg: HardwareConfig) -> None:
+    unknown = [f"op_type.{name}" for name in cfg.op_type if name not in ONNX_OPS]
+    for i, group in enumerate(cfg.supergroups):
+        unknown += [f"supergroups[{i}].op_list: {op}" for op in group if op not in ONNX_OPS]
+    if unknown:
+        where = f" in {cfg.source}" if cfg.source else ""
+        warnings.warn(f"hardware config{where}: not ONNX operator names (these rules apply only to ops the "
+                      f"graph reports under exactly that name): {'; '.join(unknown)}", ConfigWarning,
+                      stacklevel=4)
+
+
+# Operator names of the default ONNX domain (ai.onnx, opsets 1-25): the vocabulary of "op_type" and
+# "supergroups".
+ONNX_OPS = frozenset("""
+Abs Acos Acosh Add AffineGrid And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool
+BatchNormalization Bernoulli BitCast BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor BlackmanWindow
+Cast CastLike CausalConvWithState Ceil Celu CenterCropPad Clip Col2Im Compress Concat ConcatFromSequence
+Constant ConstantOfShape Conv ConvInteger ConvTranspose Cos Cosh CumProd CumSum DFT DeformConv
+DepthToSpace DequantizeLinear Det Div Dropout DynamicQuantizeLinear Einsum Elu Equal Erf Exp Expand
+EyeLike Flatten Floor GRU Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool
+GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization HammingWindow HannWindow HardSigmoid
+HardSwish Hardmax Identity If ImageDecoder InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization
+LeakyRelu Less LessOrEqual LinearAttention Log LogSoftmax Loop LpNormalization LpPool MatMul
+MatMulInteger Max MaxPool MaxRoiPool MaxUnpool Mean MeanVarianceNormalization MelWeightMatrix Min Mish
+Mod Mul Multinomial Neg NegativeLogLikelihoodLoss NonMaxSuppression NonZero Not OneHot Optional
+OptionalGetElement OptionalHasElement Or PRelu Pad Pow QLinearConv QLinearMatMul QuantizeLinear
+RMSNormalization RNN RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal
+ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare RegexFullMatch Relu Reshape Resize ReverseSequence RoiAlign RotaryEmbedding Round STFT
+Scan Scatter ScatterElements ScatterND Selu SequenceAt SequenceConstruct SequenceEmpty SequenceErase
+SequenceInsert SequenceLength SequenceMap Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
+SoftmaxCrossEntropyLoss Softplus Softsign SpaceToDepth Split SplitToSequence Sqrt Squeeze StringConcat
+StringNormalizer StringSplit Sub Sum SwiGLU Swish Tan Tanh TensorScatter TfIdfVectorizer ThresholdedRelu
+Tile TopK Transpose Trilu Unique Unsqueeze Upsample Where Xor
+""".split())

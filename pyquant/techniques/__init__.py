@@ -1,0 +1,4 @@
+"""Post-training techniques."""
+from .bn_fold import fold_batchnorms
+
+__all__ = ["fold_batchnorms"]
