@@ -1,0 +1,112 @@
+"""Metrics for comparing a quantized model with its FP32 reference, and a linear probe for
+embeddings. All computed in float64 on the CPU, so results do not depend on the device or dtype."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _logits(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be [N, classes], got shape {tuple(x.shape)}")
+    return x.detach().to("cpu", torch.float64)
+
+
+def top1_agreement(
+    ref_logits: torch.Tensor, logits: torch.Tensor, confident: Optional[float] = 0.5
+) -> tuple[float, int]:
+    """``(fraction, count)``: how often ``logits`` picks the reference's top-1 class, over the
+    ``count`` samples whose reference softmax max exceeds ``confident`` (all samples when None).
+
+    Samples the FP32 model itself is unsure of are left out: their top-1 flips on noise and says
+    little about quantization. The fraction is NaN when no sample qualifies.
+    """
+    ref = _logits(ref_logits, "ref_logits")
+    out = _logits(logits, "logits")
+    if ref.shape != out.shape:
+        raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
+    keep = torch.ones(len(ref), dtype=torch.bool)
+    if confident is not None:
+        keep = ref.softmax(1).amax(1) > confident
+    count = int(keep.sum())
+    if count == 0:
+        return math.nan, 0
+    agree = (ref[keep].argmax(1) == out[keep].argmax(1)).sum().item()
+    return agree / count, count
+
+
+def mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(ref) || softmax(logits)), in nats."""
+    ref = _logits(ref_logits, "ref_logits")
+    out = _logits(logits, "logits")
+    if ref.shape != out.shape:
+        raise ValueError(f"shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
+    logp = ref.log_softmax(1)
+    logq = out.log_softmax(1)
+    # p * (log p - log q), with 0 * log 0 = 0 where the reference probability underflows
+    kl = torch.where(logp.isneginf(), 0.0, logp.exp() * (logp - logq)).sum(1)
+    return kl.mean().item()
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - out)^2)`` in dB
+    (inf when identical)."""
+    r = ref.detach().to("cpu", torch.float64)
+    o = out.detach().to("cpu", torch.float64)
+    if r.shape != o.shape:
+        raise ValueError(f"shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
+    noise = (r - o).square().sum().item()
+    signal = r.square().sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def logistic_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    l2: float = 1e-3,
+    max_iter: int = 500,
+) -> float:
+    """Test accuracy of a multinomial logistic regression fitted on ``(train_x, train_y)``.
+
+    Features are standardised with the training statistics; the fit is full-batch L-BFGS (strong
+    Wolfe line search) in float64 from zero weights, with an L2 penalty ``l2 * ||W||^2 / 2`` on the
+    weights (not the bias) — deterministic, and the same with or without scikit-learn installed.
+    """
+    xtr = train_x.detach().to("cpu", torch.float64).flatten(1)
+    xte = test_x.detach().to("cpu", torch.float64).flatten(1)
+    ytr = train_y.detach().to("cpu", torch.int64)
+    yte = test_y.detach().to("cpu", torch.int64)
+    if len(xtr) != len(ytr) or len(xte) != len(yte):
+        raise ValueError("features and labels differ in length")
+    if len(xtr) == 0 or len(xte) == 0:
+        raise ValueError("empty training or test set")
+    classes = int(max(ytr.max().item(), yte.max().item())) + 1
+    mean = xtr.mean(0)
+    std = xtr.std(0, unbiased=False).clamp_min(1e-12)
+    xtr = (xtr - mean) / std
+    xte = (xte - mean) / std
+
+    w = torch.zeros(xtr.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ w + b, ytr) + 0.5 * l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = (xte @ w + b).argmax(1)
+    return (pred == yte).double().mean().item()

@@ -1,0 +1,18 @@
+"""Models for offline accuracy checks: MobileNetV2 (ImageNet weights from a pip package), a small
+Fashion-MNIST CNN (trained once, cached) and all-MiniLM-L6-v2 (sentence embeddings).
+
+Nothing is downloaded; a missing package raises :class:`AssetMissingError` with its install command.
+"""
+from __future__ import annotations
+
+from .._assets import AssetMissingError
+from .fashion_cnn import FashionCNN, fashion_cnn
+from .minilm import mean_pooled_embeddings, minilm
+from .mobilenet_v2 import MobileNetV2, mobilenet_v2, mobilenet_v2_weights_path
+
+__all__ = [
+    "AssetMissingError",
+    "MobileNetV2", "mobilenet_v2", "mobilenet_v2_weights_path",
+    "FashionCNN", "fashion_cnn",
+    "minilm", "mean_pooled_embeddings",
+]
