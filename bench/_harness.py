@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from pyquant._io import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -72,15 +73,7 @@ def _cpu_model() -> str:
 
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

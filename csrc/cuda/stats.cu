@@ -107,6 +107,27 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const T* __restrict
   }
 }
 
+// Block-wide "first of the smallest": every thread offers (value, index; index < 0 for none);
+// thread 0 gets the smallest value, ties to the smallest index.
+__device__ __forceinline__ void block_argmin(double v, int64_t ix, double* out_v, int64_t* out_ix) {
+  __shared__ double s_val[kThreads];
+  __shared__ int64_t s_idx[kThreads];
+  s_val[threadIdx.x] = v;
+  s_idx[threadIdx.x] = ix;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double bv = 0.0;
+    int64_t bx = -1;
+    for (int t = 0; t < kThreads; ++t) {
+      const int64_t i = s_idx[t];
+      if (i < 0) continue;
+      if (bx < 0 || s_val[t] < bv || (s_val[t] == bv && i < bx)) { bv = s_val[t]; bx = i; }
+    }
+    *out_v = bv;
+    *out_ix = bx;
+  }
+}
+
 // One block per histogram: its non-empty span of bins (centres, counts, prefix sums) goes to shared
 // memory, threads take candidates, and the block keeps the first of the smallest totals. The
 // arithmetic is the CPU search's, in the same order, so both give the same index and noise.
@@ -118,8 +139,6 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restr
                                                           double* best_noise) {
   extern __shared__ double s_dbuf[];
   __shared__ int64_t s_first, s_last;
-  __shared__ double s_val[kThreads];
-  __shared__ int64_t s_idx[kThreads];
   const int64_t g = blockIdx.x;
   const int64_t* h = counts + g * nb;
   if (threadIdx.x == 0) {
@@ -160,17 +179,10 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restr
     }
     if (bi < 0 || v < best) { best = v; bi = c; }
   }
-  s_val[threadIdx.x] = best;
-  s_idx[threadIdx.x] = bi;
-  __syncthreads();
+  double bv;
+  int64_t bx;
+  block_argmin(best, bi, &bv, &bx);
   if (threadIdx.x == 0) {
-    double bv = 0.0;
-    int64_t bx = -1;
-    for (int t = 0; t < kThreads; ++t) {
-      const int64_t ix = s_idx[t];
-      if (ix < 0) continue;
-      if (bx < 0 || s_val[t] < bv || (s_val[t] == bv && ix < bx)) { bv = s_val[t]; bx = ix; }
-    }
     best_idx[g] = bx;
     best_noise[g] = bv;
   }
@@ -179,8 +191,6 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const int64_t* __restr
 // One block per histogram, threads over clip points; the first of the smallest divergences wins.
 __global__ void __launch_bounds__(kThreads) entropy_kernel(const int64_t* __restrict__ counts, int64_t nb, int64_t nq,
                                                            int64_t* best_i, double* best_kl) {
-  __shared__ double s_val[kThreads];
-  __shared__ int64_t s_idx[kThreads];
   const int64_t* h = counts + int64_t(blockIdx.x) * nb;
   double best = 0.0;
   int64_t bi = -1;
@@ -188,17 +198,10 @@ __global__ void __launch_bounds__(kThreads) entropy_kernel(const int64_t* __rest
     const double kl = kl_clip(h, nb, i, nq);
     if (bi < 0 || kl < best) { best = kl; bi = i; }
   }
-  s_val[threadIdx.x] = best;
-  s_idx[threadIdx.x] = bi;
-  __syncthreads();
+  double bv;
+  int64_t bx;
+  block_argmin(best, bi, &bv, &bx);
   if (threadIdx.x == 0) {
-    double bv = 0.0;
-    int64_t bx = -1;
-    for (int t = 0; t < kThreads; ++t) {
-      const int64_t ix = s_idx[t];
-      if (ix < 0) continue;
-      if (bx < 0 || s_val[t] < bv || (s_val[t] == bv && ix < bx)) { bv = s_val[t]; bx = ix; }
-    }
     best_i[blockIdx.x] = bx < 0 ? nb : bx;
     best_kl[blockIdx.x] = bv;
   }

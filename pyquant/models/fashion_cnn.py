@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import atomic_torch_save
 from ..datasets.fashion_mnist import fashion_mnist_tensors
 
 # Bump when the architecture or the training recipe changes: old caches are then ignored.
@@ -142,20 +142,8 @@ def fashion_cnn(pretrained: bool = True, cache_dir: Optional[Union[str, os.PathL
     model, info = train_fashion_cnn()
     blob = {"recipe": RECIPE, "state_dict": model.state_dict(), "info": info}
     path.parent.mkdir(parents=True, exist_ok=True)
-    # temp file in the same directory + os.replace: readers never see a half-written cache, and two
-    # processes training at once simply both replace it with the same result
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # written atomically: readers never see a half-written cache, and two processes training at once
+    # simply both replace it with the same result
+    atomic_torch_save(blob, path)
     model.train_info = info
     return model.eval()

@@ -50,12 +50,12 @@ import json
 import math
 import os
 import re
-import stat
-import tempfile
 import warnings
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+
+from .._io import atomic_write_text
 
 from ..quant.encoding import Encoding, from_scale_offset
 
@@ -281,49 +281,8 @@ def _entry_2_0_0(enc: Encoding, name: str, is_param: bool) -> dict[str, Any]:
     return d
 
 
-def _process_umask() -> int:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write_text(path: PathLike, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with open(fd, "w", encoding="utf-8", closefd=True) as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = 0o666 & ~_process_umask()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------

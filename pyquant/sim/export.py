@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._io import atomic_path
 from ..quant import QuantizeDequantize
 
 
@@ -40,23 +40,16 @@ def export_onnx(sim, path: Path, dummy_input: Any, opset_version: int = 13) -> N
         args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
         kwargs = {}
         input_names = [f"input_{i}" if len(args) > 1 else "input" for i in range(len(args))]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
     was_training = model.training
     model.eval()
     try:
-        with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+        with atomic_path(path) as tmp, export_mode(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             dynamic = {n: {0: "batch"} for n in input_names}  # the batch size stays free
             dynamic["output"] = {0: "batch"}
             torch.onnx.export(model, args if not kwargs else (kwargs,), tmp, opset_version=opset_version,
                               input_names=input_names, output_names=["output"], do_constant_folding=True,
                               dynamic_axes=dynamic, dynamo=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     finally:
         model.train(was_training)
 

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._io import atomic_torch_save
 from ..quant import (Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced, from_range)
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
@@ -360,7 +360,7 @@ class QuantSim:
         state = {k.replace("parametrizations.weight.original", "weight"): v.detach().clone()
                  for k, v in self.model.state_dict().items()
                  if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
-        _atomic_save(state, paths["pth"])
+        atomic_torch_save(state, paths["pth"])
         return paths
 
 
@@ -400,15 +400,3 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
