@@ -261,3 +261,9 @@ def test_minilm_through_quantsim():
     with torch.no_grad():
         w_only = (ref * embed(sim.model)).sum(-1)
     assert (w_only > 0.99).all(), w_only  # 8-bit per-channel weights alone are nearly lossless
+    # the captured graph keeps batch size and sequence length free
+    other = tok(["Short.", "Another, somewhat longer sentence than that one."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = sim.model(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    assert h.shape[:2] == other["input_ids"].shape

@@ -165,7 +165,11 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
         args, kwargs = tuple(dummy_input), {}
     else:
         args, kwargs = (dummy_input,), {}
-    ep = torch.export.export(model, args, kwargs, strict=False)
+    # Every dimension may vary (batch size, sequence length) unless the model pins it.
+    auto = torch.export.Dim.AUTO
+    dyn = lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
+    dynamic = ({k: dyn(v) for k, v in kwargs.items()} if kwargs else tuple(dyn(a) for a in args))
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     return ep.module()
 
 
