@@ -267,3 +267,14 @@ def test_minilm_through_quantsim():
         out = sim.model(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     assert h.shape[:2] == other["input_ids"].shape
+    # export: the QDQ graph, run as written by onnxruntime, computes exactly the simulation
+    pytest.importorskip("onnxruntime")
+    import tempfile
+    from pyquant.sim.export import run_onnx
+    for n in sim.activation_quantizers:
+        sim.enable(n, True)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        paths = sim.export(d, "minilm", inputs, opset_version=17)  # attention needs opset >= 14
+        got = run_onnx(paths["onnx"], inputs["input_ids"], inputs["attention_mask"], optimize=False)[0]
+        want = sim.model(**inputs).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
