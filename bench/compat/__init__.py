@@ -1,0 +1,1 @@
+"""Compatibility checks of pyquant against other toolkits (run in the peer env; see each module)."""
