@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -43,6 +44,30 @@ def median_time(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 15, devic
             if time.perf_counter() - start > max_seconds and len(times) >= 3:
                 break
     return statistics.median(times)
+
+
+def interleaved_times(fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[list[float]]:
+    """Seconds per call of each fn, timed in turn round by round, so that a change in the machine's
+    load hits all of them alike (their ratios are what the tables report)."""
+    for _ in range(warmup):
+        for f in fns:
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(reps):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return times
+
+
+def report(path: Path, rows: list[dict[str, Any]]) -> int:
+    """Prints the Markdown table next to `path` and says how many targets were missed; returns 0."""
+    print(open(path.with_suffix(".md")).read())
+    failed = [r for r in rows if r.get("met") is False]
+    if failed:
+        print(f"{len(failed)} target(s) not met", file=sys.stderr)
+    return 0
 
 
 def machine() -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 import pyquant
 from pyquant.quant import TfEnhanced
 
-from bench._harness import median_time, write_results
+from bench._harness import interleaved_times, median_time, report, write_results
 
 COLUMNS = ["case", "data", "scheme", "pyquant_ms", "pyquant_update_ms", "pyquant_compute_ms", "baseline",
            "baseline_ms", "baseline_update_ms", "baseline_compute_ms", "speedup", "pyquant_sqnr_db",
@@ -172,18 +172,8 @@ def _timing_cols(prefix: str, sp: _Split) -> dict[str, float]:
 
 
 def _interleaved(fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[float]:
-    """Median seconds per call of each fn, timed in turn round by round, so that a change in the
-    machine's load hits all of them alike (their ratios are what the rows report)."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for f, t in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    """Median seconds per call of each fn, timed in turn round by round."""
+    return [statistics.median(t) for t in interleaved_times(fns, warmup=warmup, reps=reps)]
 
 
 # ---- case 1: per-channel TF-enhanced of a weight ---------------------------------------------------
@@ -384,11 +374,7 @@ def main(argv=None) -> int:
     name = "calibration_cpu" + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Calibration on the CPU: TF-enhanced encodings and min/max "
                          "(medians, one process)", notes=notes, out_dir=a.out)
-    print(open(path.with_suffix(".md")).read())
-    failed = [r for r in rows if r.get("met") is False]
-    if failed:
-        print(f"{len(failed)} target(s) not met", file=sys.stderr)
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import pyquant.ops as pqo
 from pyquant.ops import _reference as ref
 
-from ._harness import median_time, write_results
+from ._harness import median_time, report, write_results
 
 COLUMNS = ["size", "dtype", "granularity", "measure", "pyquant_ms", "clone_ms", "torch_ms", "reference_ms",
            "compiled_ref_ms", "pyquant_vs_clone", "speedup_vs_torch", "speedup_vs_reference", "target", "met"]
@@ -207,11 +207,7 @@ def main(argv=None) -> int:
                  "reference: pyquant.ops.reference (pure torch); compiled_ref: torch.compile of it",
                  "pyquant_vs_clone: time over x.clone() (one read, one freshly allocated write): the floor is 1"]
     path = write_results(name, rows, cols, title=title, notes=notes, out_dir=a.out)
-    print(open(path.with_suffix(".md")).read())
-    failed = [r for r in rows if r.get("met") is False]
-    if failed:
-        print(f"{len(failed)} target(s) not met", file=sys.stderr)
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":

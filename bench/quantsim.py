@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.metrics import logistic_probe_accuracy, mean_kl, sqnr_db, top1_agreement
 
-from bench._harness import atomic_write, write_results
+from bench._harness import atomic_write, interleaved_times, report, write_results
 
 COLUMNS = ["model", "measure", "config", "FP32", "pyquant", "AIMET", "ratio", "target", "met"]
 
@@ -156,18 +156,7 @@ def _calibrate_loop(x: torch.Tensor):
 
 
 def _interleaved(fns: list[Callable[[], Any]], *, warmup: int, reps: int) -> list[list[float]]:
-    """Seconds per call of each fn, timed in turn round by round, so that a change in the machine's load
-    hits all of them alike."""
-    for _ in range(warmup):
-        for f in fns:
-            f()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
-        for f, t in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-    return times
+    return interleaved_times(fns, warmup=warmup, reps=reps)
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -627,11 +616,7 @@ def main(argv=None) -> int:
     payload = json.loads(path.read_text())  # the harness's JSON, plus the details behind the notes
     payload["details"] = meta
     atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
-    print(open(path.with_suffix(".md")).read())
-    failed = [r for r in rows if r.get("met") is False]
-    if failed:
-        print(f"{len(failed)} target(s) not met", file=sys.stderr)
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":
