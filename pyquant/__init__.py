@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from . import ops, quant
 from ._native import native_info
+from .sim.quantsim import QuantSim
+from .sim.encodings import load_encodings, write_encodings
+from .techniques import fold_batchnorms
 
 __version__ = "0.1.0"
-__all__ = ["ops", "quant", "native_info", "__version__"]
+__all__ = ["ops", "quant", "native_info", "QuantSim", "load_encodings", "write_encodings", "fold_batchnorms",
+           "__version__"]
