@@ -1,0 +1,126 @@
+"""Cross-layer equalization (Nagel et al., 2019, "Data-free quantization"): for two layers joined by a
+positively homogeneous activation (ReLU, PReLU, none), scaling output channel c of the first by 1/s_c
+and input channel c of the second by s_c leaves the function unchanged; s_c = sqrt(r1_c / r2_c)
+equalizes the channel ranges r1 (first layer's output channel) and r2 (second layer's input channel),
+so per-tensor quantization loses less. Chains through depthwise convolutions are equalized pair by
+pair, repeated until the scales settle."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .bn_fold import fold_batchnorms
+
+_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+_HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.Identity, nn.Dropout)
+
+
+@dataclasses.dataclass
+class EqualizationReport:
+    """What equalize() did: the layer pairs it scaled and the spread of their channel ranges
+    (max over min of the per-output-channel weight range) before and after."""
+
+    pairs: list[tuple[str, str]]
+    spread_before: dict[str, float]
+    spread_after: dict[str, float]
+    folded: list[tuple[str, str]]
+    relu6_replaced: list[str]
+    iterations: int
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _out_ranges(m: nn.Module) -> torch.Tensor:
+    w = m.weight.detach()
+    return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+
+
+def _in_ranges(m: nn.Module) -> torch.Tensor:
+    w = m.weight.detach()
+    if _is_depthwise(m):
+        return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    return w.abs().transpose(0, 1).reshape(w.shape[1], -1).amax(dim=1)
+
+
+def _spread(m: nn.Module) -> float:
+    r = _out_ranges(m)
+    return float(r.max() / r.clamp_min(1e-12).min())
+
+
+def _pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(first, second) layer names joined through homogeneous activations only, each first layer
+    feeding only the second."""
+    gm = fx.symbolic_trace(model)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), _LAYERS):
+            continue
+        cur = n
+        while True:
+            users = list(cur.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                break
+            nxt = users[0]
+            mod = gm.get_submodule(nxt.target)
+            if isinstance(mod, _LAYERS):
+                a, b = gm.get_submodule(n.target), mod
+                channels_match = a.weight.shape[0] == (b.weight.shape[0] if _is_depthwise(b) else b.weight.shape[1])
+                if channels_match and (not isinstance(b, nn.Conv2d) or b.groups == 1 or _is_depthwise(b)):
+                    out.append((n.target, nxt.target))
+                break
+            if not isinstance(mod, _HOMOGENEOUS) or (isinstance(mod, nn.PReLU) and mod.num_parameters != 1):
+                break
+            cur = nxt
+    return out
+
+
+@torch.no_grad()
+def _scale_pair(a: nn.Module, b: nn.Module) -> float:
+    r1, r2 = _out_ranges(a), _in_ranges(b)
+    ok = (r1 > 0) & (r2 > 0)
+    s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-12)), torch.ones_like(r1))
+    shape_a = [-1] + [1] * (a.weight.dim() - 1)
+    a.weight.div_(s.reshape(shape_a))
+    if a.bias is not None:
+        a.bias.div_(s)
+    if _is_depthwise(b):
+        b.weight.mul_(s.reshape(shape_a))
+    else:
+        shape_b = [1, -1] + [1] * (b.weight.dim() - 2)
+        b.weight.mul_(s.reshape(shape_b))
+    return float((s - 1).abs().max())
+
+
+def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_relu6: bool = False,
+             max_iterations: int = 50, tol: float = 1e-6) -> EqualizationReport:
+    """Folds batch norms, then equalizes every Conv/Linear pair of `model` in place.
+
+    ReLU6 is not homogeneous and blocks equalization unless `replace_relu6=True`, which swaps it for
+    ReLU first (that changes the model: compare its outputs before and after). Returns a report."""
+    folded = fold_batchnorms(model, dummy_input)
+    replaced = []
+    if replace_relu6:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.ReLU6):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.ReLU())
+                replaced.append(name)
+    pairs = _pairs(model)
+    layers = {n for p in pairs for n in p}
+    before = {n: _spread(model.get_submodule(n)) for n in layers}
+    it = 0
+    for it in range(1, max_iterations + 1):
+        change = 0.0
+        for a, b in pairs:
+            change = max(change, _scale_pair(model.get_submodule(a), model.get_submodule(b)))
+        if change < tol:
+            break
+    after = {n: _spread(model.get_submodule(n)) for n in layers}
+    return EqualizationReport(pairs=pairs, spread_before=before, spread_after=after, folded=folded,
+                              relu6_replaced=replaced, iterations=it)
