@@ -100,3 +100,26 @@ def test_relu6_blocks_unless_replaced():
     rep = equalize(m, replace_relu6=True)
     assert rep.relu6_replaced == ["2", "5"] and len(rep.pairs) == 2
     assert not any(isinstance(mod, nn.ReLU6) for mod in m.modules())
+
+
+def test_empirical_bias_correction_shrinks_mean_error():
+    from pyquant import QuantSim
+    from pyquant.techniques import correct_bias
+
+    m = _chain(seed=1)
+    fold_batchnorms(m)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 12, 12, generator=g) + 0.5
+    sim = QuantSim(m, x[:2], quant_scheme="min_max", param_bw=4, output_bw=8, config="per_tensor")
+    sim.compute_encodings(lambda model: model(x))
+
+    def mean_err():
+        with torch.no_grad():
+            return float((sim.model(x) - m(x)).transpose(0, 1).reshape(8, -1).mean(1).abs().mean())
+
+    before = mean_err()
+    removed = correct_bias(sim, m, lambda model: model(x), progress=False)
+    after = mean_err()
+    assert set(removed) == {"0", "3", "6"}
+    assert after < before / 3, (before, after)
+    assert m[0].bias is not sim.model.get_submodule("0").bias  # the FP32 model is left alone

@@ -1,5 +1,6 @@
 """Post-training techniques."""
+from .bias_correction import correct_bias
 from .bn_fold import fold_batchnorms
 from .cle import EqualizationReport, equalize
 
-__all__ = ["fold_batchnorms", "equalize", "EqualizationReport"]
+__all__ = ["fold_batchnorms", "equalize", "EqualizationReport", "correct_bias"]
