@@ -3,7 +3,6 @@ results written atomically as bench/results/<name>.json plus a Markdown table.""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import sys

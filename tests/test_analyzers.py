@@ -2,7 +2,6 @@
 input, encoding quality, state save/load/merge, and calibration sharded over torch.distributed."""
 from __future__ import annotations
 
-import math
 import os
 import warnings
 

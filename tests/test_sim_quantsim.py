@@ -146,7 +146,7 @@ def test_untraceable_model_names_the_call():
 
 
 def test_export_onnx_matches_simulation_and_encodings_round_trip(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from pyquant.sim.export import run_onnx
 

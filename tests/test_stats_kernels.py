@@ -9,7 +9,7 @@ from pyquant.ops import _reference as ref
 from pyquant.quant import sqnr_candidates
 
 from conftest import devices
-from helpers import rand_input
+
 
 op = torch.ops.pyquant
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _cpu, _cuda, _layout, _reference, _registry
+from . import _cpu, _cuda, _reference, _registry
 
 __all__ = [
     "quantize", "dequantize", "quantize_dequantize", "grid", "reference",

@@ -12,7 +12,7 @@ from torch import nn
 from .. import ops
 from ..ops import _registry
 from .analyzers import EncodingAnalyzer, MinMax
-from .encoding import Encoding, _broadcast_to, from_range, from_scale_offset, min_scale
+from .encoding import Encoding, _broadcast_to, from_scale_offset, min_scale
 
 __all__ = ["QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
 

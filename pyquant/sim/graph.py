@@ -4,7 +4,6 @@ speaks of."""
 from __future__ import annotations
 
 import operator
-import sys
 import traceback
 from typing import Any, Optional
 

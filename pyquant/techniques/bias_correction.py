@@ -5,7 +5,7 @@ earlier ones already corrected, so errors that accumulate are corrected too."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
