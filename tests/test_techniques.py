@@ -47,7 +47,7 @@ def test_equalize_keeps_outputs_and_balances_ranges():
     x = torch.randn(4, 3, 12, 12)
     with torch.no_grad():
         y0 = m(x)
-        rep = equalize(m)
+        rep = equalize(m, absorb_high_bias=False)  # scaling alone is exact
         y1 = m(x)
     assert rep.pairs == [("0", "3"), ("3", "6")]
     assert _rel(y1, y0) <= 1e-5
@@ -123,3 +123,28 @@ def test_empirical_bias_correction_shrinks_mean_error():
     assert set(removed) == {"0", "3", "6"}
     assert after < before / 3, (before, after)
     assert m[0].bias is not sim.model.get_submodule("0").bias  # the FP32 model is left alone
+
+
+def test_high_bias_absorption_moves_bias_and_keeps_outputs():
+    """A ReLU whose input sits well above 0 (BN beta >> gamma): beta - 3 gamma moves to the next layer's
+    bias. A 1x1 second layer has no zero-padded border, so outputs match wherever the BN statistics
+    hold (inputs drawn from them)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1))
+    with torch.no_grad():
+        m[1].running_mean.zero_()
+        m[1].running_var.fill_(1.0)
+        m[1].weight.fill_(0.5)
+        m[1].bias.copy_(torch.linspace(0.5, 4.0, 8))
+        m[0].weight.mul_(0.2)
+    m.eval()
+    x = torch.randn(16, 4, 5, 5)
+    plain = copy.deepcopy(m)
+    with torch.no_grad():
+        y0 = m(x)
+        equalize(plain, absorb_high_bias=False)
+        rep = equalize(m)
+        y1 = m(x)
+    assert "0" in rep.absorbed and rep.absorbed["0"] > 0
+    assert float(m[0].bias.max()) < float(plain[0].bias.max()) - 0.5  # the high bias left the first layer
+    assert _rel(y1, y0) <= 1e-4

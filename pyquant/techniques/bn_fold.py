@@ -16,14 +16,24 @@ _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None) -> list[tuple[str, str]]:
+class FoldedPairs(list):
+    """The folded (layer, batchnorm) names; `bn_stats[layer]` keeps the BN's (beta, |gamma|): the mean
+    and standard deviation the layer's folded outputs had during training (used by high-bias
+    absorption and analytical bias correction)."""
+
+    def __init__(self, pairs=(), bn_stats=None):
+        super().__init__(pairs)
+        self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(bn_stats or {})
+
+
+def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None) -> FoldedPairs:
     """Folds BatchNorms into the preceding layers of `model` in place (the BN becomes nn.Identity).
 
     The graph is read with torch.fx; `dummy_input` is accepted for API symmetry with the other
     techniques. Returns the folded (layer, batchnorm) module names. The model's outputs in eval mode
     are unchanged up to float rounding."""
     gm = fx.symbolic_trace(model)
-    pairs: list[tuple[str, str]] = []
+    pairs = FoldedPairs()
     for n in gm.graph.nodes:
         if n.op != "call_module":
             continue
@@ -36,7 +46,10 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None) -> list
         layer = gm.get_submodule(prev.target)
         if not isinstance(layer, _LAYERS):
             continue
-        _fold(model.get_submodule(prev.target), model.get_submodule(n.target))
+        bn_mod = model.get_submodule(n.target)
+        if bn_mod.affine:
+            pairs.bn_stats[prev.target] = (bn_mod.bias.detach().clone(), bn_mod.weight.detach().abs().clone())
+        _fold(model.get_submodule(prev.target), bn_mod)
         _replace(model, n.target, nn.Identity())
         pairs.append((prev.target, n.target))
     return pairs

@@ -30,6 +30,7 @@ class EqualizationReport:
     folded: list[tuple[str, str]]
     relu6_replaced: list[str]
     iterations: int
+    absorbed: dict[str, float] = dataclasses.field(default_factory=dict)  # layer -> largest bias moved on
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -53,15 +54,16 @@ def _spread(m: nn.Module) -> float:
     return float(r.max() / r.clamp_min(1e-12).min())
 
 
-def _pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _pairs(model: nn.Module, with_acts: bool = False):
     """(first, second) layer names joined through homogeneous activations only, each first layer
-    feeding only the second."""
+    feeding only the second; with `with_acts`, also the activation types between them."""
     gm = fx.symbolic_trace(model)
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), _LAYERS):
             continue
         cur = n
+        acts: list[type] = []
         while True:
             users = list(cur.users)
             if len(users) != 1 or users[0].op != "call_module":
@@ -72,16 +74,17 @@ def _pairs(model: nn.Module) -> list[tuple[str, str]]:
                 a, b = gm.get_submodule(n.target), mod
                 channels_match = a.weight.shape[0] == (b.weight.shape[0] if _is_depthwise(b) else b.weight.shape[1])
                 if channels_match and (not isinstance(b, nn.Conv2d) or b.groups == 1 or _is_depthwise(b)):
-                    out.append((n.target, nxt.target))
+                    out.append((n.target, nxt.target, tuple(acts)) if with_acts else (n.target, nxt.target))
                 break
             if not isinstance(mod, _HOMOGENEOUS) or (isinstance(mod, nn.PReLU) and mod.num_parameters != 1):
                 break
+            acts.append(type(mod))
             cur = nxt
     return out
 
 
 @torch.no_grad()
-def _scale_pair(a: nn.Module, b: nn.Module) -> float:
+def _scale_pair(a: nn.Module, b: nn.Module) -> torch.Tensor:
     r1, r2 = _out_ranges(a), _in_ranges(b)
     ok = (r1 > 0) & (r2 > 0)
     s = torch.where(ok, torch.sqrt(r1 / r2.clamp_min(1e-12)), torch.ones_like(r1))
@@ -94,15 +97,40 @@ def _scale_pair(a: nn.Module, b: nn.Module) -> float:
     else:
         shape_b = [1, -1] + [1] * (b.weight.dim() - 2)
         b.weight.mul_(s.reshape(shape_b))
-    return float((s - 1).abs().max())
+    return s
+
+
+@torch.no_grad()
+def _absorb(a: nn.Module, b: nn.Module, beta: torch.Tensor, gamma: torch.Tensor) -> float:
+    """High-bias absorption through a ReLU: c = max(0, beta - 3 gamma) of A's outputs sits below nearly
+    every activation, so ReLU(y) = ReLU(y - c) + c for them; c leaves A's bias and enters B's as W_B c."""
+    c = torch.clamp(beta - 3.0 * gamma, min=0.0)
+    if not bool((c > 0).any()):
+        return 0.0
+    if a.bias is None:
+        return 0.0
+    a.bias.sub_(c)
+    w = b.weight
+    if _is_depthwise(b):
+        add = w.reshape(w.shape[0], -1).sum(1) * c
+    else:
+        add = (w.reshape(w.shape[0], w.shape[1], -1).sum(2) * c.reshape(1, -1)).sum(1)
+    if b.bias is None:
+        b.bias = nn.Parameter(add.clone())
+    else:
+        b.bias.add_(add)
+    return float(c.max())
 
 
 def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_relu6: bool = False,
-             max_iterations: int = 50, tol: float = 1e-6) -> EqualizationReport:
-    """Folds batch norms, then equalizes every Conv/Linear pair of `model` in place.
+             absorb_high_bias: bool = True, max_iterations: int = 50, tol: float = 1e-6) -> EqualizationReport:
+    """Folds batch norms, then equalizes every Conv/Linear pair of `model` in place, then (by default)
+    absorbs high biases through ReLUs where a folded BN told the pre-activation statistics.
 
     ReLU6 is not homogeneous and blocks equalization unless `replace_relu6=True`, which swaps it for
-    ReLU first (that changes the model: compare its outputs before and after). Returns a report."""
+    ReLU first (that changes the model: compare its outputs before and after). Absorption is exact for
+    activations above beta - 3 gamma (nearly all, for Gaussian pre-activations) and, across a
+    zero-padded convolution, away from the borders. Returns a report."""
     folded = fold_batchnorms(model, dummy_input)
     replaced = []
     if replace_relu6:
@@ -111,16 +139,29 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.ReLU())
                 replaced.append(name)
-    pairs = _pairs(model)
+    detailed = _pairs(model, with_acts=True)
+    pairs = [(a, b) for a, b, _ in detailed]
     layers = {n for p in pairs for n in p}
     before = {n: _spread(model.get_submodule(n)) for n in layers}
+    stats = dict(getattr(folded, "bn_stats", {}))  # A's output statistics, rescaled with A below
     it = 0
     for it in range(1, max_iterations + 1):
         change = 0.0
         for a, b in pairs:
-            change = max(change, _scale_pair(model.get_submodule(a), model.get_submodule(b)))
+            s = _scale_pair(model.get_submodule(a), model.get_submodule(b))
+            if a in stats:
+                beta, gamma = stats[a]
+                stats[a] = (beta / s, gamma / s)
+            change = max(change, float((s - 1).abs().max()))
         if change < tol:
             break
     after = {n: _spread(model.get_submodule(n)) for n in layers}
+    absorbed: dict[str, float] = {}
+    if absorb_high_bias:
+        for a, b, acts in detailed:
+            if a in stats and nn.ReLU in acts and all(t in (nn.ReLU, nn.Identity, nn.Dropout) for t in acts):
+                moved = _absorb(model.get_submodule(a), model.get_submodule(b), *stats[a])
+                if moved > 0:
+                    absorbed[a] = moved
     return EqualizationReport(pairs=pairs, spread_before=before, spread_after=after, folded=folded,
-                              relu6_replaced=replaced, iterations=it)
+                              relu6_replaced=replaced, iterations=it, absorbed=absorbed)
