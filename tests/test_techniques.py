@@ -148,3 +148,38 @@ def test_high_bias_absorption_moves_bias_and_keeps_outputs():
     assert "0" in rep.absorbed and rep.absorbed["0"] > 0
     assert float(m[0].bias.max()) < float(plain[0].bias.max()) - 0.5  # the high bias left the first layer
     assert _rel(y1, y0) <= 1e-4
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6])
+def test_analytical_bias_correction_without_data(act):
+    """Inputs that follow the BN statistics exactly (identity first layer, N(0, 1) data): the expected
+    input through the ReLU/ReLU6 predicts the quantized layer's mean shift, which is removed."""
+    from pyquant import QuantSim
+    from pyquant.techniques import correct_bias_analytical
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), act(), nn.Conv2d(8, 6, 1))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.eye(8).reshape(8, 8, 1, 1))
+        m[1].running_mean.zero_()
+        m[1].running_var.fill_(1.0)
+        m[1].weight.copy_(torch.linspace(0.5, 2.0, 8))
+        m[1].bias.copy_(torch.linspace(-1.0, 3.0, 8))
+    m.eval()
+    folded = fold_batchnorms(m)
+    x = torch.randn(64, 8, 8, 8)
+    sim = QuantSim(m, x[:2], quant_scheme="min_max", param_bw=3, config="per_tensor")
+    sim.compute_encodings(lambda model: model(x))
+    for name in list(sim.activation_quantizers):  # isolate the weight error of the second layer
+        sim.enable(name, False)
+    sim.enable("0.weight", False)
+
+    def mean_err():
+        with torch.no_grad():
+            return float((sim.model(x) - m(x)).transpose(0, 1).reshape(6, -1).mean(1).abs().mean())
+
+    before = mean_err()
+    removed = correct_bias_analytical(sim, folded.bn_stats)
+    after = mean_err()
+    assert set(removed) == {"3"}
+    assert after < before / 5, (before, after)

@@ -1,9 +1,13 @@
-"""Empirical bias correction (Nagel et al., 2019): quantizing a layer's weights shifts the mean of its
-outputs; measured on calibration data against the FP32 model, that shift is subtracted from the layer's
-bias (a layer without one gets one). Layers are corrected in execution order, each measured with the
-earlier ones already corrected, so errors that accumulate are corrected too."""
+"""Bias correction (Nagel et al., 2019): quantizing a layer's weights shifts the mean of its outputs by
+(W_q - W) E[x]; the shift is subtracted from the layer's bias (a layer without one gets one).
+
+- empirical: the shift is measured on calibration data against the FP32 model, layer by layer in
+  execution order (each measured with the earlier ones corrected, so accumulated errors are too);
+- analytical: no data; E[x] comes from the preceding batch norm's (beta, gamma) through the ReLU or
+  ReLU6 between the layers, as the mean of a clipped normal distribution."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Callable, Iterable, Optional
 
@@ -68,4 +72,51 @@ def correct_bias(sim, fp32_model: nn.Module, forward_fn: Callable[[nn.Module], A
             print(f"\rbias correction {i}/{len(names)} {n}", end="", file=sys.stderr, flush=True)
     if show:
         print(file=sys.stderr)
+    return removed
+
+
+def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math.inf) -> torch.Tensor:
+    """E[clamp(X, 0, hi)] for X ~ N(mu, sigma^2) (hi = inf: a ReLU; 6: a ReLU6)."""
+    sigma = sigma.clamp_min(1e-12)
+    n = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+
+    z0 = -mu / sigma
+    mean_relu = mu * (1 - n.cdf(z0)) + sigma * torch.exp(n.log_prob(z0))  # E[max(X, 0)]
+    if math.isinf(hi):
+        return mean_relu
+    # E[min(max(X, 0), hi)] = E[max(X,0)] - E[max(X - hi, 0)]
+    zh = (hi - mu) / sigma
+    over = (mu - hi) * (1 - n.cdf(zh)) + sigma * torch.exp(n.log_prob(zh))
+    return mean_relu - over
+
+
+@torch.no_grad()
+def correct_bias_analytical(sim, bn_stats: dict) -> dict[str, float]:
+    """Analytical bias correction of the quantized layers of `sim` whose input comes from a folded batch
+    norm (statistics from `fold_batchnorms(...).bn_stats`) through a ReLU or ReLU6, in place. Returns,
+    per layer, the largest mean output shift removed."""
+    from .cle import _pairs
+
+    removed: dict[str, float] = {}
+    acts_allowed = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
+    for a, b, acts in _pairs(sim.model, with_acts=True, acts_allowed=acts_allowed):
+        if a not in bn_stats or f"{b}.weight" not in sim.param_quantizers:
+            continue
+        if not any(t in (nn.ReLU, nn.ReLU6) for t in acts):
+            continue
+        beta, gamma = (t.double() for t in bn_stats[a])
+        ex = _clipped_normal_mean(beta, gamma, 6.0 if nn.ReLU6 in acts else math.inf)
+        q = sim.param_quantizers[f"{b}.weight"]
+        w = sim._weight_of(f"{b}.weight")
+        dw = (q(w) - w).double()
+        mod = sim.model.get_submodule(b)
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:  # depthwise: channel c sees input c only
+            shift = dw.reshape(dw.shape[0], -1).sum(1) * ex
+        else:
+            shift = (dw.reshape(dw.shape[0], dw.shape[1], -1).sum(2) * ex.reshape(1, -1)).sum(1)
+        shift = shift.float()
+        if mod.bias is None:
+            mod.bias = nn.Parameter(torch.zeros_like(shift))
+        mod.bias.sub_(shift)
+        removed[b] = float(shift.abs().max())
     return removed

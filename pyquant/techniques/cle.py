@@ -54,7 +54,7 @@ def _spread(m: nn.Module) -> float:
     return float(r.max() / r.clamp_min(1e-12).min())
 
 
-def _pairs(model: nn.Module, with_acts: bool = False):
+def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS):
     """(first, second) layer names joined through homogeneous activations only, each first layer
     feeding only the second; with `with_acts`, also the activation types between them."""
     gm = fx.symbolic_trace(model)
@@ -76,7 +76,7 @@ def _pairs(model: nn.Module, with_acts: bool = False):
                 if channels_match and (not isinstance(b, nn.Conv2d) or b.groups == 1 or _is_depthwise(b)):
                     out.append((n.target, nxt.target, tuple(acts)) if with_acts else (n.target, nxt.target))
                 break
-            if not isinstance(mod, _HOMOGENEOUS) or (isinstance(mod, nn.PReLU) and mod.num_parameters != 1):
+            if not isinstance(mod, acts_allowed) or (isinstance(mod, nn.PReLU) and mod.num_parameters != 1):
                 break
             acts.append(type(mod))
             cur = nxt
