@@ -60,6 +60,20 @@ def interleaved_times(fns: list[Callable[[], Any]], *, warmup: int, reps: int) -
     return times
 
 
+def require_native(script: str) -> bool:
+    """False (with the reason on stderr) when the imported pyquant has no compiled CPU module: its
+    timings would be of the pure-torch fallback."""
+    import pyquant
+
+    info = pyquant.native_info()
+    if info.get("cpu_module"):
+        return True
+    print(f"pyquant from {pyquant.__file__} has no compiled CPU module ({info.get('cpu_error')}); timings "
+          f"would be of the pure-torch fallback. In the peer env run this file with -P from the checkout: "
+          f"python -P {script} (see the module docstring).", file=sys.stderr)
+    return False
+
+
 def report(path: Path, rows: list[dict[str, Any]]) -> int:
     """Prints the Markdown table next to `path` and says how many targets were missed; returns 0."""
     print(open(path.with_suffix(".md")).read())

@@ -37,7 +37,7 @@ import torch
 import pyquant
 from pyquant.quant import TfEnhanced
 
-from bench._harness import interleaved_times, median_time, report, write_results
+from bench._harness import interleaved_times, median_time, report, require_native, write_results
 
 COLUMNS = ["case", "data", "scheme", "pyquant_ms", "pyquant_update_ms", "pyquant_compute_ms", "baseline",
            "baseline_ms", "baseline_update_ms", "baseline_compute_ms", "speedup", "pyquant_sqnr_db",
@@ -306,12 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
 
-    info = pyquant.native_info()
-    if not info.get("cpu_module"):
-        print(f"pyquant from {pyquant.__file__} has no compiled CPU module ({info.get('cpu_error')}); timings "
-              "would be of the pure-torch fallback. In the peer env run this file with -P from the checkout: "
-              "python -P bench/calibration.py (see the module docstring).", file=sys.stderr)
+    if not require_native("bench/calibration.py"):
         return 2
+    info = pyquant.native_info()
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.metrics import logistic_probe_accuracy, mean_kl, sqnr_db, top1_agreement
 
-from bench._harness import atomic_write, interleaved_times, report, write_results
+from bench._harness import atomic_write, interleaved_times, report, require_native, write_results
 
 COLUMNS = ["model", "measure", "config", "FP32", "pyquant", "AIMET", "ratio", "target", "met"]
 
@@ -482,12 +482,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated sections to skip: fashion, minilm, accuracy")
     a = p.parse_args(argv)
 
-    info = pyquant.native_info()
-    if not info.get("cpu_module"):
-        print(f"pyquant from {pyquant.__file__} has no compiled CPU module ({info.get('cpu_error')}); timings "
-              "would be of the pure-torch fallback. In the peer env run this file with -P from the checkout: "
-              "python -P bench/quantsim.py (see the module docstring).", file=sys.stderr)
+    if not require_native("bench/quantsim.py"):
         return 2
+    info = pyquant.native_info()
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     n_calib = 64 if a.quick else 512
     per_image = 4 if a.quick else 64

@@ -74,12 +74,16 @@ def check_params(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, 
         raise ValueError(f"offset must have the shape of scale {tuple(scale.shape)}, got {tuple(offset.shape)}")
 
 
-def check_scale_values(scale: torch.Tensor) -> None:
-    """Scale must be positive and finite: a zero or NaN scale would silently produce garbage."""
-    bad = ~(torch.isfinite(scale) & (scale > 0))
+def check_positive_finite(t: torch.Tensor, name: str, hint: str = "") -> None:
+    """`t` must be positive and finite: a zero or NaN scale or range would silently produce garbage."""
+    bad = ~(torch.isfinite(t) & (t > 0))
     if bool(bad.any()):
-        v = scale[bad].flatten()[0].item()
-        raise ValueError(f"scale must be positive and finite; found {v} (use a range-derived encoding)")
+        v = t[bad].flatten()[0].item()
+        raise ValueError(f"{name} must be positive and finite; found {v}{hint}")
+
+
+def check_scale_values(scale: torch.Tensor) -> None:
+    check_positive_finite(scale, "scale", " (use a range-derived encoding)")
 
 
 def as_block_broadcast(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

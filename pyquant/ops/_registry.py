@@ -93,9 +93,7 @@ def check_histogram_args(x, lo, rng, nbins):
 
 
 def check_range_values(rng: torch.Tensor) -> None:
-    bad = ~(torch.isfinite(rng) & (rng > 0))
-    if bool(bad.any()):
-        raise ValueError(f"range must be positive and finite; found {rng[bad].flatten()[0].item()}")
+    _layout.check_positive_finite(rng, "range")
 
 
 def _ref_minmax(x, shape):

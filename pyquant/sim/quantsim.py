@@ -3,6 +3,7 @@ that predicts on-target accuracy and exports what the target needs (QDQ ONNX + e
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 import os
 import sys
@@ -383,8 +384,8 @@ def _tolerant_calibration(q: QuantizeDequantize, seen: dict, name: str):
 
 def _reshape_encoding(enc: Encoding, shape) -> Encoding:
     from ..quant import from_scale_offset
-    s = enc.scale.reshape(shape) if enc.scale.numel() == max(1, _numel(shape)) else enc.scale
-    o = enc.offset.reshape(shape) if enc.offset.numel() == max(1, _numel(shape)) else enc.offset
+    s = enc.scale.reshape(shape) if enc.scale.numel() == max(1, math.prod(shape)) else enc.scale
+    o = enc.offset.reshape(shape) if enc.offset.numel() == max(1, math.prod(shape)) else enc.offset
     return from_scale_offset(s, o, enc.bitwidth, enc.symmetric, enc.block_size)
 
 
@@ -393,10 +394,3 @@ def _get_attr(gm: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
