@@ -280,3 +280,24 @@ def test_minilm_through_quantsim():
         got = run_onnx(paths["onnx"], inputs["input_ids"], inputs["attention_mask"], optimize=False)[0]
         want = sim.model(**inputs).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["min_max", "tf_enhanced"])
+def test_quantsim_on_cuda_matches_cpu(scheme):
+    """The same model calibrated on the GPU gets the CPU's encodings and outputs."""
+    x = _data()
+    sims = {}
+    for dev in ("cpu", "cuda"):
+        m = _net().to(dev)
+        sim = QuantSim(m, x[:2].to(dev), quant_scheme=scheme)
+        sim.compute_encodings(lambda model: model(x.to(dev)))
+        sims[dev] = sim
+    for name, q in sims["cpu"].quantizers.items():
+        a, b = q.get_encoding(), sims["cuda"].quantizers[name].get_encoding()
+        torch.testing.assert_close(b.scale.cpu(), a.scale, rtol=1e-5, atol=0, msg=name)
+    with torch.no_grad():
+        out_cpu = sims["cpu"].model(x)
+        out_gpu = sims["cuda"].model(x.cuda()).cpu()
+    # a one-step difference in a rounding tie can move single elements; the bulk must agree
+    assert sqnr_db(out_cpu, out_gpu) > 40.0
