@@ -29,6 +29,11 @@ __device__ __forceinline__ int64_t scale_index(const QLayout& L, int64_t base, i
   return L.inner_block >= L.row_len ? base : base + j / L.inner_block;
 }
 
+// Each thread keeps kUnroll packs in flight (loads first, then math, then stores): one 16-byte load
+// per thread is too little outstanding memory traffic to reach HBM bandwidth.
+constexpr int kUnroll = 4;
+constexpr int kBwdUnroll = 2;  // two inputs per element already
+
 template <FqOp OP, class Tin, class Tout, int VEC>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Tin* __restrict__ x, Tout* __restrict__ y,
                                                            const float* __restrict__ s, const float* __restrict__ o,
@@ -36,27 +41,37 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Tin* __restrict
   const int64_t rows = L.rows();
   const int64_t len = L.row_len;
   const bool row_scale = L.inner_block >= len;
+  constexpr int64_t kTile = int64_t(kThreads) * VEC * kUnroll;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const int64_t base = L.row_base(r);
     const float s_row = row_scale ? s[base] : 0.f;
     const float o_row = row_scale ? o[base] : 0.f;
     const Tin* xr = x + r * len;
     Tout* yr = y + r * len;
-    for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; j < len;
-         j += int64_t(gridDim.x) * blockDim.x * VEC) {
-      Pack<Tin, VEC> in = *reinterpret_cast<const Pack<Tin, VEC>*>(xr + j);
-      Pack<Tout, VEC> out;
+    for (int64_t t0 = int64_t(blockIdx.x) * kTile; t0 < len; t0 += int64_t(gridDim.x) * kTile) {
+      Pack<Tin, VEC> in[kUnroll];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        float sv = s_row, ov = o_row;
-        if (!row_scale) {
-          const int64_t k = scale_index(L, base, j + v);
-          sv = s[k];
-          ov = o[k];
-        }
-        Elem<Tout>::store(&out.v[v], apply<OP>(Elem<Tin>::load(&in.v[v]), sv, ov, qmin, qmax));
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = t0 + (int64_t(u) * kThreads + threadIdx.x) * VEC;
+        if (j < len) in[u] = *reinterpret_cast<const Pack<Tin, VEC>*>(xr + j);
       }
-      *reinterpret_cast<Pack<Tout, VEC>*>(yr + j) = out;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = t0 + (int64_t(u) * kThreads + threadIdx.x) * VEC;
+        if (j >= len) continue;
+        Pack<Tout, VEC> out;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          float sv = s_row, ov = o_row;
+          if (!row_scale) {
+            const int64_t k = scale_index(L, base, j + v);
+            sv = s[k];
+            ov = o[k];
+          }
+          Elem<Tout>::store(&out.v[v], apply<OP>(Elem<Tin>::load(&in[u].v[v]), sv, ov, qmin, qmax));
+        }
+        *reinterpret_cast<Pack<Tout, VEC>*>(yr + j) = out;
+      }
     }
   }
 }
@@ -101,10 +116,23 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict_
     const T* gr = g + r * len;
     const T* xr = x + r * len;
     float acc_s = 0.f, acc_o = 0.f;
-    for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; j < len;
-         j += int64_t(gridDim.x) * blockDim.x * VEC) {
-      Pack<T, VEC> gin = *reinterpret_cast<const Pack<T, VEC>*>(gr + j);
-      Pack<T, VEC> xin = *reinterpret_cast<const Pack<T, VEC>*>(xr + j);
+    constexpr int64_t kTile = int64_t(kThreads) * VEC * kBwdUnroll;
+    for (int64_t t0 = int64_t(blockIdx.x) * kTile; t0 < len; t0 += int64_t(gridDim.x) * kTile) {
+    Pack<T, VEC> gins[kBwdUnroll], xins[kBwdUnroll];
+#pragma unroll
+    for (int u = 0; u < kBwdUnroll; ++u) {
+      const int64_t j = t0 + (int64_t(u) * kThreads + threadIdx.x) * VEC;
+      if (j < len) {
+        gins[u] = *reinterpret_cast<const Pack<T, VEC>*>(gr + j);
+        xins[u] = *reinterpret_cast<const Pack<T, VEC>*>(xr + j);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBwdUnroll; ++u) {
+      const int64_t j = t0 + (int64_t(u) * kThreads + threadIdx.x) * VEC;
+      if (j >= len) continue;
+      const Pack<T, VEC>& gin = gins[u];
+      const Pack<T, VEC>& xin = xins[u];
       Pack<T, VEC> out;
       int64_t k_run = -1;
       float run_s = 0.f, run_o = 0.f;
@@ -141,6 +169,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict_
       }
       if constexpr (NEED_DX) *reinterpret_cast<Pack<T, VEC>*>(dx + r * len + j) = out;
     }
+    }
     if constexpr (NEED_SO) {
       if (row_scale) {  // uniform across the block: every thread takes this branch together
         block_sum2(acc_s, acc_o);
@@ -163,8 +192,7 @@ __global__ void finalize_kernel(const double* __restrict__ ws, int64_t n, float 
 
 inline bool aligned(const void* p, size_t a) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % a == 0; }
 
-inline dim3 grid_for(const QLayout& L, int vec) {
-  const int64_t per_block = int64_t(kThreads) * vec;
+inline dim3 grid_for(const QLayout& L, int64_t per_block) {
   const int64_t rows = L.rows();
   const int64_t gy = std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridY);
   int64_t gx = (L.row_len + per_block - 1) / per_block;
@@ -181,9 +209,9 @@ void launch_forward(const void* x, void* y, const float* s, const float* o, floa
   constexpr int V = 16 / (sizeof(Tin) > sizeof(Tout) ? sizeof(Tin) : sizeof(Tout));
   const bool vec_ok = V > 1 && L.row_len % V == 0 && aligned(x, sizeof(Tin) * V) && aligned(y, sizeof(Tout) * V);
   if (vec_ok) {
-    forward_kernel<OP, Tin, Tout, V><<<grid_for(L, V), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
+    forward_kernel<OP, Tin, Tout, V><<<grid_for(L, int64_t(kThreads) * V * kUnroll), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
   } else {
-    forward_kernel<OP, Tin, Tout, 1><<<grid_for(L, 1), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
+    forward_kernel<OP, Tin, Tout, 1><<<grid_for(L, int64_t(kThreads) * kUnroll), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
   }
 }
 
@@ -218,7 +246,7 @@ void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, co
 template <class T, int V, bool DX, bool SO>
 void launch_backward_v(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
                        const QLayout& L, double* ws, cudaStream_t st) {
-  backward_kernel<T, V, DX, SO><<<grid_for(L, V), kThreads, 0, st>>>((const T*)g, (const T*)x, (T*)dx, s, o, qmin,
+  backward_kernel<T, V, DX, SO><<<grid_for(L, int64_t(kThreads) * V * kBwdUnroll), kThreads, 0, st>>>((const T*)g, (const T*)x, (T*)dx, s, o, qmin,
                                                                       qmax, L, ws);
 }
 

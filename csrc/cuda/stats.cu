@@ -43,7 +43,21 @@ __global__ void __launch_bounds__(kThreads) minmax_kernel(const T* __restrict__ 
     const T* xr = x + r * len;
     float a = inf, c = -inf;
     unsigned long long bad = 0;
-    for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < len; j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (row_group) {
+      // Four independent loads in flight per thread before any of them is used.
+      for (; j + 3 * stride < len; j += 4 * stride) {
+        float v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) v[u] = Elem<T>::load(xr + j + u * stride);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (is_finite(v[u])) { a = fminf(a, v[u]); c = fmaxf(c, v[u]); } else { ++bad; }
+        }
+      }
+    }
+    for (; j < len; j += stride) {
       const float v = Elem<T>::load(xr + j);
       if (row_group) {
         if (is_finite(v)) { a = fminf(a, v); c = fmaxf(c, v); } else { ++bad; }
@@ -211,7 +225,7 @@ inline dim3 grid_for(const QLayout& L) {
   const int64_t rows = L.rows();
   const int64_t gy = std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridY);
   int64_t gx = (L.row_len + kThreads * 4 - 1) / (kThreads * 4);
-  gx = std::max<int64_t>(1, std::min<int64_t>(gx, (int64_t(1) << 16) / gy + 1));
+  gx = std::max<int64_t>(1, std::min<int64_t>(gx, (int64_t(1) << 12) / gy + 1));
   return dim3(unsigned(gx), unsigned(gy), 1);
 }
 

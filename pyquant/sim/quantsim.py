@@ -81,6 +81,11 @@ class QuantSim:
         self._constraints: dict[str, tuple[float, float]] = {}
         self._graph_weights: dict[str, str] = {}  # quantizer name -> parameter (torch.export graphs)
         self._place_quantizers()
+        # Quantizers live where the model's tensors live, so a model built on the GPU simulates there.
+        dev = next((t.device for t in fp32.parameters()), None) or next((t.device for t in fp32.buffers()), None)
+        if dev is not None and dev.type != "cpu":
+            for q in self.quantizers.values():
+                q.to(dev)
 
     # ------------------------------------------------------------------------------------------
     def _analyzer(self, shape, param: bool = False) -> EncodingAnalyzer:
