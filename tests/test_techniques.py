@@ -183,3 +183,104 @@ def test_analytical_bias_correction_without_data(act):
     after = mean_err()
     assert set(removed) == {"3"}
     assert after < before / 5, (before, after)
+
+
+def test_batchnorm_before_a_layer_folds_forward_when_exact():
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), nn.ReLU(),   # no padding: exact
+                      nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3, padding=1),    # padded: not folded
+                      nn.Flatten(), nn.BatchNorm1d(5 * 8 * 8), nn.Linear(5 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        for bn in (m[0], m[3], m[6]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.2, 2)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+    x = torch.randn(3, 4, 10, 10)
+    y0 = m(x)
+    pairs = fold_batchnorms(m)
+    assert list(pairs) == [] and pairs.forward == [("0", "1"), ("6", "7")]
+    assert isinstance(m[0], nn.Identity) and isinstance(m[3], nn.BatchNorm2d) and isinstance(m[6], nn.Identity)
+    assert _rel(m(x), y0) <= 1e-5
+
+
+class _MLP(nn.Module):
+    """Linear -> functional ReLU -> Linear, as in a ReLU transformer MLP, with unbalanced channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 16)
+        with torch.no_grad():
+            self.up.weight.mul_(torch.logspace(-2, 1, 64).reshape(-1, 1))
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_linear_pairs_through_functional_relu_are_equalized():
+    torch.manual_seed(0)
+    m = _MLP().eval()
+    x = torch.randn(8, 5, 16)
+    y0 = m(x)
+    rep = equalize(m, x)
+    assert rep.pairs == [("up", "down")]
+    assert rep.spread_after["up"] < rep.spread_before["up"] / 10
+    assert _rel(m(x), y0) <= 1e-5
+    assert "up -> down" in str(rep)
+
+
+def test_nothing_to_do_warns_and_bad_pairs_are_skipped():
+    m = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2))  # GELU is not homogeneous
+    w0 = [p.clone() for p in m.parameters()]
+    with pytest.warns(UserWarning, match="unchanged"):
+        rep = equalize(m)
+    assert rep.pairs == [] and all(torch.equal(a, b) for a, b in zip(w0, m.parameters()))
+    with pytest.warns(UserWarning, match="no batch norm"):
+        fold_batchnorms(m)
+    bad = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning):
+        rep = equalize(bad)
+    assert rep.pairs == [] and "non-finite" in rep.skipped["0 -> 2"]
+    zero = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        zero[0].weight.zero_()
+    rep = equalize(zero, verbose=False)
+    assert "zero" in rep.skipped["0 -> 2"]
+
+
+def test_relu6_replacement_reports_how_far_outputs_moved():
+    m = _chain(act=nn.ReLU6)
+    x = torch.randn(4, 3, 12, 12)
+    rep = equalize(m, x, replace_relu6=True)
+    assert len(rep.relu6_replaced) == 2 and rep.relu6_output_change is not None and rep.relu6_output_change >= 0
+
+
+@pytest.mark.parametrize("config", ["default", "per_tensor"])
+def test_fold_batchnorms_to_scale_keeps_the_simulation(config):
+    """A QuantSim built with its batch norms (as for QAT) folds them into the simulated weights and
+    their encodings: per-channel encodings follow the weights exactly."""
+    from pyquant.sim.quantsim import QuantSim
+    from pyquant.techniques import fold_batchnorms_to_scale
+
+    m = _chain()
+    with torch.no_grad():
+        m[1].weight.abs_()  # positive BN scales: the per-channel fold is exact
+        m[4].weight.abs_()
+        m[7].weight.abs_()
+    x = torch.randn(8, 3, 12, 12)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", config=config)
+    sim.compute_encodings(lambda model: model(x))
+    y0 = sim.model(x)
+    pairs = fold_batchnorms_to_scale(sim)
+    assert [p[0] for p in pairs] == ["0", "3", "6"]
+    assert not any(isinstance(mod, nn.BatchNorm2d) for mod in sim.model.modules())
+    y1 = sim.model(x)
+    if config == "default":
+        assert pairs.recalibrated == []
+        assert _rel(y1, y0) <= 1e-4
+    else:
+        assert sorted(pairs.recalibrated) == ["0.weight", "3.weight", "6.weight"]
+        assert _rel(y1, y0) <= 0.2  # new per-tensor grids: close, not equal

@@ -1,6 +1,7 @@
 """Post-training techniques."""
 from .bias_correction import correct_bias, correct_bias_analytical
-from .bn_fold import fold_batchnorms
+from .bn_fold import FoldedPairs, fold_batchnorms, fold_batchnorms_to_scale
 from .cle import EqualizationReport, equalize
 
-__all__ = ["fold_batchnorms", "equalize", "EqualizationReport", "correct_bias", "correct_bias_analytical"]
+__all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
+           "correct_bias", "correct_bias_analytical"]

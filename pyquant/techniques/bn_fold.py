@@ -1,50 +1,87 @@
-"""Batch-norm folding: a BatchNorm that directly follows a Conv/ConvTranspose/Linear (and is that
-layer's only consumer) is folded into the layer's weight and bias, as an integer target runs it.
+"""Batch-norm folding, as an integer target runs it.
+
+A BatchNorm that directly follows a Conv/ConvTranspose/Linear (and is that layer's only consumer) is
+folded into the layer's weight and bias:
 
     w' = w * gamma / sigma (per output channel),   b' = (b - mean) * gamma / sigma + beta,
     sigma = sqrt(running_var + eps)
+
+A BatchNorm that directly precedes a Linear, or a convolution without padding (only then is the
+per-channel shift exact at every output position), is folded forward into that layer instead:
+
+    w' = w * a (per input channel),   b' = b + sum over inputs of w * (beta - mean * a),   a = gamma / sigma
+
+`fold_batchnorms_to_scale(sim)` does the first kind of folding inside a QuantSim: the weight
+quantizers' encodings are scaled with the weights, so a simulation trained with its batch norms
+(QAT) keeps its learned ranges after folding.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class FoldedPairs(list):
-    """The folded (layer, batchnorm) names; `bn_stats[layer]` keeps the BN's (beta, |gamma|): the mean
+    """The folded (layer, batchnorm) names. `bn_stats[layer]` keeps the BN's (beta, |gamma|): the mean
     and standard deviation the layer's folded outputs had during training (used by high-bias
-    absorption and analytical bias correction)."""
+    absorption and analytical bias correction). `forward` lists the (batchnorm, layer) pairs folded
+    into the layer after the BN."""
 
-    def __init__(self, pairs=(), bn_stats=None):
+    def __init__(self, pairs=(), bn_stats=None, forward=()):
         super().__init__(pairs)
         self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(bn_stats or {})
+        self.forward: list[tuple[str, str]] = list(forward)
+
+    def __repr__(self) -> str:
+        return f"FoldedPairs({list(self)!r}, forward={self.forward!r})"
 
 
-def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None) -> FoldedPairs:
-    """Folds BatchNorms into the preceding layers of `model` in place (the BN becomes nn.Identity).
+def _bn_usable(bn: nn.Module) -> bool:
+    return isinstance(bn, _BNS) and bn.track_running_stats and bn.running_mean is not None
+
+
+def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    a = bn.weight / sigma if bn.affine else 1.0 / sigma
+    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * a
+    return a, shift
+
+
+def _can_fold_forward(layer: nn.Module, channels: int) -> bool:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features == channels
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        no_pad = layer.padding == "valid" or all(p == 0 for p in (layer.padding if isinstance(layer.padding, tuple)
+                                                                   else (layer.padding,)))
+        return no_pad and layer.in_channels == channels
+    return False
+
+
+def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verbose: bool = True) -> FoldedPairs:
+    """Folds BatchNorms into the adjacent layers of `model` in place (each folded BN becomes
+    nn.Identity) and returns what was folded.
 
     The graph is read with torch.fx; `dummy_input` is accepted for API symmetry with the other
-    techniques. Returns the folded (layer, batchnorm) module names. The model's outputs in eval mode
-    are unchanged up to float rounding."""
+    techniques. The model's outputs in eval mode are unchanged up to float rounding. A model with
+    nothing to fold is left as it is, with a warning (unless `verbose=False`)."""
     gm = fx.symbolic_trace(model)
     pairs = FoldedPairs()
+    done: set[str] = set()
     for n in gm.graph.nodes:
-        if n.op != "call_module":
-            continue
-        bn = gm.get_submodule(n.target)
-        if not isinstance(bn, _BNS) or not bn.track_running_stats or bn.running_mean is None:
+        if n.op != "call_module" or not _bn_usable(gm.get_submodule(n.target)):
             continue
         prev = n.args[0] if n.args else None
         if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
             continue
-        layer = gm.get_submodule(prev.target)
-        if not isinstance(layer, _LAYERS):
+        if not isinstance(gm.get_submodule(prev.target), _LAYERS):
             continue
         bn_mod = model.get_submodule(n.target)
         if bn_mod.affine:
@@ -52,14 +89,32 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None) -> Fold
         _fold(model.get_submodule(prev.target), bn_mod)
         _replace(model, n.target, nn.Identity())
         pairs.append((prev.target, n.target))
+        done.add(n.target)
+    # BN -> layer, where the BN's output feeds only that layer and folding is exact
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or n.target in done or not _bn_usable(gm.get_submodule(n.target)):
+            continue
+        users = list(n.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        layer = model.get_submodule(users[0].target)
+        bn_mod = model.get_submodule(n.target)
+        if not _can_fold_forward(layer, bn_mod.num_features) or getattr(layer, "groups", 1) != 1:
+            continue
+        _fold_forward(bn_mod, layer)
+        _replace(model, n.target, nn.Identity())
+        pairs.forward.append((n.target, users[0].target))
+    if verbose and not pairs and not pairs.forward:
+        warnings.warn("fold_batchnorms: no batch norm next to a Conv/ConvTranspose/Linear was found; the model "
+                      "is unchanged", stacklevel=2)
     return pairs
 
 
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: nn.Module) -> None:
-    w = layer.weight
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Folds `bn` into `layer` (in place); returns the per-output-channel factor applied to the weight."""
+    w = layer.weight if weight is None else weight
+    scale, _ = _bn_scale_shift(bn)
     axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
     if axis == 1 and layer.groups != 1:
         raise NotImplementedError("folding into a grouped ConvTranspose is not supported")
@@ -67,14 +122,91 @@ def _fold(layer: nn.Module, bn: nn.Module) -> None:
     shape[axis] = -1
     w.mul_(scale.reshape(shape))
     b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_b = (b - bn.running_mean) * scale + shift
+    new_b = (b - bn.running_mean) * scale + (bn.bias if bn.affine else 0.0)
     if layer.bias is None:
         layer.bias = nn.Parameter(new_b)
     else:
         layer.bias.copy_(new_b)
+    return scale
+
+
+@torch.no_grad()
+def _fold_forward(bn: nn.Module, layer: nn.Module) -> None:
+    a, shift = _bn_scale_shift(bn)
+    w = layer.weight
+    shape = [1, -1] + [1] * (w.dim() - 2)
+    add = (w.reshape(w.shape[0], w.shape[1], -1).sum(2) * shift.reshape(1, -1)).sum(1)
+    w.mul_(a.reshape(shape))
+    if layer.bias is None:
+        layer.bias = nn.Parameter(add.clone())
+    else:
+        layer.bias.add_(add)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+@torch.no_grad()
+def fold_batchnorms_to_scale(sim, *, verbose: bool = True) -> FoldedPairs:
+    """Folds the batch norms of a QuantSim's model (built on an unfolded model, e.g. for QAT with batch
+    norms) into the preceding layers' weights, and scales those weights' encodings by the same
+    per-channel factors, so that the simulation keeps the ranges it has (calibrated or learned).
+
+    Exact for per-channel weight encodings with positive BN scales. A per-tensor weight encoding (or a
+    channel whose BN scale is negative under a symmetric grid) cannot follow the weights exactly and
+    is recalibrated on the folded weight; the returned pairs' `recalibrated` attribute names them."""
+    gm = sim.model
+    pairs = FoldedPairs()
+    pairs.recalibrated = []  # type: ignore[attr-defined]
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or not _bn_usable(gm.get_submodule(n.target)):
+            continue
+        prev = n.args[0] if n.args else None
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        layer = gm.get_submodule(prev.target)
+        if not isinstance(layer, _LAYERS):
+            continue
+        bn = gm.get_submodule(n.target)
+        if bn.affine:
+            pairs.bn_stats[prev.target] = (bn.bias.detach().clone(), bn.weight.detach().abs().clone())
+        qname = f"{prev.target}.weight"
+        q = sim.param_quantizers.get(qname)
+        if parametrize.is_parametrized(layer, "weight"):
+            k = _fold(layer, bn, weight=layer.parametrizations.weight.original)
+        else:
+            k = _fold(layer, bn)
+        if q is not None and bool(q.initialized):
+            axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
+            per_channel = len(q.shape) > axis and q.shape[axis] == k.numel() and k.numel() > 1
+            exact = per_channel and (bool((k > 0).all()) or not q.symmetric)
+            if exact:
+                shape = [1] * len(q.shape)
+                shape[axis] = -1
+                kk = k.reshape(shape).to(q.min.device if q.param_mode == "minmax" else q.scale.device)
+                if q.param_mode == "minmax":
+                    lo, hi = q.min * kk, q.max * kk
+                    q.min.copy_(torch.minimum(lo, hi))
+                    q.max.copy_(torch.maximum(lo, hi))
+                else:
+                    if bool((k < 0).any()):
+                        exact = False
+                    else:
+                        q.scale.mul_(kk)
+            if not exact:
+                frozen = q.frozen
+                q.frozen = False
+                with q.compute_encodings():
+                    q(sim._weight_of(qname))
+                q.frozen = frozen
+                pairs.recalibrated.append(qname)  # type: ignore[attr-defined]
+        _replace(gm, n.target, nn.Identity())
+        pairs.append((prev.target, n.target))
+    gm.recompile()
+    if verbose and not pairs:
+        warnings.warn("fold_batchnorms_to_scale: the simulation has no batch norm after a Conv/ConvTranspose/"
+                      "Linear; nothing was folded", stacklevel=2)
+    return pairs

@@ -7,6 +7,7 @@ pair, repeated until the scales settle."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,23 @@ class EqualizationReport:
     relu6_replaced: list[str]
     iterations: int
     absorbed: dict[str, float] = dataclasses.field(default_factory=dict)  # layer -> largest bias moved on
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # "a -> b" -> why it was left alone
+    relu6_output_change: Optional[float] = None  # max relative change of the outputs from replacing ReLU6
+
+    def __str__(self) -> str:
+        lines = [f"equalize: {len(self.folded)} batch norms folded, {len(self.pairs)} layer pairs scaled "
+                 f"({self.iterations} iterations), {len(self.absorbed)} high biases absorbed"]
+        if self.relu6_replaced:
+            lines.append(f"  ReLU6 -> ReLU: {len(self.relu6_replaced)} modules"
+                         + (f", outputs moved by {self.relu6_output_change:.3g} (max relative)"
+                            if self.relu6_output_change is not None else ""))
+        for a, b in self.pairs:
+            lines.append(f"  {a} -> {b}: channel-range spread {self.spread_before[a]:.1f} -> "
+                         f"{self.spread_after[a]:.1f}" + (f", bias {self.absorbed[a]:.3g} absorbed"
+                                                          if a in self.absorbed else ""))
+        for pair, why in self.skipped.items():
+            lines.append(f"  skipped {pair}: {why}")
+        return "\n".join(lines)
 
 
 def _is_depthwise(m: nn.Module) -> bool:
@@ -54,6 +72,12 @@ def _spread(m: nn.Module) -> float:
     return float(r.max() / r.clamp_min(1e-12).min())
 
 
+def _is_functional_relu(n: fx.Node) -> bool:
+    if n.op == "call_function":
+        return n.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
+    return n.op == "call_method" and n.target in ("relu", "relu_")
+
+
 def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS):
     """(first, second) layer names joined through homogeneous activations only, each first layer
     feeding only the second; with `with_acts`, also the activation types between them."""
@@ -66,9 +90,17 @@ def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOM
         acts: list[type] = []
         while True:
             users = list(cur.users)
-            if len(users) != 1 or users[0].op != "call_module":
+            if len(users) != 1:
                 break
             nxt = users[0]
+            if _is_functional_relu(nxt):
+                if nn.ReLU not in acts_allowed:
+                    break
+                acts.append(nn.ReLU)
+                cur = nxt
+                continue
+            if nxt.op != "call_module":
+                break
             mod = gm.get_submodule(nxt.target)
             if isinstance(mod, _LAYERS):
                 a, b = gm.get_submodule(n.target), mod
@@ -122,30 +154,65 @@ def _absorb(a: nn.Module, b: nn.Module, beta: torch.Tensor, gamma: torch.Tensor)
     return float(c.max())
 
 
+def _pair_problem(a: nn.Module, b: nn.Module) -> Optional[str]:
+    for name, m in (("first", a), ("second", b)):
+        if not bool(torch.isfinite(m.weight).all()):
+            return f"the {name} layer has non-finite weights"
+    if not bool(((_out_ranges(a) > 0) & (_in_ranges(b) > 0)).any()):
+        return "every channel would need a zero or infinite scale (all-zero weights)"
+    return None
+
+
+def _outputs(model: nn.Module, dummy_input: Any) -> Optional[torch.Tensor]:
+    if dummy_input is None:
+        return None
+    with torch.no_grad():
+        out = model(*dummy_input) if isinstance(dummy_input, tuple) else model(dummy_input)
+    return out.detach().clone() if isinstance(out, torch.Tensor) else None
+
+
 def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_relu6: bool = False,
-             absorb_high_bias: bool = True, max_iterations: int = 50, tol: float = 1e-6) -> EqualizationReport:
-    """Folds batch norms, then equalizes every Conv/Linear pair of `model` in place, then (by default)
+             absorb_high_bias: bool = True, max_iterations: int = 50, tol: float = 1e-6,
+             verbose: bool = True) -> EqualizationReport:
+    """Folds batch norms, then equalizes every layer pair of `model` in place, then (by default)
     absorbs high biases through ReLUs where a folded BN told the pre-activation statistics.
 
-    ReLU6 is not homogeneous and blocks equalization unless `replace_relu6=True`, which swaps it for
-    ReLU first (that changes the model: compare its outputs before and after). Absorption is exact for
-    activations above beta - 3 gamma (nearly all, for Gaussian pre-activations) and, across a
-    zero-padded convolution, away from the borders. Returns a report."""
-    folded = fold_batchnorms(model, dummy_input)
+    Pairs: Conv->Conv, Conv->depthwise->Conv chains (pair by pair) and Linear->Linear (MLPs), joined
+    through ReLU (module or functional), single-parameter PReLU, Dropout or nothing, the first layer
+    feeding only the second. GELU/SiLU and ReLU6 are not positively homogeneous and block a pair;
+    `replace_relu6=True` swaps ReLU6 for ReLU first, which changes the model: the report gives how far
+    the outputs on `dummy_input` moved. Absorption is exact for activations above beta - 3 gamma (nearly
+    all, for Gaussian pre-activations) and, across a zero-padded convolution, away from the borders.
+
+    Channels whose range is zero keep a scale of 1; a pair whose weights are non-finite or all zero is
+    skipped and named in the report. A model without pairs is left as it is, with a warning."""
+    folded = fold_batchnorms(model, dummy_input, verbose=False)
     replaced = []
+    moved = None
     if replace_relu6:
+        before_out = _outputs(model, dummy_input) if any(isinstance(m, nn.ReLU6) for m in model.modules()) else None
         for name, m in list(model.named_modules()):
             if isinstance(m, nn.ReLU6):
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.ReLU())
                 replaced.append(name)
-    detailed = _pairs(model, with_acts=True)
+        if before_out is not None:
+            after_out = _outputs(model, dummy_input)
+            moved = float((after_out - before_out).abs().max() / before_out.abs().max().clamp_min(1e-30))
+    skipped: dict[str, str] = {}
+    detailed = []
+    for a, b, acts in _pairs(model, with_acts=True):
+        why = _pair_problem(model.get_submodule(a), model.get_submodule(b))
+        if why is None:
+            detailed.append((a, b, acts))
+        else:
+            skipped[f"{a} -> {b}"] = why
     pairs = [(a, b) for a, b, _ in detailed]
     layers = {n for p in pairs for n in p}
     before = {n: _spread(model.get_submodule(n)) for n in layers}
     stats = dict(getattr(folded, "bn_stats", {}))  # A's output statistics, rescaled with A below
     it = 0
-    for it in range(1, max_iterations + 1):
+    for it in range(1, max_iterations + 1) if pairs else ():
         change = 0.0
         for a, b in pairs:
             s = _scale_pair(model.get_submodule(a), model.get_submodule(b))
@@ -160,8 +227,13 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
     if absorb_high_bias:
         for a, b, acts in detailed:
             if a in stats and nn.ReLU in acts and all(t in (nn.ReLU, nn.Identity, nn.Dropout) for t in acts):
-                moved = _absorb(model.get_submodule(a), model.get_submodule(b), *stats[a])
-                if moved > 0:
-                    absorbed[a] = moved
+                moved_bias = _absorb(model.get_submodule(a), model.get_submodule(b), *stats[a])
+                if moved_bias > 0:
+                    absorbed[a] = moved_bias
+    if verbose and not pairs and not folded:
+        warnings.warn("equalize: no batch norm to fold and no Conv/Linear pair to equalize; the model is "
+                      "unchanged" + (f" ({len(skipped)} pairs skipped, see the report)" if skipped else ""),
+                      stacklevel=2)
     return EqualizationReport(pairs=pairs, spread_before=before, spread_after=after, folded=folded,
-                              relu6_replaced=replaced, iterations=it, absorbed=absorbed)
+                              relu6_replaced=replaced, iterations=it, absorbed=absorbed, skipped=skipped,
+                              relu6_output_change=moved)
