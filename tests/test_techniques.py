@@ -125,6 +125,27 @@ def test_empirical_bias_correction_shrinks_mean_error():
     assert m[0].bias is not sim.model.get_submodule("0").bias  # the FP32 model is left alone
 
 
+def test_iterative_and_sequential_bias_correction_reach_the_same_biases():
+    from pyquant import QuantSim
+    from pyquant.techniques import correct_bias
+
+    m = _chain(seed=2)
+    fold_batchnorms(m)
+    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(1)) + 0.5
+    biases = {}
+    for method, passes in (("sequential", 1), ("iterative", 6)):
+        sim = QuantSim(m, x[:2], quant_scheme="min_max", param_bw=4, config="per_tensor")
+        sim.compute_encodings(lambda model: model(x))
+        correct_bias(sim, m, lambda model: model(x), method=method, passes=passes, progress=False)
+        biases[method] = torch.cat([sim.model.get_submodule(n).bias.detach() for n in ("0", "3", "6")])
+    assert correct_bias.last_residual < 1e-3
+    torch.testing.assert_close(biases["iterative"], biases["sequential"], atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="method must be"):
+        correct_bias(sim, m, lambda model: model(x), method="fast")
+    with pytest.raises(ValueError, match="not quantized Conv/Linear"):
+        correct_bias(sim, m, lambda model: model(x), layers=["nope"])
+
+
 def test_high_bias_absorption_moves_bias_and_keeps_outputs():
     """A ReLU whose input sits well above 0 (BN beta >> gamma): beta - 3 gamma moves to the next layer's
     bias. A 1x1 second layer has no zero-padded border, so outputs match wherever the BN statistics

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import math
-import sys
+import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+
+from .._progress import Progress
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 
@@ -47,32 +49,63 @@ def _means(model: nn.Module, names: list[str], run: Callable[[nn.Module], Any]) 
 
 
 def correct_bias(sim, fp32_model: nn.Module, forward_fn: Callable[[nn.Module], Any],
-                 layers: Optional[Iterable[str]] = None, progress: Optional[bool] = None) -> dict[str, float]:
-    """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place.
+                 layers: Optional[Iterable[str]] = None, *, method: str = "iterative", passes: int = 3,
+                 progress: Optional[bool] = None) -> dict[str, float]:
+    """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place, so that
+    each layer's mean output per channel on the calibration data matches the FP32 model's.
 
-    `forward_fn(model)` runs the calibration data through a model (it is called once on the FP32 model
-    and once per layer on the simulation). Returns, per layer, the largest mean output shift removed."""
+    `forward_fn(model)` runs the calibration data through a model. With ``method="sequential"`` the
+    layers are corrected one at a time in execution order, each measured with the earlier ones
+    corrected (one pass over the data per layer). ``"iterative"`` (default) measures every layer in one
+    pass and corrects them all, `passes` times: each pass removes what the earlier corrections left,
+    converging to the same fixed point (every layer's mean shift zero) at a cost of `passes` + 1 passes
+    instead of one per layer. Returns, per layer, the total mean output shift removed (max over
+    channels); `correct_bias.last_residual` holds the largest shift the last pass removed (small when
+    the passes have converged)."""
+    if method not in ("iterative", "sequential"):
+        raise ValueError(f"method must be 'iterative' or 'sequential', got {method!r}")
+    if int(passes) < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
     names = [n for n, m in sim.model.named_modules() if isinstance(m, _LAYERS) and f"{n}.weight" in sim.quantizers]
     if layers is not None:
         wanted = set(layers)
+        unknown = wanted - set(names)
+        if unknown:
+            raise ValueError(f"layers: {sorted(unknown)} are not quantized Conv/Linear layers of the simulation")
         names = [n for n in names if n in wanted]
+    if not names:
+        warnings.warn("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do", stacklevel=2)
+        return {}
     ref = _means(fp32_model, names, forward_fn)
-    show = sys.stderr.isatty() if progress is None else progress
-    removed: dict[str, float] = {}
-    for i, n in enumerate(names, 1):
-        got = _means(sim.model, [n], forward_fn)[n]
-        shift = (got - ref[n]).float()
+    total: dict[str, torch.Tensor] = {}
+
+    def apply(n: str, shift: torch.Tensor) -> None:
         mod = sim.model.get_submodule(n)
         with torch.no_grad():
             if mod.bias is None:
-                mod.bias = nn.Parameter(torch.zeros(shift.numel(), device=shift.device))
-            mod.bias.sub_(shift.to(mod.bias.dtype))
-        removed[n] = float(shift.abs().max())
-        if show:
-            print(f"\rbias correction {i}/{len(names)} {n}", end="", file=sys.stderr, flush=True)
-    if show:
-        print(file=sys.stderr)
-    return removed
+                mod.bias = nn.Parameter(torch.zeros(shift.numel(), device=mod.weight.device))
+            mod.bias.sub_(shift.to(mod.bias.device, mod.bias.dtype))
+        total[n] = shift if n not in total else total[n] + shift
+
+    residual = 0.0
+    if method == "sequential":
+        bar = Progress(len(names), "bias correction", progress)
+        for n in names:
+            apply(n, (_means(sim.model, [n], forward_fn)[n] - ref[n]).float())
+            bar.update(note=n)
+        bar.close()
+    else:
+        bar = Progress(passes, "bias correction", progress)
+        for k in range(passes):
+            got = _means(sim.model, names, forward_fn)
+            shifts = {n: (got[n] - ref[n]).float() for n in names if n in got}
+            residual = max(float(v.abs().max()) for v in shifts.values())
+            for n, v in shifts.items():
+                apply(n, v)
+            bar.update(note=f"pass {k + 1}: largest mean shift {residual:.3g}")
+        bar.close()
+    correct_bias.last_residual = residual  # type: ignore[attr-defined]
+    return {n: float(v.abs().max()) for n, v in total.items()}
 
 
 def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math.inf) -> torch.Tensor:

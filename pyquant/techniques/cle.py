@@ -34,6 +34,9 @@ class EqualizationReport:
     absorbed: dict[str, float] = dataclasses.field(default_factory=dict)  # layer -> largest bias moved on
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # "a -> b" -> why it was left alone
     relu6_output_change: Optional[float] = None  # max relative change of the outputs from replacing ReLU6
+    # each folded layer's output (mean, std) as its BN knew them, carried through scaling and absorption:
+    # what analytical bias correction of the equalized model needs
+    bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"equalize: {len(self.folded)} batch norms folded, {len(self.pairs)} layer pairs scaled "
@@ -81,7 +84,8 @@ def _is_functional_relu(n: fx.Node) -> bool:
 def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS):
     """(first, second) layer names joined through homogeneous activations only, each first layer
     feeding only the second; with `with_acts`, also the activation types between them."""
-    gm = fx.symbolic_trace(model)
+    from ..quant.quantizer import _QuantizerBase
+    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     out = []
     for n in gm.graph.nodes:
         if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), _LAYERS):
@@ -102,6 +106,9 @@ def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOM
             if nxt.op != "call_module":
                 break
             mod = gm.get_submodule(nxt.target)
+            if isinstance(mod, _QuantizerBase):  # a simulation's quantizer: transparent here
+                cur = nxt
+                continue
             if isinstance(mod, _LAYERS):
                 a, b = gm.get_submodule(n.target), mod
                 channels_match = a.weight.shape[0] == (b.weight.shape[0] if _is_depthwise(b) else b.weight.shape[1])
@@ -133,14 +140,12 @@ def _scale_pair(a: nn.Module, b: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _absorb(a: nn.Module, b: nn.Module, beta: torch.Tensor, gamma: torch.Tensor) -> float:
+def _absorb(a: nn.Module, b: nn.Module, beta: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """High-bias absorption through a ReLU: c = max(0, beta - 3 gamma) of A's outputs sits below nearly
     every activation, so ReLU(y) = ReLU(y - c) + c for them; c leaves A's bias and enters B's as W_B c."""
     c = torch.clamp(beta - 3.0 * gamma, min=0.0)
-    if not bool((c > 0).any()):
-        return 0.0
-    if a.bias is None:
-        return 0.0
+    if not bool((c > 0).any()) or a.bias is None:
+        return torch.zeros_like(c)
     a.bias.sub_(c)
     w = b.weight
     if _is_depthwise(b):
@@ -151,7 +156,7 @@ def _absorb(a: nn.Module, b: nn.Module, beta: torch.Tensor, gamma: torch.Tensor)
         b.bias = nn.Parameter(add.clone())
     else:
         b.bias.add_(add)
-    return float(c.max())
+    return c
 
 
 def _pair_problem(a: nn.Module, b: nn.Module) -> Optional[str]:
@@ -227,13 +232,14 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
     if absorb_high_bias:
         for a, b, acts in detailed:
             if a in stats and nn.ReLU in acts and all(t in (nn.ReLU, nn.Identity, nn.Dropout) for t in acts):
-                moved_bias = _absorb(model.get_submodule(a), model.get_submodule(b), *stats[a])
-                if moved_bias > 0:
-                    absorbed[a] = moved_bias
+                c = _absorb(model.get_submodule(a), model.get_submodule(b), *stats[a])
+                if bool((c > 0).any()):
+                    absorbed[a] = float(c.max())
+                    stats[a] = (stats[a][0] - c, stats[a][1])
     if verbose and not pairs and not folded:
         warnings.warn("equalize: no batch norm to fold and no Conv/Linear pair to equalize; the model is "
                       "unchanged" + (f" ({len(skipped)} pairs skipped, see the report)" if skipped else ""),
                       stacklevel=2)
     return EqualizationReport(pairs=pairs, spread_before=before, spread_after=after, folded=folded,
                               relu6_replaced=replaced, iterations=it, absorbed=absorbed, skipped=skipped,
-                              relu6_output_change=moved)
+                              relu6_output_change=moved, bn_stats=stats)
