@@ -118,32 +118,49 @@ def test_empirical_bias_correction_shrinks_mean_error():
             return float((sim.model(x) - m(x)).transpose(0, 1).reshape(8, -1).mean(1).abs().mean())
 
     before = mean_err()
-    removed = correct_bias(sim, m, lambda model: model(x), progress=False)
+    removed = correct_bias(sim, m, x, progress=False)
     after = mean_err()
     assert set(removed) == {"0", "3", "6"}
     assert after < before / 3, (before, after)
     assert m[0].bias is not sim.model.get_submodule("0").bias  # the FP32 model is left alone
 
 
-def test_iterative_and_sequential_bias_correction_reach_the_same_biases():
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1, bias=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y + torch.relu(self.c(torch.relu(self.b(y))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_staged_and_sequential_bias_correction_agree():
+    """The one-pass staged method gives the layer-by-layer result, on a graph with a residual add."""
     from pyquant import QuantSim
     from pyquant.techniques import correct_bias
 
-    m = _chain(seed=2)
-    fold_batchnorms(m)
-    x = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(1)) + 0.5
-    biases = {}
-    for method, passes in (("sequential", 1), ("iterative", 6)):
+    m = _Residual().eval()
+    x = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(1)) + 0.5
+    biases, removed = {}, {}
+    for method in ("sequential", "staged"):
         sim = QuantSim(m, x[:2], quant_scheme="min_max", param_bw=4, config="per_tensor")
         sim.compute_encodings(lambda model: model(x))
-        correct_bias(sim, m, lambda model: model(x), method=method, passes=passes, progress=False)
-        biases[method] = torch.cat([sim.model.get_submodule(n).bias.detach() for n in ("0", "3", "6")])
-    assert correct_bias.last_residual < 1e-3
-    torch.testing.assert_close(biases["iterative"], biases["sequential"], atol=2e-3, rtol=0)
+        removed[method] = correct_bias(sim, m, x, method=method, batch_size=16, progress=False)
+        biases[method] = torch.cat([sim.model.get_submodule(n).bias.detach() for n in ("a", "b", "c", "fc")])
+    torch.testing.assert_close(biases["staged"], biases["sequential"], atol=1e-5, rtol=1e-5)
+    assert removed["staged"].keys() == removed["sequential"].keys()
     with pytest.raises(ValueError, match="method must be"):
-        correct_bias(sim, m, lambda model: model(x), method="fast")
+        correct_bias(sim, m, x, method="fast")
     with pytest.raises(ValueError, match="not quantized Conv/Linear"):
-        correct_bias(sim, m, lambda model: model(x), layers=["nope"])
+        correct_bias(sim, m, x, layers=["nope"])
+    with pytest.raises(ValueError, match="method='sequential'"):
+        correct_bias(sim, m, lambda model: model(x))
 
 
 def test_high_bias_absorption_moves_bias_and_keeps_outputs():

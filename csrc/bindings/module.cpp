@@ -5,6 +5,7 @@
 #include "kernel_table.h"
 #include "stats_table.h"
 #include "layout_binding.h"
+#include "adaround.h"
 
 namespace py = pybind11;
 using namespace pq;
@@ -67,6 +68,29 @@ PYBIND11_MODULE(_C, m) {
                              cpu_threads());
         },
         "clip point (number of kept bins) with the least KL divergence for each of G histograms");
+  m.def("adaround_forward",
+        [](uintptr_t w, uintptr_t a, uintptr_t y, uintptr_t s, uintptr_t o, int64_t rows, int64_t row_len,
+           int64_t nscale, float qmin, float qmax, bool hard) {
+          py::gil_scoped_release nogil;
+          cpu::adaround_forward(ptr<const float>(w), ptr<const float>(a), ptr<float>(y), ptr<const float>(s),
+                                ptr<const float>(o), rows, row_len, nscale, qmin, qmax, hard, cpu_threads());
+        },
+        "AdaRound soft (or hard) quantized weight, float32 [rows, row_len], nscale 1 or rows");
+  m.def("adaround_backward",
+        [](uintptr_t g, uintptr_t w, uintptr_t a, uintptr_t da, uintptr_t s, uintptr_t o, int64_t rows,
+           int64_t row_len, int64_t nscale, float qmin, float qmax) {
+          py::gil_scoped_release nogil;
+          cpu::adaround_backward(ptr<const float>(g), ptr<const float>(w), ptr<const float>(a), ptr<float>(da),
+                                 ptr<const float>(s), ptr<const float>(o), rows, row_len, nscale, qmin, qmax,
+                                 cpu_threads());
+        },
+        "d(loss)/d(alpha) of the soft quantized weight");
+  m.def("adaround_regularizer",
+        [](uintptr_t a, int64_t n, float beta, uintptr_t grad) {
+          py::gil_scoped_release nogil;
+          return cpu::adaround_regularizer(ptr<const float>(a), n, beta, ptr<float>(grad), cpu_threads());
+        },
+        "sum(1 - |2h - 1|^beta) and its gradient in alpha");
   m.def("first_bad_scale",
         [](uintptr_t s, int64_t n) -> int64_t {
           const float* p = ptr<const float>(s);

@@ -19,6 +19,25 @@ static void check(const char* err) {
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pyquant CUDA kernels (torch-free)";
   bind_layout(m);
+  m.def("adaround_forward",
+        [](uintptr_t w, uintptr_t a, uintptr_t y, uintptr_t s, uintptr_t o, int64_t rows, int64_t row_len,
+           int64_t nscale, float qmin, float qmax, bool hard, uintptr_t stream) {
+          check(cuda::adaround_forward(ptr<const float>(w), ptr<const float>(a), ptr<float>(y), ptr<const float>(s),
+                                       ptr<const float>(o), rows, row_len, nscale, qmin, qmax, hard, stream));
+        });
+  m.def("adaround_backward",
+        [](uintptr_t g, uintptr_t w, uintptr_t a, uintptr_t da, uintptr_t s, uintptr_t o, int64_t rows,
+           int64_t row_len, int64_t nscale, float qmin, float qmax, uintptr_t stream) {
+          check(cuda::adaround_backward(ptr<const float>(g), ptr<const float>(w), ptr<const float>(a), ptr<float>(da),
+                                        ptr<const float>(s), ptr<const float>(o), rows, row_len, nscale, qmin, qmax,
+                                        stream));
+        });
+  m.def("adaround_regularizer_workspace", &cuda::adaround_regularizer_workspace);
+  m.def("adaround_regularizer",
+        [](uintptr_t a, int64_t n, float beta, uintptr_t grad, uintptr_t ws, uintptr_t value, uintptr_t stream) {
+          check(cuda::adaround_regularizer(ptr<const float>(a), n, beta, ptr<float>(grad), ptr<double>(ws),
+                                           ptr<double>(value), stream));
+        });
   m.def("fake_quant_forward",
         [](int op, uintptr_t x, int xdt, uintptr_t y, int ydt, uintptr_t s, uintptr_t o, float qmin, float qmax,
            const QLayout& L, uintptr_t stream) {

@@ -19,6 +19,7 @@ from . import _cpu, _cuda, _reference, _registry
 
 __all__ = [
     "quantize", "dequantize", "quantize_dequantize", "grid", "reference",
+    "adaround_weight", "adaround_regularizer", "adaround_init_alpha",
 ]
 
 reference = _reference
@@ -126,3 +127,35 @@ def dequantize(q: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union
     """``(q + o) * s`` for integer codes (any int or float dtype) in float32/float16/bfloat16."""
     s, o = _params(q, scale, offset, axis, block_size)
     return _registry.ops.dequantize(q, s, o, out_dtype)
+
+
+# ---- AdaRound --------------------------------------------------------------------------------------
+def _channel_params(w: torch.Tensor, scale, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=w.device)
+    o = offset if isinstance(offset, torch.Tensor) else torch.tensor(float(offset or 0.0), device=w.device)
+    return s.float().reshape(-1), o.float().reshape(-1)
+
+
+def adaround_weight(w: torch.Tensor, alpha: torch.Tensor, scale: Union[torch.Tensor, float],
+                    offset: Union[torch.Tensor, float, None] = None, *, bitwidth: int = 4, signed: bool = True,
+                    hard: bool = False) -> torch.Tensor:
+    """AdaRound's quantized weight ``(clamp(floor(w/s) + h(alpha) - o, qmin, qmax) + o) * s`` with
+    ``h = clamp(sigmoid(alpha) * 1.2 - 0.1, 0, 1)`` (soft, differentiable in alpha) or ``h = alpha >= 0``
+    (``hard=True``). float32; scale/offset: one value, or one per output channel (dim 0 of w)."""
+    qmin, qmax = grid(bitwidth, signed)
+    s, o = _channel_params(w, scale, offset)
+    return _registry.ops.adaround_weight(w, alpha, s, o, qmin, qmax, hard)
+
+
+def adaround_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
+    """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every h to 0 or 1 (differentiable in alpha)."""
+    return _registry.ops.adaround_regularizer(alpha, float(beta))[0]
+
+
+def adaround_init_alpha(w: torch.Tensor, scale: Union[torch.Tensor, float]) -> torch.Tensor:
+    """The alpha for which h(alpha) equals the fractional part of w/s (soft rounding starts at w itself)."""
+    s, _ = _channel_params(w, scale, None)
+    s = s.reshape((-1,) + (1,) * (w.dim() - 1)) if w.dim() > 0 else s.reshape(())
+    frac = w.float() / s - torch.floor(w.float() / s)
+    sig = ((frac + 0.1) / 1.2).clamp(1e-6, 1 - 1e-6)
+    return torch.log(sig / (1 - sig))

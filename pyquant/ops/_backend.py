@@ -168,9 +168,59 @@ class NativeBackend:
                                   *self.extra_args(counts))
         return best, kl
 
+    # ---- AdaRound ----
+    def _ada_prep(self, w, alpha, scale, offset, qmin, qmax):
+        _registry.check_adaround_args(w, alpha, scale, offset, qmin, qmax)
+        w, alpha = w.contiguous(), alpha.contiguous()
+        s, o = scale.contiguous().reshape(-1), offset.contiguous().reshape(-1)
+        self._check_scale(s, s.numel())
+        rows = w.shape[0] if w.dim() > 0 else 1
+        row_len = w.numel() // rows if rows else 0
+        return w, alpha, s, o, rows, row_len
+
+    def adaround_weight(self, w, alpha, scale, offset, qmin, qmax, hard=False):
+        w, alpha, s, o, rows, row_len = self._ada_prep(w, alpha, scale, offset, qmin, qmax)
+        y = torch.empty_like(w)
+        with self.context(w):
+            self.m.adaround_forward(w.data_ptr(), alpha.data_ptr(), y.data_ptr(), s.data_ptr(), o.data_ptr(), rows,
+                                    row_len, s.numel(), float(qmin), float(qmax), bool(hard), *self.extra_args(w))
+        return y
+
+    def adaround_weight_backward(self, grad, w, alpha, scale, offset, qmin, qmax):
+        w, alpha, s, o, rows, row_len = self._ada_prep(w, alpha, scale, offset, qmin, qmax)
+        if grad.shape != w.shape:
+            raise ValueError(f"grad must have w's shape {tuple(w.shape)}, got {tuple(grad.shape)}")
+        g = grad.float().contiguous()
+        da = torch.empty_like(alpha)
+        with self.context(w):
+            self.m.adaround_backward(g.data_ptr(), w.data_ptr(), alpha.data_ptr(), da.data_ptr(), s.data_ptr(),
+                                     o.data_ptr(), rows, row_len, s.numel(), float(qmin), float(qmax),
+                                     *self.extra_args(w))
+        return da
+
+    def adaround_regularizer(self, alpha, beta):
+        if alpha.dtype != torch.float32:
+            raise TypeError(f"alpha must be float32, got {alpha.dtype}")
+        a = alpha.contiguous()
+        grad = torch.empty_like(a)
+        if self.device_type == "cpu":
+            total = self.m.adaround_regularizer(a.data_ptr(), a.numel(), float(beta), grad.data_ptr())
+            return torch.tensor(total, dtype=torch.float32), grad
+        ws = torch.empty(self.m.adaround_regularizer_workspace(a.numel()), dtype=torch.float64, device=a.device)
+        value = torch.empty((), dtype=torch.float64, device=a.device)
+        with self.context(a):
+            self.m.adaround_regularizer(a.data_ptr(), a.numel(), float(beta), grad.data_ptr(), ws.data_ptr(),
+                                        value.data_ptr(), *self.extra_args(a))
+        return value.float(), grad
+
     def register(self) -> None:
         lib = _registry._lib
         dt = self.device_type
+        if hasattr(self.m, "adaround_forward"):
+            torch.library.register_kernel("pyquant::adaround_weight", dt, self.adaround_weight, lib=lib)
+            torch.library.register_kernel("pyquant::adaround_weight_backward", dt, self.adaround_weight_backward,
+                                          lib=lib)
+            torch.library.register_kernel("pyquant::adaround_regularizer", dt, self.adaround_regularizer, lib=lib)
         torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
         torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
         torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)

@@ -181,3 +181,60 @@ def entropy_search(counts: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.T
         best_kl.append(kls[k])
     return (torch.tensor(best_i, dtype=torch.int64, device=counts.device),
             torch.tensor(best_kl, dtype=torch.float64, device=counts.device))
+
+
+# ---- AdaRound (DESIGN.md): the same float32 operations, in the same order, as csrc/include/pyquant/adaround.h
+_ADA_STRETCH = 1.2  # zeta - gamma, zeta = 1.1, gamma = -0.1
+_ADA_GAMMA = -0.1
+
+
+def _rows(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One value per output channel (dim 0) broadcast over the rest of w, or a single value."""
+    return p.reshape((-1,) + (1,) * (w.dim() - 1)) if w.dim() > 0 else p.reshape(())
+
+
+def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32, device=like.device)
+
+
+def adaround_sigmoid(alpha: torch.Tensor) -> torch.Tensor:
+    """sigmoid in float64, rounded to float32 (as the kernels compute it)."""
+    return torch.sigmoid(alpha.double()).float()
+
+
+def adaround_terms(w, alpha, scale, offset, hard):
+    sig = adaround_sigmoid(alpha)
+    hr = sig * _f32(_ADA_STRETCH, w) + _f32(_ADA_GAMMA, w)
+    h = (alpha >= 0).float() if hard else torch.clamp(hr, 0.0, 1.0)
+    t = (torch.floor(w / _rows(scale, w)) + h) - _rows(offset, w)
+    return sig, hr, h, t
+
+
+def adaround_weight(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int,
+                    qmax: int, hard: bool = False) -> torch.Tensor:
+    """(clamp(floor(w/s) + h(alpha) - o, qmin, qmax) + o) * s, h = clamp(sigmoid(alpha) * 1.2 - 0.1, 0, 1),
+    or h = (alpha >= 0) when hard; scale/offset per output channel (dim 0) or single."""
+    _, _, _, t = adaround_terms(w, alpha, scale, offset, hard)
+    return (torch.clamp(t, qmin, qmax) + _rows(offset, w)) * _rows(scale, w)
+
+
+def adaround_weight_backward(grad: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor,
+                             offset: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    sig, hr, _, t = adaround_terms(w, alpha, scale, offset, False)
+    keep = (t >= qmin) & (t <= qmax) & (hr >= 0) & (hr <= 1)
+    d = ((grad * _rows(scale, w)) * _f32(_ADA_STRETCH, w)) * (sig * (1.0 - sig))
+    return torch.where(keep, d, torch.zeros_like(d))
+
+
+def adaround_regularizer(alpha: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum(1 - |2h - 1|^beta) as a float32 scalar, its gradient in alpha); powers in float64."""
+    sig = adaround_sigmoid(alpha)
+    hr = sig * _f32(_ADA_STRETCH, alpha) + _f32(_ADA_GAMMA, alpha)
+    h = torch.clamp(hr, 0.0, 1.0)
+    d = 2.0 * h - 1.0
+    ad = d.double().abs()
+    value = (1.0 - ad.pow(float(beta))).sum().float()
+    keep = (hr >= 0) & (hr <= 1) & (ad != 0)
+    dd = -float(beta) * ad.pow(float(beta) - 1.0) * torch.sign(d).double()
+    g = (dd * 2.0 * float(_f32(_ADA_STRETCH, alpha)) * sig.double() * (1.0 - sig.double())).float()
+    return value, torch.where(keep, g, torch.zeros_like(g))

@@ -22,7 +22,98 @@ _lib.define("search(Tensor counts, Tensor c0, Tensor bw, Tensor cand_d, Tensor c
             "float p) -> (Tensor, Tensor)")
 _lib.define("entropy_search(Tensor counts, int nq) -> (Tensor, Tensor)")
 
+_lib.define("adaround_weight(Tensor w, Tensor alpha, Tensor scale, Tensor offset, int qmin, int qmax, "
+            "bool hard=False) -> Tensor")
+_lib.define("adaround_weight_backward(Tensor grad, Tensor w, Tensor alpha, Tensor scale, Tensor offset, int qmin, "
+            "int qmax) -> Tensor")
+_lib.define("adaround_regularizer(Tensor alpha, float beta) -> (Tensor, Tensor)")
+
 ops = torch.ops.pyquant
+
+
+def check_adaround_args(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                        qmin: int, qmax: int) -> None:
+    """AdaRound works on float32 weights with one encoding per output channel (dim 0) or one in all."""
+    if w.dtype != torch.float32 or alpha.dtype != torch.float32:
+        raise TypeError(f"w and alpha must be float32, got {w.dtype} and {alpha.dtype}")
+    if alpha.shape != w.shape:
+        raise ValueError(f"alpha must have w's shape {tuple(w.shape)}, got {tuple(alpha.shape)}")
+    rows = w.shape[0] if w.dim() > 0 else 1
+    for name, p in (("scale", scale), ("offset", offset)):
+        if p.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {p.dtype}")
+        if p.numel() not in (1, rows):
+            raise ValueError(f"{name} must have 1 value or one per output channel (w.shape[0] = {rows}), "
+                             f"got {p.numel()}")
+        if p.device != w.device or alpha.device != w.device:
+            raise ValueError(f"alpha, scale and offset must be on w's device {w.device}")
+    _layout.check_grid(qmin, qmax)
+
+
+def _ref_adaround_weight(w, alpha, scale, offset, qmin, qmax, hard=False):
+    check_adaround_args(w, alpha, scale, offset, qmin, qmax)
+    return _reference.adaround_weight(w, alpha, scale, offset, qmin, qmax, hard)
+
+
+def _ref_adaround_weight_backward(grad, w, alpha, scale, offset, qmin, qmax):
+    check_adaround_args(w, alpha, scale, offset, qmin, qmax)
+    return _reference.adaround_weight_backward(grad.float(), w, alpha, scale, offset, qmin, qmax)
+
+
+def _ref_adaround_regularizer(alpha, beta):
+    if alpha.dtype != torch.float32:
+        raise TypeError(f"alpha must be float32, got {alpha.dtype}")
+    return _reference.adaround_regularizer(alpha, beta)
+
+
+torch.library.register_kernel("pyquant::adaround_weight", None, _ref_adaround_weight, lib=_lib)
+torch.library.register_kernel("pyquant::adaround_weight_backward", None, _ref_adaround_weight_backward, lib=_lib)
+torch.library.register_kernel("pyquant::adaround_regularizer", None, _ref_adaround_regularizer, lib=_lib)
+
+
+@torch.library.register_fake("pyquant::adaround_weight", lib=_lib)
+def _fake_adaround_weight(w, alpha, scale, offset, qmin, qmax, hard=False):
+    check_adaround_args(w, alpha, scale, offset, qmin, qmax)
+    return torch.empty_like(w)
+
+
+@torch.library.register_fake("pyquant::adaround_weight_backward", lib=_lib)
+def _fake_adaround_weight_backward(grad, w, alpha, scale, offset, qmin, qmax):
+    return torch.empty_like(alpha)
+
+
+@torch.library.register_fake("pyquant::adaround_regularizer", lib=_lib)
+def _fake_adaround_regularizer(alpha, beta):
+    return alpha.new_empty(()), torch.empty_like(alpha)
+
+
+def _ada_setup_context(ctx, inputs, output):
+    w, alpha, scale, offset, qmin, qmax, hard = inputs
+    ctx.save_for_backward(w, alpha, scale, offset)
+    ctx.qmin, ctx.qmax, ctx.hard = qmin, qmax, hard
+
+
+def _ada_backward(ctx, grad):
+    w, alpha, scale, offset = ctx.saved_tensors
+    if ctx.hard:  # hard rounding is a step function of alpha
+        return None, torch.zeros_like(alpha), None, None, None, None, None
+    da = ops.adaround_weight_backward(grad.contiguous(), w, alpha, scale, offset, ctx.qmin, ctx.qmax)
+    return None, da, None, None, None, None, None
+
+
+def _ada_reg_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _ada_reg_backward(ctx, gvalue, ggrad):
+    (g,) = ctx.saved_tensors
+    return gvalue * g, None
+
+
+torch.library.register_autograd("pyquant::adaround_weight", _ada_backward, setup_context=_ada_setup_context,
+                                lib=_lib)
+torch.library.register_autograd("pyquant::adaround_regularizer", _ada_reg_backward,
+                                setup_context=_ada_reg_setup_context, lib=_lib)
 
 
 def check_out_dtype_for_quantize(out_dtype: torch.dtype, qmin: int, qmax: int) -> None:

@@ -12,6 +12,7 @@ import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .._progress import Progress
@@ -48,24 +49,110 @@ def _means(model: nn.Module, names: list[str], run: Callable[[nn.Module], Any]) 
     return {n: s[0] / s[1] for n, s in sums.items() if s[0] is not None}
 
 
-def correct_bias(sim, fp32_model: nn.Module, forward_fn: Callable[[nn.Module], Any],
-                 layers: Optional[Iterable[str]] = None, *, method: str = "iterative", passes: int = 3,
-                 progress: Optional[bool] = None) -> dict[str, float]:
-    """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place, so that
-    each layer's mean output per channel on the calibration data matches the FP32 model's.
+class _PerChunk(list):
+    """A node's value for each chunk of the calibration data."""
 
-    `forward_fn(model)` runs the calibration data through a model. With ``method="sequential"`` the
-    layers are corrected one at a time in execution order, each measured with the earlier ones
-    corrected (one pass over the data per layer). ``"iterative"`` (default) measures every layer in one
-    pass and corrects them all, `passes` times: each pass removes what the earlier corrections left,
-    converging to the same fixed point (every layer's mean shift zero) at a cost of `passes` + 1 passes
-    instead of one per layer. Returns, per layer, the total mean output shift removed (max over
-    channels); `correct_bias.last_residual` holds the largest shift the last pass removed (small when
-    the passes have converged)."""
-    if method not in ("iterative", "sequential"):
-        raise ValueError(f"method must be 'iterative' or 'sequential', got {method!r}")
-    if int(passes) < 1:
-        raise ValueError(f"passes must be >= 1, got {passes}")
+
+def _as_chunks(data: Any, batch_size: int) -> list[tuple]:
+    """Calibration data as a list of positional-argument tuples, one per chunk."""
+    if isinstance(data, torch.Tensor):
+        return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
+    chunks = []
+    for b in data:
+        if isinstance(b, torch.Tensor):
+            chunks.append((b,))
+        elif isinstance(b, (tuple, list)):
+            labelled = len(b) == 2 and torch.is_tensor(b[1]) and not b[1].is_floating_point()
+            chunks.append((b[0],) if labelled else tuple(b))
+        else:
+            raise TypeError(f"data: batches must be tensors or tuples of tensors, got {type(b).__name__}")
+    return chunks
+
+
+def _shift_view(shift: torch.Tensor, y: torch.Tensor, linear: bool) -> torch.Tensor:
+    return shift.reshape(-1) if linear else shift.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+
+@torch.no_grad()
+def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[tuple], bar: Progress,
+            apply: Callable[[str, torch.Tensor], None]) -> None:
+    """Runs the simulation's graph one node at a time over every chunk of the data, keeping each live
+    value for all chunks. When a layer to correct has produced its outputs, its mean shift is known
+    exactly as the layer-by-layer method would measure it; the bias is corrected and the kept outputs
+    are shifted by the same amount, so later layers see the corrected values without a re-run."""
+    gm = sim.model
+    nodes = list(gm.graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for idx, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = idx
+    env: dict[fx.Node, Any] = {}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    wanted = set(names)
+    for idx, n in enumerate(nodes):
+        if n.op == "placeholder":
+            k = placeholders.index(n)
+            env[n] = _PerChunk(c[k] if k < len(c) else None for c in chunks)
+        elif n.op == "get_attr":
+            env[n] = _get_attr(gm, n.target)
+        elif n.op == "output":
+            break
+        else:
+            per_chunk = any(isinstance(env[a], _PerChunk) for a in n.all_input_nodes)
+            outs = _PerChunk()
+            for c in range(len(chunks) if per_chunk else 1):
+                pick = (lambda a, c=c: env[a][c] if isinstance(env[a], _PerChunk) else env[a])
+                args = fx.node.map_arg(n.args, pick)
+                kwargs = fx.node.map_arg(n.kwargs, pick)
+                if n.op == "call_module":
+                    outs.append(gm.get_submodule(n.target)(*args, **kwargs))
+                elif n.op == "call_function":
+                    outs.append(n.target(*args, **kwargs))
+                else:  # call_method
+                    outs.append(getattr(args[0], n.target)(*args[1:], **kwargs))
+            env[n] = outs if per_chunk else outs[0]
+            if n.op == "call_module" and n.target in wanted and per_chunk:
+                linear = isinstance(gm.get_submodule(n.target), nn.Linear)
+                total, count = None, 0
+                for y in outs:
+                    mu = _channel_mean(y, linear)
+                    w = y.numel() // y.shape[-1 if linear else 1]
+                    total = mu * w if total is None else total + mu * w
+                    count += w
+                shift = (total / count - ref[n.target]).float()
+                apply(n.target, shift)
+                for c, y in enumerate(outs):
+                    outs[c] = y - _shift_view(shift, y, linear).to(y.dtype)
+                bar.update(note=n.target)
+        for a in n.all_input_nodes:  # free what no later node reads
+            if last_use.get(a) == idx:
+                env.pop(a, None)
+
+
+def _get_attr(gm: nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterable[str]] = None, *,
+                 method: str = "staged", batch_size: int = 32, progress: Optional[bool] = None) -> dict[str, float]:
+    """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place: layer by
+    layer in execution order, each layer's mean output per channel on the calibration data, measured
+    with the earlier layers already corrected, is made to match the FP32 model's.
+
+    `data`: the calibration inputs (a tensor, split into chunks of `batch_size`, or an iterable of
+    batches). ``method="staged"`` (default) runs the simulation's graph one node at a time over all
+    chunks and keeps each live value for all of them: one pass over the data in all (plus one FP32
+    pass), the same result as correcting layer by layer, at the memory cost of the widest live
+    activations of the whole data set. ``"sequential"`` re-runs the simulation once per layer (low
+    memory, slow); it also accepts `data` as a callable ``forward_fn(model)``. Returns, per layer, the
+    largest mean output shift removed (max over channels)."""
+    if method not in ("staged", "sequential"):
+        raise ValueError(f"method must be 'staged' or 'sequential', got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = [n for n, m in sim.model.named_modules() if isinstance(m, _LAYERS) and f"{n}.weight" in sim.quantizers]
     if layers is not None:
         wanted = set(layers)
@@ -76,8 +163,20 @@ def correct_bias(sim, fp32_model: nn.Module, forward_fn: Callable[[nn.Module], A
     if not names:
         warnings.warn("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do", stacklevel=2)
         return {}
-    ref = _means(fp32_model, names, forward_fn)
-    total: dict[str, torch.Tensor] = {}
+    if callable(data):
+        if method != "sequential":
+            raise ValueError("data: a forward function works with method='sequential'; pass the calibration "
+                             "inputs (a tensor or batches) for method='staged'")
+        run = data
+    else:
+        chunks = _as_chunks(data, batch_size)
+        if not chunks:
+            raise ValueError("data: no calibration batches")
+
+        def run(model):
+            for c in chunks:
+                model(*c)
+    removed: dict[str, float] = {}
 
     def apply(n: str, shift: torch.Tensor) -> None:
         mod = sim.model.get_submodule(n)
@@ -85,27 +184,18 @@ def correct_bias(sim, fp32_model: nn.Module, forward_fn: Callable[[nn.Module], A
             if mod.bias is None:
                 mod.bias = nn.Parameter(torch.zeros(shift.numel(), device=mod.weight.device))
             mod.bias.sub_(shift.to(mod.bias.device, mod.bias.dtype))
-        total[n] = shift if n not in total else total[n] + shift
+        removed[n] = float(shift.abs().max())
 
-    residual = 0.0
+    ref = _means(fp32_model, names, run)
+    bar = Progress(len(names), "bias correction", progress)
     if method == "sequential":
-        bar = Progress(len(names), "bias correction", progress)
         for n in names:
-            apply(n, (_means(sim.model, [n], forward_fn)[n] - ref[n]).float())
+            apply(n, (_means(sim.model, [n], run)[n] - ref[n]).float())
             bar.update(note=n)
-        bar.close()
     else:
-        bar = Progress(passes, "bias correction", progress)
-        for k in range(passes):
-            got = _means(sim.model, names, forward_fn)
-            shifts = {n: (got[n] - ref[n]).float() for n in names if n in got}
-            residual = max(float(v.abs().max()) for v in shifts.values())
-            for n, v in shifts.items():
-                apply(n, v)
-            bar.update(note=f"pass {k + 1}: largest mean shift {residual:.3g}")
-        bar.close()
-    correct_bias.last_residual = residual  # type: ignore[attr-defined]
-    return {n: float(v.abs().max()) for n, v in total.items()}
+        _staged(sim, names, ref, chunks, bar, apply)
+    bar.close()
+    return removed
 
 
 def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math.inf) -> torch.Tensor:

@@ -39,3 +39,20 @@ const char* entropy_search(const int64_t* counts, int64_t G, int64_t nb, int64_t
 
 }  // namespace cuda
 }  // namespace pq
+
+namespace pq {
+namespace cuda {
+
+// AdaRound (adaround.h): weights [rows, row_len] float32, nscale 1 or rows.
+const char* adaround_forward(const float* w, const float* a, float* y, const float* s, const float* o, int64_t rows,
+                             int64_t row_len, int64_t nscale, float qmin, float qmax, bool hard, uintptr_t stream);
+const char* adaround_backward(const float* g, const float* w, const float* a, float* da, const float* s,
+                              const float* o, int64_t rows, int64_t row_len, int64_t nscale, float qmin, float qmax,
+                              uintptr_t stream);
+// ws: adaround_regularizer_workspace(n) float64; value: one float64 on the device.
+int adaround_regularizer_workspace(int64_t n);
+const char* adaround_regularizer(const float* a, int64_t n, float beta, float* grad, double* ws, double* value,
+                                 uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace pq
