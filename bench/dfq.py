@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         t_bc = None
         if bc == "empirical":
             t1 = time.perf_counter()
-            correct_bias(sim, model_fp, _calibrate(calib[:n_bc]), progress=True)
+            correct_bias(sim, model_fp, calib[:n_bc], progress=True)
             t_bc = time.perf_counter() - t1
             sim.compute_encodings(_calibrate(calib))  # the activations moved with the biases
         elif bc == "analytical":

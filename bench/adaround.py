@@ -1,0 +1,243 @@
+"""AdaRound: quality against nearest rounding, and wall time / peak memory against aimet-torch's
+`Adaround.apply_adaround` with the same model, data and settings, in the same run.
+
+1. MobileNetV2 (real ImageNet weights, BN folded, real-photo crops) at W4A8, per-channel symmetric
+   min-max weight encodings, TF-enhanced activations: nearest rounding vs pyquant AdaRound (and AIMET's
+   AdaRound when aimet_torch imports): top-1 agreement with FP32 and KL(FP32||quantized).
+2. Fashion-MNIST CNN (real labels, 10k test images) at W4A8 and W3A8: FP32, nearest, AdaRound.
+
+Each AdaRound run happens in a forked child process, which reports its own wall time and peak RSS, so
+that the two toolkits' memory figures do not mix.
+
+    python -m bench.adaround                                   # dev env
+    cd /work/main && /tmp/pyquant-peers/bin/python -P bench/adaround.py   # with AIMET
+    python -m bench.adaround --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import pyquant
+from pyquant.metrics import mean_kl, top1_agreement
+
+from bench._harness import require_native, write_results
+
+COLUMNS = ["model", "config", "method", "agreement_or_accuracy_pct", "kl", "kl_vs_nearest", "wall_s", "peak_rss_mb",
+           "settings", "target", "met"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _in_child(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """fn() in a forked process: (its result, wall seconds, peak RSS in MB of that process)."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def run():
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            err = None
+        except Exception as exc:  # report, do not hang the parent
+            out, err = None, f"{type(exc).__name__}: {exc}"
+        q.put((out, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, err))
+
+    p = ctx.Process(target=run)
+    p.start()
+    out, wall, rss, err = q.get()
+    p.join()
+    if err:
+        raise RuntimeError(err)
+    return out, wall, rss
+
+
+def _predict(model, x, bs=64):
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+def _sim_logits(model, calib, evalx, bw, encodings=None):
+    from pyquant.sim.quantsim import QuantSim
+    sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=bw, output_bw=8, config="default")
+    if encodings is not None:
+        for name, enc in encodings.items():
+            q = sim.param_quantizers[name]
+            q.set_encoding(enc)
+            q.freeze()
+    else:
+        for name, q in sim.param_quantizers.items():  # weights: min-max, as AdaRound's encodings
+            from pyquant.quant.analyzers import MinMax
+            q.encoding_analyzer = MinMax(q.shape)
+    sim.compute_encodings(lambda m: [m(calib[i:i + 32]) for i in range(0, len(calib), 32)])
+    return _predict(sim.model, evalx)
+
+
+def aimet_adaround(model, calib, bw, iterations, batch_size, num_samples):
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.common.defs import QuantScheme
+    import aimet_torch
+    cfg = Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
+    batches = [calib[i:i + batch_size] for i in range(0, num_samples, batch_size)]
+    params = AdaroundParameters(batches, len(batches), default_num_iterations=iterations)
+    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = Adaround.apply_adaround(copy.deepcopy(model), calib[:1], params, path=d, filename_prefix="mnv2",
+                                    default_param_bw=bw, default_quant_scheme=QuantScheme.post_training_tf,
+                                    default_config_file=str(cfg))
+    return m
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-aimet", action="store_true")
+    p.add_argument("--iterations", type=int, default=None, help="AdaRound iterations per layer (MobileNetV2)")
+    p.add_argument("--samples", type=int, default=None, help="calibration samples for AdaRound (MobileNetV2)")
+    p.add_argument("--skip", default="", help="comma-separated: mobilenet, fashion")
+    a = p.parse_args(argv)
+    if not require_native("bench/adaround.py"):
+        return 2
+    skip = {s for s in a.skip.split(",") if s}
+    have_aimet = False
+    if not a.no_aimet:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import aimet_torch.adaround.adaround_weight  # noqa: F401
+            have_aimet = True
+        except Exception as exc:
+            log(f"AIMET not available ({type(exc).__name__}: {exc})")
+    torch.set_grad_enabled(True)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    from pyquant._assets import AssetMissingError
+
+    if "mobilenet" not in skip:
+        try:
+            from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
+            from pyquant.models import mobilenet_v2
+            model = mobilenet_v2().eval()
+            pyquant.fold_batchnorms(model)
+            n_samples = a.samples or (32 if a.quick else 128)
+            calib = imagenet_calibration_set(max(n_samples, 64))
+            evalx = imagenet_eval_set(n_per_image=4 if a.quick else 32)
+        except AssetMissingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        iters = a.iterations or (50 if a.quick else 500)
+        settings = f"{iters} it/layer, {n_samples} samples, batch 32"
+        with torch.no_grad():
+            ref = _predict(model, evalx)
+        n_conf = top1_agreement(ref, ref)[1]
+        near = _sim_logits(model, calib, evalx, 4)
+        kl_near = mean_kl(ref, near)
+        rows.append(dict(model="MobileNetV2", config="W4A8 per-channel", method="nearest rounding",
+                         agreement_or_accuracy_pct=100 * top1_agreement(ref, near)[0], kl=kl_near, kl_vs_nearest=1.0))
+        log(f"nearest: KL {kl_near:.4f}")
+
+        def pq_run():
+            res = pyquant.adaround(model, calib[:1], calib[:n_samples], param_bw=4, iterations=iters, batch_size=32,
+                                   progress=True)
+            return res.model.state_dict(), res.encodings
+
+        (sd, encs), wall, rss = _in_child(pq_run)
+        m = copy.deepcopy(model)
+        m.load_state_dict(sd)
+        out = _sim_logits(m, calib, evalx, 4, encs)
+        kl = mean_kl(ref, out)
+        rows.append(dict(model="MobileNetV2", config="W4A8 per-channel", method="pyquant AdaRound",
+                         agreement_or_accuracy_pct=100 * top1_agreement(ref, out)[0], kl=kl,
+                         kl_vs_nearest=kl / kl_near, wall_s=wall, peak_rss_mb=rss, settings=settings,
+                         target="KL <= 1/3 of nearest", met=kl <= kl_near / 3))
+        log(f"pyquant adaround: KL {kl:.4f}, {wall:.0f} s, {rss:.0f} MB")
+        if have_aimet:
+            am, wall_a, rss_a = _in_child(lambda: aimet_adaround(model, calib, 4, iters, 32, n_samples).state_dict())
+            m = copy.deepcopy(model)
+            m.load_state_dict(am)
+            # AIMET's rounded weights under pyquant's simulation (its encodings are re-derived by min-max on
+            # the rounded weights, which lie on the same grid)
+            out_a = _sim_logits(m, calib, evalx, 4)
+            kl_a = mean_kl(ref, out_a)
+            rows.append(dict(model="MobileNetV2", config="W4A8 per-channel", method="AIMET 2.42 AdaRound",
+                             agreement_or_accuracy_pct=100 * top1_agreement(ref, out_a)[0], kl=kl_a,
+                             kl_vs_nearest=kl_a / kl_near, wall_s=wall_a, peak_rss_mb=rss_a, settings=settings))
+            rows.append(dict(model="MobileNetV2", config="W4A8 per-channel", method="pyquant vs AIMET",
+                             kl=kl / kl_a, wall_s=wall_a / wall, peak_rss_mb=rss / rss_a,
+                             settings="kl: ratio pyquant/AIMET; wall: AIMET/pyquant (speedup); rss: pyquant/AIMET",
+                             target="speedup >= 5x, rss ratio <= 1, KL ratio <= 1",
+                             met=wall_a / wall >= 5 and rss <= rss_a and kl <= kl_a))
+            log(f"AIMET adaround: KL {kl_a:.4f}, {wall_a:.0f} s, {rss_a:.0f} MB")
+        notes.append(f"MobileNetV2: {len(evalx)} real-photo crops ({n_conf} FP32-confident for agreement); "
+                     f"calibration {len(calib)} crops; AdaRound on the first {n_samples}")
+
+    if "fashion" not in skip:
+        try:
+            from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
+            from pyquant.models import fashion_cnn
+            from pyquant.models.fashion_cnn import evaluate
+            from pyquant.sim.quantsim import QuantSim
+            fm = fashion_cnn()
+            xtr, _ = fashion_mnist_tensors("train")
+            xte, yte = fashion_mnist_tensors("test")
+        except AssetMissingError as exc:
+            notes.append(f"Fashion-MNIST skipped: {exc}")
+        else:
+            if a.quick:
+                xte, yte = xte[:2000], yte[:2000]
+            calib = xtr[:1024]
+            fp = evaluate(fm, xte, yte)
+            iters_f = 200 if a.quick else 2000
+            for bw in (4, 3):
+                folded = copy.deepcopy(fm)
+                pyquant.fold_batchnorms(folded)
+                sim = QuantSim(folded, calib[:1], param_bw=bw, output_bw=8, quant_scheme="min_max")
+                sim.compute_encodings(lambda m: m(calib))
+                acc_n = evaluate(sim.model, xte, yte)
+                t0 = time.perf_counter()
+                res = pyquant.adaround(fm, calib[:1], calib, param_bw=bw, iterations=iters_f, progress=False)
+                wall = time.perf_counter() - t0
+                sim = QuantSim(res.model, calib[:1], param_bw=bw, output_bw=8, quant_scheme="min_max")
+                res.apply_to(sim)
+                sim.compute_encodings(lambda m: m(calib))
+                acc = evaluate(sim.model, xte, yte)
+                rows.append(dict(model="Fashion-MNIST CNN", config=f"W{bw}A8", method="FP32",
+                                 agreement_or_accuracy_pct=100 * fp))
+                rows.append(dict(model="Fashion-MNIST CNN", config=f"W{bw}A8", method="nearest rounding",
+                                 agreement_or_accuracy_pct=100 * acc_n))
+                row = dict(model="Fashion-MNIST CNN", config=f"W{bw}A8", method="pyquant AdaRound",
+                           agreement_or_accuracy_pct=100 * acc, wall_s=wall,
+                           settings=f"{iters_f} it/layer, 1024 samples")
+                if bw == 4:
+                    row.update(target="within 1 pt of FP32", met=acc >= fp - 0.01)
+                rows.append(row)
+                log(f"fashion W{bw}A8: fp32 {fp:.4f} nearest {acc_n:.4f} adaround {acc:.4f} ({wall:.0f} s)")
+            notes.append(f"Fashion-MNIST: {len(xte)} test images, accuracy in %")
+    notes.append(f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads; wall time and peak RSS of each AdaRound run in its own forked "
+                 "process (RSS includes the parent's pages the child touched)")
+    name = "adaround" + ("_quick" if a.quick else "")
+    path = write_results(name, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes,
+                         out_dir=Path(a.out) if a.out else None)
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,460 @@
+"""AdaRound (Nagel et al., 2020, "Up or down? Adaptive rounding for post-training quantization"):
+layer by layer, learn whether each weight rounds up or down so that the layer's output on
+calibration data matches FP32's.
+
+Per layer, in execution order:
+  * inputs come from the model whose earlier layers already carry their rounded weights (errors
+    are corrected as they accumulate), targets from the FP32 model; a ReLU/ReLU6 right after the
+    layer is applied to both;
+  * convolutions are handled as matrix products over output positions (im2col): a pool of output
+    positions per sample is kept within `memory_mb`, and every step draws `batch_size` samples and
+    `positions_per_sample` positions of each -- an unbiased sample of the same loss as a full
+    convolution over the batch, at a fraction of its cost;
+  * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
+    (no regularizer during the first `warm_start` fraction; beta then falls linearly from
+    beta_range[0] to beta_range[1]); Adam on alpha only, through the fused kernels of pyquant.ops;
+  * at the end h = (alpha >= 0): the weight sits on the grid of its frozen encoding.
+
+With `checkpoint_dir`, every finished layer is saved (atomically); a run restarted with the same
+arguments continues after the last finished layer and ends with the same weights as one that was
+never interrupted (each layer's randomness comes from (seed, layer index) alone).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .._io import atomic_torch_save
+from .._progress import Progress
+from ..quant.encoding import Encoding
+from .bn_fold import fold_batchnorms
+
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_CKPT = "adaround_checkpoint.pt"
+
+
+@dataclasses.dataclass
+class LayerReport:
+    name: str
+    mse_nearest: float          # reconstruction loss with round-to-nearest, on the kept positions
+    mse_adaround: float         # the same with the learned (hard) rounding
+    rounded_up: float           # fraction of weights rounded up (h = 1)
+    changed_vs_nearest: float   # fraction of weights rounded the other way than nearest rounding would
+    rows: int                   # positions (rows) kept for this layer
+    rows_total: int             # positions the calibration samples have
+    seconds: float
+
+
+@dataclasses.dataclass
+class AdaroundResult:
+    """`model`: a copy of the input model (batch norms folded) with the rounded weights, as FP32 values
+    on each weight's grid. `encodings`: the weight encodings, by QuantSim's parameter names, to be
+    loaded frozen into a QuantSim of `model` (see `apply_to`). `report`: one entry per layer."""
+
+    model: nn.Module
+    encodings: dict[str, Encoding]
+    report: list[LayerReport]
+    folded: list[tuple[str, str]]
+    skipped: list[str]
+    encodings_path: Optional[str] = None
+
+    def apply_to(self, sim) -> None:
+        """Sets and freezes the AdaRound weight encodings in a QuantSim built from `self.model`, so that
+        calibrating its activations afterwards leaves the rounded weights on their grids."""
+        for name, enc in self.encodings.items():
+            q = sim.param_quantizers.get(name)
+            if q is None:
+                raise KeyError(f"the simulation has no weight quantizer {name!r}; build it from result.model")
+            q.bitwidth, q.symmetric = enc.bitwidth, enc.symmetric
+            q.set_encoding(enc)
+            q.freeze()
+
+    def summary(self) -> str:
+        lines = [f"{'layer':40s} {'mse nearest':>12s} {'mse adaround':>12s} {'up':>6s} {'changed':>8s} {'s':>6s}"]
+        for r in self.report:
+            lines.append(f"{r.name:40s} {r.mse_nearest:12.4g} {r.mse_adaround:12.4g} {r.rounded_up:6.1%} "
+                         f"{r.changed_vs_nearest:8.1%} {r.seconds:6.1f}")
+        return "\n".join(lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _chunks(data: Any, num_samples: Optional[int]) -> list[torch.Tensor]:
+    out, n = [], 0
+    it = [data] if isinstance(data, torch.Tensor) else data
+    for b in it:
+        if isinstance(b, (tuple, list)):
+            b = b[0]
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"data: batches must be tensors or (inputs, ...) tuples, got {type(b).__name__}")
+        if num_samples is not None and n + len(b) > num_samples:
+            b = b[: num_samples - n]
+        if len(b):
+            out.append(b)
+            n += len(b)
+        if num_samples is not None and n >= num_samples:
+            break
+    if not out:
+        raise ValueError("data: no calibration samples")
+    return out
+
+
+def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
+    """The layer's input (want='input') or output during model(x), stopping the forward right there."""
+    got = []
+
+    def hook(mod, args, out):
+        got.append(args[0] if want == "input" else out)
+        raise _Stop
+
+    h = layer.register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise RuntimeError("adaround: the layer did not run during the model's forward")
+    return got[0].detach()
+
+
+def _positions(layer: nn.Module, y_shape: torch.Size) -> int:
+    if isinstance(layer, nn.Linear):
+        return math.prod(y_shape[1:-1]) if len(y_shape) > 2 else 1
+    return math.prod(y_shape[2:])
+
+
+def _rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Inputs as rows [N, P, K] (im2col for convolutions; K = in_channels/groups * kernel)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, st, pad, dil = (1, layer.kernel_size[0]), (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0])
+    else:
+        k, st, pad, dil = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    if layer.padding_mode != "zeros" or isinstance(pad, str):
+        raise NotImplementedError("adaround: only zero padding given as numbers is supported")
+    cols = F.unfold(x, k, dilation=dil, padding=pad, stride=st)  # [N, C*kh*kw, P]
+    return cols.transpose(1, 2)
+
+
+def _rows_out(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return y.reshape(y.shape[0], -1, y.shape[-1])
+    return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2)
+
+
+def _apply_rows(layer: nn.Module, rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer on input rows [R, K] with weight w: [R, out_channels]."""
+    if isinstance(layer, nn.Linear) or layer.groups == 1:
+        out = rows @ w.reshape(w.shape[0], -1).t()
+    else:
+        g = layer.groups
+        r = rows.reshape(rows.shape[0], g, -1)                       # [R, G, Kg]
+        wg = w.reshape(g, w.shape[0] // g, -1)                        # [G, Cg, Kg]
+        out = torch.einsum("rgk,gck->rgc", r, wg).reshape(rows.shape[0], -1)
+    if layer.bias is not None:
+        out = out + layer.bias
+    return out
+
+
+def _following_act(gm: fx.GraphModule, target: str) -> Optional[nn.Module]:
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n.target == target:
+            users = list(n.users)
+            if len(users) != 1:
+                return None
+            u = users[0]
+            if u.op == "call_module":
+                m = gm.get_submodule(u.target)
+                return m if isinstance(m, (nn.ReLU, nn.ReLU6)) else None
+            if u.op == "call_function" and u.target in (torch.relu, F.relu):
+                return nn.ReLU()
+            return None
+    return None
+
+
+def _fingerprint(model: nn.Module, settings: Mapping[str, Any], data: list[torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes()[:4096])
+    for b in data[:2]:
+        h.update(b.detach().cpu().contiguous().numpy().tobytes()[:4096])
+    return h.hexdigest()
+
+
+def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterable], *, param_bw: int = 4,
+             iterations: int = 10_000, reg_param: float = 0.01, beta_range: tuple[float, float] = (20.0, 2.0),
+             warm_start: float = 0.2, batch_size: int = 32, num_samples: Optional[int] = None,
+             positions_per_sample: int = 64, lr: float = 1e-3, quant_scheme: str = "min_max",
+             config: Union[str, dict] = "default", overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+             skip: Sequence[str] = (), checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+             memory_mb: int = 2048, seed: int = 0, progress: Optional[bool] = None) -> AdaroundResult:
+    """AdaRound every Conv1d/Conv2d/ConvTranspose2d/Linear weight of `model` (a copy is made; batch
+    norms are folded into it first).
+
+    Args:
+        dummy_input: an input for tracing the model.
+        data: unlabelled calibration data: a tensor of samples, or batches (tensors or (inputs, ...)).
+        param_bw: weight bit width (default 4); encodings follow `config` (QuantSim's hardware config:
+            per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
+        iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
+        batch_size: samples per step; positions_per_sample: output positions drawn from each.
+        num_samples: calibration samples used (default: all of `data`).
+        overrides: per-layer settings, e.g. {"features.0.0": {"iterations": 2000, "param_bw": 8}}.
+        skip: layer names to leave with round-to-nearest.
+        checkpoint_dir: where progress is saved after each layer; a rerun resumes there.
+        memory_mb: budget for the kept inputs/targets of one layer; beyond it fewer positions are kept.
+        seed: makes the run reproducible (and a resumed run identical to an uninterrupted one).
+    """
+    from ..sim.quantsim import QUANT_SCHEMES, QuantSim
+
+    if isinstance(param_bw, bool) or not isinstance(param_bw, int) or not 2 <= param_bw <= 16:
+        raise ValueError(f"param_bw must be an int in 2..16, got {param_bw!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if not 0.0 <= float(warm_start) < 1.0:
+        raise ValueError(f"warm_start must be in [0, 1), got {warm_start}")
+    if len(beta_range) != 2 or not all(float(b) > 0 for b in beta_range):
+        raise ValueError(f"beta_range must be two positive numbers (start, end), got {beta_range!r}")
+    if float(reg_param) < 0:
+        raise ValueError(f"reg_param must be >= 0, got {reg_param}")
+    for name, v in (("batch_size", batch_size), ("positions_per_sample", positions_per_sample),
+                    ("memory_mb", memory_mb)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if quant_scheme not in QUANT_SCHEMES:
+        raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
+
+    fp32 = copy.deepcopy(model).eval()
+    folded = list(fold_batchnorms(fp32, dummy_input, verbose=False))
+    qmodel = copy.deepcopy(fp32)
+    chunks = _chunks(data, num_samples)
+    dev = next((p.device for p in fp32.parameters()), torch.device("cpu"))
+    chunks = [c.to(dev) for c in chunks]
+    n_samples = sum(len(c) for c in chunks)
+
+    # Weight encodings from a weights-only simulation with the requested config and scheme.
+    sim = QuantSim(fp32, dummy_input, quant_scheme=quant_scheme, param_bw=param_bw, config=config)
+    gm = sim.model
+    overrides = dict(overrides or {})
+    unknown = (set(overrides) | set(skip)) - {n for n, m in fp32.named_modules() if isinstance(m, _LAYERS)}
+    if unknown:
+        raise ValueError(f"overrides/skip name layers the model does not have (or that are not "
+                         f"Conv/Linear): {sorted(unknown)}")
+    order = [n.target for n in gm.graph.nodes
+             if n.op == "call_module" and f"{n.target}.weight" in sim.param_quantizers
+             and isinstance(gm.get_submodule(n.target), _LAYERS)]
+    encodings: dict[str, Encoding] = {}
+    with torch.no_grad():
+        for name in order:
+            q = sim.param_quantizers[f"{name}.weight"]
+            bw = int(overrides.get(name, {}).get("param_bw", param_bw))
+            if bw != q.bitwidth:
+                sim.set_bitwidth(f"{name}.weight", bw)
+            with q.compute_encodings():
+                q(sim._weight_of(f"{name}.weight"))
+            encodings[f"{name}.weight"] = q.get_encoding()
+
+    settings = dict(param_bw=param_bw, iterations=iterations, reg_param=reg_param, beta_range=list(beta_range),
+                    warm_start=warm_start, batch_size=batch_size, num_samples=n_samples,
+                    positions_per_sample=positions_per_sample, lr=lr, quant_scheme=quant_scheme, config=config,
+                    overrides=overrides, skip=list(skip), memory_mb=memory_mb, seed=seed, order=order)
+    state: dict[str, Any] = {"done": [], "weights": {}, "report": []}
+    ckpt = Path(checkpoint_dir) / _CKPT if checkpoint_dir is not None else None
+    key = _fingerprint(fp32, settings, chunks) if ckpt is not None else ""
+    if ckpt is not None and ckpt.exists():
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if saved.get("key") == key:
+            state = saved
+        else:
+            warnings.warn(f"adaround: the checkpoint in {checkpoint_dir} was made with other settings, model or "
+                          "data; starting over", stacklevel=2)
+    with torch.no_grad():
+        for name, w in state["weights"].items():
+            qmodel.get_submodule(name).weight.copy_(w.to(dev))
+
+    report = [LayerReport(**r) for r in state["report"]]
+    todo = [n for n in order if n not in state["done"]]
+    bar = Progress(len(order), "adaround", progress)
+    bar.n = len(order) - len(todo)
+    skipped = [n for n in order if n in set(skip)]
+    for li, name in enumerate(order):
+        if name in state["done"]:
+            continue
+        t0 = time.perf_counter()
+        layer_fp = fp32.get_submodule(name)
+        layer_q = qmodel.get_submodule(name)
+        enc = encodings[f"{name}.weight"]
+        if name in set(skip):
+            with torch.no_grad():
+                layer_q.weight.copy_(_nearest(layer_fp.weight, enc))
+        else:
+            cfg = {**settings, **overrides.get(name, {})}
+            r = _optimize_layer(name, li, layer_fp, layer_q, fp32, qmodel, chunks, enc, _following_act(gm, name),
+                                cfg, seed)
+            r.seconds = time.perf_counter() - t0
+            report.append(r)
+        state["done"].append(name)
+        state["weights"][name] = layer_q.weight.detach().cpu().clone()
+        state["report"] = [dataclasses.asdict(r) for r in report]
+        if ckpt is not None:
+            state["key"] = key
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(state, ckpt)
+        bar.update(note=name)
+    bar.close()
+
+    path = None
+    if checkpoint_dir is not None:
+        from ..sim.encodings import write_encodings
+        path = str(Path(checkpoint_dir) / "adaround_param_encodings.json")
+        write_encodings(path, {}, encodings)
+    return AdaroundResult(model=qmodel, encodings=encodings, report=report, folded=folded, skipped=skipped,
+                          encodings_path=path)
+
+
+def _grid_params(w: torch.Tensor, enc: Encoding, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
+    s, o = enc.scale.reshape(-1).to(w.device), enc.offset.reshape(-1).to(w.device)
+    return s, o, qmin, qmax
+
+
+def _nearest(w: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    s = enc.scale.to(w.device)
+    o = enc.offset.to(w.device)
+    shape = list(s.shape) + [1] * (w.dim() - s.dim())
+    s, o = s.reshape(shape), o.reshape(shape)
+    qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
+    return (torch.clamp(torch.round(w / s) - o, qmin, qmax) + o) * s
+
+
+def _channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    # ConvTranspose keeps output channels on dim 1; the kernels want them on dim 0
+    return w.transpose(0, 1).contiguous() if isinstance(layer, nn.ConvTranspose2d) else w.contiguous()
+
+
+def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module, fp32: nn.Module,
+                    qmodel: nn.Module, chunks: list[torch.Tensor], enc: Encoding, act: Optional[nn.Module],
+                    cfg: Mapping[str, Any], seed: int) -> LayerReport:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + li)
+    transposed = isinstance(layer_fp, nn.ConvTranspose2d)
+    w0 = _channel_first(layer_fp, layer_fp.weight.detach())
+    dev = w0.device
+    s, o, qmin, qmax = _grid_params(w0, enc, transposed)
+    if s.numel() not in (1, w0.shape[0]):
+        raise NotImplementedError(f"adaround: {name}: per-block weight encodings are not supported")
+    act = act if act is not None else nn.Identity()
+
+    # Kept rows (positions) of inputs (from the rounded model) and targets (from FP32).
+    xs, ys = [], []
+    rows_total = 0
+    with torch.no_grad():
+        for c in chunks:
+            xin = _capture(qmodel, layer_q, c, "input")
+            yfp = act(_capture(fp32, layer_fp, c, "output"))
+            if transposed:  # no im2col: keep whole samples
+                xs.append(xin)
+                ys.append(yfp)
+                rows_total += len(c) * _positions(layer_fp, yfp.shape)
+                continue
+            xr, yr = _rows_in(layer_fp, xin), _rows_out(layer_fp, yfp)     # [N, P, K], [N, P, C]
+            P = xr.shape[1]
+            rows_total += xr.shape[0] * P
+            per_row = 4 * (xr.shape[2] + yr.shape[2])
+            n_total = sum(len(cc) for cc in chunks)
+            keep = max(1, min(P, int(cfg["memory_mb"]) * 2**20 // max(per_row * n_total, 1)))
+            if keep < P:
+                idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(xr.shape[0])]).to(dev)
+                xr = torch.gather(xr, 1, idx.unsqueeze(-1).expand(-1, -1, xr.shape[2]))
+                yr = torch.gather(yr, 1, idx.unsqueeze(-1).expand(-1, -1, yr.shape[2]))
+            xs.append(xr.contiguous())
+            ys.append(yr.contiguous())
+    X, Y = torch.cat(xs), torch.cat(ys)
+    n = X.shape[0]
+
+    def predict(w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if transposed:
+            w_t = w_hat.transpose(0, 1)
+            return act(F.conv_transpose2d(x, w_t, layer_fp.bias, layer_fp.stride, layer_fp.padding,
+                                          layer_fp.output_padding, layer_fp.groups, layer_fp.dilation))
+        return act(_apply_rows(layer_fp, x.reshape(-1, x.shape[-1]), w_hat))
+
+    def target(y: torch.Tensor) -> torch.Tensor:
+        return y if transposed else y.reshape(-1, y.shape[-1])
+
+    def recon(w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = predict(w_hat, x) - target(y)
+        return d.pow(2).sum(1).mean() if not transposed else d.pow(2).sum(1).mean()
+
+    def full_loss(w_hat: torch.Tensor) -> float:
+        with torch.no_grad():
+            tot, cnt = 0.0, 0
+            for i in range(0, n, 64):
+                tot += float(recon(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64])
+                cnt += len(X[i:i + 64])
+            return tot / max(cnt, 1)
+
+    nearest = _nearest(w0, enc) if s.numel() == 1 else _nearest_rows(w0, s, o, qmin, qmax)
+    mse_nearest = full_loss(nearest)
+
+    alpha = ops.adaround_init_alpha(w0, s).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([alpha], lr=float(cfg["lr"]))
+    iters = int(cfg["iterations"])
+    warm = int(float(cfg["warm_start"]) * iters)
+    b0, b1 = (float(b) for b in cfg["beta_range"])
+    reg_param = float(cfg["reg_param"])
+    bs = min(int(cfg["batch_size"]), n)
+    pps = int(cfg["positions_per_sample"])
+    for it in range(iters):
+        si = torch.randint(0, n, (bs,), generator=g).to(dev)
+        xb, yb = X[si], Y[si]
+        if not transposed and xb.shape[1] > pps:
+            pi = torch.randint(0, xb.shape[1], (bs, pps), generator=g).to(dev)
+            xb = torch.gather(xb, 1, pi.unsqueeze(-1).expand(-1, -1, xb.shape[2]))
+            yb = torch.gather(yb, 1, pi.unsqueeze(-1).expand(-1, -1, yb.shape[2]))
+        w_soft = ops._registry.ops.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
+        loss = recon(w_soft, xb, yb)
+        if it >= warm and reg_param > 0:
+            rel = (it - warm) / max(iters - warm, 1)
+            beta = b0 + (b1 - b0) * rel
+            loss = loss + reg_param * ops._registry.ops.adaround_regularizer(alpha, beta)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        hard = ops._registry.ops.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
+        mse_ada = full_loss(hard)
+        up = float((alpha >= 0).float().mean())
+        changed = float((hard != nearest).float().mean())
+        w_store = hard.transpose(0, 1).contiguous() if transposed else hard
+        layer_q.weight.copy_(w_store.reshape(layer_q.weight.shape))
+    return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
+                       changed_vs_nearest=changed, rows=int(n * (X.shape[1] if not transposed else 1)),
+                       rows_total=rows_total, seconds=0.0)
+
+
+def _nearest_rows(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    s, o = s.reshape(shape), o.reshape(shape)
+    return (torch.clamp(torch.round(w / s) - o, qmin, qmax) + o) * s

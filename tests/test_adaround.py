@@ -1,0 +1,136 @@
+"""AdaRound end to end: learned rounding beats nearest rounding on the layer outputs, the result loads
+into QuantSim with frozen encodings, a killed run resumes to the same weights, bad arguments name
+themselves; Fashion-MNIST (real labels) at W4A8 on a slice."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import pyquant
+from pyquant.sim.quantsim import QuantSim
+
+ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.up = nn.ConvTranspose2d(12, 6, 2, stride=2)
+        self.c1d = nn.Conv1d(6, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        y = torch.relu(self.dw(y))
+        y = self.up(y)                       # [N, 6, 16, 16]
+        y = torch.relu(self.c1d(y.mean(2)))  # [N, 8, 14]
+        return self.fc(y.mean(2))
+
+
+def _data(n=48):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _run(tmp=None, **kw):
+    args = dict(param_bw=3, iterations=400, lr=1e-2, batch_size=8, positions_per_sample=16, progress=False, seed=3)
+    args.update(kw)
+    return pyquant.adaround(Net().eval(), _data()[:1], _data(), checkpoint_dir=tmp, **args)
+
+
+def test_learned_rounding_beats_nearest_and_loads_into_quantsim():
+    res = _run()
+    names = [r.name for r in res.report]
+    assert names == ["c1", "dw", "up", "c1d", "fc"]
+    assert res.folded == [("c1", "bn")]
+    # learned rounding reconstructs better overall, and on most layers (a 108-weight depthwise layer
+    # can come out even)
+    assert sum(r.mse_adaround / r.mse_nearest for r in res.report) / len(res.report) < 0.9
+    assert sum(r.mse_adaround < r.mse_nearest for r in res.report) >= 4
+    for r in res.report:
+        assert r.mse_adaround < 1.05 * r.mse_nearest, r
+        assert 0 < r.changed_vs_nearest < 0.5
+    x = _data()
+    # weights on their grids: a QuantSim with the frozen encodings leaves them unchanged
+    sim = QuantSim(res.model, x[:1], param_bw=3, output_bw=8)
+    res.apply_to(sim)
+    for name, q in sim.param_quantizers.items():
+        w = sim._weight_of(name)
+        assert q.frozen and torch.allclose(q(w), w, atol=1e-6), name
+    sim.compute_encodings(lambda m: m(x))
+    assert all(q.get_encoding() is not None for q in sim.quantizers.values())
+    text = res.summary()
+    assert "c1d" in text and "mse nearest" in text
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    full = _run()
+    real = ada_mod._optimize_layer
+    calls = {"n": 0}
+
+    def dies_on_third(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ada_mod, "_optimize_layer", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(ada_mod, "_optimize_layer", real)
+    saved = torch.load(tmp_path / "adaround_checkpoint.pt", weights_only=False)
+    assert saved["done"] == ["c1", "dw"]
+    calls["n"] = 0
+    monkeypatch.setattr(ada_mod, "_optimize_layer", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
+                                                                   real(*a, **k))[1])
+    resumed = _run(tmp_path)
+    assert calls["n"] == 3  # only the unfinished layers ran
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [r.name for r in resumed.report] == ["c1", "dw", "up", "c1d", "fc"]
+    assert (tmp_path / "adaround_param_encodings.json").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.warns(UserWarning, match="other settings"):
+        _run(tmp_path, iterations=10)  # a checkpoint from other settings is not reused
+
+
+def test_skip_and_overrides():
+    res = _run(skip=["fc"], overrides={"c1": {"param_bw": 8, "iterations": 20}})
+    assert "fc" not in [r.name for r in res.report] and res.skipped == ["fc"]
+    assert res.encodings["c1.weight"].bitwidth == 8 and res.encodings["dw.weight"].bitwidth == 3
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(param_bw=1), "param_bw"), (dict(iterations=-1), "iterations"), (dict(warm_start=1.5), "warm_start"),
+    (dict(beta_range=(20, 0)), "beta_range"), (dict(batch_size=0), "batch_size"),
+    (dict(skip=["nope"]), "nope"), (dict(quant_scheme="best"), "quant_scheme")])
+def test_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _run(**kw)
+
+
+def test_fashion_mnist_w4a8_within_a_point_of_fp32():
+    from pyquant._assets import AssetMissingError
+    try:
+        from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
+        from pyquant.models import fashion_cnn
+        from pyquant.models.fashion_cnn import evaluate
+        model = fashion_cnn()
+        xtr, _ = fashion_mnist_tensors("train")
+        xte, yte = fashion_mnist_tensors("test")
+    except AssetMissingError as exc:
+        pytest.skip(str(exc))
+    xte, yte = xte[:2000], yte[:2000]
+    calib = xtr[:256]
+    res = pyquant.adaround(model, calib[:1], calib, param_bw=4, iterations=300, progress=False)
+    sim = QuantSim(res.model, calib[:1], param_bw=4, output_bw=8, quant_scheme="min_max")
+    res.apply_to(sim)
+    sim.compute_encodings(lambda m: m(calib))
+    fp32 = evaluate(model, xte, yte)
+    assert evaluate(sim.model, xte, yte) >= fp32 - 0.01
