@@ -30,8 +30,8 @@ timeout ${MEMCHECK_LIMIT:-150} compute-sanitizer --tool memcheck --error-exitcod
 rc=$?; grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3; [[ $rc -eq 0 ]] || { echo "memcheck failed ($rc)"; status=1; }
 
 step "benchmarks"
-for b in ${BENCHES:-fake_quant calibration_cuda}; do
-  extra=""; [[ $b == fake_quant ]] && extra="--device cuda"
+for b in ${BENCHES:-fake_quant calibration_cuda adaround_gpu}; do
+  extra=""; [[ $b == fake_quant ]] && extra="--device cuda"; [[ $b == adaround_gpu ]] && extra="--iterations 500 --layers 6"
   timeout ${BENCH_LIMIT:-120} python3 -m bench.$b $extra ${1:-} --out "$OUT" 2>&1 | tail -14
 done
 step "done (status $status)"
