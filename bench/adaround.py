@@ -6,8 +6,8 @@
    AdaRound when aimet_torch imports): top-1 agreement with FP32 and KL(FP32||quantized).
 2. Fashion-MNIST CNN (real labels, 10k test images) at W4A8 and W3A8: FP32, nearest, AdaRound.
 
-Each AdaRound run happens in a forked child process, which reports its own wall time and peak RSS, so
-that the two toolkits' memory figures do not mix.
+Each AdaRound run reports its wall time and the process's peak RSS during it (the high-water mark is
+reset before each run), so that the two toolkits' memory figures do not mix.
 
     python -m bench.adaround                                   # dev env
     cd /work/main && /tmp/pyquant-peers/bin/python -P bench/adaround.py   # with AIMET
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -45,26 +43,26 @@ def log(msg: str) -> None:
 
 
 def _in_child(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-    """fn() in a forked process: (its result, wall seconds, peak RSS in MB of that process)."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-
-    def run():
-        t0 = time.perf_counter()
-        try:
-            out = fn()
-            err = None
-        except Exception as exc:  # report, do not hang the parent
-            out, err = None, f"{type(exc).__name__}: {exc}"
-        q.put((out, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, err))
-
-    p = ctx.Process(target=run)
-    p.start()
-    out, wall, rss, err = q.get()
-    p.join()
-    if err:
-        raise RuntimeError(err)
-    return out, wall, rss
+    """fn() with its wall time and this process's peak RSS during it (MB): the kernel's high-water mark
+    is reset first (/proc/self/clear_refs), so each run's peak is its own."""
+    import gc
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    t0 = time.perf_counter()
+    out = fn()
+    wall = time.perf_counter() - t0
+    peak = float("nan")
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out, wall, peak
 
 
 def _predict(model, x, bs=64):
@@ -230,8 +228,8 @@ def main(argv=None) -> int:
                 log(f"fashion W{bw}A8: fp32 {fp:.4f} nearest {acc_n:.4f} adaround {acc:.4f} ({wall:.0f} s)")
             notes.append(f"Fashion-MNIST: {len(xte)} test images, accuracy in %")
     notes.append(f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads; wall time and peak RSS of each AdaRound run in its own forked "
-                 "process (RSS includes the parent's pages the child touched)")
+                 f"{torch.get_num_threads()} threads; peak RSS: the process's high-water mark during each run, reset "
+                 "before it (it includes the model, data and evaluation set already in memory)")
     name = "adaround" + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes,
                          out_dir=Path(a.out) if a.out else None)

@@ -154,12 +154,16 @@ def cuda_rows(quick: bool) -> list[dict[str, Any]]:
             nbytes = x.numel() * esize
             t_clone = median_time(lambda: x.clone(), reps=50, device="cuda")
             copy_bw = 2 * nbytes / t_clone
+            t_pq_checked = median_time(_pq_forward(x, s, zp, axis), reps=50, device="cuda")
+            prev = pqo.set_value_checks(False)  # no host read of the scales: the kernel alone
             t_pq = median_time(_pq_forward(x, s, zp, axis), reps=50, device="cuda")
+            pqo.set_value_checks(prev)
             xf = x.float()
             t_torch = median_time(_torch_forward(xf, s, zp, axis), reps=30, device="cuda")
             bw = 2 * nbytes / t_pq
             rows.append(dict(size=f"{x.numel() >> 20}M", dtype=str(dtype).replace("torch.", ""), granularity=gran,
-                             measure="forward", pyquant_ms=t_pq * 1e3, clone_ms=t_clone * 1e3,
+                             measure="forward", pyquant_ms=t_pq * 1e3, pyquant_checked_ms=t_pq_checked * 1e3,
+                             clone_ms=t_clone * 1e3,
                              torch_ms=t_torch * 1e3, pyquant_vs_clone=t_pq / t_clone,
                              speedup_vs_torch=t_torch / t_pq, target=">= 85% of copy bandwidth",
                              fraction_of_copy_bw=bw / copy_bw, met=bw / copy_bw >= 0.85))
@@ -192,12 +196,15 @@ def main(argv=None) -> int:
             print("no CUDA device or pyquant._C_cuda missing", file=sys.stderr)
             return 2
         rows = cuda_rows(a.quick)
-        cols = COLUMNS[:4] + ["pyquant_ms", "clone_ms", "fraction_of_copy_bw", "torch_ms", "fwd_bwd_ms",
+        cols = COLUMNS[:4] + ["pyquant_ms", "pyquant_checked_ms", "clone_ms", "fraction_of_copy_bw", "torch_ms",
+                              "fwd_bwd_ms",
                               "speedup_vs_torch", "target", "met"]
         name = "fake_quant_cuda" + ("_quick" if a.quick else "")
         title = "Fake quantization on the GPU (medians, CUDA events)"
         notes = ["torch_ms: torch.fake_quantize_* (forward rows) or the learnable op's forward+backward (backward rows), on float32",
-                 "fraction_of_copy_bw: bytes moved / time, over x.clone()'s bandwidth (read + write)"]
+                 "fraction_of_copy_bw: bytes moved / time, over x.clone()'s bandwidth (read + write)",
+                 "pyquant_ms: with pyquant.ops.set_value_checks(False); pyquant_checked_ms: the default, which reads "
+                 "the scales on the host to reject zero/NaN ones (a device synchronization per call)"]
     else:
         rows = cpu_rows(a.quick, compile_ref=not (a.quick or a.no_compile))
         cols = COLUMNS

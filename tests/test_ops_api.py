@@ -260,3 +260,14 @@ def test_hypothesis_layouts(layout, bw, signed, dtype, seed, permute):
     torch.testing.assert_close(dx, rdx, rtol=0, atol=0)
     torch.testing.assert_close(ds, rds, rtol=2e-5, atol=1e-4)
     torch.testing.assert_close(do, rdo, rtol=2e-5, atol=1e-4)
+
+
+def test_gpu_value_checks_can_be_turned_off_cpu_checks_stay():
+    import pyquant.ops as pqo
+    x = torch.randn(4, 8)
+    prev = pqo.set_value_checks(False)
+    try:
+        with pytest.raises(ValueError, match="scale must be positive"):
+            pqo.quantize_dequantize(x, torch.tensor(0.0), bitwidth=8)  # CPU: always checked
+    finally:
+        assert pqo.set_value_checks(prev) is False

@@ -16,10 +16,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _cpu, _cuda, _reference, _registry
+from ._layout import set_value_checks
 
 __all__ = [
     "quantize", "dequantize", "quantize_dequantize", "grid", "reference",
-    "adaround_weight", "adaround_regularizer", "adaround_init_alpha",
+    "adaround_weight", "adaround_regularizer", "adaround_init_alpha", "set_value_checks",
 ]
 
 reference = _reference

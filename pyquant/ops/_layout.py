@@ -74,8 +74,24 @@ def check_params(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, 
         raise ValueError(f"offset must have the shape of scale {tuple(scale.shape)}, got {tuple(offset.shape)}")
 
 
+# Checking scale/range values reads them on the host: on a GPU that is a device synchronization per
+# call. set_value_checks(False) skips the check for GPU tensors (CPU checks are a cheap native loop and
+# always run); a zero, negative or non-finite scale then yields inf/NaN outputs instead of an error.
+_VALUE_CHECKS = {"gpu": True}
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Turns the positive-and-finite check of scales and histogram ranges on GPU tensors on or off;
+    returns the previous setting. On by default."""
+    prev = _VALUE_CHECKS["gpu"]
+    _VALUE_CHECKS["gpu"] = bool(enabled)
+    return prev
+
+
 def check_positive_finite(t: torch.Tensor, name: str, hint: str = "") -> None:
     """`t` must be positive and finite: a zero or NaN scale or range would silently produce garbage."""
+    if t.device.type != "cpu" and not _VALUE_CHECKS["gpu"]:
+        return
     bad = ~(torch.isfinite(t) & (t > 0))
     if bool(bad.any()):
         v = t[bad].flatten()[0].item()
