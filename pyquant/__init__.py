@@ -6,8 +6,9 @@ from ._native import native_info
 from .sim.quantsim import QuantSim
 from .sim.encodings import load_encodings, write_encodings
 from .techniques import (adaround, correct_bias, correct_bias_analytical, equalize, fold_batchnorms,
-                         fold_batchnorms_to_scale)
+                         fold_batchnorms_to_scale, reestimate_batchnorm)
 
 __version__ = "0.1.0"
 __all__ = ["ops", "quant", "native_info", "QuantSim", "load_encodings", "write_encodings", "fold_batchnorms",
-           "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias", "correct_bias_analytical", "__version__"]
+           "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias", "correct_bias_analytical", "reestimate_batchnorm",
+           "__version__"]

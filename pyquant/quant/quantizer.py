@@ -52,6 +52,9 @@ class _QuantizerBase(nn.Module):
             self.scale = nn.Parameter(torch.ones(self.shape))
             self.offset = nn.Parameter(torch.zeros(self.shape), requires_grad=not self.symmetric)
         self.register_buffer("initialized", torch.tensor(False), persistent=True)
+        # A host-side copy of `initialized`: reading the buffer would synchronize a GPU and break
+        # torch.compile graphs on every forward. Kept in step by set_encoding/reset and state-dict loads.
+        self._has_encoding = False
         self.enabled = True
         self.frozen = False
         self._calibrating = False
@@ -83,6 +86,19 @@ class _QuantizerBase(nn.Module):
                 self.scale.copy_(enc.scale.reshape(self.shape))
                 self.offset.copy_(enc.offset.reshape(self.shape))
             self.initialized.fill_(True)
+        self._has_encoding = True
+
+    def reset_encoding(self) -> None:
+        """Forget the encoding (the quantizer must be calibrated or given one again)."""
+        with torch.no_grad():
+            self.initialized.fill_(False)
+        self._has_encoding = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "initialized"
+        if key in state_dict:
+            self._has_encoding = bool(state_dict[key])
 
     def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable (scale, offset) from the parameters."""
@@ -97,7 +113,7 @@ class _QuantizerBase(nn.Module):
         return s, o
 
     def get_encoding(self) -> Optional[Encoding]:
-        if not bool(self.initialized):
+        if not self._has_encoding:
             return None
         with torch.no_grad():
             s, o = self._scale_offset()
@@ -139,7 +155,7 @@ class _QuantizerBase(nn.Module):
             return False
         if not self.enabled:
             return False
-        if not bool(self.initialized):
+        if not self._has_encoding:
             raise QuantizerError(f"{self._label()} has no encoding yet: calibrate it (with q.compute_encodings(): "
                                  f"q(data)) or set one (q.set_encoding(...))")
         return True

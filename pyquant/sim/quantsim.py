@@ -59,7 +59,8 @@ class QuantSim:
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
-                 output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default"):
+                 output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
+                 range_learning: bool = False):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         from ..ops import grid
@@ -81,6 +82,11 @@ class QuantSim:
         self._constraints: dict[str, tuple[float, float]] = {}
         self._graph_weights: dict[str, str] = {}  # quantizer name -> parameter (torch.export graphs)
         self._place_quantizers()
+        # QAT: encodings are trainable only with range learning (set after calibration)
+        self._range_learning = bool(range_learning)
+        for q in self.quantizers.values():
+            for p in q._encoding_params():
+                p.requires_grad_(False)
         # Quantizers live where the model's tensors live, so a model built on the GPU simulates there.
         dev = next((t.device for t in fp32.parameters()), None) or next((t.device for t in fp32.buffers()), None)
         if dev is not None and dev.type != "cpu":
@@ -252,6 +258,9 @@ class QuantSim:
             warnings.warn(f"QuantSim: {len(unseen)} quantizer(s) saw no data during calibration and were "
                           f"disabled: {', '.join(unseen[:8])}{' ...' if len(unseen) > 8 else ''}", RuntimeWarning,
                           stacklevel=2)
+        if self._range_learning:
+            self.set_range_learning(True, lsq_grad_scale=any(getattr(q, "lsq_grad_scale", False)
+                                                             for q in self.quantizers.values()))
 
     def _run(self, forward_fn, args, progress) -> None:
         if callable(forward_fn):
@@ -289,7 +298,7 @@ class QuantSim:
         q = self._get(name)
         grid(bitwidth, q.symmetric)
         q.bitwidth = bitwidth
-        q.initialized.fill_(False)
+        q.reset_encoding()
 
     def enable(self, name: str, enabled: bool = True) -> None:
         self._get(name).enabled = enabled
@@ -305,6 +314,72 @@ class QuantSim:
         act = {n: q.get_encoding() for n, q in self.activation_quantizers.items() if q.enabled and q.get_encoding()}
         par = {n: q.get_encoding() for n, q in self.param_quantizers.items() if q.enabled and q.get_encoding()}
         return act, par
+
+    # ---- quantization-aware training -----------------------------------------------------------
+    def quantizer_parameters(self) -> list[nn.Parameter]:
+        """The encoding parameters (min/max, or scale/offset) of every quantizer, for an optimizer group
+        of their own (range learning usually wants a different learning rate from the weights)."""
+        out: list[nn.Parameter] = []
+        for q in self.quantizers.values():
+            out += [p for p in q.parameters(recurse=False)]
+        return out
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """The model's own parameters (weights, biases, batch norms), without the quantizers'."""
+        qp = {id(p) for p in self.quantizer_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in qp]
+
+    def set_range_learning(self, enabled: bool = True, *, lsq_grad_scale: bool = False,
+                           names: Optional[Iterable[str]] = None) -> None:
+        """Range learning on (the calibrated quantizers' encodings become trainable, the LSQ gradient
+        scale optionally applied) or off (fixed ranges: the encodings stay as calibrated; gradients
+        still pass the rounding straight through). Frozen quantizers stay fixed either way."""
+        for name in (names if names is not None else self.quantizers):
+            q = self._get(name)
+            q.lsq_grad_scale = bool(lsq_grad_scale) if enabled else q.lsq_grad_scale
+            learn = bool(enabled) and not q.frozen and q.enabled and q._has_encoding
+            for p in q._encoding_params():
+                p.requires_grad_(learn)
+            if q.param_mode == "scale_offset" and q.symmetric:
+                q.offset.requires_grad_(False)
+
+    def freeze(self, name: Optional[str] = None) -> None:
+        """Freeze one quantizer's encoding (or all): no range learning, no recalibration."""
+        for q in ([self._get(name)] if name is not None else self.quantizers.values()):
+            q.freeze()
+
+    def unfreeze(self, name: Optional[str] = None) -> None:
+        for q in ([self._get(name)] if name is not None else self.quantizers.values()):
+            q.unfreeze()
+
+    def save_checkpoint(self, path: Union[str, os.PathLike], optimizer: Optional[torch.optim.Optimizer] = None,
+                        **extra: Any) -> None:
+        """Saves the simulated model's state (weights, encodings, trainable quantizer parameters and the
+        quantizers' flags), an optimizer's state and any extra values, atomically."""
+        from .._io import atomic_torch_save
+        flags = {n: dict(enabled=q.enabled, frozen=q.frozen, bitwidth=q.bitwidth, symmetric=q.symmetric,
+                         lsq=getattr(q, "lsq_grad_scale", False),
+                         learn=[p.requires_grad for p in q._encoding_params()])
+                 for n, q in self.quantizers.items()}
+        state = {"model": self.model.state_dict(), "quantizers": flags, "extra": extra,
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None}
+        atomic_torch_save(state, path)
+
+    def load_checkpoint(self, path: Union[str, os.PathLike],
+                        optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+        """Restores what save_checkpoint wrote (into this simulation of the same model); returns the
+        extra values."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for n, f in state["quantizers"].items():
+            q = self._get(n)
+            q.enabled, q.frozen, q.bitwidth, q.symmetric = f["enabled"], f["frozen"], f["bitwidth"], f["symmetric"]
+            q.lsq_grad_scale = f["lsq"]
+            for p, r in zip(q._encoding_params(), f["learn"]):
+                p.requires_grad_(r)
+        self.model.load_state_dict(state["model"])
+        if optimizer is not None and state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]
 
     def summary(self, file=None) -> str:
         """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding."""

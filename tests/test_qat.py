@@ -1,0 +1,197 @@
+"""Quantization-aware training with a QuantSim: fixed ranges vs range learning, freeze, batch norms
+(kept then folded to scale; re-estimation), torch.compile, bf16 autocast, save/resume, export of the
+trained encodings, and DistributedDataParallel (two gloo processes == one process on the whole batch)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyquant
+from pyquant.sim.quantsim import QuantSim
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        y = torch.relu(self.c2(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def _setup(range_learning, fold=True, seed=0, n=32):
+    torch.manual_seed(seed)
+    m = Net().eval()
+    if fold:
+        pyquant.fold_batchnorms(m)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=range_learning)
+    sim.compute_encodings(lambda mm: mm(x))
+    return sim, x, y
+
+
+def _step(sim, x, y, opt):
+    opt.zero_grad()
+    loss = F.cross_entropy(sim.model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _encodings(sim):
+    return {n: (q.get_encoding().scale.clone(), q.get_encoding().offset.clone()) for n, q in sim.quantizers.items()}
+
+
+def test_fixed_ranges_train_weights_only():
+    sim, x, y = _setup(range_learning=False)
+    assert not any(p.requires_grad for p in sim.quantizer_parameters())
+    before, w0 = _encodings(sim), sim._weight_of("c1.weight").clone()
+    opt = torch.optim.SGD(sim.model_parameters(), lr=0.1)
+    _step(sim, x, y, opt)
+    after = _encodings(sim)
+    assert all(torch.equal(before[n][0], after[n][0]) for n in before)
+    assert not torch.equal(w0, sim._weight_of("c1.weight"))  # STE gradients reached the weights
+
+
+def test_range_learning_moves_encodings_and_freeze_keeps_one():
+    sim, x, y = _setup(range_learning=True)
+    qp = sim.quantizer_parameters()
+    assert qp and all(p.requires_grad for p in qp)
+    sim.freeze("c2.weight")
+    before = _encodings(sim)
+    opt = torch.optim.Adam([{"params": sim.model_parameters(), "lr": 1e-3},
+                            {"params": sim.quantizer_parameters(), "lr": 1e-2}])
+    losses = [_step(sim, x, y, opt) for _ in range(5)]
+    after = _encodings(sim)
+    moved = [n for n in before if not torch.equal(before[n][0], after[n][0])]
+    assert "c2.weight" not in moved and len(moved) >= len(before) // 2
+    assert losses[-1] < losses[0]
+    sim.unfreeze("c2.weight")
+    assert sim.param_quantizers["c2.weight"].min.requires_grad
+
+
+def test_lsq_gradient_scale_changes_the_range_gradients():
+    grads = []
+    for lsq in (False, True):
+        sim, x, y = _setup(range_learning=True)
+        sim.set_range_learning(True, lsq_grad_scale=lsq)
+        F.cross_entropy(sim.model(x), y).backward()
+        grads.append(sim.param_quantizers["c1.weight"].max.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_batchnorm_kept_during_qat_then_folded_to_scale_and_reestimated():
+    sim, x, y = _setup(range_learning=True, fold=False)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in sim.model.modules())
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.05)
+    sim.model.train()
+    for _ in range(3):
+        _step(sim, x, y, opt)
+    sim.model.eval()
+    n = pyquant.reestimate_batchnorm(sim.model, [x[:16], x[16:]])
+    assert n == 1
+    bn = sim.model.get_submodule("bn")
+    with torch.no_grad():
+        pre = sim.model.get_submodule("c1")(sim.activation_quantizers["input.x"](x))
+    torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    y0 = sim.model(x)
+    pairs = pyquant.fold_batchnorms_to_scale(sim)
+    assert [p[0] for p in pairs] == ["c1"]
+    y1 = sim.model(x)
+    assert float((y1 - y0).abs().max()) < 0.05 * float(y0.abs().max()) + 1e-3
+
+
+def test_compile_matches_eager_and_has_no_graph_break():
+    sim, x, y = _setup(range_learning=True)
+    ref_out = sim.model(x)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(sim.model)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(sim.model, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, ref_out)
+    F.cross_entropy(out, y).backward()
+    assert sim.param_quantizers["c1.weight"].max.grad is not None
+
+
+def test_bf16_autocast_step():
+    sim, x, y = _setup(range_learning=True)
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sim.model(x)
+        loss = F.cross_entropy(out.float(), y)
+    assert out.dtype == torch.bfloat16
+    opt.zero_grad()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in sim.quantizer_parameters() if p.grad is not None)
+    opt.step()
+
+
+def test_save_resume_continues_exactly_and_export_has_trained_encodings(tmp_path):
+    sim, x, y = _setup(range_learning=True)
+    opt = torch.optim.Adam(sim.model.parameters(), lr=1e-2)
+    for _ in range(2):
+        _step(sim, x, y, opt)
+    sim.save_checkpoint(tmp_path / "ckpt.pt", opt, epoch=2)
+    straight = [_step(sim, x, y, opt) for _ in range(3)]
+    final = {k: v.clone() for k, v in sim.model.state_dict().items()}
+
+    sim2, _, _ = _setup(range_learning=False)  # another sim of the same model, other settings
+    opt2 = torch.optim.Adam(sim2.model.parameters(), lr=1e-2)
+    extra = sim2.load_checkpoint(tmp_path / "ckpt.pt", opt2)
+    assert extra == {"epoch": 2}
+    resumed = [_step(sim2, x, y, opt2) for _ in range(3)]
+    assert resumed == straight
+    for k, v in sim2.model.state_dict().items():
+        assert torch.equal(v, final[k]), k
+    pyquant.write_encodings(tmp_path / "qat.encodings", *sim2.encodings())  # 4-bit: encodings, no QDQ ONNX
+    act, par = pyquant.load_encodings(tmp_path / "qat.encodings")
+    torch.testing.assert_close(par["c1.weight"].scale.reshape(-1),
+                               sim2.param_quantizers["c1.weight"].get_encoding().scale.reshape(-1))
+
+
+def _ddp_worker(rank, world, port, x, y, out_dir):
+    import torch.distributed as dist
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sim, _, _ = _setup(range_learning=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(sim.model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    half = len(x) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    opt.zero_grad()
+    F.cross_entropy(ddp(xs), ys).backward()
+    opt.step()
+    if rank == 0:
+        torch.save(sim.model.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_step_equals_single_process_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    _, x, y = _setup(range_learning=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, x, y, str(tmp_path)), nprocs=2, join=True)
+    ddp_state = torch.load(tmp_path / "ddp.pt")
+    sim, _, _ = _setup(range_learning=True)
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.1)
+    _step(sim, x, y, opt)
+    for k, v in sim.model.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert any("max" in k for k in ddp_state)  # quantizer parameters are part of the comparison
