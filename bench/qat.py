@@ -1,0 +1,234 @@
+"""Quantization-aware training: accuracy on Fashion-MNIST (real labels) and the cost of a QAT step
+(time and peak memory) against the FP32 step of the same model, and against aimet-torch's QAT step
+with range learning when aimet_torch imports, all in one process.
+
+1. Fashion-MNIST CNN (batch norms folded), W4A4: FP32; PTQ min-max and TF-enhanced; QAT with fixed
+   ranges; QAT with range learning -- same epochs, data order, seed and optimizer.
+2. Step cost, range learning, W8A8: Fashion CNN (batch 128) and MobileNetV2 (batch 32, 224x224, random
+   inputs and labels): forward + backward + Adam step, medians of interleaved rounds; memory as the
+   distinct tensor storage one forward saves for the backward (parameters excluded), which is what
+   grows a training step's peak.
+
+    python -m bench.qat [--quick] [--epochs N]
+    cd /work/main && /tmp/pyquant-peers/bin/python -P bench/qat.py      # with AIMET
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import pyquant
+from pyquant.sim.quantsim import QuantSim
+
+from bench._harness import require_native, write_results
+
+COLUMNS = ["model", "measure", "config", "value", "fp32", "ratio_vs_fp32", "aimet", "pyquant_speedup_vs_aimet",
+           "target", "met"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _saved_mb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """MB of distinct tensor storage that one forward saves for the backward (activations, quantized
+    weight copies, masks): the memory a training step holds at its peak beyond the model itself."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params) / 2**20
+
+
+def _train(model: torch.nn.Module, params: list, xtr, ytr, epochs: int, bs: int, seed: int) -> None:
+    opt = torch.optim.Adam(params)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr) - bs + 1, bs):
+            idx = perm[i:i + bs]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    model.eval()
+
+
+def fashion_accuracy(epochs: int, quick: bool) -> list[dict[str, Any]]:
+    from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
+    from pyquant.models import fashion_cnn
+    from pyquant.models.fashion_cnn import evaluate
+    base = fashion_cnn()
+    pyquant.fold_batchnorms(base)
+    xtr, ytr = fashion_mnist_tensors("train")
+    xte, yte = fashion_mnist_tensors("test")
+    if quick:
+        xtr, ytr, xte, yte = xtr[:6000], ytr[:6000], xte[:2000], yte[:2000]
+    calib = xtr[:1024]
+    fp = evaluate(base, xte, yte)
+    rows = [dict(model="Fashion-MNIST CNN", measure="test accuracy %", config="FP32", value=100 * fp)]
+    results = {}
+    for label, scheme, qat, rl in (("PTQ min-max", "min_max", False, False),
+                                   ("PTQ TF-enhanced", "tf_enhanced", False, False),
+                                   ("QAT fixed ranges (TF-enhanced init)", "tf_enhanced", True, False),
+                                   ("QAT range learning (TF-enhanced init)", "tf_enhanced", True, True)):
+        torch.manual_seed(0)
+        sim = QuantSim(copy.deepcopy(base), calib[:1], quant_scheme=scheme, param_bw=4, output_bw=4,
+                       range_learning=rl)
+        sim.compute_encodings(lambda m: m(calib))
+        t0 = time.perf_counter()
+        if qat:
+            groups = [{"params": sim.model_parameters(), "lr": 1e-4}]
+            if rl:
+                groups.append({"params": [p for p in sim.quantizer_parameters() if p.requires_grad], "lr": 1e-3})
+            _train(sim.model, groups, xtr, ytr, epochs, 128, seed=0)
+        acc = evaluate(sim.model, xte, yte)
+        results[label] = acc
+        row = dict(model="Fashion-MNIST CNN", measure="test accuracy %", config=f"W4A4 {label}", value=100 * acc,
+                   fp32=100 * fp)
+        if rl:
+            fixed = results["QAT fixed ranges (TF-enhanced init)"]
+            row.update(target="within 1 pt of FP32 and above fixed-range QAT", met=acc >= fp - 0.01 and acc > fixed)
+        rows.append(row)
+        log(f"{label}: {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+class _Aimet:
+    def __init__(self, enabled: bool):
+        self.ok = False
+        if not enabled:
+            return
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from aimet_torch.common.defs import QuantScheme
+                from aimet_torch.quantsim import QuantizationSimModel
+            self.QuantScheme, self.QSM = QuantScheme, QuantizationSimModel
+            self.ok = True
+        except Exception as exc:
+            log(f"AIMET not available ({type(exc).__name__}: {exc})")
+
+    def sim(self, model, dummy, calib_fn):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = self.QSM(copy.deepcopy(model), dummy,
+                         quant_scheme=self.QuantScheme.training_range_learning_with_tf_init,
+                         default_output_bw=8, default_param_bw=8)
+            s.compute_encodings(lambda m, _: calib_fn(m), None)
+        return s.model
+
+
+def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, aimet: _Aimet,
+              rounds: int) -> list[dict[str, Any]]:
+    x, y = x.clone(), y.clone()  # own storage (a slice would count its whole data set as saved memory)
+    sim = QuantSim(copy.deepcopy(model), x[:1], quant_scheme="tf_enhanced", range_learning=True)
+    sim.compute_encodings(lambda m: m(x))
+    models: dict[str, torch.nn.Module] = {"fp32": copy.deepcopy(model), "pyquant": sim.model}
+    if aimet.ok:
+        models["aimet"] = aimet.sim(model, x[:1], lambda m: m(x))
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-5) for k, m in models.items()}
+
+    def step(k: str) -> Callable[[], None]:
+        m, opt = models[k], opts[k]
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return run
+
+    for m in models.values():
+        m.train()
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for k in models:  # warm-up
+        step(k)()
+        step(k)()
+    for _ in range(rounds):
+        for k in models:
+            t0 = time.perf_counter()
+            step(k)()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {k: _saved_mb(models[k], x, y) for k in models}
+    rows = [dict(model=name, measure="train step ms (fwd+bwd+Adam)", config="W8A8 range learning",
+                 value=1e3 * med["pyquant"], fp32=1e3 * med["fp32"], ratio_vs_fp32=med["pyquant"] / med["fp32"],
+                 aimet=1e3 * med["aimet"] if "aimet" in med else None,
+                 pyquant_speedup_vs_aimet=med["aimet"] / med["pyquant"] if "aimet" in med else None,
+                 target="<= 1.5x FP32" + (", >= 3x faster than AIMET" if "aimet" in med else ""),
+                 met=med["pyquant"] / med["fp32"] <= 1.5 and ("aimet" not in med or med["aimet"] / med["pyquant"] >= 3)),
+            dict(model=name, measure="memory saved for backward by one forward, MB", config="W8A8 range learning",
+                 value=peak["pyquant"], fp32=peak["fp32"], ratio_vs_fp32=peak["pyquant"] / max(peak["fp32"], 1e-9),
+                 aimet=peak.get("aimet"), target="<= 1.3x FP32", met=peak["pyquant"] <= 1.3 * peak["fp32"])]
+    log(f"{name}: step {1e3 * med['pyquant']:.1f} ms vs FP32 {1e3 * med['fp32']:.1f} ms"
+        + (f", AIMET {1e3 * med['aimet']:.1f} ms" if "aimet" in med else "")
+        + f"; peak +{peak['pyquant']:.0f} MB vs FP32 +{peak['fp32']:.0f} MB")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-aimet", action="store_true")
+    p.add_argument("--skip", default="", help="comma-separated: accuracy, fashion_step, mobilenet_step")
+    a = p.parse_args(argv)
+    if not require_native("bench/qat.py"):
+        return 2
+    skip = {s for s in a.skip.split(",") if s}
+    aimet = _Aimet(not a.no_aimet)
+    rows: list[dict[str, Any]] = []
+    epochs = a.epochs or (1 if a.quick else 2)
+    if "accuracy" not in skip:
+        rows += fashion_accuracy(epochs, a.quick)
+    g = torch.Generator().manual_seed(0)
+    if "fashion_step" not in skip:
+        from pyquant.models import fashion_cnn
+        m = fashion_cnn()
+        pyquant.fold_batchnorms(m)
+        from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
+        xtr, ytr = fashion_mnist_tensors("train")
+        rows += step_cost("Fashion-MNIST CNN, batch 128", m, xtr[:128], ytr[:128], aimet, 5 if a.quick else 20)
+    if "mobilenet_step" not in skip:
+        from pyquant.models import mobilenet_v2
+        m = mobilenet_v2(pretrained=False).eval()
+        pyquant.fold_batchnorms(m)
+        x = torch.randn(8 if a.quick else 32, 3, 224, 224, generator=g)
+        y = torch.randint(0, 1000, (len(x),), generator=g)
+        rows += step_cost(f"MobileNetV2, batch {len(x)}", m, x, y, aimet, 3 if a.quick else 7)
+    notes = [f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads; QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, "
+             f"{epochs} epoch(s) over the training set, seed 0",
+             "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
+             "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
+             "AIMET not run (no aimet_torch here)"]
+    name = "qat" + ("_quick" if a.quick else "")
+    path = write_results(name, rows, COLUMNS, title="Quantization-aware training", notes=notes,
+                         out_dir=Path(a.out) if a.out else None)
+    print(path.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
