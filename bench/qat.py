@@ -176,7 +176,8 @@ def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
                  aimet=1e3 * med["aimet"] if "aimet" in med else None,
                  pyquant_speedup_vs_aimet=med["aimet"] / med["pyquant"] if "aimet" in med else None,
                  target="<= 1.5x FP32" + (", >= 3x faster than AIMET" if "aimet" in med else ""),
-                 met=med["pyquant"] / med["fp32"] <= 1.5 and ("aimet" not in med or med["aimet"] / med["pyquant"] >= 3)),
+                 met=med["pyquant"] / med["fp32"] <= 1.5
+                 and ("aimet" not in med or med["aimet"] / med["pyquant"] >= 3)),
             dict(model=name, measure="memory saved for backward by one forward, MB", config="W8A8 range learning",
                  value=peak["pyquant"], fp32=peak["fp32"], ratio_vs_fp32=peak["pyquant"] / max(peak["fp32"], 1e-9),
                  aimet=peak.get("aimet"), target="<= 1.3x FP32", met=peak["pyquant"] <= 1.3 * peak["fp32"])]

@@ -105,7 +105,8 @@ def test_autograd_through_the_ops(device):
     loss = (y * torch.arange(96, device=device).reshape(8, 12)).sum() + 0.1 * pqo.adaround_regularizer(a, 5.0)
     loss.backward()
     g = torch.arange(96, device=device, dtype=torch.float32).reshape(8, 12)
-    want = ref.adaround_weight_backward(g, w, a.detach(), s, o, -8, 7) + 0.1 * ref.adaround_regularizer(a.detach(), 5.0)[1]
+    want = (ref.adaround_weight_backward(g, w, a.detach(), s, o, -8, 7)
+            + 0.1 * ref.adaround_regularizer(a.detach(), 5.0)[1])
     torch.testing.assert_close(a.grad, want, rtol=1e-6, atol=1e-6)
     yh = pqo.adaround_weight(w, a.detach(), s, o, bitwidth=4, signed=True, hard=True)
     assert torch.equal(yh, ref.adaround_weight(w, a.detach(), s, o, -8, 7, True))

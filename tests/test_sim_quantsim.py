@@ -307,3 +307,13 @@ def test_quantsim_on_cuda_matches_cpu(scheme):
         out_gpu = sims["cuda"].model(x.cuda()).cpu()
     # a one-step difference in a rounding tie can move single elements; the bulk must agree
     assert sqnr_db(out_cpu, out_gpu) > (40.0 if scheme == "min_max" else 25.0)
+
+
+def test_param_quant_scheme_separates_weights_from_activations():
+    from pyquant.quant.analyzers import MinMax, TfEnhanced
+    m = _net()
+    sim = QuantSim(m, _data(2), quant_scheme="tf_enhanced", param_quant_scheme="min_max")
+    assert all(isinstance(q.encoding_analyzer, MinMax) for q in sim.param_quantizers.values())
+    assert all(isinstance(q.encoding_analyzer, TfEnhanced) for q in sim.activation_quantizers.values())
+    with pytest.raises(ValueError, match="param_quant_scheme"):
+        QuantSim(m, _data(2), param_quant_scheme="best")

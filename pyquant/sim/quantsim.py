@@ -53,6 +53,9 @@ class QuantSim:
         param_bw / output_bw: bit widths of weights and activations (2..16).
         config: hardware config: a named profile ("default": per-channel weights, "per_tensor",
             "strict_symmetric_int8"), a JSON path or a dict.
+        range_learning: make the encodings trainable after calibration (QAT); otherwise they stay fixed.
+        param_quant_scheme: a different scheme for the weights (e.g. "min_max" weights with
+            "tf_enhanced" activations); default: `quant_scheme`.
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -60,13 +63,17 @@ class QuantSim:
 
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
-                 range_learning: bool = False):
+                 range_learning: bool = False, param_quant_scheme: Optional[str] = None):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         from ..ops import grid
         grid(param_bw, True)
         grid(output_bw, False)
+        if param_quant_scheme is not None and param_quant_scheme not in QUANT_SCHEMES:
+            raise ValueError(f"param_quant_scheme must be one of {sorted(QUANT_SCHEMES)} or None (same as "
+                             f"quant_scheme), got {param_quant_scheme!r}")
         self.quant_scheme = quant_scheme
+        self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
         self.output_bw = output_bw
         self.config = config if isinstance(config, HardwareConfig) else load_config(config)
@@ -97,9 +104,10 @@ class QuantSim:
     def _analyzer(self, shape, param: bool = False) -> EncodingAnalyzer:
         # Percentile and entropy clip outliers of activation distributions; weights, a few hundred
         # values per channel, keep their full range with them.
-        if param and self.quant_scheme in ("percentile", "entropy"):
+        scheme = self.param_quant_scheme if param else self.quant_scheme
+        if param and scheme in ("percentile", "entropy"):
             return MinMax(shape)
-        return QUANT_SCHEMES[self.quant_scheme](shape)
+        return QUANT_SCHEMES[scheme](shape)
 
     def _place_quantizers(self) -> None:
         gm, cfg = self.model, self.config

@@ -1,9 +1,10 @@
-"""Post-training techniques."""
+"""Post-training techniques and QAT helpers."""
 from .adaround import AdaroundResult, LayerReport, adaround
 from .bias_correction import correct_bias, correct_bias_analytical
 from .bn_fold import FoldedPairs, fold_batchnorms, fold_batchnorms_to_scale
-from .qat import reestimate_batchnorm
 from .cle import EqualizationReport, equalize
+from .qat import reestimate_batchnorm
 
-__all__ = ["reestimate_batchnorm", "adaround", "AdaroundResult", "LayerReport", "fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
-           "correct_bias", "correct_bias_analytical"]
+__all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
+           "correct_bias", "correct_bias_analytical", "adaround", "AdaroundResult", "LayerReport",
+           "reestimate_batchnorm"]

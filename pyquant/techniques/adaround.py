@@ -7,9 +7,12 @@ Per layer, in execution order:
     are corrected as they accumulate), targets from the FP32 model; a ReLU/ReLU6 right after the
     layer is applied to both;
   * convolutions are handled as matrix products over output positions (im2col): a pool of output
-    positions per sample is kept within `memory_mb`, and every step draws `batch_size` samples and
-    `positions_per_sample` positions of each -- an unbiased sample of the same loss as a full
-    convolution over the batch, at a fraction of its cost;
+    positions per sample is kept (`position_pool`, within `memory_mb`), and every step draws
+    `batch_size` samples and `positions_per_sample` positions of each -- an unbiased sample of the
+    same loss as a full convolution over the batch, at a fraction of its cost;
+  * the FP32 and the rounded model run side by side one graph node at a time over all samples (two
+    forward passes in all, holding the live activations of every sample twice), so that no layer
+    re-runs the model from its input;
   * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
     (no regularizer during the first `warm_start` fraction; beta then falls linearly from
     beta_range[0] to beta_range[1]); Adam on alpha only, through the fused kernels of pyquant.ops;
@@ -41,6 +44,7 @@ from .. import ops
 from .._io import atomic_torch_save
 from .._progress import Progress
 from ..quant.encoding import Encoding
+from ..sim.staged import StagedRun
 from .bn_fold import fold_batchnorms
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -135,6 +139,29 @@ def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> 
     return got[0].detach()
 
 
+def _staged(gm_fp: fx.GraphModule, gm_q: fx.GraphModule, todo: set, chunks: list[torch.Tensor],
+            run_layer) -> None:
+    """Runs the FP32 graph and the rounded model's graph side by side, one node at a time over all
+    chunks (pyquant.sim.staged). At a layer still to round, its inputs in the rounded model and its
+    FP32 outputs are at hand: the layer is optimized, and its output computed with the rounded weight
+    before the walk goes on. Two forward passes in all, instead of two per layer."""
+    fp, q = StagedRun(gm_fp, [(c,) for c in chunks]), StagedRun(gm_q, [(c,) for c in chunks])
+    if [(n.op, str(n.target)) for n in fp.nodes] != [(n.op, str(n.target)) for n in q.nodes]:
+        raise RuntimeError("adaround: the FP32 and rounded models traced to different graphs")
+    with torch.no_grad():
+        for i, (nf, nq) in enumerate(zip(fp.nodes, q.nodes)):
+            if nf.op == "output" or not todo:
+                break
+            y = fp.compute(nf)
+            if nq.op == "call_module" and nq.target in todo:
+                with torch.enable_grad():
+                    run_layer(nq.target, list(zip(q.value(nq.args[0]), y)))
+                todo = todo - {nq.target}
+            q.compute(nq)
+            fp.release(i)
+            q.release(i)
+
+
 def _positions(layer: nn.Module, y_shape: torch.Size) -> int:
     if isinstance(layer, nn.Linear):
         return math.prod(y_shape[1:-1]) if len(y_shape) > 2 else 1
@@ -205,10 +232,11 @@ def _fingerprint(model: nn.Module, settings: Mapping[str, Any], data: list[torch
 def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterable], *, param_bw: int = 4,
              iterations: int = 10_000, reg_param: float = 0.01, beta_range: tuple[float, float] = (20.0, 2.0),
              warm_start: float = 0.2, batch_size: int = 32, num_samples: Optional[int] = None,
-             positions_per_sample: int = 64, lr: float = 1e-3, quant_scheme: str = "min_max",
+             positions_per_sample: int = 128, position_pool: int = 1024, lr: float = 1e-3,
+             quant_scheme: str = "min_max",
              config: Union[str, dict] = "default", overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
              skip: Sequence[str] = (), checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
-             memory_mb: int = 2048, seed: int = 0, progress: Optional[bool] = None) -> AdaroundResult:
+             memory_mb: int = 1024, seed: int = 0, progress: Optional[bool] = None) -> AdaroundResult:
     """AdaRound every Conv1d/Conv2d/ConvTranspose2d/Linear weight of `model` (a copy is made; batch
     norms are folded into it first).
 
@@ -218,7 +246,8 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
         param_bw: weight bit width (default 4); encodings follow `config` (QuantSim's hardware config:
             per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
         iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
-        batch_size: samples per step; positions_per_sample: output positions drawn from each.
+        batch_size: samples per step; positions_per_sample: output positions drawn from each per step,
+            out of a pool of `position_pool` positions kept per sample.
         num_samples: calibration samples used (default: all of `data`).
         overrides: per-layer settings, e.g. {"features.0.0": {"iterations": 2000, "param_bw": 8}}.
         skip: layer names to leave with round-to-nearest.
@@ -239,7 +268,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
     if float(reg_param) < 0:
         raise ValueError(f"reg_param must be >= 0, got {reg_param}")
     for name, v in (("batch_size", batch_size), ("positions_per_sample", positions_per_sample),
-                    ("memory_mb", memory_mb)):
+                    ("position_pool", position_pool), ("memory_mb", memory_mb)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if quant_scheme not in QUANT_SCHEMES:
@@ -277,7 +306,8 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
 
     settings = dict(param_bw=param_bw, iterations=iterations, reg_param=reg_param, beta_range=list(beta_range),
                     warm_start=warm_start, batch_size=batch_size, num_samples=n_samples,
-                    positions_per_sample=positions_per_sample, lr=lr, quant_scheme=quant_scheme, config=config,
+                    positions_per_sample=positions_per_sample, position_pool=position_pool, lr=lr,
+                    quant_scheme=quant_scheme, config=config,
                     overrides=overrides, skip=list(skip), memory_mb=memory_mb, seed=seed, order=order)
     state: dict[str, Any] = {"done": [], "weights": {}, "report": []}
     ckpt = Path(checkpoint_dir) / _CKPT if checkpoint_dir is not None else None
@@ -298,20 +328,19 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
     bar = Progress(len(order), "adaround", progress)
     bar.n = len(order) - len(todo)
     skipped = [n for n in order if n in set(skip)]
-    for li, name in enumerate(order):
-        if name in state["done"]:
-            continue
+    index = {n: i for i, n in enumerate(order)}
+
+    def run_layer(name: str, pairs: Iterable[tuple]) -> None:
         t0 = time.perf_counter()
-        layer_fp = fp32.get_submodule(name)
-        layer_q = qmodel.get_submodule(name)
+        layer_fp, layer_q = fp32.get_submodule(name), qmodel.get_submodule(name)
         enc = encodings[f"{name}.weight"]
         if name in set(skip):
             with torch.no_grad():
                 layer_q.weight.copy_(_nearest(layer_fp.weight, enc))
         else:
             cfg = {**settings, **overrides.get(name, {})}
-            r = _optimize_layer(name, li, layer_fp, layer_q, fp32, qmodel, chunks, enc, _following_act(gm, name),
-                                cfg, seed)
+            r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
+                                _following_act(gm, name), cfg, seed)
             r.seconds = time.perf_counter() - t0
             report.append(r)
         state["done"].append(name)
@@ -322,6 +351,19 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             atomic_torch_save(state, ckpt)
         bar.update(note=name)
+
+    if todo:
+        try:
+            gm_fp, gm_q = fx.symbolic_trace(fp32), fx.symbolic_trace(qmodel)
+        except Exception:  # a model fx cannot trace: one forward (stopped at the layer) per layer
+            gm_fp = gm_q = None
+        if gm_fp is not None:
+            _staged(gm_fp, gm_q, set(todo), chunks, run_layer)
+        else:
+            for name in todo:
+                lf, lq = fp32.get_submodule(name), qmodel.get_submodule(name)
+                run_layer(name, ((_capture(qmodel, lq, c, "input"), _capture(fp32, lf, c, "output"))
+                                 for c in chunks))
     bar.close()
 
     path = None
@@ -353,9 +395,10 @@ def _channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     return w.transpose(0, 1).contiguous() if isinstance(layer, nn.ConvTranspose2d) else w.contiguous()
 
 
-def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module, fp32: nn.Module,
-                    qmodel: nn.Module, chunks: list[torch.Tensor], enc: Encoding, act: Optional[nn.Module],
-                    cfg: Mapping[str, Any], seed: int) -> LayerReport:
+def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module, pairs: Iterable[tuple],
+                    n_total: int, enc: Encoding, act: Optional[nn.Module], cfg: Mapping[str, Any],
+                    seed: int) -> LayerReport:
+    """Learns the rounding of one layer from (input from the rounded model, FP32 output) per chunk."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + li)
     transposed = isinstance(layer_fp, nn.ConvTranspose2d)
     w0 = _channel_first(layer_fp, layer_fp.weight.detach())
@@ -369,26 +412,27 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     xs, ys = [], []
     rows_total = 0
     with torch.no_grad():
-        for c in chunks:
-            xin = _capture(qmodel, layer_q, c, "input")
-            yfp = act(_capture(fp32, layer_fp, c, "output"))
+        for xin, yfp in pairs:
+            yfp = act(yfp)
             if transposed:  # no im2col: keep whole samples
                 xs.append(xin)
                 ys.append(yfp)
-                rows_total += len(c) * _positions(layer_fp, yfp.shape)
+                rows_total += len(xin) * _positions(layer_fp, yfp.shape)
                 continue
-            xr, yr = _rows_in(layer_fp, xin), _rows_out(layer_fp, yfp)     # [N, P, K], [N, P, C]
-            P = xr.shape[1]
-            rows_total += xr.shape[0] * P
-            per_row = 4 * (xr.shape[2] + yr.shape[2])
-            n_total = sum(len(cc) for cc in chunks)
-            keep = max(1, min(P, int(cfg["memory_mb"]) * 2**20 // max(per_row * n_total, 1)))
-            if keep < P:
-                idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(xr.shape[0])]).to(dev)
-                xr = torch.gather(xr, 1, idx.unsqueeze(-1).expand(-1, -1, xr.shape[2]))
-                yr = torch.gather(yr, 1, idx.unsqueeze(-1).expand(-1, -1, yr.shape[2]))
-            xs.append(xr.contiguous())
-            ys.append(yr.contiguous())
+            # a few samples at a time: im2col of a whole batch can be far larger than what is kept
+            for k0 in range(0, len(xin), 8):
+                xr, yr = _rows_in(layer_fp, xin[k0:k0 + 8]), _rows_out(layer_fp, yfp[k0:k0 + 8])  # [n, P, K/C]
+                P = xr.shape[1]
+                rows_total += xr.shape[0] * P
+                per_row = 4 * (xr.shape[2] + yr.shape[2])
+                keep = min(P, int(cfg["position_pool"]),
+                           max(1, int(cfg["memory_mb"]) * 2**20 // max(per_row * n_total, 1)))
+                if keep < P:
+                    idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(xr.shape[0])]).to(dev)
+                    xr = torch.gather(xr, 1, idx.unsqueeze(-1).expand(-1, -1, xr.shape[2]))
+                    yr = torch.gather(yr, 1, idx.unsqueeze(-1).expand(-1, -1, yr.shape[2]))
+                xs.append(xr.contiguous())
+                ys.append(yr.contiguous())
     X, Y = torch.cat(xs), torch.cat(ys)
     n = X.shape[0]
 

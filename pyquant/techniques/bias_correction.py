@@ -12,10 +12,10 @@ import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .._progress import Progress
+from ..sim.staged import PerChunk, StagedRun
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 
@@ -49,10 +49,6 @@ def _means(model: nn.Module, names: list[str], run: Callable[[nn.Module], Any]) 
     return {n: s[0] / s[1] for n, s in sums.items() if s[0] is not None}
 
 
-class _PerChunk(list):
-    """A node's value for each chunk of the calibration data."""
-
-
 def _as_chunks(data: Any, batch_size: int) -> list[tuple]:
     """Calibration data as a list of positional-argument tuples, one per chunk."""
     if isinstance(data, torch.Tensor):
@@ -76,64 +72,30 @@ def _shift_view(shift: torch.Tensor, y: torch.Tensor, linear: bool) -> torch.Ten
 @torch.no_grad()
 def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[tuple], bar: Progress,
             apply: Callable[[str, torch.Tensor], None]) -> None:
-    """Runs the simulation's graph one node at a time over every chunk of the data, keeping each live
-    value for all chunks. When a layer to correct has produced its outputs, its mean shift is known
-    exactly as the layer-by-layer method would measure it; the bias is corrected and the kept outputs
-    are shifted by the same amount, so later layers see the corrected values without a re-run."""
-    gm = sim.model
-    nodes = list(gm.graph.nodes)
-    last_use: dict[fx.Node, int] = {}
-    for idx, n in enumerate(nodes):
-        for a in n.all_input_nodes:
-            last_use[a] = idx
-    env: dict[fx.Node, Any] = {}
-    placeholders = [n for n in nodes if n.op == "placeholder"]
+    """Runs the simulation's graph one node at a time over every chunk (pyquant.sim.staged). When a
+    layer to correct has produced its outputs for all the data, its mean shift is what the
+    layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted by the
+    same amount, so later layers see the corrected values without a re-run."""
+    run = StagedRun(sim.model, chunks)
     wanted = set(names)
-    for idx, n in enumerate(nodes):
-        if n.op == "placeholder":
-            k = placeholders.index(n)
-            env[n] = _PerChunk(c[k] if k < len(c) else None for c in chunks)
-        elif n.op == "get_attr":
-            env[n] = _get_attr(gm, n.target)
-        elif n.op == "output":
+    for i, n in enumerate(run.nodes):
+        if n.op == "output":
             break
-        else:
-            per_chunk = any(isinstance(env[a], _PerChunk) for a in n.all_input_nodes)
-            outs = _PerChunk()
-            for c in range(len(chunks) if per_chunk else 1):
-                pick = (lambda a, c=c: env[a][c] if isinstance(env[a], _PerChunk) else env[a])
-                args = fx.node.map_arg(n.args, pick)
-                kwargs = fx.node.map_arg(n.kwargs, pick)
-                if n.op == "call_module":
-                    outs.append(gm.get_submodule(n.target)(*args, **kwargs))
-                elif n.op == "call_function":
-                    outs.append(n.target(*args, **kwargs))
-                else:  # call_method
-                    outs.append(getattr(args[0], n.target)(*args[1:], **kwargs))
-            env[n] = outs if per_chunk else outs[0]
-            if n.op == "call_module" and n.target in wanted and per_chunk:
-                linear = isinstance(gm.get_submodule(n.target), nn.Linear)
-                total, count = None, 0
-                for y in outs:
-                    mu = _channel_mean(y, linear)
-                    w = y.numel() // y.shape[-1 if linear else 1]
-                    total = mu * w if total is None else total + mu * w
-                    count += w
-                shift = (total / count - ref[n.target]).float()
-                apply(n.target, shift)
-                for c, y in enumerate(outs):
-                    outs[c] = y - _shift_view(shift, y, linear).to(y.dtype)
-                bar.update(note=n.target)
-        for a in n.all_input_nodes:  # free what no later node reads
-            if last_use.get(a) == idx:
-                env.pop(a, None)
-
-
-def _get_attr(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+        outs = run.compute(n)
+        if n.op == "call_module" and n.target in wanted and isinstance(outs, PerChunk):
+            linear = isinstance(sim.model.get_submodule(n.target), nn.Linear)
+            total, count = None, 0
+            for y in outs:
+                mu = _channel_mean(y, linear)
+                w = y.numel() // y.shape[-1 if linear else 1]
+                total = mu * w if total is None else total + mu * w
+                count += w
+            shift = (total / count - ref[n.target]).float()
+            apply(n.target, shift)
+            for c, y in enumerate(outs):
+                outs[c] = y - _shift_view(shift, y, linear).to(y.dtype)
+            bar.update(note=n.target)
+        run.release(i)
 
 
 def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterable[str]] = None, *,
