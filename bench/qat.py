@@ -164,10 +164,13 @@ def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     for k in models:  # warm-up
         step(k)()
         step(k)()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(rounds):
         for k in models:
+            sync()
             t0 = time.perf_counter()
             step(k)()
+            sync()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: _saved_mb(models[k], x, y) for k in models}
@@ -194,7 +197,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--no-aimet", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated: accuracy, fashion_step, mobilenet_step")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the MobileNetV2 step cost on the GPU only")
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device", file=sys.stderr)
+            return 2
+        a.skip += ",accuracy,fashion_step"
     if not require_native("bench/qat.py"):
         return 2
     skip = {s for s in a.skip.split(",") if s}
@@ -217,6 +227,7 @@ def main(argv=None) -> int:
         pyquant.fold_batchnorms(m)
         x = torch.randn(8 if a.quick else 32, 3, 224, 224, generator=g)
         y = torch.randint(0, 1000, (len(x),), generator=g)
+        m, x, y = m.to(a.device), x.to(a.device), y.to(a.device)
         rows += step_cost(f"MobileNetV2, batch {len(x)}", m, x, y, aimet, 3 if a.quick else 7)
     notes = [f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads; QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, "
@@ -224,7 +235,7 @@ def main(argv=None) -> int:
              "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
              "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
              "AIMET not run (no aimet_torch here)"]
-    name = "qat" + ("_quick" if a.quick else "")
+    name = "qat" + ("_cuda" if a.device == "cuda" else "") + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Quantization-aware training", notes=notes,
                          out_dir=Path(a.out) if a.out else None)
     print(path.with_suffix(".md").read_text())

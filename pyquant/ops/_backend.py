@@ -42,9 +42,10 @@ class NativeBackend:
         else:
             _layout.check_scale_values(s)
 
-    def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype):
+    def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype, check: bool = True):
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
-        self._check_scale(s, layout.nscale)
+        if check:
+            self._check_scale(s, layout.nscale)
         y = torch.empty_like(x, dtype=out_dtype)
         yk = y.permute(perm) if perm is not None else y
         with self.context(x):
@@ -53,10 +54,10 @@ class NativeBackend:
                                       *self.extra_args(x))
         return y
 
-    def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0):
+    def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
         _layout.check_grid(qmin, qmax)
         _layout.check_params(x, scale, offset)
-        return self._forward(QDQ, x, scale, offset, qmin, qmax, x.dtype)
+        return self._forward(QDQ, x, scale, offset, qmin, qmax, x.dtype, check_values)
 
     def quantize(self, x, scale, offset, qmin, qmax, out_dtype):
         _layout.check_grid(qmin, qmax)

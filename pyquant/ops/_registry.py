@@ -10,7 +10,7 @@ LIB_NAME = "pyquant"
 _lib = torch.library.Library(LIB_NAME, "DEF")
 
 _lib.define("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, "
-            "float grad_scale=1.0) -> Tensor")
+            "float grad_scale=1.0, bool check_values=True) -> Tensor")
 _lib.define("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmin, "
             "int qmax, float grad_scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
 _lib.define("quantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, ScalarType out_dtype) -> Tensor")
@@ -132,10 +132,11 @@ def check_out_dtype_for_dequantize(out_dtype: torch.dtype) -> None:
 
 
 # ---- reference kernels (fallback for every device) ------------------------------------------
-def _ref_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0):
+def _ref_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
     _layout.check_grid(qmin, qmax)
     _layout.check_params(x, scale, offset)
-    _layout.check_scale_values(scale)
+    if check_values:
+        _layout.check_scale_values(scale)
     return _reference.quantize_dequantize(x, scale, offset, qmin, qmax, grad_scale)
 
 
@@ -248,7 +249,7 @@ torch.library.register_kernel("pyquant::dequantize", None, _ref_dequantize, lib=
 
 # ---- fake (meta) kernels: shapes only, for torch.compile / torch.export ----------------------
 @torch.library.register_fake("pyquant::quantize_dequantize", lib=_lib)
-def _fake_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0):
+def _fake_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
     _layout.check_grid(qmin, qmax)
     _layout.check_params(x, scale, offset)
     return torch.empty_like(x)
@@ -306,7 +307,7 @@ def _fake_entropy_search(counts, nq):
 
 # ---- autograd -------------------------------------------------------------------------------
 def _qdq_setup_context(ctx, inputs, output):
-    x, scale, offset, qmin, qmax, grad_scale = inputs
+    x, scale, offset, qmin, qmax, grad_scale = inputs[:6]
     ctx.save_for_backward(x, scale, offset)
     ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
 
@@ -315,9 +316,9 @@ def _qdq_backward(ctx, grad):
     x, scale, offset = ctx.saved_tensors
     need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if not any(need):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     dx, ds, do = ops.quantize_dequantize_backward(grad, x, scale, offset, ctx.qmin, ctx.qmax, ctx.grad_scale, need)
-    return (dx if need[0] else None, ds if need[1] else None, do if need[2] else None, None, None, None)
+    return (dx if need[0] else None, ds if need[1] else None, do if need[2] else None, None, None, None, None)
 
 
 torch.library.register_autograd("pyquant::quantize_dequantize", _qdq_backward,

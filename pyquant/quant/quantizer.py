@@ -206,7 +206,8 @@ class QuantizeDequantize(_QuantizerBase):
         gs = 1.0
         if self.lsq_grad_scale:
             gs = float(1.0 / (max(x.numel() // max(s.numel(), 1), 1) * self.qmax) ** 0.5)
-        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs)
+        # min/max-derived scales are clamped positive here: no need to read them back (a GPU sync)
+        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs, self.param_mode != "minmax")
 
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
