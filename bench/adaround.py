@@ -72,16 +72,14 @@ def _predict(model, x, bs=64):
 
 def _sim_logits(model, calib, evalx, bw, encodings=None):
     from pyquant.sim.quantsim import QuantSim
-    sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=bw, output_bw=8, config="default")
+    # weights min-max (AdaRound's encodings), activations TF-enhanced
+    sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_quant_scheme="min_max", param_bw=bw,
+                   output_bw=8, config="default")
     if encodings is not None:
         for name, enc in encodings.items():
             q = sim.param_quantizers[name]
             q.set_encoding(enc)
             q.freeze()
-    else:
-        for name, q in sim.param_quantizers.items():  # weights: min-max, as AdaRound's encodings
-            from pyquant.quant.analyzers import MinMax
-            q.encoding_analyzer = MinMax(q.shape)
     sim.compute_encodings(lambda m: [m(calib[i:i + 32]) for i in range(0, len(calib), 32)])
     return _predict(sim.model, evalx)
 
