@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--no-aimet", action="store_true")
+    p.add_argument("--name", default="qat", help="results file name (bench/results/<name>.md)")
     p.add_argument("--skip", default="", help="comma-separated: accuracy, fashion_step, mobilenet_step")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the MobileNetV2 step cost on the GPU only")
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
              "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
              "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
              "AIMET not run (no aimet_torch here)"]
-    name = "qat" + ("_cuda" if a.device == "cuda" else "") + ("_quick" if a.quick else "")
+    name = a.name + ("_cuda" if a.device == "cuda" else "") + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Quantization-aware training", notes=notes,
                          out_dir=Path(a.out) if a.out else None)
     print(path.with_suffix(".md").read_text())
