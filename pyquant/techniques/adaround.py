@@ -14,8 +14,8 @@ Per layer, in execution order:
     forward passes in all, holding the live activations of every sample twice), so that no layer
     re-runs the model from its input;
   * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
-    (no regularizer during the first `warm_start` fraction; beta then falls linearly from
-    beta_range[0] to beta_range[1]); Adam on alpha only, through the fused kernels of pyquant.ops;
+    (no regularizer during the first `warm_start` fraction; beta then falls from beta_range[0] to
+    beta_range[1] along a half cosine); Adam on alpha only, through the fused kernels of pyquant.ops;
   * at the end h = (alpha >= 0): the weight sits on the grid of its frozen encoding.
 
 With `checkpoint_dir`, every finished layer is saved (atomically); a run restarted with the same
@@ -480,7 +480,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         loss = recon(w_soft, xb, yb)
         if it >= warm and reg_param > 0:
             rel = (it - warm) / max(iters - warm, 1)
-            beta = b0 + (b1 - b0) * rel
+            beta = b1 + 0.5 * (b0 - b1) * (1.0 + math.cos(rel * math.pi))  # cosine decay from b0 to b1
             loss = loss + reg_param * ops._registry.ops.adaround_regularizer(alpha, beta)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
