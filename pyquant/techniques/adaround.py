@@ -193,6 +193,9 @@ def _apply_rows(layer: nn.Module, rows: torch.Tensor, w: torch.Tensor) -> torch.
     """The layer on input rows [R, K] with weight w: [R, out_channels]."""
     if isinstance(layer, nn.Linear) or layer.groups == 1:
         out = rows @ w.reshape(w.shape[0], -1).t()
+    elif layer.groups == w.shape[0]:  # depthwise: one output per group, a product and a sum
+        g = layer.groups
+        out = (rows.reshape(rows.shape[0], g, -1) * w.reshape(1, g, -1)).sum(-1)
     else:
         g = layer.groups
         r = rows.reshape(rows.shape[0], g, -1)                       # [R, G, Kg]
@@ -246,8 +249,8 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
         param_bw: weight bit width (default 4); encodings follow `config` (QuantSim's hardware config:
             per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
         iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
-        batch_size: samples per step; positions_per_sample: output positions drawn from each per step,
-            out of a pool of `position_pool` positions kept per sample.
+        batch_size, positions_per_sample: a step uses batch_size * positions_per_sample rows (output
+            positions) drawn from the pools of `position_pool` positions kept per sample.
         num_samples: calibration samples used (default: all of `data`).
         overrides: per-layer settings, e.g. {"features.0.0": {"iterations": 2000, "param_bw": 8}}.
         skip: layer names to leave with round-to-nearest.
@@ -448,7 +451,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
 
     def recon(w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = predict(w_hat, x) - target(y)
-        return d.pow(2).sum(1).mean() if not transposed else d.pow(2).sum(1).mean()
+        return (d * d).sum() / (d.numel() // d.shape[1])  # sum over channels, mean over the rest
 
     def full_loss(w_hat: torch.Tensor) -> float:
         with torch.no_grad():
@@ -469,13 +472,16 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     reg_param = float(cfg["reg_param"])
     bs = min(int(cfg["batch_size"]), n)
     pps = int(cfg["positions_per_sample"])
+    if not transposed:  # rows of all samples in one table: a step picks bs * pps of them directly
+        Xr, Yr = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
+        per_step = min(bs * min(pps, X.shape[1]), Xr.shape[0])
     for it in range(iters):
-        si = torch.randint(0, n, (bs,), generator=g).to(dev)
-        xb, yb = X[si], Y[si]
-        if not transposed and xb.shape[1] > pps:
-            pi = torch.randint(0, xb.shape[1], (bs, pps), generator=g).to(dev)
-            xb = torch.gather(xb, 1, pi.unsqueeze(-1).expand(-1, -1, xb.shape[2]))
-            yb = torch.gather(yb, 1, pi.unsqueeze(-1).expand(-1, -1, yb.shape[2]))
+        if transposed:
+            si = torch.randint(0, n, (bs,), generator=g).to(dev)
+            xb, yb = X[si], Y[si]
+        else:
+            ri = torch.randint(0, Xr.shape[0], (per_step,), generator=g).to(dev)
+            xb, yb = Xr.index_select(0, ri), Yr.index_select(0, ri)
         w_soft = ops._registry.ops.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
         loss = recon(w_soft, xb, yb)
         if it >= warm and reg_param > 0:
