@@ -32,7 +32,7 @@ import torch
 import pyquant
 from pyquant.metrics import mean_kl, top1_agreement
 
-from bench._harness import require_native, write_results
+from bench._harness import report, require_native, write_results
 
 COLUMNS = ["model", "config", "method", "agreement_or_accuracy_pct", "kl", "kl_vs_nearest", "wall_s", "peak_rss_mb",
            "settings", "target", "met"]
@@ -42,7 +42,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _in_child(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+def _measured(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     """fn() with its wall time and this process's peak RSS during it (MB): the kernel's high-water mark
     is reset first (/proc/self/clear_refs), so each run's peak is its own."""
     import gc
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                                    progress=True)
             return res.model.state_dict(), res.encodings
 
-        (sd, encs), wall, rss = _in_child(pq_run)
+        (sd, encs), wall, rss = _measured(pq_run)
         m = copy.deepcopy(model)
         m.load_state_dict(sd)
         out = _sim_logits(m, calib, evalx, 4, encs)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                          target="KL <= 1/3 of nearest", met=kl <= kl_near / 3))
         log(f"pyquant adaround: KL {kl:.4f}, {wall:.0f} s, {rss:.0f} MB")
         if have_aimet:
-            am, wall_a, rss_a = _in_child(lambda: aimet_adaround(model, calib, 4, iters, 32, n_samples).state_dict())
+            am, wall_a, rss_a = _measured(lambda: aimet_adaround(model, calib, 4, iters, 32, n_samples).state_dict())
             m = copy.deepcopy(model)
             m.load_state_dict(am)
             # AIMET's rounded weights under pyquant's simulation (its encodings are re-derived by min-max on
@@ -231,8 +231,7 @@ def main(argv=None) -> int:
     name = "adaround" + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes,
                          out_dir=Path(a.out) if a.out else None)
-    print(path.with_suffix(".md").read_text())
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from torch import nn
 import pyquant
 from pyquant.metrics import mean_kl, top1_agreement
 
-from bench._harness import require_native, write_results
+from bench._harness import report, require_native, write_results
 
 COLUMNS = ["step", "agreement_pct", "kl", "vs_per_channel_agreement_pts", "kl_ratio_vs_per_channel", "seconds",
            "target", "met"]
@@ -128,11 +128,11 @@ def main(argv=None) -> int:
     for _ in range(reps):
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
-        report = equalize(m, dummy, replace_relu6=True)
+        eq_report = equalize(m, dummy, replace_relu6=True)
         t_pq.append(time.perf_counter() - t0)
     cle_abs = m
     times["pyquant"] = statistics.median(t_pq)
-    log(str(report).splitlines()[0])
+    log(str(eq_report).splitlines()[0])
 
     cle_only = copy.deepcopy(base)
     rep_plain = equalize(cle_only, dummy, replace_relu6=True, absorb_high_bias=False)
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     results.append(evaluate(cle_abs, "per_tensor", "+ high-bias absorption"))
     results.append(evaluate(cle_abs, "per_tensor", "+ bias correction, empirical", bc="empirical"))
     results.append(evaluate(cle_abs, "per_tensor", "+ bias correction, analytical", bc="analytical",
-                            bn_stats=report.bn_stats))
+                            bn_stats=eq_report.bn_stats))
     per_channel = evaluate(folded, "default", "per-channel W8A8 reference (BN folded)")
     results.append(per_channel)
 
@@ -179,16 +179,15 @@ def main(argv=None) -> int:
     notes = ["weights min-max (as in the data-free quantization paper), activations TF-enhanced, for every row",
              f"{len(evalx)} real-photo crops, {n_conf} of them FP32-confident (softmax max > 0.5); "
              f"{len(calib)} calibration crops; pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}",
-             f"equalize: {len(report.pairs)} pairs, {len(report.folded)} BNs folded, {len(report.absorbed)} biases "
-             f"absorbed, {len(report.relu6_replaced)} ReLU6 replaced (FP32 outputs moved by "
-             f"{report.relu6_output_change:.3g} relative on the dummy input)",
+             f"equalize: {len(eq_report.pairs)} pairs, {len(eq_report.folded)} BNs folded, {len(eq_report.absorbed)} biases "
+             f"absorbed, {len(eq_report.relu6_replaced)} ReLU6 replaced (FP32 outputs moved by "
+             f"{eq_report.relu6_output_change:.3g} relative on the dummy input)",
              "times are medians of fresh runs on copies of the unfolded model; AIMET's is its equalize_model on "
              "the same model and dummy input" if "aimet" in times else "AIMET not run: no aimet_torch here"]
     name = "dfq_mobilenet_v2" + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Data-free quantization on MobileNetV2 (W8A8, per-tensor weights)",
                          notes=notes, out_dir=Path(a.out) if a.out else None)
-    print(path.with_suffix(".md").read_text())
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":

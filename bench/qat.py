@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.sim.quantsim import QuantSim
 
-from bench._harness import require_native, write_results
+from bench._harness import report, require_native, write_results
 
 COLUMNS = ["model", "measure", "config", "value", "fp32", "ratio_vs_fp32", "aimet", "pyquant_speedup_vs_aimet",
            "target", "met"]
@@ -239,8 +239,7 @@ def main(argv=None) -> int:
     name = a.name + ("_cuda" if a.device == "cuda" else "") + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Quantization-aware training", notes=notes,
                          out_dir=Path(a.out) if a.out else None)
-    print(path.with_suffix(".md").read_text())
-    return 0
+    return report(path, rows)
 
 
 if __name__ == "__main__":

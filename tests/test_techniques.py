@@ -291,9 +291,14 @@ def test_nothing_to_do_warns_and_bad_pairs_are_skipped():
 
 def test_relu6_replacement_reports_how_far_outputs_moved():
     m = _chain(act=nn.ReLU6)
-    x = torch.randn(4, 3, 12, 12)
+    x = torch.randn(4, 3, 12, 12) * 10  # large enough that some activations pass 6
+    swapped = copy.deepcopy(m)
+    swapped[2], swapped[5] = nn.ReLU(), nn.ReLU()
+    with torch.no_grad():
+        want = _rel(swapped(x), m(x))
     rep = equalize(m, x, replace_relu6=True)
-    assert len(rep.relu6_replaced) == 2 and rep.relu6_output_change is not None and rep.relu6_output_change >= 0
+    assert len(rep.relu6_replaced) == 2
+    assert want > 1e-3 and rep.relu6_output_change == pytest.approx(want, rel=1e-3)
 
 
 @pytest.mark.parametrize("config", ["default", "per_tensor"])

@@ -7,7 +7,6 @@ import math
 import copy
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -18,10 +17,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._io import atomic_torch_save
+from .._progress import Progress
 from ..quant import (Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced, from_range)
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from .config import HardwareConfig, load_config
+from .staged import batch_args
 
 QUANT_SCHEMES = {
     "tf_enhanced": TfEnhanced, "min_max": MinMax, "tf": MinMax, "mse": Mse, "percentile": Percentile,
@@ -275,23 +276,14 @@ class QuantSim:
             forward_fn(self.model) if args is None else forward_fn(self.model, args)
             return
         batches = forward_fn
-        total = len(batches) if hasattr(batches, "__len__") else None
-        show = sys.stderr.isatty() if progress is None else progress
-        t0 = time.perf_counter()
-        for i, b in enumerate(batches, 1):
+        bar = Progress(len(batches) if hasattr(batches, "__len__") else None, "calibrating", progress)
+        for b in batches:
             if isinstance(b, dict):
                 self.model(**b)
-            elif isinstance(b, (tuple, list)):
-                labelled = len(b) == 2 and torch.is_tensor(b[1]) and not b[1].is_floating_point()
-                self.model(b[0]) if labelled else self.model(*b)  # (inputs, labels) batches
             else:
-                self.model(b)
-            if show:
-                rate = i / max(time.perf_counter() - t0, 1e-9)
-                print(f"\rcalibrating {i}/{total if total else '?'} batches ({rate:.1f}/s)", end="",
-                      file=sys.stderr, flush=True)
-        if show:
-            print(file=sys.stderr)
+                self.model(*batch_args(b, "forward_fn"))  # (inputs, labels) batches: labels dropped
+            bar.update()
+        bar.close()
 
     def _weight_of(self, name: str) -> torch.Tensor:
         if name in self._graph_weights:
@@ -364,7 +356,6 @@ class QuantSim:
                         **extra: Any) -> None:
         """Saves the simulated model's state (weights, encodings, trainable quantizer parameters and the
         quantizers' flags), an optimizer's state and any extra values, atomically."""
-        from .._io import atomic_torch_save
         flags = {n: dict(enabled=q.enabled, frozen=q.frozen, bitwidth=q.bitwidth, symmetric=q.symmetric,
                          lsq=getattr(q, "lsq_grad_scale", False),
                          learn=[p.requires_grad for p in q._encoding_params()])

@@ -44,7 +44,7 @@ from .. import ops
 from .._io import atomic_torch_save
 from .._progress import Progress
 from ..quant.encoding import Encoding
-from ..sim.staged import StagedRun
+from ..sim.staged import StagedRun, batch_args
 from .bn_fold import fold_batchnorms
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -103,10 +103,7 @@ def _chunks(data: Any, num_samples: Optional[int]) -> list[torch.Tensor]:
     out, n = [], 0
     it = [data] if isinstance(data, torch.Tensor) else data
     for b in it:
-        if isinstance(b, (tuple, list)):
-            b = b[0]
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"data: batches must be tensors or (inputs, ...) tuples, got {type(b).__name__}")
+        b = batch_args(b)[0]  # AdaRound feeds single-input models
         if num_samples is not None and n + len(b) > num_samples:
             b = b[: num_samples - n]
         if len(b):
@@ -339,7 +336,9 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
         enc = encodings[f"{name}.weight"]
         if name in set(skip):
             with torch.no_grad():
-                layer_q.weight.copy_(_nearest(layer_fp.weight, enc))
+                w_cf = _channel_first(layer_fp, layer_fp.weight.detach())
+                near = _nearest(w_cf, *_grid_params(w_cf, enc))
+                layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
         else:
             cfg = {**settings, **overrides.get(name, {})}
             r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
@@ -378,19 +377,16 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
                           encodings_path=path)
 
 
-def _grid_params(w: torch.Tensor, enc: Encoding, transpose: bool) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
     s, o = enc.scale.reshape(-1).to(w.device), enc.offset.reshape(-1).to(w.device)
     return s, o, qmin, qmax
 
 
-def _nearest(w: torch.Tensor, enc: Encoding) -> torch.Tensor:
-    s = enc.scale.to(w.device)
-    o = enc.offset.to(w.device)
-    shape = list(s.shape) + [1] * (w.dim() - s.dim())
-    s, o = s.reshape(shape), o.reshape(shape)
-    qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
-    return (torch.clamp(torch.round(w / s) - o, qmin, qmax) + o) * s
+def _nearest(w_cf: torch.Tensor, s: torch.Tensor, o: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Round-to-nearest on the same grid (channel-first weight): pyquant's fake-quant op."""
+    shape = ((-1,) if s.numel() > 1 else (1,)) + (1,) * (w_cf.dim() - 1)
+    return ops._registry.ops.quantize_dequantize(w_cf, s.reshape(shape), o.reshape(shape), qmin, qmax)
 
 
 def _channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -406,7 +402,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     transposed = isinstance(layer_fp, nn.ConvTranspose2d)
     w0 = _channel_first(layer_fp, layer_fp.weight.detach())
     dev = w0.device
-    s, o, qmin, qmax = _grid_params(w0, enc, transposed)
+    s, o, qmin, qmax = _grid_params(w0, enc)
     if s.numel() not in (1, w0.shape[0]):
         raise NotImplementedError(f"adaround: {name}: per-block weight encodings are not supported")
     act = act if act is not None else nn.Identity()
@@ -461,7 +457,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                 cnt += len(X[i:i + 64])
             return tot / max(cnt, 1)
 
-    nearest = _nearest(w0, enc) if s.numel() == 1 else _nearest_rows(w0, s, o, qmin, qmax)
+    nearest = _nearest(w0, s, o, qmin, qmax)
     mse_nearest = full_loss(nearest)
 
     alpha = ops.adaround_init_alpha(w0, s).detach().clone().requires_grad_(True)
@@ -502,9 +498,3 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
                        changed_vs_nearest=changed, rows=int(n * (X.shape[1] if not transposed else 1)),
                        rows_total=rows_total, seconds=0.0)
-
-
-def _nearest_rows(w: torch.Tensor, s: torch.Tensor, o: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    s, o = s.reshape(shape), o.reshape(shape)
-    return (torch.clamp(torch.round(w / s) - o, qmin, qmax) + o) * s

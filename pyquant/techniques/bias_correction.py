@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._progress import Progress
-from ..sim.staged import PerChunk, StagedRun
+from ..sim.staged import PerChunk, StagedRun, batch_args
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
 
@@ -53,16 +53,7 @@ def _as_chunks(data: Any, batch_size: int) -> list[tuple]:
     """Calibration data as a list of positional-argument tuples, one per chunk."""
     if isinstance(data, torch.Tensor):
         return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
-    chunks = []
-    for b in data:
-        if isinstance(b, torch.Tensor):
-            chunks.append((b,))
-        elif isinstance(b, (tuple, list)):
-            labelled = len(b) == 2 and torch.is_tensor(b[1]) and not b[1].is_floating_point()
-            chunks.append((b[0],) if labelled else tuple(b))
-        else:
-            raise TypeError(f"data: batches must be tensors or tuples of tensors, got {type(b).__name__}")
-    return chunks
+    return [batch_args(b) for b in data]
 
 
 def _shift_view(shift: torch.Tensor, y: torch.Tensor, linear: bool) -> torch.Tensor:

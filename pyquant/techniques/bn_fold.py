@@ -179,7 +179,7 @@ def fold_batchnorms_to_scale(sim, *, verbose: bool = True) -> FoldedPairs:
             k = _fold(layer, bn, weight=layer.parametrizations.weight.original)
         else:
             k = _fold(layer, bn)
-        if q is not None and bool(q.initialized):
+        if q is not None and q._has_encoding:
             axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
             per_channel = len(q.shape) > axis and q.shape[axis] == k.numel() and k.numel() > 1
             exact = per_channel and (bool((k > 0).all()) or not q.symmetric)
