@@ -46,7 +46,7 @@ def _step(sim, x, y, opt):
     loss = F.cross_entropy(sim.model(x), y)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _encodings(sim):
@@ -110,6 +110,51 @@ def test_batchnorm_kept_during_qat_then_folded_to_scale_and_reestimated():
     assert [p[0] for p in pairs] == ["c1"]
     y1 = sim.model(x)
     assert float((y1 - y0).abs().max()) < 0.05 * float(y0.abs().max()) + 1e-3
+
+
+def test_batchnorm_folded_into_the_simulated_weight_each_step(tmp_path):
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():  # BN statistics far from identity, so folding matters
+        bn0 = m.bn
+        bn0.running_mean.uniform_(-0.5, 0.5), bn0.running_var.uniform_(0.2, 3.0), bn0.weight.uniform_(0.3, 2.0)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=8, range_learning=True,
+                   batchnorm="fold_each_step")
+    sim.compute_encodings(lambda mm: mm(x))
+    # The weight encoding is the folded weight's: the same as a simulation of the folded model.
+    folded = Net().eval()
+    folded.load_state_dict(m.state_dict())
+    pyquant.fold_batchnorms(folded)
+    ref = QuantSim(folded, x[:1], quant_scheme="min_max", param_bw=4, output_bw=8)
+    ref.compute_encodings(lambda mm: mm(x))
+    e, r = sim.param_quantizers["c1.weight"].get_encoding(), ref.param_quantizers["c1.weight"].get_encoding()
+    torch.testing.assert_close(e.scale, r.scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sim.model(x), ref.model(x), rtol=0, atol=2e-2)
+    # Training: the batch norm normalizes with batch statistics and learns; its factor reaches the weight.
+    opt = torch.optim.SGD(sim.model.parameters(), lr=0.05)
+    sim.model.train()
+    rm = sim.model.get_submodule("bn").running_mean.clone()
+    losses = [_step(sim, x, y, opt) for _ in range(3)]
+    assert not torch.equal(rm, sim.model.get_submodule("bn").running_mean)
+    assert sim.model.get_submodule("bn").weight.grad is not None
+    sim.model.eval()
+    enc = sim.param_quantizers["c1.weight"].get_encoding()
+    y0 = sim.model(x)
+    with pytest.raises(RuntimeError, match="fold_batchnorms_to_scale"):
+        sim.export(tmp_path, "m")
+    pairs = pyquant.fold_batchnorms_to_scale(sim)
+    assert [p[0] for p in pairs] == ["c1"] and pairs.recalibrated == []
+    after = sim.param_quantizers["c1.weight"].get_encoding()
+    assert torch.equal(enc.scale, after.scale) and torch.equal(enc.offset, after.offset)
+    torch.testing.assert_close(sim.model(x), y0, rtol=1e-4, atol=1e-4)
+    assert losses[-1] < losses[0]
+
+
+def test_batchnorm_argument_is_checked():
+    with pytest.raises(ValueError, match="batchnorm"):
+        QuantSim(Net().eval(), torch.randn(1, 1, 8, 8), batchnorm="fold")
 
 
 def test_compile_matches_eager_and_has_no_graph_break():

@@ -43,6 +43,32 @@ class _WeightQuantizer(nn.Module):
         return self.q(w)
 
 
+class _FoldedWeightQuantizer(nn.Module):
+    """Parametrization for QAT with batch norms kept: quantizes the weight as it will be deployed, with
+    the following batch norm folded in at its current running statistics, then divides the factor back
+    out so the batch norm itself still runs (batch statistics in training, running ones in eval).
+    In eval mode the layer + batch norm compute exactly conv(x, q(w * f)) + shift, the folded target."""
+
+    def __init__(self, q: QuantizeDequantize, bn: nn.Module, axis: int):
+        super().__init__()
+        self.q = q
+        self.axis = axis
+        object.__setattr__(self, "bn", bn)  # not a submodule: the model owns it (no duplicate state)
+
+    def factor(self, w: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        sigma = torch.sqrt(bn.running_var + bn.eps)  # the formula the final fold uses: the same weights
+        f = bn.weight / sigma if bn.affine else 1.0 / sigma
+        f = torch.where(f == 0, torch.ones_like(f), f)  # a dead channel: nothing to undo
+        shape = [1] * w.dim()
+        shape[self.axis] = -1
+        return f.reshape(shape)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        f = self.factor(w)
+        return self.q(w * f) / f
+
+
 class QuantSim:
     """Simulates quantized inference (and training) of `model`.
 
@@ -57,6 +83,11 @@ class QuantSim:
         range_learning: make the encodings trainable after calibration (QAT); otherwise they stay fixed.
         param_quant_scheme: a different scheme for the weights (e.g. "min_max" weights with
             "tf_enhanced" activations); default: `quant_scheme`.
+        batchnorm: what a batch norm kept in `model` does to the weight before it: "separate" (default;
+            the layer's own weight is quantized, the batch norm runs after it) or "fold_each_step" (QAT
+            as deployed: the weight is quantized with the batch norm folded in at its running statistics
+            on every forward, the batch norm still normalizing with batch statistics in training).
+            Either way, `pq.fold_batchnorms_to_scale(sim)` folds them for good before export.
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -64,7 +95,8 @@ class QuantSim:
 
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
-                 range_learning: bool = False, param_quant_scheme: Optional[str] = None):
+                 range_learning: bool = False, param_quant_scheme: Optional[str] = None,
+                 batchnorm: str = "separate"):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         from ..ops import grid
@@ -73,6 +105,9 @@ class QuantSim:
         if param_quant_scheme is not None and param_quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"param_quant_scheme must be one of {sorted(QUANT_SCHEMES)} or None (same as "
                              f"quant_scheme), got {param_quant_scheme!r}")
+        if batchnorm not in ("separate", "fold_each_step"):
+            raise ValueError(f"batchnorm must be 'separate' or 'fold_each_step', got {batchnorm!r}")
+        self.batchnorm = batchnorm
         self.quant_scheme = quant_scheme
         self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
@@ -159,7 +194,9 @@ class QuantSim:
             shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
             name = f"{n.target}.weight"
             q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True), name=name)
-            parametrize.register_parametrization(mod, "weight", _WeightQuantizer(q), unsafe=True)
+            bn = self._following_batchnorm(n) if self.batchnorm == "fold_each_step" else None
+            wq = _FoldedWeightQuantizer(q, bn, axis) if bn is not None else _WeightQuantizer(q)
+            parametrize.register_parametrization(mod, "weight", wq, unsafe=True)
             self.param_quantizers[name] = q
             self._op_types[name] = op_type[n]
 
@@ -231,6 +268,19 @@ class QuantSim:
         gm.graph.lint()
         gm.recompile()
 
+    def _following_batchnorm(self, n: fx.Node) -> Optional[nn.Module]:
+        """The batch norm that directly and solely consumes layer node `n`'s output, if any."""
+        users = list(n.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        mod = self.model.get_submodule(users[0].target)
+        layer = self.model.get_submodule(n.target)
+        ok = (isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and mod.track_running_stats
+              and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                     nn.ConvTranspose3d, nn.Linear)))
+        grouped_t = isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and layer.groups != 1
+        return mod if ok and not grouped_t else None
+
     # ------------------------------------------------------------------------------------------
     @property
     def quantizers(self) -> dict[str, QuantizeDequantize]:
@@ -247,7 +297,7 @@ class QuantSim:
             for name, q in self.param_quantizers.items():
                 if not q.enabled:
                     continue
-                w = self._weight_of(name)
+                w = self._quantizer_input(name)
                 with q.compute_encodings():
                     q(w)
         fixed = {n for n in self._constraints}
@@ -290,6 +340,16 @@ class QuantSim:
             return _get_attr(self.model, self._graph_weights[name])
         mod = self.model.get_submodule(name.rsplit(".", 1)[0])
         return mod.parametrizations.weight.original
+
+    def _quantizer_input(self, name: str) -> torch.Tensor:
+        """What weight quantizer `name` quantizes: the weight, or with batchnorm="fold_each_step" the
+        weight with its batch norm folded in."""
+        w = self._weight_of(name)
+        if name not in self._graph_weights:
+            wq = self.model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight[0]
+            if isinstance(wq, _FoldedWeightQuantizer):
+                return w * wq.factor(w)
+        return w
 
     # ------------------------------------------------------------------------------------------
     def set_bitwidth(self, name: str, bitwidth: int) -> None:
@@ -427,6 +487,11 @@ class QuantSim:
         atomically. Returns the paths."""
         from .encodings import write_encodings
         from .export import export_onnx
+        unfolded = [n for n in self.param_quantizers if n not in self._graph_weights and isinstance(
+            self.model.get_submodule(n.rsplit(".", 1)[0]).parametrizations.weight[0], _FoldedWeightQuantizer)]
+        if unfolded:
+            raise RuntimeError(f"export: the weights of {unfolded[:3]} are quantized with their batch norms folded "
+                               f"in (batchnorm='fold_each_step'); fold them first: pq.fold_batchnorms_to_scale(sim)")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         dummy = self._dummy_input if dummy_input is None else dummy_input

@@ -175,11 +175,18 @@ def fold_batchnorms_to_scale(sim, *, verbose: bool = True) -> FoldedPairs:
             pairs.bn_stats[prev.target] = (bn.bias.detach().clone(), bn.weight.detach().abs().clone())
         qname = f"{prev.target}.weight"
         q = sim.param_quantizers.get(qname)
+        from ..sim.quantsim import _FoldedWeightQuantizer, _WeightQuantizer
+        folded_each_step = False
         if parametrize.is_parametrized(layer, "weight"):
+            wq = layer.parametrizations.weight[0]
+            folded_each_step = isinstance(wq, _FoldedWeightQuantizer)
             k = _fold(layer, bn, weight=layer.parametrizations.weight.original)
+            if folded_each_step:
+                # The encoding already describes the folded weight: keep it, quantize the weight as is.
+                layer.parametrizations.weight[0] = _WeightQuantizer(wq.q)
         else:
             k = _fold(layer, bn)
-        if q is not None and q._has_encoding:
+        if q is not None and q._has_encoding and not folded_each_step:
             axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
             per_channel = len(q.shape) > axis and q.shape[axis] == k.numel() and k.numel() > 1
             exact = per_channel and (bool((k > 0).all()) or not q.symmetric)
