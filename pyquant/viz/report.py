@@ -1,0 +1,178 @@
+"""One self-contained HTML page of a pyquant.analysis result: figures as inline base64 PNGs, styles
+inline, no scripts and nothing fetched from the network, so it opens anywhere (also as an e-mail
+attachment or a CI artifact) and reads without Python."""
+from __future__ import annotations
+
+import base64
+import html
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .._io import atomic_write_text
+from . import plots
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#222}
+header{background:#1f3b5a;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;opacity:.85;font-size:13px}
+main{max-width:1000px;margin:0 auto;padding:16px 24px 40px}
+section{background:#fff;border:1px solid #dde1e6;border-radius:6px;margin:16px 0;padding:14px 18px}
+h2{font-size:17px;margin:0 0 8px}p.note{font-size:13px;color:#555;margin:4px 0 10px}
+.cards{display:flex;gap:12px;flex-wrap:wrap}.card{flex:1 1 200px;background:#fff;border:1px solid #dde1e6;
+border-radius:6px;padding:10px 14px}.card b{display:block;font-size:20px;margin-top:4px}.card span{font-size:12px;color:#555}
+img{max-width:100%;height:auto;display:block;margin:8px 0}
+table{border-collapse:collapse;font-size:12.5px;width:100%}th,td{border-bottom:1px solid #e5e7ea;padding:3px 8px;
+text-align:left}th{background:#f0f2f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+footer{font-size:12px;color:#777;text-align:center;padding:12px}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return (f'<img alt="{html.escape(alt)}" src="data:image/png;base64,'
+            f'{base64.b64encode(png).decode("ascii")}">')
+
+
+def _num(v: Any, fmt: str = ".3g") -> str:
+    return "–" if v is None else (format(v, fmt) if isinstance(v, (int, float)) else html.escape(str(v)))
+
+
+def _table(head: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = []
+    for r in rows:
+        tds = "".join(f'<td class="num">{_num(v)}</td>' if i in numeric else f"<td>{html.escape(str(v))}</td>"
+                      for i, v in enumerate(r))
+        body.append(f"<tr>{tds}</tr>")
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def figures(analysis: dict[str, Any]) -> dict[str, bytes]:
+    """Every plot of the analysis as PNG bytes, by file stem (what write_report embeds)."""
+    out: dict[str, bytes] = {}
+    if "sensitivity" in analysis:
+        out["sensitivity"] = plots.sensitivity(analysis["sensitivity"])
+    if "layer_sqnr" in analysis and analysis["layer_sqnr"]["points"]:
+        out["layer_sqnr"] = plots.layer_sqnr(analysis["layer_sqnr"])
+    if "weight_ranges" in analysis and analysis["weight_ranges"]["before"]:
+        out["weight_spread"] = plots.weight_spread(analysis["weight_ranges"])
+        out["channel_ranges"] = plots.channel_ranges(analysis["weight_ranges"])
+    if analysis.get("histograms"):
+        out["histograms"] = plots.histograms(analysis["histograms"])
+    return out
+
+
+def render_html(analysis: dict[str, Any], title: Optional[str] = None,
+                figs: Optional[dict[str, bytes]] = None) -> str:
+    """The report page as a string."""
+    from .. import __version__
+    figs = figures(analysis) if figs is None else figs
+    sim = analysis.get("simulation", {})
+    title = title or f"pyquant analysis: {analysis.get('model', 'model')}"
+    cfg = (f"W{sim.get('param_bw')}A{sim.get('output_bw')}, {sim.get('quant_scheme')} "
+           f"(weights {sim.get('param_quant_scheme')}), config {sim.get('config')}, "
+           f"batch norms {'folded' if sim.get('bn_folded') else 'kept'}, {sim.get('quantizers')} quantizers")
+    parts = [f"<header><h1>{html.escape(title)}</h1><p>{html.escape(cfg)}</p></header><main>"]
+
+    cards = []
+    sens = analysis.get("sensitivity")
+    if sens:
+        unit = f" {sens['unit']}" if sens.get("unit") else ""
+        cards.append(("whole model quantized", f"{_num(sens['quantized'])}{unit}", f"{sens['metric']} "
+                      f"({'higher' if sens['higher_is_better'] else 'lower'} is better)"))
+        cards.append(("most sensitive layers", ", ".join(sens["ranking"][:3]), "keep these at higher precision first"))
+    wr = analysis.get("weight_ranges")
+    if wr:
+        s = wr["summary"]
+        cards.append(("max channel-range spread", f"{_num(s['max_spread_before'])} → {_num(s['max_spread_after'])}",
+                      f"before → after CLE ({s['pairs_equalized']} layer pairs equalized)"))
+    if cards:
+        parts.append('<div class="cards">' + "".join(
+            f'<div class="card"><span>{html.escape(a)}</span><b>{html.escape(b)}</b><span>{html.escape(c)}</span></div>'
+            for a, b, c in cards) + "</div>")
+
+    if sens:
+        parts.append("<section><h2>Per-layer sensitivity</h2>")
+        parts.append(f'<p class="note">The model\'s {html.escape(sens["metric"])} with one layer\'s quantizers enabled '
+                     f"and everything else in FP32 (left), and with one layer left in FP32 and everything else "
+                     f"quantized (right); {sens['evaluations']} evaluations on {sens.get('samples') or 'the'} samples "
+                     f"in {sens['seconds']:.1f} s, encodings computed once.</p>")
+        if "sensitivity" in figs:
+            parts.append(_img(figs["sensitivity"], "per-layer sensitivity"))
+        rows = {r["layer"]: r for r in sens["layers"]}
+        parts.append(_table(["rank", "layer", "op", "only this layer quantized", "only this layer FP32"],
+                            [[rows[n]["rank"], n, rows[n]["op_type"], rows[n]["enabled_alone"],
+                              rows[n]["disabled_alone"]] for n in sens["ranking"][:10]], {0, 3, 4}))
+        parts.append("</section>")
+
+    sq = analysis.get("layer_sqnr")
+    if sq and sq["points"]:
+        parts.append("<section><h2>Per-layer quantization error</h2>")
+        parts.append(f'<p class="note">SQNR of each layer\'s output (as the next layer sees it) against FP32, with '
+                     f"only the weights or only the activations simulated; errors accumulate along the model. "
+                     f"{sq['samples']} samples. Lowest activations-only SQNR first.</p>")
+        if "layer_sqnr" in figs:
+            parts.append(_img(figs["layer_sqnr"], "per-layer SQNR"))
+        worst = sorted(sq["points"], key=lambda p: p["activations_only_db"] if p["activations_only_db"] is not None
+                       else float("inf"))[:10]
+        parts.append(_table(["output", "layer", "op", "weights only (dB)", "activations only (dB)"],
+                            [[p["name"], p["layer"], p["op_type"], p["weights_only_db"], p["activations_only_db"]]
+                             for p in worst], {3, 4}))
+        parts.append("</section>")
+
+    if wr:
+        s = wr["summary"]
+        parts.append("<section><h2>Weight ranges before and after cross-layer equalization</h2>")
+        note = (f"Spread: largest over smallest per-output-channel max |w| of a layer; per-tensor weight "
+                f"quantization loses the small channels when it is large. {s['layers']} layers, "
+                f"{s['pairs_equalized']} pairs equalized")
+        if wr.get("relu6_replaced"):
+            note += (f"; {wr['relu6_replaced']} ReLU6 replaced by ReLU for CLE (outputs moved by "
+                     f"{_num(wr.get('relu6_output_change'))} relative)")
+        parts.append(f'<p class="note">{html.escape(note)}.</p>')
+        for k, alt in (("weight_spread", "channel-range spread per layer"), ("channel_ranges", "per-channel ranges")):
+            if k in figs:
+                parts.append(_img(figs[k], alt))
+        parts.append(_table(["", "before CLE", "after CLE"], [
+            ["max spread", s["max_spread_before"], s["max_spread_after"]],
+            ["layer with the max spread", s["max_spread_before_layer"], s["max_spread_after_layer"]],
+            ["median spread, all layers", s["median_spread_before"], s["median_spread_after"]],
+            ["median spread, equalized layers", s["median_spread_before_equalized_layers"],
+             s["median_spread_after_equalized_layers"]]], {1, 2}))
+        parts.append("</section>")
+
+    hs = analysis.get("histograms")
+    if hs:
+        parts.append("<section><h2>Activation histograms</h2>")
+        parts.append('<p class="note">FP32 activations at each activation quantizer, with the range its encoding '
+                     "represents; values outside are clipped. The most clipped first.</p>")
+        if "histograms" in figs:
+            parts.append(_img(figs["histograms"], "activation histograms"))
+        top = sorted(hs, key=lambda n: -(hs[n]["clipped_fraction"] or 0.0))[:12]
+        parts.append(_table(["quantizer", "data min", "data max", "encoding min", "encoding max", "clipped %"],
+                            [[n, hs[n]["data_min"], hs[n]["data_max"], hs[n]["encoding_min"], hs[n]["encoding_max"],
+                              100 * (hs[n]["clipped_fraction"] or 0.0)] for n in top], {1, 2, 3, 4, 5}))
+        parts.append("</section>")
+
+    t = analysis.get("timings", {})
+    parts.append(f"</main><footer>pyquant {html.escape(__version__)} · analysis in {_num(t.get('total'), '.1f')} s · "
+                 f"self-contained page: no scripts, no network</footer>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def write_report(analysis: dict[str, Any], path: Union[str, os.PathLike], *, title: Optional[str] = None,
+                 png_dir: Union[str, os.PathLike, None] = None) -> Path:
+    """Writes the report page to `path` (atomically) and, with `png_dir`, each figure as a PNG file
+    there too. Returns the page's path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figs = figures(analysis)
+    if png_dir is not None:
+        d = Path(png_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for name, png in figs.items():
+            plots.save_png(png, d / f"{name}.png")
+    atomic_write_text(path, render_html(analysis, title, figs))
+    return path
