@@ -1,0 +1,391 @@
+"""The `pyquant` command: predict, explain and improve the quantized accuracy of a PyTorch model.
+
+    pyquant demo                            MobileNetV2 at W8A8 on real photos (about a minute)
+    pyquant analyze   myproject.models:build  sensitivity, per-layer error, weight ranges -> HTML report
+    pyquant autoquant myproject.models:build  search post-training techniques within an accuracy budget
+    pyquant export    myproject.models:build  calibrate; write QDQ ONNX, encodings JSON and weights
+
+SPEC is `package.module:function`. The module is imported from the current directory or PYTHONPATH;
+the function is called with no arguments and returns either a dict
+
+    {"model": nn.Module,            # the FP32 model (never modified)
+     "dummy_input": Tensor | tuple, # one input, to trace the graph
+     "data": Tensor | iterable,     # samples (split into batches) or batches: tensors, tuples,
+                                    # (inputs, labels) pairs; used to calibrate and to evaluate
+     "metric": callable | None,     # optional: metric(model) -> float, higher is better
+     "name": str}                   # optional: file prefix for export (default: the function's name)
+
+or a tuple (model, dummy_input, data[, metric]).
+
+Exit codes: 0 done; 1 the run failed (an error in the model, the data or the quantization); 2 usage
+error (bad arguments or SPEC); 3 a missing optional dependency or asset (the message says what to
+install); 4 autoquant finished but could not meet the accuracy target; 130 interrupted."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_MISSING, EXIT_TARGET_MISSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+class UsageError(Exception):
+    """Bad arguments or SPEC (exit code 2)."""
+
+
+class MissingDependency(Exception):
+    """An optional package or asset is not installed (exit code 3)."""
+
+
+@dataclasses.dataclass
+class Spec:
+    model: Any
+    dummy_input: Any
+    data: Any
+    metric: Optional[Callable[[Any], float]]
+    name: str
+
+
+_SPEC_HELP = ("SPEC: package.module:function returning {'model', 'dummy_input', 'data'[, 'metric', 'name']} "
+              "or (model, dummy_input, data[, metric]); see `pyquant --help`")
+
+
+def load_spec(text: str) -> Spec:
+    """Imports and calls a SPEC (see the module docstring); UsageError says what is wrong with it."""
+    from torch import nn
+
+    mod_name, sep, fn_name = text.partition(":")
+    if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
+            or not fn_name.isidentifier():
+        raise UsageError(f"SPEC must look like package.module:function (e.g. myproject.models:build), got {text!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # console scripts do not put the working directory on the path
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+            raise UsageError(f"cannot import {mod_name!r} (from SPEC {text!r}): no module named {exc.name!r}. Run "
+                             f"pyquant from the directory that holds it, or add that directory to PYTHONPATH") from None
+        raise
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise UsageError(f"{mod_name} has no function {fn_name!r} (SPEC {text!r}); its functions: "
+                         f"{', '.join(names) or 'none'}")
+    got = fn()
+    if isinstance(got, dict):
+        missing = [k for k in ("model", "dummy_input", "data") if got.get(k) is None]
+        if missing:
+            raise UsageError(f"{text}() returned a dict without {', '.join(repr(k) for k in missing)}; {_SPEC_HELP}")
+        unknown = sorted(set(got) - {"model", "dummy_input", "data", "metric", "name"})
+        if unknown:
+            raise UsageError(f"{text}() returned unknown keys {unknown}; {_SPEC_HELP}")
+        model, dummy, data, metric = got["model"], got["dummy_input"], got["data"], got.get("metric")
+        name = got.get("name") or fn_name
+    elif isinstance(got, (tuple, list)) and len(got) in (3, 4):
+        model, dummy, data = got[:3]
+        metric = got[3] if len(got) == 4 else None
+        name = fn_name
+    else:
+        raise UsageError(f"{text}() returned {type(got).__name__}; {_SPEC_HELP}")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{text}(): 'model' must be a torch.nn.Module, got {type(model).__name__}")
+    if metric is not None and not callable(metric):
+        raise UsageError(f"{text}(): 'metric' must be a callable metric(model) -> float, got {type(metric).__name__}")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise UsageError(f"{text}(): 'name' must be a plain file name prefix, got {name!r}")
+    return Spec(model, dummy, data, metric, name)
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from . import demo
+    argv = ["--per-image", str(a.per_image), "--calib", str(a.calib)]
+    rc = demo.main(argv)
+    return EXIT_MISSING if rc == 2 else rc  # the demo returns 2 for a missing asset
+
+
+def _sim_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(quant_scheme=a.quant_scheme, param_bw=a.param_bw, output_bw=a.output_bw, config=a.config)
+
+
+def _cmd_analyze(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    from .analysis import analyze, save_json
+    try:
+        from .viz import write_report
+        from .viz._mpl import figure
+        figure()  # fail now, not after minutes of analysis, when matplotlib is missing
+    except ImportError as exc:
+        raise MissingDependency(str(exc)) from None
+    if a.metric == "spec" and spec.metric is None:
+        raise UsageError(f"--metric spec: {a.spec}() returned no 'metric'")
+    metric: Any = a.metric if a.metric not in (None, "spec") else (spec.metric or "sqnr")
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = analyze(spec.model, spec.dummy_input, spec.data, metric, fold_bn=not a.keep_bn,
+                     calib_samples=a.calib_samples, eval_samples=a.eval_samples, layer_samples=a.layer_samples,
+                     batch_size=a.batch_size, sensitivity=not a.no_sensitivity, cle=not a.no_cle,
+                     progress=a.progress, **_sim_kwargs(a))
+    save_json(result, out / "analysis.json")
+    page = write_report(result, out / "report.html", png_dir=out / "figures",
+                        title=f"pyquant analysis: {spec.name} ({type(spec.model).__name__})")
+    sens = result.get("sensitivity")
+    if sens:
+        unit = f" {sens['unit']}" if sens["unit"] else ""
+        print(f"{sens['metric']}: whole model quantized {sens['quantized']}{unit}; most sensitive layers: "
+              f"{', '.join(sens['ranking'][:3])}")
+    wr = result.get("weight_ranges")
+    if wr:
+        s = wr["summary"]
+        print(f"channel-range spread, max over layers: {s['max_spread_before']} before CLE, "
+              f"{s['max_spread_after']} after ({s['pairs_equalized']} layer pairs)")
+    print(f"report: {page}\ndata:   {out / 'analysis.json'}\nfigures: {out / 'figures'}  "
+          f"[{time.perf_counter() - t0:.1f} s]")
+    return EXIT_OK
+
+
+def _calibrated_sim(spec: Spec, a: argparse.Namespace):
+    import copy
+    from .analysis._data import as_batches
+    from .sim.quantsim import QuantSim
+    model = copy.deepcopy(spec.model).eval()
+    if not a.keep_bn:
+        from .techniques import fold_batchnorms
+        fold_batchnorms(model, verbose=False)
+    sim = QuantSim(model, spec.dummy_input, **_sim_kwargs(a))
+    sim.compute_encodings(as_batches(spec.data, a.batch_size, a.calib_samples), progress=a.progress)
+    return sim
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise MissingDependency("export writes ONNX, which needs the onnx package: pip install onnx "
+                                "(or pip install 'pyquant[onnx]')") from None
+    sim = _calibrated_sim(spec, a)
+    name = a.name or spec.name
+    paths = sim.export(a.output, name, spec.dummy_input, encoding_version=a.encoding_version)
+    if spec.metric is not None:
+        print(f"metric of the simulated model: {spec.metric(sim.model):.6g}")
+    for k in ("onnx", "encodings", "pth"):
+        print(f"{k + ':':<10} {paths[k]}")
+    return EXIT_OK
+
+
+def _agreement_metric(spec: Spec, a: argparse.Namespace) -> Callable[[Any], float]:
+    """Top-1 agreement with the FP32 model on the SPEC's data: AutoQuant's accuracy when the SPEC has
+    no metric of its own (FP32 scores 1.0)."""
+    import torch
+    from .analysis._data import as_batches, call, output_tensor
+    batches = as_batches(spec.data, a.batch_size, a.calib_samples)
+    with torch.no_grad():
+        ref = [output_tensor(call(spec.model.eval(), b)).argmax(-1) for b in batches]
+
+    def top1_agreement_with_fp32(model) -> float:
+        with torch.no_grad():
+            hits = sum(int((output_tensor(call(model, b)).argmax(-1) == r).sum()) for b, r in zip(batches, ref))
+        return hits / sum(r.numel() for r in ref)
+    return top1_agreement_with_fp32
+
+
+def _cmd_autoquant(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    try:
+        from .autoquant import AutoQuant
+    except ImportError as exc:
+        raise MissingDependency(f"this pyquant has no AutoQuant ({exc}); update pyquant") from None
+    eval_fn = spec.metric
+    if eval_fn is None:
+        eval_fn = _agreement_metric(spec, a)
+        print("no metric in the SPEC: using top-1 agreement with the FP32 model on its data (FP32 = 1.0)")
+    aq = AutoQuant(spec.model, spec.dummy_input, spec.data, eval_fn, param_bw=a.param_bw, output_bw=a.output_bw,
+                   config=a.config)
+    res = aq.optimize(allowed_accuracy_drop=a.allowed_drop, time_budget_s=a.time_budget,
+                      cache_dir=a.cache_dir or str(Path(a.output) / "cache"), **_autoquant_extra(aq, a))
+    for k in ("accuracy", "fp32_accuracy", "target_met", "encodings_path", "report_path"):
+        if hasattr(res, k):
+            print(f"{k}: {getattr(res, k)}")
+    met = getattr(res, "target_met", None)
+    if met is None:
+        fp32 = getattr(res, "fp32_accuracy", None)
+        acc = getattr(res, "accuracy", None)
+        met = None if fp32 is None or acc is None else acc >= fp32 - a.allowed_drop
+    return EXIT_TARGET_MISSED if met is False else EXIT_OK
+
+
+def _autoquant_extra(aq: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """Where AutoQuant.optimize takes an output folder, give it the command's --output."""
+    import inspect
+    try:
+        params = inspect.signature(aq.optimize).parameters
+    except (TypeError, ValueError):
+        return {}
+    for k in ("output_dir", "out_dir", "results_dir"):
+        if k in params:
+            return {k: a.output}
+    return {}
+
+
+# ---- argument parsing ---------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _bitwidth(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width 2..16, got {text!r}") from None
+    if not 2 <= v <= 16:
+        raise argparse.ArgumentTypeError(f"bit width must be in 2..16, got {v}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0.01 = one point of accuracy), got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .sim.quantsim import QUANT_SCHEMES
+
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="pyquant", description=head + "\n\n" + rest,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"pyquant {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, out_default: str) -> None:
+        sp.add_argument("spec", metavar="SPEC", help="package.module:function returning the model, a dummy input, "
+                                                     "data and an optional metric (see `pyquant --help`)")
+        g = sp.add_argument_group("simulation")
+        g.add_argument("--param-bw", type=_bitwidth, default=8, help="weight bit width, 2..16 (default 8)")
+        g.add_argument("--output-bw", type=_bitwidth, default=8, help="activation bit width, 2..16 (default 8)")
+        g.add_argument("--quant-scheme", choices=sorted(QUANT_SCHEMES), default="tf_enhanced",
+                       help="how encodings are calibrated (default tf_enhanced)")
+        g.add_argument("--config", default="default",
+                       help="hardware config: default (per-channel weights), per_tensor, strict_symmetric_int8, "
+                            "or a JSON file (default: default)")
+        g.add_argument("--keep-bn", action="store_true",
+                       help="simulate with batch norms as they are (default: folded, as a target runs them)")
+        g.add_argument("--calib-samples", type=_positive_int, default=None,
+                       help="samples of the data used for calibration (default: all)")
+        g.add_argument("--batch-size", type=_positive_int, default=32,
+                       help="batch size when the data is one tensor of samples (default 32)")
+        sp.add_argument("-o", "--output", default=out_default, help=f"output folder (default {out_default})")
+        sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: when stderr is a terminal)")
+        sp.add_argument("--traceback", action="store_true", help="print the full traceback when the run fails")
+
+    d = sub.add_parser("demo", help="predict MobileNetV2's on-target accuracy at W8A8 (real weights and photos)",
+                       description="MobileNetV2 with its ImageNet weights at W8A8, per-channel and per-tensor, "
+                                   "min_max and tf_enhanced, checked against onnxruntime's int8 kernels.")
+    d.add_argument("--per-image", type=_positive_int, default=16, help="evaluation crops per photo (default 16)")
+    d.add_argument("--calib", type=_positive_int, default=32, help="calibration crops (default 32)")
+    d.set_defaults(fn=_cmd_demo, traceback=False)
+
+    an = sub.add_parser("analyze", help="where quantization hurts: sensitivity, per-layer error, weight ranges "
+                                        "before/after CLE, activation histograms; an offline HTML report",
+                        description="Analyzes the SPEC's model and writes OUTPUT/report.html (self-contained), "
+                                    "OUTPUT/analysis.json (the data) and OUTPUT/figures/*.png.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(an, "pyquant-analysis")
+    an.add_argument("--metric", choices=["sqnr", "top1_agreement", "kl", "spec"], default=None,
+                    help="sensitivity metric: sqnr (dB of the output vs FP32), top1_agreement, kl, or spec (the "
+                         "SPEC's metric(model)); default: the SPEC's metric if it has one, else sqnr")
+    an.add_argument("--eval-samples", type=_positive_int, default=None,
+                    help="samples evaluated per sensitivity step (default: all the data)")
+    an.add_argument("--layer-samples", type=_positive_int, default=32,
+                    help="samples for the per-layer SQNR and the histograms")
+    an.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity sweep")
+    an.add_argument("--no-cle", action="store_true", help="skip the weight ranges before/after CLE")
+    an.set_defaults(fn=_cmd_analyze)
+
+    aq = sub.add_parser("autoquant", help="apply post-training techniques until the accuracy drop fits a budget",
+                        description="Runs AutoQuant on the SPEC's model: batch-norm folding, CLE, AdaRound and "
+                                    "bias correction as needed to stay within --allowed-drop of FP32. The SPEC's "
+                                    "metric is the accuracy (default: top-1 agreement with FP32 on its data).")
+    common(aq, "pyquant-autoquant")
+    aq.add_argument("--allowed-drop", type=_fraction, default=0.01,
+                    help="largest accepted accuracy drop from FP32, in the metric's units (default 0.01)")
+    aq.add_argument("--time-budget", type=_seconds, default=None, help="stop searching after this many seconds")
+    aq.add_argument("--cache-dir", default=None, help="reuse results between runs (default OUTPUT/cache)")
+    aq.set_defaults(fn=_cmd_autoquant)
+
+    ex = sub.add_parser("export", help="calibrate and write the QDQ ONNX model, encodings JSON and weights",
+                        description="Calibrates a QuantSim of the SPEC's model on its data and writes "
+                                    "OUTPUT/NAME.onnx (QuantizeLinear/DequantizeLinear), OUTPUT/NAME.encodings "
+                                    "(AIMET-compatible) and OUTPUT/NAME.pth.")
+    common(ex, "pyquant-export")
+    ex.add_argument("--name", default=None, help="file name prefix (default: the SPEC's name or function)")
+    ex.add_argument("--encoding-version", choices=["1.0.0", "2.0.0"], default="1.0.0",
+                    help="encodings file format (default 1.0.0)")
+    ex.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if getattr(a, "fn", None) is None:
+        parser.print_usage(sys.stderr)
+        print("error: give a command, e.g. `pyquant demo` or `pyquant analyze mypackage.models:build` "
+              "(`pyquant --help` explains them)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    from ._assets import AssetMissingError
+    try:
+        return a.fn(a)
+    except UsageError as exc:
+        print(f"pyquant {a.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MissingDependency, AssetMissingError) as exc:
+        print(f"pyquant {a.command}: missing: {exc}", file=sys.stderr)
+        return EXIT_MISSING
+    except KeyboardInterrupt:
+        print(f"\npyquant {a.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the model, data or quantization failed: report it, exit 1
+        if a.traceback:
+            traceback.print_exc()
+        print(f"pyquant {a.command}: failed: {type(exc).__name__}: {exc}"
+              + ("" if a.traceback else "\n(run again with --traceback for the full traceback)"), file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
