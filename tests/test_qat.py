@@ -157,6 +157,80 @@ def test_batchnorm_argument_is_checked():
         QuantSim(Net().eval(), torch.randn(1, 1, 8, 8), batchnorm="fold")
 
 
+class ActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.c2, self.a2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.pool(self.a2(self.c2(self.a1(self.c1(x)))))
+        y = torch.relu(self.c3(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def _saved_bytes(model, x):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("range_learning", [False, True])
+def test_fused_activations_match_and_save_memory(range_learning):
+    torch.manual_seed(0)
+    m = ActNet().eval()
+    x = torch.randn(8, 3, 12, 12) * 2
+    sims = []
+    for fuse in (False, True):
+        sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=range_learning,
+                       fuse_activations=fuse)
+        sim.compute_encodings(lambda mm: mm(x))
+        sims.append(sim)
+    plain, fused = sims
+    assert sorted(fused.fused_activations) == ["a1.output", "a2.output", "relu.output"], fused.fused_activations
+    for a, b in zip(plain.quantizers.values(), fused.quantizers.values()):
+        assert torch.equal(a.get_encoding().scale, b.get_encoding().scale)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = plain.model(xa), fused.model(xb)
+    assert torch.equal(ya, yb)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
+    for (na, pa), (nb, pb) in zip(plain.model.named_parameters(), fused.model.named_parameters()):
+        assert na == nb
+        if pa.grad is not None or pb.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-6, msg=na)
+    with torch.no_grad():  # inference and calibration take the plain path
+        assert torch.equal(plain.model(x), fused.model(x))
+    # ReLU6 saves its input, so unfused the quantizer's input (the ReLU6 output) is a second tensor held;
+    # the max pool holds the quantizer's output besides the ReLU's (shared with the quantizer's input).
+    # Fused, each drops exactly one full-size activation.
+    saved = [_saved_bytes(s.model, x.clone().requires_grad_(True)) for s in sims]
+    assert saved[0] - saved[1] == 2 * 8 * 8 * 12 * 12 * 4, saved
+
+
+def test_fused_activations_compile():
+    torch.manual_seed(0)
+    m = ActNet().eval()
+    x = torch.randn(4, 3, 12, 12)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", range_learning=True, fuse_activations=True)
+    sim.compute_encodings(lambda mm: mm(x))
+    compiled = torch.compile(sim.model, fullgraph=True)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.testing.assert_close(compiled(xa), sim.model(xb))
+
+
 def test_compile_matches_eager_and_has_no_graph_break():
     sim, x, y = _setup(range_learning=True)
     ref_out = sim.model(x)

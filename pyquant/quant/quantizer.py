@@ -176,6 +176,51 @@ class _QuantizerBase(nn.Module):
         return ", ".join(parts)
 
 
+def _activate(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    # the ops a ReLU / ReLU6 / Hardtanh run, so exports and gradients are theirs
+    return torch.relu(x) if lo == 0.0 and hi == float("inf") else torch.nn.functional.hardtanh(x, lo, hi)
+
+
+Pool = tuple[list[int], list[int], list[int], list[int], bool]  # max_pool2d: kernel, stride, padding, dilation, ceil
+
+
+def _max_pool(x: torch.Tensor, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.aten.max_pool2d_with_indices(x, *pool)
+
+
+class _LeanQDQ(torch.autograd.Function):
+    """[activation] -> fake quantization -> [2-d max pool] saving only the first input (and the pool's
+    indices) for the backward; the rest is recomputed there. Unfused, a ReLU6 holds its input while the
+    quantizer holds its own (the ReLU6 output), and a max pool holds the quantizer's output besides; fused,
+    one tensor is held, as in the FP32 model. Gradients are exactly the unfused graph's."""
+
+    @staticmethod
+    def forward(ctx, x, s, o, act: Optional[tuple[float, float]], pool: Optional[Pool], qmin: int, qmax: int,
+                gs: float, check: bool):
+        y = _activate(x, *act) if act is not None else x
+        out = _registry.ops.quantize_dequantize(y, s, o, qmin, qmax, gs, check)
+        idx = None
+        if pool is not None:
+            out, idx = _max_pool(out, pool)
+        ctx.save_for_backward(x, s, o, idx)
+        ctx.args = (act, pool, qmin, qmax, gs)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s, o, idx = ctx.saved_tensors
+        act, pool, qmin, qmax, gs = ctx.args
+        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
+        if pool is not None:  # x only lends its shape: the pool's input had x's
+            g = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *pool, idx)
+        y = _activate(x, *act) if act is not None else x
+        dy, ds, do = _registry.ops.quantize_dequantize_backward(g, y, s, o, qmin, qmax, gs, need)
+        dx = None
+        if need[0]:
+            dx = dy * ((x > act[0]) & (x < act[1])).to(dy.dtype) if act is not None else dy  # ReLU/Hardtanh's mask
+        return dx, ds if need[1] else None, do if need[2] else None, None, None, None, None, None, None
+
+
 class QuantizeDequantize(_QuantizerBase):
     """Fake quantization ``x -> (clamp(round(x/s) - o, qmin, qmax) + o) * s`` with a learnable range.
 
@@ -196,19 +241,38 @@ class QuantizeDequantize(_QuantizerBase):
         super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, param_mode=param_mode, name=name)
         self.lsq_grad_scale = lsq_grad_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._ready(x):
-            return x
-        if self._export:
-            return self._export_forward(x)
+    def forward(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
+                pool: Optional[Pool] = None) -> torch.Tensor:
+        """`activation=(lo, hi)`: quantize the ReLU (0, inf) / ReLU6 / Hardtanh (lo, hi) of x; `pool`: then
+        2-d max-pool the result (aten.max_pool2d_with_indices' arguments). Fused when training, so a step
+        holds one tensor for the three ops (QuantSim's `fuse_activations`); the values are the same."""
+        lean = ((activation is not None or pool is not None) and torch.is_grad_enabled() and x.requires_grad
+                and self.enabled and not self._calibrating and not self._export)
+        if not lean:
+            if activation is not None:
+                x = _activate(x, *activation)
+            out = self._fake_quantize(x)
+            return torch.nn.functional.max_pool2d(out, *pool) if pool is not None else out
+        self._ready(x)  # raises without an encoding
+        s, o, gs, check = self._arguments(x)
+        return _LeanQDQ.apply(x, s, o, activation, pool, self.qmin, self.qmax, gs, check)
+
+    def _arguments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
         s, o = self._scale_offset()
         s, o = _broadcast_to(s, x), _broadcast_to(o, x)
         gs = 1.0
         if self.lsq_grad_scale:
             gs = float(1.0 / (max(x.numel() // max(s.numel(), 1), 1) * self.qmax) ** 0.5)
         # min/max-derived scales are clamped positive here: no need to read them back (a GPU sync)
-        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs, self.param_mode != "minmax")
+        return s, o, gs, self.param_mode != "minmax"
 
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._ready(x):
+            return x
+        if self._export:
+            return self._export_forward(x)
+        s, o, gs, check = self._arguments(x)
+        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs, check)
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""

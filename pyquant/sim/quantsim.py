@@ -88,6 +88,11 @@ class QuantSim:
             as deployed: the weight is quantized with the batch norm folded in at its running statistics
             on every forward, the batch norm still normalizing with batch statistics in training).
             Either way, `pq.fold_batchnorms_to_scale(sim)` folds them for good before export.
+        fuse_activations: run each ReLU / ReLU6 / Hardtanh and the quantizer after it (and a MaxPool2d
+            after that) as one op, so a training step holds one tensor for them instead of two or three
+            (QAT memory as FP32's; the activation is recomputed in the backward). Outputs and gradients
+            are the same; the fused nodes leave the graph, so post-training techniques that look for
+            them want the default (False).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -96,7 +101,7 @@ class QuantSim:
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
-                 batchnorm: str = "separate"):
+                 batchnorm: str = "separate", fuse_activations: bool = False):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         from ..ops import grid
@@ -125,6 +130,7 @@ class QuantSim:
         self._constraints: dict[str, tuple[float, float]] = {}
         self._graph_weights: dict[str, str] = {}  # quantizer name -> parameter (torch.export graphs)
         self._place_quantizers()
+        self.fused_activations: list[str] = self._fuse_activations() if fuse_activations else []
         # QAT: encodings are trainable only with range learning (set after calibration)
         self._range_learning = bool(range_learning)
         for q in self.quantizers.values():
@@ -267,6 +273,47 @@ class QuantSim:
                 self._constraints[name] = c
         gm.graph.lint()
         gm.recompile()
+
+    def _fuse_activations(self) -> list[str]:
+        """Rewrites `act -> quantizer` as `quantizer(x, activation=(lo, hi))` where the activation is a
+        ReLU / ReLU6 / Hardtanh whose only user is the quantizer. Returns the fused quantizers' names."""
+        gm = self.model
+        names = {id(q): n for n, q in self.activation_quantizers.items()}
+        fused = []
+        for qn in list(gm.graph.nodes):
+            if qn.op != "call_module" or not isinstance(gm.get_submodule(qn.target), QuantizeDequantize):
+                continue
+            act = qn.args[0] if qn.args else None
+            if not isinstance(act, fx.Node) or len(act.users) != 1 or qn.kwargs:
+                continue
+            rng = _activation_range(gm, act)
+            src = act.args[0] if act.args else None
+            if rng is None or not isinstance(src, fx.Node) or len(src.users) != 1:
+                continue  # an in-place activation's input seen by others would change meaning
+            qn.args = (src,)
+            qn.kwargs = {"activation": rng}
+            gm.graph.erase_node(act)
+            fused.append(names.get(id(gm.get_submodule(qn.target)), qn.target))
+        # quantizer -> max pool: the pool's backward needs only its indices and the input's shape
+        for qn in list(gm.graph.nodes):
+            if qn.op != "call_module" or not isinstance(gm.get_submodule(qn.target), QuantizeDequantize):
+                continue
+            users = list(qn.users)
+            if len(users) != 1 or users[0].op != "call_module" or users[0].args[:1] != (qn,):
+                continue
+            pool_node = users[0]
+            pool = _pool_args(gm.get_submodule(pool_node.target))
+            if pool is None or len(pool_node.args) != 1 or pool_node.kwargs:
+                continue
+            qn.kwargs = {**qn.kwargs, "pool": pool}
+            pool_node.replace_all_uses_with(qn)
+            gm.graph.erase_node(pool_node)
+            name = names.get(id(gm.get_submodule(qn.target)), qn.target)
+            if name not in fused:
+                fused.append(name)
+        gm.graph.lint()
+        gm.recompile()
+        return fused
 
     def _following_batchnorm(self, n: fx.Node) -> Optional[nn.Module]:
         """The batch norm that directly and solely consumes layer node `n`'s output, if any."""
@@ -507,6 +554,37 @@ class QuantSim:
                  if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
         atomic_torch_save(state, paths["pth"])
         return paths
+
+
+def _pool_args(m: nn.Module):
+    """aten.max_pool2d_with_indices' arguments for an nn.MaxPool2d that returns values only, else None."""
+    if type(m) is not nn.MaxPool2d or m.return_indices:
+        return None
+    pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return (pair(m.kernel_size), pair(stride), pair(m.padding), pair(m.dilation), bool(m.ceil_mode))
+
+
+def _activation_range(gm: fx.GraphModule, n: fx.Node) -> Optional[tuple[float, float]]:
+    """(lo, hi) of a ReLU / ReLU6 / Hardtanh node with the input as its only argument, else None."""
+    import torch.nn.functional as F
+    inf = float("inf")
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if type(m) is nn.ReLU:
+            return (0.0, inf)
+        if type(m) in (nn.ReLU6, nn.Hardtanh):
+            return (float(m.min_val), float(m.max_val))
+        return None
+    if len(n.args) != 1 or any(k != "inplace" for k in n.kwargs):
+        return None
+    if n.op == "call_function" and n.target in (torch.relu, F.relu, torch.relu_):
+        return (0.0, inf)
+    if n.op == "call_function" and n.target is F.relu6:
+        return (0.0, 6.0)
+    if n.op == "call_method" and n.target in ("relu", "relu_"):
+        return (0.0, inf)
+    return None
 
 
 @contextlib.contextmanager
