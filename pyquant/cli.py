@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -210,31 +211,17 @@ def _cmd_autoquant(a: argparse.Namespace) -> int:
         eval_fn = _agreement_metric(spec, a)
         print("no metric in the SPEC: using top-1 agreement with the FP32 model on its data (FP32 = 1.0)")
     aq = AutoQuant(spec.model, spec.dummy_input, spec.data, eval_fn, param_bw=a.param_bw, output_bw=a.output_bw,
-                   config=a.config)
-    res = aq.optimize(allowed_accuracy_drop=a.allowed_drop, time_budget_s=a.time_budget,
-                      cache_dir=a.cache_dir or str(Path(a.output) / "cache"), **_autoquant_extra(aq, a))
-    for k in ("accuracy", "fp32_accuracy", "target_met", "encodings_path", "report_path"):
-        if hasattr(res, k):
-            print(f"{k}: {getattr(res, k)}")
-    met = getattr(res, "target_met", None)
-    if met is None:
-        fp32 = getattr(res, "fp32_accuracy", None)
-        acc = getattr(res, "accuracy", None)
-        met = None if fp32 is None or acc is None else acc >= fp32 - a.allowed_drop
-    return EXIT_TARGET_MISSED if met is False else EXIT_OK
-
-
-def _autoquant_extra(aq: Any, a: argparse.Namespace) -> dict[str, Any]:
-    """Where AutoQuant.optimize takes an output folder, give it the command's --output."""
-    import inspect
-    try:
-        params = inspect.signature(aq.optimize).parameters
-    except (TypeError, ValueError):
-        return {}
-    for k in ("output_dir", "out_dir", "results_dir"):
-        if k in params:
-            return {k: a.output}
-    return {}
+                   config=a.config, batch_size=a.batch_size, adaround=not a.no_adaround, name=spec.name,
+                   progress=a.progress)
+    cache = a.cache_dir if a.cache_dir is not None else str(Path(a.output) / "cache")
+    res = aq.optimize(allowed_accuracy_drop=a.allowed_drop, time_budget_s=a.time_budget, cache_dir=cache,
+                      output_dir=a.output)
+    print(f"accuracy {res.accuracy:.6g} (FP32 {res.fp32_accuracy:.6g}, drop {res.accuracy_drop:.4g}, allowed "
+          f"{a.allowed_drop:g}): target {'met' if res.target_met else 'NOT met'}"
+          + (" (time budget used up)" if res.budget_exhausted else ""))
+    print(f"applied:   {', '.join(res.applied) or 'nothing'}")
+    print(f"encodings: {res.encodings_path}\nreport:    {res.report_path}")
+    return EXIT_OK if res.target_met else EXIT_TARGET_MISSED
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
@@ -288,19 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"pyquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(sp: argparse.ArgumentParser, out_default: str) -> None:
+    def common(sp: argparse.ArgumentParser, out_default: str, calibration: bool = True) -> None:
         sp.add_argument("spec", metavar="SPEC", help="package.module:function returning the model, a dummy input, "
                                                      "data and an optional metric (see `pyquant --help`)")
         g = sp.add_argument_group("simulation")
         g.add_argument("--param-bw", type=_bitwidth, default=8, help="weight bit width, 2..16 (default 8)")
         g.add_argument("--output-bw", type=_bitwidth, default=8, help="activation bit width, 2..16 (default 8)")
-        g.add_argument("--quant-scheme", choices=sorted(QUANT_SCHEMES), default="tf_enhanced",
-                       help="how encodings are calibrated (default tf_enhanced)")
         g.add_argument("--config", default="default",
                        help="hardware config: default (per-channel weights), per_tensor, strict_symmetric_int8, "
                             "or a JSON file (default: default)")
-        g.add_argument("--keep-bn", action="store_true",
-                       help="simulate with batch norms as they are (default: folded, as a target runs them)")
+        if calibration:
+            g.add_argument("--quant-scheme", choices=sorted(QUANT_SCHEMES), default="tf_enhanced",
+                           help="how encodings are calibrated (default tf_enhanced)")
+            g.add_argument("--keep-bn", action="store_true",
+                           help="simulate with batch norms as they are (default: folded, as a target runs them)")
         g.add_argument("--calib-samples", type=_positive_int, default=None,
                        help="samples of the data used for calibration (default: all)")
         g.add_argument("--batch-size", type=_positive_int, default=32,
@@ -335,14 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(fn=_cmd_analyze)
 
     aq = sub.add_parser("autoquant", help="apply post-training techniques until the accuracy drop fits a budget",
-                        description="Runs AutoQuant on the SPEC's model: batch-norm folding, CLE, AdaRound and "
-                                    "bias correction as needed to stay within --allowed-drop of FP32. The SPEC's "
-                                    "metric is the accuracy (default: top-1 agreement with FP32 on its data).")
-    common(aq, "pyquant-autoquant")
+                        description="Runs AutoQuant on the SPEC's model: calibration schemes, batch-norm folding, "
+                                    "CLE, bias correction and AdaRound, each kept only if it helps, until the "
+                                    "accuracy is within --allowed-drop of FP32. The SPEC's metric is the accuracy "
+                                    "(default: top-1 agreement with FP32 on its data). Writes the encodings and an "
+                                    "HTML report to OUTPUT; exit code 4 when the target was not met.")
+    common(aq, "pyquant-autoquant", calibration=False)
     aq.add_argument("--allowed-drop", type=_fraction, default=0.01,
                     help="largest accepted accuracy drop from FP32, in the metric's units (default 0.01)")
     aq.add_argument("--time-budget", type=_seconds, default=None, help="stop searching after this many seconds")
-    aq.add_argument("--cache-dir", default=None, help="reuse results between runs (default OUTPUT/cache)")
+    aq.add_argument("--cache-dir", default=None,
+                    help="finished steps are kept here; a rerun with the same inputs resumes (default OUTPUT/cache)")
+    aq.add_argument("--no-adaround", action="store_true", help="leave AdaRound out (the slowest step)")
     aq.set_defaults(fn=_cmd_autoquant)
 
     ex = sub.add_parser("export", help="calibrate and write the QDQ ONNX model, encodings JSON and weights",
@@ -360,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the command line; returns the exit code (see the module docstring)."""
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2): a code, also when called in-process
+        return int(exc.code or 0)
     if getattr(a, "fn", None) is None:
         parser.print_usage(sys.stderr)
         print("error: give a command, e.g. `pyquant demo` or `pyquant analyze mypackage.models:build` "
@@ -368,6 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     from ._assets import AssetMissingError
+    # warnings as one line each, without the source line that Python's default format adds
+    warnings.formatwarning = lambda msg, cat, *rest, **kw: f"pyquant {a.command}: warning: {msg}\n"
     try:
         return a.fn(a)
     except UsageError as exc:

@@ -28,14 +28,14 @@ def analyze(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterab
             calib_samples: Optional[int] = None, eval_samples: Optional[int] = None, layer_samples: int = 32,
             batch_size: int = 32, sensitivity: bool = True, cle: bool = True, histogram_bins: int = 128,
             higher_is_better: Optional[bool] = None, progress: Optional[bool] = None,
-            sim: Any = None) -> dict[str, Any]:
+            calib_data: Union[torch.Tensor, Iterable[Any], None] = None, sim: Any = None) -> dict[str, Any]:
     """Analyzes where quantization hurts `model` and whether CLE would help; returns plain data.
 
     Steps (each a function of pyquant.analysis you can call alone):
       - weight ranges per output channel of every layer, before and after CLE (cle_weight_ranges);
       - a QuantSim (`quant_scheme`, `param_bw`, `output_bw`, `config`) of the model with its batch
-        norms folded (`fold_bn`, as a target runs it), calibrated once on `data` (the first
-        `calib_samples` samples; default all);
+        norms folded (`fold_bn`, as a target runs it), calibrated once on `calib_data` (default:
+        `data`; the first `calib_samples` samples, default all);
       - SQNR of every layer's output against FP32 with weights-only / activations-only simulation
         (layer_sqnr, on the first `layer_samples` samples);
       - activation histograms with the encoding ranges (activation_histograms, same samples);
@@ -71,7 +71,7 @@ def analyze(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterab
             fold_batchnorms(m, verbose=False)
         sim = QuantSim(m, dummy_input, quant_scheme=quant_scheme, param_bw=param_bw, output_bw=output_bw,
                        config=config)
-        calib = as_batches(data, batch_size, calib_samples, what="data")
+        calib = as_batches(data if calib_data is None else calib_data, batch_size, calib_samples, what="data")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # quantizers the data never reached: reported below
             sim.compute_encodings(calib, progress=progress)

@@ -2,6 +2,7 @@
 what the calibration kept, and how much of the FP32 distribution falls outside (is clipped)."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -33,10 +34,14 @@ def activation_histograms(sim, data: Union[torch.Tensor, Iterable[Any]], *, bins
         x = x.detach().float()
         st, e = stats[n], encs[n]
         flat = x.reshape(-1)
-        flat = flat[torch.isfinite(flat)]
         if flat.numel() == 0:
             return
-        mn, mx = float(flat.min()), float(flat.max())
+        mn, mx = (float(v) for v in torch.aminmax(flat))
+        if not (math.isfinite(mn) and math.isfinite(mx)):  # rare: filter only then (a copy)
+            flat = flat[torch.isfinite(flat)]
+            if flat.numel() == 0:
+                return
+            mn, mx = float(flat.min()), float(flat.max())
         st["min"] = mn if st["min"] is None else min(st["min"], mn)
         st["max"] = mx if st["max"] is None else max(st["max"], mx)
         st["n"] += flat.numel()

@@ -53,10 +53,10 @@ def layer_sqnr(sim, data: Union[torch.Tensor, Iterable[Any]], *, max_samples: Op
                         y = captured.get(n)
                         if y is None or y.shape != r.shape:
                             continue
-                        r64, y64 = r.double(), y.double()
+                        # float32 differences, float64 sums: no float64 copies of every activation
                         if k == 1:
-                            sums[n][0] += float(r64.square().sum())
-                        sums[n][k] += float((r64 - y64).square().sum())
+                            sums[n][0] += float(r.float().square().sum(dtype=torch.float64))
+                        sums[n][k] += float((r.float() - y.float()).square().sum(dtype=torch.float64))
                 samples += int(next(iter(b.values())).shape[0]) if isinstance(b, dict) else int(b[0].shape[0])
                 bar.update()
     finally:
