@@ -299,8 +299,11 @@ def main(argv=None) -> int:
         m, x, y = m.to(a.device), x.to(a.device), y.to(a.device)
         rows += step_cost(f"MobileNetV2, batch {len(x)}", m, x, y, aimet, 3 if a.quick else 7)
     notes = [f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, "
-             f"{epochs} epoch(s) over the training set, seed 0",
+             f"{torch.get_num_threads()} threads"
+             + (f"; Fashion-MNIST QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, {epochs} epoch(s) "
+                f"over the training set, seed 0" if "accuracy" not in skip else ""),
+             "step cost: pyquant's QuantSim with fuse_activations=True (ReLU/ReLU6 -> quantizer -> max pool as one "
+             "op holding one tensor for the backward)",
              "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
              "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
              "AIMET not run (no aimet_torch here)"]
