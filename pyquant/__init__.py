@@ -1,7 +1,7 @@
 """pyquant: model quantization for PyTorch with fused C++/CUDA kernels."""
 from __future__ import annotations
 
-from . import ops, quant
+from . import analysis, ops, quant
 from ._native import native_info
 from .sim.quantsim import QuantSim
 from .autoquant import AutoQuant, AutoQuantResult
@@ -10,6 +10,6 @@ from .techniques import (adaround, correct_bias, correct_bias_analytical, equali
                          fold_batchnorms_to_scale, reestimate_batchnorm)
 
 __version__ = "0.1.0"
-__all__ = ["ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings", "write_encodings", "fold_batchnorms",
+__all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings", "write_encodings", "fold_batchnorms",
            "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias", "correct_bias_analytical", "reestimate_batchnorm",
            "__version__"]
