@@ -331,3 +331,17 @@ def test_fashion_mnist_w4a8_meets_one_point(tmp_path):
     assert res.fp32_accuracy > 0.85
     assert res.target_met and res.fp32_accuracy - res.accuracy <= 0.01
     assert evaluate(res.sim.model, xte, yte) == pytest.approx(res.accuracy)
+
+
+def test_eval_fn_key_does_not_depend_on_where_its_code_lives():
+    """The same eval_fn source compiled twice (as in a rerun in a new process) gives the same cache key,
+    though its nested code objects live at other addresses; different code gives another key."""
+    from pyquant.autoquant.cache import _callable_digest
+    src = "def metric(m):\n    return sum(x for x in [1, 2] if x in {1, 2}) / 3\n"
+    ns1, ns2 = {}, {}
+    exec(compile(src, "a.py", "exec"), ns1)
+    exec(compile(src, "b.py", "exec"), ns2)
+    assert repr(ns1["metric"].__code__.co_consts) != repr(ns2["metric"].__code__.co_consts)  # other addresses
+    assert _callable_digest(ns1["metric"]) == _callable_digest(ns2["metric"])
+    exec(compile(src.replace("/ 3", "/ 4"), "c.py", "exec"), ns2)
+    assert _callable_digest(ns1["metric"]) != _callable_digest(ns2["metric"])

@@ -69,9 +69,23 @@ def _callable_digest(fn: Callable) -> str:
     name = getattr(fn, "__qualname__", type(fn).__qualname__)
     h = hashlib.sha256(name.encode())
     if code is not None:
-        h.update(code.co_code)
-        h.update(repr(code.co_consts).encode())
+        _feed_code(h, code)
     return h.hexdigest()[:20]
+
+
+def _feed_code(h: "hashlib._Hash", code: Any) -> None:
+    # nested code objects (lambdas, comprehensions) print with their address, and frozensets in an
+    # order that depends on the process's hash seed: both are hashed by content, so a rerun in a new
+    # process finds its cache
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            _feed_code(h, c)
+        elif isinstance(c, frozenset):
+            h.update(repr(sorted(map(repr, c))).encode())
+        else:
+            h.update(repr(c).encode())
 
 
 def fingerprint(model: nn.Module, dummy_input: Any, batches: list, eval_fn: Callable,

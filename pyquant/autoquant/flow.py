@@ -202,6 +202,8 @@ class AutoQuant:
         if cle is None:  # the model could not be folded
             return self._model, {"bn_stats": {}}
         from ..techniques import equalize
+        if self._fold["reason"].startswith("batch norms not folded"):
+            raise _Skip("torch.fx cannot trace the model, and equalization finds its layer pairs in that graph")
         m = copy.deepcopy(self._model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -256,6 +258,8 @@ class AutoQuant:
     def _build(self, r: _Recipe, cache: Optional[StepCache]) -> tuple[QuantSim, dict[str, Any]]:
         """The calibrated simulation a recipe describes, and what was done to make it."""
         fp, info = self._fp_model(r.cle)
+        if r.bias_correction == "empirical":  # before the (costly) simulation is built
+            self._positional("empirical bias correction")
         opts: dict[str, Any] = {k: v for k, v in info.items() if k != "bn_stats"}
         if not r.adaround:
             sim = self._new_sim(fp, r)
