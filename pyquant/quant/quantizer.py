@@ -181,6 +181,13 @@ def _activate(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.relu(x) if lo == 0.0 and hi == float("inf") else torch.nn.functional.hardtanh(x, lo, hi)
 
 
+def _activation_backward(g: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    # the activations' own backward kernels: one pass, and their exact boundary conventions
+    if lo == 0.0 and hi == float("inf"):
+        return torch.ops.aten.threshold_backward(g, x, 0.0)
+    return torch.ops.aten.hardtanh_backward(g, x, lo, hi)
+
+
 Pool = tuple[list[int], list[int], list[int], list[int], bool]  # max_pool2d: kernel, stride, padding, dilation, ceil
 
 
@@ -217,7 +224,7 @@ class _LeanQDQ(torch.autograd.Function):
         dy, ds, do = _registry.ops.quantize_dequantize_backward(g, y, s, o, qmin, qmax, gs, need)
         dx = None
         if need[0]:
-            dx = dy * ((x > act[0]) & (x < act[1])).to(dy.dtype) if act is not None else dy  # ReLU/Hardtanh's mask
+            dx = dy if act is None else _activation_backward(dy, x, *act)
         return dx, ds if need[1] else None, do if need[2] else None, None, None, None, None, None, None
 
 
