@@ -180,6 +180,29 @@ def _rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
+def _rows_in_at(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`_rows_in(layer, x)` gathered at output positions idx [N, keep] ([N, keep, K]), built from the
+    kept positions' patches only: the full im2col of an early layer is tens of times larger."""
+    if isinstance(layer, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, st, pad, dil = (1, layer.kernel_size[0]), (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0])
+    else:
+        k, st, pad, dil = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    N, C, H, W = x.shape
+    Hp, Wp = H + 2 * pad[0], W + 2 * pad[1]
+    pixels = x.new_zeros(N, Hp, Wp, C)  # zero-padded, channels last: a pixel's channels are contiguous
+    pixels[:, pad[0]:pad[0] + H, pad[1]:pad[1] + W] = x.permute(0, 2, 3, 1)
+    ow_n = (Wp - dil[1] * (k[1] - 1) - 1) // st[1] + 1
+    oh, ow = idx // ow_n, idx % ow_n                                              # [N, keep]
+    dev = x.device
+    rh = oh.unsqueeze(-1) * st[0] + torch.arange(k[0], device=dev) * dil[0]      # [N, keep, kh]
+    cw = ow.unsqueeze(-1) * st[1] + torch.arange(k[1], device=dev) * dil[1]      # [N, keep, kw]
+    flat = (rh.unsqueeze(-1) * Wp + cw.unsqueeze(-2)).reshape(N, -1)  # [N, keep*kh*kw] pixel indices
+    g = pixels.reshape(N, Hp * Wp, C)[torch.arange(N, device=dev).unsqueeze(-1), flat]  # [N, keep*kh*kw, C]
+    g = g.reshape(N, idx.shape[1], k[0] * k[1], C)
+    return g.transpose(2, 3).reshape(N, idx.shape[1], C * k[0] * k[1])  # unfold's (c, i, j) order
+
+
 def _rows_out(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return y.reshape(y.shape[0], -1, y.shape[-1])
@@ -420,16 +443,21 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                 continue
             # a few samples at a time: im2col of a whole batch can be far larger than what is kept
             for k0 in range(0, len(xin), 8):
-                xr, yr = _rows_in(layer_fp, xin[k0:k0 + 8]), _rows_out(layer_fp, yfp[k0:k0 + 8])  # [n, P, K/C]
-                P = xr.shape[1]
-                rows_total += xr.shape[0] * P
-                per_row = 4 * (xr.shape[2] + yr.shape[2])
+                xc, yr = xin[k0:k0 + 8], _rows_out(layer_fp, yfp[k0:k0 + 8])  # yr: [n, P, C]
+                P = yr.shape[1]
+                rows_total += yr.shape[0] * P
+                K = layer_fp.in_features if isinstance(layer_fp, nn.Linear) else \
+                    layer_fp.weight[0].numel()
+                per_row = 4 * (K + yr.shape[2])
                 keep = min(P, int(cfg["position_pool"]),
                            max(1, int(cfg["memory_mb"]) * 2**20 // max(per_row * n_total, 1)))
                 if keep < P:
-                    idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(xr.shape[0])]).to(dev)
-                    xr = torch.gather(xr, 1, idx.unsqueeze(-1).expand(-1, -1, xr.shape[2]))
+                    idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(yr.shape[0])]).to(dev)
                     yr = torch.gather(yr, 1, idx.unsqueeze(-1).expand(-1, -1, yr.shape[2]))
+                    xr = (torch.gather(_rows_in(layer_fp, xc), 1, idx.unsqueeze(-1).expand(-1, -1, K))
+                          if isinstance(layer_fp, nn.Linear) else _rows_in_at(layer_fp, xc, idx))
+                else:
+                    xr = _rows_in(layer_fp, xc)
                 xs.append(xr.contiguous())
                 ys.append(yr.contiguous())
     X, Y = torch.cat(xs), torch.cat(ys)
