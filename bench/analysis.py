@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -132,11 +134,14 @@ def main(argv=None) -> int:
              detail=f"{len(res['histograms'])} quantizers"),
         dict(step="sensitivity sweep", seconds=sens["seconds"],
              detail=f"{len(sens['layers'])} layers x 2 modes, {sens['evaluations']} evaluations of {sens['samples']} "
-                    f"crops, staged={sens['staged']}",
+                    f"crops, staged={sens['staged']}; process CPU time {sens['cpu_seconds']:.0f} s over "
+                    f"{torch.get_num_threads()} threads; load average at the end {os.getloadavg()[0]:.1f}",
              target=f"< {TARGET_S:.0f} s" if not a.quick else None,
              met=(sens["seconds"] < TARGET_S) if not a.quick else None),
         dict(step="analysis total (after calibration)", seconds=t_total, detail=""),
         dict(step="HTML report (5 figures)", seconds=t_report, detail=f"{page.stat().st_size / 1e3:.0f} kB"),
+        dict(step="peak resident memory of the process (GB)",
+             seconds=None, detail=f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f}"),
     ]
     by = {r["layer"]: r for r in sens["layers"]}
     for n in sens["ranking"][:10]:

@@ -308,16 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="where quantization hurts: sensitivity, per-layer error, weight ranges "
                                         "before/after CLE, activation histograms; an offline HTML report",
                         description="Analyzes the SPEC's model and writes OUTPUT/report.html (self-contained), "
-                                    "OUTPUT/analysis.json (the data) and OUTPUT/figures/*.png.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    "OUTPUT/analysis.json (the data) and OUTPUT/figures/*.png.")
     common(an, "pyquant-analysis")
     an.add_argument("--metric", choices=["sqnr", "top1_agreement", "kl", "spec"], default=None,
                     help="sensitivity metric: sqnr (dB of the output vs FP32), top1_agreement, kl, or spec (the "
                          "SPEC's metric(model)); default: the SPEC's metric if it has one, else sqnr")
-    an.add_argument("--eval-samples", type=_positive_int, default=None,
-                    help="samples evaluated per sensitivity step (default: all the data)")
+    an.add_argument("--eval-samples", type=_positive_int, default=128,
+                    help="samples of the data evaluated per sensitivity step (default 128; the sweep's time grows with it)")
     an.add_argument("--layer-samples", type=_positive_int, default=32,
-                    help="samples for the per-layer SQNR and the histograms")
+                    help="samples for the per-layer SQNR and the histograms (default 32)")
     an.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer sensitivity sweep")
     an.add_argument("--no-cle", action="store_true", help="skip the weight ranges before/after CLE")
     an.set_defaults(fn=_cmd_analyze)
@@ -356,6 +355,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         a = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or a usage error (2): a code, also when called in-process
         return int(exc.code or 0)
+    if getattr(a, "config", None) is not None:
+        from .sim.config import ConfigError, load_config
+        try:
+            load_config(a.config)  # a wrong --config is a usage error, found before the SPEC is built
+        except (ConfigError, OSError) as exc:
+            print(f"pyquant {a.command}: error: --config: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if getattr(a, "fn", None) is None:
         parser.print_usage(sys.stderr)
         print("error: give a command, e.g. `pyquant demo` or `pyquant analyze mypackage.models:build` "

@@ -44,7 +44,7 @@ def test_analyze_writes_report_json_and_figures(tmp_path):
     assert "\r" not in r.stderr  # no progress bar with --no-progress
 
 
-def test_usage_errors_exit_2():
+def test_usage_errors_exit_2(capsys):
     r = run("analyze", "spec_tiny:build", "--param-bw", "40")
     assert r.returncode == 2 and "bit width must be in 2..16" in r.stderr
     r = run("export", "no_such_module:build")
@@ -54,9 +54,11 @@ def test_usage_errors_exit_2():
              (["analyze", "spec_tiny:nope"], "has no function 'nope'"),
              (["analyze", "spec_tiny:build_broken"], "without 'dummy_input', 'data'"),
              (["analyze", "spec_tiny:tiny_data"], "returned Tensor"),
-             (["analyze", "spec_tiny:build", "--metric", "spec"], "returned no 'metric'")]
+             (["analyze", "spec_tiny:build", "--metric", "spec"], "returned no 'metric'"),
+             (["export", "spec_tiny:build", "--config", "no_such_profile"], "named profile")]
     for argv, msg in cases:
         assert cli.main(argv) == cli.EXIT_USAGE, argv
+        assert msg in capsys.readouterr().err, argv
 
 
 def test_usage_messages(capsys):

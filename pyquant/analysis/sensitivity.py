@@ -72,9 +72,9 @@ class _Evaluator:
     def full(self) -> float:
         """The metric of the simulation in its current state."""
         self.evaluations += 1
-        with torch.no_grad():
-            if callable(self.metric):
-                return float(self.metric(self.sim.model))
+        if callable(self.metric):
+            return float(self.metric(self.sim.model))
+        with torch.inference_mode():  # outputs only feed the metric: no version counters, no autograd
             return self._score([call(self.sim.model, b) for b in self.batches])
 
     # ---- staged: one run of the shared prefix, a fork per evaluation ----
@@ -103,7 +103,7 @@ class _Evaluator:
         pos = 0
         order = sorted(range(len(items)), key=lambda i: items[i].first_node)
         scores: dict[int, float] = {}
-        with torch.no_grad():
+        with torch.inference_mode():
             for i in order:
                 it = items[i]
                 while pos < it.first_node:
@@ -147,7 +147,7 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
 
     Returns {"metric", "unit", "higher_is_better", "fp32", "quantized", "layers": [{"layer", "op_type",
     "quantizers", "enabled_alone", "disabled_alone", "rank"}], "ranking": [names, most sensitive first],
-    "evaluations", "seconds", "staged"}. The ranking orders by the enabled-alone metric (worst first),
+    "evaluations", "seconds", "cpu_seconds" (all threads), "staged", "samples"}. The ranking orders by the enabled-alone metric (worst first),
     ties and a disabled-alone-only sweep by the disabled-alone metric (best first)."""
     modes = tuple(modes)
     bad = [m for m in modes if m not in MODES]
@@ -169,7 +169,7 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
         raise RuntimeError("the QuantSim has no encodings: call sim.compute_encodings(...) first")
     batches = as_batches(data, batch_size, max_samples) if isinstance(metric, str) else []
     items = layers(sim)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ev = _Evaluator(sim, batches, metric, higher_is_better)
     res: dict[str, list[float]] = {}
     with QuantizerState(sim) as state:
@@ -213,5 +213,6 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
     return {"metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"), "unit": unit,
             "higher_is_better": higher_is_better, "fp32": finite(fp32), "quantized": finite(quantized),
             "layers": rows, "ranking": [r["layer"] for r in ranked], "evaluations": ev.evaluations,
-            "seconds": round(time.perf_counter() - t0, 3), "staged": ev.staged,
+            "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
+            "staged": ev.staged,
             "samples": sum(int(b[0].shape[0]) if isinstance(b, tuple) else 0 for b in batches)}

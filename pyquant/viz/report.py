@@ -34,7 +34,11 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _num(v: Any, fmt: str = ".3g") -> str:
-    return "–" if v is None else (format(v, fmt) if isinstance(v, (int, float)) else html.escape(str(v)))
+    if v is None:
+        return "–"
+    if isinstance(v, float) and fmt == ".3g" and 1000 <= abs(v) < 1e7:
+        return f"{v:.0f}"  # 2207, not 2.21e+03
+    return format(v, fmt) if isinstance(v, (int, float)) else html.escape(str(v))
 
 
 def _table(head: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
