@@ -104,7 +104,7 @@ def _html(p: Mapping[str, Any]) -> str:
     for st in steps:
         cls = "best" if st.get("best") else st["status"] if st["status"] != "evaluated" else ""
         drop = None if st.get("accuracy") is None else s["fp32_accuracy"] - st["accuracy"]
-        note = st.get("reason") or ""
+        note = st.get("reason") or ("kept: best so far" if st.get("improved") else "")
         if st.get("cached"):
             note = (note + "; " if note else "") + "from the cache"
         rows.append(f'<tr class="{cls}"><td>{e(st["key"])}</td><td>{e(st["title"])}</td><td>{e(st["status"])}</td>'
