@@ -6,10 +6,11 @@ Per layer, in execution order:
   * inputs come from the model whose earlier layers already carry their rounded weights (errors
     are corrected as they accumulate), targets from the FP32 model; a ReLU/ReLU6 right after the
     layer is applied to both;
-  * convolutions are handled as matrix products over output positions (im2col): a pool of output
-    positions per sample is kept (`position_pool`, within `memory_mb`), and every step draws
-    `batch_size` samples and `positions_per_sample` positions of each -- an unbiased sample of the
-    same loss as a full convolution over the batch, at a fraction of its cost;
+  * convolutions are handled as matrix products over output positions (im2col): a random pool of
+    output positions per sample is kept (`position_pool`, within `memory_mb`) in one table ordered
+    position-major over a shuffled sample order, and every step takes the table's next
+    `batch_size * positions_per_sample` rows -- positions of many samples at once, an unbiased sample
+    of the loss of a full convolution, at a fraction of its cost and with no copy per step;
   * the FP32 and the rounded model run side by side one graph node at a time over all samples (two
     forward passes in all, holding the live activations of every sample twice), so that no layer
     re-runs the model from its input;
@@ -213,9 +214,9 @@ def _apply_rows(layer: nn.Module, rows: torch.Tensor, w: torch.Tensor) -> torch.
     """The layer on input rows [R, K] with weight w: [R, out_channels]."""
     if isinstance(layer, nn.Linear) or layer.groups == 1:
         out = rows @ w.reshape(w.shape[0], -1).t()
-    elif layer.groups == w.shape[0]:  # depthwise: one output per group, a product and a sum
+    elif layer.groups == w.shape[0]:  # depthwise: one output per group (a batched product, no [R, G, K] temporary)
         g = layer.groups
-        out = (rows.reshape(rows.shape[0], g, -1) * w.reshape(1, g, -1)).sum(-1)
+        out = torch.einsum("rgk,gk->rg", rows.reshape(rows.shape[0], g, -1), w.reshape(g, -1))
     else:
         g = layer.groups
         r = rows.reshape(rows.shape[0], g, -1)                       # [R, G, Kg]
@@ -270,7 +271,8 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
             per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
         iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
         batch_size, positions_per_sample: a step uses batch_size * positions_per_sample rows (output
-            positions) drawn from the pools of `position_pool` positions kept per sample.
+            positions), the next run of the table of pooled positions (`position_pool` per sample),
+            which interleaves all samples.
         num_samples: calibration samples used (default: all of `data`).
         overrides: per-layer settings, e.g. {"features.0.0": {"iterations": 2000, "param_bw": 8}}.
         skip: layer names to leave with round-to-nearest.
@@ -430,9 +432,15 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         raise NotImplementedError(f"adaround: {name}: per-block weight encodings are not supported")
     act = act if act is not None else nn.Identity()
 
-    # Kept rows (positions) of inputs (from the rounded model) and targets (from FP32).
-    xs, ys = [], []
+    # Kept rows (positions) of inputs (from the rounded model) and targets (from FP32). Convolutions and
+    # linear layers: one table of rows, position-major ([pool position, sample slot]) with the samples
+    # in a random slot order, so that any contiguous run of rows spans many samples: a step takes the
+    # next run, with no gathering copy per step.
     rows_total = 0
+    X = Y = None
+    xs, ys = [], []
+    slots = torch.randperm(n_total, generator=g).to(dev)
+    filled = 0
     with torch.no_grad():
         for xin, yfp in pairs:
             yfp = act(yfp)
@@ -447,7 +455,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                 P = yr.shape[1]
                 rows_total += yr.shape[0] * P
                 K = layer_fp.in_features if isinstance(layer_fp, nn.Linear) else \
-                    layer_fp.weight[0].numel()
+                    layer_fp.in_channels * math.prod(layer_fp.kernel_size)
                 per_row = 4 * (K + yr.shape[2])
                 keep = min(P, int(cfg["position_pool"]),
                            max(1, int(cfg["memory_mb"]) * 2**20 // max(per_row * n_total, 1)))
@@ -458,10 +466,22 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                           if isinstance(layer_fp, nn.Linear) else _rows_in_at(layer_fp, xc, idx))
                 else:
                     xr = _rows_in(layer_fp, xc)
-                xs.append(xr.contiguous())
-                ys.append(yr.contiguous())
-    X, Y = torch.cat(xs), torch.cat(ys)
-    n = X.shape[0]
+                if X is None:
+                    X = xr.new_empty(xr.shape[1], n_total, xr.shape[2])
+                    Y = yr.new_empty(yr.shape[1], n_total, yr.shape[2])
+                at = slots[filled:filled + len(xr)]
+                X.index_copy_(1, at, xr.transpose(0, 1))
+                Y.index_copy_(1, at, yr.transpose(0, 1))
+                filled += len(xr)
+    if transposed:
+        X, Y = torch.cat(xs), torch.cat(ys)
+        n = X.shape[0]
+    else:
+        if X is None or filled != n_total:
+            raise RuntimeError(f"adaround: {name}: expected {n_total} samples, saw {filled}")
+        n = n_total
+        Xr, Yr = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
+    del xs, ys
 
     def predict(w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if transposed:
@@ -479,33 +499,37 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
 
     def full_loss(w_hat: torch.Tensor) -> float:
         with torch.no_grad():
-            tot, cnt = 0.0, 0
-            for i in range(0, n, 64):
-                tot += float(recon(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64])
-                cnt += len(X[i:i + 64])
-            return tot / max(cnt, 1)
+            if transposed:
+                tot = sum(float(recon(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64]) for i in range(0, n, 64))
+                return tot / max(n, 1)
+            step = 8192
+            tot = sum(float(recon(w_hat, Xr[i:i + step], Yr[i:i + step])) * len(Xr[i:i + step])
+                      for i in range(0, Xr.shape[0], step))
+            return tot / max(Xr.shape[0], 1)
 
     nearest = _nearest(w0, s, o, qmin, qmax)
     mse_nearest = full_loss(nearest)
 
     alpha = ops.adaround_init_alpha(w0, s).detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([alpha], lr=float(cfg["lr"]))
+    opt = torch.optim.Adam([alpha], lr=float(cfg["lr"]), fused=alpha.device.type in ("cpu", "cuda"))
     iters = int(cfg["iterations"])
     warm = int(float(cfg["warm_start"]) * iters)
     b0, b1 = (float(b) for b in cfg["beta_range"])
     reg_param = float(cfg["reg_param"])
     bs = min(int(cfg["batch_size"]), n)
     pps = int(cfg["positions_per_sample"])
-    if not transposed:  # rows of all samples in one table: a step picks bs * pps of them directly
-        Xr, Yr = X.reshape(-1, X.shape[-1]), Y.reshape(-1, Y.shape[-1])
-        per_step = min(bs * min(pps, X.shape[1]), Xr.shape[0])
+    if not transposed:  # a step: the next run of bs * pps rows of the table (wrapping around)
+        per_step = min(bs * min(pps, X.shape[0]), Xr.shape[0])
+        pos = 0
     for it in range(iters):
         if transposed:
             si = torch.randint(0, n, (bs,), generator=g).to(dev)
             xb, yb = X[si], Y[si]
         else:
-            ri = torch.randint(0, Xr.shape[0], (per_step,), generator=g).to(dev)
-            xb, yb = Xr.index_select(0, ri), Yr.index_select(0, ri)
+            if pos + per_step > Xr.shape[0]:
+                pos = 0
+            xb, yb = Xr[pos:pos + per_step], Yr[pos:pos + per_step]
+            pos += per_step
         w_soft = ops._registry.ops.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
         loss = recon(w_soft, xb, yb)
         if it >= warm and reg_param > 0:
@@ -524,5 +548,5 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         w_store = hard.transpose(0, 1).contiguous() if transposed else hard
         layer_q.weight.copy_(w_store.reshape(layer_q.weight.shape))
     return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
-                       changed_vs_nearest=changed, rows=int(n * (X.shape[1] if not transposed else 1)),
+                       changed_vs_nearest=changed, rows=int(Xr.shape[0] if not transposed else n),
                        rows_total=rows_total, seconds=0.0)
