@@ -59,6 +59,7 @@ _SPEC_HELP = ("SPEC: package.module:function returning {'model', 'dummy_input', 
 
 def load_spec(text: str) -> Spec:
     """Imports and calls a SPEC (see the module docstring); UsageError says what is wrong with it."""
+    import torch
     from torch import nn
 
     mod_name, sep, fn_name = text.partition(":")
@@ -100,9 +101,15 @@ def load_spec(text: str) -> Spec:
         raise UsageError(f"{text}(): 'model' must be a torch.nn.Module, got {type(model).__name__}")
     if metric is not None and not callable(metric):
         raise UsageError(f"{text}(): 'metric' must be a callable metric(model) -> float, got {type(metric).__name__}")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+    if not _plain_name(name):
         raise UsageError(f"{text}(): 'name' must be a plain file name prefix, got {name!r}")
+    if not isinstance(data, torch.Tensor) and iter(data) is data:
+        data = list(data)  # a generator: every command reads the data more than once
     return Spec(model, dummy, data, metric, name)
+
+
+def _plain_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -174,8 +181,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     except ImportError:
         raise MissingDependency("export writes ONNX, which needs the onnx package: pip install onnx "
                                 "(or pip install 'pyquant[onnx]')") from None
-    sim = _calibrated_sim(spec, a)
     name = a.name or spec.name
+    if not _plain_name(name):
+        raise UsageError(f"--name must be a plain file name prefix (no folders), got {name!r}")
+    sim = _calibrated_sim(spec, a)
     paths = sim.export(a.output, name, spec.dummy_input, encoding_version=a.encoding_version)
     if spec.metric is not None:
         print(f"metric of the simulated model: {spec.metric(sim.model):.6g}")

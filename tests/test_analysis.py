@@ -17,6 +17,15 @@ from pyquant.techniques import fold_batchnorms
 from spec_tiny import tiny_data, tiny_model
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sim(bw_act: int = 8):
     m = tiny_model()
     fold_batchnorms(m, verbose=False)
@@ -193,7 +202,7 @@ def test_analyze_is_json_and_leaves_the_model_alone(tmp_path):
     m = tiny_model()
     state = copy.deepcopy(m.state_dict())
     data = tiny_data()
-    a = analyze(m, data[:1], [data[:12], data[12:]], eval_samples=16)
+    a = analyze(m, data[:1], (b for b in (data[:12], data[12:])), eval_samples=16)  # a generator is fine
     assert set(a) >= {"weight_ranges", "layer_sqnr", "histograms", "sensitivity", "simulation", "timings"}
     assert a["sensitivity"]["samples"] == 16
     assert a["simulation"]["bn_folded"] is True

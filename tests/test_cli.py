@@ -9,14 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyquant import cli
 
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run(*args: str, cwd: Path = HERE) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model; see _one_thread
     return subprocess.run([sys.executable, "-m", "pyquant.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -55,7 +66,9 @@ def test_usage_errors_exit_2(capsys):
              (["analyze", "spec_tiny:build_broken"], "without 'dummy_input', 'data'"),
              (["analyze", "spec_tiny:tiny_data"], "returned Tensor"),
              (["analyze", "spec_tiny:build", "--metric", "spec"], "returned no 'metric'"),
-             (["export", "spec_tiny:build", "--config", "no_such_profile"], "named profile")]
+             (["export", "spec_tiny:build", "--config", "no_such_profile"], "named profile"),
+             (["export", "spec_tiny:build", "--name", "../up"], "plain file name"),
+             (["demo", "--per-image", "0"], "must be >= 1")]
     for argv, msg in cases:
         assert cli.main(argv) == cli.EXIT_USAGE, argv
         assert msg in capsys.readouterr().err, argv

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib", reason="pyquant.viz needs matplotlib: pip install matplotlib")
 
@@ -18,6 +19,15 @@ from pyquant.viz import figures, plots, render_html, write_report
 from spec_tiny import tiny_data, tiny_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
