@@ -6,6 +6,7 @@ and after CLE, timed; then the HTML report, and a screenshot of it in headless C
     python -m bench.analysis             # bench/results/analysis.{json,md}, analysis_mobilenet_v2.html,
                                          # docs/report.png (screenshot)
     python -m bench.analysis --quick     # 32 evaluation crops, results under *_quick
+    python -m bench.analysis --threads 1 # one torch thread (a busy shared machine)
 
 Model and data run channels-last (about 2x faster than NCHW for MobileNetV2's depthwise layers on
 the CPU; the values are the same)."""
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="32 evaluation crops")
     p.add_argument("--eval", type=int, default=128, help="evaluation crops (default 128)")
     p.add_argument("--calib", type=int, default=64, help="calibration crops (default 64)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice). On a machine shared with other jobs one thread "
+                        "can beat two: OpenMP's barriers wait for a descheduled thread")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--screenshot", default=str(ROOT / "docs" / "report.png"),
                    help="where the report screenshot goes (default docs/report.png; '' for none)")
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
     from pyquant.techniques import fold_batchnorms
     from pyquant.viz import write_report
 
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     n_eval = 32 if a.quick else a.eval
     cl = torch.channels_last
     try:
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
         dict(step="sensitivity sweep", seconds=sens["seconds"],
              detail=f"{len(sens['layers'])} layers x 2 modes, {sens['evaluations']} evaluations of {sens['samples']} "
                     f"crops, staged={sens['staged']}; process CPU time {sens['cpu_seconds']:.0f} s over "
-                    f"{torch.get_num_threads()} threads; load average at the end {os.getloadavg()[0]:.1f}",
+                    f"{torch.get_num_threads()} thread(s); load average at the end {os.getloadavg()[0]:.1f} on "
+                    f"{os.cpu_count()} CPUs",
              target=f"< {TARGET_S:.0f} s" if not a.quick else None,
              met=(sens["seconds"] < TARGET_S) if not a.quick else None),
         dict(step="analysis total (after calibration)", seconds=t_total, detail=""),

@@ -61,7 +61,7 @@ def channel_ranges(cle: dict[str, Any], layer: Optional[str] = None) -> bytes:
         c = range(d["channels"])
         ax.vlines(c, d["min"], d["max"], color=color, lw=1.2)
         ax.plot(c, d["mean"], ".", ms=2, color="black")
-        ax.set_title(f"{_short(layer, 36)}: {title} (spread {d['spread']:.3g})" if d["spread"] else title, fontsize=9)
+        ax.set_title(f"{_short(layer, 36)}: {title} (spread {d['spread']:.4g})" if d["spread"] else title, fontsize=9)
         ax.set_xlabel("output channel")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("weight min..max (dot: mean)")
