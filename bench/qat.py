@@ -206,10 +206,13 @@ class _Aimet:
 def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, aimet: _Aimet,
               rounds: int) -> list[dict[str, Any]]:
     x, y = x.clone(), y.clone()  # own storage (a slice would count its whole data set as saved memory)
-    sim = QuantSim(copy.deepcopy(model), x[:1], quant_scheme="tf_enhanced", range_learning=True,
-                   fuse_activations=True)
-    sim.compute_encodings(lambda m: m(x))
-    models: dict[str, torch.nn.Module] = {"fp32": copy.deepcopy(model), "pyquant": sim.model}
+    models: dict[str, torch.nn.Module] = {"fp32": copy.deepcopy(model)}
+    variants = {"pyquant": "minmax", "pyquant_so": "scale_offset"}
+    for k, mode in variants.items():
+        sim = QuantSim(copy.deepcopy(model), x[:1], quant_scheme="tf_enhanced", range_learning=True,
+                       fuse_activations=True, range_params=mode)
+        sim.compute_encodings(lambda m: m(x))
+        models[k] = sim.model
     if aimet.ok:
         models["aimet"] = aimet.sim(model, x[:1], lambda m: m(x))
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-5) for k, m in models.items()}
@@ -239,19 +242,21 @@ def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: _saved_mb(models[k], x, y) for k in models}
-    rows = [dict(model=name, measure="train step ms (fwd+bwd+Adam)", config="W8A8 range learning",
-                 value=1e3 * med["pyquant"], fp32=1e3 * med["fp32"], ratio_vs_fp32=med["pyquant"] / med["fp32"],
-                 aimet=1e3 * med["aimet"] if "aimet" in med else None,
-                 pyquant_speedup_vs_aimet=med["aimet"] / med["pyquant"] if "aimet" in med else None,
-                 target="<= 1.5x FP32" + (", >= 3x faster than AIMET" if "aimet" in med else ""),
-                 met=med["pyquant"] / med["fp32"] <= 1.5
-                 and ("aimet" not in med or med["aimet"] / med["pyquant"] >= 3)),
-            dict(model=name, measure="memory saved for backward by one forward, MB", config="W8A8 range learning",
-                 value=peak["pyquant"], fp32=peak["fp32"], ratio_vs_fp32=peak["pyquant"] / max(peak["fp32"], 1e-9),
-                 aimet=peak.get("aimet"), target="<= 1.3x FP32", met=peak["pyquant"] <= 1.3 * peak["fp32"])]
-    log(f"{name}: step {1e3 * med['pyquant']:.1f} ms vs FP32 {1e3 * med['fp32']:.1f} ms"
-        + (f", AIMET {1e3 * med['aimet']:.1f} ms" if "aimet" in med else "")
-        + f"; peak +{peak['pyquant']:.0f} MB vs FP32 +{peak['fp32']:.0f} MB")
+    rows = []
+    for k, mode in variants.items():
+        cfg = f"W8A8 range learning ({'min/max' if mode == 'minmax' else 'scale/offset'})"
+        rows.append(dict(model=name, measure="train step ms (fwd+bwd+Adam)", config=cfg,
+                         value=1e3 * med[k], fp32=1e3 * med["fp32"], ratio_vs_fp32=med[k] / med["fp32"],
+                         aimet=1e3 * med["aimet"] if "aimet" in med else None,
+                         pyquant_speedup_vs_aimet=med["aimet"] / med[k] if "aimet" in med else None,
+                         target="<= 1.5x FP32" + (", >= 3x faster than AIMET" if "aimet" in med else ""),
+                         met=med[k] / med["fp32"] <= 1.5 and ("aimet" not in med or med["aimet"] / med[k] >= 3)))
+        rows.append(dict(model=name, measure="memory saved for backward by one forward, MB", config=cfg,
+                         value=peak[k], fp32=peak["fp32"], ratio_vs_fp32=peak[k] / max(peak["fp32"], 1e-9),
+                         aimet=peak.get("aimet"), target="<= 1.3x FP32", met=peak[k] <= 1.3 * peak["fp32"]))
+        log(f"{name} ({mode}): step {1e3 * med[k]:.1f} ms vs FP32 {1e3 * med['fp32']:.1f} ms"
+            + (f", AIMET {1e3 * med['aimet']:.1f} ms" if "aimet" in med else "")
+            + f"; saved {peak[k]:.0f} MB vs FP32 {peak['fp32']:.0f} MB")
     return rows
 
 

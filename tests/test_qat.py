@@ -81,6 +81,35 @@ def test_range_learning_moves_encodings_and_freeze_keeps_one():
     assert sim.param_quantizers["c2.weight"].min.requires_grad
 
 
+def test_range_learning_of_scale_and_offset():
+    torch.manual_seed(0)
+    m = Net().eval()
+    pyquant.fold_batchnorms(m)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    sims = {}
+    for mode in ("minmax", "scale_offset"):
+        sims[mode] = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=True,
+                              range_params=mode)
+        sims[mode].compute_encodings(lambda mm: mm(x))
+    sim = sims["scale_offset"]
+    assert all(q.param_mode == "scale_offset" for q in sim.quantizers.values())
+    # the same calibrated encodings and outputs whichever parameters are trained
+    for n, q in sim.quantizers.items():
+        torch.testing.assert_close(q.get_encoding().scale, sims["minmax"].quantizers[n].get_encoding().scale)
+    assert torch.equal(sim.model(x), sims["minmax"].model(x))
+    before = _encodings(sim)
+    opt = torch.optim.Adam([{"params": sim.model_parameters(), "lr": 1e-3},
+                            {"params": [p for p in sim.quantizer_parameters() if p.requires_grad], "lr": 1e-3}])
+    losses = [_step(sim, x, y, opt) for _ in range(5)]
+    after = _encodings(sim)
+    assert sum(not torch.equal(before[n][0], after[n][0]) for n in before) >= len(before) // 2
+    assert losses[-1] < losses[0]
+    assert not sim.param_quantizers["c1.weight"].offset.requires_grad  # symmetric weights: offset stays 0
+    with pytest.raises(ValueError, match="range_params"):
+        QuantSim(m, x[:1], range_params="lsq")
+
+
 def test_lsq_gradient_scale_changes_the_range_gradients():
     grads = []
     for lsq in (False, True):

@@ -88,6 +88,9 @@ class QuantSim:
             as deployed: the weight is quantized with the batch norm folded in at its running statistics
             on every forward, the batch norm still normalizing with batch statistics in training).
             Either way, `pq.fold_batchnorms_to_scale(sim)` folds them for good before export.
+        range_params: what range learning trains: "minmax" (default; each quantizer's min and max, as
+            AIMET does) or "scale_offset" (scale and offset directly, LSQ-style: their gradients come
+            straight from the fused kernel, with fewer small ops per quantizer and step).
         fuse_activations: run each ReLU / ReLU6 / Hardtanh and the quantizer after it (and a MaxPool2d
             after that) as one op, so a training step holds one tensor for them instead of two or three
             (QAT memory as FP32's; the activation is recomputed in the backward). Outputs and gradients
@@ -101,7 +104,7 @@ class QuantSim:
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
-                 batchnorm: str = "separate", fuse_activations: bool = False):
+                 batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax"):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         from ..ops import grid
@@ -113,6 +116,9 @@ class QuantSim:
         if batchnorm not in ("separate", "fold_each_step"):
             raise ValueError(f"batchnorm must be 'separate' or 'fold_each_step', got {batchnorm!r}")
         self.batchnorm = batchnorm
+        if range_params not in ("minmax", "scale_offset"):
+            raise ValueError(f"range_params must be 'minmax' or 'scale_offset', got {range_params!r}")
+        self.range_params = range_params
         self.quant_scheme = quant_scheme
         self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
@@ -199,7 +205,8 @@ class QuantSim:
             per_channel = cfg.per_channel(op_type[n]) and op_type[n] in ("Conv", "ConvTranspose", "Gemm", "MatMul")
             shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
             name = f"{n.target}.weight"
-            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True), name=name)
+            q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True), name=name,
+                                   param_mode=self.range_params)
             bn = self._following_batchnorm(n) if self.batchnorm == "fold_each_step" else None
             wq = _FoldedWeightQuantizer(q, bn, axis) if bn is not None else _WeightQuantizer(q)
             parametrize.register_parametrization(mod, "weight", wq, unsafe=True)
@@ -225,7 +232,7 @@ class QuantSim:
             per_channel = cfg.per_channel(op_type[n]) and op_type[n] in ("Conv", "ConvTranspose", "Gemm", "MatMul")
             shape = tuple(w.shape[d] if (per_channel and d == axis) else 1 for d in range(w.dim()))
             q = QuantizeDequantize(shape, self.param_bw, rule.is_symmetric, self._analyzer(shape, param=True),
-                                   name=name)
+                                   name=name, param_mode=self.range_params)
             qname = f"_pq_w_{len(self.param_quantizers)}"
             gm.add_submodule(qname, q)
             with gm.graph.inserting_after(w_node):
@@ -258,7 +265,8 @@ class QuantSim:
                 base = n.target if n.op == "call_module" else n.name
                 name, ot = f"{base}.output", t
             sym = cfg.activation_symmetric(ot if ot != "ModelInput" else "")
-            q = QuantizeDequantize((), self.output_bw, sym, self._analyzer(()), name=name)
+            q = QuantizeDequantize((), self.output_bw, sym, self._analyzer(()), name=name,
+                                   param_mode=self.range_params)
             qname = f"_pq_act_{counter}"
             counter += 1
             gm.add_submodule(qname, q)
