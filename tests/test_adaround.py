@@ -134,3 +134,20 @@ def test_fashion_mnist_w4a8_within_a_point_of_fp32():
     sim.compute_encodings(lambda m: m(calib))
     fp32 = evaluate(model, xte, yte)
     assert evaluate(sim.model, xte, yte) >= fp32 - 0.01
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (3, 6, 11, 9)),          # depthwise, strided
+    (nn.Conv2d(4, 5, (3, 5), stride=(2, 1), padding=(2, 1), dilation=(2, 1)), (2, 4, 13, 10)),
+    (nn.Conv2d(4, 6, 1), (2, 4, 7, 7)),
+    (nn.Conv1d(3, 4, 3, padding=1, stride=2), (2, 3, 17)),
+])
+def test_rows_at_kept_positions_equal_the_full_im2col_gathered(layer, shape):
+    from pyquant.techniques.adaround import _rows_in, _rows_in_at
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    full = _rows_in(layer, x)                                     # [N, P, K] via F.unfold
+    keep = max(1, full.shape[1] // 2)
+    idx = torch.stack([torch.randperm(full.shape[1], generator=g)[:keep] for _ in range(shape[0])])
+    want = torch.gather(full, 1, idx.unsqueeze(-1).expand(-1, -1, full.shape[2]))
+    assert torch.equal(_rows_in_at(layer, x, idx), want)
