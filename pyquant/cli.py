@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", default=out_default, help=f"output folder (default {out_default})")
         sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: when stderr is a terminal)")
+        sp.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a machine busy with other jobs, 1 "
+                             "can be faster)")
         sp.add_argument("--traceback", action="store_true", help="print the full traceback when the run fails")
 
     d = sub.add_parser("demo", help="predict MobileNetV2's on-target accuracy at W8A8 (real weights and photos)",
@@ -377,6 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "(`pyquant --help` explains them)",
               file=sys.stderr)
         return EXIT_USAGE
+    if getattr(a, "threads", None):
+        import torch
+        torch.set_num_threads(a.threads)
     from ._assets import AssetMissingError
     # warnings as one line each, without the source line that Python's default format adds
     warnings.formatwarning = lambda msg, cat, *rest, **kw: f"pyquant {a.command}: warning: {msg}\n"

@@ -43,7 +43,8 @@ def test_help_explains_spec_and_exit_codes():
 
 def test_analyze_writes_report_json_and_figures(tmp_path):
     pytest.importorskip("matplotlib")
-    r = run("analyze", "spec_tiny:build", "-o", str(tmp_path / "out"), "--eval-samples", "16", "--no-progress")
+    r = run("analyze", "spec_tiny:build", "-o", str(tmp_path / "out"), "--eval-samples", "16", "--no-progress",
+            "--threads", "1")
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "out" / "analysis.json").read_text())
     top3 = a["sensitivity"]["ranking"][:3]
@@ -68,7 +69,8 @@ def test_usage_errors_exit_2(capsys):
              (["analyze", "spec_tiny:build", "--metric", "spec"], "returned no 'metric'"),
              (["export", "spec_tiny:build", "--config", "no_such_profile"], "named profile"),
              (["export", "spec_tiny:build", "--name", "../up"], "plain file name"),
-             (["demo", "--per-image", "0"], "must be >= 1")]
+             (["demo", "--per-image", "0"], "must be >= 1"),
+             (["analyze", "spec_tiny:build", "--threads", "0"], "must be >= 1")]
     for argv, msg in cases:
         assert cli.main(argv) == cli.EXIT_USAGE, argv
         assert msg in capsys.readouterr().err, argv
