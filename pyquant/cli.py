@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "min_max and tf_enhanced, checked against onnxruntime's int8 kernels.")
     d.add_argument("--per-image", type=_positive_int, default=16, help="evaluation crops per photo (default 16)")
     d.add_argument("--calib", type=_positive_int, default=32, help="calibration crops (default 32)")
+    d.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     d.set_defaults(fn=_cmd_demo, traceback=False)
 
     an = sub.add_parser("analyze", help="where quantization hurts: sensitivity, per-layer error, weight ranges "
