@@ -104,8 +104,13 @@ def test_layer_sqnr_falls_with_fewer_bits_and_restores_flags():
     assert p8["head.1.output"]["activations_only_db"] == pytest.approx(expect, abs=0.02)
 
 
-def test_sensitivity_staged_equals_plain_evaluation(monkeypatch):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sensitivity_staged_equals_plain_evaluation(monkeypatch, inplace):
     sim, data = _sim()
+    if inplace:  # in-place modules: the same values, and their flags back afterwards
+        for m in sim.model.modules():
+            if isinstance(m, torch.nn.ReLU):
+                m.inplace = True
     staged = layer_sensitivity(sim, data, "sqnr", batch_size=10)
     assert staged["staged"] is True
     monkeypatch.setattr(sens_mod, "_inplace_free", lambda gm: False)
@@ -117,6 +122,7 @@ def test_sensitivity_staged_equals_plain_evaluation(monkeypatch):
         assert a["disabled_alone"] == pytest.approx(b["disabled_alone"], rel=1e-9)
     assert staged["ranking"] == plain["ranking"]
     assert staged["evaluations"] == 2 + 2 * len(staged["layers"])
+    assert all(m.inplace == inplace for m in sim.model.modules() if isinstance(m, torch.nn.ReLU))
 
 
 def test_sensitivity_ranks_a_coarse_layer_first_and_reuses_encodings(monkeypatch, capsys):

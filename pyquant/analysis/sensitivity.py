@@ -9,9 +9,11 @@ and forks at each layer: the part of the model before a layer is the same in eve
 sweep, so it runs once and each evaluation computes only what comes after the toggled layer."""
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import time
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -34,16 +36,34 @@ METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], float], bool, st
 MODES = ("enabled_alone", "disabled_alone")
 
 
+_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+
+
 def _inplace_free(gm: fx.GraphModule) -> bool:
-    """True when no node writes into its input (forks share the values computed before them)."""
+    """True when no function or method node writes into its input (forks share the values computed
+    before them). Modules with `inplace=True` do not count: the sweep switches that off while it runs."""
     for n in gm.graph.nodes:
-        if n.kwargs.get("inplace"):
-            return False
         if n.op in ("call_function", "call_method"):
+            if n.kwargs.get("inplace") or n.target in _INPLACE_OPS:
+                return False
             name = getattr(n.target, "__name__", str(n.target))
             if name.endswith("_") and not name.endswith("__"):
                 return False
     return True
+
+
+@contextlib.contextmanager
+def _no_inplace_modules(gm: fx.GraphModule) -> Iterator[None]:
+    """Modules such as ReLU(inplace=True) compute out of place meanwhile (same values)."""
+    mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
+    for m in mods:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.inplace = True
 
 
 class _Evaluator:
@@ -103,7 +123,7 @@ class _Evaluator:
         pos = 0
         order = sorted(range(len(items)), key=lambda i: items[i].first_node)
         scores: dict[int, float] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), _no_inplace_modules(gm):
             for i in order:
                 it = items[i]
                 while pos < it.first_node:
