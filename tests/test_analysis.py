@@ -221,3 +221,16 @@ def test_analyze_is_json_and_leaves_the_model_alone(tmp_path):
         analyze(m, data[:1], data, "accuracy")
     with pytest.raises(ValueError, match="empty"):
         analyze(m, data[:1], [], cle=False)
+
+
+def test_histograms_of_fused_activations_are_the_activation_outputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU6(), torch.nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(4, 3, 8, 8) * 3
+    hs = []
+    for fuse in (False, True):
+        sim = QuantSim(model, x[:1], fuse_activations=fuse)
+        sim.compute_encodings(lambda m: m(x))
+        assert bool(sim.fused_activations) == fuse
+        hs.append(activation_histograms(sim, x, bins=32))
+    assert hs[0] == hs[1] and hs[1]["1.output"]["data_min"] == 0.0

@@ -50,8 +50,13 @@ def activation_histograms(sim, data: Union[torch.Tensor, Iterable[Any]], *, bins
         step = max(1, flat.numel() // _SAMPLE_PER_BATCH)
         st["sample"].append(flat[::step].clone())
 
-    hooks = [sim.activation_quantizers[n].register_forward_hook(lambda m, inp, out, n=n: observe(n, inp[0]))
-             for n in encs]
+    def seen(n: str, args: tuple, kwargs: dict) -> None:
+        x = args[0]
+        act = kwargs.get("activation")  # a fused ReLU/ReLU6 (QuantSim(fuse_activations=True)): its output is quantized
+        observe(n, torch.clamp(x, *act) if act is not None else x)
+
+    hooks = [sim.activation_quantizers[n].register_forward_hook(
+        lambda m, args, kwargs, out, n=n: seen(n, args, kwargs), with_kwargs=True) for n in encs]
     try:
         with QuantizerState(sim) as state, torch.no_grad():
             state.set(params=False, activations=False)
