@@ -207,10 +207,11 @@ def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
               rounds: int) -> list[dict[str, Any]]:
     x, y = x.clone(), y.clone()  # own storage (a slice would count its whole data set as saved memory)
     models: dict[str, torch.nn.Module] = {"fp32": copy.deepcopy(model)}
-    variants = {"pyquant": "minmax", "pyquant_so": "scale_offset"}
-    for k, mode in variants.items():
+    variants = {"pyquant": ("minmax", True), "pyquant_unfused": ("minmax", False),
+                "pyquant_so": ("scale_offset", True)}
+    for k, (mode, fuse) in variants.items():
         sim = QuantSim(copy.deepcopy(model), x[:1], quant_scheme="tf_enhanced", range_learning=True,
-                       fuse_activations=True, range_params=mode)
+                       fuse_activations=fuse, range_params=mode)
         sim.compute_encodings(lambda m: m(x))
         models[k] = sim.model
     if aimet.ok:
@@ -243,8 +244,9 @@ def step_cost(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     med = {k: statistics.median(v) for k, v in times.items()}
     peak = {k: _saved_mb(models[k], x, y) for k in models}
     rows = []
-    for k, mode in variants.items():
-        cfg = f"W8A8 range learning ({'min/max' if mode == 'minmax' else 'scale/offset'})"
+    for k, (mode, fuse) in variants.items():
+        cfg = (f"W8A8 range learning ({'min/max' if mode == 'minmax' else 'scale/offset'}"
+               f"{', fused activations' if fuse else ', unfused'})")
         rows.append(dict(model=name, measure="train step ms (fwd+bwd+Adam)", config=cfg,
                          value=1e3 * med[k], fp32=1e3 * med["fp32"], ratio_vs_fp32=med[k] / med["fp32"],
                          aimet=1e3 * med["aimet"] if "aimet" in med else None,
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
              + (f"; Fashion-MNIST QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, {epochs} epoch(s) "
                 f"over the training set, seed 0" if "accuracy" not in skip else ""),
              "step cost: pyquant's QuantSim with fuse_activations=True (ReLU/ReLU6 -> quantizer -> max pool as one "
-             "op holding one tensor for the backward)",
+             "op holding one tensor for the backward) unless the row says unfused",
              "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
              "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
              "AIMET not run (no aimet_torch here)"]
