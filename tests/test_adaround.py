@@ -151,3 +151,47 @@ def test_rows_at_kept_positions_equal_the_full_im2col_gathered(layer, shape):
     idx = torch.stack([torch.randperm(full.shape[1], generator=g)[:keep] for _ in range(shape[0])])
     want = torch.gather(full, 1, idx.unsqueeze(-1).expand(-1, -1, full.shape[2]))
     assert torch.equal(_rows_in_at(layer, x, idx), want)
+
+
+def test_gram_loss_equals_the_row_loss_and_its_gradient():
+    from pyquant.techniques.adaround import _gram, _gram_loss
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(3000, 40, generator=g), torch.randn(3000, 7, generator=g)
+    b = torch.randn(7, generator=g)
+    W = (torch.randn(7, 40, generator=g) * 0.1).requires_grad_(True)
+    d = X @ W.t() + b - Y
+    rows = (d * d).sum() / len(X)
+    gw, = torch.autograd.grad(rows, W)
+    G = _gram(X, Y, b)
+    quad = _gram_loss(W, *G)
+    qw, = torch.autograd.grad(quad, W)
+    torch.testing.assert_close(quad, rows.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(qw, gw, rtol=1e-4, atol=1e-5)
+
+
+def test_activation_found_through_a_folded_batchnorm_and_gram_path_for_linear_layers(monkeypatch):
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.bn, self.act, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.act(self.bn(self.a(x))))
+
+    seen = {}
+    real_opt, real_gram = ada_mod._optimize_layer, ada_mod._gram
+
+    def spy_opt(name, li, lf, lq, pairs, n_total, enc, act, *a, **k):
+        seen[name] = type(act).__name__
+        return real_opt(name, li, lf, lq, pairs, n_total, enc, act, *a, **k)
+
+    grams = []
+    monkeypatch.setattr(ada_mod, "_optimize_layer", spy_opt)
+    monkeypatch.setattr(ada_mod, "_gram", lambda *a: grams.append(a[0].shape) or real_gram(*a))
+    res = pyquant.adaround(Seq().eval(), _data()[:1], _data(), param_bw=3, iterations=200, lr=1e-2, batch_size=8,
+                           positions_per_sample=16, progress=False)
+    assert seen == {"a": "ReLU6", "b": "NoneType"}   # the BN folded into "a" left an Identity before the ReLU6
+    assert grams == [torch.Size([48 * 64, 8])]       # "b": no activation, 8 inputs < 128 rows a step
+    rb = next(r for r in res.report if r.name == "b")
+    assert rb.mse_adaround < rb.mse_nearest and rb.changed_vs_nearest > 0

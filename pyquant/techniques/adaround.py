@@ -231,6 +231,10 @@ def _following_act(gm: fx.GraphModule, target: str) -> Optional[nn.Module]:
     for n in gm.graph.nodes:
         if n.op == "call_module" and n.target == target:
             users = list(n.users)
+            # an Identity (a folded batch norm) or Dropout in between changes nothing
+            while len(users) == 1 and users[0].op == "call_module" and \
+                    isinstance(gm.get_submodule(users[0].target), (nn.Identity, nn.Dropout)):
+                users = list(users[0].users)
             if len(users) != 1:
                 return None
             u = users[0]
@@ -402,6 +406,29 @@ def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Itera
                           encodings_path=path)
 
 
+def _gram(X: torch.Tensor, Y: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
+    """Sufficient statistics of sum ||x W^T + b - y||^2 over the rows of X [R, K], Y [R, C] (b fixed),
+    accumulated in float64: (G = X^T X [K, K], B = (Y - b)^T X [C, K], sum (y - b)^2, R)."""
+    K, C = X.shape[1], Y.shape[1]
+    G = torch.zeros(K, K, dtype=torch.float64, device=X.device)
+    B = torch.zeros(C, K, dtype=torch.float64, device=X.device)
+    yy = torch.zeros((), dtype=torch.float64, device=X.device)
+    for i in range(0, X.shape[0], 8192):
+        x, y = X[i:i + 8192].double(), Y[i:i + 8192].double()
+        if bias is not None:
+            y = y - bias.detach().double()
+        G += x.t() @ x
+        B += y.t() @ x
+        yy += (y * y).sum()
+    return G.float(), B.float(), float(yy), X.shape[0]
+
+
+def _gram_loss(w_hat: torch.Tensor, G: torch.Tensor, B: torch.Tensor, yy: float, rows: int) -> torch.Tensor:
+    """The rows' reconstruction loss (sum over channels, mean over rows) from their Gram statistics."""
+    W = w_hat.reshape(w_hat.shape[0], -1)
+    return (((W @ G) * W).sum() - 2.0 * (W * B).sum() + yy) / rows
+
+
 def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
     s, o = enc.scale.reshape(-1).to(w.device), enc.offset.reshape(-1).to(w.device)
@@ -518,20 +545,29 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     reg_param = float(cfg["reg_param"])
     bs = min(int(cfg["batch_size"]), n)
     pps = int(cfg["positions_per_sample"])
+    gram = None
     if not transposed:  # a step: the next run of bs * pps rows of the table (wrapping around)
         per_step = min(bs * min(pps, X.shape[0]), Xr.shape[0])
         pos = 0
+        # No activation after a dense layer: the loss is a quadratic form in the weight, so every step can
+        # use all kept rows exactly through their Gram matrix, at a cost that does not grow with the rows.
+        if isinstance(act, nn.Identity) and (isinstance(layer_fp, nn.Linear) or layer_fp.groups == 1) \
+                and Xr.shape[1] < per_step:
+            gram = _gram(Xr, Yr, layer_fp.bias)
     for it in range(iters):
-        if transposed:
-            si = torch.randint(0, n, (bs,), generator=g).to(dev)
-            xb, yb = X[si], Y[si]
-        else:
-            if pos + per_step > Xr.shape[0]:
-                pos = 0
-            xb, yb = Xr[pos:pos + per_step], Yr[pos:pos + per_step]
-            pos += per_step
         w_soft = ops._registry.ops.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
-        loss = recon(w_soft, xb, yb)
+        if gram is not None:
+            loss = _gram_loss(w_soft, *gram)
+        else:
+            if transposed:
+                si = torch.randint(0, n, (bs,), generator=g).to(dev)
+                xb, yb = X[si], Y[si]
+            else:
+                if pos + per_step > Xr.shape[0]:
+                    pos = 0
+                xb, yb = Xr[pos:pos + per_step], Yr[pos:pos + per_step]
+                pos += per_step
+            loss = recon(w_soft, xb, yb)
         if it >= warm and reg_param > 0:
             rel = (it - warm) / max(iters - warm, 1)
             beta = b1 + 0.5 * (b0 - b1) * (1.0 + math.cos(rel * math.pi))  # cosine decay from b0 to b1
