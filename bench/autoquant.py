@@ -68,7 +68,7 @@ def _row(model: str, config: str, res, wall: float, **kw) -> dict[str, Any]:
                 steps_evaluated=sum(s.status == "evaluated" and not s.cached for s in res.steps), wall_s=wall, **kw)
 
 
-def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int) -> tuple[list, list]:
+def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int, ada_lr: float) -> tuple[list, list]:
     from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
     from pyquant.models import mobilenet_v2
     from pyquant.sim.quantsim import QuantSim
@@ -96,7 +96,7 @@ def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int) -> tuple[li
         log(f"per-channel W8A8 reference: {pc:.4f}")
         aq = pyquant.AutoQuant(model, calib[:1], calib, agreement, param_bw=8, output_bw=8, config="per_tensor",
                                name="mobilenet_v2_w8a8_per_tensor", adaround_kwargs={"iterations": ada_iters,
-                                                                                      "num_samples": 64})
+                                                                                      "num_samples": 64, "lr": ada_lr})
         res, wall = _run(aq, out / "mnv2_w8", allowed_accuracy_drop=(1.0 - pc) + 0.01)
         first = res.step("quantsim").accuracy
         rows.append(_row("MobileNetV2", "W8A8 per-tensor", res, wall, reference=100 * pc,
@@ -107,7 +107,8 @@ def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int) -> tuple[li
     if "w4" in sections:
         near_mm = nearest("default", 4, quant_scheme="tf_enhanced", param_quant_scheme="min_max")
         aq = pyquant.AutoQuant(model, calib[:1], calib, agreement, param_bw=4, output_bw=8, config="default",
-                               name="mobilenet_v2_w4a8", adaround_kwargs={"iterations": ada_iters, "num_samples": 64})
+                               name="mobilenet_v2_w4a8", adaround_kwargs={"iterations": ada_iters, "num_samples": 64,
+                                                                   "lr": ada_lr})
         res, wall = _run(aq, out / "mnv2_w4", allowed_accuracy_drop=0.01)
         first = res.step("quantsim").accuracy
         pre = max((s.accuracy for s in res.steps if s.kind == "full" and s.status == "evaluated"
@@ -117,7 +118,7 @@ def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int) -> tuple[li
                          met=res.best_step == "adaround" and res.accuracy > max(near_mm, first)))
         notes.append(f"MobileNetV2 W4A8: nearest rounding agrees on {100 * near_mm:.1f}% (min-max weights) / "
                      f"{100 * first:.1f}% (tf_enhanced, AutoQuant's first simulation); best without AdaRound "
-                     f"{100 * pre:.1f}%; AdaRound ({ada_iters} iterations per layer, 64 samples) "
+                     f"{100 * pre:.1f}%; AdaRound ({ada_iters} iterations per layer, lr {ada_lr:g}, 64 samples) "
                      f"{100 * res.step('adaround').accuracy:.1f}%" if res.step('adaround').accuracy is not None
                      else "MobileNetV2 W4A8: AdaRound did not run")
     notes.append(f"MobileNetV2: {len(evalx)} real-photo crops, {n_conf} FP32-confident (agreement is over those); "
@@ -201,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder for the results (default bench/results)")
     p.add_argument("--skip", default="", help="comma-separated: w8, w4, fashion, minilm")
     p.add_argument("--adaround-iterations", type=int, default=None)
+    p.add_argument("--adaround-lr", type=float, default=1e-2,
+                   help="AdaRound's learning rate (MobileNetV2): larger than its 1e-3 default, since few iterations "
+                        "must move the rounding variables far enough to flip")
     p.add_argument("--keep", default=None, help="keep the AutoQuant reports in this folder (default: a temp dir)")
     a = p.parse_args(argv)
     if not require_native("bench/autoquant.py"):
@@ -208,11 +212,11 @@ def main(argv=None) -> int:
     from pyquant._assets import AssetMissingError
     skip = {s for s in a.skip.split(",") if s}
     sections = {"w8", "w4", "fashion", "minilm"} - skip
-    ada_iters = a.adaround_iterations or (30 if a.quick else 150)
+    ada_iters = a.adaround_iterations or (30 if a.quick else 300)
     out = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-autoquant-"))
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    for name, fn in (("mobilenet", lambda: mobilenet(a.quick, sections, out, ada_iters)),
+    for name, fn in (("mobilenet", lambda: mobilenet(a.quick, sections, out, ada_iters, a.adaround_lr)),
                      ("fashion", lambda: fashion(a.quick, out, 4 * ada_iters)),
                      ("minilm", lambda: minilm(a.quick, out))):
         if name == "mobilenet" and not sections & {"w8", "w4"} or name != "mobilenet" and name not in sections:

@@ -176,6 +176,21 @@ def test_killed_run_resumes_without_recomputing_and_ends_identical(tmp_path):
     assert idle(res3.sim.model) == pytest.approx(ref.accuracy, abs=1e-6)
 
 
+def test_changing_a_steps_own_settings_recomputes_that_step_only(tmp_path):
+    model = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = _aq(model, Fidelity(model), param_bw=4).optimize(allowed_accuracy_drop=0.0, cache_dir=tmp_path)
+        fn = Fidelity(model)
+        res = _aq(model, fn, param_bw=4, adaround_kwargs={**ADA, "iterations": 60}).optimize(
+            allowed_accuracy_drop=0.0, cache_dir=tmp_path)
+    assert fn.calls == 1  # AdaRound, the last step, again; nothing else
+    assert [s.key for s in res.steps if not s.cached] == ["adaround"]
+    assert res.step("adaround").options["iterations"] == 60 and first.step("adaround").options["iterations"] == 30
+    assert res.step("adaround").settings == {"adaround_kwargs": {**ADA, "iterations": 60}}
+    assert res.step("bias_correction").accuracy == first.step("bias_correction").accuracy
+
+
 def test_cache_with_other_inputs_is_refused(tmp_path):
     model = _net()
     _aq(model, Fidelity(model), config="default").optimize(allowed_accuracy_drop=0.2, cache_dir=tmp_path)

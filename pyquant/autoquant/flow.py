@@ -13,10 +13,11 @@ Flow (every evaluation is one call of `eval_fn`):
 from __future__ import annotations
 
 import copy
-import os
 import dataclasses
+import json
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -135,8 +136,11 @@ class AutoQuant:
 
     `optimize()` runs the flow and returns an `AutoQuantResult`. Every evaluated step can be cached in
     a folder so that a rerun (or a run killed midway) continues where it stopped. The cache is keyed
-    by the model, dummy input, data, settings and eval_fn's code; data that eval_fn reads from outside
-    (its closure, globals) is not part of the key -- use a new cache_dir when it changes.
+    by the model, dummy input, data, bit widths, config, schemes and eval_fn's code (another value of
+    any of them is refused, naming it); a step's own settings (AdaRound's, bias correction's method,
+    replace_relu6) are kept with the step, so changing one recomputes that step and the steps built
+    on it. Data that eval_fn reads from outside (its closure, globals) is not part of the key -- use a
+    new cache_dir when it changes.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, data: Any, eval_fn: Callable[[nn.Module], float],
@@ -319,10 +323,21 @@ class AutoQuant:
     # ---- the run -------------------------------------------------------------------------------
     def _settings(self) -> dict[str, Any]:
         cfg = self._config_spec if isinstance(self._config_spec, (str, dict)) else repr(self.config)
+        # what every step depends on; a step's own settings (AdaRound's iterations, ...) are kept in its
+        # record instead, so changing them recomputes that step (and what it changes) only
         return {"param_bw": self.param_bw, "output_bw": self.output_bw, "config": cfg,
-                "quant_schemes": list(self.quant_schemes), "bias_correction": self.bias_correction,
-                "adaround": self.adaround, "adaround_kwargs": self.adaround_kwargs,
-                "replace_relu6": self.replace_relu6, "batches": len(self._batches)}
+                "quant_schemes": list(self.quant_schemes), "batches": len(self._batches)}
+
+    def _step_settings(self, key: str) -> dict[str, Any]:
+        if key in ("cle", "cle+hba"):
+            s: dict[str, Any] = {"replace_relu6": self.replace_relu6}
+        elif key == "bias_correction":
+            s = {"method": self.bias_correction}
+        elif key == "adaround":
+            s = {"adaround_kwargs": self.adaround_kwargs}
+        else:
+            s = {}
+        return json.loads(json.dumps(s, default=str))  # as it reads back from the cache
 
     def optimize(self, allowed_accuracy_drop: float = 0.01, time_budget_s: Optional[float] = None,
                  cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None, *,
@@ -383,10 +398,17 @@ class _Run:
         return _Recipe(**self.best.recipe)
 
     def step(self, key: str, title: str, kind: str, recipe: Optional[_Recipe]) -> StepRecord:
+        settings = self.aq._step_settings(key)
         rec = self.cache.get(key) if self.cache is not None else None
+        if rec is not None and (rec.recipe != (recipe.to_json() if recipe else None) or rec.settings != settings):
+            log.info("autoquant: %s: its settings or the simulation it builds on changed; recomputing", key)
+            rec = None
         sim = None
         if rec is not None:
             rec.cached = True
+            # whether it beats the best depends on this run's earlier steps, not the old run's
+            rec.improved = rec.status == "evaluated" and kind == "full" and (
+                self.best is None or rec.accuracy > self.best.accuracy)
         else:
             t0 = time.perf_counter()
             try:
@@ -397,10 +419,10 @@ class _Run:
                     sim, opts = self.aq._build(recipe, self.cache)
                     acc = self.aq._evaluate(sim.model, key)
                 rec = StepRecord(key, title, kind, "evaluated", acc, time.perf_counter() - t0, opts,
-                                 recipe.to_json() if recipe else None)
+                                 recipe.to_json() if recipe else None, settings)
             except _Skip as s:
                 rec = StepRecord(key, title, kind, "skipped", seconds=time.perf_counter() - t0, reason=str(s),
-                                 recipe=recipe.to_json() if recipe else None)
+                                 recipe=recipe.to_json() if recipe else None, settings=settings)
             except AutoQuantError:
                 raise
             except Exception as e:  # noqa: BLE001 - a technique failing on this model skips its step
@@ -409,7 +431,7 @@ class _Run:
                 msg = f"{type(e).__name__}: {str(e)[:300]}"
                 warnings.warn(f"AutoQuant: step {key!r} failed and is left out: {msg}", RuntimeWarning, stacklevel=3)
                 rec = StepRecord(key, title, kind, "failed", seconds=time.perf_counter() - t0, reason=msg,
-                                 recipe=recipe.to_json() if recipe else None)
+                                 recipe=recipe.to_json() if recipe else None, settings=settings)
             if rec.status == "evaluated" and kind == "full" and (self.best is None or rec.accuracy > self.best.accuracy):
                 rec.improved = True
                 if self.cache is not None:  # state first: a record never points at a missing state

@@ -17,7 +17,8 @@ class StepRecord:
     `kind` is "fp32", "full" (weights and activations quantized: a candidate for the result),
     "weights_only" or "activations_only" (diagnostics that also pick the calibration schemes).
     `improved`: the step was the best full simulation so far when it finished. `cached`: taken from
-    the cache of an earlier run instead of being recomputed."""
+    the cache of an earlier run instead of being recomputed (a cached step is reused only when its
+    `recipe` -- what it was built on -- and its own `settings` are the same as now)."""
 
     key: str
     title: str
@@ -27,6 +28,7 @@ class StepRecord:
     seconds: float = 0.0
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     recipe: Optional[dict[str, Any]] = None
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # the step's own settings
     reason: str = ""
     improved: bool = False
     cached: bool = False
