@@ -11,6 +11,9 @@ Per layer, in execution order:
     position-major over a shuffled sample order, and every step takes the table's next
     `batch_size * positions_per_sample` rows -- positions of many samples at once, an unbiased sample
     of the loss of a full convolution, at a fraction of its cost and with no copy per step;
+  * a layer with no activation after it (a projection, a classifier) has a loss quadratic in its
+    weight: its steps use the Gram matrix of all kept rows, the exact loss of the whole pool, whenever
+    that is cheaper than a step's rows;
   * the FP32 and the rounded model run side by side one graph node at a time over all samples (two
     forward passes in all, holding the live activations of every sample twice), so that no layer
     re-runs the model from its input;
