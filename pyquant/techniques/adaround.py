@@ -263,7 +263,7 @@ def _fingerprint(model: nn.Module, settings: Mapping[str, Any], data: list[torch
 def adaround(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterable], *, param_bw: int = 4,
              iterations: int = 10_000, reg_param: float = 0.01, beta_range: tuple[float, float] = (20.0, 2.0),
              warm_start: float = 0.2, batch_size: int = 32, num_samples: Optional[int] = None,
-             positions_per_sample: int = 256, position_pool: int = 1024, lr: float = 1e-3,
+             positions_per_sample: int = 512, position_pool: int = 1024, lr: float = 1e-3,
              quant_scheme: str = "min_max",
              config: Union[str, dict] = "default", overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
              skip: Sequence[str] = (), checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
