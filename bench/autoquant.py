@@ -10,7 +10,7 @@ what it cost (eval_fn calls, wall time).
 4. all-MiniLM-L6-v2 W8A8 on fortunes (eval_fn = accuracy of a logistic probe trained on the FP32
    embeddings of half the texts, applied to the quantized model's embeddings of the other half).
 
-    python -m bench.autoquant                     # ~15-25 minutes on 2 cores
+    python -m bench.autoquant                     # ~40 minutes on 2 shared cores (AdaRound: most of it)
     python -m bench.autoquant --quick             # small sizes
     python -m bench.autoquant --skip minilm,w4    # sections: w8, w4, fashion, minilm
 """
