@@ -146,3 +146,15 @@ def write_results(name: str, rows: list[dict[str, Any]], columns: list[str], *, 
         md.append(f"- {n}")
     atomic_write(out_dir / f"{name}.md", "\n".join(md) + "\n")
     return out_dir / f"{name}.json"
+
+
+def padded_batches(sel: "torch.Tensor", size: int):
+    """(indices, n) for batches of exactly `size` indices of `sel`, the last one padded by repeating its
+    first index (n = the real ones): models captured at a fixed batch shape take every batch."""
+    import torch
+    for i in range(0, len(sel), size):
+        s = sel[i:i + size]
+        k = len(s)
+        if k < size:
+            s = torch.cat([s, s[:1].repeat(size - k)])
+        yield s, k

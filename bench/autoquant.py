@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.metrics import logistic_probe_accuracy, top1_agreement
 
-from bench._harness import report, require_native, write_results
+from bench._harness import padded_batches, report, require_native, write_results
 
 COLUMNS = ["model", "config", "fp32", "reference", "autoquant", "best_step", "applied", "steps_evaluated",
            "wall_s", "target", "met"]
@@ -161,11 +161,7 @@ def minilm(quick: bool, out: Path) -> tuple[list, list]:
 
     def batches(sel: torch.Tensor):
         # fixed-size batches: the simulation is captured (torch.export) at the dummy input's shape
-        for i in range(0, len(sel), bs):
-            s = sel[i:i + bs]
-            k = len(s)
-            if k < bs:
-                s = torch.cat([s, s[:1].repeat(bs - k)])
+        for s, k in padded_batches(sel, bs):
             yield {"input_ids": ids[s], "attention_mask": mask[s]}, k
 
     def embed(m, sel) -> torch.Tensor:

@@ -122,6 +122,7 @@ def minilm_distillation(steps: int, quick: bool) -> list[dict[str, Any]]:
     and after. Texts alternate between train and test within each category."""
     from pyquant.datasets import fortunes_dataset
     from pyquant.models import minilm
+    from pyquant.models.minilm import _hidden_states
     from bench.quantsim import FORTUNE_CATEGORIES
 
     tok, model = minilm()
@@ -132,8 +133,7 @@ def minilm_distillation(steps: int, quick: bool) -> list[dict[str, Any]]:
     test = torch.arange(1, len(texts), 2)
 
     def embed(m, sel: torch.Tensor) -> torch.Tensor:
-        h = m(input_ids=ids[sel], attention_mask=mask[sel])
-        h = h.last_hidden_state if hasattr(h, "last_hidden_state") else h[0]
+        h = _hidden_states(m(input_ids=ids[sel], attention_mask=mask[sel]))
         mm = mask[sel].unsqueeze(-1).to(h.dtype)
         return F.normalize((h * mm).sum(1) / mm.sum(1).clamp_min(1e-9), dim=-1)
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.metrics import logistic_probe_accuracy, mean_kl, sqnr_db, top1_agreement
 
-from bench._harness import atomic_write, interleaved_times, report, require_native, write_results
+from bench._harness import atomic_write, interleaved_times, padded_batches, report, require_native, write_results
 
 COLUMNS = ["model", "measure", "config", "FP32", "pyquant", "AIMET", "ratio", "target", "met"]
 
@@ -399,12 +399,7 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
                       "seq_len": seq_len, "truncated_texts": truncated, "calibration_texts": len(cal)}
 
     def fixed_batches(sel: torch.Tensor):
-        """Batches of exactly BATCH rows (the last one padded by repeating its first row) and their sizes."""
-        for i in range(0, len(sel), BATCH):
-            s = sel[i:i + BATCH]
-            k = len(s)
-            if k < BATCH:
-                s = torch.cat([s, s[:1].repeat(BATCH - k)])
+        for s, k in padded_batches(sel, BATCH):
             yield ids[s], mask[s], k
 
     def embed(call) -> torch.Tensor:

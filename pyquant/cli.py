@@ -234,44 +234,25 @@ def _cmd_autoquant(a: argparse.Namespace) -> int:
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _number(kind: type, ok, expected: str, bound: str):
+    """An argparse type: `kind(text)` that satisfies `ok`, else an error naming the accepted range."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{bound}, got {v}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
 
 
-def _bitwidth(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a bit width 2..16, got {text!r}") from None
-    if not 2 <= v <= 16:
-        raise argparse.ArgumentTypeError(f"bit width must be in 2..16, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (0.01 = one point of accuracy), got {v}")
-    return v
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {v}")
-    return v
+_positive_int = _number(int, lambda v: v >= 1, "a whole number", "must be >= 1")
+_bitwidth = _number(int, lambda v: 2 <= v <= 16, "a bit width 2..16", "bit width must be in 2..16")
+_fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)",
+                    "must be in [0, 1) (0.01 = one point of accuracy)")
+_seconds = _number(float, lambda v: v > 0, "seconds", "must be > 0 seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 
@@ -40,3 +42,28 @@ def block_shape(shape, blocks):
 
 def lsq_scale(numel, nscale, qmax):
     return 1.0 / math.sqrt(max(numel // nscale, 1) * qmax)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate.
+    Use as `from helpers import one_thread` plus `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fashion_mnist_or_skip():
+    """(trained Fashion-MNIST CNN, train images, test images, test labels), or skip the test when the
+    data set is not installed."""
+    from pyquant._assets import AssetMissingError
+    try:
+        from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
+        from pyquant.models import fashion_cnn
+        model = fashion_cnn()
+        xtr, _ = fashion_mnist_tensors("train")
+        xte, yte = fashion_mnist_tensors("test")
+    except AssetMissingError as exc:
+        pytest.skip(str(exc))
+    return model, xtr, xte, yte

@@ -11,6 +11,7 @@ from torch import nn
 
 import pyquant
 from pyquant.sim.quantsim import QuantSim
+from helpers import fashion_mnist_or_skip
 
 ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
 
@@ -116,16 +117,8 @@ def test_bad_arguments(kw, match):
 
 
 def test_fashion_mnist_w4a8_within_a_point_of_fp32():
-    from pyquant._assets import AssetMissingError
-    try:
-        from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
-        from pyquant.models import fashion_cnn
-        from pyquant.models.fashion_cnn import evaluate
-        model = fashion_cnn()
-        xtr, _ = fashion_mnist_tensors("train")
-        xte, yte = fashion_mnist_tensors("test")
-    except AssetMissingError as exc:
-        pytest.skip(str(exc))
+    from pyquant.models.fashion_cnn import evaluate
+    model, xtr, xte, yte = fashion_mnist_or_skip()
     xte, yte = xte[:2000], yte[:2000]
     calib = xtr[:256]
     res = pyquant.adaround(model, calib[:1], calib, param_bw=4, iterations=300, progress=False)

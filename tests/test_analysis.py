@@ -15,15 +15,10 @@ from pyquant.analysis import (activation_histograms, analyze, cle_weight_ranges,
 from pyquant.sim.quantsim import QuantSim
 from pyquant.techniques import fold_batchnorms
 from spec_tiny import tiny_data, tiny_model
+from helpers import one_thread  # noqa: F401  (fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sim(bw_act: int = 8):

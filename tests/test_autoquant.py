@@ -16,6 +16,7 @@ from torch import nn
 
 import pyquant
 from pyquant.autoquant import AutoQuant, AutoQuantCacheError, AutoQuantError
+from helpers import fashion_mnist_or_skip
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -329,16 +330,8 @@ def test_report_is_one_offline_page_with_every_step_and_the_encodings(tmp_path):
 
 # ---- a real model and data set -----------------------------------------------------------------------
 def test_fashion_mnist_w4a8_meets_one_point(tmp_path):
-    from pyquant._assets import AssetMissingError
-    try:
-        from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
-        from pyquant.models import fashion_cnn
-        from pyquant.models.fashion_cnn import evaluate
-        model = fashion_cnn()
-        xtr, _ = fashion_mnist_tensors("train")
-        xte, yte = fashion_mnist_tensors("test")
-    except AssetMissingError as exc:
-        pytest.skip(str(exc))
+    from pyquant.models.fashion_cnn import evaluate
+    model, xtr, xte, yte = fashion_mnist_or_skip()
     xte, yte = xte[:1000], yte[:1000]
     res = AutoQuant(model, xtr[:1], xtr[:256], lambda m: evaluate(m, xte, yte), param_bw=4, output_bw=8,
                     progress=False, adaround_kwargs={"iterations": 200}).optimize(allowed_accuracy_drop=0.01,

@@ -12,22 +12,17 @@ import pytest
 import torch
 
 from pyquant import cli
+from helpers import one_thread  # noqa: F401  (fixture)
 
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args: str, cwd: Path = HERE) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"  # a tiny model; see _one_thread
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model; see helpers.one_thread
     return subprocess.run([sys.executable, "-m", "pyquant.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -17,17 +17,12 @@ pytest.importorskip("matplotlib", reason="pyquant.viz needs matplotlib: pip inst
 from pyquant.analysis import analyze
 from pyquant.viz import figures, plots, render_html, write_report
 from spec_tiny import tiny_data, tiny_model
+from helpers import one_thread  # noqa: F401  (fixture)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is plenty, and on a busy machine OpenMP's barriers would dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
