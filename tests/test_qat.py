@@ -324,6 +324,7 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
     opt.step()
     if rank == 0:
         torch.save(sim.model.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()  # both ranks done before teardown: gloo aborts a rank whose peer vanished mid-exit
     dist.destroy_process_group()
 
 
