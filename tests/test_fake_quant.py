@@ -84,6 +84,70 @@ def test_backward_matches_reference(device, dtype, name, shape, blocks, simd):
         assert ((do - rdo).abs() <= tol).all(), (do - rdo).abs().max()
 
 
+ACTIVATIONS = [("relu", 0.0, None), ("relu6", 0.0, 6.0), ("hardtanh", -1.0, 1.0)]
+ACT_LAYOUTS = [c for c in LAYOUTS if c[0] in ("per_tensor", "per_channel_axis1", "per_block_row", "vector")]
+
+
+def _with_boundaries(x, lo, hi):
+    """x with some elements exactly at the activation's bounds and some non-finite ones, where the
+    activations' gradient conventions differ (ReLU passes +inf; NaN passes both)."""
+    x = x.clone()
+    flat = x.view(-1)
+    special = [lo, lo, hi if hi is not None else 5.0, float("inf"), float("-inf"), float("nan")]
+    for i, v in enumerate(special):
+        flat[(i * 37) % flat.numel()] = v
+    return x
+
+
+def _activation(x, lo, hi):
+    return torch.relu(x) if hi is None else torch.nn.functional.hardtanh(x, lo, hi)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,shape,blocks", ACT_LAYOUTS, ids=[c[0] for c in ACT_LAYOUTS])
+@pytest.mark.parametrize("act,lo,hi", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
+def test_fused_activation_matches_reference_and_the_separate_ops(device, dtype, name, shape, blocks, act, lo, hi,
+                                                                 simd):
+    """quantize_dequantize(x, act_min, act_max) == the activation then quantize_dequantize, forward and
+    backward, with the activations' own boundary conventions; and equal to the reference."""
+    if device == "cuda" and simd != _native.cpu_module().simd_level():
+        pytest.skip("CUDA results do not depend on the CPU SIMD level")
+    for bw, signed in [(4, False), (8, True)]:
+        x = _with_boundaries(rand_input(shape, dtype, device, seed=bw + 3), lo, hi)
+        s, o = rand_params(x.nan_to_num(0.0, 0.0, 0.0), block_shape(shape, blocks), bw, signed, seed=5)
+        qmin, qmax = grid(bw, signed)
+        y = op.quantize_dequantize(x, s, o, qmin, qmax, 1.0, True, lo, hi)
+        assert_same(y, ref.quantize_dequantize(x, s, o, qmin, qmax, 1.0, (lo, hi if hi is not None else float("inf"))))
+        a = _activation(x, lo, hi)
+        assert_same(y, op.quantize_dequantize(a, s, o, qmin, qmax))
+
+        g = rand_input(shape, dtype, device, seed=13, scale=1.0)
+        dx, ds, do = op.quantize_dequantize_backward(g, x, s, o, qmin, qmax, 1.0, [True, True, True], lo, hi)
+        # separate ops: the quantizer's backward at the activation's output, then the activation's own
+        qdx, qds, qdo = op.quantize_dequantize_backward(g, a, s, o, qmin, qmax, 1.0, [True, True, True])
+        sep = (torch.ops.aten.threshold_backward(qdx, x, 0.0) if hi is None else
+               torch.ops.aten.hardtanh_backward(qdx, x, lo, hi))
+        assert_same(dx, sep)
+        tol = ds_tolerance(g.nan_to_num(0.0, 0.0, 0.0), a.nan_to_num(0.0, 0.0, 0.0), s, o, qmin, qmax, s.shape)
+        for got, want in ((ds, qds), (do, qdo)):
+            finite = want.isfinite()
+            assert torch.equal(finite, got.isfinite())
+            assert ((got - want).abs()[finite] <= tol[finite]).all(), (got - want).abs().max()
+
+
+def test_fused_activation_bounds_are_checked():
+    x = torch.randn(8)
+    s, o = torch.tensor(0.1), torch.tensor(0.0)
+    for lo, hi in [(1.0, 1.0), (2.0, 1.0), (float("nan"), None), (float("inf"), None), (None, float("-inf"))]:
+        with pytest.raises(ValueError, match="act_min < act_max"):
+            op.quantize_dequantize(x, s, o, 0, 255, 1.0, True, lo, hi)
+    with pytest.raises(TypeError, match="activation must be a"):
+        pqo.quantize_dequantize(x, 0.1, activation=0.0)
+    torch.testing.assert_close(pqo.quantize_dequantize(x, 0.1, activation=(0.0, None)),
+                               pqo.quantize_dequantize(torch.relu(x), 0.1), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, True], [False, True, False], [True, True, False]])
 def test_backward_partial_outputs(device, mask):

@@ -38,6 +38,10 @@ def test_opcheck(device, dtype, s_shape):
     g = torch.randn_like(x.detach())
     torch.library.opcheck(op.quantize_dequantize_backward,
                           (g, x.detach(), s.detach(), o.detach(), qmin, qmax, 1.0, [True, True, True]))
+    # with a fused ReLU6
+    torch.library.opcheck(op.quantize_dequantize, (x, s, o, qmin, qmax, 1.0, True, 0.0, 6.0))
+    torch.library.opcheck(op.quantize_dequantize_backward,
+                          (g, x.detach(), s.detach(), o.detach(), qmin, qmax, 1.0, [True, True, True], 0.0, 6.0))
 
 
 def _ste_reference(x, s, o, qmin, qmax):

@@ -3,6 +3,7 @@
 trained encodings, and DistributedDataParallel (two gloo processes == one process on the whole batch)."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyquant
+from pyquant.quant import QuantizeDequantize
 from pyquant.sim.quantsim import QuantSim
 
 
@@ -186,6 +188,59 @@ def test_batchnorm_argument_is_checked():
         QuantSim(Net().eval(), torch.randn(1, 1, 8, 8), batchnorm="fold")
 
 
+def _quantizer_by_autograd(q, x, activation, pool):
+    """QuantizeDequantize's training path recorded op by op: parameters -> (scale, offset) -> activation ->
+    max pool -> fake quantization, for autograd to differentiate."""
+    from pyquant.quant.encoding import _broadcast_to
+    sc, off = q._scale_offset()
+    if activation is not None:
+        x = torch.relu(x) if activation[1] == float("inf") else F.hardtanh(x, *activation)
+    if pool is not None:
+        x = F.max_pool2d(x, *pool)
+    gs = 1.0
+    if q.lsq_grad_scale:
+        gs = 1.0 / (max(x.numel() * (4 if pool else 1) // sc.numel(), 1) * q.qmax) ** 0.5
+    return torch.ops.pyquant.quantize_dequantize(x, _broadcast_to(sc, x), _broadcast_to(off, x), q.qmin, q.qmax, gs)
+
+
+@pytest.mark.parametrize("mode,symmetric", [("minmax", False), ("minmax", True), ("scale_offset", False)])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("activation,pool,lsq", [(None, None, False), ((0.0, float("inf")), None, True),
+                                                 ((0.0, 6.0), ([2, 2], [2, 2], [0, 0], [1, 1], False), False)])
+def test_quantizer_gradients_equal_autograd_of_its_ops(mode, symmetric, per_channel, activation, pool, lsq):
+    """The quantizer's one-node backward (chain rule to min/max or scale/offset written out) equals
+    autograd through the separate ops, including channels whose scale or offset clamp is active."""
+    from pyquant.quant import from_range
+    torch.manual_seed(0)
+    shape = (1, 6, 1, 1) if per_channel else ()
+    q = QuantizeDequantize(shape, 8, symmetric, param_mode=mode, lsq_grad_scale=lsq)
+    mn = torch.tensor([-2.0, 0.5, -1.0, -3.0, 1.0, -0.25]) if per_channel else torch.tensor(-2.0)
+    mx = torch.tensor([3.0, 4.0, 1e-9, 1.0, 1.0, 5.0]) if per_channel else torch.tensor(3.0)
+    if symmetric:
+        mx = torch.maximum(mx.abs(), mn.abs())
+        mn = -mx
+    enc = from_range(mn.reshape(shape), mx.reshape(shape), 8, symmetric)
+    q.set_encoding(enc)
+    if mode == "minmax":  # the raw min/max, clamps included, not the encoding's adjusted ones
+        with torch.no_grad():
+            q.min.copy_(mn.reshape(shape))
+            q.max.copy_(mx.reshape(shape))
+    x = torch.randn(4, 6, 8, 8) * 3
+    grads = []
+    for fn in (lambda t: q(t, activation, pool), lambda t: _quantizer_by_autograd(q, t, activation, pool)):
+        q.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        y = fn(xr)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        grads.append([xr.grad] + [p.grad.clone() for p in q._encoding_params() if p.requires_grad])
+    (ya, *pa), (yb, *pb) = grads
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    assert len(pa) == len(pb) >= 1
+    for a, b in zip(pa, pb):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 class ActNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -214,6 +269,26 @@ def _saved_bytes(model, x):
     return sum(v for k, v in seen.items() if k not in params)
 
 
+def _unfused(gm):
+    """A copy of a fused QuantSim graph with each fused quantizer's activation and max pool run as plain
+    ops in front of it: activation -> max pool -> quantizer."""
+    gm = copy.deepcopy(gm)
+    for n in list(gm.graph.nodes):
+        if n.op != "call_module" or not n.kwargs:
+            continue
+        act, pool = n.kwargs.get("activation"), n.kwargs.get("pool")
+        with gm.graph.inserting_before(n):
+            y = n.args[0]
+            if act is not None:
+                y = (gm.graph.call_function(torch.relu, (y,)) if act == (0.0, float("inf")) else
+                     gm.graph.call_function(F.hardtanh, (y, *act)))
+            if pool is not None:
+                y = gm.graph.call_function(F.max_pool2d, (y, *pool))
+        n.args, n.kwargs = (y,), {}
+    gm.recompile()
+    return gm
+
+
 @pytest.mark.parametrize("range_learning", [False, True])
 def test_fused_activations_match_and_save_memory(range_learning):
     torch.manual_seed(0)
@@ -229,24 +304,35 @@ def test_fused_activations_match_and_save_memory(range_learning):
     assert sorted(fused.fused_activations) == ["a1.output", "a2.output", "relu.output"], fused.fused_activations
     for a, b in zip(plain.quantizers.values(), fused.quantizers.values()):
         assert torch.equal(a.get_encoding().scale, b.get_encoding().scale)
+    # Values: exactly the plain graph's (quantizer -> max pool), in training and in inference.
+    assert torch.equal(plain.model(x), fused.model(x))
+    with torch.no_grad():
+        assert torch.equal(plain.model(x), fused.model(x))
+    # Gradients: exactly those of activation -> max pool -> quantizer (the fused op pools first; fake
+    # quantization is monotone, so only ties that quantization makes inside a pool window route differently).
+    ref = _unfused(fused.model)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = plain.model(xa), fused.model(xb)
+    ya, yb = ref(xa), fused.model(xb)
     assert torch.equal(ya, yb)
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
-    for (na, pa), (nb, pb) in zip(plain.model.named_parameters(), fused.model.named_parameters()):
+    grads = 0
+    for (na, pa), (nb, pb) in zip(ref.named_parameters(), fused.model.named_parameters()):
         assert na == nb
-        if pa.grad is not None or pb.grad is not None:
+        assert (pa.grad is None) == (pb.grad is None), na
+        if pa.grad is not None:
+            grads += 1
             torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-6, msg=na)
-    with torch.no_grad():  # inference and calibration take the plain path
-        assert torch.equal(plain.model(x), fused.model(x))
-    # ReLU6 saves its input, so unfused the quantizer's input (the ReLU6 output) is a second tensor held;
-    # the max pool holds the quantizer's output besides the ReLU's (shared with the quantizer's input).
-    # Fused, each drops exactly one full-size activation.
+    trainable = sum(p.requires_grad for p in fused.model.parameters())
+    assert grads == trainable and trainable > (8 if range_learning else 7), (grads, trainable)
+    # Unfused, a ReLU6 holds its input and the quantizer its own (the ReLU6 output); the ReLU before the
+    # pool holds its output (shared with the quantizer) and the pool the quantizer's output. Fused, the first
+    # keeps only its input and the pooled quantizer only the pooled quarter (the pool's indices either way).
+    full = 8 * 8 * 12 * 12 * 4
     saved = [_saved_bytes(s.model, x.clone().requires_grad_(True)) for s in sims]
-    assert saved[0] - saved[1] == 2 * 8 * 8 * 12 * 12 * 4, saved
+    assert saved[0] - saved[1] == full + 2 * full - full // 4, saved
 
 
 def test_fused_activations_compile():

@@ -16,23 +16,33 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("fake_quant_forward",
         [](int op, uintptr_t x, int xdt, uintptr_t y, int ydt, uintptr_t s, uintptr_t o, float qmin, float qmax,
-           const QLayout& L) {
+           const QLayout& L, float act_lo, float act_hi) {
           py::gil_scoped_release nogil;
           fake_quant_table().forward(FqOp(op), ptr<const void>(x), DType(xdt), ptr<void>(y), DType(ydt),
-                                     ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, cpu_threads());
+                                     ptr<const float>(s), ptr<const float>(o), qmin, qmax, L,
+                                     ActClamp{act_lo, act_hi}, cpu_threads());
         },
-        "y = op(x) for op 0=quantize_dequantize, 1=quantize, 2=dequantize");
+        py::arg("op"), py::arg("x"), py::arg("xdt"), py::arg("y"), py::arg("ydt"), py::arg("s"), py::arg("o"),
+        py::arg("qmin"), py::arg("qmax"), py::arg("layout"), py::arg("act_lo") = -INFINITY,
+        py::arg("act_hi") = INFINITY,
+        "y = op(x) for op 0=quantize_dequantize, 1=quantize, 2=dequantize; quantize_dequantize of a float x "
+        "into its own dtype first clamps x to [act_lo, act_hi] (a fused ReLU/ReLU6/Hardtanh)");
 
   m.def("fake_quant_backward",
         [](uintptr_t g, uintptr_t x, int dt, uintptr_t dx, uintptr_t s, uintptr_t o, float qmin, float qmax,
-           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale) {
+           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale, float act_lo,
+           float act_hi) {
           py::gil_scoped_release nogil;
           fake_quant_table().backward(ptr<const void>(g), ptr<const void>(x), DType(dt), ptr<void>(dx),
-                                      ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, ptr<double>(ws),
-                                      ptr<float>(ds), ptr<float>(doff), grad_scale, cpu_threads());
+                                      ptr<const float>(s), ptr<const float>(o), qmin, qmax, L,
+                                      ActClamp{act_lo, act_hi}, ptr<double>(ws), ptr<float>(ds), ptr<float>(doff),
+                                      grad_scale, cpu_threads());
         },
+        py::arg("g"), py::arg("x"), py::arg("dt"), py::arg("dx"), py::arg("s"), py::arg("o"), py::arg("qmin"),
+        py::arg("qmax"), py::arg("layout"), py::arg("ws"), py::arg("ds"), py::arg("doff"), py::arg("grad_scale"),
+        py::arg("act_lo") = -INFINITY, py::arg("act_hi") = INFINITY,
         "fused backward of quantize_dequantize: dx and per-scale ds/do (null address = not wanted); "
-        "ws holds num_threads() * 2 * nscale float64");
+        "ws holds num_threads() * 2 * nscale float64; with [act_lo, act_hi], x is the activation's input");
 
   m.def("minmax",
         [](uintptr_t x, int dt, const QLayout& L, uintptr_t mn, uintptr_t mx, uintptr_t nonfinite, uintptr_t ws_f,

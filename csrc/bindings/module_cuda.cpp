@@ -40,28 +40,31 @@ PYBIND11_MODULE(_C_cuda, m) {
         });
   m.def("fake_quant_forward",
         [](int op, uintptr_t x, int xdt, uintptr_t y, int ydt, uintptr_t s, uintptr_t o, float qmin, float qmax,
-           const QLayout& L, uintptr_t stream) {
+           const QLayout& L, float act_lo, float act_hi, uintptr_t stream) {
           const char* err;
           {
             py::gil_scoped_release nogil;
             err = cuda::fake_quant_forward(FqOp(op), ptr<const void>(x), DType(xdt), ptr<void>(y), DType(ydt),
-                                           ptr<const float>(s), ptr<const float>(o), qmin, qmax, L, stream);
+                                           ptr<const float>(s), ptr<const float>(o), qmin, qmax, L,
+                                           ActClamp{act_lo, act_hi}, stream);
           }
           check(err);
         });
   m.def("fake_quant_backward",
         [](uintptr_t g, uintptr_t x, int dt, uintptr_t dx, uintptr_t s, uintptr_t o, float qmin, float qmax,
-           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale, uintptr_t stream) {
+           const QLayout& L, uintptr_t ws, uintptr_t ds, uintptr_t doff, float grad_scale, float act_lo,
+           float act_hi, uintptr_t stream) {
           const char* err;
           {
             py::gil_scoped_release nogil;
             err = cuda::fake_quant_backward(ptr<const void>(g), ptr<const void>(x), DType(dt), ptr<void>(dx),
                                             ptr<const float>(s), ptr<const float>(o), qmin, qmax, L,
-                                            ptr<double>(ws), ptr<float>(ds), ptr<float>(doff), grad_scale, stream);
+                                            ActClamp{act_lo, act_hi}, ptr<double>(ws), ptr<float>(ds),
+                                            ptr<float>(doff), grad_scale, stream);
           }
           check(err);
         },
-        "ws holds 2 * nscale float64");
+        "ws holds 2 * nscale float64; with [act_lo, act_hi], x is the activation's input");
   m.def("minmax",
         [](uintptr_t x, int dt, const QLayout& L, uintptr_t mn, uintptr_t mx, uintptr_t nonfinite, uintptr_t stream) {
           const char* err;

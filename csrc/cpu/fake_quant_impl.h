@@ -23,11 +23,19 @@ using cpu::walk;
 // and a regular store first reads the line it writes.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
-template <FqOp OP>
-inline float op_scalar(float x, float s, float o, float qmin, float qmax) {
+template <FqOp OP, bool ACT = false>
+inline float op_scalar(float x, float s, float o, float qmin, float qmax, const ActClamp& act = ActClamp()) {
+  if constexpr (ACT) x = act.apply(x);
   if constexpr (OP == FqOp::QDQ) return fake_quant_one(x, s, o, qmin, qmax);
   else if constexpr (OP == FqOp::Q) return quantize_one(x, s, o, qmin, qmax);
   else return dequantize_one(x, s, o);
+}
+
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, half_t>) return DType::F16;
+  else if constexpr (std::is_same_v<T, bf16_t>) return DType::BF16;
+  else return DType::F32;
 }
 
 template <class Tin, class Tout>
@@ -36,9 +44,10 @@ constexpr bool has_vec() {
 }
 
 // ---------------------------------------------------------------- forward
-template <FqOp OP, class Tin, class Tout>
+// ACT: clamp x to the activation's range first (QDQ of a float input only).
+template <FqOp OP, class Tin, class Tout, bool ACT>
 void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float qmin, float qmax,
-                   const QLayout& L, int max_threads) {
+                   const QLayout& L, const ActClamp& act, int max_threads) {
   const int nt = pick_threads(L.numel, max_threads);
   const bool stream = L.numel * int64_t(sizeof(Tout)) >= kStreamBytes;
   parallel_ranges(L.numel, nt, [&](int, int64_t b, int64_t e) {
@@ -50,7 +59,9 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
         using V = typename Isa::V;
         constexpr int W = Isa::W;
         const V lo = Isa::set1(qmin), hi = Isa::set1(qmax);
+        const V alo = Isa::set1(act.lo), ahi = Isa::set1(act.hi);
         auto vop = [&](V xv, V sv, V ov) -> V {
+          if constexpr (ACT) xv = Isa::clamp(xv, alo, ahi);
           if constexpr (OP == FqOp::DQ) return Isa::mul(Isa::add(xv, ov), sv);
           V q = Isa::clamp(Isa::sub(Isa::rint(Isa::div(xv, sv)), ov), lo, hi);
           if constexpr (OP == FqOp::Q) return q;
@@ -65,7 +76,7 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
           if (stream) {
             constexpr uintptr_t align = W * sizeof(Tout);
             for (; t < n && (reinterpret_cast<uintptr_t>(yp + t) % align) != 0; ++t)
-              Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax));
+              Elem<Tout>::store(yp + t, op_scalar<OP, ACT>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax, act));
             for (; t + 2 * W <= n; t += 2 * W) {
               V a = Isa::load(xp + t), c = Isa::load(xp + t + W);
               Isa::stream(yp + t, vop(a, sv, ov));
@@ -84,11 +95,11 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
       }
       if (per_elem) {
         for (; t < n; ++t)
-          Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), s[k + t], o[k + t], qmin, qmax));
+          Elem<Tout>::store(yp + t, op_scalar<OP, ACT>(Elem<Tin>::load(xp + t), s[k + t], o[k + t], qmin, qmax, act));
       } else {
         const float sk = s[k], ok = o[k];
         for (; t < n; ++t)
-          Elem<Tout>::store(yp + t, op_scalar<OP>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax));
+          Elem<Tout>::store(yp + t, op_scalar<OP, ACT>(Elem<Tin>::load(xp + t), sk, ok, qmin, qmax, act));
       }
     });
     if constexpr (Isa::W > 1) {
@@ -98,11 +109,20 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
 }
 
 // ---------------------------------------------------------------- backward
+template <bool ACT>
+inline FqGrad grad_one(float g, float x, float s, float o, float qmin, float qmax, const ActClamp& act) {
+  if constexpr (ACT) return fake_quant_act_grad_one(g, x, s, o, qmin, qmax, act);
+  else return fake_quant_grad_one(g, x, s, o, qmin, qmax);
+}
+
 // One pass: writes dx (when wanted) and accumulates ds/do per scale into a per-thread float64
 // workspace `ws` of shape [threads][2][nscale], reduced at the end.
-template <class T, bool NEED_DX, bool NEED_SO>
+// ACT: x is the activation's input; ds/do see the clamped value and dx is also masked by the
+// activation's gradient.
+template <class T, bool NEED_DX, bool NEED_SO, bool ACT>
 void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* o, float qmin, float qmax,
-                    const QLayout& L, double* ws, float* ds, float* doff, float grad_scale, int max_threads) {
+                    const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float grad_scale,
+                    int max_threads) {
   const int nt = pick_threads(L.numel, max_threads);
   const int64_t ns = L.nscale;
   const bool stream = NEED_DX && L.numel * int64_t(sizeof(T)) >= kStreamBytes;
@@ -119,14 +139,22 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
         using V = typename Isa::V;
         constexpr int W = Isa::W;
         const V lo = Isa::set1(qmin), hi = Isa::set1(qmax), one = Isa::set1(1.0f);
-        // Element terms for one vector; the same formulas as fake_quant_grad_one.
+        const V alo = Isa::set1(act.lo), ahi = Isa::set1(act.hi), zero = Isa::set1(0.0f);
+        const bool hi_finite = act.hi < INFINITY;
+        // Element terms for one vector; the same formulas as fake_quant_(act_)grad_one.
         auto terms = [&](V gv, V xv, V sv, V ov, V& dxv, V& dsv, V& dov) {
+          V xin = xv;
+          if constexpr (ACT) xv = Isa::clamp(xv, alo, ahi);
           V tq = Isa::div(xv, sv);
           V r = Isa::rint(tq);
           V q = Isa::sub(r, ov);
           auto m = Isa::inside(q, lo, hi);
           V mf = Isa::mask_to_one(m);
-          if constexpr (NEED_DX) dxv = Isa::mul(gv, mf);
+          if constexpr (NEED_DX) {
+            dxv = Isa::mul(gv, mf);
+            if constexpr (ACT) dxv = Isa::select(Isa::act_passes(xin, alo, ahi, hi_finite), dxv, zero);
+          }
+          (void)xin;
           if constexpr (NEED_SO) {
             V qc = Isa::clamp(q, lo, hi);
             dsv = Isa::mul(gv, Isa::select(m, Isa::sub(r, tq), Isa::add(qc, ov)));
@@ -167,7 +195,7 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
           constexpr uintptr_t align = W * sizeof(T);
           if (stream) {
             for (; t < n && (reinterpret_cast<uintptr_t>(dxp + t) % align) != 0; ++t) {
-              FqGrad gr = fake_quant_grad_one(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[k], o[k], qmin, qmax);
+              FqGrad gr = grad_one<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[k], o[k], qmin, qmax, act);
               Elem<T>::store(dxp + t, gr.dx);
               if constexpr (NEED_SO) { wds[k] += gr.ds; wdo[k] += gr.doff; }
             }
@@ -190,7 +218,7 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
       }
       for (; t < n; ++t) {
         const int64_t kk = per_elem ? k + t : k;
-        FqGrad gr = fake_quant_grad_one(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[kk], o[kk], qmin, qmax);
+        FqGrad gr = grad_one<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[kk], o[kk], qmin, qmax, act);
         if constexpr (NEED_DX) Elem<T>::store(dxp + t, gr.dx);
         if constexpr (NEED_SO) { wds[kk] += gr.ds; wdo[kk] += gr.doff; }
       }
@@ -212,60 +240,69 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
 // ---------------------------------------------------------------- type dispatch
 template <FqOp OP, class Tin>
 void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
-                 const QLayout& L, int nt) {
+                 const QLayout& L, const ActClamp& act, int nt) {
   const Tin* xp = static_cast<const Tin*>(x);
+  if constexpr (OP == FqOp::QDQ && VecType<Tin>::value) {  // the activation is fused for float QDQ only
+    if (act.on() && ydt == dtype_of<Tin>())
+      return forward_typed<OP, Tin, Tin, true>(xp, (Tin*)y, s, o, qmin, qmax, L, act, nt);
+  }
   switch (ydt) {
-    case DType::F32: return forward_typed<OP, Tin, float>(xp, (float*)y, s, o, qmin, qmax, L, nt);
-    case DType::F16: return forward_typed<OP, Tin, half_t>(xp, (half_t*)y, s, o, qmin, qmax, L, nt);
-    case DType::BF16: return forward_typed<OP, Tin, bf16_t>(xp, (bf16_t*)y, s, o, qmin, qmax, L, nt);
-    case DType::I8: return forward_typed<OP, Tin, int8_t>(xp, (int8_t*)y, s, o, qmin, qmax, L, nt);
-    case DType::U8: return forward_typed<OP, Tin, uint8_t>(xp, (uint8_t*)y, s, o, qmin, qmax, L, nt);
-    case DType::I16: return forward_typed<OP, Tin, int16_t>(xp, (int16_t*)y, s, o, qmin, qmax, L, nt);
-    case DType::I32: return forward_typed<OP, Tin, int32_t>(xp, (int32_t*)y, s, o, qmin, qmax, L, nt);
+    case DType::F32: return forward_typed<OP, Tin, float, false>(xp, (float*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::F16: return forward_typed<OP, Tin, half_t, false>(xp, (half_t*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::BF16: return forward_typed<OP, Tin, bf16_t, false>(xp, (bf16_t*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::I8: return forward_typed<OP, Tin, int8_t, false>(xp, (int8_t*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::U8: return forward_typed<OP, Tin, uint8_t, false>(xp, (uint8_t*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::I16: return forward_typed<OP, Tin, int16_t, false>(xp, (int16_t*)y, s, o, qmin, qmax, L, act, nt);
+    case DType::I32: return forward_typed<OP, Tin, int32_t, false>(xp, (int32_t*)y, s, o, qmin, qmax, L, act, nt);
   }
 }
 
 template <FqOp OP>
 void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
-                float qmax, const QLayout& L, int nt) {
+                float qmax, const QLayout& L, const ActClamp& act, int nt) {
   switch (xdt) {
-    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
-    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, nt);
+    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
   }
 }
 
 inline void forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
-                    float qmin, float qmax, const QLayout& L, int nt) {
+                    float qmin, float qmax, const QLayout& L, const ActClamp& act, int nt) {
   switch (op) {
-    case FqOp::QDQ: return forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
-    case FqOp::Q: return forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
-    case FqOp::DQ: return forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, nt);
+    case FqOp::QDQ: return forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case FqOp::Q: return forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
+    case FqOp::DQ: return forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
   }
+}
+
+template <class T, bool ACT>
+void backward_a(const T* gp, const T* xp, T* dxp, const float* s, const float* o, float qmin, float qmax,
+                const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs, int nt) {
+  const bool so = ds != nullptr || doff != nullptr;
+  if (dxp && so) backward_typed<T, true, true, ACT>(gp, xp, dxp, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+  else if (dxp) backward_typed<T, true, false, ACT>(gp, xp, dxp, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+  else if (so) backward_typed<T, false, true, ACT>(gp, xp, dxp, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
 }
 
 template <class T>
 void backward_t(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
-                const QLayout& L, double* ws, float* ds, float* doff, float gs, int nt) {
-  const T* gp = (const T*)g;
-  const T* xp = (const T*)x;
-  T* dxp = (T*)dx;
-  const bool so = ds != nullptr || doff != nullptr;
-  if (dxp && so) backward_typed<T, true, true>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
-  else if (dxp) backward_typed<T, true, false>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
-  else if (so) backward_typed<T, false, true>(gp, xp, dxp, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+                const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs, int nt) {
+  if (act.on()) backward_a<T, true>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+  else backward_a<T, false>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
 }
 
 inline void backward(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o, float qmin,
-                     float qmax, const QLayout& L, double* ws, float* ds, float* doff, float gs, int nt) {
+                     float qmax, const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs,
+                     int nt) {
   switch (dt) {
-    case DType::F32: return backward_t<float>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
-    case DType::F16: return backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
-    case DType::BF16: return backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, ws, ds, doff, gs, nt);
+    case DType::F32: return backward_t<float>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+    case DType::F16: return backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+    case DType::BF16: return backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
     default: return;  // validated by the caller: gradients exist for float types only
   }
 }

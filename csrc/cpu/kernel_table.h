@@ -7,13 +7,14 @@ namespace pq {
 struct FakeQuantTable {
   const char* name;
   // y = op(x) elementwise; x and y may be of different types (Q writes integers, DQ reads them).
+  // `act` (QDQ of a float input into its own dtype only) clamps x first.
   void (*forward)(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
-                  float qmin, float qmax, const QLayout& L, int max_threads);
+                  float qmin, float qmax, const QLayout& L, const ActClamp& act, int max_threads);
   // Fused backward of QDQ: dx (nullable) and ds/do (nullable) reduced per scale. `ws` holds
-  // max_threads * 2 * nscale doubles.
+  // max_threads * 2 * nscale doubles. With `act`, x is the activation's input.
   void (*backward)(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o,
-                   float qmin, float qmax, const QLayout& L, double* ws, float* ds, float* doff,
-                   float grad_scale, int max_threads);
+                   float qmin, float qmax, const QLayout& L, const ActClamp& act, double* ws, float* ds,
+                   float* doff, float grad_scale, int max_threads);
 };
 
 const FakeQuantTable& fake_quant_table_scalar();

@@ -27,6 +27,11 @@ struct IsaAvx512 {
   }
   static V mask_to_one(M m) { return _mm512_maskz_mov_ps(m, _mm512_set1_ps(1.0f)); }
   static V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  // ActClamp::passes: not (x <= lo), and not (x >= hi) when hi is finite; NaN passes.
+  static M act_passes(V x, V lo, V hi, bool hi_finite) {
+    M m = _mm512_cmp_ps_mask(x, lo, _CMP_NLE_UQ);
+    return hi_finite ? M(m & _mm512_cmp_ps_mask(x, hi, _CMP_NGE_UQ)) : m;
+  }
   static void to_array(float* dst, V v) { _mm512_storeu_ps(dst, v); }
 
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -95,6 +100,10 @@ struct IsaAvx2 {
   }
   static V mask_to_one(M m) { return _mm256_and_ps(m, _mm256_set1_ps(1.0f)); }
   static V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  static M act_passes(V x, V lo, V hi, bool hi_finite) {
+    M m = _mm256_cmp_ps(x, lo, _CMP_NLE_UQ);
+    return hi_finite ? _mm256_and_ps(m, _mm256_cmp_ps(x, hi, _CMP_NGE_UQ)) : m;
+  }
   static void to_array(float* dst, V v) { _mm256_storeu_ps(dst, v); }
 
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -177,6 +186,7 @@ struct IsaScalar {
   static M inside(V q, V lo, V hi) { return q >= lo && q <= hi; }
   static V mask_to_one(M m) { return m ? 1.0f : 0.0f; }
   static V select(M m, V a, V b) { return m ? a : b; }
+  static M act_passes(V x, V lo, V hi, bool hi_finite) { return !(x <= lo) && !(hi_finite && x >= hi); }
   static void to_array(float* dst, V v) { *dst = v; }
   template <class T> static V load(const T* p) { return Elem<T>::load(p); }
   static V load_partial(const float* p, int count) { return count > 0 ? *p : 0.0f; }

@@ -3,6 +3,7 @@
 // Elements move in 16-byte packs when the row length and the pointers allow it.
 #include <cuda_runtime.h>
 #include <algorithm>
+#include <type_traits>
 #include "pyquant/cuda_api.h"
 #include "pyquant/fake_quant.h"
 
@@ -18,8 +19,9 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <FqOp OP>
-__device__ __forceinline__ float apply(float x, float s, float o, float qmin, float qmax) {
+template <FqOp OP, bool ACT>
+__device__ __forceinline__ float apply(float x, float s, float o, float qmin, float qmax, const ActClamp& act) {
+  if constexpr (ACT) x = act.apply(x);
   if constexpr (OP == FqOp::QDQ) return fake_quant_one(x, s, o, qmin, qmax);
   else if constexpr (OP == FqOp::Q) return quantize_one(x, s, o, qmin, qmax);
   else return dequantize_one(x, s, o);
@@ -34,10 +36,11 @@ __device__ __forceinline__ int64_t scale_index(const QLayout& L, int64_t base, i
 constexpr int kUnroll = 4;
 constexpr int kBwdUnroll = 2;  // two inputs per element already
 
-template <FqOp OP, class Tin, class Tout, int VEC>
+template <FqOp OP, class Tin, class Tout, int VEC, bool ACT>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Tin* __restrict__ x, Tout* __restrict__ y,
                                                            const float* __restrict__ s, const float* __restrict__ o,
-                                                           float qmin, float qmax, const QLayout L) {
+                                                           float qmin, float qmax, const QLayout L,
+                                                           const ActClamp act) {
   const int64_t rows = L.rows();
   const int64_t len = L.row_len;
   const bool row_scale = L.inner_block >= len;
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Tin* __restrict
             sv = s[k];
             ov = o[k];
           }
-          Elem<Tout>::store(&out.v[v], apply<OP>(Elem<Tin>::load(&in[u].v[v]), sv, ov, qmin, qmax));
+          Elem<Tout>::store(&out.v[v], apply<OP, ACT>(Elem<Tin>::load(&in[u].v[v]), sv, ov, qmin, qmax, act));
         }
         *reinterpret_cast<Pack<Tout, VEC>*>(yr + j) = out;
       }
@@ -99,11 +102,12 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
   }
 }
 
-template <class T, int VEC, bool NEED_DX, bool NEED_SO>
+template <class T, int VEC, bool NEED_DX, bool NEED_SO, bool ACT>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict__ g, const T* __restrict__ x,
                                                             T* __restrict__ dx, const float* __restrict__ s,
                                                             const float* __restrict__ o, float qmin, float qmax,
-                                                            const QLayout L, double* __restrict__ ws) {
+                                                            const QLayout L, const ActClamp act,
+                                                            double* __restrict__ ws) {
   const int64_t rows = L.rows();
   const int64_t len = L.row_len;
   const bool row_scale = L.inner_block >= len;
@@ -145,7 +149,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict_
           sv = s[k];
           ov = o[k];
         }
-        const FqGrad t = fake_quant_grad_one(Elem<T>::load(&gin.v[v]), Elem<T>::load(&xin.v[v]), sv, ov, qmin, qmax);
+        const float gv = Elem<T>::load(&gin.v[v]), xv = Elem<T>::load(&xin.v[v]);
+        FqGrad t;
+        if constexpr (ACT) t = fake_quant_act_grad_one(gv, xv, sv, ov, qmin, qmax, act);
+        else t = fake_quant_grad_one(gv, xv, sv, ov, qmin, qmax);
         if constexpr (NEED_DX) Elem<T>::store(&out.v[v], t.dx);
         if constexpr (NEED_SO) {
           if (row_scale) {
@@ -203,70 +210,91 @@ inline dim3 grid_for(const QLayout& L, int64_t per_block) {
   return dim3(unsigned(gx), unsigned(gy), 1);
 }
 
-template <FqOp OP, class Tin, class Tout>
-void launch_forward(const void* x, void* y, const float* s, const float* o, float qmin, float qmax,
-                    const QLayout& L, cudaStream_t st) {
+template <FqOp OP, class Tin, class Tout, bool ACT>
+void launch_forward_a(const void* x, void* y, const float* s, const float* o, float qmin, float qmax,
+                      const QLayout& L, const ActClamp& act, cudaStream_t st) {
   constexpr int V = 16 / (sizeof(Tin) > sizeof(Tout) ? sizeof(Tin) : sizeof(Tout));
   const bool vec_ok = V > 1 && L.row_len % V == 0 && aligned(x, sizeof(Tin) * V) && aligned(y, sizeof(Tout) * V);
   if (vec_ok) {
-    forward_kernel<OP, Tin, Tout, V><<<grid_for(L, int64_t(kThreads) * V * kUnroll), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
+    forward_kernel<OP, Tin, Tout, V, ACT><<<grid_for(L, int64_t(kThreads) * V * kUnroll), kThreads, 0, st>>>(
+        (const Tin*)x, (Tout*)y, s, o, qmin, qmax, L, act);
   } else {
-    forward_kernel<OP, Tin, Tout, 1><<<grid_for(L, int64_t(kThreads) * kUnroll), kThreads, 0, st>>>((const Tin*)x, (Tout*)y, s, o, qmin, qmax, L);
+    forward_kernel<OP, Tin, Tout, 1, ACT><<<grid_for(L, int64_t(kThreads) * kUnroll), kThreads, 0, st>>>(
+        (const Tin*)x, (Tout*)y, s, o, qmin, qmax, L, act);
   }
+}
+
+template <class T> constexpr bool is_float_type() {
+  return std::is_same<T, float>::value || std::is_same<T, half_t>::value || std::is_same<T, bf16_t>::value;
+}
+
+template <FqOp OP, class Tin, class Tout>
+void launch_forward(const void* x, void* y, const float* s, const float* o, float qmin, float qmax,
+                    const QLayout& L, const ActClamp& act, cudaStream_t st) {
+  // the activation is fused for QDQ of a float input into its own dtype only
+  if constexpr (OP == FqOp::QDQ && std::is_same<Tin, Tout>::value && is_float_type<Tin>()) {
+    if (act.on()) return launch_forward_a<OP, Tin, Tout, true>(x, y, s, o, qmin, qmax, L, act, st);
+  }
+  launch_forward_a<OP, Tin, Tout, false>(x, y, s, o, qmin, qmax, L, act, st);
 }
 
 template <FqOp OP, class Tin>
 void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
-                 const QLayout& L, cudaStream_t st) {
+                 const QLayout& L, const ActClamp& act, cudaStream_t st) {
   switch (ydt) {
-    case DType::F32: return launch_forward<OP, Tin, float>(x, y, s, o, qmin, qmax, L, st);
-    case DType::F16: return launch_forward<OP, Tin, half_t>(x, y, s, o, qmin, qmax, L, st);
-    case DType::BF16: return launch_forward<OP, Tin, bf16_t>(x, y, s, o, qmin, qmax, L, st);
-    case DType::I8: return launch_forward<OP, Tin, int8_t>(x, y, s, o, qmin, qmax, L, st);
-    case DType::U8: return launch_forward<OP, Tin, uint8_t>(x, y, s, o, qmin, qmax, L, st);
-    case DType::I16: return launch_forward<OP, Tin, int16_t>(x, y, s, o, qmin, qmax, L, st);
-    case DType::I32: return launch_forward<OP, Tin, int32_t>(x, y, s, o, qmin, qmax, L, st);
+    case DType::F32: return launch_forward<OP, Tin, float>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::F16: return launch_forward<OP, Tin, half_t>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::BF16: return launch_forward<OP, Tin, bf16_t>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::I8: return launch_forward<OP, Tin, int8_t>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::U8: return launch_forward<OP, Tin, uint8_t>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::I16: return launch_forward<OP, Tin, int16_t>(x, y, s, o, qmin, qmax, L, act, st);
+    case DType::I32: return launch_forward<OP, Tin, int32_t>(x, y, s, o, qmin, qmax, L, act, st);
   }
 }
 
 template <FqOp OP>
 void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
-                float qmax, const QLayout& L, cudaStream_t st) {
+                float qmax, const QLayout& L, const ActClamp& act, cudaStream_t st) {
   switch (xdt) {
-    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, st);
-    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, st);
+    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
+    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
   }
 }
 
 template <class T, int V, bool DX, bool SO>
 void launch_backward_v(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
-                       const QLayout& L, double* ws, cudaStream_t st) {
-  backward_kernel<T, V, DX, SO><<<grid_for(L, int64_t(kThreads) * V * kBwdUnroll), kThreads, 0, st>>>((const T*)g, (const T*)x, (T*)dx, s, o, qmin,
-                                                                      qmax, L, ws);
+                       const QLayout& L, const ActClamp& act, double* ws, cudaStream_t st) {
+  const dim3 grid = grid_for(L, int64_t(kThreads) * V * kBwdUnroll);
+  if (act.on())
+    backward_kernel<T, V, DX, SO, true><<<grid, kThreads, 0, st>>>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax,
+                                                                   L, act, ws);
+  else
+    backward_kernel<T, V, DX, SO, false><<<grid, kThreads, 0, st>>>((const T*)g, (const T*)x, (T*)dx, s, o, qmin,
+                                                                    qmax, L, act, ws);
 }
 
 template <class T, bool DX, bool SO>
 void launch_backward(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
-                     const QLayout& L, double* ws, cudaStream_t st) {
+                     const QLayout& L, const ActClamp& act, double* ws, cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   const size_t a = sizeof(T) * V;
   if (L.row_len % V == 0 && aligned(g, a) && aligned(x, a) && aligned(dx, a))
-    launch_backward_v<T, V, DX, SO>(g, x, dx, s, o, qmin, qmax, L, ws, st);
+    launch_backward_v<T, V, DX, SO>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
   else
-    launch_backward_v<T, 1, DX, SO>(g, x, dx, s, o, qmin, qmax, L, ws, st);
+    launch_backward_v<T, 1, DX, SO>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
 }
 
 template <class T>
 void backward_t(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
-                const QLayout& L, double* ws, bool so, cudaStream_t st) {
-  if (dx && so) launch_backward<T, true, true>(g, x, dx, s, o, qmin, qmax, L, ws, st);
-  else if (dx) launch_backward<T, true, false>(g, x, dx, s, o, qmin, qmax, L, ws, st);
-  else if (so) launch_backward<T, false, true>(g, x, dx, s, o, qmin, qmax, L, ws, st);
+                const QLayout& L, const ActClamp& act, double* ws, bool so, cudaStream_t st) {
+  if (dx && so) launch_backward<T, true, true>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
+  else if (dx) launch_backward<T, true, false>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
+  else if (so) launch_backward<T, false, true>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
 }
 
 inline const char* last_error() {
@@ -277,20 +305,21 @@ inline const char* last_error() {
 }  // namespace
 
 const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s,
-                               const float* o, float qmin, float qmax, const QLayout& L, uintptr_t stream) {
+                               const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
+                               uintptr_t stream) {
   if (L.numel == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   switch (op) {
-    case FqOp::QDQ: forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, st); break;
-    case FqOp::Q: forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, st); break;
-    case FqOp::DQ: forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, st); break;
+    case FqOp::QDQ: forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
+    case FqOp::Q: forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
+    case FqOp::DQ: forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
   }
   return last_error();
 }
 
 const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx, const float* s,
-                                const float* o, float qmin, float qmax, const QLayout& L, double* ws,
-                                float* ds, float* doff, float grad_scale, uintptr_t stream) {
+                                const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
+                                double* ws, float* ds, float* doff, float grad_scale, uintptr_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
   const bool so = ds != nullptr || doff != nullptr;
   if (so) {
@@ -299,9 +328,9 @@ const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx
   }
   if (L.numel > 0) {
     switch (dt) {
-      case DType::F32: backward_t<float>(g, x, dx, s, o, qmin, qmax, L, ws, so, st); break;
-      case DType::F16: backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, ws, so, st); break;
-      case DType::BF16: backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, ws, so, st); break;
+      case DType::F32: backward_t<float>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
+      case DType::F16: backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
+      case DType::BF16: backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
       default: return "fake_quant_backward: gradients need a float32, float16 or bfloat16 input";
     }
     if (const char* err = last_error()) return err;

@@ -98,18 +98,27 @@ def _params(x: torch.Tensor, scale, offset, axis, block_size):
 def quantize_dequantize(x: torch.Tensor, scale: Union[torch.Tensor, float],
                         offset: Union[torch.Tensor, float, None] = None, *, bitwidth: int = 8,
                         signed: bool = False, axis: Optional[int] = None,
-                        block_size: Optional[BlockSize] = None, lsq_grad_scale: bool = False) -> torch.Tensor:
+                        block_size: Optional[BlockSize] = None, lsq_grad_scale: bool = False,
+                        activation: Optional[tuple[Optional[float], Optional[float]]] = None) -> torch.Tensor:
     """Fake quantization ``(clamp(round(x/s) - o, qmin, qmax) + o) * s`` in x's dtype.
 
     Differentiable in x (straight-through), scale and offset (range learning). ``lsq_grad_scale``
     multiplies the scale/offset gradients by ``1/sqrt(n * qmax)`` (n = elements per scale), as LSQ does.
+    ``activation=(lo, hi)`` quantizes ``clamp(x, lo, hi)`` in the same pass -- ``(0, None)`` is a ReLU,
+    ``(0, 6)`` a ReLU6 -- with the activation's gradient, and keeps only ``x`` for the backward. The result
+    equals the activation followed by fake quantization (for bounds representable in x's dtype).
     """
     qmin, qmax = grid(bitwidth, signed)
     s, o = _params(x, scale, offset, axis, block_size)
     gs = 1.0
     if lsq_grad_scale:
         gs = 1.0 / math.sqrt(max(x.numel() // max(s.numel(), 1), 1) * qmax)
-    return _registry.ops.quantize_dequantize(x, s, o, qmin, qmax, gs)
+    if activation is None:
+        return _registry.ops.quantize_dequantize(x, s, o, qmin, qmax, gs)
+    if not isinstance(activation, (tuple, list)) or len(activation) != 2:
+        raise TypeError(f"activation must be a (lo, hi) pair (None: unbounded), got {activation!r}")
+    lo, hi = activation
+    return _registry.ops.quantize_dequantize(x, s, o, qmin, qmax, gs, True, lo, hi)
 
 
 def quantize(x: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union[torch.Tensor, float, None] = None,

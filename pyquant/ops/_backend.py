@@ -42,7 +42,8 @@ class NativeBackend:
         else:
             _layout.check_scale_values(s)
 
-    def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype, check: bool = True):
+    def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype, check: bool = True,
+                 act: tuple[float, float] = _layout.NO_ACT):
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
         if check:
             self._check_scale(s, layout.nscale)
@@ -50,14 +51,15 @@ class NativeBackend:
         yk = y.permute(perm) if perm is not None else y
         with self.context(x):
             self.m.fake_quant_forward(op, xk.data_ptr(), DTYPE_CODE[x.dtype], yk.data_ptr(), DTYPE_CODE[out_dtype],
-                                      s.data_ptr(), o.data_ptr(), float(qmin), float(qmax), layout,
+                                      s.data_ptr(), o.data_ptr(), float(qmin), float(qmax), layout, *act,
                                       *self.extra_args(x))
         return y
 
-    def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
+    def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True, act_min=None, act_max=None):
         _layout.check_grid(qmin, qmax)
         _layout.check_params(x, scale, offset)
-        return self._forward(QDQ, x, scale, offset, qmin, qmax, x.dtype, check_values)
+        act = _layout.check_activation(act_min, act_max)
+        return self._forward(QDQ, x, scale, offset, qmin, qmax, x.dtype, check_values, act)
 
     def quantize(self, x, scale, offset, qmin, qmax, out_dtype):
         _layout.check_grid(qmin, qmax)
@@ -72,7 +74,8 @@ class NativeBackend:
         _registry.check_out_dtype_for_dequantize(out_dtype)
         return self._forward(DQ, q, scale, offset, 0, 1, out_dtype)
 
-    def qdq_backward(self, grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
+    def qdq_backward(self, grad, x, scale, offset, qmin, qmax, grad_scale, output_mask, act_min=None, act_max=None):
+        act = _layout.check_activation(act_min, act_max)
         if grad.shape != x.shape:
             raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
         grad = grad.to(x.dtype)
@@ -95,7 +98,7 @@ class NativeBackend:
                                        dxk.data_ptr() if need_dx else 0, s.data_ptr(), o.data_ptr(),
                                        float(qmin), float(qmax), layout, ws.data_ptr() if ws is not None else 0,
                                        ds.data_ptr() if need_s else 0, do.data_ptr() if need_o else 0,
-                                       float(grad_scale), *self.extra_args(x))
+                                       float(grad_scale), *act, *self.extra_args(x))
         return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
 
     # ---- statistics ----

@@ -25,6 +25,19 @@ INT_RANGE = {
 MAX_OUTER_DIMS = 6
 
 
+NO_ACT = (-math.inf, math.inf)
+
+
+def check_activation(act_min: Optional[float], act_max: Optional[float]) -> tuple[float, float]:
+    """(lo, hi) of the clamp fused before quantization (ReLU: (0, None), ReLU6: (0, 6)); both None: none."""
+    lo = -math.inf if act_min is None else float(act_min)
+    hi = math.inf if act_max is None else float(act_max)
+    if math.isnan(lo) or math.isnan(hi) or not lo < hi or lo == math.inf or hi == -math.inf:
+        raise ValueError(f"the activation range needs act_min < act_max (None: unbounded), got act_min={act_min}, "
+                         f"act_max={act_max}")
+    return lo, hi
+
+
 def check_grid(qmin: int, qmax: int) -> None:
     if not (isinstance(qmin, int) and isinstance(qmax, int)):
         raise TypeError(f"qmin and qmax must be ints, got {type(qmin).__name__} and {type(qmax).__name__}")

@@ -3,6 +3,9 @@ and the oracle the kernels are tested against. Math in float32 (DESIGN.md, Quant
 reductions over the elements that share a scale in float64."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
 
@@ -43,27 +46,54 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
     return ((q.float() + o) * s).to(out_dtype)
 
 
+def _activate(x: torch.Tensor, act: Optional[tuple[float, float]]) -> torch.Tensor:
+    """x in float32, clamped to the fused activation's range when there is one (NaN passes)."""
+    x = x.float()
+    if act is None or (act[0] == -math.inf and act[1] == math.inf):
+        return x
+    return torch.clamp(x, min=act[0] if act[0] > -math.inf else None, max=act[1] if act[1] < math.inf else None)
+
+
+def _activation_passes(x: torch.Tensor, act: tuple[float, float]) -> torch.Tensor:
+    """Where the activation's gradient is 1, with ReLU's and Hardtanh's own conventions: 0 where x <= lo,
+    and where x >= hi for a finite hi; NaN passes."""
+    x = x.float()
+    keep = ~(x <= act[0])
+    if act[1] < math.inf:
+        keep &= ~(x >= act[1])
+    return keep
+
+
 def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
-                        grad_scale: float = 1.0) -> torch.Tensor:
+                        grad_scale: float = 1.0, act: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """`act` = (lo, hi): quantize clamp(x, lo, hi) (a fused ReLU / ReLU6 / Hardtanh)."""
     s = expand(scale, x.shape)
     o = expand(offset, x.shape)
-    q = torch.clamp(torch.round(x.float() / s) - o, qmin, qmax)
+    q = torch.clamp(torch.round(_activate(x, act) / s) - o, qmin, qmax)
     return ((q + o) * s).to(x.dtype)
 
 
 def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                                 qmin: int, qmax: int, grad_scale: float, output_mask: list[bool]):
-    """(dx, dscale, doffset); an output not asked for in `output_mask` is an empty tensor."""
+                                 qmin: int, qmax: int, grad_scale: float, output_mask: list[bool],
+                                 act: Optional[tuple[float, float]] = None):
+    """(dx, dscale, doffset); an output not asked for in `output_mask` is an empty tensor. With `act`, x is
+    the activation's input: dscale/doffset see clamp(x, lo, hi) and dx is also zero where the activation is
+    flat."""
     s = expand(scale, x.shape)
     o = expand(offset, x.shape)
     g = grad.float()
-    t = x.float() / s
+    t = _activate(x, act) / s
     r = torch.round(t)
     q = r - o
     inside = (q >= qmin) & (q <= qmax)
     m = inside.float()
     empty = x.new_empty(0, dtype=torch.float32)
-    dx = (g * m).to(x.dtype) if output_mask[0] else x.new_empty(0)
+    dx = x.new_empty(0)
+    if output_mask[0]:
+        dx = g * m
+        if act is not None and (act[0] > -math.inf or act[1] < math.inf):
+            dx = torch.where(_activation_passes(x, act), dx, torch.zeros_like(dx))
+        dx = dx.to(x.dtype)
     ds = do = empty
     if output_mask[1]:
         qc = torch.clamp(q, qmin, qmax)

@@ -9,10 +9,12 @@ from . import _layout, _reference
 LIB_NAME = "pyquant"
 _lib = torch.library.Library(LIB_NAME, "DEF")
 
+# act_min/act_max: a ReLU / ReLU6 / Hardtanh fused in front of the quantizer (None: unbounded on that side)
 _lib.define("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, "
-            "float grad_scale=1.0, bool check_values=True) -> Tensor")
+            "float grad_scale=1.0, bool check_values=True, float? act_min=None, float? act_max=None) -> Tensor")
 _lib.define("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmin, "
-            "int qmax, float grad_scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+            "int qmax, float grad_scale, bool[3] output_mask, float? act_min=None, float? act_max=None) "
+            "-> (Tensor, Tensor, Tensor)")
 _lib.define("quantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, ScalarType out_dtype) -> Tensor")
 _lib.define("dequantize(Tensor q, Tensor scale, Tensor offset, ScalarType out_dtype) -> Tensor")
 
@@ -132,16 +134,18 @@ def check_out_dtype_for_dequantize(out_dtype: torch.dtype) -> None:
 
 
 # ---- reference kernels (fallback for every device) ------------------------------------------
-def _ref_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
+def _ref_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True, act_min=None, act_max=None):
     _layout.check_grid(qmin, qmax)
     _layout.check_params(x, scale, offset)
+    act = _layout.check_activation(act_min, act_max)
     if check_values:
         _layout.check_scale_values(scale)
-    return _reference.quantize_dequantize(x, scale, offset, qmin, qmax, grad_scale)
+    return _reference.quantize_dequantize(x, scale, offset, qmin, qmax, grad_scale, act)
 
 
-def _ref_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
-    return _reference.quantize_dequantize_backward(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask)
+def _ref_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask, act_min=None, act_max=None):
+    act = _layout.check_activation(act_min, act_max)
+    return _reference.quantize_dequantize_backward(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask, act)
 
 
 def _ref_quantize(x, scale, offset, qmin, qmax, out_dtype):
@@ -249,14 +253,15 @@ torch.library.register_kernel("pyquant::dequantize", None, _ref_dequantize, lib=
 
 # ---- fake (meta) kernels: shapes only, for torch.compile / torch.export ----------------------
 @torch.library.register_fake("pyquant::quantize_dequantize", lib=_lib)
-def _fake_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True):
+def _fake_qdq(x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True, act_min=None, act_max=None):
     _layout.check_grid(qmin, qmax)
     _layout.check_params(x, scale, offset)
+    _layout.check_activation(act_min, act_max)
     return torch.empty_like(x)
 
 
 @torch.library.register_fake("pyquant::quantize_dequantize_backward", lib=_lib)
-def _fake_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask):
+def _fake_qdq_bwd(grad, x, scale, offset, qmin, qmax, grad_scale, output_mask, act_min=None, act_max=None):
     dx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
     ds = torch.empty_like(scale) if output_mask[1] else scale.new_empty(0)
     do = torch.empty_like(offset) if output_mask[2] else offset.new_empty(0)
@@ -307,18 +312,21 @@ def _fake_entropy_search(counts, nq):
 
 # ---- autograd -------------------------------------------------------------------------------
 def _qdq_setup_context(ctx, inputs, output):
-    x, scale, offset, qmin, qmax, grad_scale = inputs[:6]
-    ctx.save_for_backward(x, scale, offset)
-    ctx.qmin, ctx.qmax, ctx.grad_scale = qmin, qmax, grad_scale
+    x, scale, offset, qmin, qmax = inputs[:5]
+    ctx.save_for_backward(x, scale, offset)  # with a fused activation, x is its input: nothing else is held
+    ctx.qmin, ctx.qmax = qmin, qmax
+    ctx.grad_scale = inputs[5] if len(inputs) > 5 else 1.0
+    ctx.act = (inputs[7] if len(inputs) > 7 else None, inputs[8] if len(inputs) > 8 else None)
 
 
 def _qdq_backward(ctx, grad):
     x, scale, offset = ctx.saved_tensors
     need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
     if not any(need):
-        return None, None, None, None, None, None, None
-    dx, ds, do = ops.quantize_dequantize_backward(grad, x, scale, offset, ctx.qmin, ctx.qmax, ctx.grad_scale, need)
-    return (dx if need[0] else None, ds if need[1] else None, do if need[2] else None, None, None, None, None)
+        return (None,) * 9
+    dx, ds, do = ops.quantize_dequantize_backward(grad, x, scale, offset, ctx.qmin, ctx.qmax, ctx.grad_scale, need,
+                                                  *ctx.act)
+    return (dx if need[0] else None, ds if need[1] else None, do if need[2] else None) + (None,) * 6
 
 
 torch.library.register_autograd("pyquant::quantize_dequantize", _qdq_backward,

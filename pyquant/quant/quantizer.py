@@ -4,7 +4,8 @@ analyzer (pyquant.quant.analyzers)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+import math
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -181,11 +182,12 @@ def _activate(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.relu(x) if lo == 0.0 and hi == float("inf") else torch.nn.functional.hardtanh(x, lo, hi)
 
 
-def _activation_backward(g: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    # the activations' own backward kernels: one pass, and their exact boundary conventions
-    if lo == 0.0 and hi == float("inf"):
-        return torch.ops.aten.threshold_backward(g, x, 0.0)
-    return torch.ops.aten.hardtanh_backward(g, x, lo, hi)
+def _act_bounds(act: Optional[tuple[float, float]]) -> tuple[Optional[float], Optional[float]]:
+    # the op's act_min/act_max: None for an unbounded side
+    if act is None:
+        return None, None
+    lo, hi = act
+    return (None if lo == float("-inf") else float(lo)), (None if hi == float("inf") else float(hi))
 
 
 Pool = tuple[list[int], list[int], list[int], list[int], bool]  # max_pool2d: kernel, stride, padding, dilation, ceil
@@ -195,37 +197,95 @@ def _max_pool(x: torch.Tensor, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten.max_pool2d_with_indices(x, *pool)
 
 
-class _LeanQDQ(torch.autograd.Function):
-    """[activation] -> fake quantization -> [2-d max pool] saving only the first input (and the pool's
-    indices) for the backward; the rest is recomputed there. Unfused, a ReLU6 holds its input while the
-    quantizer holds its own (the ReLU6 output), and a max pool holds the quantizer's output besides; fused,
-    one tensor is held, as in the FP32 model. Gradients are exactly the unfused graph's."""
+class _Spec(NamedTuple):
+    """A quantizer's constants, as one hashable argument of _QuantizeNode."""
+    minmax: bool
+    symmetric: bool
+    qmin: int
+    qmax: int
+    grad_scale: float
+    check: bool
+    act: tuple[Optional[float], Optional[float]]
+    pool: Optional[Pool]
+
+
+def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec):
+    """(scale, offset, unclamped scale, unclamped offset) of a min/max encoding, as _QuantizerBase's
+    _scale_offset computes them."""
+    ns = spec.qmax - spec.qmin
+    raw_s = (mx - mn) / ns
+    s = torch.clamp(raw_s, min=min_scale(ns))
+    if spec.symmetric:
+        return s, torch.zeros_like(s), raw_s, None
+    raw_o = torch.round(mn / s) - spec.qmin
+    return s, torch.clamp(raw_o, -spec.qmax, -spec.qmin), raw_s, raw_o
+
+
+class _QuantizeNode(torch.autograd.Function):
+    """A quantizer's whole training path as one autograd node: encoding parameters (min/max or
+    scale/offset) -> scale/offset -> [activation +] fake quantization [-> 2-d max pool]. Recorded op by
+    op, a min/max quantizer is a dozen small autograd nodes whose bookkeeping costs as much as the kernel
+    on a small layer; here the chain rule back to the parameters is written out (straight-through on the
+    offset's rounding, clamps passing where they are inactive, as autograd's own rules do).
+
+    With a pool, the node max-pools first and fake-quantizes the pooled quarter: both maps are monotone
+    non-decreasing, so the values are identical. The backward then needs only the pooled input and the
+    pool's indices, no full-size tensor; gradients are exactly those of activation -> max pool ->
+    quantizer, and differ from quantizer -> max pool only where quantization ties a window's maximum
+    (they follow the FP32 maximum rather than the first tied element)."""
 
     @staticmethod
-    def forward(ctx, x, s, o, act: Optional[tuple[float, float]], pool: Optional[Pool], qmin: int, qmax: int,
-                gs: float, check: bool):
-        y = _activate(x, *act) if act is not None else x
-        out = _registry.ops.quantize_dequantize(y, s, o, qmin, qmax, gs, check)
+    def forward(ctx, x, a, b, spec: _Spec):
+        with torch.no_grad():
+            if spec.minmax:
+                s, o, raw_s, raw_o = _minmax_to_scale_offset(a, b, spec)
+            else:
+                s, o, raw_s, raw_o = a, b, None, None
+            sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         idx = None
-        if pool is not None:
-            out, idx = _max_pool(out, pool)
-        ctx.save_for_backward(x, s, o, idx)
-        ctx.args = (act, pool, qmin, qmax, gs)
+        xin = x
+        if spec.pool is not None:
+            xin, idx = _max_pool(x, spec.pool)
+        out = _registry.ops.quantize_dequantize(xin, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
+                                                *spec.act)
+        ctx.save_for_backward(xin, idx, sb, ob, a, s, raw_s, raw_o)
+        ctx.spec, ctx.x_shape = spec, x.shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, s, o, idx = ctx.saved_tensors
-        act, pool, qmin, qmax, gs = ctx.args
-        need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]), bool(ctx.needs_input_grad[2])]
-        if pool is not None:  # x only lends its shape: the pool's input had x's
-            g = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *pool, idx)
-        y = _activate(x, *act) if act is not None else x
-        dy, ds, do = _registry.ops.quantize_dequantize_backward(g, y, s, o, qmin, qmax, gs, need)
-        dx = None
-        if need[0]:
-            dx = dy if act is None else _activation_backward(dy, x, *act)
-        return dx, ds if need[1] else None, do if need[2] else None, None, None, None, None, None, None
+        xin, idx, sb, ob, a, s, raw_s, raw_o = ctx.saved_tensors
+        spec = ctx.spec
+        need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
+        need_s = need_a or need_b
+        need_o = need_s and not spec.symmetric if spec.minmax else need_b
+        dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, sb, ob, spec.qmin, spec.qmax,
+                                                                spec.grad_scale, [need_x, need_s, need_o], *spec.act)
+        if need_x and spec.pool is not None:
+            dx = _unpool(dx, idx, ctx.x_shape)
+        da = db = None
+        if spec.minmax and need_s:
+            ds = ds.reshape(s.shape)
+            if raw_o is not None:  # o = clamp(round_ste(min / s) - qmin): d/dmin = 1/s, d/ds = -min/s^2
+                go = do.reshape(s.shape) * ((raw_o >= -spec.qmax) & (raw_o <= -spec.qmin))
+                ds = ds - go * (a / s) / s
+            dmax = ds * (raw_s >= min_scale(spec.qmax - spec.qmin)) / (spec.qmax - spec.qmin)
+            da, db = -dmax, dmax
+            if raw_o is not None:
+                da = da + go / s
+        elif not spec.minmax:
+            da = ds.reshape(s.shape) if need_a else None
+            db = do.reshape(s.shape) if need_b else None
+        return (dx if need_x else None, da if need_a else None, db if need_b else None, None)
+
+
+def _unpool(g: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The max pool's backward from its indices alone (flat positions in each H x W plane); overlapping
+    windows that pick one element add up, as in aten's."""
+    planes = math.prod(shape[:-2])
+    out = g.new_zeros((planes, shape[-2] * shape[-1]))
+    out.scatter_add_(1, idx.reshape(planes, -1), g.reshape(planes, -1))
+    return out.reshape(shape)
 
 
 class QuantizeDequantize(_QuantizerBase):
@@ -251,35 +311,27 @@ class QuantizeDequantize(_QuantizerBase):
     def forward(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                 pool: Optional[Pool] = None) -> torch.Tensor:
         """`activation=(lo, hi)`: quantize the ReLU (0, inf) / ReLU6 / Hardtanh (lo, hi) of x; `pool`: then
-        2-d max-pool the result (aten.max_pool2d_with_indices' arguments). Fused when training, so a step
-        holds one tensor for the three ops (QuantSim's `fuse_activations`); the values are the same."""
-        lean = ((activation is not None or pool is not None) and torch.is_grad_enabled() and x.requires_grad
-                and self.enabled and not self._calibrating and not self._export)
-        if not lean:
+        2-d max-pool the result (aten.max_pool2d_with_indices' arguments). The activation runs inside the
+        fake-quant kernel and the pool keeps no full-size tensor, so a training step holds one tensor for the
+        three ops (QuantSim's `fuse_activations`); the values are those of the separate ops."""
+        if not self.enabled or self._calibrating or self._export:  # observe / pass / export the plain ops
             if activation is not None:
                 x = _activate(x, *activation)
-            out = self._fake_quantize(x)
+            out = self._export_forward(x) if self._ready(x) else x  # ready here: enabled and exporting
             return torch.nn.functional.max_pool2d(out, *pool) if pool is not None else out
         self._ready(x)  # raises without an encoding
-        s, o, gs, check = self._arguments(x)
-        return _LeanQDQ.apply(x, s, o, activation, pool, self.qmin, self.qmax, gs, check)
+        return self._quantize_node(x, activation, pool)
 
-    def _arguments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
-        s, o = self._scale_offset()
-        s, o = _broadcast_to(s, x), _broadcast_to(o, x)
+    def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
+                       pool: Optional[Pool] = None) -> torch.Tensor:
         gs = 1.0
         if self.lsq_grad_scale:
-            gs = float(1.0 / (max(x.numel() // max(s.numel(), 1), 1) * self.qmax) ** 0.5)
-        # min/max-derived scales are clamped positive here: no need to read them back (a GPU sync)
-        return s, o, gs, self.param_mode != "minmax"
-
-    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._ready(x):
-            return x
-        if self._export:
-            return self._export_forward(x)
-        s, o, gs, check = self._arguments(x)
-        return _registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, gs, check)
+            gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * self.qmax) ** 0.5)
+        minmax = self.param_mode == "minmax"
+        # min/max-derived scales are clamped positive: no need to read them back (a GPU sync)
+        spec = _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool)
+        a, b = self._encoding_params()
+        return _QuantizeNode.apply(x, a, b, spec)
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""

@@ -8,12 +8,14 @@
 namespace pq {
 namespace cuda {
 
+// `act` (QDQ of a float input into its own dtype only) clamps x first.
 const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s,
-                               const float* o, float qmin, float qmax, const QLayout& L, uintptr_t stream);
-// ws: 2 * nscale float64 (zeroed here); ds/doff/dx may be null.
+                               const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
+                               uintptr_t stream);
+// ws: 2 * nscale float64 (zeroed here); ds/doff/dx may be null. With `act`, x is the activation's input.
 const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx, const float* s,
-                                const float* o, float qmin, float qmax, const QLayout& L, double* ws,
-                                float* ds, float* doff, float grad_scale, uintptr_t stream);
+                                const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
+                                double* ws, float* ds, float* doff, float grad_scale, uintptr_t stream);
 int device_count();
 int runtime_version();
 

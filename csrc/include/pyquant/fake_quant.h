@@ -35,6 +35,29 @@ PQ_HD FqGrad fake_quant_grad_one(float g, float x, float s, float o, float qmin,
   return out;
 }
 
+// A ReLU / ReLU6 / Hardtanh applied to x before quantization, so that activation and quantizer
+// run as one pass (and the backward needs only the activation's input). Off: (-inf, +inf).
+// The gradient mask follows the activations' own backward kernels: zero where x <= lo, and where
+// x >= hi when hi is finite (ReLU's (0, +inf) passes +inf; a NaN x passes in both).
+struct ActClamp {
+  float lo = -INFINITY;
+  float hi = INFINITY;
+  PQ_HD bool on() const { return lo > -INFINITY || hi < INFINITY; }
+  PQ_HD float apply(float x) const {
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+  }
+  PQ_HD bool passes(float x) const { return !(x <= lo) && !(hi < INFINITY && x >= hi); }
+};
+
+// fake_quant_grad_one of the clamped input, with dx masked where the activation is flat.
+PQ_HD FqGrad fake_quant_act_grad_one(float g, float x, float s, float o, float qmin, float qmax,
+                                     const ActClamp& act) {
+  FqGrad out = fake_quant_grad_one(g, act.apply(x), s, o, qmin, qmax);
+  if (!act.passes(x)) out.dx = 0.0f;
+  return out;
+}
+
 // Which scale an element uses. The tensor is walked in memory order as R rows of L elements.
 // Along a row the scale changes every `inner_block` elements (inner_block >= L: one scale per row;
 // scale values along a row are contiguous). The row's first scale index is
