@@ -328,11 +328,12 @@ def test_fused_activations_match_and_save_memory(range_learning):
     trainable = sum(p.requires_grad for p in fused.model.parameters())
     assert grads == trainable and trainable > (8 if range_learning else 7), (grads, trainable)
     # Unfused, a ReLU6 holds its input and the quantizer its own (the ReLU6 output); the ReLU before the
-    # pool holds its output (shared with the quantizer) and the pool the quantizer's output. Fused, the first
-    # keeps only its input and the pooled quantizer only the pooled quarter (the pool's indices either way).
-    full = 8 * 8 * 12 * 12 * 4
+    # pool holds its output (shared with the quantizer) and the pool the quantizer's output and int64
+    # indices. Fused, the first keeps only its input and the pooled quantizer only the pooled quarter and
+    # a byte per output for the window position of the maximum.
+    full, pooled = 8 * 8 * 12 * 12 * 4, 8 * 8 * 6 * 6
     saved = [_saved_bytes(s.model, x.clone().requires_grad_(True)) for s in sims]
-    assert saved[0] - saved[1] == full + 2 * full - full // 4, saved
+    assert saved[0] - saved[1] == full + 2 * full - full // 4 + pooled * (8 - 1), saved
 
 
 def test_fused_activations_compile():

@@ -4,6 +4,7 @@
 #include <cmath>
 #include "kernel_table.h"
 #include "stats_table.h"
+#include "pool_table.h"
 #include "layout_binding.h"
 #include "adaround.h"
 
@@ -44,6 +45,21 @@ PYBIND11_MODULE(_C, m) {
         "fused backward of quantize_dequantize: dx and per-scale ds/do (null address = not wanted); "
         "ws holds num_threads() * 2 * nscale float64; with [act_lo, act_hi], x is the activation's input");
 
+  m.def("max_pool_forward",
+        [](uintptr_t x, int64_t planes, int64_t H, int64_t W, int kh, int kw, uintptr_t out, uintptr_t argmax) {
+          py::gil_scoped_release nogil;
+          pool_table().forward(ptr<const float>(x), planes, H, W, kh, kw, ptr<float>(out), ptr<uint8_t>(argmax),
+                               cpu_threads());
+        },
+        "non-overlapping max pool (kernel kh x kw == stride) of float32 planes: out and the argmax's window "
+        "position (uint8)");
+  m.def("max_pool_backward",
+        [](uintptr_t g, uintptr_t argmax, int64_t planes, int64_t H, int64_t W, int kh, int kw, uintptr_t dx) {
+          py::gil_scoped_release nogil;
+          pool_table().backward(ptr<const float>(g), ptr<const uint8_t>(argmax), planes, H, W, kh, kw,
+                                ptr<float>(dx), cpu_threads());
+        },
+        "dx of max_pool_forward: g at each window's argmax, 0 elsewhere (fully written)");
   m.def("minmax",
         [](uintptr_t x, int dt, const QLayout& L, uintptr_t mn, uintptr_t mx, uintptr_t nonfinite, uintptr_t ws_f,
            uintptr_t ws_i) {

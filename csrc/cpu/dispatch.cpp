@@ -4,6 +4,7 @@
 #include <cstring>
 #include "kernel_table.h"
 #include "stats_table.h"
+#include "pool_table.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -59,6 +60,13 @@ const StatsTable& stats_table() {
   if (t == &fake_quant_table_avx512()) return stats_table_avx512();
   if (t == &fake_quant_table_avx2()) return stats_table_avx2();
   return stats_table_scalar();
+}
+
+const PoolTable& pool_table() {
+  const FakeQuantTable* t = &fake_quant_table();
+  if (t == &fake_quant_table_avx512()) return pool_table_avx512();
+  if (t == &fake_quant_table_avx2()) return pool_table_avx2();
+  return pool_table_scalar();
 }
 
 const char* simd_level() { return fake_quant_table().name; }

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _layout, _registry
+from . import _layout, _reference, _registry
 from ._layout import DTYPE_CODE
 
 QDQ, Q, DQ = 0, 1, 2
@@ -172,6 +172,30 @@ class NativeBackend:
                                   *self.extra_args(counts))
         return best, kl
 
+    # ---- max pooling by window ----
+    def max_pool2d_window(self, x, kernel):
+        kh, kw = _registry.check_pool_args(x, kernel)
+        if x.dtype != torch.float32 or not x.is_contiguous():  # the native loops take contiguous float32
+            return _reference.max_pool2d_window(x, [kh, kw])
+        h, w = x.shape[-2:]
+        shape = tuple(x.shape[:-2]) + (h // kh, w // kw)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        argmax = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        planes = x.numel() // (h * w) if x.numel() else 0
+        self.m.max_pool_forward(x.data_ptr(), planes, h, w, kh, kw, out.data_ptr(), argmax.data_ptr())
+        return out, argmax
+
+    def max_pool2d_window_backward(self, grad, argmax, kernel, input_size):
+        _registry.check_unpool_args(grad, argmax, kernel, input_size)
+        kh, kw = (int(k) for k in kernel)
+        if grad.dtype != torch.float32 or not grad.is_contiguous() or not argmax.is_contiguous():
+            return _reference.max_pool2d_window_backward(grad, argmax, [kh, kw], list(input_size))
+        dx = torch.empty(list(input_size), dtype=grad.dtype, device=grad.device)
+        h, w = input_size[-2:]
+        planes = dx.numel() // (h * w) if dx.numel() else 0
+        self.m.max_pool_backward(grad.data_ptr(), argmax.data_ptr(), planes, h, w, kh, kw, dx.data_ptr())
+        return dx
+
     # ---- AdaRound ----
     def _ada_prep(self, w, alpha, scale, offset, qmin, qmax):
         _registry.check_adaround_args(w, alpha, scale, offset, qmin, qmax)
@@ -225,6 +249,10 @@ class NativeBackend:
             torch.library.register_kernel("pyquant::adaround_weight_backward", dt, self.adaround_weight_backward,
                                           lib=lib)
             torch.library.register_kernel("pyquant::adaround_regularizer", dt, self.adaround_regularizer, lib=lib)
+        if hasattr(self.m, "max_pool_forward"):
+            torch.library.register_kernel("pyquant::max_pool2d_window", dt, self.max_pool2d_window, lib=lib)
+            torch.library.register_kernel("pyquant::max_pool2d_window_backward", dt, self.max_pool2d_window_backward,
+                                          lib=lib)
         torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
         torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
         torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)

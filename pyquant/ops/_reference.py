@@ -268,3 +268,31 @@ def adaround_regularizer(alpha: torch.Tensor, beta: float) -> tuple[torch.Tensor
     dd = -float(beta) * ad.pow(float(beta) - 1.0) * torch.sign(d).double()
     g = (dd * 2.0 * float(_f32(_ADA_STRETCH, alpha)) * sig.double() * (1.0 - sig.double())).float()
     return value, torch.where(keep, g, torch.zeros_like(g))
+
+
+# ---- non-overlapping max pooling (kernel == stride), window positions as uint8 -------------------
+def max_pool2d_window(x: torch.Tensor, kernel: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-d max pool with windows kernel x kernel (stride = kernel, no padding, floor) and, for each output,
+    the position of its maximum inside the window (row-major), as aten's max_pool2d picks it."""
+    kh, kw = kernel
+    out, idx = torch.ops.aten.max_pool2d_with_indices(x, [kh, kw], [kh, kw])
+    ho, wo = out.shape[-2:]
+    w = x.shape[-1]
+    rows = torch.arange(ho, device=x.device).view(-1, 1) * kh
+    cols = torch.arange(wo, device=x.device).view(1, -1) * kw
+    return out, ((idx // w - rows) * kw + (idx % w - cols)).to(torch.uint8)
+
+
+def max_pool2d_window_backward(grad: torch.Tensor, argmax: torch.Tensor, kernel: list[int],
+                               input_size: list[int]) -> torch.Tensor:
+    """The gradient at the pool's input: grad at each window's argmax position, 0 elsewhere."""
+    kh, kw = kernel
+    h, w = input_size[-2:]
+    ho, wo = grad.shape[-2:]
+    k = argmax.long()
+    rows = torch.arange(ho, device=grad.device).view(-1, 1) * kh + k // kw
+    cols = torch.arange(wo, device=grad.device).view(1, -1) * kw + k % kw
+    planes = math.prod(input_size[:-2])
+    out = grad.new_zeros((planes, h * w))
+    out.scatter_(1, (rows * w + cols).reshape(planes, -1), grad.reshape(planes, -1))
+    return out.reshape(input_size)

@@ -30,6 +30,11 @@ _lib.define("adaround_weight_backward(Tensor grad, Tensor w, Tensor alpha, Tenso
             "int qmax) -> Tensor")
 _lib.define("adaround_regularizer(Tensor alpha, float beta) -> (Tensor, Tensor)")
 
+# Non-overlapping 2-d max pooling (stride = kernel) that returns each maximum's position in its window
+# (uint8): what a quantizer that pools before quantizing needs, at a byte per output for the backward.
+_lib.define("max_pool2d_window(Tensor x, int[2] kernel) -> (Tensor, Tensor)")
+_lib.define("max_pool2d_window_backward(Tensor grad, Tensor argmax, int[2] kernel, int[] input_size) -> Tensor")
+
 ops = torch.ops.pyquant
 
 
@@ -331,3 +336,70 @@ def _qdq_backward(ctx, grad):
 
 torch.library.register_autograd("pyquant::quantize_dequantize", _qdq_backward,
                                 setup_context=_qdq_setup_context, lib=_lib)
+
+
+# ---- max pooling by window ------------------------------------------------------------------------
+def check_pool_args(x: torch.Tensor, kernel) -> tuple[int, int]:
+    if x.dtype not in _layout.FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be 3-d (C, H, W) or 4-d (N, C, H, W), got {x.dim()}-d")
+    kh, kw = (int(k) for k in kernel)
+    if kh < 1 or kw < 1 or kh * kw > 255:
+        raise ValueError(f"kernel must be positive with at most 255 positions per window, got {list(kernel)}")
+    if x.shape[-2] < kh or x.shape[-1] < kw:
+        raise ValueError(f"kernel {list(kernel)} is larger than the input's {tuple(x.shape[-2:])}")
+    return kh, kw
+
+
+def check_unpool_args(grad: torch.Tensor, argmax: torch.Tensor, kernel, input_size) -> None:
+    kh, kw = (int(k) for k in kernel)
+    size = list(input_size)
+    want = size[:-2] + [size[-2] // kh, size[-1] // kw]
+    if list(grad.shape) != want or list(argmax.shape) != want:
+        raise ValueError(f"grad and argmax must have the pooled shape {want}, got {list(grad.shape)} and "
+                         f"{list(argmax.shape)}")
+    if argmax.dtype != torch.uint8:
+        raise TypeError(f"argmax must be uint8, got {argmax.dtype}")
+
+
+def _ref_max_pool2d_window(x, kernel):
+    check_pool_args(x, kernel)
+    return _reference.max_pool2d_window(x, list(kernel))
+
+
+def _ref_max_pool2d_window_backward(grad, argmax, kernel, input_size):
+    check_unpool_args(grad, argmax, kernel, input_size)
+    return _reference.max_pool2d_window_backward(grad, argmax, list(kernel), list(input_size))
+
+
+torch.library.register_kernel("pyquant::max_pool2d_window", None, _ref_max_pool2d_window, lib=_lib)
+torch.library.register_kernel("pyquant::max_pool2d_window_backward", None, _ref_max_pool2d_window_backward, lib=_lib)
+
+
+@torch.library.register_fake("pyquant::max_pool2d_window", lib=_lib)
+def _fake_max_pool2d_window(x, kernel):
+    kh, kw = check_pool_args(x, kernel)
+    shape = tuple(x.shape[:-2]) + (x.shape[-2] // kh, x.shape[-1] // kw)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("pyquant::max_pool2d_window_backward", lib=_lib)
+def _fake_max_pool2d_window_backward(grad, argmax, kernel, input_size):
+    check_unpool_args(grad, argmax, kernel, input_size)
+    return grad.new_empty(list(input_size))
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, kernel = inputs
+    ctx.save_for_backward(output[1])
+    ctx.kernel, ctx.input_size = list(kernel), list(x.shape)
+
+
+def _pool_backward(ctx, grad, grad_argmax):
+    (argmax,) = ctx.saved_tensors
+    return ops.max_pool2d_window_backward(grad.contiguous(), argmax, ctx.kernel, ctx.input_size), None
+
+
+torch.library.register_autograd("pyquant::max_pool2d_window", _pool_backward, setup_context=_pool_setup_context,
+                                lib=_lib)

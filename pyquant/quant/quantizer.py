@@ -245,7 +245,10 @@ class _QuantizeNode(torch.autograd.Function):
         idx = None
         xin = x
         if spec.pool is not None:
-            xin, idx = _max_pool(x, spec.pool)
+            if _by_window(x, spec.pool):  # argmax as a byte per output, no full-size tensor kept
+                xin, idx = _registry.ops.max_pool2d_window(x, spec.pool[0])
+            else:
+                xin, idx = _max_pool(x, spec.pool)
         out = _registry.ops.quantize_dequantize(xin, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
                                                 *spec.act)
         ctx.save_for_backward(xin, idx, sb, ob, a, s, raw_s, raw_o)
@@ -262,7 +265,10 @@ class _QuantizeNode(torch.autograd.Function):
         dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, sb, ob, spec.qmin, spec.qmax,
                                                                 spec.grad_scale, [need_x, need_s, need_o], *spec.act)
         if need_x and spec.pool is not None:
-            dx = _unpool(dx, idx, ctx.x_shape)
+            if idx.dtype == torch.uint8:
+                dx = _registry.ops.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
+            else:
+                dx = _unpool(dx, idx, ctx.x_shape)
         da = db = None
         if spec.minmax and need_s:
             ds = ds.reshape(s.shape)
@@ -277,6 +283,14 @@ class _QuantizeNode(torch.autograd.Function):
             da = ds.reshape(s.shape) if need_a else None
             db = do.reshape(s.shape) if need_b else None
         return (dx if need_x else None, da if need_a else None, db if need_b else None, None)
+
+
+def _by_window(x: torch.Tensor, pool: Pool) -> bool:
+    """Whether a max pool is one of non-overlapping windows that cover x (pyquant's window pooling)."""
+    kernel, stride, padding, dilation, ceil = pool
+    return (x.dim() in (3, 4) and list(stride) == list(kernel) and not any(padding) and all(d == 1 for d in dilation)
+            and (not ceil or (x.shape[-2] % kernel[0] == 0 and x.shape[-1] % kernel[1] == 0))
+            and kernel[0] * kernel[1] <= 255)
 
 
 def _unpool(g: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -1,0 +1,175 @@
+// Non-overlapping 2-d max pooling (kernel == stride, no padding, floor), forward and backward, for
+// the quantizer that pools before it quantizes. Plain loops, compiled once per SIMD level so the
+// compiler vectorizes them with that level's instructions. Threads split the planes.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include "pool_table.h"
+#include "parallel.h"
+#include "simd.h"
+
+namespace pq {
+namespace PQ_ISA_NS {
+
+using Isa = PQ_ISA_TYPE;
+
+// aten's rule, in window scan order: a value replaces the running maximum when it is larger or NaN
+// (so the first of equal maxima wins, and the last NaN).
+inline void take(float v, uint8_t pos, float& m, uint8_t& k) {
+  const bool u = (v > m) | (v != v);
+  m = u ? v : m;
+  k = u ? pos : k;
+}
+
+// Vectors of L pooled outputs; a row's last, shorter run uses masked loads and stores (pooled rows
+// are often shorter than a vector: 14, 7, 3 outputs in a small CNN).
+inline void pool_plane_2x2(const float* x, int64_t W, int64_t Ho, int64_t Wo, float* out, uint8_t* arg) {
+  for (int64_t i = 0; i < Ho; ++i) {
+    const float* r0 = x + (2 * i) * W;
+    const float* r1 = r0 + W;
+    float* o = out + i * Wo;
+    uint8_t* a = arg + i * Wo;
+    if constexpr (Isa::W > 1) {
+      using V = typename Isa::V;
+      constexpr int L = Isa::W;
+      const V p1 = Isa::set1(1.0f), p2 = Isa::set1(2.0f), p3 = Isa::set1(3.0f);
+      alignas(64) uint8_t tmp[L];
+      for (int64_t j = 0; j < Wo; j += L) {
+        const int n = int(Wo - j < L ? Wo - j : L);  // outputs in this run
+        const int c0 = 2 * n < L ? 2 * n : L, c1 = 2 * n - c0;
+        V e0, o0, e1, o1;
+        Isa::deinterleave(Isa::load_partial(r0 + 2 * j, c0), Isa::load_partial(r0 + 2 * j + L, c1), e0, o0);
+        Isa::deinterleave(Isa::load_partial(r1 + 2 * j, c0), Isa::load_partial(r1 + 2 * j + L, c1), e1, o1);
+        V m = Isa::set1(-INFINITY), k = Isa::set1(0.0f);
+        auto upd = [&](V v, V pos) {
+          const auto u = Isa::gt_or_nan(v, m);
+          m = Isa::select(u, v, m);
+          k = Isa::select(u, pos, k);
+        };
+        upd(e0, k);
+        upd(o0, p1);
+        upd(e1, p2);
+        upd(o1, p3);
+        if (n == L) {
+          Isa::store(o + j, m);
+          Isa::store_u8(a + j, k);
+        } else {
+          Isa::store_partial(o + j, m, n);
+          Isa::store_u8(tmp, k);
+          for (int t = 0; t < n; ++t) a[j + t] = tmp[t];
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < Wo; ++j) {
+        float m = -INFINITY;
+        uint8_t k = 0;
+        take(r0[2 * j], 0, m, k);
+        take(r0[2 * j + 1], 1, m, k);
+        take(r1[2 * j], 2, m, k);
+        take(r1[2 * j + 1], 3, m, k);
+        o[j] = m;
+        a[j] = k;
+      }
+    }
+  }
+}
+
+inline void pool_plane(const float* x, int64_t W, int64_t Ho, int64_t Wo, int kh, int kw, float* out, uint8_t* arg) {
+  for (int64_t i = 0; i < Ho; ++i) {
+    for (int64_t j = 0; j < Wo; ++j) {
+      float m = -INFINITY;
+      uint8_t k = 0;
+      const float* w0 = x + (i * kh) * W + j * kw;
+      for (int r = 0; r < kh; ++r)
+        for (int c = 0; c < kw; ++c) take(w0[r * W + c], uint8_t(r * kw + c), m, k);
+      out[i * Wo + j] = m;
+      arg[i * Wo + j] = k;
+    }
+  }
+}
+
+inline void max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, float* out,
+                             uint8_t* arg, int max_threads) {
+  const int64_t Ho = H / kh, Wo = W / kw;
+  const int nt = cpu::pick_threads(P * H * W, max_threads);
+  cpu::parallel_ranges(P, nt, [&](int, int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const float* xp = x + p * H * W;
+      if (kh == 2 && kw == 2) pool_plane_2x2(xp, W, Ho, Wo, out + p * Ho * Wo, arg + p * Ho * Wo);
+      else pool_plane(xp, W, Ho, Wo, kh, kw, out + p * Ho * Wo, arg + p * Ho * Wo);
+    }
+  });
+}
+
+inline void unpool_plane_2x2(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                             float* dx) {
+  for (int64_t i = 0; i < Ho; ++i) {
+    float* r0 = dx + (2 * i) * W;
+    float* r1 = r0 + W;
+    const float* gi = g + i * Wo;
+    const uint8_t* a = arg + i * Wo;
+    if constexpr (Isa::W > 1) {
+      using V = typename Isa::V;
+      constexpr int L = Isa::W;
+      const V z = Isa::set1(0.0f), p1 = Isa::set1(1.0f), p2 = Isa::set1(2.0f), p3 = Isa::set1(3.0f);
+      alignas(64) uint8_t tmp[L] = {};
+      for (int64_t j = 0; j < Wo; j += L) {
+        const int n = int(Wo - j < L ? Wo - j : L);
+        const int c0 = 2 * n < L ? 2 * n : L, c1 = 2 * n - c0;
+        V v, k;
+        if (n == L) {
+          v = Isa::load(gi + j);
+          k = Isa::load_u8(a + j);
+        } else {
+          v = Isa::load_partial(gi + j, n);
+          for (int t = 0; t < n; ++t) tmp[t] = a[j + t];
+          k = Isa::load_u8(tmp);
+        }
+        V w0, w1;
+        Isa::interleave(Isa::select(Isa::inside(k, z, z), v, z), Isa::select(Isa::inside(k, p1, p1), v, z), w0, w1);
+        Isa::store_partial(r0 + 2 * j, w0, c0);
+        Isa::store_partial(r0 + 2 * j + L, w1, c1);
+        Isa::interleave(Isa::select(Isa::inside(k, p2, p2), v, z), Isa::select(Isa::inside(k, p3, p3), v, z), w0, w1);
+        Isa::store_partial(r1 + 2 * j, w0, c0);
+        Isa::store_partial(r1 + 2 * j + L, w1, c1);
+      }
+    } else {
+      for (int64_t j = 0; j < Wo; ++j) {
+        const float v = gi[j];
+        const uint8_t k = a[j];
+        r0[2 * j] = k == 0 ? v : 0.0f;
+        r0[2 * j + 1] = k == 1 ? v : 0.0f;
+        r1[2 * j] = k == 2 ? v : 0.0f;
+        r1[2 * j + 1] = k == 3 ? v : 0.0f;
+      }
+    }
+    for (int64_t c = 2 * Wo; c < W; ++c) r0[c] = r1[c] = 0.0f;  // a column the pool dropped
+  }
+  for (int64_t r = 2 * Ho; r < H; ++r)  // a row the pool dropped
+    for (int64_t c = 0; c < W; ++c) dx[r * W + c] = 0.0f;
+}
+
+inline void unpool_plane(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int kh,
+                         int kw, float* dx) {
+  for (int64_t i = 0; i < H * W; ++i) dx[i] = 0.0f;
+  for (int64_t i = 0; i < Ho; ++i)
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int k = arg[i * Wo + j];
+      dx[(i * kh + k / kw) * W + j * kw + k % kw] = g[i * Wo + j];
+    }
+}
+
+inline void max_pool_backward(const float* g, const uint8_t* arg, int64_t P, int64_t H, int64_t W, int kh, int kw,
+                              float* dx, int max_threads) {
+  const int64_t Ho = H / kh, Wo = W / kw;
+  const int nt = cpu::pick_threads(P * H * W, max_threads);
+  cpu::parallel_ranges(P, nt, [&](int, int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      if (kh == 2 && kw == 2) unpool_plane_2x2(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, dx + p * H * W);
+      else unpool_plane(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, kh, kw, dx + p * H * W);
+    }
+  });
+}
+
+}  // namespace PQ_ISA_NS
+}  // namespace pq
