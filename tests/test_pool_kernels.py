@@ -56,6 +56,50 @@ def test_window_pool_matches_aten(device, dtype, shape, kernel, simd):
     torch.testing.assert_close(dx, want_dx, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,kernel", CASES[:6], ids=[f"{s}-{k}" for s, k in CASES[:6]])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("act", [None, (0.0, None), (0.0, 6.0)], ids=["none", "relu", "relu6"])
+def test_quantize_then_pool_in_one_pass(device, dtype, shape, kernel, per_channel, act, simd):
+    """quantize_dequantize_max_pool2d == max pool of the fake quantization (of the activation): values,
+    window positions (ties broken as aten does on the quantized values) and the input at each maximum."""
+    if device == "cuda" and simd != "avx512":
+        pytest.skip("CUDA results do not depend on the CPU SIMD level")
+    x = _input(shape, dtype, device, seed=2) * 3
+    c = shape[-3]
+    s_shape = [1] * len(shape)
+    if per_channel:
+        s_shape[-3] = c
+    g = torch.Generator().manual_seed(4)
+    s = (0.05 + 0.2 * torch.rand(s_shape, generator=g)).to(device)
+    o = (-torch.randint(0, 40, s_shape, generator=g)).float().to(device)
+    lo, hi = act if act is not None else (None, None)
+    out, arg, sel = op.quantize_dequantize_max_pool2d(x, s, o, 0, 255, list(kernel), True, lo, hi)
+    y = x if act is None else (torch.relu(x) if hi is None else F.hardtanh(x, lo, hi))
+    q = op.quantize_dequantize(y, s, o, 0, 255)
+    want, pos, idx = _aten(q, kernel)
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(arg.long(), pos)
+    want_sel = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(want.shape)
+    torch.testing.assert_close(sel, want_sel, rtol=0, atol=0, equal_nan=True)
+    rout, rarg, rsel = ref.quantize_dequantize_max_pool2d(x, s, o, 0, 255, list(kernel),
+                                                          (lo if lo is not None else float("-inf"),
+                                                           hi if hi is not None else float("inf")))
+    torch.testing.assert_close(out, rout, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(arg, rarg)
+
+
+def test_quantize_then_pool_checks_the_scale_layout():
+    x = torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="one per channel"):
+        op.quantize_dequantize_max_pool2d(x, torch.full((1, 1, 6, 1), 0.1), torch.zeros(1, 1, 6, 1), 0, 255, [2, 2])
+    with pytest.raises(ValueError, match="scale must be positive"):
+        op.quantize_dequantize_max_pool2d(x, torch.full((1, 4, 1, 1), -0.1), torch.zeros(1, 4, 1, 1), 0, 255, [2, 2])
+    torch.library.opcheck(op.quantize_dequantize_max_pool2d,
+                          (x, torch.full((1, 4, 1, 1), 0.1), torch.zeros(1, 4, 1, 1), 0, 255, [2, 2], True, 0.0, 6.0))
+
+
 def test_native_equals_reference_on_strided_input(simd):
     x = _input((2, 6, 16, 20), torch.float32, "cpu")[:, ::2]  # not contiguous: the reference runs
     out, arg = op.max_pool2d_window(x, [2, 2])

@@ -190,17 +190,16 @@ def test_batchnorm_argument_is_checked():
 
 def _quantizer_by_autograd(q, x, activation, pool):
     """QuantizeDequantize's training path recorded op by op: parameters -> (scale, offset) -> activation ->
-    max pool -> fake quantization, for autograd to differentiate."""
+    fake quantization -> max pool, for autograd to differentiate."""
     from pyquant.quant.encoding import _broadcast_to
     sc, off = q._scale_offset()
     if activation is not None:
         x = torch.relu(x) if activation[1] == float("inf") else F.hardtanh(x, *activation)
-    if pool is not None:
-        x = F.max_pool2d(x, *pool)
     gs = 1.0
     if q.lsq_grad_scale:
-        gs = 1.0 / (max(x.numel() * (4 if pool else 1) // sc.numel(), 1) * q.qmax) ** 0.5
-    return torch.ops.pyquant.quantize_dequantize(x, _broadcast_to(sc, x), _broadcast_to(off, x), q.qmin, q.qmax, gs)
+        gs = 1.0 / (max(x.numel() // sc.numel(), 1) * q.qmax) ** 0.5
+    y = torch.ops.pyquant.quantize_dequantize(x, _broadcast_to(sc, x), _broadcast_to(off, x), q.qmin, q.qmax, gs)
+    return F.max_pool2d(y, *pool) if pool is not None else y
 
 
 @pytest.mark.parametrize("mode,symmetric", [("minmax", False), ("minmax", True), ("scale_offset", False)])
@@ -236,9 +235,9 @@ def test_quantizer_gradients_equal_autograd_of_its_ops(mode, symmetric, per_chan
     (ya, *pa), (yb, *pb) = grads
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
     assert len(pa) == len(pb) >= 1
-    for a, b in zip(pa, pb):
+    for a, b in zip(pa, pb):  # with a pool the range gradients sum fewer terms, in another order
         assert a.abs().sum() > 0
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 if pool else 1e-6)
 
 
 class ActNet(nn.Module):
@@ -269,26 +268,6 @@ def _saved_bytes(model, x):
     return sum(v for k, v in seen.items() if k not in params)
 
 
-def _unfused(gm):
-    """A copy of a fused QuantSim graph with each fused quantizer's activation and max pool run as plain
-    ops in front of it: activation -> max pool -> quantizer."""
-    gm = copy.deepcopy(gm)
-    for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not n.kwargs:
-            continue
-        act, pool = n.kwargs.get("activation"), n.kwargs.get("pool")
-        with gm.graph.inserting_before(n):
-            y = n.args[0]
-            if act is not None:
-                y = (gm.graph.call_function(torch.relu, (y,)) if act == (0.0, float("inf")) else
-                     gm.graph.call_function(F.hardtanh, (y, *act)))
-            if pool is not None:
-                y = gm.graph.call_function(F.max_pool2d, (y, *pool))
-        n.args, n.kwargs = (y,), {}
-    gm.recompile()
-    return gm
-
-
 @pytest.mark.parametrize("range_learning", [False, True])
 def test_fused_activations_match_and_save_memory(range_learning):
     torch.manual_seed(0)
@@ -304,36 +283,89 @@ def test_fused_activations_match_and_save_memory(range_learning):
     assert sorted(fused.fused_activations) == ["a1.output", "a2.output", "relu.output"], fused.fused_activations
     for a, b in zip(plain.quantizers.values(), fused.quantizers.values()):
         assert torch.equal(a.get_encoding().scale, b.get_encoding().scale)
-    # Values: exactly the plain graph's (quantizer -> max pool), in training and in inference.
-    assert torch.equal(plain.model(x), fused.model(x))
-    with torch.no_grad():
-        assert torch.equal(plain.model(x), fused.model(x))
-    # Gradients: exactly those of activation -> max pool -> quantizer (the fused op pools first; fake
-    # quantization is monotone, so only ties that quantization makes inside a pool window route differently).
-    ref = _unfused(fused.model)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = ref(xa), fused.model(xb)
+    ya, yb = plain.model(xa), fused.model(xb)
     assert torch.equal(ya, yb)
     g = torch.randn_like(ya)
     ya.backward(g)
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
     grads = 0
-    for (na, pa), (nb, pb) in zip(ref.named_parameters(), fused.model.named_parameters()):
+    for (na, pa), (nb, pb) in zip(plain.model.named_parameters(), fused.model.named_parameters()):
         assert na == nb
         assert (pa.grad is None) == (pb.grad is None), na
-        if pa.grad is not None:
+        if pa.grad is not None:  # the range gradients sum in another order
             grads += 1
-            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-6, atol=1e-6, msg=na)
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=na)
     trainable = sum(p.requires_grad for p in fused.model.parameters())
     assert grads == trainable and trainable > (8 if range_learning else 7), (grads, trainable)
+    with torch.no_grad():  # inference and calibration take the plain path
+        assert torch.equal(plain.model(x), fused.model(x))
     # Unfused, a ReLU6 holds its input and the quantizer its own (the ReLU6 output); the ReLU before the
     # pool holds its output (shared with the quantizer) and the pool the quantizer's output and int64
-    # indices. Fused, the first keeps only its input and the pooled quantizer only the pooled quarter and
-    # a byte per output for the window position of the maximum.
+    # indices. Fused, the first keeps only its input, and the pooled quantizer the input value of each
+    # window's maximum and a byte for its position.
     full, pooled = 8 * 8 * 12 * 12 * 4, 8 * 8 * 6 * 6
     saved = [_saved_bytes(s.model, x.clone().requires_grad_(True)) for s in sims]
-    assert saved[0] - saved[1] == full + 2 * full - full // 4 + pooled * (8 - 1), saved
+    assert saved[0] - saved[1] == full + 2 * full + pooled * (8 - 4 - 1), saved
+
+
+class GrayNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1, stride=2), nn.Conv2d(8, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("range_params", ["minmax", "scale_offset"])
+def test_single_channel_input_quantizer_runs_with_its_conv(range_params):
+    """The model input's quantizer and a one-channel Conv2d as one node: the same outputs, and the same
+    gradients (weights, bias, every range) as the separate modules, without an input gradient."""
+    torch.manual_seed(0)
+    m = GrayNet().eval()
+    x = torch.randn(6, 1, 12, 12) * 2
+    sims = []
+    for fuse in (False, True):
+        sim = QuantSim(m, x[:1], quant_scheme="min_max", range_learning=True, fuse_activations=fuse,
+                       range_params=range_params)
+        sim.compute_encodings(lambda mm: mm(x))
+        sims.append(sim)
+    plain, fused = sims
+    assert "input.x" in fused.fused_activations and "quantized_input_conv" in fused.model.code
+    outs = []
+    for sim in sims:
+        out = sim.model(x)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for (na, pa), (nb, pb) in zip(plain.model.named_parameters(), fused.model.named_parameters()):
+        assert na == nb and (pa.grad is None) == (pb.grad is None) == (not pa.requires_grad), na
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=na)
+    q = fused.activation_quantizers["input.x"]
+    assert q._encoding_params()[0].grad.abs().sum() > 0
+    # where the node does not apply, the separate modules run: an input that wants its gradient, a frozen
+    # input quantizer, inference
+    xg = x.clone().requires_grad_(True)
+    fused.model(xg).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    q.freeze()
+    with torch.no_grad():
+        assert torch.equal(fused.model(x), plain.model(x))
+
+
+def test_single_channel_input_node_compiles():
+    torch.manual_seed(0)
+    m = GrayNet().eval()
+    x = torch.randn(4, 1, 12, 12)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", range_learning=True, fuse_activations=True)
+    sim.compute_encodings(lambda mm: mm(x))
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(sim.model)(x).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(sim.model, fullgraph=True)(x), sim.model(x))
 
 
 def test_fused_activations_compile():

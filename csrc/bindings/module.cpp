@@ -53,6 +53,16 @@ PYBIND11_MODULE(_C, m) {
         },
         "non-overlapping max pool (kernel kh x kw == stride) of float32 planes: out and the argmax's window "
         "position (uint8)");
+  m.def("qdq_max_pool_forward",
+        [](uintptr_t x, int64_t planes, int64_t H, int64_t W, int kh, int kw, uintptr_t s, uintptr_t o,
+           int64_t channels, float qmin, float qmax, float act_lo, float act_hi, uintptr_t out, uintptr_t argmax,
+           uintptr_t sel) {
+          py::gil_scoped_release nogil;
+          pool_table().qdq_forward(ptr<const float>(x), planes, H, W, kh, kw, ptr<const float>(s),
+                                   ptr<const float>(o), channels, qmin, qmax, ActClamp{act_lo, act_hi},
+                                   ptr<float>(out), ptr<uint8_t>(argmax), ptr<float>(sel), cpu_threads());
+        },
+        "max_pool_forward over the fake quantization of the clamped x; sel: x at each argmax");
   m.def("max_pool_backward",
         [](uintptr_t g, uintptr_t argmax, int64_t planes, int64_t H, int64_t W, int kh, int kw, uintptr_t dx) {
           py::gil_scoped_release nogil;

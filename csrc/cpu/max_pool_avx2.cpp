@@ -5,7 +5,7 @@
 
 namespace pq {
 const PoolTable& pool_table_avx2() {
-  static const PoolTable t{&avx2::max_pool_forward, &avx2::max_pool_backward};
+  static const PoolTable t{&avx2::max_pool_forward, &avx2::qdq_max_pool_forward, &avx2::max_pool_backward};
   return t;
 }
 }  // namespace pq

@@ -5,7 +5,7 @@
 
 namespace pq {
 const PoolTable& pool_table_avx512() {
-  static const PoolTable t{&avx512::max_pool_forward, &avx512::max_pool_backward};
+  static const PoolTable t{&avx512::max_pool_forward, &avx512::qdq_max_pool_forward, &avx512::max_pool_backward};
   return t;
 }
 }  // namespace pq

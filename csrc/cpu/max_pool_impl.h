@@ -7,6 +7,7 @@
 #include "pool_table.h"
 #include "parallel.h"
 #include "simd.h"
+#include "pyquant/fake_quant.h"
 
 namespace pq {
 namespace PQ_ISA_NS {
@@ -21,14 +22,40 @@ inline void take(float v, uint8_t pos, float& m, uint8_t& k) {
   k = u ? pos : k;
 }
 
+// What the pool compares: the input itself, or (QDQ) its fake quantization after the activation clamp,
+// the same float32 arithmetic as the fake-quant kernels. With QDQ the pool also returns the input
+// value the maximum came from (`sel`), which is all the quantizer's backward needs.
+template <bool QDQ>
+struct Elementwise {
+  float s = 1.0f, o = 0.0f, qmin = 0.0f, qmax = 0.0f;
+  ActClamp act;
+  float one(float v) const {
+    if constexpr (QDQ) return fake_quant_one(act.apply(v), s, o, qmin, qmax);
+    else return v;
+  }
+  typename Isa::V vec(typename Isa::V v) const {
+    if constexpr (QDQ) {
+      v = Isa::clamp(v, Isa::set1(act.lo), Isa::set1(act.hi));
+      const typename Isa::V sv = Isa::set1(s), ov = Isa::set1(o);
+      const typename Isa::V q = Isa::clamp(Isa::sub(Isa::rint(Isa::div(v, sv)), ov), Isa::set1(qmin), Isa::set1(qmax));
+      return Isa::mul(Isa::add(q, ov), sv);
+    } else {
+      return v;
+    }
+  }
+};
+
 // Vectors of L pooled outputs; a row's last, shorter run uses masked loads and stores (pooled rows
 // are often shorter than a vector: 14, 7, 3 outputs in a small CNN).
-inline void pool_plane_2x2(const float* x, int64_t W, int64_t Ho, int64_t Wo, float* out, uint8_t* arg) {
+template <bool QDQ>
+void pool_plane_2x2(const float* x, int64_t W, int64_t Ho, int64_t Wo, const Elementwise<QDQ>& f, float* out,
+                    uint8_t* arg, float* sel) {
   for (int64_t i = 0; i < Ho; ++i) {
     const float* r0 = x + (2 * i) * W;
     const float* r1 = r0 + W;
     float* o = out + i * Wo;
     uint8_t* a = arg + i * Wo;
+    float* sl = QDQ ? sel + i * Wo : nullptr;
     if constexpr (Isa::W > 1) {
       using V = typename Isa::V;
       constexpr int L = Isa::W;
@@ -40,65 +67,96 @@ inline void pool_plane_2x2(const float* x, int64_t W, int64_t Ho, int64_t Wo, fl
         V e0, o0, e1, o1;
         Isa::deinterleave(Isa::load_partial(r0 + 2 * j, c0), Isa::load_partial(r0 + 2 * j + L, c1), e0, o0);
         Isa::deinterleave(Isa::load_partial(r1 + 2 * j, c0), Isa::load_partial(r1 + 2 * j + L, c1), e1, o1);
-        V m = Isa::set1(-INFINITY), k = Isa::set1(0.0f);
+        V m = Isa::set1(-INFINITY), k = Isa::set1(0.0f), xs = Isa::set1(0.0f);
         auto upd = [&](V v, V pos) {
-          const auto u = Isa::gt_or_nan(v, m);
-          m = Isa::select(u, v, m);
+          const V fv = f.vec(v);
+          const auto u = Isa::gt_or_nan(fv, m);
+          m = Isa::select(u, fv, m);
           k = Isa::select(u, pos, k);
+          if constexpr (QDQ) xs = Isa::select(u, v, xs);
         };
         upd(e0, k);
+        xs = e0;  // the first element is taken unless it is -inf, and then nothing larger may follow
         upd(o0, p1);
         upd(e1, p2);
         upd(o1, p3);
         if (n == L) {
           Isa::store(o + j, m);
           Isa::store_u8(a + j, k);
+          if constexpr (QDQ) Isa::store(sl + j, xs);
         } else {
           Isa::store_partial(o + j, m, n);
           Isa::store_u8(tmp, k);
           for (int t = 0; t < n; ++t) a[j + t] = tmp[t];
+          if constexpr (QDQ) Isa::store_partial(sl + j, xs, n);
         }
       }
     } else {
       for (int64_t j = 0; j < Wo; ++j) {
+        const float v[4] = {r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]};
         float m = -INFINITY;
         uint8_t k = 0;
-        take(r0[2 * j], 0, m, k);
-        take(r0[2 * j + 1], 1, m, k);
-        take(r1[2 * j], 2, m, k);
-        take(r1[2 * j + 1], 3, m, k);
+        for (int t = 0; t < 4; ++t) take(f.one(v[t]), uint8_t(t), m, k);
         o[j] = m;
         a[j] = k;
+        if constexpr (QDQ) sl[j] = v[k];
       }
     }
   }
 }
 
-inline void pool_plane(const float* x, int64_t W, int64_t Ho, int64_t Wo, int kh, int kw, float* out, uint8_t* arg) {
+template <bool QDQ>
+void pool_plane(const float* x, int64_t W, int64_t Ho, int64_t Wo, int kh, int kw, const Elementwise<QDQ>& f,
+                float* out, uint8_t* arg, float* sel) {
   for (int64_t i = 0; i < Ho; ++i) {
     for (int64_t j = 0; j < Wo; ++j) {
       float m = -INFINITY;
       uint8_t k = 0;
       const float* w0 = x + (i * kh) * W + j * kw;
       for (int r = 0; r < kh; ++r)
-        for (int c = 0; c < kw; ++c) take(w0[r * W + c], uint8_t(r * kw + c), m, k);
+        for (int c = 0; c < kw; ++c) take(f.one(w0[r * W + c]), uint8_t(r * kw + c), m, k);
       out[i * Wo + j] = m;
       arg[i * Wo + j] = k;
+      if constexpr (QDQ) sel[i * Wo + j] = w0[(k / kw) * W + k % kw];
     }
   }
 }
 
-inline void max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, float* out,
-                             uint8_t* arg, int max_threads) {
+template <bool QDQ>
+void pool_planes(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, Elementwise<QDQ> f,
+                 const float* s, const float* o, int64_t channels, float* out, uint8_t* arg, float* sel,
+                 int max_threads) {
   const int64_t Ho = H / kh, Wo = W / kw;
   const int nt = cpu::pick_threads(P * H * W, max_threads);
   cpu::parallel_ranges(P, nt, [&](int, int64_t b, int64_t e) {
+    Elementwise<QDQ> fp = f;
     for (int64_t p = b; p < e; ++p) {
+      if constexpr (QDQ) {  // one scale per tensor, or per channel (planes cycle through the channels)
+        const int64_t c = channels > 1 ? p % channels : 0;
+        fp.s = s[c];
+        fp.o = o[c];
+      }
       const float* xp = x + p * H * W;
-      if (kh == 2 && kw == 2) pool_plane_2x2(xp, W, Ho, Wo, out + p * Ho * Wo, arg + p * Ho * Wo);
-      else pool_plane(xp, W, Ho, Wo, kh, kw, out + p * Ho * Wo, arg + p * Ho * Wo);
+      float* slp = QDQ ? sel + p * Ho * Wo : nullptr;
+      if (kh == 2 && kw == 2) pool_plane_2x2<QDQ>(xp, W, Ho, Wo, fp, out + p * Ho * Wo, arg + p * Ho * Wo, slp);
+      else pool_plane<QDQ>(xp, W, Ho, Wo, kh, kw, fp, out + p * Ho * Wo, arg + p * Ho * Wo, slp);
     }
   });
+}
+
+inline void max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, float* out,
+                             uint8_t* arg, int max_threads) {
+  pool_planes<false>(x, P, H, W, kh, kw, Elementwise<false>(), nullptr, nullptr, 1, out, arg, nullptr, max_threads);
+}
+
+inline void qdq_max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, const float* s,
+                                 const float* o, int64_t channels, float qmin, float qmax, const ActClamp& act,
+                                 float* out, uint8_t* arg, float* sel, int max_threads) {
+  Elementwise<true> f;
+  f.qmin = qmin;
+  f.qmax = qmax;
+  f.act = act;
+  pool_planes<true>(x, P, H, W, kh, kw, f, s, o, channels, out, arg, sel, max_threads);
 }
 
 inline void unpool_plane_2x2(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,

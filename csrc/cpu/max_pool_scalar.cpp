@@ -5,7 +5,7 @@
 
 namespace pq {
 const PoolTable& pool_table_scalar() {
-  static const PoolTable t{&scalar::max_pool_forward, &scalar::max_pool_backward};
+  static const PoolTable t{&scalar::max_pool_forward, &scalar::qdq_max_pool_forward, &scalar::max_pool_backward};
   return t;
 }
 }  // namespace pq

@@ -185,6 +185,23 @@ class NativeBackend:
         self.m.max_pool_forward(x.data_ptr(), planes, h, w, kh, kw, out.data_ptr(), argmax.data_ptr())
         return out, argmax
 
+    def qdq_max_pool2d(self, x, scale, offset, qmin, qmax, kernel, check_values=True, act_min=None, act_max=None):
+        kh, kw, act = _registry.check_qdq_pool_args(x, scale, offset, qmin, qmax, kernel, act_min, act_max)
+        s, o = scale.contiguous(), offset.contiguous()
+        if check_values:
+            self._check_scale(s, s.numel())
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            return _reference.quantize_dequantize_max_pool2d(x, s, o, qmin, qmax, [kh, kw], act)
+        h, w = x.shape[-2:]
+        shape = tuple(x.shape[:-2]) + (h // kh, w // kw)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        argmax = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        sel = torch.empty(shape, dtype=x.dtype, device=x.device)
+        planes = x.numel() // (h * w) if x.numel() else 0
+        self.m.qdq_max_pool_forward(x.data_ptr(), planes, h, w, kh, kw, s.data_ptr(), o.data_ptr(), s.numel(),
+                                    float(qmin), float(qmax), *act, out.data_ptr(), argmax.data_ptr(), sel.data_ptr())
+        return out, argmax, sel
+
     def max_pool2d_window_backward(self, grad, argmax, kernel, input_size):
         _registry.check_unpool_args(grad, argmax, kernel, input_size)
         kh, kw = (int(k) for k in kernel)
@@ -253,6 +270,7 @@ class NativeBackend:
             torch.library.register_kernel("pyquant::max_pool2d_window", dt, self.max_pool2d_window, lib=lib)
             torch.library.register_kernel("pyquant::max_pool2d_window_backward", dt, self.max_pool2d_window_backward,
                                           lib=lib)
+            torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", dt, self.qdq_max_pool2d, lib=lib)
         torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
         torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
         torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)

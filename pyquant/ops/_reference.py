@@ -296,3 +296,19 @@ def max_pool2d_window_backward(grad: torch.Tensor, argmax: torch.Tensor, kernel:
     out = grad.new_zeros((planes, h * w))
     out.scatter_(1, (rows * w + cols).reshape(planes, -1), grad.reshape(planes, -1))
     return out.reshape(input_size)
+
+
+def quantize_dequantize_max_pool2d(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
+                                   kernel: list[int], act: Optional[tuple[float, float]] = None):
+    """max_pool2d_window of quantize_dequantize(activation(x)): (pooled, window position of the maximum,
+    the input value at that position)."""
+    q = quantize_dequantize(x, scale, offset, qmin, qmax, 1.0, act)
+    out, pos = max_pool2d_window(q, kernel)
+    kh, kw = kernel
+    ho, wo = out.shape[-2:]
+    k = pos.long()
+    rows = torch.arange(ho, device=x.device).view(-1, 1) * kh + k // kw
+    cols = torch.arange(wo, device=x.device).view(1, -1) * kw + k % kw
+    flat = (rows * x.shape[-1] + cols).flatten(-2)
+    sel = x.flatten(-2).gather(-1, flat).reshape(out.shape)
+    return out, pos, sel

@@ -34,6 +34,11 @@ _lib.define("adaround_regularizer(Tensor alpha, float beta) -> (Tensor, Tensor)"
 # (uint8): what a quantizer that pools before quantizing needs, at a byte per output for the backward.
 _lib.define("max_pool2d_window(Tensor x, int[2] kernel) -> (Tensor, Tensor)")
 _lib.define("max_pool2d_window_backward(Tensor grad, Tensor argmax, int[2] kernel, int[] input_size) -> Tensor")
+# A fused quantizer followed by such a pool: the pool of quantize_dequantize([activation](x)) computed in one
+# pass, returning also the input value each maximum came from (the quantizer's backward needs only that).
+# Scale/offset: one, or one per channel (dim -3). No autograd of its own: QuantizeDequantize's node uses it.
+_lib.define("quantize_dequantize_max_pool2d(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax, int[2] kernel, "
+            "bool check_values=True, float? act_min=None, float? act_max=None) -> (Tensor, Tensor, Tensor)")
 
 ops = torch.ops.pyquant
 
@@ -403,3 +408,33 @@ def _pool_backward(ctx, grad, grad_argmax):
 
 torch.library.register_autograd("pyquant::max_pool2d_window", _pool_backward, setup_context=_pool_setup_context,
                                 lib=_lib)
+
+
+def check_qdq_pool_args(x, scale, offset, qmin, qmax, kernel, act_min, act_max):
+    kh, kw = check_pool_args(x, kernel)
+    _layout.check_grid(qmin, qmax)
+    _layout.check_params(x, scale, offset)
+    act = _layout.check_activation(act_min, act_max)
+    c = x.shape[-3]
+    per_channel = [d for d, k in enumerate(scale.shape) if k != 1]
+    if scale.numel() != 1 and (scale.numel() != c or per_channel != [scale.dim() - 3]):
+        raise ValueError(f"scale must have one value, or one per channel (dim -3, {c} values); got shape "
+                         f"{tuple(scale.shape)}")
+    return kh, kw, act
+
+
+def _ref_qdq_max_pool2d(x, scale, offset, qmin, qmax, kernel, check_values=True, act_min=None, act_max=None):
+    kh, kw, act = check_qdq_pool_args(x, scale, offset, qmin, qmax, kernel, act_min, act_max)
+    if check_values:
+        _layout.check_scale_values(scale)
+    return _reference.quantize_dequantize_max_pool2d(x, scale, offset, qmin, qmax, [kh, kw], act)
+
+
+torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", None, _ref_qdq_max_pool2d, lib=_lib)
+
+
+@torch.library.register_fake("pyquant::quantize_dequantize_max_pool2d", lib=_lib)
+def _fake_qdq_max_pool2d(x, scale, offset, qmin, qmax, kernel, check_values=True, act_min=None, act_max=None):
+    kh, kw, _ = check_qdq_pool_args(x, scale, offset, qmin, qmax, kernel, act_min, act_max)
+    shape = tuple(x.shape[:-2]) + (x.shape[-2] // kh, x.shape[-1] // kw)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty(shape)

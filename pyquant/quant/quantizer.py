@@ -221,6 +221,14 @@ def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec):
     return s, torch.clamp(raw_o, -spec.qmax, -spec.qmin), raw_s, raw_o
 
 
+def _encoding(a: torch.Tensor, b: torch.Tensor, spec: _Spec):
+    """(scale, offset, unclamped scale, unclamped offset) of the parameters, outside autograd."""
+    with torch.no_grad():
+        if spec.minmax:
+            return _minmax_to_scale_offset(a, b, spec)
+        return a, b, None, None
+
+
 class _QuantizeNode(torch.autograd.Function):
     """A quantizer's whole training path as one autograd node: encoding parameters (min/max or
     scale/offset) -> scale/offset -> [activation +] fake quantization [-> 2-d max pool]. Recorded op by
@@ -228,61 +236,73 @@ class _QuantizeNode(torch.autograd.Function):
     on a small layer; here the chain rule back to the parameters is written out (straight-through on the
     offset's rounding, clamps passing where they are inactive, as autograd's own rules do).
 
-    With a pool, the node max-pools first and fake-quantizes the pooled quarter: both maps are monotone
-    non-decreasing, so the values are identical. The backward then needs only the pooled input and the
-    pool's indices, no full-size tensor; gradients are exactly those of activation -> max pool ->
-    quantizer, and differ from quantizer -> max pool only where quantization ties a window's maximum
-    (they follow the FP32 maximum rather than the first tied element)."""
+    With a pool, the node keeps for the backward only the input value each pooled maximum came from and
+    its position: a pooled-size tensor instead of the full-size input, output and int64 indices of the
+    separate ops, with the same values and gradients (only the summation order of the range gradients
+    differs). Non-overlapping windows on the CPU take one native pass (pyquant::
+    quantize_dequantize_max_pool2d)."""
 
     @staticmethod
     def forward(ctx, x, a, b, spec: _Spec):
-        with torch.no_grad():
-            if spec.minmax:
-                s, o, raw_s, raw_o = _minmax_to_scale_offset(a, b, spec)
-            else:
-                s, o, raw_s, raw_o = a, b, None, None
-            sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
+        s, o, raw_s, raw_o = _encoding(a, b, spec)
+        sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         idx = None
-        xin = x
-        if spec.pool is not None:
-            if _by_window(x, spec.pool):  # argmax as a byte per output, no full-size tensor kept
-                xin, idx = _registry.ops.max_pool2d_window(x, spec.pool[0])
-            else:
-                xin, idx = _max_pool(x, spec.pool)
-        out = _registry.ops.quantize_dequantize(xin, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
-                                                *spec.act)
-        ctx.save_for_backward(xin, idx, sb, ob, a, s, raw_s, raw_o)
+        if spec.pool is None:
+            xin = x
+            out = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
+                                                    *spec.act)
+        elif _by_window(x, spec.pool) and _channelwise(sb):  # one pass, a byte per output for the argmax
+            out, idx, xin = _registry.ops.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax,
+                                                                         spec.pool[0], spec.check, *spec.act)
+        else:
+            q = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
+                                                  *spec.act)
+            out, idx = _max_pool(q, spec.pool)
+            xin = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(out.shape)
+        ctx.save_for_backward(xin, idx, a, s, raw_s, raw_o, o)
         ctx.spec, ctx.x_shape = spec, x.shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xin, idx, sb, ob, a, s, raw_s, raw_o = ctx.saved_tensors
+        xin, idx, a, s, raw_s, raw_o, o = ctx.saved_tensors
         spec = ctx.spec
         need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
         need_s = need_a or need_b
         need_o = need_s and not spec.symmetric if spec.minmax else need_b
-        dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, sb, ob, spec.qmin, spec.qmax,
-                                                                spec.grad_scale, [need_x, need_s, need_o], *spec.act)
+        dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
+                                                                spec.qmin, spec.qmax, spec.grad_scale,
+                                                                [need_x, need_s, need_o], *spec.act)
         if need_x and spec.pool is not None:
             if idx.dtype == torch.uint8:
                 dx = _registry.ops.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
             else:
                 dx = _unpool(dx, idx, ctx.x_shape)
-        da = db = None
-        if spec.minmax and need_s:
-            ds = ds.reshape(s.shape)
-            if raw_o is not None:  # o = clamp(round_ste(min / s) - qmin): d/dmin = 1/s, d/ds = -min/s^2
-                go = do.reshape(s.shape) * ((raw_o >= -spec.qmax) & (raw_o <= -spec.qmin))
-                ds = ds - go * (a / s) / s
-            dmax = ds * (raw_s >= min_scale(spec.qmax - spec.qmin)) / (spec.qmax - spec.qmin)
-            da, db = -dmax, dmax
-            if raw_o is not None:
-                da = da + go / s
-        elif not spec.minmax:
-            da = ds.reshape(s.shape) if need_a else None
-            db = do.reshape(s.shape) if need_b else None
-        return (dx if need_x else None, da if need_a else None, db if need_b else None, None)
+        da, db = _encoding_grads(spec, a, s, raw_s, raw_o, ds, do, need_a, need_b)
+        return (dx if need_x else None, da, db, None)
+
+
+def _channelwise(sb: torch.Tensor) -> bool:
+    """One scale, or one per channel (dim -3): the layouts the pooled quantizer kernel takes."""
+    return sb.numel() == 1 or [d for d, k in enumerate(sb.shape) if k != 1] == [sb.dim() - 3]
+
+
+def _encoding_grads(spec: _Spec, a: torch.Tensor, s: torch.Tensor, raw_s: Optional[torch.Tensor],
+                    raw_o: Optional[torch.Tensor], ds: torch.Tensor, do: torch.Tensor, need_a: bool, need_b: bool):
+    """Gradients of the encoding parameters (min, max) or (scale, offset) from those of scale and offset."""
+    if not (need_a or need_b):
+        return None, None
+    if not spec.minmax:
+        return (ds.reshape(s.shape) if need_a else None), (do.reshape(s.shape) if need_b else None)
+    ds = ds.reshape(s.shape)
+    if raw_o is not None:  # o = clamp(round_ste(min / s) - qmin): d/dmin = 1/s, d/ds = -min/s^2
+        go = do.reshape(s.shape) * ((raw_o >= -spec.qmax) & (raw_o <= -spec.qmin))
+        ds = ds - go * (a / s) / s
+    dmax = ds * (raw_s >= min_scale(spec.qmax - spec.qmin)) / (spec.qmax - spec.qmin)
+    dmin = -dmax
+    if raw_o is not None:
+        dmin = dmin + go / s
+    return (dmin if need_a else None), (dmax if need_b else None)
 
 
 def _by_window(x: torch.Tensor, pool: Pool) -> bool:
@@ -336,16 +356,19 @@ class QuantizeDequantize(_QuantizerBase):
         self._ready(x)  # raises without an encoding
         return self._quantize_node(x, activation, pool)
 
-    def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
-                       pool: Optional[Pool] = None) -> torch.Tensor:
+    def _spec(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
+              pool: Optional[Pool] = None) -> _Spec:
         gs = 1.0
         if self.lsq_grad_scale:
             gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * self.qmax) ** 0.5)
         minmax = self.param_mode == "minmax"
         # min/max-derived scales are clamped positive: no need to read them back (a GPU sync)
-        spec = _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool)
+        return _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool)
+
+    def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
+                       pool: Optional[Pool] = None) -> torch.Tensor:
         a, b = self._encoding_params()
-        return _QuantizeNode.apply(x, a, b, spec)
+        return _QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""

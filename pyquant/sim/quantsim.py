@@ -20,6 +20,7 @@ from .._io import atomic_torch_save
 from .._progress import Progress
 from ..quant import (Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced, from_range)
 from ..quant.analyzers import EncodingAnalyzer
+from ..quant.input_conv import can_fuse_input_conv, quantized_input_conv
 from . import graph as G
 from .config import HardwareConfig, load_config
 from .staged import batch_args
@@ -92,10 +93,14 @@ class QuantSim:
             AIMET does) or "scale_offset" (scale and offset directly, LSQ-style: their gradients come
             straight from the fused kernel, with fewer small ops per quantizer and step).
         fuse_activations: run each ReLU / ReLU6 / Hardtanh and the quantizer after it (and a MaxPool2d
-            after that) as one op, so a training step holds one tensor for them instead of two or three
-            (QAT memory as FP32's; the activation is recomputed in the backward). Outputs and gradients
-            are the same; the fused nodes leave the graph, so post-training techniques that look for
-            them want the default (False).
+            after that) as one op: the activation is clamped inside the fake-quant kernel and a max pool
+            of non-overlapping windows runs first, so the quantizer sees a quarter of the tensor and a
+            training step holds one tensor for the three ops (QAT memory at or below FP32's). Values are
+            the separate ops'; gradients are those of activation -> max pool -> quantizer, which differ
+            from quantizer -> max pool only where quantization ties a pool window's maximum. A model input
+            with one channel, quantized and fed to a Conv2d, also runs as one node whose range gradient
+            needs no input gradient (pyquant.quant.input_conv). The fused nodes leave the graph, so
+            post-training techniques that look for them want the default (False).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -319,6 +324,25 @@ class QuantSim:
             name = names.get(id(gm.get_submodule(qn.target)), qn.target)
             if name not in fused:
                 fused.append(name)
+        # model input -> quantizer -> single-channel Conv2d: one node (pyquant.quant.input_conv)
+        for qn in list(gm.graph.nodes):
+            if (qn.op != "call_module" or not isinstance(gm.get_submodule(qn.target), QuantizeDequantize)
+                    or qn.kwargs or len(qn.args) != 1 or getattr(qn.args[0], "op", None) != "placeholder"):
+                continue
+            users = list(qn.users)
+            if len(users) != 1 or users[0].op != "call_module" or users[0].args != (qn,) or users[0].kwargs:
+                continue
+            conv_node = users[0]
+            if not can_fuse_input_conv(gm.get_submodule(conv_node.target)):
+                continue
+            with gm.graph.inserting_before(conv_node):
+                q_attr = gm.graph.get_attr(qn.target)
+                c_attr = gm.graph.get_attr(conv_node.target)
+                node = gm.graph.call_function(quantized_input_conv, (q_attr, c_attr, qn.args[0]))
+            conv_node.replace_all_uses_with(node)
+            gm.graph.erase_node(conv_node)
+            gm.graph.erase_node(qn)
+            fused.append(names.get(id(gm.get_submodule(qn.target)), qn.target))
         gm.graph.lint()
         gm.recompile()
         return fused
