@@ -27,7 +27,7 @@ timeout ${TEST_LIMIT:-240} python3 -m pytest -q -m cuda -p no:cacheprovider $XDI
 step "compute-sanitizer memcheck"
 [[ -n ${SKIP_MEMCHECK:-} ]] && echo "skipped" || timeout ${MEMCHECK_LIMIT:-150} compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m pytest -q -m cuda -p no:cacheprovider \
   $(ls tests/test_fake_quant.py tests/test_stats_kernels.py tests/test_adaround_kernels.py 2>/dev/null) \
-  -k "forward_matches_reference and float32 and per_ or backward_matches or large or minmax_and_histogram or search or entropy or adaround" \
+  -k "forward_matches_reference and float32 and per_ or backward_matches or fused_activation or large or minmax_and_histogram or search or entropy or adaround" \
   >"$OUT/memcheck.log" 2>&1
 rc=$?; [[ -n ${SKIP_MEMCHECK:-} ]] || { grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3; [[ $rc -eq 0 ]] || { echo "memcheck failed ($rc)"; status=1; }; }
 

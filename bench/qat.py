@@ -76,7 +76,7 @@ def _train(model: torch.nn.Module, params: list, xtr, ytr, epochs: int, bs: int,
     model.eval()
 
 
-def fashion_accuracy(epochs: int, quick: bool) -> list[dict[str, Any]]:
+def fashion_accuracy(epochs: int, quick: bool, seeds: int = 3) -> list[dict[str, Any]]:
     from pyquant.datasets.fashion_mnist import fashion_mnist_tensors
     from pyquant.models import fashion_cnn
     from pyquant.models.fashion_cnn import evaluate
@@ -94,25 +94,32 @@ def fashion_accuracy(epochs: int, quick: bool) -> list[dict[str, Any]]:
                                    ("PTQ TF-enhanced", "tf_enhanced", False, False),
                                    ("QAT fixed ranges (TF-enhanced init)", "tf_enhanced", True, False),
                                    ("QAT range learning (TF-enhanced init)", "tf_enhanced", True, True)):
-        torch.manual_seed(0)
-        sim = QuantSim(copy.deepcopy(base), calib[:1], quant_scheme=scheme, param_bw=4, output_bw=4,
-                       range_learning=rl)
-        sim.compute_encodings(lambda m: m(calib))
+        accs = []
         t0 = time.perf_counter()
-        if qat:
-            groups = [{"params": sim.model_parameters(), "lr": 1e-4}]
-            if rl:
-                groups.append({"params": [p for p in sim.quantizer_parameters() if p.requires_grad], "lr": 1e-3})
-            _train(sim.model, groups, xtr, ytr, epochs, 128, seed=0)
-        acc = evaluate(sim.model, xte, yte)
-        results[label] = acc
-        row = dict(model="Fashion-MNIST CNN", measure="test accuracy %", config=f"W4A4 {label}", value=100 * acc,
-                   fp32=100 * fp)
+        for seed in range(seeds if qat else 1):  # calibration is deterministic; training depends on the seed
+            torch.manual_seed(seed)
+            sim = QuantSim(copy.deepcopy(base), calib[:1], quant_scheme=scheme, param_bw=4, output_bw=4,
+                           range_learning=rl, fuse_activations=qat)
+            sim.compute_encodings(lambda m: m(calib))
+            if qat:
+                groups = [{"params": sim.model_parameters(), "lr": 1e-4}]
+                if rl:
+                    groups.append({"params": [p for p in sim.quantizer_parameters() if p.requires_grad], "lr": 3e-3})
+                _train(sim.model, groups, xtr, ytr, epochs, 128, seed=seed)
+            accs.append(evaluate(sim.model, xte, yte))
+        acc = statistics.mean(accs)
+        results[label] = accs
+        config = f"W4A4 {label}"
+        if len(accs) > 1:
+            config += f", mean of seeds 0-{len(accs) - 1} (" + " / ".join(f"{100 * a:.2f}" for a in accs) + ")"
+        row = dict(model="Fashion-MNIST CNN", measure="test accuracy %", config=config, value=100 * acc, fp32=100 * fp)
         if rl:
             fixed = results["QAT fixed ranges (TF-enhanced init)"]
-            row.update(target="within 1 pt of FP32 and above fixed-range QAT", met=acc >= fp - 0.01 and acc > fixed)
+            row.update(target="within 1 pt of FP32 and above fixed-range QAT (mean, and seed by seed)",
+                       met=acc >= fp - 0.01 and acc > statistics.mean(fixed)
+                       and all(a > f for a, f in zip(accs, fixed)))
         rows.append(row)
-        log(f"{label}: {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)")
+        log(f"{label}: {', '.join(f'{100 * a:.2f}%' for a in accs)} ({time.perf_counter() - t0:.0f} s)")
     return rows
 
 
@@ -269,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--no-aimet", action="store_true")
     p.add_argument("--minilm-steps", type=int, default=150, help="distillation steps for MiniLM")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds for the Fashion-MNIST QAT accuracy")
     p.add_argument("--name", default="qat", help="results file name (bench/results/<name>.md)")
     p.add_argument("--skip", default="", help="comma-separated: accuracy, minilm, fashion_step, mobilenet_step")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -286,7 +294,7 @@ def main(argv=None) -> int:
     rows: list[dict[str, Any]] = []
     epochs = a.epochs or (1 if a.quick else 2)
     if "accuracy" not in skip:
-        rows += fashion_accuracy(epochs, a.quick)
+        rows += fashion_accuracy(epochs, a.quick, a.seeds)
     if "minilm" not in skip:
         rows += minilm_distillation(20 if a.quick else a.minilm_steps, a.quick)
     g = torch.Generator().manual_seed(0)
@@ -307,13 +315,17 @@ def main(argv=None) -> int:
         rows += step_cost(f"MobileNetV2, batch {len(x)}", m, x, y, aimet, 3 if a.quick else 7)
     notes = [f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads"
-             + (f"; Fashion-MNIST QAT: Adam, weights lr 1e-4, quantizer ranges lr 1e-3, batch 128, {epochs} epoch(s) "
-                f"over the training set, seed 0" if "accuracy" not in skip else ""),
-             "step cost: pyquant's QuantSim with fuse_activations=True (ReLU/ReLU6 -> quantizer -> max pool as one "
-             "op holding one tensor for the backward) unless the row says unfused",
-             "step cost: range learning with TF-enhanced initialisation in every toolkit; AIMET's "
-             "QuantizationSimModel with training_range_learning_with_tf_init" if aimet.ok else
+             + (f"; Fashion-MNIST QAT: Adam, weights lr 1e-4, quantizer ranges lr 3e-3, batch 128, {epochs} epoch(s) "
+                f"over the training set, fuse_activations=True, seeds 0-{a.seeds - 1} (initialisation and data order)"
+                if "accuracy" not in skip else ""),
+             "AIMET 2.42 in the same process (range learning with TF-enhanced initialisation in every toolkit; "
+             "AIMET's QuantizationSimModel with training_range_learning_with_tf_init)" if aimet.ok else
              "AIMET not run (no aimet_torch here)"]
+    if not {"fashion_step", "mobilenet_step"} <= skip:
+        notes.append("step cost: pyquant's QuantSim with fuse_activations=True unless the row says unfused: each "
+                     "ReLU/ReLU6 clamped inside its quantizer's fake-quant kernel, quantizer -> 2x2 max pool in one "
+                     "native pass keeping a pooled-size tensor and a byte per output, and the single-channel input's "
+                     "quantizer run with its conv (no input gradient); values and gradients those of the separate ops")
     name = a.name + ("_cuda" if a.device == "cuda" else "") + ("_quick" if a.quick else "")
     path = write_results(name, rows, COLUMNS, title="Quantization-aware training", notes=notes,
                          out_dir=Path(a.out) if a.out else None)

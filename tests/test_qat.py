@@ -357,6 +357,37 @@ def test_single_channel_input_quantizer_runs_with_its_conv(range_params):
         assert torch.equal(fused.model(x), plain.model(x))
 
 
+def test_fused_sim_exports_what_it_simulates(tmp_path):
+    """After fused QAT the export writes the separate QDQ ops: onnxruntime, run as written, reproduces the
+    simulation exactly."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from pyquant.sim.export import run_onnx
+
+    class PoolNet(GrayNet):
+        def __init__(self):
+            super().__init__()
+            self.act, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.fc(self.c2(self.pool(self.act(self.c1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    sim = QuantSim(PoolNet().eval(), x[:1], range_learning=True, fuse_activations=True)
+    sim.compute_encodings(lambda m: m(x))
+    assert {"input.x", "act.output"} <= set(sim.fused_activations) and "pool = (" in sim.model.code
+    F.cross_entropy(sim.model(x), torch.tensor([0, 1, 2, 0])).backward()
+    with torch.no_grad():
+        for p in sim.quantizer_parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    paths = sim.export(tmp_path, "net", x[:1])
+    with torch.no_grad():
+        want = sim.model(x)
+    torch.testing.assert_close(run_onnx(paths["onnx"], x, optimize=False)[0], want, rtol=0, atol=0)
+
+
 def test_single_channel_input_node_compiles():
     torch.manual_seed(0)
     m = GrayNet().eval()
