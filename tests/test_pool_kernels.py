@@ -106,6 +106,11 @@ def test_native_equals_reference_on_strided_input(simd):
     rout, rarg = ref.max_pool2d_window(x.contiguous(), [2, 2])
     torch.testing.assert_close(out, rout, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(arg, rarg)
+    s, o = torch.full((1, 3, 1, 1), 0.2), torch.full((1, 3, 1, 1), -20.0)
+    got = op.quantize_dequantize_max_pool2d(x, s, o, 0, 255, [2, 2], True, 0.0, None)
+    want = ref.quantize_dequantize_max_pool2d(x.contiguous(), s, o, 0, 255, [2, 2], (0.0, float("inf")))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_autograd_matches_aten_max_pool():

@@ -190,8 +190,11 @@ class NativeBackend:
         s, o = scale.contiguous(), offset.contiguous()
         if check_values:
             self._check_scale(s, s.numel())
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            return _reference.quantize_dequantize_max_pool2d(x, s, o, qmin, qmax, [kh, kw], act)
+        if not hasattr(self.m, "qdq_max_pool_forward") or x.dtype != torch.float32 or not x.is_contiguous():
+            # this device's fake-quant kernel, then aten's pool
+            q = self._forward(QDQ, x, s, o, qmin, qmax, x.dtype, False, act)
+            out, pos = _reference.max_pool2d_window(q, [kh, kw])
+            return out, pos, _reference.window_values(x, pos, [kh, kw])
         h, w = x.shape[-2:]
         shape = tuple(x.shape[:-2]) + (h // kh, w // kw)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
@@ -270,7 +273,7 @@ class NativeBackend:
             torch.library.register_kernel("pyquant::max_pool2d_window", dt, self.max_pool2d_window, lib=lib)
             torch.library.register_kernel("pyquant::max_pool2d_window_backward", dt, self.max_pool2d_window_backward,
                                           lib=lib)
-            torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", dt, self.qdq_max_pool2d, lib=lib)
+        torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", dt, self.qdq_max_pool2d, lib=lib)
         torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
         torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
         torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)

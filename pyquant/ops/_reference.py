@@ -304,11 +304,15 @@ def quantize_dequantize_max_pool2d(x: torch.Tensor, scale: torch.Tensor, offset:
     the input value at that position)."""
     q = quantize_dequantize(x, scale, offset, qmin, qmax, 1.0, act)
     out, pos = max_pool2d_window(q, kernel)
+    return out, pos, window_values(x, pos, kernel)
+
+
+def window_values(x: torch.Tensor, pos: torch.Tensor, kernel: list[int]) -> torch.Tensor:
+    """The element of x at each window's position `pos` (the pooled shape)."""
     kh, kw = kernel
-    ho, wo = out.shape[-2:]
+    ho, wo = pos.shape[-2:]
     k = pos.long()
     rows = torch.arange(ho, device=x.device).view(-1, 1) * kh + k // kw
     cols = torch.arange(wo, device=x.device).view(1, -1) * kw + k % kw
     flat = (rows * x.shape[-1] + cols).flatten(-2)
-    sel = x.flatten(-2).gather(-1, flat).reshape(out.shape)
-    return out, pos, sel
+    return x.flatten(-2).gather(-1, flat).reshape(pos.shape)
