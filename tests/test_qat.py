@@ -3,7 +3,6 @@
 trained encodings, and DistributedDataParallel (two gloo processes == one process on the whole batch)."""
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest

@@ -13,8 +13,6 @@ sums. The input needs no gradient of its own (the model input), and values are t
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn

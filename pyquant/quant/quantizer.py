@@ -198,7 +198,7 @@ def _max_pool(x: torch.Tensor, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Spec(NamedTuple):
-    """A quantizer's constants, as one hashable argument of _QuantizeNode."""
+    """A quantizer's constants, passed to _QuantizeNode as one argument."""
     minmax: bool
     symmetric: bool
     qmin: int
