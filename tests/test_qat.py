@@ -319,6 +319,15 @@ class GrayNet(nn.Module):
         return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3)))
 
 
+class PoolGrayNet(GrayNet):
+    def __init__(self):
+        super().__init__()
+        self.act, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.fc(self.c2(self.pool(self.act(self.c1(x)))).mean((2, 3)))
+
+
 @pytest.mark.parametrize("range_params", ["minmax", "scale_offset"])
 def test_single_channel_input_quantizer_runs_with_its_conv(range_params):
     """The model input's quantizer and a one-channel Conv2d as one node: the same outputs, and the same
@@ -363,17 +372,9 @@ def test_fused_sim_exports_what_it_simulates(tmp_path):
     pytest.importorskip("onnx")
     from pyquant.sim.export import run_onnx
 
-    class PoolNet(GrayNet):
-        def __init__(self):
-            super().__init__()
-            self.act, self.pool = nn.ReLU(), nn.MaxPool2d(2)
-
-        def forward(self, x):
-            return self.fc(self.c2(self.pool(self.act(self.c1(x)))).mean((2, 3)))
-
     torch.manual_seed(0)
     x = torch.randn(4, 1, 16, 16)
-    sim = QuantSim(PoolNet().eval(), x[:1], range_learning=True, fuse_activations=True)
+    sim = QuantSim(PoolGrayNet().eval(), x[:1], range_learning=True, fuse_activations=True)
     sim.compute_encodings(lambda m: m(x))
     assert {"input.x", "act.output"} <= set(sim.fused_activations) and "pool = (" in sim.model.code
     F.cross_entropy(sim.model(x), torch.tensor([0, 1, 2, 0])).backward()
@@ -433,6 +434,31 @@ def test_bf16_autocast_step():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in sim.quantizer_parameters() if p.grad is not None)
     opt.step()
+
+
+def test_bf16_autocast_step_with_fused_nodes():
+    """Under autocast the fused nodes (input quantizer + conv, activation + quantizer + pool) compute what the
+    separate modules do, in bfloat16."""
+    torch.manual_seed(0)
+    m = PoolGrayNet().eval()
+    x = torch.randn(8, 1, 16, 16)
+    sims = []
+    for fuse in (False, True):
+        sim = QuantSim(m, x[:1], quant_scheme="min_max", range_learning=True, fuse_activations=fuse)
+        sim.compute_encodings(lambda mm: mm(x))
+        sims.append(sim)
+    outs = []
+    for sim in sims:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sim.model(x)
+        out.float().square().sum().backward()
+        outs.append(out)
+    assert outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for (na, pa), (nb, pb) in zip(sims[0].model.named_parameters(), sims[1].model.named_parameters()):
+        if pa.grad is not None:  # bfloat16 convolutions: reassociated sums round differently
+            assert pb.grad is not None and pb.grad.dtype == pa.grad.dtype, na
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=0.05, atol=0.05 * float(pa.grad.abs().max()), msg=na)
 
 
 def test_save_resume_continues_exactly_and_export_has_trained_encodings(tmp_path):

@@ -62,6 +62,7 @@ class _InputConvNode(torch.autograd.Function):
         stride, padding, dilation = conv
         ctx.save_for_backward(x, a, s, raw_s, raw_o, sb, ob, w)
         ctx.spec, ctx.conv, ctx.has_bias = spec, conv, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.conv2d(xh, w, bias, stride, padding, dilation)
 
     @staticmethod
@@ -72,8 +73,9 @@ class _InputConvNode(torch.autograd.Function):
         need_a, need_b, need_w, need_bias = (bool(v) for v in ctx.needs_input_grad[1:5])
         xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, False)
         d_s, d_o = _derivative_maps(x, sb, ob, spec)
-        inp = torch.cat([xh, d_s.to(x.dtype), d_o.to(x.dtype)], dim=1)
-        w3 = w.new_empty((w.shape[0], 3) + tuple(w.shape[2:]))  # only its shape is read
+        dt = gy.dtype  # the convolution's dtype (bfloat16 under autocast)
+        inp = torch.cat([xh.to(dt), d_s.to(dt), d_o.to(dt)], dim=1)
+        w3 = w.new_empty((w.shape[0], 3) + tuple(w.shape[2:]), dtype=dt)  # only its shape is read
         _, dw3, dbias = torch.ops.aten.convolution_backward(
             gy, inp, w3, [w.shape[0]] if ctx.has_bias else None, list(stride), list(padding), list(dilation), False,
             [0, 0], 1, [False, True, need_bias])
@@ -81,4 +83,5 @@ class _InputConvNode(torch.autograd.Function):
         ds = (wf * dw3[:, 1:2].float()).sum().reshape(s.shape) * spec.grad_scale
         do = (wf * dw3[:, 2:3].float()).sum().reshape(s.shape) * spec.grad_scale
         da, db = _encoding_grads(spec, a, s, raw_s, raw_o, ds, do, need_a, need_b)
-        return (None, da, db, dw3[:, 0:1] if need_w else None, dbias if need_bias else None, None, None)
+        return (None, da, db, dw3[:, 0:1].to(w.dtype) if need_w else None,
+                dbias.to(ctx.bias_dtype) if need_bias else None, None, None)
