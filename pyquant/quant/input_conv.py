@@ -56,18 +56,18 @@ def _derivative_maps(x: torch.Tensor, sb: torch.Tensor, ob: torch.Tensor, spec: 
 class _InputConvNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, w, bias, spec: _Spec, conv: tuple):
-        s, o, raw_s, raw_o = _encoding(a, b, spec)
+        s, o, factors = _encoding(a, b, spec)
         sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check)
         stride, padding, dilation = conv
-        ctx.save_for_backward(x, a, s, raw_s, raw_o, sb, ob, w)
+        ctx.save_for_backward(x, s, sb, ob, w, *factors)
         ctx.spec, ctx.conv, ctx.has_bias = spec, conv, bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.conv2d(xh, w, bias, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, gy):
-        x, a, s, raw_s, raw_o, sb, ob, w = ctx.saved_tensors
+        x, s, sb, ob, w, *factors = ctx.saved_tensors
         spec = ctx.spec
         stride, padding, dilation = ctx.conv
         need_a, need_b, need_w, need_bias = (bool(v) for v in ctx.needs_input_grad[1:5])
@@ -82,6 +82,6 @@ class _InputConvNode(torch.autograd.Function):
         wf = w.float()
         ds = (wf * dw3[:, 1:2].float()).sum().reshape(s.shape) * spec.grad_scale
         do = (wf * dw3[:, 2:3].float()).sum().reshape(s.shape) * spec.grad_scale
-        da, db = _encoding_grads(spec, a, s, raw_s, raw_o, ds, do, need_a, need_b)
+        da, db = _encoding_grads(spec, s, factors, ds, do, need_a, need_b)
         return (None, da, db, dw3[:, 0:1].to(w.dtype) if need_w else None,
                 dbias.to(ctx.bias_dtype) if need_bias else None, None, None)

@@ -209,24 +209,33 @@ class _Spec(NamedTuple):
     pool: Optional[Pool]
 
 
-def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec):
-    """(scale, offset, unclamped scale, unclamped offset) of a min/max encoding, as _QuantizerBase's
-    _scale_offset computes them."""
+def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec, factors: bool = True):
+    """(scale, offset, chain factors) of a min/max encoding, as _QuantizerBase's _scale_offset computes
+    them. The factors carry the chain rule back to min and max (_encoding_grads):
+    s = clamp((max - min) / n, min_scale) and o = clamp(round_ste(min / s) - qmin, -qmax, -qmin), so
+    dmax = (ds - do' * (min / s) / s) * [s unclamped] / n and dmin = do' / s - dmax with do' = do *
+    [o unclamped]; the factors are [s unclamped] / n, [o unclamped] / s and [o unclamped] * (min / s) / s."""
     ns = spec.qmax - spec.qmin
     raw_s = (mx - mn) / ns
     s = torch.clamp(raw_s, min=min_scale(ns))
+    k_s = (raw_s == s) / ns if factors else None  # clamp passes where it is inactive: raw_s == its clamp
     if spec.symmetric:
-        return s, torch.zeros_like(s), raw_s, None
-    raw_o = torch.round(mn / s) - spec.qmin
-    return s, torch.clamp(raw_o, -spec.qmax, -spec.qmin), raw_s, raw_o
+        return s, torch.zeros_like(s), (k_s, None, None)
+    t = mn / s
+    raw_o = torch.round(t) - spec.qmin
+    o = torch.clamp(raw_o, -spec.qmax, -spec.qmin)
+    if not factors:
+        return s, o, (None, None, None)
+    k_o = (raw_o == o) / s
+    return s, o, (k_s, k_o, k_o * t)
 
 
-def _encoding(a: torch.Tensor, b: torch.Tensor, spec: _Spec):
-    """(scale, offset, unclamped scale, unclamped offset) of the parameters, outside autograd."""
-    with torch.no_grad():
-        if spec.minmax:
-            return _minmax_to_scale_offset(a, b, spec)
-        return a, b, None, None
+def _encoding(a: torch.Tensor, b: torch.Tensor, spec: _Spec, factors: bool = True):
+    """(scale, offset, chain factors) of the parameters; called inside autograd Functions' forward, where
+    autograd is off. Without `factors` (fixed ranges) the chain factors are not formed."""
+    if spec.minmax:
+        return _minmax_to_scale_offset(a, b, spec, factors)
+    return a, b, (None, None, None)
 
 
 class _QuantizeNode(torch.autograd.Function):
@@ -244,7 +253,7 @@ class _QuantizeNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, spec: _Spec):
-        s, o, raw_s, raw_o = _encoding(a, b, spec)
+        s, o, factors = _encoding(a, b, spec, any(ctx.needs_input_grad[1:3]))
         sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         idx = None
         if spec.pool is None:
@@ -259,13 +268,13 @@ class _QuantizeNode(torch.autograd.Function):
                                                   *spec.act)
             out, idx = _max_pool(q, spec.pool)
             xin = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(out.shape)
-        ctx.save_for_backward(xin, idx, a, s, raw_s, raw_o, o)
+        ctx.save_for_backward(xin, idx, s, o, *factors)
         ctx.spec, ctx.x_shape = spec, x.shape
         return out
 
     @staticmethod
     def backward(ctx, g):
-        xin, idx, a, s, raw_s, raw_o, o = ctx.saved_tensors
+        xin, idx, s, o, *factors = ctx.saved_tensors
         spec = ctx.spec
         need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
         need_s = need_a or need_b
@@ -278,7 +287,7 @@ class _QuantizeNode(torch.autograd.Function):
                 dx = _registry.ops.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
             else:
                 dx = _unpool(dx, idx, ctx.x_shape)
-        da, db = _encoding_grads(spec, a, s, raw_s, raw_o, ds, do, need_a, need_b)
+        da, db = _encoding_grads(spec, s, factors, ds, do, need_a, need_b)
         return (dx if need_x else None, da, db, None)
 
 
@@ -287,22 +296,21 @@ def _channelwise(sb: torch.Tensor) -> bool:
     return sb.numel() == 1 or [d for d, k in enumerate(sb.shape) if k != 1] == [sb.dim() - 3]
 
 
-def _encoding_grads(spec: _Spec, a: torch.Tensor, s: torch.Tensor, raw_s: Optional[torch.Tensor],
-                    raw_o: Optional[torch.Tensor], ds: torch.Tensor, do: torch.Tensor, need_a: bool, need_b: bool):
+def _encoding_grads(spec: _Spec, s: torch.Tensor, factors, ds: torch.Tensor, do: torch.Tensor, need_a: bool,
+                    need_b: bool):
     """Gradients of the encoding parameters (min, max) or (scale, offset) from those of scale and offset."""
     if not (need_a or need_b):
         return None, None
     if not spec.minmax:
         return (ds.reshape(s.shape) if need_a else None), (do.reshape(s.shape) if need_b else None)
+    k_s, k_o, k_ot = factors
     ds = ds.reshape(s.shape)
-    if raw_o is not None:  # o = clamp(round_ste(min / s) - qmin): d/dmin = 1/s, d/ds = -min/s^2
-        go = do.reshape(s.shape) * ((raw_o >= -spec.qmax) & (raw_o <= -spec.qmin))
-        ds = ds - go * (a / s) / s
-    dmax = ds * (raw_s >= min_scale(spec.qmax - spec.qmin)) / (spec.qmax - spec.qmin)
-    dmin = -dmax
-    if raw_o is not None:
-        dmin = dmin + go / s
-    return (dmin if need_a else None), (dmax if need_b else None)
+    if k_o is None:  # symmetric: the offset is 0
+        dmax = ds * k_s
+        return (-dmax if need_a else None), (dmax if need_b else None)
+    do = do.reshape(s.shape)
+    dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
+    return (torch.addcmul(-dmax, do, k_o) if need_a else None), (dmax if need_b else None)
 
 
 def _by_window(x: torch.Tensor, pool: Pool) -> bool:
