@@ -153,3 +153,16 @@ def test_compiles_without_graph_break():
 def test_bad_arguments_name_the_argument(kw, match):
     with pytest.raises((TypeError, ValueError), match=match):
         op.max_pool2d_window(kw["x"], kw["kernel"])
+
+
+def test_backward_checks_its_arguments():
+    g, arg = torch.randn(1, 2, 3, 3), torch.zeros(1, 2, 3, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="positive"):
+        op.max_pool2d_window_backward(g, arg, [0, 2], [1, 2, 6, 6])
+    with pytest.raises(ValueError, match="pooled shape"):
+        op.max_pool2d_window_backward(g, arg, [2, 2], [1, 2, 8, 8])
+    with pytest.raises(TypeError, match="uint8"):
+        op.max_pool2d_window_backward(g, arg.long(), [2, 2], [1, 2, 6, 6])
+    # a window position outside the window writes nothing (no memory outside the plane is touched)
+    bad = torch.full((1, 2, 3, 3), 200, dtype=torch.uint8)
+    assert op.max_pool2d_window_backward(g, bad, [3, 3], [1, 2, 9, 9]).abs().sum() == 0

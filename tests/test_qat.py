@@ -239,6 +239,31 @@ def test_quantizer_gradients_equal_autograd_of_its_ops(mode, symmetric, per_chan
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 if pool else 1e-6)
 
 
+@pytest.mark.parametrize("shape,size", [((1, 1, 8, 1), 8), ((1, 1, 1, 8), 8), ((1, 1, 2, 2), 6), ((1, 1, 3, 1), 6)])
+def test_pooled_quantizer_with_encodings_along_h_or_w(shape, size):
+    """Encodings that vary along H or W are indexed by the input's coordinates, so the pooled node keeps the
+    whole input for them: same values and gradients as quantizer -> max pool (blocks that do not line up
+    with the pool windows included)."""
+    from pyquant.quant import from_range
+    torch.manual_seed(0)
+    q = QuantizeDequantize(shape, 4, False)
+    q.set_encoding(from_range(-torch.rand(shape) - 0.5, torch.rand(shape) * 3 + 0.5, 4, False))
+    x = torch.randn(2, 3, size, size) * 2
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    grads = []
+    for fn in (lambda t: q(t, (0.0, float("inf")), pool), lambda t: _quantizer_by_autograd(q, t, (0.0, float("inf")), pool)):
+        q.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        y = fn(xr)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        grads.append((y.detach(), xr.grad, q.min.grad.clone(), q.max.grad.clone()))
+    (ya, dxa, mna, mxa), (yb, dxb, mnb, mxb) = grads
+    assert torch.equal(ya, yb)
+    torch.testing.assert_close(dxa, dxb, rtol=0, atol=0)
+    torch.testing.assert_close(mna, mnb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mxa, mxb, rtol=1e-4, atol=1e-5)
+
+
 class ActNet(nn.Module):
     def __init__(self):
         super().__init__()

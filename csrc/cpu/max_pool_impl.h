@@ -213,7 +213,7 @@ inline void unpool_plane(const float* g, const uint8_t* arg, int64_t H, int64_t 
   for (int64_t i = 0; i < Ho; ++i)
     for (int64_t j = 0; j < Wo; ++j) {
       const int k = arg[i * Wo + j];
-      dx[(i * kh + k / kw) * W + j * kw + k % kw] = g[i * Wo + j];
+      if (k < kh * kw) dx[(i * kh + k / kw) * W + j * kw + k % kw] = g[i * Wo + j];  // never outside the window
     }
 }
 

@@ -359,7 +359,11 @@ def check_pool_args(x: torch.Tensor, kernel) -> tuple[int, int]:
 
 def check_unpool_args(grad: torch.Tensor, argmax: torch.Tensor, kernel, input_size) -> None:
     kh, kw = (int(k) for k in kernel)
+    if kh < 1 or kw < 1 or kh * kw > 255:
+        raise ValueError(f"kernel must be positive with at most 255 positions per window, got {list(kernel)}")
     size = list(input_size)
+    if len(size) not in (3, 4):
+        raise ValueError(f"input_size must be 3-d (C, H, W) or 4-d (N, C, H, W), got {size}")
     want = size[:-2] + [size[-2] // kh, size[-1] // kw]
     if list(grad.shape) != want or list(argmax.shape) != want:
         raise ValueError(f"grad and argmax must have the pooled shape {want}, got {list(grad.shape)} and "

@@ -207,6 +207,7 @@ class _Spec(NamedTuple):
     check: bool
     act: tuple[Optional[float], Optional[float]]
     pool: Optional[Pool]
+    train: bool  # autograd on at the call: the chain factors are worth forming
 
 
 def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec, factors: bool = True):
@@ -253,9 +254,10 @@ class _QuantizeNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, spec: _Spec):
-        s, o, factors = _encoding(a, b, spec, any(ctx.needs_input_grad[1:3]))
+        s, o, factors = _encoding(a, b, spec, spec.train and any(ctx.needs_input_grad[1:3]))
         sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         idx = None
+        pooled = False  # whether xin holds only each pooled maximum's input value
         if spec.pool is None:
             xin = x
             out = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
@@ -263,13 +265,16 @@ class _QuantizeNode(torch.autograd.Function):
         elif _by_window(x, spec.pool) and _channelwise(sb):  # one pass, a byte per output for the argmax
             out, idx, xin = _registry.ops.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax,
                                                                          spec.pool[0], spec.check, *spec.act)
+            pooled = True
         else:
             q = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
                                                   *spec.act)
             out, idx = _max_pool(q, spec.pool)
-            xin = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(out.shape)
+            # a scale that varies along H or W is indexed by the input's coordinates: keep the whole input
+            pooled = _channelwise(sb)
+            xin = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(out.shape) if pooled else x
         ctx.save_for_backward(xin, idx, s, o, *factors)
-        ctx.spec, ctx.x_shape = spec, x.shape
+        ctx.spec, ctx.x_shape, ctx.pooled = spec, x.shape, pooled
         return out
 
     @staticmethod
@@ -279,10 +284,12 @@ class _QuantizeNode(torch.autograd.Function):
         need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
         need_s = need_a or need_b
         need_o = need_s and not spec.symmetric if spec.minmax else need_b
+        if spec.pool is not None and not ctx.pooled:  # the pool's backward first, at the input's size
+            g = _unpool(g, idx, ctx.x_shape)
         dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
                                                                 spec.qmin, spec.qmax, spec.grad_scale,
                                                                 [need_x, need_s, need_o], *spec.act)
-        if need_x and spec.pool is not None:
+        if need_x and ctx.pooled:
             if idx.dtype == torch.uint8:
                 dx = _registry.ops.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
             else:
@@ -371,7 +378,8 @@ class QuantizeDequantize(_QuantizerBase):
             gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * self.qmax) ** 0.5)
         minmax = self.param_mode == "minmax"
         # min/max-derived scales are clamped positive: no need to read them back (a GPU sync)
-        return _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool)
+        return _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool,
+                     torch.is_grad_enabled())
 
     def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                        pool: Optional[Pool] = None) -> torch.Tensor:

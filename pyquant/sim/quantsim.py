@@ -93,14 +93,14 @@ class QuantSim:
             AIMET does) or "scale_offset" (scale and offset directly, LSQ-style: their gradients come
             straight from the fused kernel, with fewer small ops per quantizer and step).
         fuse_activations: run each ReLU / ReLU6 / Hardtanh and the quantizer after it (and a MaxPool2d
-            after that) as one op: the activation is clamped inside the fake-quant kernel and a max pool
-            of non-overlapping windows runs first, so the quantizer sees a quarter of the tensor and a
-            training step holds one tensor for the three ops (QAT memory at or below FP32's). Values are
-            the separate ops'; gradients are those of activation -> max pool -> quantizer, which differ
-            from quantizer -> max pool only where quantization ties a pool window's maximum. A model input
-            with one channel, quantized and fed to a Conv2d, also runs as one node whose range gradient
-            needs no input gradient (pyquant.quant.input_conv). The fused nodes leave the graph, so
-            post-training techniques that look for them want the default (False).
+            after that) as one op: the activation is clamped inside the fake-quant kernel, and a max pool of
+            non-overlapping windows runs in the same native pass, keeping for the backward only each pooled
+            maximum's input value and a byte for its position. A training step then holds one tensor for
+            the three ops (QAT memory at or below FP32's). Values and gradients are the separate ops' (the
+            range gradients up to summation order). A model input with one channel, quantized and fed to a
+            Conv2d, also runs as one node whose range gradient needs no input gradient
+            (pyquant.quant.input_conv). The fused nodes leave the graph, so post-training techniques that
+            look for them want the default (False).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
