@@ -30,6 +30,7 @@ demo: install assets
 bench: install assets
 	$(PYTHON) -m bench.fake_quant
 	$(PYTHON) -m bench.calibration
+	$(PYTHON) -m bench.qat_kernels
 
 clean:
 	rm -rf build *.egg-info

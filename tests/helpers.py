@@ -16,6 +16,13 @@ def rand_input(shape, dtype=torch.float32, device="cpu", seed=0, scale=3.0):
     return x.to(dtype).to(device)
 
 
+def activation(x, lo, hi):
+    """The torch module a fused activation stands for: ReLU for (0, None or inf), else Hardtanh(lo, hi)."""
+    if hi is None or hi == float("inf"):
+        return torch.relu(x)
+    return torch.nn.functional.hardtanh(x, lo, hi)
+
+
 def rand_params(x, s_shape, bitwidth, signed, seed=1):
     """Scales that put most of x inside the grid (some clipping), and integer offsets on the grid."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ from pyquant import _native
 from pyquant.ops import _reference as ref
 
 from conftest import devices
-from helpers import block_shape, grid, rand_input, rand_params
+from helpers import activation, block_shape, grid, rand_input, rand_params
 
 op = torch.ops.pyquant
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -99,10 +99,6 @@ def _with_boundaries(x, lo, hi):
     return x
 
 
-def _activation(x, lo, hi):
-    return torch.relu(x) if hi is None else torch.nn.functional.hardtanh(x, lo, hi)
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,shape,blocks", ACT_LAYOUTS, ids=[c[0] for c in ACT_LAYOUTS])
@@ -119,7 +115,7 @@ def test_fused_activation_matches_reference_and_the_separate_ops(device, dtype, 
         qmin, qmax = grid(bw, signed)
         y = op.quantize_dequantize(x, s, o, qmin, qmax, 1.0, True, lo, hi)
         assert_same(y, ref.quantize_dequantize(x, s, o, qmin, qmax, 1.0, (lo, hi if hi is not None else float("inf"))))
-        a = _activation(x, lo, hi)
+        a = activation(x, lo, hi)
         assert_same(y, op.quantize_dequantize(a, s, o, qmin, qmax))
 
         g = rand_input(shape, dtype, device, seed=13, scale=1.0)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pyquant.ops import _reference as ref
 
 from conftest import devices
-from helpers import rand_input
+from helpers import activation, rand_input
 
 op = torch.ops.pyquant
 
@@ -76,7 +76,7 @@ def test_quantize_then_pool_in_one_pass(device, dtype, shape, kernel, per_channe
     o = (-torch.randint(0, 40, s_shape, generator=g)).float().to(device)
     lo, hi = act if act is not None else (None, None)
     out, arg, sel = op.quantize_dequantize_max_pool2d(x, s, o, 0, 255, list(kernel), True, lo, hi)
-    y = x if act is None else (torch.relu(x) if hi is None else F.hardtanh(x, lo, hi))
+    y = x if act is None else activation(x, lo, hi)
     q = op.quantize_dequantize(y, s, o, 0, 255)
     want, pos, idx = _aten(q, kernel)
     torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)

@@ -21,8 +21,8 @@ using cpu::walk;
 
 // Outputs larger than this bypass the cache (streaming stores): they would not stay in it anyway
 // and a regular store first reads the line it writes. Smaller ones are kept: in a training step the
-// next layer reads them right away (streaming 8-32 MB activations made MobileNetV2's convolutions
-// that read them ~15% slower).
+// next layer reads them right away, and streaming 8-32 MB activations past the cache made the
+// convolutions reading them slower (MobileNetV2's QAT step, profiled).
 constexpr int64_t kStreamBytes = int64_t(64) << 20;
 
 template <FqOp OP, bool ACT = false>

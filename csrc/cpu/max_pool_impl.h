@@ -1,7 +1,8 @@
-// Non-overlapping 2-d max pooling (kernel == stride, no padding, floor), forward and backward, for
-// the quantizer that pools before it quantizes. Plain loops, compiled once per SIMD level so the
-// compiler vectorizes them with that level's instructions. Threads split the planes.
+// Non-overlapping 2-d max pooling (kernel == stride, no padding, floor), forward and backward, for a
+// quantizer followed by a max pool: the forward can pool the fake quantization of its input in the same
+// pass. Compiled once per SIMD level (2x2 windows use that level's vectors); threads split the planes.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include "pool_table.h"
@@ -159,57 +160,14 @@ inline void qdq_max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W
   pool_planes<true>(x, P, H, W, kh, kw, f, s, o, channels, out, arg, sel, max_threads);
 }
 
-inline void unpool_plane_2x2(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                             float* dx) {
-  for (int64_t i = 0; i < Ho; ++i) {
-    float* r0 = dx + (2 * i) * W;
-    float* r1 = r0 + W;
-    const float* gi = g + i * Wo;
-    const uint8_t* a = arg + i * Wo;
-    if constexpr (Isa::W > 1) {
-      using V = typename Isa::V;
-      constexpr int L = Isa::W;
-      const V z = Isa::set1(0.0f), p1 = Isa::set1(1.0f), p2 = Isa::set1(2.0f), p3 = Isa::set1(3.0f);
-      alignas(64) uint8_t tmp[L] = {};
-      for (int64_t j = 0; j < Wo; j += L) {
-        const int n = int(Wo - j < L ? Wo - j : L);
-        const int c0 = 2 * n < L ? 2 * n : L, c1 = 2 * n - c0;
-        V v, k;
-        if (n == L) {
-          v = Isa::load(gi + j);
-          k = Isa::load_u8(a + j);
-        } else {
-          v = Isa::load_partial(gi + j, n);
-          for (int t = 0; t < n; ++t) tmp[t] = a[j + t];
-          k = Isa::load_u8(tmp);
-        }
-        V w0, w1;
-        Isa::interleave(Isa::select(Isa::inside(k, z, z), v, z), Isa::select(Isa::inside(k, p1, p1), v, z), w0, w1);
-        Isa::store_partial(r0 + 2 * j, w0, c0);
-        Isa::store_partial(r0 + 2 * j + L, w1, c1);
-        Isa::interleave(Isa::select(Isa::inside(k, p2, p2), v, z), Isa::select(Isa::inside(k, p3, p3), v, z), w0, w1);
-        Isa::store_partial(r1 + 2 * j, w0, c0);
-        Isa::store_partial(r1 + 2 * j + L, w1, c1);
-      }
-    } else {
-      for (int64_t j = 0; j < Wo; ++j) {
-        const float v = gi[j];
-        const uint8_t k = a[j];
-        r0[2 * j] = k == 0 ? v : 0.0f;
-        r0[2 * j + 1] = k == 1 ? v : 0.0f;
-        r1[2 * j] = k == 2 ? v : 0.0f;
-        r1[2 * j + 1] = k == 3 ? v : 0.0f;
-      }
-    }
-    for (int64_t c = 2 * Wo; c < W; ++c) r0[c] = r1[c] = 0.0f;  // a column the pool dropped
-  }
-  for (int64_t r = 2 * Ho; r < H; ++r)  // a row the pool dropped
-    for (int64_t c = 0; c < W; ++c) dx[r * W + c] = 0.0f;
-}
-
-inline void unpool_plane(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int kh,
-                         int kw, float* dx) {
-  for (int64_t i = 0; i < H * W; ++i) dx[i] = 0.0f;
+// The plane is zeroed (a fast fill) and each gradient stored at its maximum's position. Writing the window
+// rows as interleaved vectors measured slower, for short and long rows alike. KW > 0: the window width
+// known at compile time (2x2 windows), so the position splits without a division.
+template <int KW>
+void unpool_plane(const float* g, const uint8_t* arg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int kh, int kw,
+                  float* dx) {
+  if constexpr (KW > 0) kw = KW;
+  std::fill(dx, dx + H * W, 0.0f);
   for (int64_t i = 0; i < Ho; ++i)
     for (int64_t j = 0; j < Wo; ++j) {
       const int k = arg[i * Wo + j];
@@ -223,8 +181,8 @@ inline void max_pool_backward(const float* g, const uint8_t* arg, int64_t P, int
   const int nt = cpu::pick_threads(P * H * W, max_threads);
   cpu::parallel_ranges(P, nt, [&](int, int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) {
-      if (kh == 2 && kw == 2) unpool_plane_2x2(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, dx + p * H * W);
-      else unpool_plane(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, kh, kw, dx + p * H * W);
+      if (kh == 2 && kw == 2) unpool_plane<2>(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, 2, 2, dx + p * H * W);
+      else unpool_plane<0>(g + p * Ho * Wo, arg + p * Ho * Wo, H, W, Ho, Wo, kh, kw, dx + p * H * W);
     }
   });
 }

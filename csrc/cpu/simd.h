@@ -32,23 +32,15 @@ struct IsaAvx512 {
     M m = _mm512_cmp_ps_mask(x, lo, _CMP_NLE_UQ);
     return hi_finite ? M(m & _mm512_cmp_ps_mask(x, hi, _CMP_NGE_UQ)) : m;
   }
-  // max pooling: v > m or v is NaN (aten's update rule); 2W floats <-> even and odd lanes; uint8 lanes
+  // max pooling: v > m or v is NaN (aten's update rule); 2W floats -> even and odd lanes; uint8 lanes
   static M gt_or_nan(V v, V m) { return _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q); }
   static void deinterleave(V a, V b, V& even, V& odd) {
     const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     even = _mm512_permutex2var_ps(a, ie, b);
     odd = _mm512_permutex2var_ps(a, _mm512_add_epi32(ie, _mm512_set1_epi32(1)), b);
   }
-  static void interleave(V even, V odd, V& a, V& b) {
-    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    a = _mm512_permutex2var_ps(even, lo, odd);
-    b = _mm512_permutex2var_ps(even, _mm512_add_epi32(lo, _mm512_set1_epi32(8)), odd);
-  }
   static void store_partial(float* p, V v, int count) { _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1u), v); }
   static void store_u8(uint8_t* p, V v) { _mm_storeu_si128((__m128i*)p, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v))); }
-  static V load_u8(const uint8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
-  }
   static void to_array(float* dst, V v) { _mm512_storeu_ps(dst, v); }
 
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -127,11 +119,6 @@ struct IsaAvx2 {
     even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
     odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
   }
-  static void interleave(V even, V odd, V& a, V& b) {
-    const V lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
-    a = _mm256_permute2f128_ps(lo, hi, 0x20);
-    b = _mm256_permute2f128_ps(lo, hi, 0x31);
-  }
   static void store_partial(float* p, V v, int count) {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), idx), v);
@@ -140,9 +127,6 @@ struct IsaAvx2 {
     alignas(32) int32_t t[8];
     _mm256_store_si256((__m256i*)t, _mm256_cvttps_epi32(v));
     for (int i = 0; i < 8; ++i) p[i] = uint8_t(t[i]);
-  }
-  static V load_u8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
   }
   static void to_array(float* dst, V v) { _mm256_storeu_ps(dst, v); }
 
@@ -229,10 +213,8 @@ struct IsaScalar {
   static M act_passes(V x, V lo, V hi, bool hi_finite) { return !(x <= lo) && !(hi_finite && x >= hi); }
   static M gt_or_nan(V v, V m) { return (v > m) || (v != v); }
   static void deinterleave(V a, V b, V& even, V& odd) { even = a; odd = b; }
-  static void interleave(V even, V odd, V& a, V& b) { a = even; b = odd; }
   static void store_partial(float* p, V v, int count) { if (count > 0) *p = v; }
   static void store_u8(uint8_t* p, V v) { *p = uint8_t(v); }
-  static V load_u8(const uint8_t* p) { return float(*p); }
   static void to_array(float* dst, V v) { *dst = v; }
   template <class T> static V load(const T* p) { return Elem<T>::load(p); }
   static V load_partial(const float* p, int count) { return count > 0 ? *p : 0.0f; }

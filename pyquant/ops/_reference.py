@@ -73,6 +73,19 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return ((q + o) * s).to(x.dtype)
 
 
+def fake_quant_derivatives(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int):
+    """Per element of (already activated) x: whether round(x/s) - o lies on the grid, and d x_hat / d scale
+    with the rounding straight through -- round(x/s) - x/s inside the grid, clamp(q) + o outside. (d x_hat /
+    d offset is s outside the grid, 0 inside.)"""
+    s = expand(scale, x.shape)
+    o = expand(offset, x.shape)
+    t = x.float() / s
+    r = torch.round(t)
+    q = r - o
+    inside = (q >= qmin) & (q <= qmax)
+    return inside, torch.where(inside, r - t, torch.clamp(q, qmin, qmax) + o)
+
+
 def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                                  qmin: int, qmax: int, grad_scale: float, output_mask: list[bool],
                                  act: Optional[tuple[float, float]] = None):
@@ -80,12 +93,8 @@ def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: tor
     the activation's input: dscale/doffset see clamp(x, lo, hi) and dx is also zero where the activation is
     flat."""
     s = expand(scale, x.shape)
-    o = expand(offset, x.shape)
     g = grad.float()
-    t = _activate(x, act) / s
-    r = torch.round(t)
-    q = r - o
-    inside = (q >= qmin) & (q <= qmax)
+    inside, d_scale = fake_quant_derivatives(_activate(x, act), scale, offset, qmin, qmax)
     m = inside.float()
     empty = x.new_empty(0, dtype=torch.float32)
     dx = x.new_empty(0)
@@ -96,8 +105,7 @@ def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: tor
         dx = dx.to(x.dtype)
     ds = do = empty
     if output_mask[1]:
-        qc = torch.clamp(q, qmin, qmax)
-        ds_full = g * torch.where(inside, r - t, qc + o)
+        ds_full = g * d_scale
         ds = (reduce_to(ds_full, scale.shape) * grad_scale).float()
     if output_mask[2]:
         do_full = (g * s) * (1.0 - m)

@@ -31,7 +31,7 @@ _lib.define("adaround_weight_backward(Tensor grad, Tensor w, Tensor alpha, Tenso
 _lib.define("adaround_regularizer(Tensor alpha, float beta) -> (Tensor, Tensor)")
 
 # Non-overlapping 2-d max pooling (stride = kernel) that returns each maximum's position in its window
-# (uint8): what a quantizer that pools before quantizing needs, at a byte per output for the backward.
+# (uint8): what a quantizer followed by a max pool needs for the backward, at a byte per output.
 _lib.define("max_pool2d_window(Tensor x, int[2] kernel) -> (Tensor, Tensor)")
 _lib.define("max_pool2d_window_backward(Tensor grad, Tensor argmax, int[2] kernel, int[] input_size) -> Tensor")
 # A fused quantizer followed by such a pool: the pool of quantize_dequantize([activation](x)) computed in one
@@ -349,18 +349,22 @@ def check_pool_args(x: torch.Tensor, kernel) -> tuple[int, int]:
         raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
     if x.dim() not in (3, 4):
         raise ValueError(f"x must be 3-d (C, H, W) or 4-d (N, C, H, W), got {x.dim()}-d")
-    kh, kw = (int(k) for k in kernel)
-    if kh < 1 or kw < 1 or kh * kw > 255:
-        raise ValueError(f"kernel must be positive with at most 255 positions per window, got {list(kernel)}")
+    kh, kw = _check_kernel(kernel)
     if x.shape[-2] < kh or x.shape[-1] < kw:
         raise ValueError(f"kernel {list(kernel)} is larger than the input's {tuple(x.shape[-2:])}")
     return kh, kw
 
 
-def check_unpool_args(grad: torch.Tensor, argmax: torch.Tensor, kernel, input_size) -> None:
+def _check_kernel(kernel) -> tuple[int, int]:
+    """A pool window's (kh, kw): positive, and at most 255 positions (a window position is one byte)."""
     kh, kw = (int(k) for k in kernel)
     if kh < 1 or kw < 1 or kh * kw > 255:
         raise ValueError(f"kernel must be positive with at most 255 positions per window, got {list(kernel)}")
+    return kh, kw
+
+
+def check_unpool_args(grad: torch.Tensor, argmax: torch.Tensor, kernel, input_size) -> None:
+    kh, kw = _check_kernel(kernel)
     size = list(input_size)
     if len(size) not in (3, 4):
         raise ValueError(f"input_size must be 3-d (C, H, W) or 4-d (N, C, H, W), got {size}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import _registry
+from ..ops import _reference, _registry
 from .encoding import _broadcast_to
 from .quantizer import QuantizeDequantize, _encoding, _encoding_grads, _Spec
 
@@ -41,18 +41,6 @@ def quantized_input_conv(q: QuantizeDequantize, conv: nn.Conv2d, x: torch.Tensor
                                 (tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)))
 
 
-def _derivative_maps(x: torch.Tensor, sb: torch.Tensor, ob: torch.Tensor, spec: _Spec):
-    """Per element, d x_hat / d scale and d x_hat / d offset (straight-through rounding), as the fused
-    backward kernel forms them: inside the grid round(x/s) - x/s and 0, outside clamp(q) + o and s."""
-    t = x.float() / sb
-    r = torch.round(t)
-    q = r - ob
-    inside = (q >= spec.qmin) & (q <= spec.qmax)
-    d_s = torch.where(inside, r - t, torch.clamp(q, spec.qmin, spec.qmax) + ob)
-    d_o = torch.where(inside, torch.zeros_like(t), sb.expand_as(t))
-    return d_s, d_o
-
-
 class _InputConvNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, w, bias, spec: _Spec, conv: tuple):
@@ -72,7 +60,9 @@ class _InputConvNode(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         need_a, need_b, need_w, need_bias = (bool(v) for v in ctx.needs_input_grad[1:5])
         xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, False)
-        d_s, d_o = _derivative_maps(x, sb, ob, spec)
+        # per element d x_hat / d scale, and d x_hat / d offset: s outside the grid, 0 inside
+        inside, d_s = _reference.fake_quant_derivatives(x, sb, ob, spec.qmin, spec.qmax)
+        d_o = torch.where(inside, torch.zeros_like(d_s), sb.float().expand_as(d_s))
         dt = gy.dtype  # the convolution's dtype (bfloat16 under autocast)
         inp = torch.cat([xh.to(dt), d_s.to(dt), d_o.to(dt)], dim=1)
         w3 = w.new_empty((w.shape[0], 3) + tuple(w.shape[2:]), dtype=dt)  # only its shape is read
