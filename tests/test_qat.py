@@ -4,6 +4,7 @@ trained encodings, and DistributedDataParallel (two gloo processes == one proces
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -517,8 +518,15 @@ def _ddp_worker(rank, world, port, x, y, out_dir):
     opt.step()
     if rank == 0:
         torch.save(sim.model.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    del ddp, opt  # the reducer's hooks and threads go before the process group they use
     dist.barrier()  # both ranks done before teardown: gloo aborts a rank whose peer vanished mid-exit
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown, where a gloo thread still being joined can abort the process
+    # ("terminate called without an active exception") after the step is done and saved. Failures above
+    # still raise, and reach the parent through torch.multiprocessing.spawn.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_step_equals_single_process_step(tmp_path):
