@@ -9,7 +9,7 @@ from pyquant import _native
 from pyquant.ops import _reference as ref
 
 from conftest import devices
-from helpers import activation, block_shape, grid, rand_input, rand_params
+from helpers import activation, block_shape, ds_tolerance, grid, rand_input, rand_params
 
 op = torch.ops.pyquant
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,14 +33,6 @@ GRIDS = [(2, False), (4, True), (8, False), (8, True), (16, False), (16, True)]
 def assert_same(a, b):
     assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-
-
-def ds_tolerance(g, x, s, o, qmin, qmax, s_shape):
-    """Bound for the reduction error of ds/do: a few float32 ulps of the sum of |terms|."""
-    se, oe = ref.expand(s, x.shape), ref.expand(o, x.shape)
-    t = x.float() / se
-    mag = g.float().abs() * ((torch.round(t) - t).abs() + (qmax - qmin) + oe.abs() + se)
-    return 1e-5 * ref.reduce_to(mag, s_shape).float() + 1e-12
 
 
 def check_qdq(x, s, o, qmin, qmax):

@@ -10,7 +10,7 @@ import pyquant.ops as pqo
 from pyquant.ops import _reference as ref
 
 from conftest import devices
-from helpers import grid, lsq_scale, rand_input, rand_params
+from helpers import ds_tolerance, grid, lsq_scale, rand_input, rand_params
 
 op = torch.ops.pyquant
 
@@ -262,8 +262,9 @@ def test_hypothesis_layouts(layout, bw, signed, dtype, seed, permute):
     dx, ds, do = op.quantize_dequantize_backward(g, x, s, o, qmin, qmax, 1.0, [True, True, True])
     rdx, rds, rdo = ref.quantize_dequantize_backward(g, x, s, o, qmin, qmax, 1.0, [True, True, True])
     torch.testing.assert_close(dx, rdx, rtol=0, atol=0)
-    torch.testing.assert_close(ds, rds, rtol=2e-5, atol=1e-4)
-    torch.testing.assert_close(do, rdo, rtol=2e-5, atol=1e-4)
+    tol = ds_tolerance(g, x, s, o, qmin, qmax, s.shape)  # a per-tensor sum over ~400k terms needs more than rtol
+    assert ((ds - rds).abs() <= tol).all(), ((ds - rds).abs().max(), tol.min())
+    assert ((do - rdo).abs() <= tol).all(), ((do - rdo).abs().max(), tol.min())
 
 
 def test_gpu_value_checks_can_be_turned_off_cpu_checks_stay():
