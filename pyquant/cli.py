@@ -59,8 +59,9 @@ _SPEC_HELP = ("SPEC: package.module:function returning {'model', 'dummy_input', 
 
 def load_spec(text: str) -> Spec:
     """Imports and calls a SPEC (see the module docstring); UsageError says what is wrong with it."""
-    import torch
     from torch import nn
+
+    from .analysis._data import reusable
 
     mod_name, sep, fn_name = text.partition(":")
     if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
@@ -103,9 +104,7 @@ def load_spec(text: str) -> Spec:
         raise UsageError(f"{text}(): 'metric' must be a callable metric(model) -> float, got {type(metric).__name__}")
     if not _plain_name(name):
         raise UsageError(f"{text}(): 'name' must be a plain file name prefix, got {name!r}")
-    if not isinstance(data, torch.Tensor) and iter(data) is data:
-        data = list(data)  # a generator: every command reads the data more than once
-    return Spec(model, dummy, data, metric, name)
+    return Spec(model, dummy, reusable(data), metric, name)  # every command reads the data more than once
 
 
 def _plain_name(name: Any) -> bool:

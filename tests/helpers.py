@@ -81,9 +81,8 @@ def fashion_mnist_or_skip():
 def ds_tolerance(g, x, s, o, qmin, qmax, s_shape):
     """Bound for the reduction error of ds/do: 1e-5 (about 80 float32 ulps) of the sum of |terms| that the
     kernel adds up, each term taken from the reference's own per-element derivatives."""
-    inside, d_scale = ref.fake_quant_derivatives(x, s, o, qmin, qmax)
-    se = ref.expand(s, x.shape)
-    t = x.float() / se
-    # |d_scale| and s (the offset's term outside the grid) plus an ulp of t for the division's rounding
-    mag = g.float().abs() * (d_scale.abs() + se * (~inside).float() + t.abs() * 2.0**-23)
+    _, d_scale, d_offset = ref.fake_quant_derivatives(x, s, o, qmin, qmax)
+    t = x.float() / ref.expand(s, x.shape)
+    # both derivatives, plus an ulp of t for the division's rounding
+    mag = g.float().abs() * (d_scale.abs() + d_offset + t.abs() * 2.0**-23)
     return 1e-5 * ref.reduce_to(mag, s_shape).float() + 1e-12

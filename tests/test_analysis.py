@@ -12,6 +12,7 @@ import torch
 import pyquant.analysis.sensitivity as sens_mod
 from pyquant.analysis import (activation_histograms, analyze, cle_weight_ranges, layer_sensitivity, layer_sqnr,
                               layers, load_json, save_json, weight_ranges)
+from pyquant.analysis._data import reusable
 from pyquant.sim.quantsim import QuantSim
 from pyquant.techniques import fold_batchnorms
 from spec_tiny import tiny_data, tiny_model
@@ -216,6 +217,17 @@ def test_analyze_is_json_and_leaves_the_model_alone(tmp_path):
         analyze(m, data[:1], data, "accuracy")
     with pytest.raises(ValueError, match="empty"):
         analyze(m, data[:1], [], cle=False)
+    with pytest.raises(TypeError, match="data must be a tensor or an iterable of batches"):
+        analyze(m, data[:1], 5, cle=False)
+
+
+def test_reusable_reads_one_shot_iterators_only():
+    data = tiny_data()
+    batches = [data[:4], data[4:]]
+    assert reusable(iter(batches)) == batches and reusable((b for b in batches)) == batches
+    for d in (batches, data, (data[:4],)):
+        assert reusable(d) is d
+    assert reusable(5) == 5  # left for the caller's own type check
 
 
 def test_histograms_of_fused_activations_are_the_activation_outputs():

@@ -65,9 +65,8 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
         auto vop = [&](V xv, V sv, V ov) -> V {
           if constexpr (ACT) xv = Isa::clamp(xv, alo, ahi);
           if constexpr (OP == FqOp::DQ) return Isa::mul(Isa::add(xv, ov), sv);
-          V q = Isa::clamp(Isa::sub(Isa::rint(Isa::div(xv, sv)), ov), lo, hi);
-          if constexpr (OP == FqOp::Q) return q;
-          else return Isa::mul(Isa::add(q, ov), sv);
+          else if constexpr (OP == FqOp::Q) return quantize_vec<Isa>(xv, sv, ov, lo, hi);
+          else return fake_quant_vec<Isa>(xv, sv, ov, lo, hi);
         };
         if (per_elem) {
           for (; t + W <= n; t += W)
@@ -111,12 +110,6 @@ void forward_typed(const Tin* x, Tout* y, const float* s, const float* o, float 
 }
 
 // ---------------------------------------------------------------- backward
-template <bool ACT>
-inline FqGrad grad_one(float g, float x, float s, float o, float qmin, float qmax, const ActClamp& act) {
-  if constexpr (ACT) return fake_quant_act_grad_one(g, x, s, o, qmin, qmax, act);
-  else return fake_quant_grad_one(g, x, s, o, qmin, qmax);
-}
-
 // One pass: writes dx (when wanted) and accumulates ds/do per scale into a per-thread float64
 // workspace `ws` of shape [threads][2][nscale], reduced at the end.
 // ACT: x is the activation's input; ds/do see the clamped value and dx is also masked by the
@@ -143,7 +136,7 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
         const V lo = Isa::set1(qmin), hi = Isa::set1(qmax), one = Isa::set1(1.0f);
         const V alo = Isa::set1(act.lo), ahi = Isa::set1(act.hi), zero = Isa::set1(0.0f);
         const bool hi_finite = act.hi < INFINITY;
-        // Element terms for one vector; the same formulas as fake_quant_(act_)grad_one.
+        // Element terms for one vector; the same formulas as fake_quant_grad<ACT>.
         auto terms = [&](V gv, V xv, V sv, V ov, V& dxv, V& dsv, V& dov) {
           V xin = xv;
           if constexpr (ACT) xv = Isa::clamp(xv, alo, ahi);
@@ -197,7 +190,7 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
           constexpr uintptr_t align = W * sizeof(T);
           if (stream) {
             for (; t < n && (reinterpret_cast<uintptr_t>(dxp + t) % align) != 0; ++t) {
-              FqGrad gr = grad_one<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[k], o[k], qmin, qmax, act);
+              FqGrad gr = fake_quant_grad<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[k], o[k], qmin, qmax, act);
               Elem<T>::store(dxp + t, gr.dx);
               if constexpr (NEED_SO) { wds[k] += gr.ds; wdo[k] += gr.doff; }
             }
@@ -220,7 +213,7 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
       }
       for (; t < n; ++t) {
         const int64_t kk = per_elem ? k + t : k;
-        FqGrad gr = grad_one<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[kk], o[kk], qmin, qmax, act);
+        FqGrad gr = fake_quant_grad<ACT>(Elem<T>::load(gp + t), Elem<T>::load(xp + t), s[kk], o[kk], qmin, qmax, act);
         if constexpr (NEED_DX) Elem<T>::store(dxp + t, gr.dx);
         if constexpr (NEED_SO) { wds[kk] += gr.ds; wdo[kk] += gr.doff; }
       }

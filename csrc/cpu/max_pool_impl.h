@@ -37,9 +37,7 @@ struct Elementwise {
   typename Isa::V vec(typename Isa::V v) const {
     if constexpr (QDQ) {
       v = Isa::clamp(v, Isa::set1(act.lo), Isa::set1(act.hi));
-      const typename Isa::V sv = Isa::set1(s), ov = Isa::set1(o);
-      const typename Isa::V q = Isa::clamp(Isa::sub(Isa::rint(Isa::div(v, sv)), ov), Isa::set1(qmin), Isa::set1(qmax));
-      return Isa::mul(Isa::add(q, ov), sv);
+      return fake_quant_vec<Isa>(v, Isa::set1(s), Isa::set1(o), Isa::set1(qmin), Isa::set1(qmax));
     } else {
       return v;
     }

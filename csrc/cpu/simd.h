@@ -241,4 +241,17 @@ template <> struct VecType<float> { static constexpr bool value = true; };
 template <> struct VecType<half_t> { static constexpr bool value = true; };
 template <> struct VecType<bf16_t> { static constexpr bool value = true; };
 
+// quantize_one / fake_quant_one (pyquant/fake_quant.h) on one vector: the same float32 operations in
+// the same order, so vector and scalar lanes agree to the bit.
+template <class I>
+inline typename I::V quantize_vec(typename I::V x, typename I::V s, typename I::V o, typename I::V qmin,
+                                  typename I::V qmax) {
+  return I::clamp(I::sub(I::rint(I::div(x, s)), o), qmin, qmax);
+}
+template <class I>
+inline typename I::V fake_quant_vec(typename I::V x, typename I::V s, typename I::V o, typename I::V qmin,
+                                    typename I::V qmax) {
+  return I::mul(I::add(quantize_vec<I>(x, s, o, qmin, qmax), o), s);
+}
+
 }  // namespace pq

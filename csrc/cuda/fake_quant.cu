@@ -150,9 +150,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const T* __restrict_
           ov = o[k];
         }
         const float gv = Elem<T>::load(&gin.v[v]), xv = Elem<T>::load(&xin.v[v]);
-        FqGrad t;
-        if constexpr (ACT) t = fake_quant_act_grad_one(gv, xv, sv, ov, qmin, qmax, act);
-        else t = fake_quant_grad_one(gv, xv, sv, ov, qmin, qmax);
+        const FqGrad t = fake_quant_grad<ACT>(gv, xv, sv, ov, qmin, qmax, act);
         if constexpr (NEED_DX) Elem<T>::store(&out.v[v], t.dx);
         if constexpr (NEED_SO) {
           if (row_scale) {

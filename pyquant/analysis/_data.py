@@ -12,6 +12,18 @@ from ..sim.staged import batch_args
 Batch = Union[tuple, dict]
 
 
+def reusable(data: Any) -> Any:
+    """`data` as something that can be read more than once: a one-shot iterator (a generator) is read into
+    a list; tensors, lists and other re-iterable containers come back as they are (as does a non-iterable,
+    left for the caller's own type check)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    try:
+        return list(data) if iter(data) is data else data
+    except TypeError:
+        return data
+
+
 def as_batches(data: Union[torch.Tensor, Iterable[Any]], batch_size: int = 32,
                max_samples: Optional[int] = None, what: str = "data") -> list[Batch]:
     """`data` (a tensor of samples, or an iterable of batches: tensors, tuples of tensors,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_text
-from ._data import as_batches
+from ._data import as_batches, reusable
 from .histograms import activation_histograms
 from .layer_error import layer_sqnr
 from .sensitivity import METRICS, layer_sensitivity
@@ -53,10 +53,8 @@ def analyze(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterab
                          f"got {metric!r}")
     if layer_samples < 1:
         raise ValueError(f"layer_samples must be >= 1, got {layer_samples}")
-    if not isinstance(data, torch.Tensor) and iter(data) is data:
-        data = list(data)  # a generator: the steps below read the data several times
-    if calib_data is not None and not isinstance(calib_data, torch.Tensor) and iter(calib_data) is calib_data:
-        calib_data = list(calib_data)
+    data = reusable(data)  # the steps below read the data several times
+    calib_data = reusable(calib_data) if calib_data is not None else None
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     out: dict[str, Any] = {"schema": SCHEMA, "model": type(model).__name__,

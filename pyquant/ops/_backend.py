@@ -3,6 +3,7 @@ checks, memory-order handling, output allocation. _cpu.py and _cuda.py instantia
 from __future__ import annotations
 
 import contextlib
+import math
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -177,12 +178,11 @@ class NativeBackend:
         kh, kw = _registry.check_pool_args(x, kernel)
         if x.dtype != torch.float32 or not x.is_contiguous():  # the native loops take contiguous float32
             return _reference.max_pool2d_window(x, [kh, kw])
-        h, w = x.shape[-2:]
-        shape = tuple(x.shape[:-2]) + (h // kh, w // kw)
+        shape = _registry.pooled_shape(x.shape, kh, kw)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
         argmax = torch.empty(shape, dtype=torch.uint8, device=x.device)
-        planes = x.numel() // (h * w) if x.numel() else 0
-        self.m.max_pool_forward(x.data_ptr(), planes, h, w, kh, kw, out.data_ptr(), argmax.data_ptr())
+        self.m.max_pool_forward(x.data_ptr(), math.prod(x.shape[:-2]), *x.shape[-2:], kh, kw, out.data_ptr(),
+                                argmax.data_ptr())
         return out, argmax
 
     def qdq_max_pool2d(self, x, scale, offset, qmin, qmax, kernel, check_values=True, act_min=None, act_max=None):
@@ -195,14 +195,13 @@ class NativeBackend:
             q = self._forward(QDQ, x, s, o, qmin, qmax, x.dtype, False, act)
             out, pos = _reference.max_pool2d_window(q, [kh, kw])
             return out, pos, _reference.window_values(x, pos, [kh, kw])
-        h, w = x.shape[-2:]
-        shape = tuple(x.shape[:-2]) + (h // kh, w // kw)
+        shape = _registry.pooled_shape(x.shape, kh, kw)
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
         argmax = torch.empty(shape, dtype=torch.uint8, device=x.device)
         sel = torch.empty(shape, dtype=x.dtype, device=x.device)
-        planes = x.numel() // (h * w) if x.numel() else 0
-        self.m.qdq_max_pool_forward(x.data_ptr(), planes, h, w, kh, kw, s.data_ptr(), o.data_ptr(), s.numel(),
-                                    float(qmin), float(qmax), *act, out.data_ptr(), argmax.data_ptr(), sel.data_ptr())
+        self.m.qdq_max_pool_forward(x.data_ptr(), math.prod(x.shape[:-2]), *x.shape[-2:], kh, kw, s.data_ptr(),
+                                    o.data_ptr(), s.numel(), float(qmin), float(qmax), *act, out.data_ptr(),
+                                    argmax.data_ptr(), sel.data_ptr())
         return out, argmax, sel
 
     def max_pool2d_window_backward(self, grad, argmax, kernel, input_size):
@@ -211,9 +210,8 @@ class NativeBackend:
         if grad.dtype != torch.float32 or not grad.is_contiguous() or not argmax.is_contiguous():
             return _reference.max_pool2d_window_backward(grad, argmax, [kh, kw], list(input_size))
         dx = torch.empty(list(input_size), dtype=grad.dtype, device=grad.device)
-        h, w = input_size[-2:]
-        planes = dx.numel() // (h * w) if dx.numel() else 0
-        self.m.max_pool_backward(grad.data_ptr(), argmax.data_ptr(), planes, h, w, kh, kw, dx.data_ptr())
+        self.m.max_pool_backward(grad.data_ptr(), argmax.data_ptr(), math.prod(input_size[:-2]), *input_size[-2:],
+                                 kh, kw, dx.data_ptr())
         return dx
 
     # ---- AdaRound ----

@@ -74,16 +74,16 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
 
 
 def fake_quant_derivatives(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int):
-    """Per element of (already activated) x: whether round(x/s) - o lies on the grid, and d x_hat / d scale
-    with the rounding straight through -- round(x/s) - x/s inside the grid, clamp(q) + o outside. (d x_hat /
-    d offset is s outside the grid, 0 inside.)"""
+    """Per element of (already activated) x: whether round(x/s) - o lies on the grid, d x_hat / d scale with
+    the rounding straight through -- round(x/s) - x/s inside the grid, clamp(q) + o outside -- and d x_hat /
+    d offset: 0 inside, s outside."""
     s = expand(scale, x.shape)
     o = expand(offset, x.shape)
     t = x.float() / s
     r = torch.round(t)
     q = r - o
     inside = (q >= qmin) & (q <= qmax)
-    return inside, torch.where(inside, r - t, torch.clamp(q, qmin, qmax) + o)
+    return inside, torch.where(inside, r - t, torch.clamp(q, qmin, qmax) + o), torch.where(inside, 0.0, s)
 
 
 def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -94,7 +94,7 @@ def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: tor
     flat."""
     s = expand(scale, x.shape)
     g = grad.float()
-    inside, d_scale = fake_quant_derivatives(_activate(x, act), scale, offset, qmin, qmax)
+    inside, d_scale, _ = fake_quant_derivatives(_activate(x, act), scale, offset, qmin, qmax)
     m = inside.float()
     empty = x.new_empty(0, dtype=torch.float32)
     dx = x.new_empty(0)
@@ -108,7 +108,7 @@ def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: tor
         ds_full = g * d_scale
         ds = (reduce_to(ds_full, scale.shape) * grad_scale).float()
     if output_mask[2]:
-        do_full = (g * s) * (1.0 - m)
+        do_full = (g * s) * (1.0 - m)  # the kernels' arithmetic (an overflowing g * s gives NaN, as there)
         do = (reduce_to(do_full, offset.shape) * grad_scale).float()
     return dx, ds, do
 
@@ -291,18 +291,23 @@ def max_pool2d_window(x: torch.Tensor, kernel: list[int]) -> tuple[torch.Tensor,
     return out, ((idx // w - rows) * kw + (idx % w - cols)).to(torch.uint8)
 
 
+def _window_flat_index(pos: torch.Tensor, kernel: list[int], width: int) -> torch.Tensor:
+    """Each window position `pos` (pooled shape) as its flat index in the input's H x W plane."""
+    kh, kw = kernel
+    ho, wo = pos.shape[-2:]
+    k = pos.long()
+    rows = torch.arange(ho, device=pos.device).view(-1, 1) * kh + k // kw
+    cols = torch.arange(wo, device=pos.device).view(1, -1) * kw + k % kw
+    return rows * width + cols
+
+
 def max_pool2d_window_backward(grad: torch.Tensor, argmax: torch.Tensor, kernel: list[int],
                                input_size: list[int]) -> torch.Tensor:
     """The gradient at the pool's input: grad at each window's argmax position, 0 elsewhere."""
-    kh, kw = kernel
     h, w = input_size[-2:]
-    ho, wo = grad.shape[-2:]
-    k = argmax.long()
-    rows = torch.arange(ho, device=grad.device).view(-1, 1) * kh + k // kw
-    cols = torch.arange(wo, device=grad.device).view(1, -1) * kw + k % kw
     planes = math.prod(input_size[:-2])
     out = grad.new_zeros((planes, h * w))
-    out.scatter_(1, (rows * w + cols).reshape(planes, -1), grad.reshape(planes, -1))
+    out.scatter_(1, _window_flat_index(argmax, kernel, w).reshape(planes, -1), grad.reshape(planes, -1))
     return out.reshape(input_size)
 
 
@@ -317,10 +322,5 @@ def quantize_dequantize_max_pool2d(x: torch.Tensor, scale: torch.Tensor, offset:
 
 def window_values(x: torch.Tensor, pos: torch.Tensor, kernel: list[int]) -> torch.Tensor:
     """The element of x at each window's position `pos` (the pooled shape)."""
-    kh, kw = kernel
-    ho, wo = pos.shape[-2:]
-    k = pos.long()
-    rows = torch.arange(ho, device=x.device).view(-1, 1) * kh + k // kw
-    cols = torch.arange(wo, device=x.device).view(1, -1) * kw + k % kw
-    flat = (rows * x.shape[-1] + cols).flatten(-2)
+    flat = _window_flat_index(pos, kernel, x.shape[-1]).flatten(-2)
     return x.flatten(-2).gather(-1, flat).reshape(pos.shape)

@@ -355,6 +355,11 @@ def check_pool_args(x: torch.Tensor, kernel) -> tuple[int, int]:
     return kh, kw
 
 
+def pooled_shape(shape, kh: int, kw: int) -> tuple[int, ...]:
+    """A window pool's output shape: floor(H / kh) x floor(W / kw) for each plane."""
+    return tuple(shape[:-2]) + (shape[-2] // kh, shape[-1] // kw)
+
+
 def _check_kernel(kernel) -> tuple[int, int]:
     """A pool window's (kh, kw): positive, and at most 255 positions (a window position is one byte)."""
     kh, kw = (int(k) for k in kernel)
@@ -368,7 +373,7 @@ def check_unpool_args(grad: torch.Tensor, argmax: torch.Tensor, kernel, input_si
     size = list(input_size)
     if len(size) not in (3, 4):
         raise ValueError(f"input_size must be 3-d (C, H, W) or 4-d (N, C, H, W), got {size}")
-    want = size[:-2] + [size[-2] // kh, size[-1] // kw]
+    want = list(pooled_shape(size, kh, kw))
     if list(grad.shape) != want or list(argmax.shape) != want:
         raise ValueError(f"grad and argmax must have the pooled shape {want}, got {list(grad.shape)} and "
                          f"{list(argmax.shape)}")
@@ -393,7 +398,7 @@ torch.library.register_kernel("pyquant::max_pool2d_window_backward", None, _ref_
 @torch.library.register_fake("pyquant::max_pool2d_window", lib=_lib)
 def _fake_max_pool2d_window(x, kernel):
     kh, kw = check_pool_args(x, kernel)
-    shape = tuple(x.shape[:-2]) + (x.shape[-2] // kh, x.shape[-1] // kw)
+    shape = pooled_shape(x.shape, kh, kw)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
 
 
@@ -444,5 +449,5 @@ torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", None, _
 @torch.library.register_fake("pyquant::quantize_dequantize_max_pool2d", lib=_lib)
 def _fake_qdq_max_pool2d(x, scale, offset, qmin, qmax, kernel, check_values=True, act_min=None, act_max=None):
     kh, kw, _ = check_qdq_pool_args(x, scale, offset, qmin, qmax, kernel, act_min, act_max)
-    shape = tuple(x.shape[:-2]) + (x.shape[-2] // kh, x.shape[-1] // kw)
+    shape = pooled_shape(x.shape, kh, kw)
     return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8), x.new_empty(shape)

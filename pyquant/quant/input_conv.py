@@ -60,9 +60,7 @@ class _InputConvNode(torch.autograd.Function):
         stride, padding, dilation = ctx.conv
         need_a, need_b, need_w, need_bias = (bool(v) for v in ctx.needs_input_grad[1:5])
         xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, False)
-        # per element d x_hat / d scale, and d x_hat / d offset: s outside the grid, 0 inside
-        inside, d_s = _reference.fake_quant_derivatives(x, sb, ob, spec.qmin, spec.qmax)
-        d_o = torch.where(inside, torch.zeros_like(d_s), sb.float().expand_as(d_s))
+        _, d_s, d_o = _reference.fake_quant_derivatives(x, sb, ob, spec.qmin, spec.qmax)  # per element
         dt = gy.dtype  # the convolution's dtype (bfloat16 under autocast)
         inp = torch.cat([xh.to(dt), d_s.to(dt), d_o.to(dt)], dim=1)
         w3 = w.new_empty((w.shape[0], 3) + tuple(w.shape[2:]), dtype=dt)  # only its shape is read

@@ -58,6 +58,13 @@ PQ_HD FqGrad fake_quant_act_grad_one(float g, float x, float s, float o, float q
   return out;
 }
 
+// Either of the two, chosen at compile time (ACT: a fused activation is on).
+template <bool ACT>
+PQ_HD FqGrad fake_quant_grad(float g, float x, float s, float o, float qmin, float qmax, const ActClamp& act) {
+  if constexpr (ACT) return fake_quant_act_grad_one(g, x, s, o, qmin, qmax, act);
+  else return fake_quant_grad_one(g, x, s, o, qmin, qmax);
+}
+
 // Which scale an element uses. The tensor is walked in memory order as R rows of L elements.
 // Along a row the scale changes every `inner_block` elements (inner_block >= L: one scale per row;
 // scale values along a row are contiguous). The row's first scale index is
