@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from . import analysis, ops, quant
 from ._native import native_info
+from ._version import __version__
 from .sim.quantsim import QuantSim
 from .autoquant import AutoQuant, AutoQuantResult
 from .sim.encodings import load_encodings, write_encodings
 from .techniques import (adaround, correct_bias, correct_bias_analytical, equalize, fold_batchnorms,
                          fold_batchnorms_to_scale, reestimate_batchnorm)
 
-__version__ = "0.1.0"
 __all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings", "write_encodings", "fold_batchnorms",
            "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias", "correct_bias_analytical", "reestimate_batchnorm",
            "__version__"]

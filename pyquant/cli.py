@@ -255,7 +255,7 @@ _seconds = _number(float, lambda v: v > 0, "seconds", "must be > 0 seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     from .sim.quantsim import QUANT_SCHEMES
 
     head, _, rest = __doc__.partition("\n\n")

@@ -545,7 +545,7 @@ class _Run:
             r0 = next((s for s in self.records if s.kind == kind and s.status == "evaluated"), None)
             if r0 is not None:
                 side[k] = self.fp32 - r0.accuracy
-        from .. import __version__
+        from .._version import __version__
         steps = []
         for s in self.records:
             d = s.to_json()

@@ -19,11 +19,19 @@ from . import _cpu, _cuda, _reference, _registry
 from ._layout import set_value_checks
 
 __all__ = [
-    "quantize", "dequantize", "quantize_dequantize", "grid", "reference",
+    "quantize", "dequantize", "quantize_dequantize", "grid", "reference", "raw",
     "adaround_weight", "adaround_regularizer", "adaround_init_alpha", "set_value_checks",
 ]
 
 reference = _reference
+"""The pure-torch reference of every op: the oracle the kernels are tested against (also
+``fake_quant_derivatives``, the per-element derivatives of the fake-quant output)."""
+
+raw = _registry.ops
+"""The registered ops themselves (``torch.ops.pyquant``) in their low-level form: scale and offset
+already shaped like the input (block-broadcast, float32), the grid as (qmin, qmax). This is what
+pyquant's quantizers and techniques call on their hot paths: no argument normalization, one dispatch.
+Schemas and semantics: docs/design.md, "Op registry"."""
 
 HAS_CPU_KERNELS = _cpu.register()
 HAS_CUDA_KERNELS = _cuda.register()

@@ -29,10 +29,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..ops import _registry
+from ..ops import raw
 from .encoding import Encoding, from_range, from_scale_offset, min_scale
 
-op = _registry.ops
+op = raw
 
 __all__ = ["EncodingAnalyzer", "MinMax", "Sqnr", "TfEnhanced", "Mse", "Percentile", "Entropy",
            "CalibrationError", "sqnr_candidates"]

@@ -63,15 +63,15 @@ class Encoding:
 
     def quantize_dequantize(self, x: torch.Tensor) -> torch.Tensor:
         s, o = _broadcast_to(self.scale, x), _broadcast_to(self.offset, x)
-        return ops._registry.ops.quantize_dequantize(x, s, o, self.qmin, self.qmax, 1.0)
+        return ops.raw.quantize_dequantize(x, s, o, self.qmin, self.qmax, 1.0)
 
     def quantize(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s, o = _broadcast_to(self.scale, x), _broadcast_to(self.offset, x)
-        return ops._registry.ops.quantize(x, s, o, self.qmin, self.qmax, out_dtype)
+        return ops.raw.quantize(x, s, o, self.qmin, self.qmax, out_dtype)
 
     def dequantize(self, q: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         s, o = _broadcast_to(self.scale, q), _broadcast_to(self.offset, q)
-        return ops._registry.ops.dequantize(q, s, o, out_dtype)
+        return ops.raw.dequantize(q, s, o, out_dtype)
 
     def to(self, device) -> "Encoding":
         return dataclasses.replace(self, scale=self.scale.to(device), offset=self.offset.to(device),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import _reference, _registry
+from ..ops import raw, reference
 from .encoding import _broadcast_to
 from .quantizer import QuantizeDequantize, _encoding, _encoding_grads, _Spec
 
@@ -46,7 +46,7 @@ class _InputConvNode(torch.autograd.Function):
     def forward(ctx, x, a, b, w, bias, spec: _Spec, conv: tuple):
         s, o, factors = _encoding(a, b, spec)
         sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
-        xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check)
+        xh = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check)
         stride, padding, dilation = conv
         ctx.save_for_backward(x, s, sb, ob, w, *factors)
         ctx.spec, ctx.conv, ctx.has_bias = spec, conv, bias is not None
@@ -59,8 +59,8 @@ class _InputConvNode(torch.autograd.Function):
         spec = ctx.spec
         stride, padding, dilation = ctx.conv
         need_a, need_b, need_w, need_bias = (bool(v) for v in ctx.needs_input_grad[1:5])
-        xh = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, False)
-        _, d_s, d_o = _reference.fake_quant_derivatives(x, sb, ob, spec.qmin, spec.qmax)  # per element
+        xh = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, False)
+        _, d_s, d_o = reference.fake_quant_derivatives(x, sb, ob, spec.qmin, spec.qmax)  # per element
         dt = gy.dtype  # the convolution's dtype (bfloat16 under autocast)
         inp = torch.cat([xh.to(dt), d_s.to(dt), d_o.to(dt)], dim=1)
         w3 = w.new_empty((w.shape[0], 3) + tuple(w.shape[2:]), dtype=dt)  # only its shape is read

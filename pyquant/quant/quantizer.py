@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import _registry
+from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
 from .encoding import Encoding, _broadcast_to, from_scale_offset, min_scale
 
@@ -260,14 +260,14 @@ class _QuantizeNode(torch.autograd.Function):
         pooled = False  # whether xin holds only each pooled maximum's input value
         if spec.pool is None:
             xin = x
-            out = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
+            out = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
                                                     *spec.act)
         elif _by_window(x, spec.pool) and _channelwise(sb):  # one pass, a byte per output for the argmax
-            out, idx, xin = _registry.ops.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax,
+            out, idx, xin = raw.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax,
                                                                          spec.pool[0], spec.check, *spec.act)
             pooled = True
         else:
-            q = _registry.ops.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
+            q = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
                                                   *spec.act)
             out, idx = _max_pool(q, spec.pool)
             # a scale that varies along H or W is indexed by the input's coordinates: keep the whole input
@@ -286,12 +286,12 @@ class _QuantizeNode(torch.autograd.Function):
         need_o = need_s and not spec.symmetric if spec.minmax else need_b
         if spec.pool is not None and not ctx.pooled:  # the pool's backward first, at the input's size
             g = _unpool(g, idx, ctx.x_shape)
-        dx, ds, do = _registry.ops.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
+        dx, ds, do = raw.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
                                                                 spec.qmin, spec.qmax, spec.grad_scale,
                                                                 [need_x, need_s, need_o], *spec.act)
         if need_x and ctx.pooled:
             if idx.dtype == torch.uint8:
-                dx = _registry.ops.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
+                dx = raw.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
             else:
                 dx = _unpool(dx, idx, ctx.x_shape)
         da, db = _encoding_grads(spec, s, factors, ds, do, need_a, need_b)
@@ -425,7 +425,7 @@ class Quantize(_QuantizerBase):
             return x
         with torch.no_grad():
             s, o = self._scale_offset()
-        return _registry.ops.quantize(x, _broadcast_to(s, x), _broadcast_to(o, x), self.qmin, self.qmax,
+        return raw.quantize(x, _broadcast_to(s, x), _broadcast_to(o, x), self.qmin, self.qmax,
                                       self.out_dtype)
 
 

@@ -56,6 +56,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from .._io import atomic_write_text
+from .._version import __version__
 
 from ..quant.encoding import Encoding, from_scale_offset
 
@@ -158,8 +159,7 @@ def encodings_to_json(activation: Mapping[str, Encoding], params: Mapping[str, E
 
 
 def _pyquant_version() -> str:
-    import pyquant
-    return getattr(pyquant, "__version__", "unknown")
+    return __version__
 
 
 def _layout(enc: Encoding, name: str) -> tuple[str, Optional[int], Optional[int], Optional[int]]:

@@ -441,7 +441,7 @@ def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Te
 def _nearest(w_cf: torch.Tensor, s: torch.Tensor, o: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Round-to-nearest on the same grid (channel-first weight): pyquant's fake-quant op."""
     shape = ((-1,) if s.numel() > 1 else (1,)) + (1,) * (w_cf.dim() - 1)
-    return ops._registry.ops.quantize_dequantize(w_cf, s.reshape(shape), o.reshape(shape), qmin, qmax)
+    return ops.raw.quantize_dequantize(w_cf, s.reshape(shape), o.reshape(shape), qmin, qmax)
 
 
 def _channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -558,7 +558,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                 and Xr.shape[1] < per_step:
             gram = _gram(Xr, Yr, layer_fp.bias)
     for it in range(iters):
-        w_soft = ops._registry.ops.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
+        w_soft = ops.raw.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
         if gram is not None:
             loss = _gram_loss(w_soft, *gram)
         else:
@@ -574,13 +574,13 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         if it >= warm and reg_param > 0:
             rel = (it - warm) / max(iters - warm, 1)
             beta = b1 + 0.5 * (b0 - b1) * (1.0 + math.cos(rel * math.pi))  # cosine decay from b0 to b1
-            loss = loss + reg_param * ops._registry.ops.adaround_regularizer(alpha, beta)[0]
+            loss = loss + reg_param * ops.raw.adaround_regularizer(alpha, beta)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     with torch.no_grad():
-        hard = ops._registry.ops.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
+        hard = ops.raw.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
         mse_ada = full_loss(hard)
         up = float((alpha >= 0).float().mean())
         changed = float((hard != nearest).float().mean())

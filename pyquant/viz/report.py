@@ -69,7 +69,7 @@ def figures(analysis: dict[str, Any]) -> dict[str, bytes]:
 def render_html(analysis: dict[str, Any], title: Optional[str] = None,
                 figs: Optional[dict[str, bytes]] = None) -> str:
     """The report page as a string."""
-    from .. import __version__
+    from .._version import __version__
     figs = figures(analysis) if figs is None else figs
     sim = analysis.get("simulation", {})
     title = title or f"pyquant analysis: {analysis.get('model', 'model')}"
