@@ -269,17 +269,27 @@ def test_minilm_through_quantsim():
         out = sim.model(input_ids=other["input_ids"], attention_mask=other["attention_mask"])
     h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     assert h.shape[:2] == other["input_ids"].shape
-    # export: the QDQ graph, run as written by onnxruntime, computes exactly the simulation
+    # export: the QDQ graph, run as written by onnxruntime, computes the simulation quantizer by quantizer
     pytest.importorskip("onnxruntime")
     import tempfile
+    from helpers import assert_onnx_runs_simulation
     from pyquant.sim.export import run_onnx
     for n in sim.activation_quantizers:
         sim.enable(n, True)
     with tempfile.TemporaryDirectory() as d, torch.no_grad():
         paths = sim.export(d, "minilm", inputs, opset_version=17)  # attention needs opset >= 14
+        flips = assert_onnx_runs_simulation(sim, paths["onnx"], inputs)
         got = run_onnx(paths["onnx"], inputs["input_ids"], inputs["attention_mask"], optimize=False)[0]
         want = sim.model(**inputs).last_hidden_state
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Not end to end for every sample: onnxruntime sums the matmuls in another order than torch (whose own
+    # order depends on the CPU's SIMD level), so a value an ulp from a rounding boundary can take the other
+    # code, and every later quantizer of that sample sees the step (one code in layer 3 moved outputs by
+    # 0.7 on an AVX-512 machine). A sample without such a flip is the simulation exactly.
+    flipped = torch.zeros(len(texts), dtype=torch.bool)
+    for name, f in flips.items():
+        if name in sim.activation_quantizers:
+            flipped |= f.flatten(1).any(1)
+    torch.testing.assert_close(got[~flipped], want[~flipped], rtol=0, atol=0)
 
 
 @pytest.mark.cuda
