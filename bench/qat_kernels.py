@@ -45,7 +45,7 @@ def _row(case: str, shape, fns: list[Callable[[], Any]], baseline: str, reps: in
 
 
 def _quantizer(shape=(), mode="minmax", x=None) -> QuantizeDequantize:
-    q = QuantizeDequantize(shape, 8, False, param_mode=mode)
+    q = QuantizeDequantize(shape, 8, False, range_params=mode)
     with q.compute_encodings():
         q(x)
     return q
@@ -126,7 +126,7 @@ def small_quantizer(reps: int) -> list[dict[str, Any]]:
 
     for mode in ("minmax", "scale_offset"):
         q = _quantizer(mode=mode, x=x)
-        for p in q._encoding_params():
+        for p in q.encoding_parameters():
             p.requires_grad_(True)
         rows.append(_row(f"one quantizer's training step, {mode.replace('minmax', 'min/max')} (per call)",
                          tuple(x.shape), [_fwd_bwd(q, x), _fwd_bwd(torch_learnable, x)],

@@ -194,9 +194,9 @@ def test_quantizer_calibration_observes_only_then_quantizes():
     assert q(x) is x and "disabled" in repr(q)
 
 
-@pytest.mark.parametrize("param_mode", ["minmax", "scale_offset"])
-def test_quantizer_range_learning_and_freeze(param_mode):
-    q = QuantizeDequantize((4, 1), 4, False, param_mode=param_mode)
+@pytest.mark.parametrize("range_params", ["minmax", "scale_offset"])
+def test_quantizer_range_learning_and_freeze(range_params):
+    q = QuantizeDequantize((4, 1), 4, False, range_params=range_params)
     w = torch.randn(4, 32)
     with q.compute_encodings():
         q(w)

@@ -60,12 +60,12 @@ def _encodings(sim):
 def test_fixed_ranges_train_weights_only():
     sim, x, y = _setup(range_learning=False)
     assert not any(p.requires_grad for p in sim.quantizer_parameters())
-    before, w0 = _encodings(sim), sim._weight_of("c1.weight").clone()
+    before, w0 = _encodings(sim), sim.weight("c1.weight").clone()
     opt = torch.optim.SGD(sim.model_parameters(), lr=0.1)
     _step(sim, x, y, opt)
     after = _encodings(sim)
     assert all(torch.equal(before[n][0], after[n][0]) for n in before)
-    assert not torch.equal(w0, sim._weight_of("c1.weight"))  # STE gradients reached the weights
+    assert not torch.equal(w0, sim.weight("c1.weight"))  # STE gradients reached the weights
 
 
 def test_range_learning_moves_encodings_and_freeze_keeps_one():
@@ -97,7 +97,7 @@ def test_range_learning_of_scale_and_offset():
                               range_params=mode)
         sims[mode].compute_encodings(lambda mm: mm(x))
     sim = sims["scale_offset"]
-    assert all(q.param_mode == "scale_offset" for q in sim.quantizers.values())
+    assert all(q.range_params == "scale_offset" for q in sim.quantizers.values())
     # the same calibrated encodings and outputs whichever parameters are trained
     for n, q in sim.quantizers.items():
         torch.testing.assert_close(q.get_encoding().scale, sims["minmax"].quantizers[n].get_encoding().scale)
@@ -194,7 +194,7 @@ def _quantizer_by_autograd(q, x, activation, pool):
     """QuantizeDequantize's training path recorded op by op: parameters -> (scale, offset) -> activation ->
     fake quantization -> max pool, for autograd to differentiate."""
     from pyquant.quant.encoding import _broadcast_to
-    sc, off = q._scale_offset()
+    sc, off = q.scale_offset()
     if activation is not None:
         x = torch_activation(x, *activation)
     gs = 1.0
@@ -214,7 +214,7 @@ def test_quantizer_gradients_equal_autograd_of_its_ops(mode, symmetric, per_chan
     from pyquant.quant import from_range
     torch.manual_seed(0)
     shape = (1, 6, 1, 1) if per_channel else ()
-    q = QuantizeDequantize(shape, 8, symmetric, param_mode=mode, lsq_grad_scale=lsq)
+    q = QuantizeDequantize(shape, 8, symmetric, range_params=mode, lsq_grad_scale=lsq)
     mn = torch.tensor([-2.0, 0.5, -1.0, -3.0, 1.0, -0.25]) if per_channel else torch.tensor(-2.0)
     mx = torch.tensor([3.0, 4.0, 1e-9, 1.0, 1.0, 5.0]) if per_channel else torch.tensor(3.0)
     if symmetric:
@@ -233,7 +233,7 @@ def test_quantizer_gradients_equal_autograd_of_its_ops(mode, symmetric, per_chan
         xr = x.clone().requires_grad_(True)
         y = fn(xr)
         y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
-        grads.append([xr.grad] + [p.grad.clone() for p in q._encoding_params() if p.requires_grad])
+        grads.append([xr.grad] + [p.grad.clone() for p in q.encoding_parameters() if p.requires_grad])
     (ya, *pa), (yb, *pb) = grads
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
     assert len(pa) == len(pb) >= 1
@@ -382,7 +382,7 @@ def test_single_channel_input_quantizer_runs_with_its_conv(range_params):
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-5, msg=na)
     q = fused.activation_quantizers["input.x"]
-    assert q._encoding_params()[0].grad.abs().sum() > 0
+    assert q.encoding_parameters()[0].grad.abs().sum() > 0
     # where the node does not apply, the separate modules run: an input that wants its gradient, a frozen
     # input quantizer, inference
     xg = x.clone().requires_grad_(True)

@@ -2,8 +2,10 @@
 from .analyzers import (CalibrationError, EncodingAnalyzer, Entropy, MinMax, Mse, Percentile, Sqnr, TfEnhanced,
                         sqnr_candidates)
 from .encoding import Encoding, from_range, from_scale_offset, min_scale
-from .quantizer import Dequantize, Quantize, QuantizeDequantize, QuantizerError
+from .quantizer import Dequantize, Quantize, QuantizeDequantize, QuantizerBase, QuantizerError
+from .range_params import RANGE_PARAMS, MinMaxRange, RangeParams, ScaleOffsetRange
 
 __all__ = ["Encoding", "from_range", "from_scale_offset", "min_scale", "EncodingAnalyzer", "MinMax", "Sqnr",
            "TfEnhanced", "Mse", "Percentile", "Entropy", "CalibrationError", "sqnr_candidates",
-           "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
+           "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerBase", "QuantizerError", "RangeParams",
+           "MinMaxRange", "ScaleOffsetRange", "RANGE_PARAMS"]

@@ -1,5 +1,5 @@
 """Encodings: the scale/offset (and the range they came from) of one quantizer, and the range→encoding
-rules of DESIGN.md (AIMET-compatible)."""
+rules of docs/design.md, 5.4 (AIMET-compatible)."""
 from __future__ import annotations
 
 import dataclasses
@@ -97,7 +97,7 @@ def _broadcast_to(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def from_range(mn: torch.Tensor, mx: torch.Tensor, bitwidth: int, symmetric: bool,
                block_size: Optional[Sequence[int]] = None) -> Encoding:
-    """Encoding from a range (DESIGN.md): the range is widened to hold 0 and at least min_scale per
+    """Encoding from a range (docs/design.md, 5.4): the range is widened to hold 0 and at least min_scale per
     step; asymmetric: s = (mx - mn)/N, o = clamp(round(mn/s) - qmin, -qmax, -qmin); symmetric:
     s = max(mx/qmax, -mn/-qmin), o = 0."""
     qmin, qmax = ops.grid(bitwidth, symmetric)

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..ops import raw, reference
 from .encoding import _broadcast_to
-from .quantizer import QuantizeDequantize, _encoding, _encoding_grads, _Spec
+from .fake_quant_node import Spec, encoding, encoding_grads
+from .quantizer import QuantizeDequantize
 
 __all__ = ["quantized_input_conv", "can_fuse_input_conv"]
 
@@ -33,8 +34,8 @@ def can_fuse_input_conv(conv: nn.Module) -> bool:
 def quantized_input_conv(q: QuantizeDequantize, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(q(x))``; one node when q learns its range and x needs no gradient, else the two modules."""
     ready = (torch.is_grad_enabled() and not x.requires_grad and q.enabled and not q._calibrating
-             and not q._export and q._has_encoding and x.dim() == 4 and x.shape[1] == 1)
-    a, b = q._encoding_params()
+             and q._export_consts is None and q.has_encoding and x.dim() == 4 and x.shape[1] == 1)
+    a, b = q.encoding_parameters()
     if not ready or not (a.requires_grad or b.requires_grad):
         return conv(q(x))
     return _InputConvNode.apply(x, a, b, conv.weight, conv.bias, q._spec(x),
@@ -43,8 +44,8 @@ def quantized_input_conv(q: QuantizeDequantize, conv: nn.Conv2d, x: torch.Tensor
 
 class _InputConvNode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, w, bias, spec: _Spec, conv: tuple):
-        s, o, factors = _encoding(a, b, spec)
+    def forward(ctx, x, a, b, w, bias, spec: Spec, conv: tuple):
+        s, o, factors = encoding(a, b, spec)
         sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
         xh = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check)
         stride, padding, dilation = conv
@@ -70,6 +71,6 @@ class _InputConvNode(torch.autograd.Function):
         wf = w.float()
         ds = (wf * dw3[:, 1:2].float()).sum().reshape(s.shape) * spec.grad_scale
         do = (wf * dw3[:, 2:3].float()).sum().reshape(s.shape) * spec.grad_scale
-        da, db = _encoding_grads(spec, s, factors, ds, do, need_a, need_b)
+        da, db = encoding_grads(spec, s, factors, ds, do, need_a, need_b)
         return (None, da, db, dw3[:, 0:1].to(w.dtype) if need_w else None,
                 dbias.to(ctx.bias_dtype) if need_bias else None, None, None)

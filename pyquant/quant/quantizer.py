@@ -1,44 +1,56 @@
 """Quantizer modules: QuantizeDequantize (fake quantization, for simulation and QAT), Quantize
-(integer codes) and Dequantize. Built on pyquant.ops; statistics and encodings come from an
-analyzer (pyquant.quant.analyzers)."""
+(integer codes) and Dequantize. Built on pyquant.ops; statistics and encodings come from an analyzer
+(pyquant.quant.analyzers), the encoding's trainable parametrization from pyquant.quant.range_params.
+
+The public surface the other layers use: `set_encoding` / `get_encoding` / `has_encoding` /
+`reset_encoding`, `compute_encodings()` (calibration), `encoding_parameters()`, `set_range_learning`,
+`freeze` / `unfreeze`, `rescale_encoding`, `exporting()` and `state_flags` / `load_state_flags`."""
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .. import ops
+from .._deprecation import _UNSET, renamed
 from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
-from .encoding import Encoding, _broadcast_to, from_scale_offset, min_scale
+from .encoding import Encoding, _broadcast_to, from_scale_offset
+from .fake_quant_node import Pool, QuantizeNode, Spec, act_bounds, activate
+from .range_params import RANGE_PARAMS, RangeParams
 
-__all__ = ["QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
+__all__ = ["QuantizerBase", "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
 
 
 class QuantizerError(RuntimeError):
     """A quantizer used in a state that cannot work (no encoding yet, frozen, ...)."""
 
 
-def _round_ste(t: torch.Tensor) -> torch.Tensor:
-    return t + (torch.round(t) - t).detach()
+class QuantizerBase(nn.Module):
+    """What every quantizer has: an encoding shape, bit width and symmetry, an encoding analyzer for
+    calibration, the encoding's parameters (`range_params`: "minmax" or "scale_offset"), and the flags
+    `enabled` (off: the input passes unchanged) and `frozen` (the encoding stays as it is: no range
+    learning, no recalibration)."""
 
-
-class _QuantizerBase(nn.Module):
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
                  encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
-                 *, param_mode: str = "minmax", name: Optional[str] = None):
+                 *, range_params: Optional[str] = None, name: Optional[str] = None, param_mode: Any = _UNSET):
         super().__init__()
+        range_params = renamed("param_mode", "range_params", param_mode,
+                               _UNSET if range_params is None else range_params, "minmax",
+                               where=type(self).__name__, stacklevel=4)
         ops.grid(bitwidth, symmetric)  # validates bitwidth
-        if param_mode not in ("minmax", "scale_offset"):
-            raise ValueError(f"param_mode must be 'minmax' or 'scale_offset', got {param_mode!r}")
+        if range_params not in RANGE_PARAMS:
+            raise ValueError(f"range_params must be one of {sorted(RANGE_PARAMS)}, got {range_params!r}")
         self.shape = tuple(int(v) for v in shape)
         self.bitwidth = int(bitwidth)
         self.symmetric = bool(symmetric)
         self.block_size = tuple(block_size) if block_size is not None else None
-        self.param_mode = param_mode
+        self.range_params = range_params
+        self._range: RangeParams = RANGE_PARAMS[range_params]
         self.name = name
         self.encoding_analyzer = encoding_analyzer if encoding_analyzer is not None else MinMax(self.shape)
         if tuple(self.encoding_analyzer.shape) != self.shape:
@@ -46,12 +58,7 @@ class _QuantizerBase(nn.Module):
                              f"{self.shape}")
         if name and self.encoding_analyzer.name is None:
             self.encoding_analyzer.name = name
-        if param_mode == "minmax":
-            self.min = nn.Parameter(torch.zeros(self.shape))
-            self.max = nn.Parameter(torch.zeros(self.shape))
-        else:
-            self.scale = nn.Parameter(torch.ones(self.shape))
-            self.offset = nn.Parameter(torch.zeros(self.shape), requires_grad=not self.symmetric)
+        self._range.create(self, self.shape, self.symmetric)
         self.register_buffer("initialized", torch.tensor(False), persistent=True)
         # A host-side copy of `initialized`: reading the buffer would synchronize a GPU and break
         # torch.compile graphs on every forward. Kept in step by set_encoding/reset and state-dict loads.
@@ -59,7 +66,14 @@ class _QuantizerBase(nn.Module):
         self.enabled = True
         self.frozen = False
         self._calibrating = False
-        self._export = False  # ONNX export: torch's fake-quant ops, which export as QuantizeLinear/DequantizeLinear
+        self._export_consts: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # set while exporting
+
+    @property
+    def param_mode(self) -> str:
+        """Deprecated name of `range_params`."""
+        import warnings
+        warnings.warn("QuantizerBase.param_mode is deprecated; use range_params", DeprecationWarning, stacklevel=2)
+        return self.range_params
 
     # ---- grid ----
     @property
@@ -74,18 +88,18 @@ class _QuantizerBase(nn.Module):
         return f"quantizer '{self.name}'" if self.name else type(self).__name__
 
     # ---- encodings ----
+    @property
+    def has_encoding(self) -> bool:
+        """Whether the quantizer has an encoding (calibrated, set or loaded)."""
+        return self._has_encoding
+
     def set_encoding(self, enc: Encoding) -> None:
         if enc.bitwidth != self.bitwidth or enc.symmetric != self.symmetric:
             raise ValueError(f"{self._label()}: encoding is {enc.bitwidth}-bit "
                              f"{'sym' if enc.symmetric else 'asym'}, quantizer is {self.bitwidth}-bit "
                              f"{'sym' if self.symmetric else 'asym'}")
         with torch.no_grad():
-            if self.param_mode == "minmax":
-                self.min.copy_(enc.min.reshape(self.shape))
-                self.max.copy_(enc.max.reshape(self.shape))
-            else:
-                self.scale.copy_(enc.scale.reshape(self.shape))
-                self.offset.copy_(enc.offset.reshape(self.shape))
+            self._range.store(self, enc, self.shape)
             self.initialized.fill_(True)
         self._has_encoding = True
 
@@ -101,55 +115,109 @@ class _QuantizerBase(nn.Module):
         if key in state_dict:
             self._has_encoding = bool(state_dict[key])
 
-    def _scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Differentiable (scale, offset) from the parameters."""
-        if self.param_mode == "scale_offset":
-            return self.scale, self.offset
-        qmin, qmax = self.qmin, self.qmax
-        ns = qmax - qmin
-        s = torch.clamp((self.max - self.min) / ns, min=min_scale(ns))
-        if self.symmetric:
-            return s, torch.zeros_like(s)
-        o = torch.clamp(_round_ste(self.min / s) - qmin, -qmax, -qmin)
-        return s, o
+    def scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) from the encoding parameters, differentiable in them under autograd."""
+        return self._range.scale_offset(self, self.qmin, self.qmax, self.symmetric)
 
     def get_encoding(self) -> Optional[Encoding]:
         if not self._has_encoding:
             return None
         with torch.no_grad():
-            s, o = self._scale_offset()
+            s, o = self.scale_offset()
             return from_scale_offset(s.detach().clone(), o.detach().clone(), self.bitwidth, self.symmetric,
                                      self.block_size)
 
+    def rescale_encoding(self, k: torch.Tensor, axis: int) -> bool:
+        """Multiplies a per-channel encoding along `axis` by the factors `k` (one per channel), as folding
+        a batch norm into the weight does. Returns False, changing nothing, when that cannot be exact: a
+        per-tensor encoding, a symmetric one with a factor <= 0, scale/offset parameters and a negative
+        factor -- then recalibrate instead."""
+        per_channel = len(self.shape) > axis and self.shape[axis] == k.numel() and k.numel() > 1
+        if not per_channel or (self.symmetric and not bool((k > 0).all())):
+            return False
+        shape = [1] * len(self.shape)
+        shape[axis] = -1
+        with torch.no_grad():
+            return self._range.rescale(self, k.reshape(shape).to(self.initialized.device))
+
     @contextlib.contextmanager
-    def compute_encodings(self) -> Iterator[None]:
+    def compute_encodings(self, *, disable_if_unused: bool = False) -> Iterator[None]:
         """Inside the block the quantizer only observes its inputs (returns them unchanged); on exit the
-        analyzer's statistics become the encoding (unless the quantizer is frozen)."""
+        analyzer's statistics become the encoding (unless the quantizer is frozen). A quantizer that saw
+        no data raises CalibrationError then, or with `disable_if_unused` is disabled instead."""
         self.encoding_analyzer.reset()
         self._calibrating = True
         try:
             yield
         finally:
             self._calibrating = False
+        if disable_if_unused and self.encoding_analyzer.num_batches == 0:
+            self.enabled = False
+            return
         if not self.frozen:
             self.set_encoding(self.encoding_analyzer.compute_encodings(self.bitwidth, self.symmetric))
+
+    # ---- training ----
+    def encoding_parameters(self) -> list[nn.Parameter]:
+        """The encoding's parameters: [min, max] or [scale, offset] (see range_params)."""
+        return self._range.parameters(self)
+
+    def set_range_learning(self, enabled: bool = True, *, lsq_grad_scale: Optional[bool] = None) -> None:
+        """Range learning on (the encoding's parameters train; only a calibrated, enabled, unfrozen
+        quantizer learns) or off (fixed: gradients still pass the rounding straight through).
+        `lsq_grad_scale` (QuantizeDequantize) sets the LSQ gradient scale when given."""
+        if lsq_grad_scale is not None and hasattr(self, "lsq_grad_scale"):
+            self.lsq_grad_scale = bool(lsq_grad_scale)
+        self._trainable(bool(enabled) and not self.frozen and self.enabled and self._has_encoding)
+
+    def _trainable(self, learn: bool) -> None:
+        train = {id(p) for p in self._range.trainable(self, self.symmetric)} if learn else set()
+        for p in self.encoding_parameters():
+            p.requires_grad_(id(p) in train)
 
     def freeze(self) -> None:
         """Keep the current encoding: no range learning, no recalibration."""
         self.frozen = True
-        for p in self._encoding_params():
-            p.requires_grad_(False)
+        self._trainable(False)
 
     def unfreeze(self) -> None:
         self.frozen = False
-        for p in self._encoding_params():
-            p.requires_grad_(True)
-        if self.param_mode == "scale_offset" and self.symmetric:
-            self.offset.requires_grad_(False)
+        self._trainable(True)
 
-    def _encoding_params(self) -> list[nn.Parameter]:
-        return [self.min, self.max] if self.param_mode == "minmax" else [self.scale, self.offset]
+    # ---- export ----
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[None]:
+        """Inside the block an enabled quantizer runs as torch's fake-quant ops with constant scale and
+        zero point, which the ONNX exporter writes as QuantizeLinear + DequantizeLinear."""
+        if not self.enabled:
+            yield
+            return
+        self._export_consts = self.export_constants()  # computed here, so the trace sees constants only
+        try:
+            yield
+        finally:
+            self._export_consts = None
 
+    def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(f"{self._label()}: {type(self).__name__} has no QDQ export")
+
+    # ---- flags (checkpoints) ----
+    def state_flags(self) -> dict[str, Any]:
+        """The settings a state dict does not hold: enabled, frozen, bit width, symmetry, LSQ scale and
+        which encoding parameters train."""
+        return dict(enabled=self.enabled, frozen=self.frozen, bitwidth=self.bitwidth, symmetric=self.symmetric,
+                    lsq=getattr(self, "lsq_grad_scale", False),
+                    learn=[p.requires_grad for p in self.encoding_parameters()])
+
+    def load_state_flags(self, flags: dict[str, Any]) -> None:
+        self.enabled, self.frozen = bool(flags["enabled"]), bool(flags["frozen"])
+        self.bitwidth, self.symmetric = int(flags["bitwidth"]), bool(flags["symmetric"])
+        if hasattr(self, "lsq_grad_scale"):
+            self.lsq_grad_scale = bool(flags["lsq"])
+        for p, r in zip(self.encoding_parameters(), flags["learn"]):
+            p.requires_grad_(bool(r))
+
+    # ---- calling ----
     def _ready(self, x: torch.Tensor) -> bool:
         if self._calibrating:
             self.encoding_analyzer.update_stats(x)
@@ -177,167 +245,7 @@ class _QuantizerBase(nn.Module):
         return ", ".join(parts)
 
 
-def _activate(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    # the ops a ReLU / ReLU6 / Hardtanh run, so exports and gradients are theirs
-    return torch.relu(x) if lo == 0.0 and hi == float("inf") else torch.nn.functional.hardtanh(x, lo, hi)
-
-
-def _act_bounds(act: Optional[tuple[float, float]]) -> tuple[Optional[float], Optional[float]]:
-    # the op's act_min/act_max: None for an unbounded side
-    if act is None:
-        return None, None
-    lo, hi = act
-    return (None if lo == float("-inf") else float(lo)), (None if hi == float("inf") else float(hi))
-
-
-Pool = tuple[list[int], list[int], list[int], list[int], bool]  # max_pool2d: kernel, stride, padding, dilation, ceil
-
-
-def _max_pool(x: torch.Tensor, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.aten.max_pool2d_with_indices(x, *pool)
-
-
-class _Spec(NamedTuple):
-    """A quantizer's constants, passed to _QuantizeNode as one argument."""
-    minmax: bool
-    symmetric: bool
-    qmin: int
-    qmax: int
-    grad_scale: float
-    check: bool
-    act: tuple[Optional[float], Optional[float]]
-    pool: Optional[Pool]
-    train: bool  # autograd on at the call: the chain factors are worth forming
-
-
-def _minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, spec: _Spec, factors: bool = True):
-    """(scale, offset, chain factors) of a min/max encoding, as _QuantizerBase's _scale_offset computes
-    them. The factors carry the chain rule back to min and max (_encoding_grads):
-    s = clamp((max - min) / n, min_scale) and o = clamp(round_ste(min / s) - qmin, -qmax, -qmin), so
-    dmax = (ds - do' * (min / s) / s) * [s unclamped] / n and dmin = do' / s - dmax with do' = do *
-    [o unclamped]; the factors are [s unclamped] / n, [o unclamped] / s and [o unclamped] * (min / s) / s."""
-    ns = spec.qmax - spec.qmin
-    raw_s = (mx - mn) / ns
-    s = torch.clamp(raw_s, min=min_scale(ns))
-    k_s = (raw_s == s) / ns if factors else None  # clamp passes where it is inactive: raw_s == its clamp
-    if spec.symmetric:
-        return s, torch.zeros_like(s), (k_s, None, None)
-    t = mn / s
-    raw_o = torch.round(t) - spec.qmin
-    o = torch.clamp(raw_o, -spec.qmax, -spec.qmin)
-    if not factors:
-        return s, o, (None, None, None)
-    k_o = (raw_o == o) / s
-    return s, o, (k_s, k_o, k_o * t)
-
-
-def _encoding(a: torch.Tensor, b: torch.Tensor, spec: _Spec, factors: bool = True):
-    """(scale, offset, chain factors) of the parameters; called inside autograd Functions' forward, where
-    autograd is off. Without `factors` (fixed ranges) the chain factors are not formed."""
-    if spec.minmax:
-        return _minmax_to_scale_offset(a, b, spec, factors)
-    return a, b, (None, None, None)
-
-
-class _QuantizeNode(torch.autograd.Function):
-    """A quantizer's whole training path as one autograd node: encoding parameters (min/max or
-    scale/offset) -> scale/offset -> [activation +] fake quantization [-> 2-d max pool]. Recorded op by
-    op, a min/max quantizer is a dozen small autograd nodes whose bookkeeping costs as much as the kernel
-    on a small layer; here the chain rule back to the parameters is written out (straight-through on the
-    offset's rounding, clamps passing where they are inactive, as autograd's own rules do).
-
-    With a pool, the node keeps for the backward only the input value each pooled maximum came from and
-    its position: a pooled-size tensor instead of the full-size input, output and int64 indices of the
-    separate ops, with the same values and gradients (only the summation order of the range gradients
-    differs). Non-overlapping windows on the CPU take one native pass (pyquant::
-    quantize_dequantize_max_pool2d)."""
-
-    @staticmethod
-    def forward(ctx, x, a, b, spec: _Spec):
-        s, o, factors = _encoding(a, b, spec, spec.train and any(ctx.needs_input_grad[1:3]))
-        sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
-        idx = None
-        pooled = False  # whether xin holds only each pooled maximum's input value
-        if spec.pool is None:
-            xin = x
-            out = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
-                                                    *spec.act)
-        elif _by_window(x, spec.pool) and _channelwise(sb):  # one pass, a byte per output for the argmax
-            out, idx, xin = raw.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax,
-                                                                         spec.pool[0], spec.check, *spec.act)
-            pooled = True
-        else:
-            q = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check,
-                                                  *spec.act)
-            out, idx = _max_pool(q, spec.pool)
-            # a scale that varies along H or W is indexed by the input's coordinates: keep the whole input
-            pooled = _channelwise(sb)
-            xin = x.flatten(-2).gather(-1, idx.flatten(-2)).reshape(out.shape) if pooled else x
-        ctx.save_for_backward(xin, idx, s, o, *factors)
-        ctx.spec, ctx.x_shape, ctx.pooled = spec, x.shape, pooled
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        xin, idx, s, o, *factors = ctx.saved_tensors
-        spec = ctx.spec
-        need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
-        need_s = need_a or need_b
-        need_o = need_s and not spec.symmetric if spec.minmax else need_b
-        if spec.pool is not None and not ctx.pooled:  # the pool's backward first, at the input's size
-            g = _unpool(g, idx, ctx.x_shape)
-        dx, ds, do = raw.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
-                                                                spec.qmin, spec.qmax, spec.grad_scale,
-                                                                [need_x, need_s, need_o], *spec.act)
-        if need_x and ctx.pooled:
-            if idx.dtype == torch.uint8:
-                dx = raw.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
-            else:
-                dx = _unpool(dx, idx, ctx.x_shape)
-        da, db = _encoding_grads(spec, s, factors, ds, do, need_a, need_b)
-        return (dx if need_x else None, da, db, None)
-
-
-def _channelwise(sb: torch.Tensor) -> bool:
-    """One scale, or one per channel (dim -3): the layouts the pooled quantizer kernel takes."""
-    return sb.numel() == 1 or [d for d, k in enumerate(sb.shape) if k != 1] == [sb.dim() - 3]
-
-
-def _encoding_grads(spec: _Spec, s: torch.Tensor, factors, ds: torch.Tensor, do: torch.Tensor, need_a: bool,
-                    need_b: bool):
-    """Gradients of the encoding parameters (min, max) or (scale, offset) from those of scale and offset."""
-    if not (need_a or need_b):
-        return None, None
-    if not spec.minmax:
-        return (ds.reshape(s.shape) if need_a else None), (do.reshape(s.shape) if need_b else None)
-    k_s, k_o, k_ot = factors
-    ds = ds.reshape(s.shape)
-    if k_o is None:  # symmetric: the offset is 0
-        dmax = ds * k_s
-        return (-dmax if need_a else None), (dmax if need_b else None)
-    do = do.reshape(s.shape)
-    dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
-    return (torch.addcmul(-dmax, do, k_o) if need_a else None), (dmax if need_b else None)
-
-
-def _by_window(x: torch.Tensor, pool: Pool) -> bool:
-    """Whether a max pool is one of non-overlapping windows that cover x (pyquant's window pooling)."""
-    kernel, stride, padding, dilation, ceil = pool
-    return (x.dim() in (3, 4) and list(stride) == list(kernel) and not any(padding) and all(d == 1 for d in dilation)
-            and (not ceil or (x.shape[-2] % kernel[0] == 0 and x.shape[-1] % kernel[1] == 0))
-            and kernel[0] * kernel[1] <= 255)
-
-
-def _unpool(g: torch.Tensor, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The max pool's backward from its indices alone (flat positions in each H x W plane); overlapping
-    windows that pick one element add up, as in aten's."""
-    planes = math.prod(shape[:-2])
-    out = g.new_zeros((planes, shape[-2] * shape[-1]))
-    out.scatter_add_(1, idx.reshape(planes, -1), g.reshape(planes, -1))
-    return out.reshape(shape)
-
-
-class QuantizeDequantize(_QuantizerBase):
+class QuantizeDequantize(QuantizerBase):
     """Fake quantization ``x -> (clamp(round(x/s) - o, qmin, qmax) + o) * s`` with a learnable range.
 
     Args:
@@ -346,15 +254,18 @@ class QuantizeDequantize(_QuantizerBase):
             ``block_size=(1, B)`` per block).
         bitwidth: 2..16. symmetric: signed grid with offset 0, else unsigned grid with an offset.
         encoding_analyzer: statistics → encoding (default ``MinMax(shape)``).
-        param_mode: ``"minmax"`` (parameters ``min``/``max``, AIMET's) or ``"scale_offset"`` (parameters
-            ``scale``/``offset``; their gradients come straight from the fused kernel).
+        range_params: the encoding's trainable parameters: ``"minmax"`` (default; ``min``/``max``, AIMET's) or
+            ``"scale_offset"`` (``scale``/``offset``; their gradients come straight from the fused kernel).
+            ``param_mode`` is its deprecated name.
         lsq_grad_scale: scale the range gradients by ``1/sqrt(n * qmax)`` (LSQ).
     """
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
                  encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
-                 *, param_mode: str = "minmax", lsq_grad_scale: bool = False, name: Optional[str] = None):
-        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, param_mode=param_mode, name=name)
+                 *, range_params: Optional[str] = None, lsq_grad_scale: bool = False, name: Optional[str] = None,
+                 param_mode: Any = _UNSET):
+        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, range_params=range_params,
+                         name=name, param_mode=param_mode)
         self.lsq_grad_scale = lsq_grad_scale
 
     def forward(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
@@ -363,28 +274,28 @@ class QuantizeDequantize(_QuantizerBase):
         2-d max-pool the result (aten.max_pool2d_with_indices' arguments). The activation runs inside the
         fake-quant kernel and the pool keeps no full-size tensor, so a training step holds one tensor for the
         three ops (QuantSim's `fuse_activations`); the values are those of the separate ops."""
-        if not self.enabled or self._calibrating or self._export:  # observe / pass / export the plain ops
+        if not self.enabled or self._calibrating or self._export_consts is not None:  # observe / pass / export
             if activation is not None:
-                x = _activate(x, *activation)
+                x = activate(x, *activation)
             out = self._export_forward(x) if self._ready(x) else x  # ready here: enabled and exporting
             return torch.nn.functional.max_pool2d(out, *pool) if pool is not None else out
         self._ready(x)  # raises without an encoding
         return self._quantize_node(x, activation, pool)
 
     def _spec(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
-              pool: Optional[Pool] = None) -> _Spec:
+              pool: Optional[Pool] = None) -> Spec:
         gs = 1.0
         if self.lsq_grad_scale:
             gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * self.qmax) ** 0.5)
-        minmax = self.param_mode == "minmax"
+        derived = self._range.derived
         # min/max-derived scales are clamped positive: no need to read them back (a GPU sync)
-        return _Spec(minmax, self.symmetric, self.qmin, self.qmax, gs, not minmax, _act_bounds(activation), pool,
-                     torch.is_grad_enabled())
+        return Spec(derived, self.symmetric, self.qmin, self.qmax, gs, not derived, act_bounds(activation), pool,
+                    torch.is_grad_enabled())
 
     def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                        pool: Optional[Pool] = None) -> torch.Tensor:
-        a, b = self._encoding_params()
-        return _QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
+        a, b = self.encoding_parameters()
+        return QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""
@@ -399,7 +310,7 @@ class QuantizeDequantize(_QuantizerBase):
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same function through torch.fake_quantize_per_{tensor,channel}_affine, which the ONNX
         exporter writes as QuantizeLinear + DequantizeLinear. Scale and zero point are constants
-        computed outside the traced region (see pyquant.sim.export.export_mode)."""
+        computed outside the traced region (see `exporting`)."""
         s, zp = self._export_consts
         nontrivial = [d for d, k in enumerate(_broadcast_to(s, x).shape) if k > 1]
         if not nontrivial:
@@ -411,7 +322,7 @@ class QuantizeDequantize(_QuantizerBase):
                                                       nontrivial[0], self.qmin, self.qmax)
 
 
-class Quantize(_QuantizerBase):
+class Quantize(QuantizerBase):
     """Integer codes ``clamp(round(x/s) - o, qmin, qmax)`` as float32 or `out_dtype` (int8, uint8, ...)."""
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
@@ -424,9 +335,8 @@ class Quantize(_QuantizerBase):
         if not self._ready(x):
             return x
         with torch.no_grad():
-            s, o = self._scale_offset()
-        return raw.quantize(x, _broadcast_to(s, x), _broadcast_to(o, x), self.qmin, self.qmax,
-                                      self.out_dtype)
+            s, o = self.scale_offset()
+        return raw.quantize(x, _broadcast_to(s, x), _broadcast_to(o, x), self.qmin, self.qmax, self.out_dtype)
 
 
 class Dequantize(nn.Module):
