@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     model = _copy(base)
-    fold_batchnorms(model, verbose=False)
+    fold_batchnorms(model)
     model = model.to(memory_format=cl)
     sim = QuantSim(model, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
     sim.compute_encodings([calib[i:i + 32] for i in range(0, len(calib), 32)], progress=True)

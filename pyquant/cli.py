@@ -61,7 +61,7 @@ def load_spec(text: str) -> Spec:
     """Imports and calls a SPEC (see the module docstring); UsageError says what is wrong with it."""
     from torch import nn
 
-    from .analysis._data import reusable
+    from ._batches import reusable
 
     mod_name, sep, fn_name = text.partition(":")
     if not sep or not mod_name or not fn_name or not all(p.isidentifier() for p in mod_name.split(".")) \
@@ -162,12 +162,14 @@ def _cmd_analyze(a: argparse.Namespace) -> int:
 
 def _calibrated_sim(spec: Spec, a: argparse.Namespace):
     import copy
-    from .analysis._data import as_batches
+    from ._batches import as_batches
     from .sim.quantsim import QuantSim
     model = copy.deepcopy(spec.model).eval()
     if not a.keep_bn:
+        from ._warnings import ignoring_nothing_to_do
         from .techniques import fold_batchnorms
-        fold_batchnorms(model, verbose=False)
+        with ignoring_nothing_to_do():
+            fold_batchnorms(model)
     sim = QuantSim(model, spec.dummy_input, **_sim_kwargs(a))
     sim.compute_encodings(as_batches(spec.data, a.batch_size, a.calib_samples), progress=a.progress)
     return sim
@@ -196,7 +198,8 @@ def _agreement_metric(spec: Spec, a: argparse.Namespace) -> Callable[[Any], floa
     """Top-1 agreement with the FP32 model on the SPEC's data: AutoQuant's accuracy when the SPEC has
     no metric of its own (FP32 scores 1.0)."""
     import torch
-    from .analysis._data import as_batches, call, output_tensor
+    from ._batches import as_batches, call
+    from .analysis._data import output_tensor
     batches = as_batches(spec.data, a.batch_size, a.calib_samples)
     with torch.no_grad():
         ref = [output_tensor(call(spec.model.eval(), b)).argmax(-1) for b in batches]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
 
+import pyquant
 import pyquant.analysis.sensitivity as sens_mod
 from pyquant.analysis import (activation_histograms, analyze, cle_weight_ranges, layer_sensitivity, layer_sqnr,
                               layers, load_json, save_json, weight_ranges)
-from pyquant.analysis._data import reusable
+from pyquant._batches import reusable
 from pyquant.sim.quantsim import QuantSim
 from pyquant.techniques import fold_batchnorms
 from spec_tiny import tiny_data, tiny_model
@@ -24,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _sim(bw_act: int = 8):
     m = tiny_model()
-    fold_batchnorms(m, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pyquant.NothingToDoWarning)
+        fold_batchnorms(m)
     data = tiny_data()
     sim = QuantSim(m, data[:1], output_bw=bw_act)
     sim.compute_encodings(lambda mm: mm(data))
@@ -124,7 +128,7 @@ def test_sensitivity_staged_equals_plain_evaluation(monkeypatch, inplace):
 def test_sensitivity_ranks_a_coarse_layer_first_and_reuses_encodings(monkeypatch, capsys):
     sim, data = _sim()
     sim.set_bitwidth("block.3.weight", 3)
-    w = sim._weight_of("block.3.weight")
+    w = sim.weight("block.3.weight")
     with sim.quantizers["block.3.weight"].compute_encodings():
         sim.quantizers["block.3.weight"](w)
     encs = {n: q.get_encoding() for n, q in sim.quantizers.items()}

@@ -96,10 +96,10 @@ def test_functional_ops_get_quantizers_and_softmax_constraint():
     m = Functional().eval()
     x = torch.randn(2, 5, 16)
     sim = QuantSim(m, x)
-    ops = set(sim._op_types.values())
+    ops = set(sim.op_types.values())
     assert {"MatMul", "Softmax", "Gelu", "Concat", "LayerNormalization"} <= ops
     sim.compute_encodings(lambda model: model(x))
-    sm = [n for n, t in sim._op_types.items() if t == "Softmax"][0]
+    sm = [n for n, t in sim.op_types.items() if t == "Softmax"][0]
     enc = sim.activation_quantizers[sm].get_encoding()
     assert float(enc.scale) == pytest.approx(1 / 255) and float(enc.offset) == 0.0
     assert sqnr_db(m(x), sim.model(x)) > 20.0
@@ -124,7 +124,7 @@ def test_enable_disable_and_bitwidth_override():
     with torch.no_grad():
         q = sim.param_quantizers["c2.weight"]
         with q.compute_encodings():
-            q(sim._weight_of("c2.weight"))
+            q(sim.weight("c2.weight"))
     out4 = sim.model(x)
     assert sqnr_db(m(x), out4) < sqnr_db(m(x), out8)
     for name in sim.quantizers:
@@ -243,7 +243,7 @@ def test_minilm_through_quantsim():
     batch = tok(texts, padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     sim = QuantSim(model, inputs, quant_scheme="tf_enhanced")
-    ops = list(sim._op_types.values())
+    ops = list(sim.op_types.values())
     assert ops.count("Gemm") >= 6 * 6  # q, k, v, output and the two MLP projections in each of 6 layers
     assert {"Attention", "MatMul"} & set(ops) and "LayerNormalization" in ops and "Gelu" in ops
     sim.compute_encodings(lambda m: m(**inputs))

@@ -221,7 +221,7 @@ def compare(pq_sim, asim, amap, x: torch.Tensor, bs: int = 16) -> dict:
         aq = mods[mname].param_quantizers[attr] if mname in mods else None
         if aq is None or q.get_encoding() is None:
             continue
-        w = pq_sim._weight_of(pname)
+        w = pq_sim.weight(pname)
         d = (_plain(q(w)) - _plain(aq(w))).abs() / q.get_encoding().scale
         w_worst = max(w_worst, float(d.max()))
         w_n += 1

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_text
+from .._warnings import ignoring_nothing_to_do
 from ._data import as_batches, reusable
 from .histograms import activation_histograms
 from .layer_error import layer_sqnr
@@ -70,7 +71,8 @@ def analyze(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterab
         m = copy.deepcopy(model).eval()
         if fold_bn:
             from ..techniques import fold_batchnorms
-            fold_batchnorms(m, verbose=False)
+            with ignoring_nothing_to_do():
+                fold_batchnorms(m)
         sim = QuantSim(m, dummy_input, quant_scheme=quant_scheme, param_bw=param_bw, output_bw=output_bw,
                        config=config)
         calib = as_batches(data if calib_data is None else calib_data, batch_size, calib_samples, what="data")

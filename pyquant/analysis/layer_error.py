@@ -68,6 +68,6 @@ def layer_sqnr(sim, data: Union[torch.Tensor, Iterable[Any]], *, max_samples: Op
         s, nw, na = sums[n]
         if s == 0.0 and nw == 0.0 and na == 0.0:
             continue  # never reached by the data
-        points.append({"name": n, "layer": owner.get(n, n), "op_type": sim._op_types.get(n, "?"),
+        points.append({"name": n, "layer": owner.get(n, n), "op_type": sim.op_type(n),
                        "weights_only_db": finite(_sqnr(s, nw), 4), "activations_only_db": finite(_sqnr(s, na), 4)})
     return {"points": points, "samples": samples}

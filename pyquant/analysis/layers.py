@@ -71,7 +71,7 @@ def layers(sim) -> list[Layer]:
         groups.setdefault(key, []).append(name)
     out = []
     for key, qs in groups.items():
-        op = next((sim._op_types.get(q) for q in qs if q in sim.param_quantizers), None) or sim._op_types.get(qs[0], "?")
+        op = next((sim.op_type(q) for q in qs if q in sim.param_quantizers), None) or sim.op_type(qs[0])
         out.append(Layer(key, qs, min(where[q] for q in qs), op))
     out.sort(key=lambda l: l.first_node)
     return out

@@ -10,10 +10,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..sim.graph import WEIGHT_AXIS
+from .._layers import layers_for, weight_axis
+from .._warnings import ignoring_nothing_to_do
 from ._data import finite, floats
 
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
+_LAYER_TYPES = layers_for("weight_ranges")
 
 
 def _channel_stats(w: torch.Tensor, axis: int) -> dict[str, Any]:
@@ -32,8 +33,7 @@ def weight_ranges(model: nn.Module) -> dict[str, dict[str, Any]]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, _LAYER_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor):
-            axis = next(a for t, a in WEIGHT_AXIS.items() if isinstance(m, t))
-            out[name] = _channel_stats(m.weight, axis)
+            out[name] = _channel_stats(m.weight, weight_axis(m))
     return out
 
 
@@ -49,7 +49,8 @@ def cle_weight_ranges(model: nn.Module, dummy_input: Any, *, replace_relu6: bool
 
     before_m = copy.deepcopy(model).eval()
     if fold_bn:
-        fold_batchnorms(before_m, verbose=False)
+        with ignoring_nothing_to_do():
+            fold_batchnorms(before_m)
     after_m = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "nothing to equalize" is reported in the summary instead

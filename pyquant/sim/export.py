@@ -16,16 +16,13 @@ from ..quant import QuantizeDequantize
 
 @contextlib.contextmanager
 def export_mode(model: torch.nn.Module):
-    qs = [m for m in model.modules() if isinstance(m, QuantizeDequantize) and m.enabled]
-    for q in qs:
-        q._export_consts = q.export_constants()  # computed here, so the trace sees constants only
-        q._export = True
-    try:
+    """Every enabled quantizer of `model` runs as the ops the exporter writes as QDQ (see
+    QuantizeDequantize.exporting)."""
+    with contextlib.ExitStack() as stack:
+        for q in model.modules():
+            if isinstance(q, QuantizeDequantize):
+                stack.enter_context(q.exporting())
         yield
-    finally:
-        for q in qs:
-            q._export = False
-            q._export_consts = None
 
 
 def export_onnx(sim, path: Path, dummy_input: Any, opset_version: int = 13) -> None:

@@ -12,6 +12,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import WEIGHT_AXIS  # noqa: F401 (re-exported: the weighted module types)
+
 
 class UntraceableModelError(RuntimeError):
     """The model could not be captured as a graph; the message names the first call that failed."""
@@ -30,12 +32,6 @@ MODULE_OPS: dict[type, str] = {
     nn.MaxPool1d: "MaxPool", nn.MaxPool2d: "MaxPool", nn.AvgPool1d: "AveragePool", nn.AvgPool2d: "AveragePool",
     nn.AdaptiveAvgPool1d: "GlobalAveragePool", nn.AdaptiveAvgPool2d: "GlobalAveragePool",
     nn.AdaptiveMaxPool2d: "GlobalMaxPool", nn.Upsample: "Resize",
-}
-
-# Parameters that carry weights (quantized per the config's "weight" rule), and their channel axis.
-WEIGHT_AXIS: dict[type, int] = {
-    nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.Linear: 0,
-    nn.Embedding: 0, nn.LayerNorm: 0, nn.GroupNorm: 0, nn.PReLU: 0,
 }
 
 # Functions / methods -> ONNX op type.
@@ -222,3 +218,11 @@ def propagate_shapes(gm: fx.GraphModule, dummy_input: Any) -> None:
     for n, dt in dtypes.items():
         n.meta["pq_dtype"] = dt
     del env
+
+
+def get_attr(gm: nn.Module, target: str):
+    """The attribute at dotted path `target` of `gm` (a get_attr node's value)."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -63,16 +63,3 @@ class StagedRun:
     def release(self, i: int) -> None:
         for name in self._freed_at.get(i, ()):
             self.env.pop(name, None)
-
-
-def batch_args(b: Any, what: str = "data") -> tuple:
-    """A calibration batch as positional model inputs: a tensor, a tuple of inputs, or
-    (inputs, integer labels) -- the labels are dropped."""
-    import torch
-
-    if isinstance(b, torch.Tensor):
-        return (b,)
-    if isinstance(b, (tuple, list)):
-        labelled = len(b) == 2 and torch.is_tensor(b[1]) and not b[1].is_floating_point()
-        return (b[0],) if labelled else tuple(b)
-    raise TypeError(f"{what}: batches must be tensors or tuples of tensors, got {type(b).__name__}")

@@ -1,0 +1,45 @@
+"""A resumable job's state file: written atomically after each unit of work, read back only when the
+fingerprint it was saved under (pyquant._fingerprint) matches the job's, and read as tensors and plain
+values only (no code runs from the file)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from ._fingerprint import differences
+from ._io import atomic_torch_save
+
+__all__ = ["Checkpoint"]
+
+
+class Checkpoint:
+    """`path`: the state file; `fingerprint`: what the job's result depends on."""
+
+    def __init__(self, path: Union[str, os.PathLike], fingerprint: Mapping[str, Any]):
+        self.path = Path(path)
+        self.fingerprint = dict(fingerprint)
+
+    def load(self) -> tuple[Optional[dict[str, Any]], list[str]]:
+        """(state, []) from a matching file; (None, what differs) from another job's; (None, []) when there
+        is none."""
+        if not self.path.exists():
+            return None, []
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        old = saved.get("fingerprint") if isinstance(saved, dict) else None
+        if not isinstance(old, dict):
+            return None, ["the file holds no fingerprint (written by another program)"]
+        diff = differences(old, self.fingerprint, then="saved")
+        if diff:
+            return None, diff
+        return {k: v for k, v in saved.items() if k != "fingerprint"}, []
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        """Writes `state` (tensors, numbers, strings, lists and dicts of them; its keys beside the
+        fingerprint's) atomically."""
+        if "fingerprint" in state:
+            raise ValueError("state: the key 'fingerprint' is the checkpoint's own")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)

@@ -1,0 +1,173 @@
+"""Where QuantSim puts quantizers, computed from the captured graph and the hardware config alone.
+
+This is the one place that reads the config's placement rules: which parameters are quantized (and
+per channel or per tensor, symmetric or not), which op outputs and model inputs get an activation
+quantizer, which ops fuse into one kernel (supergroups: no quantizer between them) and which outputs
+have a fixed range. QuantSim turns each `QuantizerPlacement` into a quantizer; honouring a further
+config key means changing `plan` here, not the simulation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .._layers import weight_axis
+from . import graph as G
+from .config import HardwareConfig
+
+__all__ = ["QuantizerPlacement", "PER_CHANNEL_OPS", "plan"]
+
+PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Op types whose weights may be quantized per output channel (when the config says so)."""
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerPlacement:
+    """One quantizer QuantSim places.
+
+    `name`: "<module>.weight" (a module's weight), "<parameter path>" (a weight of a torch.export graph),
+    "<op>.output" or "input.<name>". `kind`: "param", "output" or "input". `op_type`: the ONNX op type
+    of the op it belongs to ("ModelInput" for model inputs). `node`: the graph node it acts on (the
+    weighted op, or the node whose output it quantizes). `symmetric`: its encoding's symmetry.
+    `axis`: a weight's per-channel axis (None: per tensor). `weight_shape`: the weight's shape.
+    `graph_weight`: for a weight that is a graph attribute (torch.export graphs), its attribute path.
+    `constraint`: a fixed output range (min, max) from the config (max None: only the minimum is fixed)."""
+
+    name: str
+    kind: str
+    op_type: str
+    node: str
+    symmetric: bool
+    axis: Optional[int] = None
+    weight_shape: Optional[tuple[int, ...]] = None
+    graph_weight: Optional[str] = None
+    constraint: Optional[tuple[float, Optional[float]]] = None
+
+    @property
+    def is_param(self) -> bool:
+        return self.kind == "param"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The encoding's shape: one scale per channel along `axis`, else one in all."""
+        if self.weight_shape is None:
+            return ()
+        return tuple(k if d == self.axis else 1 for d, k in enumerate(self.weight_shape))
+
+
+def plan(gm: fx.GraphModule, cfg: HardwareConfig) -> list[QuantizerPlacement]:
+    """The quantizers of `gm` under `cfg`: module weights, then torch.export graph weights, then
+    activations, each in graph order (QuantSim names its graph quantizers in this order)."""
+    op_type = {n: G.node_op_type(gm, n) for n in gm.graph.nodes}
+    modules = _module_weights(gm, cfg, op_type)
+    return (modules + _graph_weights(gm, cfg, op_type, {p.name for p in modules})
+            + _activations(gm, cfg, op_type, _supergroup_middles(gm, cfg, op_type)))
+
+
+def _per_channel_axis(cfg: HardwareConfig, op: str, axis: int) -> Optional[int]:
+    return axis if cfg.per_channel(op) and op in PER_CHANNEL_OPS else None
+
+
+def _module_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> list[QuantizerPlacement]:
+    """One quantizer per weight parameter of a module the config quantizes."""
+    out = []
+    for n in gm.graph.nodes:
+        t = op_type[n]
+        if n.op != "call_module" or t is None or t == "Passthrough":
+            continue
+        mod = gm.get_submodule(n.target)
+        axis, w = weight_axis(mod), getattr(mod, "weight", None)
+        if axis is None or not isinstance(w, nn.Parameter):
+            continue
+        rule = cfg.param_rule(t, "weight")
+        if rule.is_quantized:
+            out.append(QuantizerPlacement(f"{n.target}.weight", "param", t, n.name, rule.is_symmetric,
+                                          _per_channel_axis(cfg, t, axis), tuple(w.shape)))
+    return out
+
+
+def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
+                   taken: set[str]) -> list[QuantizerPlacement]:
+    """Weights of ATen ops (graphs from torch.export): the parameter is a graph attribute."""
+    out, seen = [], set(taken)
+    for n in gm.graph.nodes:
+        spec = G.ATEN_WEIGHTS.get(n.target) if n.op == "call_function" else None
+        if spec is None or len(n.args) <= spec[0]:
+            continue
+        w_node = n.args[spec[0]]
+        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+            continue
+        w = G.get_attr(gm, w_node.target)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            continue
+        rule = cfg.param_rule(op_type[n], "weight")
+        name = str(w_node.target)
+        if not rule.is_quantized or name in seen:
+            continue
+        seen.add(name)
+        out.append(QuantizerPlacement(name, "param", op_type[n], n.name, rule.is_symmetric,
+                                      _per_channel_axis(cfg, op_type[n], spec[1]), tuple(w.shape),
+                                      graph_weight=str(w_node.target)))
+    return out
+
+
+def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> set[fx.Node]:
+    """Nodes inside a supergroup (all but its last op): no quantizer after them (e.g. Conv -> Relu).
+    Data-movement nodes between the ops (an Identity left by batch-norm folding, a reshape) do not break
+    a group."""
+    def next_op(node: fx.Node) -> Optional[fx.Node]:
+        while True:
+            u = list(node.users)
+            if len(u) != 1:
+                return None
+            if op_type.get(u[0]) == "Passthrough":
+                node = u[0]
+                continue
+            return u[0]
+
+    middle: set[fx.Node] = set()
+    for group in cfg.supergroups:
+        for n in gm.graph.nodes:
+            if op_type.get(n) != group[0]:
+                continue
+            chain, cur = [n], n
+            for t in group[1:]:
+                nxt = next_op(cur)
+                if nxt is None or op_type.get(nxt) != t:
+                    break
+                chain.append(nxt)
+                cur = nxt
+            if len(chain) == len(group):
+                middle.update(chain[:-1])
+    return middle
+
+
+def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
+                 middle: set[fx.Node]) -> list[QuantizerPlacement]:
+    """Model inputs, and outputs of quantizable ops outside a supergroup's middle."""
+    outputs: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            fx.node.map_arg(n.args, outputs.add)
+    out = []
+    for n in gm.graph.nodes:
+        t = op_type.get(n)
+        is_float = n.meta.get("pq_dtype") in _FLOATS
+        if n.op == "placeholder":
+            if cfg.model_input_quantized and is_float:
+                out.append(QuantizerPlacement(f"input.{n.target}", "input", "ModelInput", n.name,
+                                              cfg.activation_symmetric("")))
+            continue
+        if t is None or t == "Passthrough" or not is_float or n in middle or not cfg.output_quantized(t):
+            continue
+        if n in outputs and not cfg.model_output_quantized:
+            continue
+        base = n.target if n.op == "call_module" else n.name
+        out.append(QuantizerPlacement(f"{base}.output", "output", t, n.name, cfg.activation_symmetric(t),
+                                      constraint=cfg.encoding_constraint(t)))
+    return out
