@@ -14,6 +14,7 @@ from pyquant.sim.quantsim import QuantSim
 from helpers import fashion_mnist_or_skip
 
 ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
+layerwise = importlib.import_module("pyquant.techniques.layerwise")
 
 
 class Net(nn.Module):
@@ -62,7 +63,7 @@ def test_learned_rounding_beats_nearest_and_loads_into_quantsim():
     sim = QuantSim(res.model, x[:1], param_bw=3, output_bw=8)
     res.apply_to(sim)
     for name, q in sim.param_quantizers.items():
-        w = sim._weight_of(name)
+        w = sim.weight(name)
         assert q.frozen and torch.allclose(q(w), w, atol=1e-6), name
     sim.compute_encodings(lambda m: m(x))
     assert all(q.get_encoding() is not None for q in sim.quantizers.values())
@@ -136,7 +137,7 @@ def test_fashion_mnist_w4a8_within_a_point_of_fp32():
     (nn.Conv1d(3, 4, 3, padding=1, stride=2), (2, 3, 17)),
 ])
 def test_rows_at_kept_positions_equal_the_full_im2col_gathered(layer, shape):
-    from pyquant.techniques.adaround import _rows_in, _rows_in_at
+    from pyquant.techniques.layerwise import rows_in as _rows_in, rows_in_at as _rows_in_at
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g)
     full = _rows_in(layer, x)                                     # [N, P, K] via F.unfold
@@ -147,7 +148,7 @@ def test_rows_at_kept_positions_equal_the_full_im2col_gathered(layer, shape):
 
 
 def test_gram_loss_equals_the_row_loss_and_its_gradient():
-    from pyquant.techniques.adaround import _gram, _gram_loss
+    from pyquant.techniques.layerwise import gram as _gram, gram_loss as _gram_loss
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(3000, 40, generator=g), torch.randn(3000, 7, generator=g)
     b = torch.randn(7, generator=g)
@@ -173,7 +174,7 @@ def test_activation_found_through_a_folded_batchnorm_and_gram_path_for_linear_la
             return self.b(self.act(self.bn(self.a(x))))
 
     seen = {}
-    real_opt, real_gram = ada_mod._optimize_layer, ada_mod._gram
+    real_opt, real_gram = ada_mod._optimize_layer, layerwise.gram
 
     def spy_opt(name, li, lf, lq, pairs, n_total, enc, act, *a, **k):
         seen[name] = type(act).__name__
@@ -181,7 +182,7 @@ def test_activation_found_through_a_folded_batchnorm_and_gram_path_for_linear_la
 
     grams = []
     monkeypatch.setattr(ada_mod, "_optimize_layer", spy_opt)
-    monkeypatch.setattr(ada_mod, "_gram", lambda *a: grams.append(a[0].shape) or real_gram(*a))
+    monkeypatch.setattr(layerwise, "gram", lambda *a: grams.append(a[0].shape) or real_gram(*a))
     res = pyquant.adaround(Seq().eval(), _data()[:1], _data(), param_bw=3, iterations=200, lr=1e-2, batch_size=8,
                            positions_per_sample=16, progress=False)
     assert seen == {"a": "ReLU6", "b": "NoneType"}   # the BN folded into "a" left an Identity before the ReLU6

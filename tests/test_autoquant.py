@@ -344,7 +344,7 @@ def test_fashion_mnist_w4a8_meets_one_point(tmp_path):
 def test_eval_fn_key_does_not_depend_on_where_its_code_lives():
     """The same eval_fn source compiled twice (as in a rerun in a new process) gives the same cache key,
     though its nested code objects live at other addresses; different code gives another key."""
-    from pyquant.autoquant.cache import _callable_digest
+    from pyquant._fingerprint import callable_digest as _callable_digest
     src = "def metric(m):\n    return sum(x for x in [1, 2] if x in {1, 2}) / 3\n"
     ns1, ns2 = {}, {}
     exec(compile(src, "a.py", "exec"), ns1)

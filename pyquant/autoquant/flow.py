@@ -27,13 +27,17 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._batches import as_batches
+from .._fingerprint import fingerprint
 from .._progress import Progress
+from .._version import __version__
+from .._warnings import NothingToDoWarning, ignoring_nothing_to_do
 from ..sim.config import HardwareConfig, load_config
 from ..sim.quantsim import QUANT_SCHEMES, QuantSim
-from ..sim.staged import batch_args
-from .cache import StepCache, fingerprint
+from .cache import StepCache
 from .report import write_reports
 from .result import AutoQuantResult, StepRecord
+from .steps import TECHNIQUE_STEPS, Recipe
 
 __all__ = ["AutoQuant", "AutoQuantError", "DEFAULT_SCHEMES"]
 
@@ -53,57 +57,10 @@ class _Skip(Exception):
     """The step does not apply to this model or data."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Recipe:
-    """How a simulation is built: from which FP32 model (folded, equalized), with which schemes, and
-    which techniques on top. A pure description, so a cached step can be rebuilt without its data."""
-
-    weight_scheme: str
-    act_scheme: str
-    cle: Optional[str] = None          # None, "cle" or "cle+hba"
-    bias_correction: Optional[str] = None  # None, "empirical" or "analytical"
-    adaround: bool = False
-    weights: bool = True               # weight quantizers on
-    activations: bool = True           # activation quantizers on
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def applied(self, folded: bool) -> list[str]:
-        out = ["batch-norm folding"] if folded else []
-        out.append(f"weights {self.weight_scheme} / activations {self.act_scheme}")
-        if self.cle:
-            out.append("cross-layer equalization" + (" + high-bias absorption" if self.cle == "cle+hba" else ""))
-        if self.adaround:
-            out.append("AdaRound")
-        if self.bias_correction:
-            out.append(f"bias correction ({self.bias_correction})")
-        return out
-
-
 def _check_bw(name: str, v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 16:
         raise ValueError(f"{name} must be an int in 2..16, got {v!r}")
     return v
-
-
-def _as_batches(data: Any, batch_size: int) -> list:
-    """The calibration data as a list of batches (a tensor is split into batches of `batch_size`): kept
-    in memory so that every step calibrates on exactly the same data, in the same order."""
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0 or len(data) == 0:
-            raise ValueError(f"data must hold at least one sample, got a tensor of shape {tuple(data.shape)}")
-        return [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
-    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"data must be a tensor of samples or an iterable of batches (a data loader), got "
-                        f"{type(data).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ValueError("data: the iterable yielded no batches")
-    for i, b in enumerate(batches):
-        if not isinstance(b, dict):
-            batch_args(b, f"data[{i}]")  # raises a TypeError naming the batch
-    return batches
 
 
 class AutoQuant:
@@ -182,7 +139,8 @@ class AutoQuant:
         self.eval_fn = eval_fn
         self.dummy_input = dummy_input
         self._model = copy.deepcopy(model).eval()
-        self._batches = _as_batches(data, batch_size)
+        # kept in memory, so that every step calibrates on exactly the same data, in the same order
+        self._calib = as_batches(data, batch_size)
         self._fp_models: dict[Optional[str], tuple[nn.Module, dict]] = {}
         self._fold = self._fold_info()
 
@@ -192,7 +150,8 @@ class AutoQuant:
         from ..techniques import fold_batchnorms
         m = copy.deepcopy(self._model)
         try:
-            pairs = fold_batchnorms(m, self.dummy_input, verbose=False)
+            with ignoring_nothing_to_do():
+                pairs = fold_batchnorms(m, self.dummy_input)
         except Exception as e:  # noqa: BLE001 - a model fx cannot trace is simulated as it is
             return {"folded": 0, "reason": f"batch norms not folded: {type(e).__name__}: {str(e)[:200]}"}
         n = len(pairs) + len(pairs.forward)
@@ -212,7 +171,7 @@ class AutoQuant:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rep = equalize(m, self.dummy_input, replace_relu6=self.replace_relu6,
-                           absorb_high_bias=(cle == "cle+hba"), verbose=False)
+                           absorb_high_bias=(cle == "cle+hba"))
         if not rep.pairs:
             raise _Skip("no Conv/Linear layer pair to equalize" + (f" ({len(rep.skipped)} skipped)" if rep.skipped
                                                                     else ""))
@@ -226,7 +185,7 @@ class AutoQuant:
         return m, info
 
     # ---- simulations ---------------------------------------------------------------------------
-    def _new_sim(self, model: nn.Module, r: _Recipe) -> QuantSim:
+    def _new_sim(self, model: nn.Module, r: Recipe) -> QuantSim:
         sim = QuantSim(model, self.dummy_input, quant_scheme=r.act_scheme, param_quant_scheme=r.weight_scheme,
                        param_bw=self.param_bw, output_bw=self.output_bw, config=self.config)
         for n in (sim.activation_quantizers if not r.activations else ()):
@@ -235,31 +194,31 @@ class AutoQuant:
             sim.enable(n, False)
         return sim
 
-    def _calibrate(self, sim: QuantSim, r: _Recipe) -> None:
+    def _calibrate(self, sim: QuantSim, r: Recipe) -> None:
         if r.activations:
-            sim.compute_encodings(self._batches, progress=False)
+            sim.compute_encodings(self._calib, progress=False)
         else:  # weights come from the weights themselves: no need to run the data
             sim.compute_encodings(lambda m: None)
 
     def _positional(self, what: str) -> None:
-        if any(isinstance(b, dict) for b in self._batches):
+        if any(isinstance(b, dict) for b in self._calib):
             raise _Skip(f"{what} needs positional tensor inputs; the calibration batches are dicts")
 
     def _correct_bias(self, sim: QuantSim, fp: nn.Module, info: dict, method: str) -> dict[str, Any]:
         from ..techniques import correct_bias, correct_bias_analytical
         if method == "empirical":
             self._positional("empirical bias correction")
-            shifts = correct_bias(sim, fp, self._batches, progress=self.progress)
+            shifts = correct_bias(sim, fp, self._calib, progress=self.progress)
         else:
             if not info.get("bn_stats"):
                 raise _Skip("analytical bias correction needs folded batch norms")
             shifts = correct_bias_analytical(sim, info["bn_stats"])
         if not shifts:
             raise _Skip("no quantized Conv/Linear layer to correct")
-        sim.compute_encodings(self._batches, progress=False)  # the activations moved with the biases
+        sim.compute_encodings(self._calib, progress=False)  # the activations moved with the biases
         return {"layers_corrected": len(shifts), "largest_shift": max(shifts.values())}
 
-    def _build(self, r: _Recipe, cache: Optional[StepCache]) -> tuple[QuantSim, dict[str, Any]]:
+    def _build(self, r: Recipe, cache: Optional[StepCache]) -> tuple[QuantSim, dict[str, Any]]:
         """The calibrated simulation a recipe describes, and what was done to make it."""
         fp, info = self._fp_model(r.cle)
         if r.bias_correction == "empirical":  # before the (costly) simulation is built
@@ -271,7 +230,7 @@ class AutoQuant:
         else:
             from ..techniques import adaround
             self._positional("AdaRound")
-            xs = [batch_args(b) for b in self._batches]
+            xs = self._calib
             if any(len(x) != 1 for x in xs) or not isinstance(self.dummy_input, torch.Tensor):
                 raise _Skip("AdaRound needs a single-input model (one tensor per batch)")
             res = adaround(fp, self.dummy_input, torch.cat([x[0] for x in xs]), param_bw=self.param_bw,
@@ -290,7 +249,7 @@ class AutoQuant:
             opts.update(self._correct_bias(sim, fp, info, r.bias_correction))
         return sim, opts
 
-    def _restore(self, r: _Recipe, path: Path) -> QuantSim:
+    def _restore(self, r: Recipe, path: Path) -> QuantSim:
         """A cached step's simulation: built empty from its recipe, then its saved state loaded."""
         fp, _ = self._fp_model(r.cle)
         sim = self._new_sim(fp, r)
@@ -326,17 +285,11 @@ class AutoQuant:
         # what every step depends on; a step's own settings (AdaRound's iterations, ...) are kept in its
         # record instead, so changing them recomputes that step (and what it changes) only
         return {"param_bw": self.param_bw, "output_bw": self.output_bw, "config": cfg,
-                "quant_schemes": list(self.quant_schemes), "batches": len(self._batches)}
+                "quant_schemes": list(self.quant_schemes), "batches": len(self._calib)}
 
     def _step_settings(self, key: str) -> dict[str, Any]:
-        if key in ("cle", "cle+hba"):
-            s: dict[str, Any] = {"replace_relu6": self.replace_relu6}
-        elif key == "bias_correction":
-            s = {"method": self.bias_correction}
-        elif key == "adaround":
-            s = {"adaround_kwargs": self.adaround_kwargs}
-        else:
-            s = {}
+        t = next((t for t in TECHNIQUE_STEPS if t.key == key), None)
+        s = t.settings(self) if t is not None else {}
         return json.loads(json.dumps(s, default=str))  # as it reads back from the cache
 
     def optimize(self, allowed_accuracy_drop: float = 0.01, time_budget_s: Optional[float] = None,
@@ -357,14 +310,15 @@ class AutoQuant:
             raise ValueError(f"time_budget_s must be a positive number of seconds or None, got {time_budget_s!r}")
         cache = None
         if cache_dir is not None:
-            fp = fingerprint(self._model, self.dummy_input, self._batches, self.eval_fn, self._settings())
+            fp = fingerprint(model=self._model, data=self._calib, dummy_input=self.dummy_input, eval_fn=self.eval_fn,
+                             settings=self._settings())
             cache = StepCache(cache_dir, fp)
         out = Path(output_dir) if output_dir is not None else (
             Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="pyquant-autoquant-")))
         run = _Run(self, float(drop), time_budget_s, cache)
         with warnings.catch_warnings():
             # the techniques' "nothing to do" warnings become skipped steps in the report
-            warnings.filterwarnings("ignore", message=r"(fold_batchnorms|equalize|correct_bias)")
+            warnings.simplefilter("ignore", NothingToDoWarning)
             run.execute()
         return run.finish(out)
 
@@ -382,7 +336,8 @@ class _Run:
         self.stopped_before: Optional[str] = None
         n_w = len({_WEIGHT_EQUIVALENT.get(s, s) for s in aq.quant_schemes})
         n_a = len({"min_max" if s == "tf" else s for s in aq.quant_schemes})
-        self.bar = Progress(2 + n_w + n_a + 1 + 2 + 1 + 1, "autoquant", aq.progress)
+        n_t = sum(1 for t in TECHNIQUE_STEPS if t.enabled(aq))
+        self.bar = Progress(2 + n_w + n_a + 1 + n_t, "autoquant", aq.progress)
 
     # ---- helpers -------------------------------------------------------------------------------
     def met(self) -> bool:
@@ -394,10 +349,10 @@ class _Run:
             return True
         return False
 
-    def best_recipe(self) -> _Recipe:
-        return _Recipe(**self.best.recipe)
+    def best_recipe(self) -> Recipe:
+        return Recipe(**self.best.recipe)
 
-    def step(self, key: str, title: str, kind: str, recipe: Optional[_Recipe]) -> StepRecord:
+    def step(self, key: str, title: str, kind: str, recipe: Optional[Recipe]) -> StepRecord:
         settings = self.aq._step_settings(key)
         rec = self.cache.get(key) if self.cache is not None else None
         if rec is not None and (rec.recipe != (recipe.to_json() if recipe else None) or rec.settings != settings):
@@ -456,7 +411,7 @@ class _Run:
         try:
             self.step("fp32", "FP32 model", "fp32", None)
             s0 = aq.quant_schemes[0]
-            base = _Recipe(s0, s0)
+            base = Recipe(s0, s0)
             folded = f", {aq._fold['folded']} batch norms folded" if aq._fold["folded"] else ""
             self.step("quantsim", f"QuantSim W{aq.param_bw}A{aq.output_bw}, {s0}{folded}", "full", base)
             if self.met():
@@ -494,25 +449,15 @@ class _Run:
                 if self.met():
                     return
             # techniques, each on top of the best so far
-            for variant, title in (("cle", "cross-layer equalization"),
-                                   ("cle+hba", "cross-layer equalization + high-bias absorption")):
-                if self.out_of_time(variant):
+            for t in TECHNIQUE_STEPS:
+                if not t.enabled(aq):
+                    continue
+                if self.out_of_time(t.key):
                     return
-                self.step(variant, title, "full", dataclasses.replace(self.best_recipe(), cle=variant))
+                best = self.best_recipe()
+                self.step(t.key, t.title(aq, best), "full", dataclasses.replace(best, **t.change(aq)))
                 if self.met():
                     return
-            if aq.bias_correction:
-                if self.out_of_time("bias_correction"):
-                    return
-                self.step("bias_correction", f"bias correction ({aq.bias_correction})", "full",
-                          dataclasses.replace(self.best_recipe(), bias_correction=aq.bias_correction))
-                if self.met():
-                    return
-            if aq.adaround:
-                if self.out_of_time("adaround"):
-                    return
-                self.step("adaround", "AdaRound" + (" + bias correction" if self.best_recipe().bias_correction else ""),
-                          "full", dataclasses.replace(self.best_recipe(), adaround=True))
         finally:
             self.bar.close()
 
@@ -545,7 +490,6 @@ class _Run:
             r0 = next((s for s in self.records if s.kind == kind and s.status == "evaluated"), None)
             if r0 is not None:
                 side[k] = self.fp32 - r0.accuracy
-        from .._version import __version__
         steps = []
         for s in self.records:
             d = s.to_json()

@@ -1,10 +1,10 @@
 """Post-training techniques and QAT helpers."""
-from .adaround import AdaroundResult, LayerReport, adaround
-from .bias_correction import correct_bias, correct_bias_analytical
+from .adaround import AdaroundResult, AdaroundSettings, LayerReport, adaround
+from .bias_correction import BiasCorrectionReport, correct_bias, correct_bias_analytical
 from .bn_fold import FoldedPairs, fold_batchnorms, fold_batchnorms_to_scale
 from .cle import EqualizationReport, equalize
 from .qat import reestimate_batchnorm
 
 __all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
-           "correct_bias", "correct_bias_analytical", "adaround", "AdaroundResult", "LayerReport",
-           "reestimate_batchnorm"]
+           "correct_bias", "correct_bias_analytical", "BiasCorrectionReport", "adaround", "AdaroundResult",
+           "AdaroundSettings", "LayerReport", "reestimate_batchnorm"]

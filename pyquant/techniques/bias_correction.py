@@ -8,16 +8,28 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
+from .._batches import Batch, as_batches, call
+from .._layers import layers_for
 from .._progress import Progress
-from ..sim.staged import PerChunk, StagedRun, batch_args
+from .._warnings import nothing_to_do
+from ..sim.staged import PerChunk, StagedRun
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+_LAYERS = layers_for("bias_correction")
+
+
+class BiasCorrectionReport(dict):
+    """What bias correction did: layer name -> the largest mean output shift removed (max over
+    channels), in execution order."""
+
+    def summary(self) -> str:
+        lines = [f"bias correction: {len(self)} layers corrected"]
+        lines += [f"  {name}: largest shift removed {shift:.3g}" for name, shift in self.items()]
+        return "\n".join(lines)
 
 
 def _channel_mean(y: torch.Tensor, linear: bool) -> torch.Tensor:
@@ -49,19 +61,12 @@ def _means(model: nn.Module, names: list[str], run: Callable[[nn.Module], Any]) 
     return {n: s[0] / s[1] for n, s in sums.items() if s[0] is not None}
 
 
-def _as_chunks(data: Any, batch_size: int) -> list[tuple]:
-    """Calibration data as a list of positional-argument tuples, one per chunk."""
-    if isinstance(data, torch.Tensor):
-        return [(data[i:i + batch_size],) for i in range(0, len(data), batch_size)]
-    return [batch_args(b) for b in data]
-
-
 def _shift_view(shift: torch.Tensor, y: torch.Tensor, linear: bool) -> torch.Tensor:
     return shift.reshape(-1) if linear else shift.reshape((1, -1) + (1,) * (y.dim() - 2))
 
 
 @torch.no_grad()
-def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[tuple], bar: Progress,
+def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[Batch], bar: Progress,
             apply: Callable[[str, torch.Tensor], None]) -> None:
     """Runs the simulation's graph one node at a time over every chunk (pyquant.sim.staged). When a
     layer to correct has produced its outputs for all the data, its mean shift is what the
@@ -90,7 +95,8 @@ def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[tu
 
 
 def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterable[str]] = None, *,
-                 method: str = "staged", batch_size: int = 32, progress: Optional[bool] = None) -> dict[str, float]:
+                 method: str = "staged", batch_size: int = 32,
+                 progress: Optional[bool] = None) -> BiasCorrectionReport:
     """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place: layer by
     layer in execution order, each layer's mean output per channel on the calibration data, measured
     with the earlier layers already corrected, is made to match the FP32 model's.
@@ -114,7 +120,7 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
             raise ValueError(f"layers: {sorted(unknown)} are not quantized Conv/Linear layers of the simulation")
         names = [n for n in names if n in wanted]
     if not names:
-        warnings.warn("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do", stacklevel=2)
+        nothing_to_do("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do")
         return {}
     if callable(data):
         if method != "sequential":
@@ -122,14 +128,15 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
                              "inputs (a tensor or batches) for method='staged'")
         run = data
     else:
-        chunks = _as_chunks(data, batch_size)
-        if not chunks:
-            raise ValueError("data: no calibration batches")
+        chunks = as_batches(data, batch_size)
+        if any(isinstance(c, dict) for c in chunks) and method == "staged":
+            raise ValueError("data: method='staged' runs the graph on positional inputs; keyword (dict) batches "
+                             "need method='sequential'")
 
         def run(model):
             for c in chunks:
-                model(*c)
-    removed: dict[str, float] = {}
+                call(model, c)
+    removed = BiasCorrectionReport()
 
     def apply(n: str, shift: torch.Tensor) -> None:
         mod = sim.model.get_submodule(n)
@@ -167,13 +174,13 @@ def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math
 
 
 @torch.no_grad()
-def correct_bias_analytical(sim, bn_stats: dict) -> dict[str, float]:
+def correct_bias_analytical(sim, bn_stats: dict) -> BiasCorrectionReport:
     """Analytical bias correction of the quantized layers of `sim` whose input comes from a folded batch
     norm (statistics from `fold_batchnorms(...).bn_stats`) through a ReLU or ReLU6, in place. Returns,
     per layer, the largest mean output shift removed."""
     from .cle import _pairs
 
-    removed: dict[str, float] = {}
+    removed = BiasCorrectionReport()
     acts_allowed = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
     for a, b, acts in _pairs(sim.model, with_acts=True, acts_allowed=acts_allowed):
         if a not in bn_stats or f"{b}.weight" not in sim.param_quantizers:
@@ -183,7 +190,7 @@ def correct_bias_analytical(sim, bn_stats: dict) -> dict[str, float]:
         beta, gamma = (t.double() for t in bn_stats[a])
         ex = _clipped_normal_mean(beta, gamma, 6.0 if nn.ReLU6 in acts else math.inf)
         q = sim.param_quantizers[f"{b}.weight"]
-        w = sim._weight_of(f"{b}.weight")
+        w = sim.weight(f"{b}.weight")
         dw = (q(w) - w).double()
         mod = sim.model.get_submodule(b)
         if isinstance(mod, nn.Conv2d) and mod.groups > 1:  # depthwise: channel c sees input c only

@@ -17,16 +17,17 @@ quantizers' encodings are scaled with the weights, so a simulation trained with 
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.utils import parametrize
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from .._deprecation import _UNSET
+from .._layers import batchnorm_scale_shift, batchnorm_usable, is_transposed, layers_for
+from .._warnings import nothing_to_do, verbose_switch
+
+_LAYERS = layers_for("bn_fold")
 
 
 class FoldedPairs(list):
@@ -43,16 +44,12 @@ class FoldedPairs(list):
     def __repr__(self) -> str:
         return f"FoldedPairs({list(self)!r}, forward={self.forward!r})"
 
-
-def _bn_usable(bn: nn.Module) -> bool:
-    return isinstance(bn, _BNS) and bn.track_running_stats and bn.running_mean is not None
-
-
-def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    sigma = torch.sqrt(bn.running_var + bn.eps)
-    a = bn.weight / sigma if bn.affine else 1.0 / sigma
-    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * a
-    return a, shift
+    def summary(self) -> str:
+        lines = [f"batch-norm folding: {len(self)} into the layer before, {len(self.forward)} into the layer "
+                 f"after"]
+        lines += [f"  {bn} -> {layer}" for layer, bn in self]
+        lines += [f"  {bn} -> {layer} (forward)" for bn, layer in self.forward]
+        return "\n".join(lines)
 
 
 def _can_fold_forward(layer: nn.Module, channels: int) -> bool:
@@ -65,18 +62,28 @@ def _can_fold_forward(layer: nn.Module, channels: int) -> bool:
     return False
 
 
-def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verbose: bool = True) -> FoldedPairs:
+def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verbose: Any = _UNSET) -> FoldedPairs:
     """Folds BatchNorms into the adjacent layers of `model` in place (each folded BN becomes
     nn.Identity) and returns what was folded.
 
     The graph is read with torch.fx; `dummy_input` is accepted for API symmetry with the other
     techniques. The model's outputs in eval mode are unchanged up to float rounding. A model with
-    nothing to fold is left as it is, with a warning (unless `verbose=False`)."""
+    nothing to fold is left as it is, with a NothingToDoWarning (`verbose` is deprecated: filter the
+    category instead)."""
+    with verbose_switch(verbose, "fold_batchnorms"):
+        pairs = _fold_model(model)
+        if not pairs and not pairs.forward:
+            nothing_to_do("fold_batchnorms: no batch norm next to a Conv/ConvTranspose/Linear was found; the "
+                          "model is unchanged", stacklevel=4)
+    return pairs
+
+
+def _fold_model(model: nn.Module) -> FoldedPairs:
     gm = fx.symbolic_trace(model)
     pairs = FoldedPairs()
     done: set[str] = set()
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not _bn_usable(gm.get_submodule(n.target)):
+        if n.op != "call_module" or not batchnorm_usable(gm.get_submodule(n.target)):
             continue
         prev = n.args[0] if n.args else None
         if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
@@ -92,7 +99,7 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verb
         done.add(n.target)
     # BN -> layer, where the BN's output feeds only that layer and folding is exact
     for n in gm.graph.nodes:
-        if n.op != "call_module" or n.target in done or not _bn_usable(gm.get_submodule(n.target)):
+        if n.op != "call_module" or n.target in done or not batchnorm_usable(gm.get_submodule(n.target)):
             continue
         users = list(n.users)
         if len(users) != 1 or users[0].op != "call_module":
@@ -104,9 +111,6 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verb
         _fold_forward(bn_mod, layer)
         _replace(model, n.target, nn.Identity())
         pairs.forward.append((n.target, users[0].target))
-    if verbose and not pairs and not pairs.forward:
-        warnings.warn("fold_batchnorms: no batch norm next to a Conv/ConvTranspose/Linear was found; the model "
-                      "is unchanged", stacklevel=2)
     return pairs
 
 
@@ -114,8 +118,8 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verb
 def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Folds `bn` into `layer` (in place); returns the per-output-channel factor applied to the weight."""
     w = layer.weight if weight is None else weight
-    scale, _ = _bn_scale_shift(bn)
-    axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
+    scale, _ = batchnorm_scale_shift(bn)
+    axis = 1 if is_transposed(layer) else 0
     if axis == 1 and layer.groups != 1:
         raise NotImplementedError("folding into a grouped ConvTranspose is not supported")
     shape = [1] * w.dim()
@@ -132,7 +136,7 @@ def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None
 
 @torch.no_grad()
 def _fold_forward(bn: nn.Module, layer: nn.Module) -> None:
-    a, shift = _bn_scale_shift(bn)
+    a, shift = batchnorm_scale_shift(bn)
     w = layer.weight
     shape = [1, -1] + [1] * (w.dim() - 2)
     add = (w.reshape(w.shape[0], w.shape[1], -1).sum(2) * shift.reshape(1, -1)).sum(1)
@@ -150,19 +154,29 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_batchnorms_to_scale(sim, *, verbose: bool = True) -> FoldedPairs:
+def fold_batchnorms_to_scale(sim, *, verbose: Any = _UNSET) -> FoldedPairs:
     """Folds the batch norms of a QuantSim's model (built on an unfolded model, e.g. for QAT with batch
     norms) into the preceding layers' weights, and scales those weights' encodings by the same
     per-channel factors, so that the simulation keeps the ranges it has (calibrated or learned).
 
     Exact for per-channel weight encodings with positive BN scales. A per-tensor weight encoding (or a
     channel whose BN scale is negative under a symmetric grid) cannot follow the weights exactly and
-    is recalibrated on the folded weight; the returned pairs' `recalibrated` attribute names them."""
+    is recalibrated on the folded weight; the returned pairs' `recalibrated` attribute names them. A
+    simulation without batch norms to fold gives a NothingToDoWarning."""
+    with verbose_switch(verbose, "fold_batchnorms_to_scale"):
+        pairs = _fold_sim(sim)
+        if not pairs:
+            nothing_to_do("fold_batchnorms_to_scale: the simulation has no batch norm after a Conv/ConvTranspose/"
+                          "Linear; nothing was folded", stacklevel=4)
+    return pairs
+
+
+def _fold_sim(sim) -> FoldedPairs:
     gm = sim.model
     pairs = FoldedPairs()
     pairs.recalibrated = []  # type: ignore[attr-defined]
     for n in list(gm.graph.nodes):
-        if n.op != "call_module" or not _bn_usable(gm.get_submodule(n.target)):
+        if n.op != "call_module" or not batchnorm_usable(gm.get_submodule(n.target)):
             continue
         prev = n.args[0] if n.args else None
         if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
@@ -175,45 +189,19 @@ def fold_batchnorms_to_scale(sim, *, verbose: bool = True) -> FoldedPairs:
             pairs.bn_stats[prev.target] = (bn.bias.detach().clone(), bn.weight.detach().abs().clone())
         qname = f"{prev.target}.weight"
         q = sim.param_quantizers.get(qname)
-        from ..sim.quantsim import _FoldedWeightQuantizer, _WeightQuantizer
-        folded_each_step = False
-        if parametrize.is_parametrized(layer, "weight"):
-            wq = layer.parametrizations.weight[0]
-            folded_each_step = isinstance(wq, _FoldedWeightQuantizer)
-            k = _fold(layer, bn, weight=layer.parametrizations.weight.original)
-            if folded_each_step:
-                # The encoding already describes the folded weight: keep it, quantize the weight as is.
-                layer.parametrizations.weight[0] = _WeightQuantizer(wq.q)
-        else:
-            k = _fold(layer, bn)
-        if q is not None and q._has_encoding and not folded_each_step:
-            axis = 1 if isinstance(layer, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
-            per_channel = len(q.shape) > axis and q.shape[axis] == k.numel() and k.numel() > 1
-            exact = per_channel and (bool((k > 0).all()) or not q.symmetric)
-            if exact:
-                shape = [1] * len(q.shape)
-                shape[axis] = -1
-                kk = k.reshape(shape).to(q.min.device if q.param_mode == "minmax" else q.scale.device)
-                if q.param_mode == "minmax":
-                    lo, hi = q.min * kk, q.max * kk
-                    q.min.copy_(torch.minimum(lo, hi))
-                    q.max.copy_(torch.maximum(lo, hi))
-                else:
-                    if bool((k < 0).any()):
-                        exact = False
-                    else:
-                        q.scale.mul_(kk)
-            if not exact:
+        folded_each_step = q is not None and sim.folds_batchnorm_each_step(qname)
+        k = _fold(layer, bn, weight=sim.weight(qname) if q is not None else None)
+        if folded_each_step:
+            # The encoding already describes the folded weight: keep it, quantize the weight as is.
+            sim.stop_folding_batchnorm(qname)
+        elif q is not None and q.has_encoding:
+            if not q.rescale_encoding(k, 1 if is_transposed(layer) else 0):
                 frozen = q.frozen
                 q.frozen = False
-                with q.compute_encodings():
-                    q(sim._weight_of(qname))
+                sim.calibrate_weight(qname)
                 q.frozen = frozen
                 pairs.recalibrated.append(qname)  # type: ignore[attr-defined]
         _replace(gm, n.target, nn.Identity())
         pairs.append((prev.target, n.target))
     gm.recompile()
-    if verbose and not pairs:
-        warnings.warn("fold_batchnorms_to_scale: the simulation has no batch norm after a Conv/ConvTranspose/"
-                      "Linear; nothing was folded", stacklevel=2)
     return pairs

@@ -7,16 +7,19 @@ pair, repeated until the scales settle."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .bn_fold import fold_batchnorms
+from .._deprecation import _UNSET
+from .._layers import layers_for
+from .._warnings import nothing_to_do, verbose_switch
+from ..quant import QuantizerBase
+from .bn_fold import _fold_model
 
-_LAYERS = (nn.Conv2d, nn.Conv1d, nn.Linear)
+_LAYERS = layers_for("cle")
 _HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.Identity, nn.Dropout)
 
 
@@ -37,6 +40,9 @@ class EqualizationReport:
     # each folded layer's output (mean, std) as its BN knew them, carried through scaling and absorption:
     # what analytical bias correction of the equalized model needs
     bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def summary(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         lines = [f"equalize: {len(self.folded)} batch norms folded, {len(self.pairs)} layer pairs scaled "
@@ -84,7 +90,6 @@ def _is_functional_relu(n: fx.Node) -> bool:
 def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS):
     """(first, second) layer names joined through homogeneous activations only, each first layer
     feeding only the second; with `with_acts`, also the activation types between them."""
-    from ..quant.quantizer import _QuantizerBase
     gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     out = []
     for n in gm.graph.nodes:
@@ -106,7 +111,7 @@ def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOM
             if nxt.op != "call_module":
                 break
             mod = gm.get_submodule(nxt.target)
-            if isinstance(mod, _QuantizerBase):  # a simulation's quantizer: transparent here
+            if isinstance(mod, QuantizerBase):  # a simulation's quantizer: transparent here
                 cur = nxt
                 continue
             if isinstance(mod, _LAYERS):
@@ -178,7 +183,7 @@ def _outputs(model: nn.Module, dummy_input: Any) -> Optional[torch.Tensor]:
 
 def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_relu6: bool = False,
              absorb_high_bias: bool = True, max_iterations: int = 50, tol: float = 1e-6,
-             verbose: bool = True) -> EqualizationReport:
+             verbose: Any = _UNSET) -> EqualizationReport:
     """Folds batch norms, then equalizes every layer pair of `model` in place, then (by default)
     absorbs high biases through ReLUs where a folded BN told the pre-activation statistics.
 
@@ -190,8 +195,20 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
     all, for Gaussian pre-activations) and, across a zero-padded convolution, away from the borders.
 
     Channels whose range is zero keep a scale of 1; a pair whose weights are non-finite or all zero is
-    skipped and named in the report. A model without pairs is left as it is, with a warning."""
-    folded = fold_batchnorms(model, dummy_input, verbose=False)
+    skipped and named in the report. A model without pairs is left as it is, with a NothingToDoWarning
+    (`verbose` is deprecated: filter the category instead)."""
+    with verbose_switch(verbose, "equalize"):
+        report = _equalize(model, dummy_input, replace_relu6, absorb_high_bias, max_iterations, tol)
+        if not report.pairs and not report.folded:
+            nothing_to_do("equalize: no batch norm to fold and no Conv/Linear pair to equalize; the model is "
+                          "unchanged" + (f" ({len(report.skipped)} pairs skipped, see the report)"
+                                         if report.skipped else ""), stacklevel=4)
+    return report
+
+
+def _equalize(model: nn.Module, dummy_input: Optional[Any], replace_relu6: bool, absorb_high_bias: bool,
+              max_iterations: int, tol: float) -> EqualizationReport:
+    folded = _fold_model(model)
     replaced = []
     moved = None
     if replace_relu6:
@@ -236,10 +253,6 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
                 if bool((c > 0).any()):
                     absorbed[a] = float(c.max())
                     stats[a] = (stats[a][0] - c, stats[a][1])
-    if verbose and not pairs and not folded:
-        warnings.warn("equalize: no batch norm to fold and no Conv/Linear pair to equalize; the model is "
-                      "unchanged" + (f" ({len(skipped)} pairs skipped, see the report)" if skipped else ""),
-                      stacklevel=2)
     return EqualizationReport(pairs=pairs, spread_before=before, spread_after=after, folded=folded,
                               relu6_replaced=replaced, iterations=it, absorbed=absorbed, skipped=skipped,
                               relu6_output_change=moved, bn_stats=stats)

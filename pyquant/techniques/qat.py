@@ -12,9 +12,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from .._batches import call, iter_batches
+from .._layers import BATCH_NORMS
 from .._progress import Progress
-
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
@@ -25,12 +25,13 @@ def reestimate_batchnorm(model: nn.Module, data: Iterable[Any], num_batches: Opt
     feeding a BN no longer have the statistics it learned on FP32. The statistics are exact averages
     over the batches seen (not an exponential average); the rest of the model stays in its mode and
     nothing else changes. Returns the number of batch norms updated."""
-    bns = [m for m in model.modules() if isinstance(m, _BNS) and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     if not bns:
         return 0
     saved = [(m, m.momentum, m.training) for m in bns]
     was_training = model.training
-    batches = list(data) if num_batches is None else [b for _, b in zip(range(num_batches), data)]
+    stream = iter_batches(data, batch_size=None)  # (inputs, labels) batches: labels dropped
+    batches = list(stream) if num_batches is None else [b for _, b in zip(range(num_batches), stream)]
     if not batches:
         raise ValueError("data: no batches to re-estimate the batch norms with")
     bar = Progress(len(batches), "batch-norm re-estimation", progress)
@@ -41,9 +42,7 @@ def reestimate_batchnorm(model: nn.Module, data: Iterable[Any], num_batches: Opt
             m.momentum = None  # cumulative average over the batches
             m.train()
         for b in batches:
-            if isinstance(b, (tuple, list)):
-                b = b[0]
-            model(b)
+            call(model, b)
             bar.update()
     finally:
         for m, mom, tr in saved:
