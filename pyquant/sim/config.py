@@ -37,6 +37,7 @@ import os
 from importlib import resources
 from typing import Any, Mapping, Optional, Union
 
+from .._io import atomic_write_text
 from .onnx_ops import ONNX_OPS  # noqa: F401  (still importable from here)
 
 __all__ = [
@@ -251,10 +252,9 @@ class HardwareConfig:
         return out
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the config as JSON (indent 2)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        """Writes the config as JSON (indent 2), atomically: on any error an existing file at ``path``
+        keeps its old content."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __repr__(self) -> str:
         src = f"{self.source!r}, " if self.source else ""
