@@ -57,6 +57,15 @@ def _group_shape(shape: Sequence[int], x: torch.Tensor) -> tuple[int, ...]:
     return shape
 
 
+def _widened_range(lo: Optional[torch.Tensor], hi: Optional[torch.Tensor], mn: torch.Tensor,
+                   mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running range (lo, hi) widened to take in a batch's (mn, mx); the batch's range when there is
+    none yet."""
+    if lo is None:
+        return mn, mx
+    return torch.minimum(lo, mn), torch.maximum(hi, mx)
+
+
 class EncodingAnalyzer:
     """Base class: statistics per group, `compute_encodings` -> Encoding of the analyzer's shape."""
 
@@ -95,6 +104,11 @@ class EncodingAnalyzer:
 
     def _reshape_out(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.shape) if self.shape else t.reshape(())
+
+    def _group_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Finite min, finite max and NaN/inf count of each group of x, in the analyzer's shape."""
+        mn, mx, nf = op.minmax(x, list(_group_shape(self.shape, x)))
+        return self._reshape_out(mn), self._reshape_out(mx), self._reshape_out(nf)
 
     # ---- interface ----
     def update_stats(self, x: torch.Tensor) -> None:
@@ -145,15 +159,9 @@ class MinMax(EncodingAnalyzer):
         self.max: Optional[torch.Tensor] = None
 
     def update_stats(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        g = _group_shape(self.shape, x)
-        mn, mx, nf = op.minmax(x, list(g))
-        mn, mx, nf = self._reshape_out(mn), self._reshape_out(mx), self._reshape_out(nf)
+        mn, mx, nf = self._group_minmax(x.detach())
         self._note_nonfinite(nf)
-        if self.min is None:
-            self.min, self.max = mn, mx
-        else:
-            self.min, self.max = torch.minimum(self.min, mn), torch.maximum(self.max, mx)
+        self.min, self.max = _widened_range(self.min, self.max, mn, mx)
         self.num_batches += 1
 
     def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
@@ -242,14 +250,8 @@ class _Histogram(EncodingAnalyzer):
 
     def update_range(self, x: torch.Tensor) -> None:
         """Widens the range to x's finite min/max without counting (see class doc)."""
-        x = self._transform(x.detach())
-        g = _group_shape(self.shape, x)
-        mn, mx, _ = op.minmax(x, list(g))
-        mn, mx = self._reshape_out(mn), self._reshape_out(mx)
-        if self.lo is None:
-            self.lo, self.hi = mn, mx
-        else:
-            self.lo, self.hi = torch.minimum(self.lo, mn), torch.maximum(self.hi, mx)
+        mn, mx, _ = self._group_minmax(self._transform(x.detach()))
+        self.lo, self.hi = _widened_range(self.lo, self.hi, mn, mx)
 
     def update_stats(self, x: torch.Tensor) -> None:
         x = self._transform(x.detach())
@@ -258,10 +260,7 @@ class _Histogram(EncodingAnalyzer):
         mn, mx, nf = self._reshape_out(mn), self._reshape_out(mx), self._reshape_out(nf)
         self._note_nonfinite(nf)
         fin = torch.isfinite(mn)
-        if self.data_min is None:
-            self.data_min, self.data_max = mn, mx
-        else:
-            self.data_min, self.data_max = torch.minimum(self.data_min, mn), torch.maximum(self.data_max, mx)
+        self.data_min, self.data_max = _widened_range(self.data_min, self.data_max, mn, mx)
         nb = self.num_bins
         if self.counts is None:
             if self.lo is None:  # range from this batch (groups without finite values get a dummy range)
@@ -554,13 +553,8 @@ class Entropy(_Histogram):
 
     def update_stats(self, x: torch.Tensor) -> None:
         x = x.detach()
-        g = _group_shape(self.shape, x)
-        mn, mx, _ = op.minmax(x, list(g))
-        mn, mx = self._reshape_out(mn), self._reshape_out(mx)
-        if self.signed_min is None:
-            self.signed_min, self.signed_max = mn, mx
-        else:
-            self.signed_min, self.signed_max = torch.minimum(self.signed_min, mn), torch.maximum(self.signed_max, mx)
+        mn, mx, _ = self._group_minmax(x)
+        self.signed_min, self.signed_max = _widened_range(self.signed_min, self.signed_max, mn, mx)
         if self.lo is None:  # the histogram of |x| starts at 0
             amax = torch.maximum(mn.abs(), mx.abs())
             amax = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
