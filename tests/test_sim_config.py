@@ -1,6 +1,7 @@
 """Hardware config (pyquant.sim.config): shipped profiles, rule precedence, error messages, AIMET's file."""
 import copy
 import json
+import os
 import pathlib
 import warnings
 
@@ -274,3 +275,48 @@ def test_save_and_reload(tmp_path):
     cfg.save(tmp_path / "c.json")
     again = load_config(tmp_path / "c.json")
     assert again == cfg and again.source == str(tmp_path / "c.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# save is atomic: a failed save leaves an existing file as it was
+# ---------------------------------------------------------------------------------------------
+def _saved_file(tmp_path):
+    path = tmp_path / "c.json"
+    _quiet_load("per_tensor").save(path)
+    return path, path.read_bytes()
+
+
+def _assert_untouched(path, old):
+    assert path.read_bytes() == old
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left behind
+
+
+def test_save_failing_to_serialize_leaves_the_existing_file(tmp_path, monkeypatch):
+    path, old = _saved_file(tmp_path)
+    new = _quiet_load("default")
+
+    def failing_to_dict(self):
+        raise TypeError("not serializable")
+
+    monkeypatch.setattr(HardwareConfig, "to_dict", failing_to_dict)
+    with pytest.raises(TypeError, match="not serializable"):
+        new.save(path)
+    _assert_untouched(path, old)
+
+
+def test_save_failing_mid_write_leaves_the_existing_file(tmp_path, monkeypatch):
+    path, old = _saved_file(tmp_path)
+    new = _quiet_load("default")
+    listings = []
+
+    def failing_fsync(fd):  # the new text is in the temporary file; the disk fails before the rename
+        listings.append(sorted(os.listdir(tmp_path)))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        new.save(path)
+    monkeypatch.undo()
+    assert len(listings[0]) == 2  # the temporary file sat beside the old one
+    _assert_untouched(path, old)
+    assert load_config(path) == _quiet_load("per_tensor")

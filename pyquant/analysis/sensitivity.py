@@ -169,27 +169,13 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
     "quantizers", "enabled_alone", "disabled_alone", "rank"}], "ranking": [names, most sensitive first],
     "evaluations", "seconds", "cpu_seconds" (all threads), "staged", "samples"}. The ranking orders by the enabled-alone metric (worst first),
     ties and a disabled-alone-only sweep by the disabled-alone metric (best first)."""
-    modes = tuple(modes)
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if isinstance(metric, str):
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {sorted(METRICS)} or a callable metric(model) -> float, "
-                             f"got {metric!r}")
-        if higher_is_better is not None and higher_is_better != METRICS[metric][1]:
-            raise ValueError(f"metric {metric!r} is {'higher' if METRICS[metric][1] else 'lower'}-is-better; "
-                             f"leave higher_is_better unset")
-        higher_is_better, unit = METRICS[metric][1], METRICS[metric][2]
-    elif callable(metric):
-        higher_is_better, unit = (True if higher_is_better is None else bool(higher_is_better)), ""
-    else:
-        raise TypeError(f"metric must be a name or a callable, got {type(metric).__name__}")
+    modes = _checked_modes(modes)
+    higher_is_better, unit = _metric_direction_and_unit(metric, higher_is_better)
     if not any(q.get_encoding() is not None for q in sim.quantizers.values()):
         raise RuntimeError("the QuantSim has no encodings: call sim.compute_encodings(...) first")
     batches = as_batches(data, batch_size, max_samples) if isinstance(metric, str) else []
     items = layers(sim)
-    t0, c0 = time.perf_counter(), time.process_time()
+    started = time.perf_counter(), time.process_time()
     ev = _Evaluator(sim, batches, metric, higher_is_better)
     res: dict[str, list[float]] = {}
     with QuantizerState(sim) as state:
@@ -211,6 +197,39 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
                 res[mode] = ev.sweep(items, toggle_to(on), bar)
         finally:
             bar.close()
+    rows, ranking = _ranked_rows(items, res, higher_is_better)
+    return _result(metric, unit, higher_is_better, fp32, quantized, rows, ranking, ev, batches, started)
+
+
+def _checked_modes(modes: Iterable[str]) -> tuple[str, ...]:
+    modes = tuple(modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    return modes
+
+
+def _metric_direction_and_unit(metric: Union[str, MetricFn], higher_is_better: Optional[bool]) -> tuple[bool, str]:
+    """(higher_is_better, unit) of a metric: fixed for the named ones (asking for the other direction is
+    an error), True unless told otherwise for a callable."""
+    if isinstance(metric, str):
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {sorted(METRICS)} or a callable metric(model) -> float, "
+                             f"got {metric!r}")
+        if higher_is_better is not None and higher_is_better != METRICS[metric][1]:
+            raise ValueError(f"metric {metric!r} is {'higher' if METRICS[metric][1] else 'lower'}-is-better; "
+                             f"leave higher_is_better unset")
+        return METRICS[metric][1], METRICS[metric][2]
+    if callable(metric):
+        return (True if higher_is_better is None else bool(higher_is_better)), ""
+    raise TypeError(f"metric must be a name or a callable, got {type(metric).__name__}")
+
+
+def _ranked_rows(items: list[Layer], res: dict[str, list[float]],
+                 higher_is_better: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per layer (in model order, with its rank) and the layer names, most sensitive first:
+    by the enabled-alone metric (worst first), ties and a disabled-alone-only sweep by the
+    disabled-alone metric (best first); NaN ranks last."""
     sign = 1.0 if higher_is_better else -1.0
     rows = []
     for i, it in enumerate(items):
@@ -228,11 +247,19 @@ def layer_sensitivity(sim, data: Union[torch.Tensor, Iterable[Any]], metric: Uni
     ranked = sorted(rows, key=key)
     for rank, r in enumerate(ranked, 1):
         r["rank"] = rank
-    for r in rows:
+    for r in rows:  # JSON-safe once ranked (rounded, NaN/inf as None); the ranking used the exact values
         r["enabled_alone"], r["disabled_alone"] = finite(r["enabled_alone"]), finite(r["disabled_alone"])
+    return rows, [r["layer"] for r in ranked]
+
+
+def _result(metric: Union[str, MetricFn], unit: str, higher_is_better: bool, fp32: float, quantized: float,
+            rows: list[dict[str, Any]], ranking: list[str], ev: _Evaluator, batches: list[Batch],
+            started: tuple[float, float]) -> dict[str, Any]:
+    """The dict layer_sensitivity returns; `started` is (perf_counter, process_time) at the sweep's start."""
+    t0, c0 = started
     return {"metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"), "unit": unit,
             "higher_is_better": higher_is_better, "fp32": finite(fp32), "quantized": finite(quantized),
-            "layers": rows, "ranking": [r["layer"] for r in ranked], "evaluations": ev.evaluations,
+            "layers": rows, "ranking": ranking, "evaluations": ev.evaluations,
             "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3),
             "staged": ev.staged,
             "samples": sum(int(b[0].shape[0]) if isinstance(b, tuple) else 0 for b in batches)}

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import warnings
 from importlib import resources
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
+
+from .._io import atomic_write_text
+from .onnx_ops import ONNX_OPS  # noqa: F401  (still importable from here)
 
 __all__ = [
     "ConfigError", "ConfigWarning", "HardwareConfig", "ParamRule", "ParamSettings", "OpSettings",
@@ -251,10 +252,9 @@ class HardwareConfig:
         return out
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Writes the config as JSON (indent 2)."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        """Writes the config as JSON (indent 2), atomically: on any error an existing file at ``path``
+        keeps its old content."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __repr__(self) -> str:
         src = f"{self.source!r}, " if self.source else ""
@@ -303,7 +303,7 @@ def _op_dict(o: OpSettings) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and validation
+# Loading (the checks of the JSON itself live in config_schema.py)
 # ---------------------------------------------------------------------------------------------
 def profile_path(name: str) -> str:
     """File path of a named profile (see :data:`PROFILES`)."""
@@ -320,10 +320,13 @@ def load_config(config: ConfigLike) -> HardwareConfig:
     ``op_type.Conv.params.weight.is_symmetric: expected "True" or "False", got "yes"``. Op names that
     are not ONNX operators are accepted with a :class:`ConfigWarning`.
     """
+    # config_schema builds the types defined here, so it is imported on use rather than at the top
+    from .config_schema import parse_config
+
     if isinstance(config, HardwareConfig):
         return config
     if isinstance(config, Mapping):
-        return _parse(config, source=None)
+        return parse_config(config, source=None)
     if not isinstance(config, (str, os.PathLike)):
         raise ConfigError(f"config must be a profile name, a JSON path or a dict, got {type(config).__name__}")
     text_path = os.fspath(config)
@@ -341,276 +344,4 @@ def load_config(config: ConfigLike) -> HardwareConfig:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
-    return _parse(data, source=source)
-
-
-_TOP_KEYS = ("defaults", "params", "op_type", "supergroups", "supergroup_pass_list", "model_input", "model_output")
-_DEFAULTS_KEYS = ("ops", "params", "per_channel_quantization", "strict_symmetric", "unsigned_symmetric",
-                  "hw_version", "supported_kernels")
-_DEFAULT_OPS_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric")
-_PARAM_KEYS = ("is_quantized", "is_symmetric")
-_OP_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric", "per_channel_quantization", "params",
-            "encoding_constraints", "supported_kernels")
-_KERNEL_BITWIDTHS = (4, 8, 16, 32)
-
-
-def _type_name(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, (list, tuple)):
-        return "an array"
-    if isinstance(v, Mapping):
-        return "an object"
-    return type(v).__name__
-
-
-def _show(v: Any) -> str:
-    try:
-        return json.dumps(v)
-    except (TypeError, ValueError):
-        return repr(v)
-
-
-def _join(path: str, key: Union[str, int]) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _object(v: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise ConfigError(f"{path}: expected an object, got {_type_name(v)} {_show(v)}")
-    for k in v:
-        if not isinstance(k, str):
-            raise ConfigError(f"{path}: keys must be strings, got {_show(k)}")
-    return v
-
-
-def _keys(v: Mapping[str, Any], allowed: Iterable[str], path: str, what: str = "key") -> None:
-    allowed = tuple(allowed)
-    for k in v:
-        if k not in allowed:
-            raise ConfigError(f"{_join(path, k)}: unknown {what}; expected one of {', '.join(allowed)}")
-
-
-def _bool(v: Any, path: str) -> bool:
-    if v == "True" and isinstance(v, str):
-        return True
-    if v == "False" and isinstance(v, str):
-        return False
-    raise ConfigError(f'{path}: expected "True" or "False", got {_show(v)}')
-
-
-def _opt_bool(obj: Mapping[str, Any], key: str, path: str) -> Optional[bool]:
-    return _bool(obj[key], _join(path, key)) if key in obj else None
-
-
-def _number(v: Any, path: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"{path}: expected a number, got {_type_name(v)} {_show(v)}")
-    if not math.isfinite(v):
-        raise ConfigError(f"{path}: expected a finite number, got {_show(v)}")
-    return float(v)
-
-
-def _string(v: Any, path: str) -> str:
-    if not isinstance(v, str):
-        raise ConfigError(f"{path}: expected a string, got {_type_name(v)} {_show(v)}")
-    return v
-
-
-def _array(v: Any, path: str) -> list:
-    if not isinstance(v, (list, tuple)):
-        raise ConfigError(f"{path}: expected an array, got {_type_name(v)} {_show(v)}")
-    return list(v)
-
-
-def _param_settings(v: Any, path: str) -> ParamSettings:
-    obj = _object(v, path)
-    _keys(obj, _PARAM_KEYS, path)
-    return ParamSettings(is_quantized=_opt_bool(obj, "is_quantized", path),
-                         is_symmetric=_opt_bool(obj, "is_symmetric", path))
-
-
-def _param_table(v: Any, path: str) -> dict[str, ParamSettings]:
-    obj = _object(v, path)
-    return {name: _param_settings(p, _join(path, name)) for name, p in obj.items()}
-
-
-def _kernel_spec(v: Any, path: str) -> KernelSpec:
-    obj = _object(v, path)
-    _keys(obj, ("bitwidth", "dtype"), path)
-    for req in ("bitwidth", "dtype"):
-        if req not in obj:
-            raise ConfigError(f"{_join(path, req)}: missing (required)")
-    bw = obj["bitwidth"]
-    if isinstance(bw, bool) or not isinstance(bw, int) or bw not in _KERNEL_BITWIDTHS:
-        raise ConfigError(f"{_join(path, 'bitwidth')}: expected one of {', '.join(map(str, _KERNEL_BITWIDTHS))}, "
-                          f"got {_show(bw)}")
-    dtype = obj["dtype"]
-    if dtype not in ("int", "float"):
-        raise ConfigError(f'{_join(path, "dtype")}: expected "int" or "float", got {_show(dtype)}')
-    if dtype == "float" and bw not in (16, 32):
-        raise ConfigError(f"{path}: a float kernel must be 16 or 32 bits, got {bw}")
-    return KernelSpec(bitwidth=bw, dtype=dtype)
-
-
-def _kernels(v: Any, path: str, param_required: bool) -> tuple[SupportedKernel, ...]:
-    items = _array(v, path)
-    if not items:
-        raise ConfigError(f"{path}: expected at least one kernel")
-    out = []
-    for i, item in enumerate(items):
-        p = _join(path, i)
-        obj = _object(item, p)
-        _keys(obj, ("activation", "param"), p)
-        if "activation" not in obj:
-            raise ConfigError(f"{_join(p, 'activation')}: missing (required)")
-        if param_required and "param" not in obj:
-            raise ConfigError(f"{_join(p, 'param')}: missing (required in defaults.supported_kernels)")
-        act = _kernel_spec(obj["activation"], _join(p, "activation"))
-        par = _kernel_spec(obj["param"], _join(p, "param")) if "param" in obj else None
-        out.append(SupportedKernel(activation=act, param=par))
-    return tuple(out)
-
-
-def _constraints(v: Any, path: str) -> tuple[float, Optional[float]]:
-    obj = _object(v, path)
-    _keys(obj, ("min", "max"), path)
-    if "min" not in obj:
-        raise ConfigError(f"{_join(path, 'min')}: missing (required)")
-    lo = _number(obj["min"], _join(path, "min"))
-    hi = _number(obj["max"], _join(path, "max")) if "max" in obj else None
-    if hi is not None and not lo < hi:
-        raise ConfigError(f"{path}: min must be less than max, got min={lo}, max={hi}")
-    return lo, hi
-
-
-def _op_settings(v: Any, path: str) -> OpSettings:
-    obj = _object(v, path)
-    _keys(obj, _OP_KEYS, path)
-    return OpSettings(
-        is_input_quantized=_opt_bool(obj, "is_input_quantized", path),
-        is_output_quantized=_opt_bool(obj, "is_output_quantized", path),
-        is_symmetric=_opt_bool(obj, "is_symmetric", path),
-        per_channel_quantization=_opt_bool(obj, "per_channel_quantization", path),
-        params=_param_table(obj["params"], _join(path, "params")) if "params" in obj else {},
-        encoding_constraints=(_constraints(obj["encoding_constraints"], _join(path, "encoding_constraints"))
-                              if "encoding_constraints" in obj else None),
-        supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), False)
-                           if "supported_kernels" in obj else None),
-    )
-
-
-def _defaults(v: Any, path: str) -> Defaults:
-    obj = _object(v, path)
-    _keys(obj, _DEFAULTS_KEYS, path)
-    ops = DefaultOpSettings()
-    if "ops" in obj:
-        p = _join(path, "ops")
-        o = _object(obj["ops"], p)
-        _keys(o, _DEFAULT_OPS_KEYS, p)
-        ops = DefaultOpSettings(**{k: _opt_bool(o, k, p) for k in _DEFAULT_OPS_KEYS})
-    params = _param_settings(obj["params"], _join(path, "params")) if "params" in obj else ParamSettings()
-    return Defaults(
-        ops=ops, params=params,
-        per_channel_quantization=_opt_bool(obj, "per_channel_quantization", path),
-        strict_symmetric=_opt_bool(obj, "strict_symmetric", path),
-        unsigned_symmetric=_opt_bool(obj, "unsigned_symmetric", path),
-        hw_version=_string(obj["hw_version"], _join(path, "hw_version")) if "hw_version" in obj else None,
-        supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), True)
-                           if "supported_kernels" in obj else None),
-    )
-
-
-def _supergroups(v: Any, path: str) -> list[tuple[str, ...]]:
-    out = []
-    for i, item in enumerate(_array(v, path)):
-        p = _join(path, i)
-        obj = _object(item, p)
-        _keys(obj, ("op_list",), p)
-        if "op_list" not in obj:
-            raise ConfigError(f"{_join(p, 'op_list')}: missing (required)")
-        pl = _join(p, "op_list")
-        ops = tuple(_string(op, _join(pl, j)) for j, op in enumerate(_array(obj["op_list"], pl)))
-        if len(ops) < 2:
-            raise ConfigError(f"{pl}: a supergroup needs at least 2 ops, got {len(ops)}")
-        out.append(ops)
-    return out
-
-
-def _parse(data: Any, source: Optional[str]) -> HardwareConfig:
-    top = _object(data, "(top level)")
-    for k in top:
-        if k not in _TOP_KEYS:
-            raise ConfigError(f"{k}: unknown section; expected one of {', '.join(_TOP_KEYS)}")
-    model_input = ModelInput()
-    if "model_input" in top:
-        mi = _object(top["model_input"], "model_input")
-        _keys(mi, ("is_input_quantized",), "model_input")
-        model_input = ModelInput(_opt_bool(mi, "is_input_quantized", "model_input"))
-    model_output = ModelOutput()
-    if "model_output" in top:
-        mo = _object(top["model_output"], "model_output")
-        _keys(mo, ("is_output_quantized",), "model_output")
-        model_output = ModelOutput(_opt_bool(mo, "is_output_quantized", "model_output"))
-    pass_list = None
-    if "supergroup_pass_list" in top:
-        pass_list = tuple(_string(s, _join("supergroup_pass_list", i))
-                          for i, s in enumerate(_array(top["supergroup_pass_list"], "supergroup_pass_list")))
-    op_table = _object(top.get("op_type", {}), "op_type")
-    cfg = HardwareConfig(
-        defaults=_defaults(top["defaults"], "defaults") if "defaults" in top else Defaults(),
-        params=_param_table(top.get("params", {}), "params"),
-        op_type={name: _op_settings(o, _join("op_type", name)) for name, o in op_table.items()},
-        supergroups=_supergroups(top.get("supergroups", []), "supergroups"),
-        supergroup_pass_list=pass_list,
-        model_input=model_input,
-        model_output=model_output,
-        source=source,
-    )
-    _warn_unknown_ops(cfg)
-    return cfg
-
-
-def _warn_unknown_ops(cfg: HardwareConfig) -> None:
-    unknown = [f"op_type.{name}" for name in cfg.op_type if name not in ONNX_OPS]
-    for i, group in enumerate(cfg.supergroups):
-        unknown += [f"supergroups[{i}].op_list: {op}" for op in group if op not in ONNX_OPS]
-    if unknown:
-        where = f" in {cfg.source}" if cfg.source else ""
-        warnings.warn(f"hardware config{where}: not ONNX operator names (these rules apply only to ops the "
-                      f"graph reports under exactly that name): {'; '.join(unknown)}", ConfigWarning,
-                      stacklevel=4)
-
-
-# Operator names of the default ONNX domain (ai.onnx, opsets 1-25): the vocabulary of "op_type" and
-# "supergroups".
-ONNX_OPS = frozenset("""
-Abs Acos Acosh Add AffineGrid And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool
-BatchNormalization Bernoulli BitCast BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor BlackmanWindow
-Cast CastLike CausalConvWithState Ceil Celu CenterCropPad Clip Col2Im Compress Concat ConcatFromSequence
-Constant ConstantOfShape Conv ConvInteger ConvTranspose Cos Cosh CumProd CumSum DFT DeformConv
-DepthToSpace DequantizeLinear Det Div Dropout DynamicQuantizeLinear Einsum Elu Equal Erf Exp Expand
-EyeLike Flatten Floor GRU Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool
-GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization HammingWindow HannWindow HardSigmoid
-HardSwish Hardmax Identity If ImageDecoder InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization
-LeakyRelu Less LessOrEqual LinearAttention Log LogSoftmax Loop LpNormalization LpPool MatMul
-MatMulInteger Max MaxPool MaxRoiPool MaxUnpool Mean MeanVarianceNormalization MelWeightMatrix Min Mish
-Mod Mul Multinomial Neg NegativeLogLikelihoodLoss NonMaxSuppression NonZero Not OneHot Optional
-OptionalGetElement OptionalHasElement Or PRelu Pad Pow QLinearConv QLinearMatMul QuantizeLinear
-RMSNormalization RNN RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal
-ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare RegexFullMatch Relu Reshape Resize ReverseSequence RoiAlign RotaryEmbedding Round STFT
-Scan Scatter ScatterElements ScatterND Selu SequenceAt SequenceConstruct SequenceEmpty SequenceErase
-SequenceInsert SequenceLength SequenceMap Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax
-SoftmaxCrossEntropyLoss Softplus Softsign SpaceToDepth Split SplitToSequence Sqrt Squeeze StringConcat
-StringNormalizer StringSplit Sub Sum SwiGLU Swish Tan Tanh TensorScatter TfIdfVectorizer ThresholdedRelu
-Tile TopK Transpose Trilu Unique Unsqueeze Upsample Where Xor
-""".split())
+    return parse_config(data, source=source)

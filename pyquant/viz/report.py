@@ -68,16 +68,46 @@ def figures(analysis: dict[str, Any]) -> dict[str, bytes]:
 
 def render_html(analysis: dict[str, Any], title: Optional[str] = None,
                 figs: Optional[dict[str, bytes]] = None) -> str:
-    """The report page as a string."""
-    from .._version import __version__
+    """The report page as a string: a header, then one section per part of the analysis present."""
     figs = figures(analysis) if figs is None else figs
-    sim = analysis.get("simulation", {})
     title = title or f"pyquant analysis: {analysis.get('model', 'model')}"
+    body = "".join((
+        _header(analysis, title),
+        "<main>",
+        _cards(analysis),
+        _sensitivity_section(analysis, figs),
+        _layer_error_section(analysis, figs),
+        _weight_ranges_section(analysis, figs),
+        _histograms_section(analysis, figs),
+        "</main>",
+        _footer(analysis),
+    ))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _figure(figs: dict[str, bytes], key: str, alt: str) -> str:
+    """The figure as an inline image, or nothing when it was not drawn."""
+    return _img(figs[key], alt) if key in figs else ""
+
+
+def _section(heading: str, note_html: str, content: str) -> str:
+    return f'<section><h2>{heading}</h2><p class="note">{note_html}</p>{content}</section>'
+
+
+def _header(analysis: dict[str, Any], title: str) -> str:
+    """Title and the simulation's settings in one line."""
+    sim = analysis.get("simulation", {})
     cfg = (f"W{sim.get('param_bw')}A{sim.get('output_bw')}, {sim.get('quant_scheme')} "
            f"(weights {sim.get('param_quant_scheme')}), config {sim.get('config')}, "
            f"batch norms {'folded' if sim.get('bn_folded') else 'kept'}, {sim.get('quantizers')} quantizers")
-    parts = [f"<header><h1>{html.escape(title)}</h1><p>{html.escape(cfg)}</p></header><main>"]
+    return f"<header><h1>{html.escape(title)}</h1><p>{html.escape(cfg)}</p></header>"
 
+
+def _cards(analysis: dict[str, Any]) -> str:
+    """The headline numbers: the quantized model's metric, its most sensitive layers and the weight
+    range spread before and after CLE (each when the analysis has it)."""
     cards = []
     sens = analysis.get("sensitivity")
     if sens:
@@ -90,80 +120,89 @@ def render_html(analysis: dict[str, Any], title: Optional[str] = None,
         s = wr["summary"]
         cards.append(("max channel-range spread", f"{_num(s['max_spread_before'])} → {_num(s['max_spread_after'])}",
                       f"before → after CLE ({s['pairs_equalized']} layer pairs equalized)"))
-    if cards:
-        parts.append('<div class="cards">' + "".join(
-            f'<div class="card"><span>{html.escape(a)}</span><b>{html.escape(b)}</b><span>{html.escape(c)}</span></div>'
-            for a, b, c in cards) + "</div>")
+    if not cards:
+        return ""
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><span>{html.escape(a)}</span><b>{html.escape(b)}</b><span>{html.escape(c)}</span></div>'
+        for a, b, c in cards) + "</div>"
 
-    if sens:
-        parts.append("<section><h2>Per-layer sensitivity</h2>")
-        parts.append(f'<p class="note">The model\'s {html.escape(sens["metric"])} with one layer\'s quantizers enabled '
-                     f"and everything else in FP32 (left), and with one layer left in FP32 and everything else "
-                     f"quantized (right); {sens['evaluations']} evaluations on {sens.get('samples') or 'the'} samples "
-                     f"in {sens['seconds']:.1f} s, encodings computed once.</p>")
-        if "sensitivity" in figs:
-            parts.append(_img(figs["sensitivity"], "per-layer sensitivity"))
-        rows = {r["layer"]: r for r in sens["layers"]}
-        parts.append(_table(["rank", "layer", "op", "only this layer quantized", "only this layer FP32"],
-                            [[rows[n]["rank"], n, rows[n]["op_type"], rows[n]["enabled_alone"],
-                              rows[n]["disabled_alone"]] for n in sens["ranking"][:10]], {0, 3, 4}))
-        parts.append("</section>")
 
+def _sensitivity_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str:
+    """Per-layer sensitivity: the sweep's figure and its ten most sensitive layers."""
+    sens = analysis.get("sensitivity")
+    if not sens:
+        return ""
+    note = (f"The model's {html.escape(sens['metric'])} with one layer's quantizers enabled "
+            f"and everything else in FP32 (left), and with one layer left in FP32 and everything else "
+            f"quantized (right); {sens['evaluations']} evaluations on {sens.get('samples') or 'the'} samples "
+            f"in {sens['seconds']:.1f} s, encodings computed once.")
+    rows = {r["layer"]: r for r in sens["layers"]}
+    table = _table(["rank", "layer", "op", "only this layer quantized", "only this layer FP32"],
+                   [[rows[n]["rank"], n, rows[n]["op_type"], rows[n]["enabled_alone"],
+                     rows[n]["disabled_alone"]] for n in sens["ranking"][:10]], {0, 3, 4})
+    return _section("Per-layer sensitivity", note, _figure(figs, "sensitivity", "per-layer sensitivity") + table)
+
+
+def _layer_error_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str:
+    """Per-layer quantization error (SQNR), the ten layers with the lowest activations-only SQNR."""
     sq = analysis.get("layer_sqnr")
-    if sq and sq["points"]:
-        parts.append("<section><h2>Per-layer quantization error</h2>")
-        parts.append(f'<p class="note">SQNR of each layer\'s output (as the next layer sees it) against FP32, with '
-                     f"only the weights or only the activations simulated; errors accumulate along the model. "
-                     f"{sq['samples']} samples. Lowest activations-only SQNR first.</p>")
-        if "layer_sqnr" in figs:
-            parts.append(_img(figs["layer_sqnr"], "per-layer SQNR"))
-        worst = sorted(sq["points"], key=lambda p: p["activations_only_db"] if p["activations_only_db"] is not None
-                       else float("inf"))[:10]
-        parts.append(_table(["output", "layer", "op", "weights only (dB)", "activations only (dB)"],
-                            [[p["name"], p["layer"], p["op_type"], p["weights_only_db"], p["activations_only_db"]]
-                             for p in worst], {3, 4}))
-        parts.append("</section>")
+    if not (sq and sq["points"]):
+        return ""
+    note = (f"SQNR of each layer's output (as the next layer sees it) against FP32, with "
+            f"only the weights or only the activations simulated; errors accumulate along the model. "
+            f"{sq['samples']} samples. Lowest activations-only SQNR first.")
+    worst = sorted(sq["points"], key=lambda p: p["activations_only_db"] if p["activations_only_db"] is not None
+                   else float("inf"))[:10]
+    table = _table(["output", "layer", "op", "weights only (dB)", "activations only (dB)"],
+                   [[p["name"], p["layer"], p["op_type"], p["weights_only_db"], p["activations_only_db"]]
+                    for p in worst], {3, 4})
+    return _section("Per-layer quantization error", note, _figure(figs, "layer_sqnr", "per-layer SQNR") + table)
 
-    if wr:
-        s = wr["summary"]
-        parts.append("<section><h2>Weight ranges before and after cross-layer equalization</h2>")
-        note = (f"Spread: largest over smallest per-output-channel max |w| of a layer; per-tensor weight "
-                f"quantization loses the small channels when it is large. {s['layers']} layers, "
-                f"{s['pairs_equalized']} pairs equalized")
-        if wr.get("relu6_replaced"):
-            note += (f"; {wr['relu6_replaced']} ReLU6 replaced by ReLU for CLE (outputs moved by "
-                     f"{_num(wr.get('relu6_output_change'))} relative)")
-        parts.append(f'<p class="note">{html.escape(note)}.</p>')
-        for k, alt in (("weight_spread", "channel-range spread per layer"), ("channel_ranges", "per-channel ranges")):
-            if k in figs:
-                parts.append(_img(figs[k], alt))
-        parts.append(_table(["", "before CLE", "after CLE"], [
-            ["max spread", s["max_spread_before"], s["max_spread_after"]],
-            ["layer with the max spread", s["max_spread_before_layer"], s["max_spread_after_layer"]],
-            ["median spread, all layers", s["median_spread_before"], s["median_spread_after"]],
-            ["median spread, equalized layers", s["median_spread_before_equalized_layers"],
-             s["median_spread_after_equalized_layers"]]], {1, 2}))
-        parts.append("</section>")
 
+def _weight_ranges_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str:
+    """Per-channel weight ranges before and after cross-layer equalization."""
+    wr = analysis.get("weight_ranges")
+    if not wr:
+        return ""
+    s = wr["summary"]
+    note = (f"Spread: largest over smallest per-output-channel max |w| of a layer; per-tensor weight "
+            f"quantization loses the small channels when it is large. {s['layers']} layers, "
+            f"{s['pairs_equalized']} pairs equalized")
+    if wr.get("relu6_replaced"):
+        note += (f"; {wr['relu6_replaced']} ReLU6 replaced by ReLU for CLE (outputs moved by "
+                 f"{_num(wr.get('relu6_output_change'))} relative)")
+    images = (_figure(figs, "weight_spread", "channel-range spread per layer")
+              + _figure(figs, "channel_ranges", "per-channel ranges"))
+    table = _table(["", "before CLE", "after CLE"], [
+        ["max spread", s["max_spread_before"], s["max_spread_after"]],
+        ["layer with the max spread", s["max_spread_before_layer"], s["max_spread_after_layer"]],
+        ["median spread, all layers", s["median_spread_before"], s["median_spread_after"]],
+        ["median spread, equalized layers", s["median_spread_before_equalized_layers"],
+         s["median_spread_after_equalized_layers"]]], {1, 2})
+    return _section("Weight ranges before and after cross-layer equalization", f"{html.escape(note)}.",
+                    images + table)
+
+
+def _histograms_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str:
+    """Activation histograms with their encodings' ranges, the twelve most clipped quantizers."""
     hs = analysis.get("histograms")
-    if hs:
-        parts.append("<section><h2>Activation histograms</h2>")
-        parts.append('<p class="note">FP32 activations at each activation quantizer, with the range its encoding '
-                     "represents; values outside are clipped. The most clipped first.</p>")
-        if "histograms" in figs:
-            parts.append(_img(figs["histograms"], "activation histograms"))
-        top = sorted(hs, key=lambda n: -(hs[n]["clipped_fraction"] or 0.0))[:12]
-        parts.append(_table(["quantizer", "data min", "data max", "encoding min", "encoding max", "clipped %"],
-                            [[n, hs[n]["data_min"], hs[n]["data_max"], hs[n]["encoding_min"], hs[n]["encoding_max"],
-                              100 * (hs[n]["clipped_fraction"] or 0.0)] for n in top], {1, 2, 3, 4, 5}))
-        parts.append("</section>")
+    if not hs:
+        return ""
+    note = ("FP32 activations at each activation quantizer, with the range its encoding "
+            "represents; values outside are clipped. The most clipped first.")
+    top = sorted(hs, key=lambda n: -(hs[n]["clipped_fraction"] or 0.0))[:12]
+    table = _table(["quantizer", "data min", "data max", "encoding min", "encoding max", "clipped %"],
+                   [[n, hs[n]["data_min"], hs[n]["data_max"], hs[n]["encoding_min"], hs[n]["encoding_max"],
+                     100 * (hs[n]["clipped_fraction"] or 0.0)] for n in top], {1, 2, 3, 4, 5})
+    return _section("Activation histograms", note, _figure(figs, "histograms", "activation histograms") + table)
 
+
+def _footer(analysis: dict[str, Any]) -> str:
+    """Version, analysis time, and what the page does not do."""
+    from .._version import __version__
     t = analysis.get("timings", {})
-    parts.append(f"</main><footer>pyquant {html.escape(__version__)} · analysis in {_num(t.get('total'), '.1f')} s · "
-                 f"self-contained page: no scripts, no network</footer>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{html.escape(title)}"
-            f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    return (f"<footer>pyquant {html.escape(__version__)} · analysis in {_num(t.get('total'), '.1f')} s · "
+            f"self-contained page: no scripts, no network</footer>")
 
 
 def write_report(analysis: dict[str, Any], path: Union[str, os.PathLike], *, title: Optional[str] = None,

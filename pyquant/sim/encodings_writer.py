@@ -1,0 +1,135 @@
+"""One file entry per encoding, for each encodings version (pyquant.sim.encodings describes the
+formats): the encoding is checked, its layout (per tensor, channel or block) read off its scale shape
+and block_size, and its scale/offset converted to the version's fields."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..quant.encoding import Encoding
+from .encodings_types import EncodingsError
+
+__all__ = ["entry_0_6_1", "entry_1_0_0", "entry_2_0_0"]
+
+
+def _layout(enc: Encoding, name: str) -> tuple[str, Optional[int], Optional[int], Optional[int]]:
+    """(enc_type, channel axis, block axis, block length) of an encoding, from its scale shape and
+    block_size."""
+    shape = tuple(enc.scale.shape)
+    if enc.scale.numel() == 1:
+        return "PER_TENSOR", None, None, None
+    wide = [d for d, k in enumerate(shape) if k > 1]
+    if enc.block_size is not None:
+        bs = [int(b) for b in enc.block_size]
+        if len(bs) > len(shape):
+            raise EncodingsError(f"{name}: block_size {tuple(bs)} has more entries than the scale has "
+                                 f"dimensions {shape}")
+        # Right-align against the scale shape (leading dims: one block per element, or whole dim).
+        bs = [1 if shape[d] > 1 else -1 for d in range(len(shape) - len(bs))] + bs
+        block_axes = [d for d in wide if bs[d] > 1]
+        if len(block_axes) > 1:
+            raise EncodingsError(f"{name}: blocks along several axes {block_axes} (scale shape {shape}, "
+                                 f"block_size {tuple(bs)}); the encodings formats hold blocks along one axis")
+        if block_axes:
+            ba = block_axes[0]
+            channel = [d for d in wide if d != ba]
+            if len(channel) > 1:
+                raise EncodingsError(f"{name}: per-block encoding with several channel axes (scale shape {shape})")
+            return "PER_BLOCK", (channel[0] if channel else None), ba, bs[ba]
+    if len(wide) == 1:  # per channel (also a per-block encoding with a single block along its block axis)
+        return "PER_CHANNEL", wide[0], None, None
+    raise EncodingsError(f"{name}: scale shape {shape} varies along several axes {wide} but the encoding has no "
+                         f"block_size; per-block encodings need it")
+
+
+def _checked(enc: Encoding, name: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(scale float32, offset float32 in scale's shape, qmin, qmax) after checking the encoding."""
+    if not isinstance(enc, Encoding):
+        raise EncodingsError(f"{name}: expected a pyquant.quant.Encoding, got {type(enc).__name__}")
+    bw = enc.bitwidth
+    if isinstance(bw, bool) or not isinstance(bw, int) or not 2 <= bw <= 16:
+        raise EncodingsError(f"{name}: bitwidth must be an int in 2..16, got {bw!r}")
+    scale = enc.scale.detach().to("cpu", torch.float32)
+    offset = enc.offset.detach().to("cpu", torch.float32)
+    if scale.numel() == 0:
+        raise EncodingsError(f"{name}: empty scale")
+    if offset.shape != scale.shape:
+        if offset.numel() == 1 or offset.numel() == scale.numel():
+            offset = offset.reshape(-1).expand(scale.numel()).reshape(scale.shape) if offset.numel() == 1 \
+                else offset.reshape(scale.shape)
+        else:
+            raise EncodingsError(f"{name}: offset shape {tuple(offset.shape)} does not match scale shape "
+                                 f"{tuple(scale.shape)}")
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise EncodingsError(f"{name}: scale must be positive and finite, got {float(scale.reshape(-1)[i])!r} "
+                             f"at index {i}")
+    if not bool(torch.all(offset == torch.round(offset))):
+        raise EncodingsError(f"{name}: offsets must be integers")
+    qmin, qmax = enc.qmin, enc.qmax
+    if enc.symmetric:
+        if bool((offset != 0).any()):
+            raise EncodingsError(f"{name}: a symmetric encoding must have offset 0")
+    elif bool(((offset < -qmax) | (offset > -qmin)).any()):
+        raise EncodingsError(f"{name}: asymmetric offsets must lie in [{-qmax}, {-qmin}]")
+    return scale, offset, qmin, qmax
+
+
+def _floats(t: torch.Tensor) -> list:
+    return t.reshape(-1).tolist()  # float32 -> exact doubles; json writes their shortest repr
+
+
+def _ints(t: torch.Tensor) -> list:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def entry_1_0_0(enc: Encoding, name: str) -> dict[str, Any]:
+    """The 1.0.0 entry of ``enc`` (all fields but ``name``); the offset on the unsigned grid."""
+    scale, offset, qmin, _ = _checked(enc, name)
+    kind, _, _, block = _layout(enc, name)
+    d: dict[str, Any] = {"dtype": "INT", "bw": enc.bitwidth, "is_sym": bool(enc.symmetric), "enc_type": kind,
+                         "scale": _floats(scale), "offset": _ints(offset + qmin)}
+    if kind == "PER_BLOCK":
+        d["block_size"] = block
+    return d
+
+
+def entry_0_6_1(enc: Encoding, name: str) -> list[dict[str, Any]]:
+    """The 0.6.1 entry of ``enc``: one dict per channel, with the min/max the grid represents."""
+    scale, offset, qmin, qmax = _checked(enc, name)
+    kind, _, _, _ = _layout(enc, name)
+    if kind == "PER_BLOCK":
+        raise EncodingsError(f"{name}: version 0.6.1 has no per-block encodings; write 1.0.0 or 2.0.0")
+    fmax = torch.finfo(torch.float32).max  # min/max are informational here; keep them finite
+    lo = ((qmin + offset) * scale).clamp(-fmax, fmax)
+    hi = ((qmax + offset) * scale).clamp(-fmax, fmax)
+    sym = "True" if enc.symmetric else "False"
+    return [{"bitwidth": enc.bitwidth, "dtype": "int", "is_symmetric": sym, "max": mx, "min": mn, "offset": o,
+             "scale": s} for s, o, mn, mx in zip(_floats(scale), _ints(offset + qmin), _floats(lo), _floats(hi))]
+
+
+def entry_2_0_0(enc: Encoding, name: str, is_param: bool) -> dict[str, Any]:
+    """The 2.0.0 entry of ``enc`` (all fields but ``name``); activations get a negative axis."""
+    scale, offset, _, _ = _checked(enc, name)
+    kind, channel_axis, block_axis, block = _layout(enc, name)
+    zp = (-offset).to(torch.int64) if not enc.symmetric else torch.zeros(scale.shape, dtype=torch.int64)
+    d: dict[str, Any] = {"output_dtype": f"{'' if enc.symmetric else 'u'}int{enc.bitwidth}"}
+    if kind == "PER_TENSOR":
+        d["y_scale"] = float(scale.reshape(-1)[0])
+        zp_value: Any = int(zp.reshape(-1)[0])
+    elif kind == "PER_CHANNEL":
+        d["y_scale"] = _floats(scale)
+        zp_value = zp.reshape(-1).tolist()
+    else:
+        d["y_scale"] = scale.tolist()
+        zp_value = zp.tolist()
+    if bool((zp != 0).any()):
+        d["y_zero_point"] = zp_value
+    axis = block_axis if kind == "PER_BLOCK" else channel_axis
+    if axis is not None:
+        d["axis"] = axis if is_param else axis - scale.dim()
+    if kind == "PER_BLOCK":
+        d["block_size"] = block
+    return d
