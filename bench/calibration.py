@@ -79,7 +79,7 @@ def _grid(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def _qdq(x, s, o, qmin, qmax):
-    """Plain-torch fake quantization (DESIGN.md's contract), independent of pyquant's kernels."""
+    """Plain-torch fake quantization (docs/design.md's contract), independent of pyquant's kernels."""
     return (torch.clamp(torch.round(x / s) - o, qmin, qmax) + o) * s
 
 
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
         "*_compute_ms are the medians of the two stages timed inside the same reps (so they need not add up to "
         "*_ms when times scatter); per-tensor rows: update_stats on each of the 4 batches; "
         "speedup = baseline_ms / pyquant_ms",
-        "sqnr_db: 10·log10(Σx² / Σ(x - x̂)²), x̂ = plain-torch fake quantization (DESIGN.md's formula) with each "
+        "sqnr_db: 10·log10(Σx² / Σ(x - x̂)²), x̂ = plain-torch fake quantization (docs/design.md's formula) with each "
         "method's own scale/offset; per-channel rows: mean over channels; per-tensor rows: over all 4 batches; "
         "sqnr_gain_db = pyquant's minus the baseline's",
         "AIMET returns (min, max) per channel → scale = (max - min)/255; asym offset = round(min/scale) on "

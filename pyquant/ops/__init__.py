@@ -2,7 +2,7 @@
 ``torch.compile(fullgraph=True)`` and ``torch.export``. Each op is one torch.library op
 (``torch.ops.pyquant.*``) with native CPU/CUDA kernels and a pure-torch reference fallback.
 
-Conventions (DESIGN.md): ``q = clamp(round(x / s) - o, qmin, qmax)``, ``x_hat = (q + o) * s``, round
+Conventions (docs/design.md, "Quantization math"): ``q = clamp(round(x / s) - o, qmin, qmax)``, ``x_hat = (q + o) * s``, round
 half to even, math in float32. ``signed=True`` uses the grid ``[-2^(b-1), 2^(b-1)-1]``, else
 ``[0, 2^b-1]``. The offset is the negative of ONNX's zero point.
 

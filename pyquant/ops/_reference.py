@@ -1,5 +1,5 @@
 """Pure-torch reference of every op: the registered fallback on devices without a native kernel,
-and the oracle the kernels are tested against. Math in float32 (DESIGN.md, Quantization math);
+and the oracle the kernels are tested against. Math in float32 (docs/design.md, "Quantization math");
 reductions over the elements that share a scale in float64."""
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def entropy_search(counts: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.T
             torch.tensor(best_kl, dtype=torch.float64, device=counts.device))
 
 
-# ---- AdaRound (DESIGN.md): the same float32 operations, in the same order, as csrc/include/pyquant/adaround.h
+# ---- AdaRound (docs/design.md, 5.10): the same float32 operations, in the same order, as csrc/include/pyquant/adaround.h
 _ADA_STRETCH = 1.2  # zeta - gamma, zeta = 1.1, gamma = -0.1
 _ADA_GAMMA = -0.1
 

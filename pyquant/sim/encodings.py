@@ -76,7 +76,7 @@ def write_encodings(path: PathLike, activation: Mapping[str, Encoding], params: 
     """
     text = encodings_to_json(activation, params, version=version, quantizer_args=quantizer_args,
                              excluded_layers=excluded_layers)
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 def encodings_to_json(activation: Mapping[str, Encoding], params: Mapping[str, Encoding], *,
@@ -99,7 +99,7 @@ def encodings_to_json(activation: Mapping[str, Encoding], params: Mapping[str, E
             if not isinstance(name, str) or not name:
                 raise EncodingsError(f"{what}: tensor names must be non-empty strings, got {name!r}")
 
-    producer = {"package": "pyquant", "version": _pyquant_version()}
+    producer = {"package": "pyquant", "version": __version__}
     try:
         if version == "2.0.0":
             clash = sorted(set(activation) & set(params))
@@ -126,14 +126,6 @@ def encodings_to_json(activation: Mapping[str, Encoding], params: Mapping[str, E
         if isinstance(e, EncodingsError):
             raise
         raise EncodingsError(f"cannot write the encodings as JSON: {e}") from e
-
-
-def _pyquant_version() -> str:
-    return __version__
-
-
-def _atomic_write_text(path: PathLike, text: str) -> None:
-    atomic_write_text(path, text)
 
 
 # ---------------------------------------------------------------------------------------------
