@@ -198,18 +198,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                          f"Conv/Linear): {sorted(unknown)}")
     gm, order, encodings = _weight_encodings(fp32, dummy_input, st)
 
-    settings = {k: v for k, v in dataclasses.asdict(st).items() if k != "max_samples"}
-    settings.update(num_samples=n_samples, order=order, beta_range=list(st.beta_range), skip=list(st.skip))
-    ckpt = None
-    state: dict[str, Any] = {"done": [], "weights": {}, "report": []}
-    if checkpoint_dir is not None:
-        ckpt = Checkpoint(Path(checkpoint_dir) / _CKPT, fingerprint(model=fp32, data=chunks, settings=settings))
-        saved, diff = ckpt.load()
-        if saved is not None:
-            state = saved
-        elif diff:
-            warnings.warn(f"adaround: the checkpoint in {checkpoint_dir} was made with other settings, model or "
-                          f"data ({'; '.join(diff)}); starting over", stacklevel=2)
+    ckpt, state = _resume(checkpoint_dir, fp32, chunks, st, n_samples, order)
     with torch.no_grad():
         for name, w in state["weights"].items():
             qmodel.get_submodule(name).weight.copy_(w.to(dev))
@@ -254,6 +243,25 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                           skipped=[n for n in order if n in st.skip], encodings_path=path)
 
 
+def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, chunks: list[torch.Tensor],
+            st: AdaroundSettings, n_samples: int, order: list[str]) -> tuple[Optional[Checkpoint], dict[str, Any]]:
+    """The checkpoint (None without checkpoint_dir) and the state to start from: the saved one when its
+    fingerprint (every weight, every sample, the settings, pyquant's version) matches, else a new one."""
+    state: dict[str, Any] = {"done": [], "weights": {}, "report": []}
+    if checkpoint_dir is None:
+        return None, state
+    settings = {k: v for k, v in dataclasses.asdict(st).items() if k != "max_samples"}
+    settings.update(num_samples=n_samples, order=order, beta_range=list(st.beta_range), skip=list(st.skip))
+    ckpt = Checkpoint(Path(checkpoint_dir) / _CKPT, fingerprint(model=fp32, data=chunks, settings=settings))
+    saved, diff = ckpt.load()
+    if saved is not None:
+        return ckpt, saved
+    if diff:
+        warnings.warn(f"adaround: the checkpoint in {checkpoint_dir} was made with other settings, model or data "
+                      f"({'; '.join(diff)}); starting over", stacklevel=3)
+    return ckpt, state
+
+
 def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
     """(graph, layers in execution order, weight encodings) from a weights-only simulation with the
     requested config, scheme and per-layer bit widths."""
@@ -291,78 +299,43 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                     seed: int) -> LayerReport:
     """Learns the rounding of one layer from (input from the rounded model, FP32 output) per chunk."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + li)
-    transposed = isinstance(layer_fp, nn.ConvTranspose2d)
     w0 = channel_first(layer_fp, layer_fp.weight.detach())
-    dev = w0.device
     s, o, qmin, qmax = _grid_params(w0, enc)
     if s.numel() not in (1, w0.shape[0]):
         raise NotImplementedError(f"adaround: {name}: per-block weight encodings are not supported")
     act = act if act is not None else nn.Identity()
     rows = collect_rows(f"adaround: {name}", layer_fp, pairs, n_total, act, int(cfg["position_pool"]),
                         int(cfg["memory_mb"]), g)
-    X, Y = rows.X, rows.Y
-    n = rows.samples
-    if not transposed:
-        Xr, Yr = rows.flat
-
-    def predict(w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if transposed:
-            w_t = w_hat.transpose(0, 1)
-            return act(F.conv_transpose2d(x, w_t, layer_fp.bias, layer_fp.stride, layer_fp.padding,
-                                          layer_fp.output_padding, layer_fp.groups, layer_fp.dilation))
-        return act(apply_rows(layer_fp, x.reshape(-1, x.shape[-1]), w_hat))
-
-    def target(y: torch.Tensor) -> torch.Tensor:
-        return y if transposed else y.reshape(-1, y.shape[-1])
-
-    def recon(w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = predict(w_hat, x) - target(y)
-        return (d * d).sum() / (d.numel() // d.shape[1])  # sum over channels, mean over the rest
-
-    def full_loss(w_hat: torch.Tensor) -> float:
-        with torch.no_grad():
-            if transposed:
-                tot = sum(float(recon(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64]) for i in range(0, n, 64))
-                return tot / max(n, 1)
-            step = 8192
-            tot = sum(float(recon(w_hat, Xr[i:i + step], Yr[i:i + step])) * len(Xr[i:i + step])
-                      for i in range(0, Xr.shape[0], step))
-            return tot / max(Xr.shape[0], 1)
-
+    rec = _Reconstruction(layer_fp, act, rows)
     nearest = _nearest(w0, s, o, qmin, qmax)
-    mse_nearest = full_loss(nearest)
+    mse_nearest = rec.full_loss(nearest)
+    alpha = _learn_rounding(w0, (s, o, qmin, qmax), rec, cfg, g)
+    with torch.no_grad():
+        hard = ops.raw.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
+        mse_ada = rec.full_loss(hard)
+        up = float((alpha >= 0).float().mean())
+        changed = float((hard != nearest).float().mean())
+        w_store = hard.transpose(0, 1).contiguous() if rec.transposed else hard
+        layer_q.weight.copy_(w_store.reshape(layer_q.weight.shape))
+    return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
+                       changed_vs_nearest=changed, rows=rec.kept_rows, rows_total=rec.rows.rows_total, seconds=0.0)
 
+
+def _learn_rounding(w0: torch.Tensor, grid: tuple, rec: "_Reconstruction", cfg: Mapping[str, Any],
+                    g: torch.Generator) -> torch.Tensor:
+    """Adam on alpha: the reconstruction loss of the soft-rounded weight, plus the rounding regularizer
+    after the warm start with beta on a half cosine from beta_range[0] to beta_range[1]."""
+    s, o, qmin, qmax = grid
     alpha = ops.adaround_init_alpha(w0, s).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([alpha], lr=float(cfg["lr"]), fused=alpha.device.type in ("cpu", "cuda"))
     iters = int(cfg["iterations"])
     warm = int(float(cfg["warm_start"]) * iters)
     b0, b1 = (float(b) for b in cfg["beta_range"])
     reg_param = float(cfg["reg_param"])
-    bs = min(int(cfg["batch_size"]), n)
-    pps = int(cfg["positions_per_sample"])
-    gram = None
-    if not transposed:  # a step: the next run of bs * pps rows of the table (wrapping around)
-        per_step = min(bs * min(pps, X.shape[0]), Xr.shape[0])
-        pos = 0
-        # No activation after a dense layer: the loss is a quadratic form in the weight, so every step can
-        # use all kept rows exactly through their Gram matrix, at a cost that does not grow with the rows.
-        if isinstance(act, nn.Identity) and (isinstance(layer_fp, nn.Linear) or layer_fp.groups == 1) \
-                and Xr.shape[1] < per_step:
-            gram = layerwise.gram(Xr, Yr, layer_fp.bias)
+    steps = rec.steps(int(cfg["batch_size"]), int(cfg["positions_per_sample"]), g)
     for it in range(iters):
         w_soft = ops.raw.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
-        if gram is not None:
-            loss = gram_loss(w_soft, *gram)
-        else:
-            if transposed:
-                si = torch.randint(0, n, (bs,), generator=g).to(dev)
-                xb, yb = X[si], Y[si]
-            else:
-                if pos + per_step > Xr.shape[0]:
-                    pos = 0
-                xb, yb = Xr[pos:pos + per_step], Yr[pos:pos + per_step]
-                pos += per_step
-            loss = recon(w_soft, xb, yb)
+        loss = steps(w_soft)
         if it >= warm and reg_param > 0:
             rel = (it - warm) / max(iters - warm, 1)
             beta = b1 + 0.5 * (b0 - b1) * (1.0 + math.cos(rel * math.pi))  # cosine decay from b0 to b1
@@ -370,14 +343,74 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return alpha
 
-    with torch.no_grad():
-        hard = ops.raw.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
-        mse_ada = full_loss(hard)
-        up = float((alpha >= 0).float().mean())
-        changed = float((hard != nearest).float().mean())
-        w_store = hard.transpose(0, 1).contiguous() if transposed else hard
-        layer_q.weight.copy_(w_store.reshape(layer_q.weight.shape))
-    return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
-                       changed_vs_nearest=changed, rows=int(Xr.shape[0] if not transposed else n),
-                       rows_total=rows.rows_total, seconds=0.0)
+
+class _Reconstruction:
+    """A layer's reconstruction loss on its kept rows: sum over channels of the squared error after the
+    activation, mean over positions."""
+
+    def __init__(self, layer: nn.Module, act: nn.Module, rows):
+        self.layer, self.act, self.rows = layer, act, rows
+        self.transposed = rows.whole_samples
+        if not self.transposed:
+            self.Xr, self.Yr = rows.flat
+
+    @property
+    def kept_rows(self) -> int:
+        return int(self.rows.samples if self.transposed else self.Xr.shape[0])
+
+    def predict(self, w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        if self.transposed:
+            return self.act(F.conv_transpose2d(x, w_hat.transpose(0, 1), layer.bias, layer.stride, layer.padding,
+                                               layer.output_padding, layer.groups, layer.dilation))
+        return self.act(apply_rows(layer, x.reshape(-1, x.shape[-1]), w_hat))
+
+    def loss(self, w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.predict(w_hat, x) - (y if self.transposed else y.reshape(-1, y.shape[-1]))
+        return (d * d).sum() / (d.numel() // d.shape[1])  # sum over channels, mean over the rest
+
+    def full_loss(self, w_hat: torch.Tensor) -> float:
+        """The loss over all kept rows, in chunks."""
+        with torch.no_grad():
+            if self.transposed:
+                X, Y, n = self.rows.X, self.rows.Y, self.rows.samples
+                tot = sum(float(self.loss(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64])
+                          for i in range(0, n, 64))
+                return tot / max(n, 1)
+            step, Xr, Yr = 8192, self.Xr, self.Yr
+            tot = sum(float(self.loss(w_hat, Xr[i:i + step], Yr[i:i + step])) * len(Xr[i:i + step])
+                      for i in range(0, Xr.shape[0], step))
+            return tot / max(Xr.shape[0], 1)
+
+    def steps(self, batch_size: int, positions_per_sample: int, g: torch.Generator):
+        """The loss of one optimization step as a function of the soft weight. Dense layers: the next run
+        of batch_size * positions_per_sample rows of the table (wrapping around) -- or, with no activation
+        after a dense layer, the exact loss of all kept rows through their Gram matrix whenever that is
+        cheaper; transposed convolutions: batch_size random whole samples."""
+        bs = min(batch_size, self.rows.samples)
+        if self.transposed:
+            X, Y, n, dev = self.rows.X, self.rows.Y, self.rows.samples, self.layer.weight.device
+
+            def sampled(w_soft):
+                si = torch.randint(0, n, (bs,), generator=g).to(dev)
+                return self.loss(w_soft, X[si], Y[si])
+            return sampled
+        Xr, Yr, layer = self.Xr, self.Yr, self.layer
+        per_step = min(bs * min(positions_per_sample, self.rows.X.shape[0]), Xr.shape[0])
+        # No activation after a dense layer: the loss is a quadratic form in the weight, so every step can
+        # use all kept rows exactly through their Gram matrix, at a cost that does not grow with the rows.
+        if isinstance(self.act, nn.Identity) and (isinstance(layer, nn.Linear) or layer.groups == 1) \
+                and Xr.shape[1] < per_step:
+            stats = layerwise.gram(Xr, Yr, layer.bias)
+            return lambda w_soft: gram_loss(w_soft, *stats)
+        pos = [0]
+
+        def next_run(w_soft):
+            if pos[0] + per_step > Xr.shape[0]:
+                pos[0] = 0
+            xb, yb = Xr[pos[0]:pos[0] + per_step], Yr[pos[0]:pos[0] + per_step]
+            pos[0] += per_step
+            return self.loss(w_soft, xb, yb)
+        return next_run
