@@ -86,6 +86,14 @@ def report(path: Path, rows: list[dict[str, Any]]) -> int:
     return 0
 
 
+def publish(name: str, args: Any, rows: list[dict[str, Any]], columns: list[str], *, title: str,
+            notes: Optional[list[str]] = None) -> int:
+    """write_results under `name` (`_quick` added for a --quick run, into --out when given), then report."""
+    path = write_results(name + ("_quick" if getattr(args, "quick", False) else ""), rows, columns, title=title,
+                         notes=notes, out_dir=Path(args.out) if getattr(args, "out", None) else None)
+    return report(path, rows)
+
+
 def machine() -> dict[str, Any]:
     import pyquant
 
@@ -100,6 +108,13 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def versions() -> str:
+    """pyquant's version and SIMD level, torch's version and its threads, for a results note."""
+    import pyquant
+    return (f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
 def _cpu_model() -> str:

@@ -33,7 +33,7 @@ import torch
 import pyquant
 from pyquant.metrics import mean_kl, top1_agreement
 
-from bench._harness import report, require_native, write_results
+from bench._harness import publish, require_native, versions
 
 COLUMNS = ["model", "config", "method", "agreement_or_accuracy_pct", "kl", "kl_vs_nearest", "wall_s", "peak_rss_mb",
            "settings", "target", "met"]
@@ -233,13 +233,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 log(f"fashion W{bw}A8: fp32 {fp:.4f} nearest {acc_n:.4f} adaround {acc:.4f} ({wall:.0f} s)")
             notes.append(f"Fashion-MNIST: {len(xte)} test images, accuracy in %")
-    notes.append(f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} threads; peak RSS: the process's high-water mark during each run, reset "
+    notes.append(f"{versions()}; peak RSS: the process's high-water mark during each run, reset "
                  "before it (it includes the model, data and evaluation set already in memory)")
-    name = "adaround" + ("_quick" if a.quick else "")
-    path = write_results(name, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes,
-                         out_dir=Path(a.out) if a.out else None)
-    return report(path, rows)
+    return publish("adaround", a, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.metrics import logistic_probe_accuracy, top1_agreement
 
-from bench._harness import padded_batches, report, require_native, write_results
+from bench._harness import padded_batches, publish, require_native, versions
 
 COLUMNS = ["model", "config", "fp32", "reference", "autoquant", "best_step", "applied", "steps_evaluated",
            "wall_s", "target", "met"]
@@ -225,13 +225,8 @@ def main(argv=None) -> int:
         rows += r
         notes += n
     notes.append(f"percentages: eval_fn x 100; fp32 = eval_fn on the FP32 model; steps_evaluated = eval_fn calls; "
-                 f"AutoQuant reports in {out}; pyquant {pyquant.__version__}, native "
-                 f"{pyquant.native_info()['simd']}, torch {torch.__version__}, {torch.get_num_threads()} threads "
-                 f"(machine shared with other work: times are indicative)")
-    name = "autoquant" + ("_quick" if a.quick else "")
-    path = write_results(name, rows, COLUMNS, title="AutoQuant end to end", notes=notes,
-                         out_dir=Path(a.out) if a.out else None)
-    return report(path, rows)
+                 f"AutoQuant reports in {out}; {versions()} (machine shared with other work: times are indicative)")
+    return publish("autoquant", a, rows, COLUMNS, title="AutoQuant end to end", notes=notes)
 
 
 if __name__ == "__main__":

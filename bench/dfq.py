@@ -33,7 +33,7 @@ from torch import nn
 import pyquant
 from pyquant.metrics import mean_kl, top1_agreement
 
-from bench._harness import report, require_native, write_results
+from bench._harness import publish, require_native
 
 COLUMNS = ["step", "agreement_pct", "kl", "vs_per_channel_agreement_pts", "kl_ratio_vs_per_channel", "seconds",
            "target", "met"]
@@ -184,10 +184,8 @@ def main(argv=None) -> int:
              f"{eq_report.relu6_output_change:.3g} relative on the dummy input)",
              "times are medians of fresh runs on copies of the unfolded model; AIMET's is its equalize_model on "
              "the same model and dummy input" if "aimet" in times else "AIMET not run: no aimet_torch here"]
-    name = "dfq_mobilenet_v2" + ("_quick" if a.quick else "")
-    path = write_results(name, rows, COLUMNS, title="Data-free quantization on MobileNetV2 (W8A8, per-tensor weights)",
-                         notes=notes, out_dir=Path(a.out) if a.out else None)
-    return report(path, rows)
+    return publish("dfq_mobilenet_v2", a, rows, COLUMNS,
+                   title="Data-free quantization on MobileNetV2 (W8A8, per-tensor weights)", notes=notes)
 
 
 if __name__ == "__main__":

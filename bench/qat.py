@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import pyquant
 from pyquant.sim.quantsim import QuantSim
 
-from bench._harness import report, require_native, write_results
+from bench._harness import report, require_native, versions, write_results
 
 COLUMNS = ["model", "measure", "config", "value", "fp32", "ratio_vs_fp32", "aimet", "pyquant_speedup_vs_aimet",
            "target", "met"]
@@ -313,8 +313,7 @@ def main(argv=None) -> int:
         y = torch.randint(0, 1000, (len(x),), generator=g)
         m, x, y = m.to(a.device), x.to(a.device), y.to(a.device)
         rows += step_cost(f"MobileNetV2, batch {len(x)}", m, x, y, aimet, 3 if a.quick else 7)
-    notes = [f"pyquant {pyquant.__version__}, native {pyquant.native_info()['simd']}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads"
+    notes = [versions()
              + (f"; Fashion-MNIST QAT: Adam, weights lr 1e-4, quantizer ranges lr 3e-3, batch 128, {epochs} epoch(s) "
                 f"over the training set, fuse_activations=True, seeds 0-{a.seeds - 1} (initialisation and data order)"
                 if "accuracy" not in skip else ""),

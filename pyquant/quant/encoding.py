@@ -17,8 +17,28 @@ def min_scale(num_steps: int) -> float:
     return min(MIN_SCALE, 0.01 / num_steps)
 
 
+class OnGrid:
+    """`qmin`, `qmax` and `num_steps` of anything with a `bitwidth` and a `symmetric` flag: a symmetric
+    encoding lives on the signed grid, an asymmetric one on the unsigned grid (docs/design.md, 5.3)."""
+
+    bitwidth: int
+    symmetric: bool
+
+    @property
+    def qmin(self) -> int:
+        return ops.grid(self.bitwidth, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return ops.grid(self.bitwidth, self.symmetric)[1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.qmax - self.qmin
+
+
 @dataclasses.dataclass
-class Encoding:
+class Encoding(OnGrid):
     """scale/offset in block-broadcast shape (see pyquant.ops), with the grid they live on.
 
     ``x_hat = (clamp(round(x / scale) - offset, qmin, qmax) + offset) * scale``. Symmetric encodings use
@@ -36,19 +56,8 @@ class Encoding:
 
     @property
     def signed(self) -> bool:
+        """Whether the encoding's grid is signed (today: exactly when it is symmetric)."""
         return self.symmetric
-
-    @property
-    def qmin(self) -> int:
-        return ops.grid(self.bitwidth, self.signed)[0]
-
-    @property
-    def qmax(self) -> int:
-        return ops.grid(self.bitwidth, self.signed)[1]
-
-    @property
-    def num_steps(self) -> int:
-        return self.qmax - self.qmin
 
     @property
     def shape(self) -> torch.Size:

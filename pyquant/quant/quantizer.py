@@ -18,7 +18,7 @@ from .. import ops
 from .._deprecation import _UNSET, renamed
 from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
-from .encoding import Encoding, _broadcast_to, from_scale_offset
+from .encoding import Encoding, OnGrid, _broadcast_to, from_scale_offset
 from .fake_quant_node import Pool, QuantizeNode, Spec, act_bounds, activate
 from .range_params import RANGE_PARAMS, RangeParams
 
@@ -29,7 +29,7 @@ class QuantizerError(RuntimeError):
     """A quantizer used in a state that cannot work (no encoding yet, frozen, ...)."""
 
 
-class QuantizerBase(nn.Module):
+class QuantizerBase(OnGrid, nn.Module):
     """What every quantizer has: an encoding shape, bit width and symmetry, an encoding analyzer for
     calibration, the encoding's parameters (`range_params`: "minmax" or "scale_offset"), and the flags
     `enabled` (off: the input passes unchanged) and `frozen` (the encoding stays as it is: no range
@@ -74,15 +74,6 @@ class QuantizerBase(nn.Module):
         import warnings
         warnings.warn("QuantizerBase.param_mode is deprecated; use range_params", DeprecationWarning, stacklevel=2)
         return self.range_params
-
-    # ---- grid ----
-    @property
-    def qmin(self) -> int:
-        return ops.grid(self.bitwidth, self.symmetric)[0]
-
-    @property
-    def qmax(self) -> int:
-        return ops.grid(self.bitwidth, self.symmetric)[1]
 
     def _label(self) -> str:
         return f"quantizer '{self.name}'" if self.name else type(self).__name__
