@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from .._batches import call, iter_batches
 from .._io import atomic_torch_save
-from .._layers import BATCH_NORMS, is_transposed, layers_for
+from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
 from ..ops import grid
 from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced,
@@ -156,8 +156,7 @@ class QuantSim:
             if p.is_param and p.graph_weight is None:
                 mod = gm.get_submodule(node.target)
                 bn = self._following_batchnorm(node) if self.batchnorm == "fold_each_step" else None
-                wq = FoldedWeightQuantizer(q, bn, p.axis if p.axis is not None else G.WEIGHT_AXIS[type(mod)]) \
-                    if bn is not None else WeightQuantizer(q)
+                wq = FoldedWeightQuantizer(q, bn, weight_axis(mod)) if bn is not None else WeightQuantizer(q)
                 parametrize.register_parametrization(mod, "weight", wq, unsafe=True)
             elif p.is_param:
                 w_node = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == p.graph_weight)
@@ -199,7 +198,8 @@ class QuantSim:
 
     def quantizer(self, name: str) -> QuantizeDequantize:
         """The quantizer called `name` (KeyError naming a few valid names otherwise)."""
-        q = self.param_quantizers.get(name) or self.activation_quantizers.get(name)
+        q = self.param_quantizers.get(name)
+        q = self.activation_quantizers.get(name) if q is None else q
         if q is None:
             raise KeyError(f"no quantizer named {name!r}; names look like {list(self.quantizers)[:4]}")
         return q
