@@ -7,6 +7,7 @@
 #include <vector>
 #include "parallel.h"
 #include "pyquant/stats.h"
+#include "pyquant/type_dispatch.h"
 #include "simd.h"
 #include "stats_table.h"
 
@@ -303,24 +304,21 @@ inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0
   });
 }
 
+// Statistics are taken of float data only; other codes do nothing (the caller validated them).
 inline void minmax(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nf, float* wf,
                    int64_t* wi, int nt) {
-  switch (dt) {
-    case DType::F32: return minmax_typed<float>((const float*)x, L, mn, mx, nf, wf, wi, nt);
-    case DType::F16: return minmax_typed<half_t>((const half_t*)x, L, mn, mx, nf, wf, wi, nt);
-    case DType::BF16: return minmax_typed<bf16_t>((const bf16_t*)x, L, mn, mx, nf, wf, wi, nt);
-    default: return;
-  }
+  dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    minmax_typed<T>(static_cast<const T*>(x), L, mn, mx, nf, wf, wi, nt);
+  });
 }
 
 inline void histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
                       int64_t nbins, int64_t* counts, int64_t* ws, int64_t ws_len, int nt) {
-  switch (dt) {
-    case DType::F32: return histogram_typed<float>((const float*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    case DType::F16: return histogram_typed<half_t>((const half_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    case DType::BF16: return histogram_typed<bf16_t>((const bf16_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    default: return;
-  }
+  dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    histogram_typed<T>(static_cast<const T*>(x), L, lo, range, nbins, counts, ws, ws_len, nt);
+  });
 }
 
 }  // namespace PQ_ISA_NS

@@ -6,6 +6,7 @@
 #include <type_traits>
 #include "pyquant/cuda_api.h"
 #include "pyquant/fake_quant.h"
+#include "pyquant/type_dispatch.h"
 
 namespace pq {
 namespace cuda {
@@ -222,46 +223,14 @@ void launch_forward_a(const void* x, void* y, const float* s, const float* o, fl
   }
 }
 
-template <class T> constexpr bool is_float_type() {
-  return std::is_same<T, float>::value || std::is_same<T, half_t>::value || std::is_same<T, bf16_t>::value;
-}
-
 template <FqOp OP, class Tin, class Tout>
 void launch_forward(const void* x, void* y, const float* s, const float* o, float qmin, float qmax,
                     const QLayout& L, const ActClamp& act, cudaStream_t st) {
   // the activation is fused for QDQ of a float input into its own dtype only
-  if constexpr (OP == FqOp::QDQ && std::is_same<Tin, Tout>::value && is_float_type<Tin>()) {
+  if constexpr (OP == FqOp::QDQ && std::is_same<Tin, Tout>::value && FloatTypes::contains<Tin>) {
     if (act.on()) return launch_forward_a<OP, Tin, Tout, true>(x, y, s, o, qmin, qmax, L, act, st);
   }
   launch_forward_a<OP, Tin, Tout, false>(x, y, s, o, qmin, qmax, L, act, st);
-}
-
-template <FqOp OP, class Tin>
-void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
-                 const QLayout& L, const ActClamp& act, cudaStream_t st) {
-  switch (ydt) {
-    case DType::F32: return launch_forward<OP, Tin, float>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::F16: return launch_forward<OP, Tin, half_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::BF16: return launch_forward<OP, Tin, bf16_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I8: return launch_forward<OP, Tin, int8_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::U8: return launch_forward<OP, Tin, uint8_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I16: return launch_forward<OP, Tin, int16_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I32: return launch_forward<OP, Tin, int32_t>(x, y, s, o, qmin, qmax, L, act, st);
-  }
-}
-
-template <FqOp OP>
-void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
-                float qmax, const QLayout& L, const ActClamp& act, cudaStream_t st) {
-  switch (xdt) {
-    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-  }
 }
 
 template <class T, int V, bool DX, bool SO>
@@ -307,14 +276,18 @@ const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType
                                uintptr_t stream) {
   if (L.numel == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (op) {
-    case FqOp::QDQ: forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-    case FqOp::Q: forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-    case FqOp::DQ: forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-  }
-  return last_error();
+  const char* err = dispatch_fq_op(op, [&](auto op_tag) {
+    return dispatch_dtype(AllTypes{}, xdt, [&](auto in) {
+      return dispatch_dtype(AllTypes{}, ydt, [&](auto out) {
+        launch_forward<tag_type<decltype(op_tag)>::value, tag_type<decltype(in)>, tag_type<decltype(out)>>(
+            x, y, s, o, qmin, qmax, L, act, st);
+      });
+    });
+  });
+  return err ? err : last_error();
 }
 
+// Gradients exist for float types only.
 const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx, const float* s,
                                 const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
                                 double* ws, float* ds, float* doff, float grad_scale, uintptr_t stream) {
@@ -325,13 +298,11 @@ const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   if (L.numel > 0) {
-    switch (dt) {
-      case DType::F32: backward_t<float>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      case DType::F16: backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      case DType::BF16: backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      default: return "fake_quant_backward: gradients need a float32, float16 or bfloat16 input";
-    }
-    if (const char* err = last_error()) return err;
+    const char* err = dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+      backward_t<tag_type<decltype(tag)>>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st);
+    });
+    if (err) return err;
+    if ((err = last_error())) return err;
   }
   if (so) {
     const int blocks = int(std::min<int64_t>((L.nscale + kThreads - 1) / kThreads, 1024));

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include "pyquant/cuda_api.h"
 #include "pyquant/stats.h"
+#include "pyquant/type_dispatch.h"
 
 namespace pq {
 namespace cuda {
@@ -244,12 +245,11 @@ const char* minmax(const void* x, DType dt, const QLayout& L, float* mn, float* 
   init_minmax<<<std::max(ib, 1), kThreads, 0, st>>>(mn, mx, nf, L.nscale);
   if (L.numel > 0) {
     const dim3 g = grid_for(L);
-    switch (dt) {
-      case DType::F32: minmax_kernel<float><<<g, kThreads, 0, st>>>((const float*)x, L, mn, mx, nf); break;
-      case DType::F16: minmax_kernel<half_t><<<g, kThreads, 0, st>>>((const half_t*)x, L, mn, mx, nf); break;
-      case DType::BF16: minmax_kernel<bf16_t><<<g, kThreads, 0, st>>>((const bf16_t*)x, L, mn, mx, nf); break;
-      default: return "minmax: x must be float32, float16 or bfloat16";
-    }
+    const char* err = dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+      using T = tag_type<decltype(tag)>;
+      minmax_kernel<T><<<g, kThreads, 0, st>>>(static_cast<const T*>(x), L, mn, mx, nf);
+    });
+    if (err) return err;
   }
   return last_error();
 }
@@ -264,20 +264,11 @@ const char* histogram(const void* x, DType dt, const QLayout& L, const float* lo
   const bool use_shared = nbins <= kSharedBins;
   const size_t smem = use_shared ? sizeof(unsigned) * size_t(nbins) : 0;
   const dim3 g = grid_for(L);
-  switch (dt) {
-    case DType::F32:
-      histogram_kernel<float><<<g, kThreads, smem, st>>>((const float*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    case DType::F16:
-      histogram_kernel<half_t><<<g, kThreads, smem, st>>>((const half_t*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    case DType::BF16:
-      histogram_kernel<bf16_t><<<g, kThreads, smem, st>>>((const bf16_t*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    default:
-      return "histogram: x must be float32, float16 or bfloat16";
-  }
-  return last_error();
+  const char* err = dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    histogram_kernel<T><<<g, kThreads, smem, st>>>(static_cast<const T*>(x), L, lo, range, nbins, c, use_shared);
+  });
+  return err ? err : last_error();
 }
 
 const char* search(const int64_t* counts, int64_t G, int64_t nbins, const float* c0, const float* bw,
