@@ -2,6 +2,7 @@
 // (per-block partial sums, then one block adds them in a fixed order: deterministic totals).
 #include <cuda_runtime.h>
 #include <algorithm>
+#include "launch_status.h"
 #include "pyquant/adaround.h"
 #include "pyquant/cuda_api.h"
 
@@ -63,11 +64,6 @@ __global__ void sum_kernel(const double* __restrict__ partial, int nb, double* _
     __syncthreads();
   }
   if (threadIdx.x == 0) out[0] = sh[0];
-}
-
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace

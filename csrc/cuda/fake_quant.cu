@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <type_traits>
+#include "launch_status.h"
 #include "pyquant/cuda_api.h"
 #include "pyquant/fake_quant.h"
 #include "pyquant/type_dispatch.h"
@@ -262,11 +263,6 @@ void backward_t(const void* g, const void* x, void* dx, const float* s, const fl
   if (dx && so) launch_backward<T, true, true>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
   else if (dx) launch_backward<T, true, false>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
   else if (so) launch_backward<T, false, true>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
-}
-
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace

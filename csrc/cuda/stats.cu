@@ -2,6 +2,7 @@
 // owns a row with one group reduces in registers/shared memory and publishes once.
 #include <cuda_runtime.h>
 #include <algorithm>
+#include "launch_status.h"
 #include "pyquant/cuda_api.h"
 #include "pyquant/stats.h"
 #include "pyquant/type_dispatch.h"
@@ -228,11 +229,6 @@ inline dim3 grid_for(const QLayout& L) {
   int64_t gx = (L.row_len + kThreads * 4 - 1) / (kThreads * 4);
   gx = std::max<int64_t>(1, std::min<int64_t>(gx, (int64_t(1) << 12) / gy + 1));
   return dim3(unsigned(gx), unsigned(gy), 1);
-}
-
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace
