@@ -267,16 +267,16 @@ void backward_t(const void* g, const void* x, void* dx, const float* s, const fl
 
 }  // namespace
 
-const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s,
-                               const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
-                               uintptr_t stream) {
+const char* fake_quant_forward(const FakeQuantForwardArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
   if (L.numel == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const char* err = dispatch_fq_op(op, [&](auto op_tag) {
-    return dispatch_dtype(AllTypes{}, xdt, [&](auto in) {
-      return dispatch_dtype(AllTypes{}, ydt, [&](auto out) {
-        launch_forward<tag_type<decltype(op_tag)>::value, tag_type<decltype(in)>, tag_type<decltype(out)>>(
-            x, y, s, o, qmin, qmax, L, act, st);
+  const ActClamp act = act_clamp(a);
+  const char* err = dispatch_fq_op(a.op, [&](auto op) {
+    return dispatch_dtype(AllTypes{}, a.xdt, [&](auto in) {
+      return dispatch_dtype(AllTypes{}, a.ydt, [&](auto out) {
+        launch_forward<tag_type<decltype(op)>::value, tag_type<decltype(in)>, tag_type<decltype(out)>>(
+            a.x, a.y, a.s, a.o, a.qmin, a.qmax, L, act, st);
       });
     });
   });
@@ -284,25 +284,25 @@ const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType
 }
 
 // Gradients exist for float types only.
-const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx, const float* s,
-                                const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
-                                double* ws, float* ds, float* doff, float grad_scale, uintptr_t stream) {
+const char* fake_quant_backward(const FakeQuantBackwardArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const bool so = ds != nullptr || doff != nullptr;
+  const bool so = a.ds != nullptr || a.doff != nullptr;
   if (so) {
-    cudaError_t e = cudaMemsetAsync(ws, 0, sizeof(double) * 2 * size_t(L.nscale), st);
+    cudaError_t e = cudaMemsetAsync(a.ws, 0, sizeof(double) * 2 * size_t(L.nscale), st);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   if (L.numel > 0) {
-    const char* err = dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
-      backward_t<tag_type<decltype(tag)>>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st);
+    const ActClamp act = act_clamp(a);
+    const char* err = dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+      backward_t<tag_type<decltype(tag)>>(a.g, a.x, a.dx, a.s, a.o, a.qmin, a.qmax, L, act, a.ws, so, st);
     });
     if (err) return err;
     if ((err = last_error())) return err;
   }
   if (so) {
     const int blocks = int(std::min<int64_t>((L.nscale + kThreads - 1) / kThreads, 1024));
-    finalize_kernel<<<blocks, kThreads, 0, st>>>(ws, L.nscale, grad_scale, ds, doff);
+    finalize_kernel<<<blocks, kThreads, 0, st>>>(a.ws, L.nscale, a.grad_scale, a.ds, a.doff);
   }
   return last_error();
 }
