@@ -1,7 +1,7 @@
 // Binds a kernel entry point `R kernel(const Args&, ...)` as a Python function of Args' fields (op_args.h):
 // positional parameters named after the fields, each converted from its wire type (below) into the
 // struct, Args' description as the docstring, the kernel run without the GIL, and a returned error
-// string raised as RuntimeError.
+// string raised as RuntimeError. Shared by the CPU module (_C) and the CUDA module (_C_cuda).
 #pragma once
 #include <pybind11/pybind11.h>
 #include <cstdint>
@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include "pyquant/cpu_api.h"
 #include "pyquant/op_args.h"
 
 namespace pq {
@@ -65,6 +66,14 @@ void def_op(pybind11::module_& m, const char* name, const char* what, Call call,
       pybind11::arg(Args::kNames[I])..., pybind11::arg(extra_names)..., Args::kDoc);
 }
 }  // namespace detail
+
+// A CPU op: kernel(args, max_threads), given the module's thread cap at each call.
+template <class R, class Args>
+void def_cpu_op(pybind11::module_& m, const char* name, R (*kernel)(const Args&, int max_threads)) {
+  detail::def_op<Args>(
+      m, name, "pyquant CPU kernel failed: ", [kernel](const Args& args) { return kernel(args, cpu_threads()); },
+      typename Args::Fields{}, std::make_index_sequence<Args::kCount>{});
+}
 
 // A CUDA op: kernel(args, stream), Python passing the stream (a cudaStream_t as an integer) last.
 template <class Args>

@@ -226,23 +226,22 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
   }
 }
 
-// ---------------------------------------------------------------- type dispatch
-// Codes outside the dtype sets do nothing: the caller validated them.
-inline void forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
-                    float qmin, float qmax, const QLayout& L, const ActClamp& act, int nt) {
-  dispatch_fq_op(op, [&](auto op_tag) {
-    constexpr FqOp OP = tag_type<decltype(op_tag)>::value;
-    return dispatch_dtype(AllTypes{}, xdt, [&](auto in) {
+// ---------------------------------------------------------------- entry points
+const char* fake_quant_forward(const FakeQuantForwardArgs& a, int nt) {
+  const ActClamp act = act_clamp(a);
+  return dispatch_fq_op(a.op, [&](auto op) {
+    constexpr FqOp OP = tag_type<decltype(op)>::value;
+    return dispatch_dtype(AllTypes{}, a.xdt, [&](auto in) {
       using Tin = tag_type<decltype(in)>;
-      return dispatch_dtype(AllTypes{}, ydt, [&](auto out) {
+      return dispatch_dtype(AllTypes{}, a.ydt, [&](auto out) {
         using Tout = tag_type<decltype(out)>;
-        const Tin* xp = static_cast<const Tin*>(x);
-        Tout* yp = static_cast<Tout*>(y);
+        const Tin* x = static_cast<const Tin*>(a.x);
+        Tout* y = static_cast<Tout*>(a.y);
         // the activation is fused for QDQ of a float input into its own dtype only
         if constexpr (OP == FqOp::QDQ && VecType<Tin>::value && std::is_same_v<Tin, Tout>) {
-          if (act.on()) return forward_typed<OP, Tin, Tout, true>(xp, yp, s, o, qmin, qmax, L, act, nt);
+          if (act.on()) return forward_typed<OP, Tin, Tout, true>(x, y, a.s, a.o, a.qmin, a.qmax, a.layout, act, nt);
         }
-        forward_typed<OP, Tin, Tout, false>(xp, yp, s, o, qmin, qmax, L, act, nt);
+        forward_typed<OP, Tin, Tout, false>(x, y, a.s, a.o, a.qmin, a.qmax, a.layout, act, nt);
       });
     });
   });
@@ -258,13 +257,17 @@ void backward_a(const T* gp, const T* xp, T* dxp, const float* s, const float* o
 }
 
 // Gradients exist for float types only.
-inline void backward(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o, float qmin,
-                     float qmax, const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs,
-                     int nt) {
-  dispatch_dtype(FloatTypes{}, dt, [&](auto tag) {
+const char* fake_quant_backward(const FakeQuantBackwardArgs& a, int nt) {
+  const ActClamp act = act_clamp(a);
+  return dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
     using T = tag_type<decltype(tag)>;
-    if (act.on()) backward_a<T, true>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-    else backward_a<T, false>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
+    const T* g = static_cast<const T*>(a.g);
+    const T* x = static_cast<const T*>(a.x);
+    T* dx = static_cast<T*>(a.dx);
+    if (act.on())
+      backward_a<T, true>(g, x, dx, a.s, a.o, a.qmin, a.qmax, a.layout, act, a.ws, a.ds, a.doff, a.grad_scale, nt);
+    else
+      backward_a<T, false>(g, x, dx, a.s, a.o, a.qmin, a.qmax, a.layout, act, a.ws, a.ds, a.doff, a.grad_scale, nt);
   });
 }
 
