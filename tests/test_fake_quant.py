@@ -238,7 +238,7 @@ def test_poisoned_output_fully_written(simd):
             xd = x.to(dtype)
             y = torch.full(shape, float("nan"), dtype=dtype)
             C.fake_quant_forward(0, xd.data_ptr(), _layout.DTYPE_CODE[dtype], y.data_ptr(), _layout.DTYPE_CODE[dtype],
-                                 s.data_ptr(), o.data_ptr(), 0.0, 255.0, layout)
+                                 s.data_ptr(), o.data_ptr(), 0.0, 255.0, layout, *_layout.NO_ACT)
             assert not torch.isnan(y).any()
             assert_same(y, ref.quantize_dequantize(xd, s, o, 0, 255))
 

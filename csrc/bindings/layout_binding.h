@@ -49,7 +49,4 @@ inline void bind_layout(pybind11::module_& m) {
       });
 }
 
-template <class T>
-inline T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
-
 }  // namespace pq

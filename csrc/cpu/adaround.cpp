@@ -1,15 +1,21 @@
-#include "adaround.h"
+// CPU AdaRound kernels (one build, no SIMD variants: the per-element sigmoid in double dominates and
+// the weights AdaRound works on are small).
 #include <algorithm>
 #include <vector>
 #include "parallel.h"
+#include "pyquant/cpu_api.h"
 #include "pyquant/adaround.h"
 
 namespace pq {
 namespace cpu {
 
-void adaround_forward(const float* w, const float* alpha, float* y, const float* s, const float* o, int64_t rows,
-                      int64_t row_len, int64_t nscale, float qmin, float qmax, bool hard, int threads) {
-  const int64_t n = rows * row_len;
+void adaround_forward(const AdaroundForwardArgs& args, int threads) {
+  const float *w = args.w, *alpha = args.a, *s = args.s, *o = args.o;
+  float* y = args.y;
+  const int64_t row_len = args.row_len, nscale = args.nscale;
+  const float qmin = args.qmin, qmax = args.qmax;
+  const bool hard = args.hard;
+  const int64_t n = args.rows * row_len;
   parallel_ranges(n, pick_threads(n, threads), [&](int, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t k = nscale == 1 ? 0 : i / row_len;
@@ -18,10 +24,12 @@ void adaround_forward(const float* w, const float* alpha, float* y, const float*
   });
 }
 
-void adaround_backward(const float* g, const float* w, const float* alpha, float* dalpha, const float* s,
-                       const float* o, int64_t rows, int64_t row_len, int64_t nscale, float qmin, float qmax,
-                       int threads) {
-  const int64_t n = rows * row_len;
+void adaround_backward(const AdaroundBackwardArgs& args, int threads) {
+  const float *g = args.g, *w = args.w, *alpha = args.a, *s = args.s, *o = args.o;
+  float* dalpha = args.da;
+  const int64_t row_len = args.row_len, nscale = args.nscale;
+  const float qmin = args.qmin, qmax = args.qmax;
+  const int64_t n = args.rows * row_len;
   parallel_ranges(n, pick_threads(n, threads), [&](int, int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t k = nscale == 1 ? 0 : i / row_len;
@@ -30,7 +38,11 @@ void adaround_backward(const float* g, const float* w, const float* alpha, float
   });
 }
 
-double adaround_regularizer(const float* alpha, int64_t n, float beta, float* grad, int threads) {
+double adaround_regularizer(const AdaroundRegularizerArgs& args, int threads) {
+  const float* alpha = args.a;
+  const int64_t n = args.n;
+  const float beta = args.beta;
+  float* grad = args.grad;
   const int nt = pick_threads(n, threads);
   std::vector<double> part(size_t(std::max(nt, 1)), 0.0);
   parallel_ranges(n, nt, [&](int tid, int64_t b, int64_t e) {

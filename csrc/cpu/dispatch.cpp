@@ -3,8 +3,6 @@
 #include <cstdlib>
 #include <cstring>
 #include "kernel_table.h"
-#include "stats_table.h"
-#include "pool_table.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -31,23 +29,25 @@ bool cpu_has_avx2() {
 #endif
 }
 
-const FakeQuantTable* best_table() {
+constexpr CpuKernels kBaseline = PQ_CPU_KERNELS(scalar, "baseline");
+constexpr CpuKernels kAvx2 = PQ_CPU_KERNELS(avx2, "avx2");
+constexpr CpuKernels kAvx512 = PQ_CPU_KERNELS(avx512, "avx512");
+
+const CpuKernels* best_table() {
   // PYQUANT_SIMD caps the level (baseline, avx2, avx512), e.g. to compare or to work around a CPU.
   const char* cap = std::getenv("PYQUANT_SIMD");
   const bool allow512 = !cap || std::strcmp(cap, "avx512") == 0;
   const bool allow2 = allow512 || (cap && std::strcmp(cap, "avx2") == 0);
-  if (allow512 && cpu_has_avx512()) return &fake_quant_table_avx512();
-  if (allow2 && cpu_has_avx2()) return &fake_quant_table_avx2();
-  return &fake_quant_table_scalar();
+  if (allow512 && cpu_has_avx512()) return &kAvx512;
+  if (allow2 && cpu_has_avx2()) return &kAvx2;
+  return &kBaseline;
 }
 
-std::atomic<const FakeQuantTable*> g_table{nullptr};
+std::atomic<const CpuKernels*> g_table{nullptr};
 std::atomic<int> g_threads{0};
 
-}  // namespace
-
-const FakeQuantTable& fake_quant_table() {
-  const FakeQuantTable* t = g_table.load(std::memory_order_acquire);
+const CpuKernels& cpu_kernels() {
+  const CpuKernels* t = g_table.load(std::memory_order_acquire);
   if (!t) {
     t = best_table();
     g_table.store(t, std::memory_order_release);
@@ -55,31 +55,25 @@ const FakeQuantTable& fake_quant_table() {
   return *t;
 }
 
-const StatsTable& stats_table() {
-  const FakeQuantTable* t = &fake_quant_table();
-  if (t == &fake_quant_table_avx512()) return stats_table_avx512();
-  if (t == &fake_quant_table_avx2()) return stats_table_avx2();
-  return stats_table_scalar();
-}
+}  // namespace
 
-const PoolTable& pool_table() {
-  const FakeQuantTable* t = &fake_quant_table();
-  if (t == &fake_quant_table_avx512()) return pool_table_avx512();
-  if (t == &fake_quant_table_avx2()) return pool_table_avx2();
-  return pool_table_scalar();
-}
+// cpu::<op> runs the selected level's entry.
+#define PQ_CPU_SELECTED_OP(ns, R, name, Args) \
+  R cpu::name(const Args& a, int max_threads) { return cpu_kernels().name(a, max_threads); }
+PQ_CPU_SIMD_OPS(PQ_CPU_SELECTED_OP, _)
+#undef PQ_CPU_SELECTED_OP
 
-const char* simd_level() { return fake_quant_table().name; }
+const char* simd_level() { return cpu_kernels().level; }
 
 bool set_simd_level(const char* name) {
   if (std::strcmp(name, "avx512") == 0) {
     if (!cpu_has_avx512()) return false;
-    g_table.store(&fake_quant_table_avx512());
+    g_table.store(&kAvx512);
   } else if (std::strcmp(name, "avx2") == 0) {
     if (!cpu_has_avx2()) return false;
-    g_table.store(&fake_quant_table_avx2());
+    g_table.store(&kAvx2);
   } else if (std::strcmp(name, "baseline") == 0) {
-    g_table.store(&fake_quant_table_scalar());
+    g_table.store(&kBaseline);
   } else if (std::strcmp(name, "auto") == 0) {
     g_table.store(best_table());
   } else {

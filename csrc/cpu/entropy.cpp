@@ -2,12 +2,16 @@
 // a few million float64 operations per histogram). Groups are split between threads.
 #include <cstdint>
 #include "parallel.h"
+#include "pyquant/cpu_api.h"
 #include "pyquant/stats.h"
 
 namespace pq {
 
-void entropy_search_cpu(const int64_t* counts, int64_t G, int64_t nb, int64_t nq, int64_t* best_i, double* best_kl,
-                        int max_threads) {
+void cpu::entropy_search(const EntropySearchArgs& a, int max_threads) {
+  const int64_t* counts = a.counts;
+  const int64_t G = a.G, nb = a.nb, nq = a.nq;
+  int64_t* best_i = a.best_i;
+  double* best_kl = a.best_kl;
   const int nt = int(G < max_threads ? (G > 0 ? G : 1) : max_threads);
   cpu::parallel_split(G, nt, [&](int, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {

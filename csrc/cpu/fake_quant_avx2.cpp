@@ -2,10 +2,3 @@
 #define PQ_ISA_NS avx2
 #define PQ_ISA_TYPE IsaAvx2
 #include "fake_quant_impl.h"
-
-namespace pq {
-const FakeQuantTable& fake_quant_table_avx2() {
-  static const FakeQuantTable t{"avx2", &avx2::forward, &avx2::backward};
-  return t;
-}
-}  // namespace pq

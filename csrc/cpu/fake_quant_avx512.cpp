@@ -3,10 +3,3 @@
 #define PQ_ISA_NS avx512
 #define PQ_ISA_TYPE IsaAvx512
 #include "fake_quant_impl.h"
-
-namespace pq {
-const FakeQuantTable& fake_quant_table_avx512() {
-  static const FakeQuantTable t{"avx512", &avx512::forward, &avx512::backward};
-  return t;
-}
-}  // namespace pq

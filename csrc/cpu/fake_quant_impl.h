@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <type_traits>
 #include "pyquant/fake_quant.h"
+#include "pyquant/type_dispatch.h"
 #include "kernel_table.h"
 #include "parallel.h"
 #include "simd.h"
@@ -31,13 +32,6 @@ inline float op_scalar(float x, float s, float o, float qmin, float qmax, const 
   if constexpr (OP == FqOp::QDQ) return fake_quant_one(x, s, o, qmin, qmax);
   else if constexpr (OP == FqOp::Q) return quantize_one(x, s, o, qmin, qmax);
   else return dequantize_one(x, s, o);
-}
-
-template <class T>
-constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<T, half_t>) return DType::F16;
-  else if constexpr (std::is_same_v<T, bf16_t>) return DType::BF16;
-  else return DType::F32;
 }
 
 template <class Tin, class Tout>
@@ -232,47 +226,25 @@ void backward_typed(const T* g, const T* x, T* dx, const float* s, const float* 
   }
 }
 
-// ---------------------------------------------------------------- type dispatch
-template <FqOp OP, class Tin>
-void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
-                 const QLayout& L, const ActClamp& act, int nt) {
-  const Tin* xp = static_cast<const Tin*>(x);
-  if constexpr (OP == FqOp::QDQ && VecType<Tin>::value) {  // the activation is fused for float QDQ only
-    if (act.on() && ydt == dtype_of<Tin>())
-      return forward_typed<OP, Tin, Tin, true>(xp, (Tin*)y, s, o, qmin, qmax, L, act, nt);
-  }
-  switch (ydt) {
-    case DType::F32: return forward_typed<OP, Tin, float, false>(xp, (float*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::F16: return forward_typed<OP, Tin, half_t, false>(xp, (half_t*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::BF16: return forward_typed<OP, Tin, bf16_t, false>(xp, (bf16_t*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::I8: return forward_typed<OP, Tin, int8_t, false>(xp, (int8_t*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::U8: return forward_typed<OP, Tin, uint8_t, false>(xp, (uint8_t*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::I16: return forward_typed<OP, Tin, int16_t, false>(xp, (int16_t*)y, s, o, qmin, qmax, L, act, nt);
-    case DType::I32: return forward_typed<OP, Tin, int32_t, false>(xp, (int32_t*)y, s, o, qmin, qmax, L, act, nt);
-  }
-}
-
-template <FqOp OP>
-void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
-                float qmax, const QLayout& L, const ActClamp& act, int nt) {
-  switch (xdt) {
-    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, act, nt);
-  }
-}
-
-inline void forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
-                    float qmin, float qmax, const QLayout& L, const ActClamp& act, int nt) {
-  switch (op) {
-    case FqOp::QDQ: return forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case FqOp::Q: return forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
-    case FqOp::DQ: return forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, nt);
-  }
+// ---------------------------------------------------------------- entry points
+const char* fake_quant_forward(const FakeQuantForwardArgs& a, int nt) {
+  const ActClamp act = act_clamp(a);
+  return dispatch_fq_op(a.op, [&](auto op) {
+    constexpr FqOp OP = tag_type<decltype(op)>::value;
+    return dispatch_dtype(AllTypes{}, a.xdt, [&](auto in) {
+      using Tin = tag_type<decltype(in)>;
+      return dispatch_dtype(AllTypes{}, a.ydt, [&](auto out) {
+        using Tout = tag_type<decltype(out)>;
+        const Tin* x = static_cast<const Tin*>(a.x);
+        Tout* y = static_cast<Tout*>(a.y);
+        // the activation is fused for QDQ of a float input into its own dtype only
+        if constexpr (OP == FqOp::QDQ && VecType<Tin>::value && std::is_same_v<Tin, Tout>) {
+          if (act.on()) return forward_typed<OP, Tin, Tout, true>(x, y, a.s, a.o, a.qmin, a.qmax, a.layout, act, nt);
+        }
+        forward_typed<OP, Tin, Tout, false>(x, y, a.s, a.o, a.qmin, a.qmax, a.layout, act, nt);
+      });
+    });
+  });
 }
 
 template <class T, bool ACT>
@@ -284,22 +256,19 @@ void backward_a(const T* gp, const T* xp, T* dxp, const float* s, const float* o
   else if (so) backward_typed<T, false, true, ACT>(gp, xp, dxp, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
 }
 
-template <class T>
-void backward_t(const void* g, const void* x, void* dx, const float* s, const float* o, float qmin, float qmax,
-                const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs, int nt) {
-  if (act.on()) backward_a<T, true>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-  else backward_a<T, false>((const T*)g, (const T*)x, (T*)dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-}
-
-inline void backward(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o, float qmin,
-                     float qmax, const QLayout& L, const ActClamp& act, double* ws, float* ds, float* doff, float gs,
-                     int nt) {
-  switch (dt) {
-    case DType::F32: return backward_t<float>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-    case DType::F16: return backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-    case DType::BF16: return backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, ds, doff, gs, nt);
-    default: return;  // validated by the caller: gradients exist for float types only
-  }
+// Gradients exist for float types only.
+const char* fake_quant_backward(const FakeQuantBackwardArgs& a, int nt) {
+  const ActClamp act = act_clamp(a);
+  return dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    const T* g = static_cast<const T*>(a.g);
+    const T* x = static_cast<const T*>(a.x);
+    T* dx = static_cast<T*>(a.dx);
+    if (act.on())
+      backward_a<T, true>(g, x, dx, a.s, a.o, a.qmin, a.qmax, a.layout, act, a.ws, a.ds, a.doff, a.grad_scale, nt);
+    else
+      backward_a<T, false>(g, x, dx, a.s, a.o, a.qmin, a.qmax, a.layout, act, a.ws, a.ds, a.doff, a.grad_scale, nt);
+  });
 }
 
 }  // namespace PQ_ISA_NS

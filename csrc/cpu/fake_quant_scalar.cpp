@@ -2,10 +2,3 @@
 #define PQ_ISA_NS scalar
 #define PQ_ISA_TYPE IsaScalar
 #include "fake_quant_impl.h"
-
-namespace pq {
-const FakeQuantTable& fake_quant_table_scalar() {
-  static const FakeQuantTable t{"baseline", &scalar::forward, &scalar::backward};
-  return t;
-}
-}  // namespace pq

@@ -1,31 +1,24 @@
-// The CPU fake-quant entry points of one SIMD level; dispatch.cpp picks a table at run time.
+// The CPU ops of one SIMD level as a table of entry points; dispatch.cpp holds one per level and
+// picks one at run time. Each level's functions live in a namespace of its own (scalar, avx2,
+// avx512), defined by the *_impl.h loops in that level's objects.
 #pragma once
-#include "pyquant/fake_quant.h"
+#include "pyquant/cpu_api.h"
 
 namespace pq {
 
-struct FakeQuantTable {
-  const char* name;
-  // y = op(x) elementwise; x and y may be of different types (Q writes integers, DQ reads them).
-  // `act` (QDQ of a float input into its own dtype only) clamps x first.
-  void (*forward)(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o,
-                  float qmin, float qmax, const QLayout& L, const ActClamp& act, int max_threads);
-  // Fused backward of QDQ: dx (nullable) and ds/do (nullable) reduced per scale. `ws` holds
-  // max_threads * 2 * nscale doubles. With `act`, x is the activation's input.
-  void (*backward)(const void* g, const void* x, DType dt, void* dx, const float* s, const float* o,
-                   float qmin, float qmax, const QLayout& L, const ActClamp& act, double* ws, float* ds,
-                   float* doff, float grad_scale, int max_threads);
+#define PQ_CPU_TABLE_FIELD(ns, R, name, Args) R (*name)(const Args& a, int max_threads);
+struct CpuKernels {
+  const char* level;
+  PQ_CPU_SIMD_OPS(PQ_CPU_TABLE_FIELD, _)
 };
+#undef PQ_CPU_TABLE_FIELD
 
-const FakeQuantTable& fake_quant_table_scalar();
-const FakeQuantTable& fake_quant_table_avx2();
-const FakeQuantTable& fake_quant_table_avx512();
+namespace scalar { PQ_CPU_SIMD_OPS(PQ_CPU_DECLARE_OP, scalar) }
+namespace avx2 { PQ_CPU_SIMD_OPS(PQ_CPU_DECLARE_OP, avx2) }
+namespace avx512 { PQ_CPU_SIMD_OPS(PQ_CPU_DECLARE_OP, avx512) }
 
-// Selected SIMD level and thread count (dispatch.cpp).
-const FakeQuantTable& fake_quant_table();
-const char* simd_level();
-bool set_simd_level(const char* name);
-int cpu_threads();
-void set_cpu_threads(int n);
+// The table of namespace `ns`, e.g. PQ_CPU_KERNELS(avx2, "avx2").
+#define PQ_CPU_TABLE_ENTRY(ns, R, name, Args) &ns::name,
+#define PQ_CPU_KERNELS(ns, level) CpuKernels{level, PQ_CPU_SIMD_OPS(PQ_CPU_TABLE_ENTRY, ns)}
 
 }  // namespace pq

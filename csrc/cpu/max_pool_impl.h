@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include "pool_table.h"
+#include "kernel_table.h"
 #include "parallel.h"
 #include "simd.h"
 #include "pyquant/fake_quant.h"
@@ -143,19 +143,18 @@ void pool_planes(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw
   });
 }
 
-inline void max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, float* out,
-                             uint8_t* arg, int max_threads) {
-  pool_planes<false>(x, P, H, W, kh, kw, Elementwise<false>(), nullptr, nullptr, 1, out, arg, nullptr, max_threads);
+void max_pool_forward(const MaxPoolForwardArgs& a, int max_threads) {
+  pool_planes<false>(a.x, a.planes, a.height, a.width, a.kh, a.kw, Elementwise<false>(), nullptr, nullptr, 1, a.out,
+                     a.argmax, nullptr, max_threads);
 }
 
-inline void qdq_max_pool_forward(const float* x, int64_t P, int64_t H, int64_t W, int kh, int kw, const float* s,
-                                 const float* o, int64_t channels, float qmin, float qmax, const ActClamp& act,
-                                 float* out, uint8_t* arg, float* sel, int max_threads) {
+void qdq_max_pool_forward(const QdqMaxPoolForwardArgs& a, int max_threads) {
   Elementwise<true> f;
-  f.qmin = qmin;
-  f.qmax = qmax;
-  f.act = act;
-  pool_planes<true>(x, P, H, W, kh, kw, f, s, o, channels, out, arg, sel, max_threads);
+  f.qmin = a.qmin;
+  f.qmax = a.qmax;
+  f.act = act_clamp(a);
+  pool_planes<true>(a.x, a.planes, a.height, a.width, a.kh, a.kw, f, a.s, a.o, a.channels, a.out, a.argmax, a.sel,
+                    max_threads);
 }
 
 // The plane is zeroed (a fast fill) and each gradient stored at its maximum's position. Writing the window
@@ -173,8 +172,12 @@ void unpool_plane(const float* g, const uint8_t* arg, int64_t H, int64_t W, int6
     }
 }
 
-inline void max_pool_backward(const float* g, const uint8_t* arg, int64_t P, int64_t H, int64_t W, int kh, int kw,
-                              float* dx, int max_threads) {
+void max_pool_backward(const MaxPoolBackwardArgs& a, int max_threads) {
+  const float* g = a.g;
+  const uint8_t* arg = a.argmax;
+  float* dx = a.dx;
+  const int64_t P = a.planes, H = a.height, W = a.width;
+  const int kh = a.kh, kw = a.kw;
   const int64_t Ho = H / kh, Wo = W / kw;
   const int nt = cpu::pick_threads(P * H * W, max_threads);
   cpu::parallel_ranges(P, nt, [&](int, int64_t b, int64_t e) {

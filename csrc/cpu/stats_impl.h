@@ -7,8 +7,9 @@
 #include <vector>
 #include "parallel.h"
 #include "pyquant/stats.h"
+#include "pyquant/type_dispatch.h"
+#include "kernel_table.h"
 #include "simd.h"
-#include "stats_table.h"
 
 namespace pq {
 namespace PQ_ISA_NS {
@@ -261,9 +262,16 @@ inline double inside_noise_vec(const float* mid, const float* cnt, int64_t n, fl
   return inside_noise(mid, cnt, n, d, o);
 }
 
-inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0, const float* bw,
-                   const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
-                   int64_t* best_idx, double* best_noise, int max_threads) {
+void search(const SearchArgs& a, int max_threads) {
+  const int64_t* counts = a.counts;
+  const int64_t G = a.G, nb = a.nbins, C = a.C;
+  const float* c0 = a.c0;
+  const float* bw = a.bw;
+  const float* cand_d = a.cand_d;
+  const float* cand_o = a.cand_o;
+  const float ns = a.ns, gamma = a.gamma, p = a.p;
+  int64_t* best_idx = a.best_idx;
+  double* best_noise = a.best_noise;
   const int64_t work = G * C * nb;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(max_threads), G, work / 100000 + 1})));
   cpu::parallel_split(G, nt, [&](int, int64_t g0, int64_t g1) {
@@ -303,24 +311,19 @@ inline void search(const int64_t* counts, int64_t G, int64_t nb, const float* c0
   });
 }
 
-inline void minmax(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nf, float* wf,
-                   int64_t* wi, int nt) {
-  switch (dt) {
-    case DType::F32: return minmax_typed<float>((const float*)x, L, mn, mx, nf, wf, wi, nt);
-    case DType::F16: return minmax_typed<half_t>((const half_t*)x, L, mn, mx, nf, wf, wi, nt);
-    case DType::BF16: return minmax_typed<bf16_t>((const bf16_t*)x, L, mn, mx, nf, wf, wi, nt);
-    default: return;
-  }
+// Statistics are taken of float data only.
+const char* minmax(const MinmaxCpuArgs& a, int nt) {
+  return dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    minmax_typed<T>(static_cast<const T*>(a.x), a.layout, a.mn, a.mx, a.nonfinite, a.ws_f, a.ws_i, nt);
+  });
 }
 
-inline void histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
-                      int64_t nbins, int64_t* counts, int64_t* ws, int64_t ws_len, int nt) {
-  switch (dt) {
-    case DType::F32: return histogram_typed<float>((const float*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    case DType::F16: return histogram_typed<half_t>((const half_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    case DType::BF16: return histogram_typed<bf16_t>((const bf16_t*)x, L, lo, range, nbins, counts, ws, ws_len, nt);
-    default: return;
-  }
+const char* histogram(const HistogramCpuArgs& a, int nt) {
+  return dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    histogram_typed<T>(static_cast<const T*>(a.x), a.layout, a.lo, a.range, a.nbins, a.counts, a.ws, a.ws_len, nt);
+  });
 }
 
 }  // namespace PQ_ISA_NS

@@ -2,6 +2,7 @@
 // (per-block partial sums, then one block adds them in a fixed order: deterministic totals).
 #include <cuda_runtime.h>
 #include <algorithm>
+#include "launch_status.h"
 #include "pyquant/adaround.h"
 #include "pyquant/cuda_api.h"
 
@@ -65,40 +66,31 @@ __global__ void sum_kernel(const double* __restrict__ partial, int nb, double* _
   if (threadIdx.x == 0) out[0] = sh[0];
 }
 
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
 }  // namespace
 
-const char* adaround_forward(const float* w, const float* a, float* y, const float* s, const float* o, int64_t rows,
-                             int64_t row_len, int64_t nscale, float qmin, float qmax, bool hard, uintptr_t stream) {
-  const int64_t n = rows * row_len;
+const char* adaround_forward(const AdaroundForwardArgs& a, uintptr_t stream) {
+  const int64_t n = a.rows * a.row_len;
   if (n == 0) return nullptr;
   forward_kernel<<<blocks_for(n), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      w, a, y, s, o, n, row_len, nscale, qmin, qmax, hard);
+      a.w, a.a, a.y, a.s, a.o, n, a.row_len, a.nscale, a.qmin, a.qmax, a.hard);
   return last_error();
 }
 
-const char* adaround_backward(const float* g, const float* w, const float* a, float* da, const float* s,
-                              const float* o, int64_t rows, int64_t row_len, int64_t nscale, float qmin, float qmax,
-                              uintptr_t stream) {
-  const int64_t n = rows * row_len;
+const char* adaround_backward(const AdaroundBackwardArgs& a, uintptr_t stream) {
+  const int64_t n = a.rows * a.row_len;
   if (n == 0) return nullptr;
   backward_kernel<<<blocks_for(n), kThreads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      g, w, a, da, s, o, n, row_len, nscale, qmin, qmax);
+      a.g, a.w, a.a, a.da, a.s, a.o, n, a.row_len, a.nscale, a.qmin, a.qmax);
   return last_error();
 }
 
 int adaround_regularizer_workspace(int64_t n) { return blocks_for(n); }
 
-const char* adaround_regularizer(const float* a, int64_t n, float beta, float* grad, double* ws, double* value,
-                                 uintptr_t stream) {
+const char* adaround_regularizer(const AdaroundRegularizerCudaArgs& a, uintptr_t stream) {
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const int nb = blocks_for(n);
-  reg_kernel<<<nb, kThreads, 0, st>>>(a, n, beta, grad, ws);
-  sum_kernel<<<1, kThreads, 0, st>>>(ws, nb, value);
+  const int nb = blocks_for(a.n);
+  reg_kernel<<<nb, kThreads, 0, st>>>(a.a, a.n, a.beta, a.grad, a.ws);
+  sum_kernel<<<1, kThreads, 0, st>>>(a.ws, nb, a.value);
   return last_error();
 }
 

@@ -4,8 +4,10 @@
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <type_traits>
+#include "launch_status.h"
 #include "pyquant/cuda_api.h"
 #include "pyquant/fake_quant.h"
+#include "pyquant/type_dispatch.h"
 
 namespace pq {
 namespace cuda {
@@ -222,46 +224,14 @@ void launch_forward_a(const void* x, void* y, const float* s, const float* o, fl
   }
 }
 
-template <class T> constexpr bool is_float_type() {
-  return std::is_same<T, float>::value || std::is_same<T, half_t>::value || std::is_same<T, bf16_t>::value;
-}
-
 template <FqOp OP, class Tin, class Tout>
 void launch_forward(const void* x, void* y, const float* s, const float* o, float qmin, float qmax,
                     const QLayout& L, const ActClamp& act, cudaStream_t st) {
   // the activation is fused for QDQ of a float input into its own dtype only
-  if constexpr (OP == FqOp::QDQ && std::is_same<Tin, Tout>::value && is_float_type<Tin>()) {
+  if constexpr (OP == FqOp::QDQ && std::is_same<Tin, Tout>::value && FloatTypes::contains<Tin>) {
     if (act.on()) return launch_forward_a<OP, Tin, Tout, true>(x, y, s, o, qmin, qmax, L, act, st);
   }
   launch_forward_a<OP, Tin, Tout, false>(x, y, s, o, qmin, qmax, L, act, st);
-}
-
-template <FqOp OP, class Tin>
-void forward_out(const void* x, void* y, DType ydt, const float* s, const float* o, float qmin, float qmax,
-                 const QLayout& L, const ActClamp& act, cudaStream_t st) {
-  switch (ydt) {
-    case DType::F32: return launch_forward<OP, Tin, float>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::F16: return launch_forward<OP, Tin, half_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::BF16: return launch_forward<OP, Tin, bf16_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I8: return launch_forward<OP, Tin, int8_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::U8: return launch_forward<OP, Tin, uint8_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I16: return launch_forward<OP, Tin, int16_t>(x, y, s, o, qmin, qmax, L, act, st);
-    case DType::I32: return launch_forward<OP, Tin, int32_t>(x, y, s, o, qmin, qmax, L, act, st);
-  }
-}
-
-template <FqOp OP>
-void forward_in(const void* x, DType xdt, void* y, DType ydt, const float* s, const float* o, float qmin,
-                float qmax, const QLayout& L, const ActClamp& act, cudaStream_t st) {
-  switch (xdt) {
-    case DType::F32: return forward_out<OP, float>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::F16: return forward_out<OP, half_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::BF16: return forward_out<OP, bf16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I8: return forward_out<OP, int8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::U8: return forward_out<OP, uint8_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I16: return forward_out<OP, int16_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-    case DType::I32: return forward_out<OP, int32_t>(x, y, ydt, s, o, qmin, qmax, L, act, st);
-  }
 }
 
 template <class T, int V, bool DX, bool SO>
@@ -295,47 +265,44 @@ void backward_t(const void* g, const void* x, void* dx, const float* s, const fl
   else if (so) launch_backward<T, false, true>(g, x, dx, s, o, qmin, qmax, L, act, ws, st);
 }
 
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
 }  // namespace
 
-const char* fake_quant_forward(FqOp op, const void* x, DType xdt, void* y, DType ydt, const float* s,
-                               const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
-                               uintptr_t stream) {
+const char* fake_quant_forward(const FakeQuantForwardArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
   if (L.numel == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (op) {
-    case FqOp::QDQ: forward_in<FqOp::QDQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-    case FqOp::Q: forward_in<FqOp::Q>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-    case FqOp::DQ: forward_in<FqOp::DQ>(x, xdt, y, ydt, s, o, qmin, qmax, L, act, st); break;
-  }
-  return last_error();
+  const ActClamp act = act_clamp(a);
+  const char* err = dispatch_fq_op(a.op, [&](auto op) {
+    return dispatch_dtype(AllTypes{}, a.xdt, [&](auto in) {
+      return dispatch_dtype(AllTypes{}, a.ydt, [&](auto out) {
+        launch_forward<tag_type<decltype(op)>::value, tag_type<decltype(in)>, tag_type<decltype(out)>>(
+            a.x, a.y, a.s, a.o, a.qmin, a.qmax, L, act, st);
+      });
+    });
+  });
+  return err ? err : last_error();
 }
 
-const char* fake_quant_backward(const void* g, const void* x, DType dt, void* dx, const float* s,
-                                const float* o, float qmin, float qmax, const QLayout& L, const ActClamp& act,
-                                double* ws, float* ds, float* doff, float grad_scale, uintptr_t stream) {
+// Gradients exist for float types only.
+const char* fake_quant_backward(const FakeQuantBackwardArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  const bool so = ds != nullptr || doff != nullptr;
+  const bool so = a.ds != nullptr || a.doff != nullptr;
   if (so) {
-    cudaError_t e = cudaMemsetAsync(ws, 0, sizeof(double) * 2 * size_t(L.nscale), st);
+    cudaError_t e = cudaMemsetAsync(a.ws, 0, sizeof(double) * 2 * size_t(L.nscale), st);
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
   if (L.numel > 0) {
-    switch (dt) {
-      case DType::F32: backward_t<float>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      case DType::F16: backward_t<half_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      case DType::BF16: backward_t<bf16_t>(g, x, dx, s, o, qmin, qmax, L, act, ws, so, st); break;
-      default: return "fake_quant_backward: gradients need a float32, float16 or bfloat16 input";
-    }
-    if (const char* err = last_error()) return err;
+    const ActClamp act = act_clamp(a);
+    const char* err = dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+      backward_t<tag_type<decltype(tag)>>(a.g, a.x, a.dx, a.s, a.o, a.qmin, a.qmax, L, act, a.ws, so, st);
+    });
+    if (err) return err;
+    if ((err = last_error())) return err;
   }
   if (so) {
     const int blocks = int(std::min<int64_t>((L.nscale + kThreads - 1) / kThreads, 1024));
-    finalize_kernel<<<blocks, kThreads, 0, st>>>(ws, L.nscale, grad_scale, ds, doff);
+    finalize_kernel<<<blocks, kThreads, 0, st>>>(a.ws, L.nscale, a.grad_scale, a.ds, a.doff);
   }
   return last_error();
 }

@@ -2,8 +2,10 @@
 // owns a row with one group reduces in registers/shared memory and publishes once.
 #include <cuda_runtime.h>
 #include <algorithm>
+#include "launch_status.h"
 #include "pyquant/cuda_api.h"
 #include "pyquant/stats.h"
+#include "pyquant/type_dispatch.h"
 
 namespace pq {
 namespace cuda {
@@ -229,83 +231,68 @@ inline dim3 grid_for(const QLayout& L) {
   return dim3(unsigned(gx), unsigned(gy), 1);
 }
 
-inline const char* last_error() {
-  cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
 }  // namespace
 
-const char* minmax(const void* x, DType dt, const QLayout& L, float* mn, float* mx, int64_t* nonfinite,
-                   uintptr_t stream) {
+// Statistics are taken of float data only.
+const char* minmax(const MinmaxArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  auto* nf = reinterpret_cast<unsigned long long*>(nonfinite);
+  auto* nf = reinterpret_cast<unsigned long long*>(a.nonfinite);
   const int ib = int(std::min<int64_t>((L.nscale + kThreads - 1) / kThreads, 1024));
-  init_minmax<<<std::max(ib, 1), kThreads, 0, st>>>(mn, mx, nf, L.nscale);
+  init_minmax<<<std::max(ib, 1), kThreads, 0, st>>>(a.mn, a.mx, nf, L.nscale);
   if (L.numel > 0) {
     const dim3 g = grid_for(L);
-    switch (dt) {
-      case DType::F32: minmax_kernel<float><<<g, kThreads, 0, st>>>((const float*)x, L, mn, mx, nf); break;
-      case DType::F16: minmax_kernel<half_t><<<g, kThreads, 0, st>>>((const half_t*)x, L, mn, mx, nf); break;
-      case DType::BF16: minmax_kernel<bf16_t><<<g, kThreads, 0, st>>>((const bf16_t*)x, L, mn, mx, nf); break;
-      default: return "minmax: x must be float32, float16 or bfloat16";
-    }
+    const char* err = dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+      using T = tag_type<decltype(tag)>;
+      minmax_kernel<T><<<g, kThreads, 0, st>>>(static_cast<const T*>(a.x), L, a.mn, a.mx, nf);
+    });
+    if (err) return err;
   }
   return last_error();
 }
 
-const char* histogram(const void* x, DType dt, const QLayout& L, const float* lo, const float* range,
-                      int64_t nbins, int64_t* counts, uintptr_t stream) {
+const char* histogram(const HistogramArgs& a, uintptr_t stream) {
+  const QLayout& L = a.layout;
+  const int64_t nbins = a.nbins;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  cudaError_t e = cudaMemsetAsync(counts, 0, sizeof(int64_t) * size_t(L.nscale * nbins), st);
+  cudaError_t e = cudaMemsetAsync(a.counts, 0, sizeof(int64_t) * size_t(L.nscale * nbins), st);
   if (e != cudaSuccess) return cudaGetErrorString(e);
   if (L.numel == 0) return nullptr;
-  auto* c = reinterpret_cast<unsigned long long*>(counts);
+  auto* c = reinterpret_cast<unsigned long long*>(a.counts);
   const bool use_shared = nbins <= kSharedBins;
   const size_t smem = use_shared ? sizeof(unsigned) * size_t(nbins) : 0;
   const dim3 g = grid_for(L);
-  switch (dt) {
-    case DType::F32:
-      histogram_kernel<float><<<g, kThreads, smem, st>>>((const float*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    case DType::F16:
-      histogram_kernel<half_t><<<g, kThreads, smem, st>>>((const half_t*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    case DType::BF16:
-      histogram_kernel<bf16_t><<<g, kThreads, smem, st>>>((const bf16_t*)x, L, lo, range, nbins, c, use_shared);
-      break;
-    default:
-      return "histogram: x must be float32, float16 or bfloat16";
-  }
-  return last_error();
+  const char* err = dispatch_dtype(FloatTypes{}, a.dt, [&](auto tag) {
+    using T = tag_type<decltype(tag)>;
+    histogram_kernel<T><<<g, kThreads, smem, st>>>(static_cast<const T*>(a.x), L, a.lo, a.range, nbins, c, use_shared);
+  });
+  return err ? err : last_error();
 }
 
-const char* search(const int64_t* counts, int64_t G, int64_t nbins, const float* c0, const float* bw,
-                   const float* cand_d, const float* cand_o, int64_t C, float ns, float gamma, float p,
-                   int64_t* best_idx, double* best_noise, uintptr_t stream) {
-  if (G == 0) return nullptr;
+const char* search(const SearchArgs& a, uintptr_t stream) {
+  if (a.G == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int64_t nbins = a.nbins;
   // prefix sums (3 x (nbins+1) doubles), centres and counts (2 x nbins floats)
   const size_t smem = 3 * sizeof(double) * size_t(nbins + 1) + 2 * sizeof(float) * size_t(nbins);
   int dev = 0, optin = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   const size_t static_smem = kThreads * (sizeof(double) + sizeof(int64_t)) + 2 * sizeof(int64_t);
-  if (smem + static_smem > size_t(optin)) return "search: too many bins for one block's shared memory on this GPU";
+  if (smem + static_smem > size_t(optin)) return "too many bins for one block's shared memory on this GPU";
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(search_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return cudaGetErrorString(e);
   }
-  search_kernel<<<unsigned(G), kThreads, smem, st>>>(counts, nbins, c0, bw, cand_d, cand_o, C, ns, gamma, p, best_idx,
-                                                     best_noise);
+  search_kernel<<<unsigned(a.G), kThreads, smem, st>>>(a.counts, nbins, a.c0, a.bw, a.cand_d, a.cand_o, a.C, a.ns,
+                                                       a.gamma, a.p, a.best_idx, a.best_noise);
   return last_error();
 }
 
-const char* entropy_search(const int64_t* counts, int64_t G, int64_t nb, int64_t nq, int64_t* best_i, double* best_kl,
-                           uintptr_t stream) {
-  if (G == 0) return nullptr;
+const char* entropy_search(const EntropySearchArgs& a, uintptr_t stream) {
+  if (a.G == 0) return nullptr;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  entropy_kernel<<<unsigned(G), kThreads, 0, st>>>(counts, nb, nq, best_i, best_kl);
+  entropy_kernel<<<unsigned(a.G), kThreads, 0, st>>>(a.counts, a.nb, a.nq, a.best_i, a.best_kl);
   return last_error();
 }
 

@@ -14,6 +14,51 @@ from ._layout import DTYPE_CODE
 
 QDQ, Q, DQ = 0, 1, 2
 
+# The native ops' parameters, in the order the calls below pass them positionally (declared once in
+# csrc/include/pyquant/op_args.h; the CUDA module's take the stream last). tests/test_native_bindings.py
+# checks these against the compiled modules' signatures.
+_FAKE_QUANT_FORWARD = ("op", "x", "xdt", "y", "ydt", "s", "o", "qmin", "qmax", "layout", "act_lo", "act_hi")
+_FAKE_QUANT_BACKWARD = ("g", "x", "dt", "dx", "s", "o", "qmin", "qmax", "layout", "ws", "ds", "doff", "grad_scale",
+                        "act_lo", "act_hi")
+_MINMAX = ("x", "dt", "layout", "mn", "mx", "nonfinite")
+_HISTOGRAM = ("x", "dt", "layout", "lo", "range", "nbins", "counts")
+_SEARCH = ("counts", "G", "nbins", "c0", "bw", "cand_d", "cand_o", "C", "ns", "gamma", "p", "best_idx", "best_noise")
+_ENTROPY_SEARCH = ("counts", "G", "nb", "nq", "best_i", "best_kl")
+_ADAROUND_FORWARD = ("w", "a", "y", "s", "o", "rows", "row_len", "nscale", "qmin", "qmax", "hard")
+_ADAROUND_BACKWARD = ("g", "w", "a", "da", "s", "o", "rows", "row_len", "nscale", "qmin", "qmax")
+_ADAROUND_REGULARIZER = ("a", "n", "beta", "grad")
+_STREAM = ("stream",)
+NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {
+        "fake_quant_forward": _FAKE_QUANT_FORWARD,
+        "fake_quant_backward": _FAKE_QUANT_BACKWARD,
+        "minmax": _MINMAX + ("ws_f", "ws_i"),
+        "histogram": _HISTOGRAM + ("ws", "ws_len"),
+        "search": _SEARCH,
+        "entropy_search": _ENTROPY_SEARCH,
+        "max_pool_forward": ("x", "planes", "height", "width", "kh", "kw", "out", "argmax"),
+        "qdq_max_pool_forward": ("x", "planes", "height", "width", "kh", "kw", "s", "o", "channels", "qmin", "qmax",
+                                 "act_lo", "act_hi", "out", "argmax", "sel"),
+        "max_pool_backward": ("g", "argmax", "planes", "height", "width", "kh", "kw", "dx"),
+        "adaround_forward": _ADAROUND_FORWARD,
+        "adaround_backward": _ADAROUND_BACKWARD,
+        "adaround_regularizer": _ADAROUND_REGULARIZER,
+        "first_bad_scale": ("s", "n"),
+    },
+    "cuda": {
+        "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
+        "fake_quant_backward": _FAKE_QUANT_BACKWARD + _STREAM,
+        "minmax": _MINMAX + _STREAM,
+        "histogram": _HISTOGRAM + _STREAM,
+        "search": _SEARCH + _STREAM,
+        "entropy_search": _ENTROPY_SEARCH + _STREAM,
+        "adaround_forward": _ADAROUND_FORWARD + _STREAM,
+        "adaround_backward": _ADAROUND_BACKWARD + _STREAM,
+        "adaround_regularizer": _ADAROUND_REGULARIZER + ("ws", "value") + _STREAM,
+        "adaround_regularizer_workspace": ("n",),
+    },
+}
+
 
 class NativeBackend:
     """Runs the fake-quant ops through `module` for tensors of one device type.
