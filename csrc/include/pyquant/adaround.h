@@ -1,5 +1,5 @@
 // AdaRound (Nagel et al., 2020) per-element math, shared by the CPU loops and the CUDA kernels; the
-// contract is in DESIGN.md. Rows of a weight (output channels) share one scale and offset.
+// contract is in docs/design.md, 5.10. Rows of a weight (output channels) share one scale and offset.
 //   sig = sigmoid(alpha) (computed in double, rounded to float), hr = sig * (zeta - gamma) + gamma,
 //   h = clamp(hr, 0, 1), t = (floor(w / s) + h) - o, w~ = (clamp(t, qmin, qmax) + o) * s
 // Hard rounding replaces h by (alpha >= 0).

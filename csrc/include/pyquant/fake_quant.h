@@ -1,5 +1,5 @@
-// Fake quantization: the per-element math (the contract in DESIGN.md) and the layout that maps an
-// element to its scale/offset. Used by the CPU loops and the CUDA kernels alike.
+// Fake quantization: the per-element math (the contract in docs/design.md, section 5) and the layout that
+// maps an element to its scale/offset. Used by the CPU loops and the CUDA kernels alike.
 #pragma once
 #include "pyquant/common.h"
 
