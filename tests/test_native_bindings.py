@@ -122,3 +122,28 @@ def test_cpu_fake_quant_refuses_an_unknown_op_or_dtype():
         call(0, f32, 9)
     call(0, f32, f32)
     assert torch.equal(y, torch.clamp(torch.round(x), 0, 255))
+
+
+def test_per_level_objects_share_no_inline_code():
+    """The CPU loops are compiled once per SIMD level and linked into one module: an out-of-line copy of a
+    shared inline function (a weak symbol outside the level's own namespace) would be one symbol for all
+    levels, and the linker could keep the AVX-512 copy for the baseline loops of a CPU without AVX-512.
+    Checked on the object files of this checkout's build."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "build"
+    objects = {isa: sorted(root.glob(f"*/CMakeFiles/pq_cpu_{isa}.dir/**/*.o")) for isa in ("scalar", "avx2", "avx512")}
+    if shutil.which("nm") is None or not all(objects.values()):
+        pytest.skip("needs nm and the per-level objects of a build in ./build")
+    shared = []
+    for isa, files in objects.items():
+        for f in files:
+            out = subprocess.run(["nm", "-C", str(f)], capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                parts = line.split(maxsplit=2)
+                if len(parts) == 3 and parts[1] in ("W", "V", "u") and parts[2].startswith("pq::") \
+                        and f"pq::{isa}::" not in parts[2]:
+                    shared.append(f"{f.name}: {parts[2]}")
+    assert not shared, shared

@@ -5,8 +5,13 @@
 #include <cstring>
 #include <cmath>
 
+// Always inlined on the host too: the CPU loops are compiled once per SIMD level, and an out-of-line
+// copy of a shared inline function would be one symbol for all levels -- the linker keeping, say, the
+// AVX-512 copy for the baseline loops of a CPU without AVX-512.
 #if defined(__CUDACC__)
 #define PQ_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define PQ_HD inline __attribute__((always_inline))
 #else
 #define PQ_HD inline
 #endif
