@@ -96,7 +96,7 @@ def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int, ada_lr: flo
         log(f"per-channel W8A8 reference: {pc:.4f}")
         aq = pyquant.AutoQuant(model, calib[:1], calib, agreement, param_bw=8, output_bw=8, config="per_tensor",
                                name="mobilenet_v2_w8a8_per_tensor", adaround_kwargs={"iterations": ada_iters,
-                                                                                      "num_samples": 64, "lr": ada_lr})
+                                                                                      "max_samples": 64, "lr": ada_lr})
         res, wall = _run(aq, out / "mnv2_w8", allowed_accuracy_drop=(1.0 - pc) + 0.01)
         first = res.step("quantsim").accuracy
         rows.append(_row("MobileNetV2", "W8A8 per-tensor", res, wall, reference=100 * pc,
@@ -107,7 +107,7 @@ def mobilenet(quick: bool, sections: set, out: Path, ada_iters: int, ada_lr: flo
     if "w4" in sections:
         near_mm = nearest("default", 4, quant_scheme="tf_enhanced", param_quant_scheme="min_max")
         aq = pyquant.AutoQuant(model, calib[:1], calib, agreement, param_bw=4, output_bw=8, config="default",
-                               name="mobilenet_v2_w4a8", adaround_kwargs={"iterations": ada_iters, "num_samples": 64,
+                               name="mobilenet_v2_w4a8", adaround_kwargs={"iterations": ada_iters, "max_samples": 64,
                                                                    "lr": ada_lr})
         res, wall = _run(aq, out / "mnv2_w4", allowed_accuracy_drop=0.01)
         first = res.step("quantsim").accuracy
