@@ -74,12 +74,14 @@ def _per_channel_axis(cfg: HardwareConfig, op: str, axis: int) -> Optional[int]:
 
 
 def _module_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> list[QuantizerPlacement]:
-    """One quantizer per weight parameter of a module the config quantizes."""
-    out = []
+    """One quantizer per weight parameter of a module the config quantizes (one for all the module's
+    call sites: the weight is one tensor)."""
+    out, seen = [], set()
     for n in gm.graph.nodes:
         t = op_type[n]
-        if n.op != "call_module" or t is None or t == "Passthrough":
+        if n.op != "call_module" or t is None or t == "Passthrough" or n.target in seen:
             continue
+        seen.add(n.target)
         mod = gm.get_submodule(n.target)
         axis, w = weight_axis(mod), getattr(mod, "weight", None)
         if axis is None or not isinstance(w, nn.Parameter):
@@ -149,11 +151,17 @@ def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) 
 
 def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
                  middle: set[fx.Node]) -> list[QuantizerPlacement]:
-    """Model inputs, and outputs of quantizable ops outside a supergroup's middle."""
+    """Model inputs, and outputs of quantizable ops outside a supergroup's middle: one per call site (a
+    module called k times has "<module>.output", "<module>.output_1", ... in call order)."""
     outputs: set[fx.Node] = set()
+    calls: dict[str, int] = {}
+    call_index: dict[fx.Node, int] = {}  # which call of its module a node is: stable whatever is quantized
     for n in gm.graph.nodes:
         if n.op == "output":
             fx.node.map_arg(n.args, outputs.add)
+        elif n.op == "call_module":
+            call_index[n] = calls.get(n.target, 0)
+            calls[n.target] = call_index[n] + 1
     out = []
     for n in gm.graph.nodes:
         t = op_type.get(n)
@@ -167,7 +175,10 @@ def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
             continue
         if n in outputs and not cfg.model_output_quantized:
             continue
-        base = n.target if n.op == "call_module" else n.name
-        out.append(QuantizerPlacement(f"{base}.output", "output", t, n.name, cfg.activation_symmetric(t),
+        if n.op == "call_module":
+            name = f"{n.target}.output" + (f"_{call_index[n]}" if call_index[n] else "")
+        else:
+            name = f"{n.name}.output"
+        out.append(QuantizerPlacement(name, "output", t, n.name, cfg.activation_symmetric(t),
                                       constraint=cfg.encoding_constraint(t)))
     return out

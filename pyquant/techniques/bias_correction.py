@@ -88,6 +88,7 @@ def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[Ba
                 count += w
             shift = (total / count - ref[n.target]).float()
             apply(n.target, shift)
+            wanted.discard(n.target)  # a layer called again later is corrected once, at its first call
             for c, y in enumerate(outs):
                 outs[c] = y - _shift_view(shift, y, linear).to(y.dtype)
             bar.update(note=n.target)
