@@ -115,7 +115,7 @@ class OpSettings:
     is_symmetric: Optional[bool] = None
     per_channel_quantization: Optional[bool] = None
     params: Mapping[str, ParamSettings] = dataclasses.field(default_factory=dict)
-    encoding_constraints: Optional[tuple[float, Optional[float]]] = None
+    encoding_constraints: Optional[tuple[Optional[float], Optional[float]]] = None
     supported_kernels: Optional[tuple[SupportedKernel, ...]] = None
 
 
@@ -194,9 +194,9 @@ class HardwareConfig:
         s = _first(*(p.is_symmetric for p in layers if p is not None), False)
         return ParamRule(is_quantized=q, is_symmetric=s)
 
-    def encoding_constraint(self, op_type: Optional[str]) -> Optional[tuple[float, Optional[float]]]:
-        """Fixed output range ``(min, max)`` of the op, or None. ``max`` is None when the config fixes only
-        the minimum (AIMET allows ``{"min": 0.0}``: the maximum is still calibrated)."""
+    def encoding_constraint(self, op_type: Optional[str]) -> Optional[tuple[Optional[float], Optional[float]]]:
+        """Fixed output range ``(min, max)`` of the op, or None. A side that is None is not fixed and is
+        calibrated (``{"min": 0.0}`` fixes only the minimum)."""
         return self._op(op_type).encoding_constraints
 
     def supported_kernels(self, op_type: Optional[str] = None) -> tuple[SupportedKernel, ...]:
@@ -295,8 +295,7 @@ def _op_dict(o: OpSettings) -> dict[str, Any]:
     if o.params:
         d["params"] = {name: _settings_dict(p) for name, p in o.params.items()}
     if o.encoding_constraints is not None:
-        lo, hi = o.encoding_constraints
-        d["encoding_constraints"] = {"min": lo} if hi is None else {"min": lo, "max": hi}
+        d["encoding_constraints"] = {k: v for k, v in zip(("min", "max"), o.encoding_constraints) if v is not None}
     if o.supported_kernels is not None:
         d["supported_kernels"] = [_kernel_dict(k) for k in o.supported_kernels]
     return d

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from .config import (ConfigError, ConfigWarning, DefaultOpSettings, Defaults, HardwareConfig, KernelSpec, ModelInput,
                      ModelOutput, OpSettings, ParamSettings, SupportedKernel)
 from .onnx_ops import ONNX_OPS
+from .passes import SUPERGROUP_PASSES
 
 __all__ = ["parse_config"]
 
@@ -151,14 +152,22 @@ def _kernels(v: Any, path: str, param_required: bool) -> tuple[SupportedKernel, 
     return tuple(out)
 
 
-def _constraints(v: Any, path: str) -> tuple[float, Optional[float]]:
+def _pass_name(v: Any, path: str) -> str:
+    name = _string(v, path)
+    if name not in SUPERGROUP_PASSES:
+        raise ConfigError(f"{path}: unknown supergroup pass {name!r}; pyquant runs "
+                          f"{', '.join(sorted(SUPERGROUP_PASSES))}")
+    return name
+
+
+def _constraints(v: Any, path: str) -> tuple[Optional[float], Optional[float]]:
     obj = _object(v, path)
     _keys(obj, ("min", "max"), path)
-    if "min" not in obj:
-        raise ConfigError(f"{_join(path, 'min')}: missing (required)")
-    lo = _number(obj["min"], _join(path, "min"))
+    if "min" not in obj and "max" not in obj:
+        raise ConfigError(f"{path}: give min, max or both")
+    lo = _number(obj["min"], _join(path, "min")) if "min" in obj else None
     hi = _number(obj["max"], _join(path, "max")) if "max" in obj else None
-    if hi is not None and not lo < hi:
+    if lo is not None and hi is not None and not lo < hi:
         raise ConfigError(f"{path}: min must be less than max, got min={lo}, max={hi}")
     return lo, hi
 
@@ -236,7 +245,7 @@ def parse_config(data: Any, source: Optional[str]) -> HardwareConfig:
         model_output = ModelOutput(_opt_bool(mo, "is_output_quantized", "model_output"))
     pass_list = None
     if "supergroup_pass_list" in top:
-        pass_list = tuple(_string(s, _join("supergroup_pass_list", i))
+        pass_list = tuple(_pass_name(s, _join("supergroup_pass_list", i))
                           for i, s in enumerate(_array(top["supergroup_pass_list"], "supergroup_pass_list")))
     op_table = _object(top.get("op_type", {}), "op_type")
     cfg = HardwareConfig(

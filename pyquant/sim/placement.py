@@ -17,6 +17,8 @@ from torch import nn
 from .._layers import weight_axis
 from . import graph as G
 from .config import HardwareConfig
+from .kernels import apply_supported_kernels
+from .passes import internal_nodes
 
 __all__ = ["QuantizerPlacement", "PER_CHANNEL_OPS", "plan"]
 
@@ -31,12 +33,17 @@ class QuantizerPlacement:
     """One quantizer QuantSim places.
 
     `name`: "<module>.weight" (a module's weight), "<parameter path>" (a weight of a torch.export graph),
-    "<op>.output" or "input.<name>". `kind`: "param", "output" or "input". `op_type`: the ONNX op type
-    of the op it belongs to ("ModelInput" for model inputs). `node`: the graph node it acts on (the
-    weighted op, or the node whose output it quantizes). `symmetric`: its encoding's symmetry.
+    "<op>.output", "input.<name>" (a model input) or "<op>.input_<k>" (the k-th activation input of an op
+    the config quantizes the inputs of). `kind`: "param", "output", "input" or "op_input". `op_type`: the
+    ONNX op type of the op it belongs to ("ModelInput" for model inputs). `node`: the graph node it acts
+    on (the weighted op, the node whose output it quantizes, or the op whose input it quantizes);
+    `source`: for an op input, the node that produces it (the quantizer sits on that edge only).
+ `symmetric`: its encoding's symmetry.
     `axis`: a weight's per-channel axis (None: per tensor). `weight_shape`: the weight's shape.
     `graph_weight`: for a weight that is a graph attribute (torch.export graphs), its attribute path.
-    `constraint`: a fixed output range (min, max) from the config (max None: only the minimum is fixed)."""
+    `constraint`: a fixed output range (min, max) from the config (a side that is None is calibrated).
+    `bitwidth`: its bit width (param_bw or output_bw, unless the config's supported_kernels moved it);
+    `enabled`: False where the op runs in floating point (a float kernel)."""
 
     name: str
     kind: str
@@ -46,7 +53,10 @@ class QuantizerPlacement:
     axis: Optional[int] = None
     weight_shape: Optional[tuple[int, ...]] = None
     graph_weight: Optional[str] = None
-    constraint: Optional[tuple[float, Optional[float]]] = None
+    constraint: Optional[tuple[Optional[float], Optional[float]]] = None
+    source: Optional[str] = None
+    bitwidth: int = 8
+    enabled: bool = True
 
     @property
     def is_param(self) -> bool:
@@ -60,13 +70,20 @@ class QuantizerPlacement:
         return tuple(k if d == self.axis else 1 for d, k in enumerate(self.weight_shape))
 
 
-def plan(gm: fx.GraphModule, cfg: HardwareConfig) -> list[QuantizerPlacement]:
+def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
+         unsupported_kernels: str = "error") -> list[QuantizerPlacement]:
     """The quantizers of `gm` under `cfg`: module weights, then torch.export graph weights, then
-    activations, each in graph order (QuantSim names its graph quantizers in this order)."""
+    activations, then op inputs, each in graph order (QuantSim names its graph quantizers in this order),
+    with weights at `param_bw` bits and activations at `output_bw` unless the config's supported_kernels
+    say otherwise (kernels.py: an error, or the nearest kernel with `unsupported_kernels="nearest"`)."""
     op_type = {n: G.node_op_type(gm, n) for n in gm.graph.nodes}
     modules = _module_weights(gm, cfg, op_type)
-    return (modules + _graph_weights(gm, cfg, op_type, {p.name for p in modules})
-            + _activations(gm, cfg, op_type, _supergroup_middles(gm, cfg, op_type)))
+    middle = _supergroup_middles(gm, cfg, op_type)
+    acts = _activations(gm, cfg, op_type, middle)
+    placed = (modules + _graph_weights(gm, cfg, op_type, {p.name for p in modules}) + acts
+              + _op_inputs(gm, cfg, op_type, middle, {p.node for p in acts}))
+    placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw) for p in placed]
+    return apply_supported_kernels(placed, cfg, unsupported_kernels)
 
 
 def _per_channel_axis(cfg: HardwareConfig, op: str, axis: int) -> Optional[int]:
@@ -121,7 +138,7 @@ def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
 def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> set[fx.Node]:
     """Nodes inside a supergroup (all but its last op): no quantizer after them (e.g. Conv -> Relu).
     Data-movement nodes between the ops (an Identity left by batch-norm folding, a reshape) do not break
-    a group."""
+    a group. The config's supergroup_pass_list adds the matches of those named passes (passes.py)."""
     def next_op(node: fx.Node) -> Optional[fx.Node]:
         while True:
             u = list(node.users)
@@ -146,7 +163,46 @@ def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) 
                 cur = nxt
             if len(chain) == len(group):
                 middle.update(chain[:-1])
-    return middle
+    return middle | internal_nodes(cfg.supergroup_pass_list or (), gm, op_type)
+
+
+def _call_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Which call of its module each call_module node is (0, 1, ...), whatever is quantized: names stay
+    stable when the config changes."""
+    calls: dict[str, int] = {}
+    out: dict[fx.Node, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            out[n] = calls.get(n.target, 0)
+            calls[n.target] = out[n] + 1
+    return out
+
+
+def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict, middle: set[fx.Node],
+               quantized: set[str]) -> list[QuantizerPlacement]:
+    """Inputs of ops the config quantizes the inputs of (is_input_quantized): each floating-point
+    activation input that is not already quantized where it comes from (its producer, through data
+    movement, has no output or model-input quantizer) gets a quantizer on that edge. Inputs from inside
+    a supergroup stay unquantized (the group is one kernel); weights are the parameter rules' business."""
+    call_index = _call_index(gm)
+    out = []
+    for n in gm.graph.nodes:
+        t = op_type.get(n)
+        if t is None or t == "Passthrough" or not cfg.input_quantized(t):
+            continue
+        for k, a in enumerate(dict.fromkeys(n.all_input_nodes)):
+            src = a
+            while op_type.get(src) == "Passthrough" and len(src.all_input_nodes) == 1:
+                src = src.all_input_nodes[0]
+            if (src.name in quantized or src in middle or a.op not in ("placeholder", "call_module", "call_function",
+                                                                        "call_method")
+                    or a.meta.get("pq_dtype") not in _FLOATS):
+                continue
+            base = n.target if n.op == "call_module" else n.name
+            suffix = f"_{call_index[n]}" if call_index.get(n) else ""
+            out.append(QuantizerPlacement(f"{base}.input_{k}{suffix}", "op_input", t, n.name,
+                                          cfg.activation_symmetric(t), source=a.name))
+    return out
 
 
 def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
@@ -154,14 +210,10 @@ def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
     """Model inputs, and outputs of quantizable ops outside a supergroup's middle: one per call site (a
     module called k times has "<module>.output", "<module>.output_1", ... in call order)."""
     outputs: set[fx.Node] = set()
-    calls: dict[str, int] = {}
-    call_index: dict[fx.Node, int] = {}  # which call of its module a node is: stable whatever is quantized
     for n in gm.graph.nodes:
         if n.op == "output":
             fx.node.map_arg(n.args, outputs.add)
-        elif n.op == "call_module":
-            call_index[n] = calls.get(n.target, 0)
-            calls[n.target] = call_index[n] + 1
+    call_index = _call_index(gm)
     out = []
     for n in gm.graph.nodes:
         t = op_type.get(n)

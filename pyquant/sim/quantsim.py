@@ -74,6 +74,10 @@ class QuantSim:
             Conv2d, also runs as one node whose range gradient needs no input gradient
             (pyquant.quant.input_conv). The fused nodes leave the graph, so post-training techniques that
             look for them want the default (False).
+        unsupported_kernels: what happens when an op's bit widths are not among the kernels the config's
+            supported_kernels list for it: "error" (default: a ConfigError naming the op and what the target
+            runs) or "nearest" (the op moves to the nearest kernel it runs, with a warning; a float kernel
+            leaves the op unquantized).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -87,7 +91,8 @@ class QuantSim:
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
-                 batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax"):
+                 batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
+                 unsupported_kernels: str = "error"):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         grid(param_bw, True)
@@ -114,7 +119,8 @@ class QuantSim:
         self.model: fx.GraphModule = gm
         self.param_quantizers: dict[str, QuantizeDequantize] = {}
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
-        self.placement: dict[str, P.QuantizerPlacement] = {p.name: p for p in P.plan(gm, self.config)}
+        self.placement: dict[str, P.QuantizerPlacement] = {
+            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels)}
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
         self._install()
         names = {id(q): n for n, q in self.activation_quantizers.items()}
@@ -140,16 +146,17 @@ class QuantSim:
 
     def _new_quantizer(self, p: P.QuantizerPlacement) -> QuantizeDequantize:
         shape = p.shape
-        bw = self.param_bw if p.is_param else self.output_bw
-        return QuantizeDequantize(shape, bw, p.symmetric, self._analyzer(shape, param=p.is_param), name=p.name,
-                                  range_params=self.range_params)
+        q = QuantizeDequantize(shape, p.bitwidth, p.symmetric, self._analyzer(shape, param=p.is_param), name=p.name,
+                               range_params=self.range_params)
+        q.enabled = p.enabled
+        return q
 
     def _install(self) -> None:
         """One quantizer per planned placement: weight parametrizations on modules, quantizer nodes after
         torch.export graph weights and after quantized activations."""
         gm = self.model
         nodes = {n.name: n for n in gm.graph.nodes}
-        n_weights = n_acts = 0
+        n_weights = n_acts = n_inputs = 0
         for p in self.placement.values():
             q = self._new_quantizer(p)
             node = nodes[p.node]
@@ -162,6 +169,14 @@ class QuantSim:
                 w_node = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == p.graph_weight)
                 self._insert_after(w_node, f"_pq_w_{n_weights}", q)
                 n_weights += 1
+            elif p.kind == "op_input":  # on the edge source -> op only
+                src = nodes[p.source]
+                gm.add_submodule(f"_pq_in_{n_inputs}", q)
+                with gm.graph.inserting_before(node):
+                    qn = gm.graph.call_module(f"_pq_in_{n_inputs}", (src,))
+                qn.meta["pq_dtype"] = src.meta.get("pq_dtype")
+                node.replace_input_with(src, qn)
+                n_inputs += 1
             else:
                 qn = self._insert_after(node, f"_pq_act_{n_acts}", q)
                 qn.meta["pq_dtype"] = node.meta.get("pq_dtype")
@@ -271,9 +286,11 @@ class QuantSim:
         for name, q in self.param_quantizers.items():
             if q.enabled:
                 self.calibrate_weight(name)
-        fixed = {n: p.constraint for n, p in self.placement.items() if p.constraint is not None}
-        for n, (lo, hi) in fixed.items():  # encoding constraints (e.g. Softmax in [0, 1]) need no data
+        constrained = {n: p.constraint for n, p in self.placement.items() if p.constraint is not None}
+        fixed = {n for n, (lo, hi) in constrained.items() if lo is not None and hi is not None}
+        for n in fixed:  # a fully fixed range (e.g. Softmax in [0, 1]) needs no data
             q = self.activation_quantizers[n]
+            lo, hi = constrained[n]
             q.set_encoding(from_range(torch.tensor(lo), torch.tensor(hi), q.bitwidth, q.symmetric))
         acts = {n: q for n, q in self.activation_quantizers.items() if q.enabled and n not in fixed}
         with contextlib.ExitStack() as stack:
@@ -281,6 +298,14 @@ class QuantSim:
                 stack.enter_context(q.compute_encodings(disable_if_unused=True))
             with torch.no_grad():
                 self._run(forward_fn, forward_pass_callback_args, progress)
+        for n in constrained.keys() - fixed:  # one side fixed by the config, the other calibrated
+            q = self.activation_quantizers[n]
+            if q.enabled and q.has_encoding and not q.frozen:
+                enc = q.get_encoding()
+                lo, hi = constrained[n]
+                q.set_encoding(from_range(enc.min if lo is None else torch.full_like(enc.min, lo),
+                                          enc.max if hi is None else torch.full_like(enc.max, hi),
+                                          q.bitwidth, q.symmetric))
         unseen = [n for n, q in acts.items() if not q.enabled]
         if unseen:
             warnings.warn(f"QuantSim: {len(unseen)} quantizer(s) saw no data during calibration and were "
