@@ -147,3 +147,37 @@ def test_supported_kernels_refuse_or_move_what_the_target_does_not_run():
     assert not sim.quantizer("fc.output").enabled and not sim.quantizer("fc.weight").enabled
     with pytest.raises(ValueError, match="unsupported_kernels must be one of"):
         QuantSim(Net().eval(), X[:1], config=cfg, unsupported_kernels="ignore")
+
+
+# ---- strict_symmetric and unsigned_symmetric ----------------------------------------------------------
+def test_strict_symmetric_drops_the_most_negative_code():
+    sym = _cfg(defaults__ops__is_symmetric="True")
+    full = _sim(sym)
+    strict = _sim(_cfg(defaults__ops__is_symmetric="True", defaults__strict_symmetric="True",
+                       op_type__Gemm__is_symmetric="False"))
+    for name in ("conv.weight", "fc.weight", "conv.output", "input.x"):
+        assert (full.quantizer(name).qmin, strict.quantizer(name).qmin) == (-128, -127), name
+        e = strict.quantizer(name).get_encoding()
+        assert e.strict and torch.allclose(e.min, -e.max)
+    assert not strict.quantizer("fc.output").strict  # asymmetric quantizers keep the unsigned grid
+    # what the target computes: nothing below -127 steps
+    w = strict.weight("conv.weight")
+    q = strict.quantizer("conv.weight")
+    codes = torch.round(w / q.get_encoding().scale)
+    assert (torch.clamp(codes, -127, 127) == torch.round(q(w) / q.get_encoding().scale)).all()
+    assert load_config("strict_symmetric_int8").strict_symmetric  # the shipped profile now means it
+
+
+def test_unsigned_symmetric_puts_non_negative_data_on_the_unsigned_grid():
+    sym = dict(defaults__ops__is_symmetric="True")
+    plain, unsigned = _sim(_cfg(**sym)), _sim(_cfg(defaults__unsigned_symmetric="True", **sym))
+    a, b = plain.quantizer("relu.output").get_encoding(), unsigned.quantizer("relu.output").get_encoding()
+    assert a.signed and (a.qmin, a.qmax) == (-128, 127)
+    assert b.symmetric and not b.signed and (b.qmin, b.qmax) == (0, 255) and float(b.offset) == 0
+    assert float(b.scale) < 0.6 * float(a.scale)  # twice the levels for the same range
+    # data with negative values keeps the signed grid
+    assert unsigned.quantizer("conv.output").get_encoding().signed
+    with torch.no_grad():
+        err_plain = (plain.model(X) - Net().eval()(X)).abs().mean()
+        err_unsigned = (unsigned.model(X) - Net().eval()(X)).abs().mean()
+    assert err_unsigned < err_plain

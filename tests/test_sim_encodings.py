@@ -381,12 +381,28 @@ def test_float_and_wide_entries_are_set_aside(tmp_path):
     assert read_encodings(p).float_tensors == {"h": 16}
 
 
-def test_unsigned_symmetric_entry_reads_as_equivalent_asymmetric(tmp_path):
+def test_unsigned_and_strict_symmetric_entries_read_on_their_grids(tmp_path):
     p = tmp_path / "m.encodings"
     p.write_text(json.dumps(_doc({"name": "w", "dtype": "INT", "bw": 8, "is_sym": True, "enc_type": "PER_TENSOR",
                                   "scale": [0.5], "offset": [0]})))
     (_, par) = load_encodings(p)
-    assert not par["w"].symmetric and float(par["w"].offset) == 0 and float(par["w"].max) == 0.5 * 255
+    w = par["w"]
+    assert w.symmetric and not w.signed and float(w.offset) == 0 and float(w.max) == 0.5 * 255 and w.qmin == 0
+    p.write_text(json.dumps(_doc({"name": "w", "dtype": "INT", "bw": 8, "is_sym": True, "enc_type": "PER_TENSOR",
+                                  "scale": [0.5], "offset": [-127]})))
+    (_, par) = load_encodings(p)
+    assert par["w"].strict and (par["w"].qmin, par["w"].qmax) == (-127, 127) and float(par["w"].min) == -63.5
+    # both write back as they were read (1.0.0 and 0.6.1 name the grid by the offset)
+    for version in ("1.0.0", "0.6.1"):
+        for enc in (w, par["w"]):
+            write_encodings(tmp_path / "b.encodings", {}, {"w": enc}, version=version)
+            back = load_encodings(tmp_path / "b.encodings")[1]["w"]
+            assert (back.symmetric, back.signed, back.strict) == (enc.symmetric, enc.signed, enc.strict)
+            torch.testing.assert_close(back.scale.reshape(()), enc.scale.reshape(()))
+    with pytest.raises(EncodingsError, match="offsets other than -128"):
+        p.write_text(json.dumps(_doc({"name": "w", "dtype": "INT", "bw": 8, "is_sym": True,
+                                      "enc_type": "PER_TENSOR", "scale": [0.5], "offset": [-3]})))
+        load_encodings(p)
 
 
 def test_write_errors(tmp_path):

@@ -39,14 +39,17 @@ HAS_CUDA_KERNELS = _cuda.register()
 BlockSize = Sequence[int]
 
 
-def grid(bitwidth: int, signed: bool) -> tuple[int, int]:
-    """(qmin, qmax) of the integer grid for `bitwidth` bits (2..16)."""
+def grid(bitwidth: int, signed: bool, *, strict: bool = False) -> tuple[int, int]:
+    """(qmin, qmax) of the integer grid for `bitwidth` bits (2..16): signed ``[-2^(b-1), 2^(b-1)-1]``
+    (``strict``: ``[-(2^(b-1)-1), 2^(b-1)-1]``, symmetric about 0) or unsigned ``[0, 2^b-1]``."""
     if isinstance(bitwidth, bool) or not isinstance(bitwidth, int):
         raise TypeError(f"bitwidth must be an int in 2..16, got {bitwidth!r}")
     if not 2 <= bitwidth <= 16:
         raise ValueError(f"bitwidth must be in 2..16, got {bitwidth}")
+    if strict and not signed:
+        raise ValueError("strict grids are signed (strict=True needs signed=True)")
     if signed:
-        return -(2 ** (bitwidth - 1)), 2 ** (bitwidth - 1) - 1
+        return -(2 ** (bitwidth - 1)) + int(bool(strict)), 2 ** (bitwidth - 1) - 1
     return 0, 2**bitwidth - 1
 
 

@@ -114,7 +114,14 @@ class EncodingAnalyzer:
     def update_stats(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
+    def compute_encodings(self, bitwidth: int, symmetric: bool, *, signed: Optional[bool] = None,
+                          strict: bool = False) -> Encoding:
+        """The encoding of the statistics gathered so far on the grid `bitwidth`, `symmetric` (`signed=False`:
+        unsigned symmetric; `strict`: the strict signed grid) name -- docs/design.md, 5.3."""
+        raise NotImplementedError
+
+    def observed_min(self) -> torch.Tensor:
+        """The smallest finite value seen in each group (whether the data is one-sided)."""
         raise NotImplementedError
 
     def reset(self) -> None:
@@ -164,10 +171,15 @@ class MinMax(EncodingAnalyzer):
         self.min, self.max = _widened_range(self.min, self.max, mn, mx)
         self.num_batches += 1
 
-    def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
+    def compute_encodings(self, bitwidth: int, symmetric: bool, *, signed: Optional[bool] = None,
+                          strict: bool = False) -> Encoding:
         self._require_stats()
         self._check_finite_groups(self.min, self.max)
-        return from_range(self.min, self.max, bitwidth, symmetric)
+        return from_range(self.min, self.max, bitwidth, symmetric, signed=signed, strict=strict)
+
+    def observed_min(self) -> torch.Tensor:
+        self._require_stats()
+        return self.min
 
     def reset(self) -> None:
         super().reset()

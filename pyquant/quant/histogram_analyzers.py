@@ -8,9 +8,10 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import ops
 from ..ops import raw as op
 from .analyzers import CalibrationError, EncodingAnalyzer, _ensure_synced_batches, _group_shape, _widened_range
-from .encoding import Encoding, from_range, from_scale_offset, min_scale
+from .encoding import Encoding, check_grid_kind, from_range, from_scale_offset, min_scale
 
 __all__ = ["Sqnr", "TfEnhanced", "Mse", "Percentile", "Entropy", "sqnr_candidates"]
 
@@ -195,6 +196,10 @@ class _Histogram(EncodingAnalyzer):
         c0 = (e0.reshape(G) + bw / 2)
         return self.counts.reshape(G, nb), c0.contiguous(), bw.contiguous()
 
+    def observed_min(self) -> torch.Tensor:
+        self._require_stats()
+        return self.data_min
+
     def _range_for_search(self):
         self._require_stats()
         self._check_finite_groups(self.data_min, self.data_max)
@@ -203,14 +208,14 @@ class _Histogram(EncodingAnalyzer):
 
 # ------------------------------------------------------------------------------------------------
 def sqnr_candidates(lo: torch.Tensor, hi: torch.Tensor, num_steps: int, symmetric: bool,
-                    asym_deltas: int = 17, sym_deltas: int = 101, offsets: int = 21):
+                    asym_deltas: int = 17, sym_deltas: int = 101, offsets: int = 21, signed: bool = True):
     """Candidate (delta, offset) pairs per group, [G, C] each, on the unsigned grid 0..num_steps
     (value of code q: (q + offset) * delta), following AIMET's SQNR analyzer (float32 arithmetic):
 
     - asymmetric: deltas D*k/(A-1), k = 1..A, with D = (hi - lo)/ns; offsets spread over [-ns, 0] plus
       the observed one; every pair is clipped to the observed range and re-derived.
     - symmetric: deltas D*k/(S-1), k = 1..S, with D = 2*max(hi, -lo)/ns, and the offset -ns//2... made
-      signed by the caller.
+      signed by the caller; unsigned symmetric (`signed=False`): D = hi/ns and offset 0.
     """
     ns = num_steps
     smin = min_scale(ns)
@@ -220,10 +225,10 @@ def sqnr_candidates(lo: torch.Tensor, hi: torch.Tensor, num_steps: int, symmetri
     G = lo.shape[0]
     dev = lo.device
     if symmetric:
-        D = 2 * torch.maximum(hi, -lo) / ns
+        D = 2 * torch.maximum(hi, -lo) / ns if signed else hi / ns
         k = torch.arange(1, sym_deltas + 1, device=dev, dtype=torch.float32)
         d = torch.clamp(D * k / (sym_deltas - 1), min=smin)
-        o = torch.full_like(d, float((-ns) // 2))
+        o = torch.full_like(d, float((-ns) // 2) if signed else 0.0)
         return d.contiguous(), o.contiguous()
     D = (hi - lo) / ns
     o_obs = torch.round(lo / D)
@@ -267,18 +272,21 @@ class Sqnr(_Histogram):
         self.offsets = offset_candidates
         self.gamma = float(gamma)
 
-    def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
+    def compute_encodings(self, bitwidth: int, symmetric: bool, *, signed: Optional[bool] = None,
+                          strict: bool = False) -> Encoding:
         lo, hi = self._range_for_search()
-        qmin, qmax = _grid(bitwidth, symmetric)
+        signed = check_grid_kind(symmetric, signed, strict)
+        qmin, qmax = ops.grid(bitwidth, signed, strict=strict)
         ns = qmax - qmin
         counts, c0, bw = self._flat()
-        d, o = sqnr_candidates(lo, hi, ns, symmetric, self.asym_deltas, self.sym_deltas, self.offsets)
+        d, o = sqnr_candidates(lo, hi, ns, symmetric, self.asym_deltas, self.sym_deltas, self.offsets, signed)
         best, _ = op.search(counts, c0, bw, d, o, ns, self.gamma, self.p)
         d_best = d.gather(1, best.unsqueeze(1)).squeeze(1)
         o_best = o.gather(1, best.unsqueeze(1)).squeeze(1)
         if symmetric:  # unsigned-grid offset -ns//2 is offset 0 on the signed grid
             o_best = torch.zeros_like(o_best)
-        return from_scale_offset(self._reshape_out(d_best), self._reshape_out(o_best), bitwidth, symmetric)
+        return from_scale_offset(self._reshape_out(d_best), self._reshape_out(o_best), bitwidth, symmetric,
+                                 signed=signed, strict=strict)
 
 
 class TfEnhanced(Sqnr):
@@ -307,11 +315,6 @@ class Mse(Sqnr):
         self.p = float(p)
 
 
-def _grid(bitwidth: int, symmetric: bool) -> tuple[int, int]:
-    from .. import ops
-    return ops.grid(bitwidth, symmetric)
-
-
 class Percentile(_Histogram):
     """Range from the p-th percentile of each side (p in [50, 100]; 100 is the full range), read off
     the histogram as AIMET does (the left edge of the bin where the cumulative count reaches it)."""
@@ -328,7 +331,8 @@ class Percentile(_Histogram):
             raise ValueError(f"percentile must be in [50, 100], got {percentile}")
         self.percentile = float(percentile)
 
-    def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
+    def compute_encodings(self, bitwidth: int, symmetric: bool, *, signed: Optional[bool] = None,
+                          strict: bool = False) -> Encoding:
         lo, hi = self._range_for_search()
         counts = self.counts.reshape(-1, self.num_bins)
         e0, en, w = (t.reshape(-1, 1) for t in self._edges(lo, hi))
@@ -341,7 +345,8 @@ class Percentile(_Histogram):
             i_min = torch.searchsorted(cum, total * (1.0 - self.percentile / 100.0))
             mn = (i_min.float() * w + e0).reshape(-1)
             mx = (i_max.float() * w + e0).reshape(-1)
-        return from_range(self._reshape_out(mn), self._reshape_out(mx), bitwidth, symmetric)
+        return from_range(self._reshape_out(mn), self._reshape_out(mx), bitwidth, symmetric, signed=signed,
+                          strict=strict)
 
 
 class Entropy(_Histogram):
@@ -360,6 +365,10 @@ class Entropy(_Histogram):
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
+
+    def observed_min(self) -> torch.Tensor:
+        self._require_stats()
+        return self.signed_min
 
     def update_stats(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -393,21 +402,23 @@ class Entropy(_Histogram):
         dist.all_reduce(self.signed_min, op=dist.ReduceOp.MIN, group=process_group)
         dist.all_reduce(self.signed_max, op=dist.ReduceOp.MAX, group=process_group)
 
-    def compute_encodings(self, bitwidth: int, symmetric: bool) -> Encoding:
+    def compute_encodings(self, bitwidth: int, symmetric: bool, *, signed: Optional[bool] = None,
+                          strict: bool = False) -> Encoding:
         lo, hi = self._range_for_search()
         self._check_finite_groups(self.signed_min, self.signed_max)
+        signed = check_grid_kind(symmetric, signed, strict)
         one_sided = (self.signed_min >= 0).reshape(-1)
         counts = self.counts.reshape(-1, self.num_bins)
         e0, _, w = (t.reshape(-1) for t in self._edges(lo, hi))
         levels = 2 ** (bitwidth - 1)
-        if not symmetric and bool(one_sided.all()):
+        if (not symmetric or not signed) and bool(one_sided.all()):
             levels = 2 ** bitwidth
         levels = min(levels, self.num_bins)
         best_i, _ = op.entropy_search(counts, levels)
         t = best_i.float() * w + e0                     # right edge of the last kept bin
         t = self._reshape_out(t)
         if symmetric:
-            return from_range(-t, t, bitwidth, True)
+            return from_range(-t, t, bitwidth, True, signed=signed, strict=strict)
         mn = torch.where(self.signed_min >= 0, torch.zeros_like(t), torch.maximum(self.signed_min, -t))
         mx = torch.minimum(self.signed_max, t)
         return from_range(mn, mx, bitwidth, False)

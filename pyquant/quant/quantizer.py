@@ -18,7 +18,7 @@ from .. import ops
 from .._deprecation import _UNSET, renamed
 from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
-from .encoding import Encoding, OnGrid, _broadcast_to, from_scale_offset
+from .encoding import Encoding, OnGrid, _broadcast_to, check_grid_kind, from_scale_offset
 from .fake_quant_node import Pool, QuantizeNode, Spec, act_bounds, activate
 from .range_params import RANGE_PARAMS, RangeParams
 
@@ -29,15 +29,25 @@ class QuantizerError(RuntimeError):
     """A quantizer used in a state that cannot work (no encoding yet, frozen, ...)."""
 
 
+def _kind(g) -> str:
+    """'asym', 'sym', 'strict sym' or 'unsigned sym' of an encoding or quantizer."""
+    if not g.symmetric:
+        return "asym"
+    return "strict sym" if g.strict else ("sym" if g.signed else "unsigned sym")
+
+
 class QuantizerBase(OnGrid, nn.Module):
-    """What every quantizer has: an encoding shape, bit width and symmetry, an encoding analyzer for
-    calibration, the encoding's parameters (`range_params`: "minmax" or "scale_offset"), and the flags
-    `enabled` (off: the input passes unchanged) and `frozen` (the encoding stays as it is: no range
-    learning, no recalibration)."""
+    """What every quantizer has: an encoding shape, bit width and symmetry (and, for a symmetric one, its
+    grid: `strict` drops the signed grid's most negative code; `unsigned` puts it on the unsigned grid;
+    `unsigned_symmetric` chooses `unsigned` at calibration when the data is non-negative), an encoding
+    analyzer for calibration, the encoding's parameters (`range_params`: "minmax" or "scale_offset"), and
+    the flags `enabled` (off: the input passes unchanged) and `frozen` (the encoding stays as it is: no
+    range learning, no recalibration)."""
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
                  encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
-                 *, range_params: Optional[str] = None, name: Optional[str] = None, param_mode: Any = _UNSET):
+                 *, range_params: Optional[str] = None, name: Optional[str] = None, param_mode: Any = _UNSET,
+                 strict: bool = False, unsigned_symmetric: bool = False):
         super().__init__()
         range_params = renamed("param_mode", "range_params", param_mode,
                                _UNSET if range_params is None else range_params, "minmax",
@@ -48,6 +58,10 @@ class QuantizerBase(OnGrid, nn.Module):
         self.shape = tuple(int(v) for v in shape)
         self.bitwidth = int(bitwidth)
         self.symmetric = bool(symmetric)
+        check_grid_kind(self.symmetric, None, strict)
+        self._strict = bool(strict)
+        self.unsigned = False
+        self.unsigned_symmetric = bool(unsigned_symmetric) and self.symmetric
         self.block_size = tuple(block_size) if block_size is not None else None
         self.range_params = range_params
         self._range: RangeParams = RANGE_PARAMS[range_params]
@@ -75,6 +89,25 @@ class QuantizerBase(OnGrid, nn.Module):
         warnings.warn("QuantizerBase.param_mode is deprecated; use range_params", DeprecationWarning, stacklevel=2)
         return self.range_params
 
+    @property
+    def signed(self) -> bool:
+        """Whether the grid is signed: symmetric, and not put on the unsigned grid."""
+        return self.symmetric and not self.unsigned
+
+    @property
+    def strict(self) -> bool:
+        """Whether the grid is the strict signed one (a strict quantizer on the unsigned grid is not)."""
+        return self._strict and self.signed
+
+    @strict.setter
+    def strict(self, value: bool) -> None:
+        self._strict = bool(value)
+
+    def adopt_grid(self, enc: Encoding) -> None:
+        """Takes `enc`'s bit width, symmetry and grid (before set_encoding of a loaded encoding)."""
+        self.bitwidth, self.symmetric = enc.bitwidth, enc.symmetric
+        self.strict, self.unsigned = enc.strict, enc.symmetric and not enc.signed
+
     def _label(self) -> str:
         return f"quantizer '{self.name}'" if self.name else type(self).__name__
 
@@ -85,10 +118,10 @@ class QuantizerBase(OnGrid, nn.Module):
         return self._has_encoding
 
     def set_encoding(self, enc: Encoding) -> None:
-        if enc.bitwidth != self.bitwidth or enc.symmetric != self.symmetric:
-            raise ValueError(f"{self._label()}: encoding is {enc.bitwidth}-bit "
-                             f"{'sym' if enc.symmetric else 'asym'}, quantizer is {self.bitwidth}-bit "
-                             f"{'sym' if self.symmetric else 'asym'}")
+        if (enc.bitwidth, enc.symmetric, enc.signed, enc.strict) != (self.bitwidth, self.symmetric, self.signed,
+                                                                     self.strict):
+            raise ValueError(f"{self._label()}: encoding is {enc.bitwidth}-bit {_kind(enc)}, quantizer is "
+                             f"{self.bitwidth}-bit {_kind(self)}")
         with torch.no_grad():
             self._range.store(self, enc, self.shape)
             self.initialized.fill_(True)
@@ -116,7 +149,7 @@ class QuantizerBase(OnGrid, nn.Module):
         with torch.no_grad():
             s, o = self.scale_offset()
             return from_scale_offset(s.detach().clone(), o.detach().clone(), self.bitwidth, self.symmetric,
-                                     self.block_size)
+                                     self.block_size, signed=self.signed, strict=self.strict)
 
     def rescale_encoding(self, k: torch.Tensor, axis: int) -> bool:
         """Multiplies a per-channel encoding along `axis` by the factors `k` (one per channel), as folding
@@ -146,7 +179,10 @@ class QuantizerBase(OnGrid, nn.Module):
             self.enabled = False
             return
         if not self.frozen:
-            self.set_encoding(self.encoding_analyzer.compute_encodings(self.bitwidth, self.symmetric))
+            if self.unsigned_symmetric:  # one-sided data: the whole unsigned grid
+                self.unsigned = bool((self.encoding_analyzer.observed_min() >= 0).all())
+            self.set_encoding(self.encoding_analyzer.compute_encodings(self.bitwidth, self.symmetric,
+                                                                       signed=self.signed, strict=self.strict))
 
     # ---- training ----
     def encoding_parameters(self) -> list[nn.Parameter]:
@@ -197,12 +233,13 @@ class QuantizerBase(OnGrid, nn.Module):
         """The settings a state dict does not hold: enabled, frozen, bit width, symmetry, LSQ scale and
         which encoding parameters train."""
         return dict(enabled=self.enabled, frozen=self.frozen, bitwidth=self.bitwidth, symmetric=self.symmetric,
-                    lsq=getattr(self, "lsq_grad_scale", False),
+                    strict=self.strict, unsigned=self.unsigned, lsq=getattr(self, "lsq_grad_scale", False),
                     learn=[p.requires_grad for p in self.encoding_parameters()])
 
     def load_state_flags(self, flags: dict[str, Any]) -> None:
         self.enabled, self.frozen = bool(flags["enabled"]), bool(flags["frozen"])
         self.bitwidth, self.symmetric = int(flags["bitwidth"]), bool(flags["symmetric"])
+        self.strict, self.unsigned = bool(flags.get("strict", False)), bool(flags.get("unsigned", False))
         if hasattr(self, "lsq_grad_scale"):
             self.lsq_grad_scale = bool(flags["lsq"])
         for p, r in zip(self.encoding_parameters(), flags["learn"]):
@@ -221,8 +258,9 @@ class QuantizerBase(OnGrid, nn.Module):
         return True
 
     def extra_repr(self) -> str:
-        parts = [f"shape={self.shape}", f"bitwidth={self.bitwidth}", f"symmetric={self.symmetric}",
-                 f"analyzer={type(self.encoding_analyzer).__name__}"]
+        parts = [f"shape={self.shape}", f"bitwidth={self.bitwidth}", f"symmetric={self.symmetric}"]
+        parts += ["strict"] if self.strict else (["unsigned"] if self.unsigned else [])
+        parts += [f"analyzer={type(self.encoding_analyzer).__name__}"]
         if self.block_size is not None:
             parts.append(f"block_size={self.block_size}")
         if self.name:
@@ -249,14 +287,17 @@ class QuantizeDequantize(QuantizerBase):
             ``"scale_offset"`` (``scale``/``offset``; their gradients come straight from the fused kernel).
             ``param_mode`` is its deprecated name.
         lsq_grad_scale: scale the range gradients by ``1/sqrt(n * qmax)`` (LSQ).
+        strict: a symmetric quantizer on the strict signed grid ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+        unsigned_symmetric: a symmetric quantizer whose calibration data is non-negative (after a ReLU)
+            takes the unsigned grid ``[0, 2^b-1]``, offset still 0.
     """
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
                  encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
                  *, range_params: Optional[str] = None, lsq_grad_scale: bool = False, name: Optional[str] = None,
-                 param_mode: Any = _UNSET):
+                 param_mode: Any = _UNSET, strict: bool = False, unsigned_symmetric: bool = False):
         super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, range_params=range_params,
-                         name=name, param_mode=param_mode)
+                         name=name, param_mode=param_mode, strict=strict, unsigned_symmetric=unsigned_symmetric)
         self.lsq_grad_scale = lsq_grad_scale
 
     def forward(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
@@ -318,8 +359,10 @@ class Quantize(QuantizerBase):
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
                  encoding_analyzer: Optional[EncodingAnalyzer] = None, block_size: Optional[Sequence[int]] = None,
-                 *, out_dtype: torch.dtype = torch.float32, name: Optional[str] = None):
-        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, name=name)
+                 *, out_dtype: torch.dtype = torch.float32, name: Optional[str] = None, strict: bool = False,
+                 unsigned_symmetric: bool = False):
+        super().__init__(shape, bitwidth, symmetric, encoding_analyzer, block_size, name=name, strict=strict,
+                         unsigned_symmetric=unsigned_symmetric)
         self.out_dtype = out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,10 +132,13 @@ class _Reader:
 
     # ---- building ----
     def _encoding(self, name: str, where: str, scale: torch.Tensor, offset: torch.Tensor, bw: int, sym: bool,
-                  kind: str, axis: Optional[int], block: Optional[int]) -> Encoding:
-        """scale/offset in the file's shape (flat, or nested for 2.0.0 per-block), pyquant's offset."""
+                  kind: str, axis: Optional[int], block: Optional[int], grid: tuple[bool, bool] = (None, False)
+                  ) -> Encoding:
+        """scale/offset in the file's shape (flat, or nested for 2.0.0 per-block), pyquant's offset; `grid`:
+        (signed, strict) of a symmetric encoding (None: signed)."""
         if not bool(torch.all(scale > 0)):
             raise self.fail(where, "scales must be positive")
+        signed, strict = grid
         qmax = 2 ** bw - 1 if not sym else 2 ** (bw - 1) - 1
         qmin = 0 if not sym else -(2 ** (bw - 1))
         if bool(((offset < -qmax) | (offset > -qmin)).any()):
@@ -166,19 +169,23 @@ class _Reader:
             if not 0 <= ax < nd:
                 raise self.fail(where, f"axis {axis} out of range for scale shape {shape}")
             block_size = tuple(block if d == ax else (1 if shape[d] > 1 else -1) for d in range(nd))
-        return from_scale_offset(scale, offset, bw, sym, block_size)
+        return from_scale_offset(scale, offset, bw, sym, block_size, signed=signed if sym else None,
+                                 strict=strict)
 
-    def _offset_from_file(self, where: str, off: torch.Tensor, bw: int, sym: bool) -> tuple[torch.Tensor, bool]:
-        """File offset (unsigned-grid convention) -> (pyquant offset, symmetric)."""
+    def _offset_from_file(self, where: str, off: torch.Tensor, bw: int,
+                          sym: bool) -> tuple[torch.Tensor, bool, tuple[Optional[bool], bool]]:
+        """File offset (unsigned-grid convention) -> (pyquant offset, symmetric, (signed, strict)). A
+        symmetric entry's offset names its grid: -2^(b-1) the signed grid, -(2^(b-1)-1) the strict signed
+        grid, 0 the unsigned grid (unsigned symmetric)."""
         if sym:
-            o = off + 2 ** (bw - 1)
-            if bool(torch.all(o == 0)):
-                return o * 0.0, True  # no -0.0
-            if bool(torch.all(off == 0)):
-                # "unsigned symmetric": the unsigned grid with offset 0, an asymmetric encoding here.
-                return off * 0.0, False
-            raise self.fail(where, f"symmetric entry with offsets other than {-(2 ** (bw - 1))}")
-        return off + 0.0, False
+            half = 2 ** (bw - 1)
+            grids = {-half: (True, False), -(half - 1): (True, True), 0: (False, False)}
+            for o, grid in grids.items():
+                if bool(torch.all(off == o)):
+                    return off * 0.0 + 0.0, True, grid  # no -0.0
+            raise self.fail(where, f"symmetric entry with offsets other than {-half} (signed grid), {-(half - 1)} "
+                                   f"(strict) or 0 (unsigned)")
+        return off + 0.0, False, (None, False)
 
     # ---- 1.0.0 ----
     def entry_1_0_0(self, e: Any, where: str, out: EncodingsFile) -> tuple[str, Optional[Encoding]]:
@@ -214,8 +221,8 @@ class _Reader:
             block = self._int(e.get("block_size"), f"{where}.block_size")
             if block < 1:
                 raise self.fail(where, f"block_size must be >= 1, got {block}")
-        offset, sym = self._offset_from_file(where, off, bw, sym)
-        return name, self._encoding(name, where, scale, offset, bw, sym, kind, None, block)
+        offset, sym, grid = self._offset_from_file(where, off, bw, sym)
+        return name, self._encoding(name, where, scale, offset, bw, sym, kind, None, block, grid)
 
     # ---- 2.0.0 ----
     def entry_2_0_0(self, e: Any, where: str, out: EncodingsFile) -> tuple[str, Optional[Encoding]]:
@@ -309,6 +316,6 @@ class _Reader:
                 raise self.fail(f"{where}[{i}]", "zero_point_shift is not supported")
         scale = self._tensor(scales, f"{where}.scale")
         off = self._tensor(offsets, f"{where}.offset", integer=True)
-        offset, sym = self._offset_from_file(where, off, bw, sym_s == "True")
+        offset, sym, grid = self._offset_from_file(where, off, bw, sym_s == "True")
         kind = "PER_TENSOR" if len(chans) == 1 else "PER_CHANNEL"
-        return self._encoding(name, where, scale, offset, bw, sym, kind, None, None)
+        return self._encoding(name, where, scale, offset, bw, sym, kind, None, None, grid)

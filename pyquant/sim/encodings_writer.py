@@ -115,7 +115,8 @@ def entry_2_0_0(enc: Encoding, name: str, is_param: bool) -> dict[str, Any]:
     scale, offset, _, _ = _checked(enc, name)
     kind, channel_axis, block_axis, block = _layout(enc, name)
     zp = (-offset).to(torch.int64) if not enc.symmetric else torch.zeros(scale.shape, dtype=torch.int64)
-    d: dict[str, Any] = {"output_dtype": f"{'' if enc.symmetric else 'u'}int{enc.bitwidth}"}
+    # the grid's sign: an unsigned-symmetric encoding is uint with zero point 0 (strictness is not written)
+    d: dict[str, Any] = {"output_dtype": f"{'' if enc.signed else 'u'}int{enc.bitwidth}"}
     if kind == "PER_TENSOR":
         d["y_scale"] = float(scale.reshape(-1)[0])
         zp_value: Any = int(zp.reshape(-1)[0])

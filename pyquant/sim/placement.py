@@ -43,7 +43,8 @@ class QuantizerPlacement:
     `graph_weight`: for a weight that is a graph attribute (torch.export graphs), its attribute path.
     `constraint`: a fixed output range (min, max) from the config (a side that is None is calibrated).
     `bitwidth`: its bit width (param_bw or output_bw, unless the config's supported_kernels moved it);
-    `enabled`: False where the op runs in floating point (a float kernel)."""
+    `enabled`: False where the op runs in floating point (a float kernel). `strict` / `unsigned_symmetric`:
+    a symmetric quantizer's grid, from the config's defaults (strict_symmetric, unsigned_symmetric)."""
 
     name: str
     kind: str
@@ -57,6 +58,8 @@ class QuantizerPlacement:
     source: Optional[str] = None
     bitwidth: int = 8
     enabled: bool = True
+    strict: bool = False
+    unsigned_symmetric: bool = False
 
     @property
     def is_param(self) -> bool:
@@ -82,7 +85,9 @@ def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: 
     acts = _activations(gm, cfg, op_type, middle)
     placed = (modules + _graph_weights(gm, cfg, op_type, {p.name for p in modules}) + acts
               + _op_inputs(gm, cfg, op_type, middle, {p.node for p in acts}))
-    placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw) for p in placed]
+    placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw,
+                                  strict=p.symmetric and cfg.strict_symmetric,
+                                  unsigned_symmetric=p.symmetric and cfg.unsigned_symmetric) for p in placed]
     return apply_supported_kernels(placed, cfg, unsupported_kernels)
 
 

@@ -147,7 +147,8 @@ class QuantSim:
     def _new_quantizer(self, p: P.QuantizerPlacement) -> QuantizeDequantize:
         shape = p.shape
         q = QuantizeDequantize(shape, p.bitwidth, p.symmetric, self._analyzer(shape, param=p.is_param), name=p.name,
-                               range_params=self.range_params)
+                               range_params=self.range_params, strict=p.strict,
+                               unsigned_symmetric=p.unsigned_symmetric)
         q.enabled = p.enabled
         return q
 
@@ -291,7 +292,8 @@ class QuantSim:
         for n in fixed:  # a fully fixed range (e.g. Softmax in [0, 1]) needs no data
             q = self.activation_quantizers[n]
             lo, hi = constrained[n]
-            q.set_encoding(from_range(torch.tensor(lo), torch.tensor(hi), q.bitwidth, q.symmetric))
+            q.set_encoding(from_range(torch.tensor(lo), torch.tensor(hi), q.bitwidth, q.symmetric, signed=q.signed,
+                                      strict=q.strict))
         acts = {n: q for n, q in self.activation_quantizers.items() if q.enabled and n not in fixed}
         with contextlib.ExitStack() as stack:
             for q in acts.values():
@@ -305,7 +307,7 @@ class QuantSim:
                 lo, hi = constrained[n]
                 q.set_encoding(from_range(enc.min if lo is None else torch.full_like(enc.min, lo),
                                           enc.max if hi is None else torch.full_like(enc.max, hi),
-                                          q.bitwidth, q.symmetric))
+                                          q.bitwidth, q.symmetric, signed=q.signed, strict=q.strict))
         unseen = [n for n, q in acts.items() if not q.enabled]
         if unseen:
             warnings.warn(f"QuantSim: {len(unseen)} quantizer(s) saw no data during calibration and were "
@@ -329,7 +331,7 @@ class QuantSim:
     def set_bitwidth(self, name: str, bitwidth: int) -> None:
         """Overrides one quantizer's bit width (recompute or reload its encoding afterwards)."""
         q = self.quantizer(name)
-        grid(bitwidth, q.symmetric)
+        grid(bitwidth, q.signed, strict=q.strict)
         q.bitwidth = bitwidth
         q.reset_encoding()
 
@@ -429,7 +431,7 @@ class QuantSim:
                 if q is None:
                     missing.append(name)
                     continue
-                q.bitwidth, q.symmetric = enc.bitwidth, enc.symmetric
+                q.adopt_grid(enc)
                 q.set_encoding(_reshape_encoding(enc, q.shape))
         if missing and strict:
             raise KeyError(f"encodings for unknown quantizers: {missing[:8]}")

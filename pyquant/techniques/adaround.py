@@ -91,7 +91,7 @@ class AdaroundResult:
             q = sim.param_quantizers.get(name)
             if q is None:
                 raise KeyError(f"the simulation has no weight quantizer {name!r}; build it from result.model")
-            q.bitwidth, q.symmetric = enc.bitwidth, enc.symmetric
+            q.adopt_grid(enc)
             q.set_encoding(enc)
             q.freeze()
 
@@ -283,7 +283,7 @@ def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
 
 
 def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    qmin, qmax = ops.grid(enc.bitwidth, enc.symmetric)
+    qmin, qmax = enc.qmin, enc.qmax
     s, o = enc.scale.reshape(-1).to(w.device), enc.offset.reshape(-1).to(w.device)
     return s, o, qmin, qmax
 
