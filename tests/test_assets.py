@@ -289,3 +289,55 @@ def test_logistic_probe_accuracy():
     noise = metrics.logistic_probe_accuracy(torch.randn(300, 3, generator=g), torch.arange(300) % 2,
                                             torch.randn(2000, 3, generator=g), torch.arange(2000) % 2)
     assert 0.4 < noise < 0.6
+
+
+def test_wiki_text_split_and_token_windows():
+    from pyquant.datasets import token_windows, wiki_text
+    try:
+        ev, cal = wiki_text("evaluation"), wiki_text("calibration")
+    except AssetMissingError as e:
+        pytest.skip(str(e))
+    assert len(ev) > 900 and len(cal) > 8000 and not set(ev) & set(cal)  # a fixed, disjoint split
+    assert wiki_text("evaluation") == ev
+    with pytest.raises(ValueError, match="split must be one of"):
+        wiki_text("test")
+
+    class CharTokenizer:  # one token per character, a start token first
+        def __call__(self, text):
+            return {"input_ids": [1] + [ord(c) % 250 + 2 for c in text]}
+
+    w = token_windows(CharTokenizer(), ev, length=64, count=5)
+    assert w.shape == (5, 64) and w.dtype == torch.int64 and int(w[0, 0]) == 1
+    with pytest.raises(ValueError, match="fewer than 3 windows"):
+        token_windows(CharTokenizer(), ["ab"], length=64, count=3)
+
+
+def test_perplexity_of_a_known_model():
+    from pyquant.metrics import perplexity
+
+    class Uniform(torch.nn.Module):  # every token equally likely over 50: perplexity 50
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, ids):
+            return torch.zeros(ids.shape + (50,)) + self.w
+
+    ids = torch.randint(0, 50, (3, 17), generator=torch.Generator().manual_seed(0))
+    assert abs(perplexity(Uniform(), ids) - 50.0) < 1e-3
+
+    class Knows(torch.nn.Module):  # puts probability p on the true next token
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            logits = torch.full(x.shape + (50,), math.log((1 - self.p) / 49))
+            nxt = torch.roll(x, -1, dims=1)
+            logits.scatter_(-1, nxt.unsqueeze(-1), math.log(self.p))
+            return type("Out", (), {"logits": logits})()
+
+    assert abs(perplexity(Knows(0.5), ids, batch_size=2) - 2.0) < 1e-3
+    with pytest.raises(ValueError, match="token_windows must be int64"):
+        perplexity(Uniform(), ids.float())
