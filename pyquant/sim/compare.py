@@ -69,7 +69,7 @@ def compare(sim, onnx_path: Union[str, os.PathLike], inputs: Inputs, *, mode: st
     where = str(onnx_path)
     model = onnx.load(where)
     pairs = pair_quantizers(sim, model, where)
-    ordered, batch = _check_inputs(model, inputs)
+    ordered, batch = _check_inputs(model, inputs, _placeholders(sim))
     bar = Progress(len(pairs) + 1, f"compare ({mode.replace('_', ' ')})", progress)
     try:
         target, target_outs, notes = _run_target(model, where, pairs, ordered, optimize)
@@ -101,9 +101,15 @@ def _describe(inputs: list[tuple[str, np.dtype, list[Any]]]) -> str:
     return ", ".join(f"{n}: {dt} [{', '.join(map(str, dims))}]" for n, dt, dims in inputs)
 
 
-def _check_inputs(model, inputs: Inputs) -> tuple[list[torch.Tensor], Any]:
+def _placeholders(sim) -> list[str]:
+    return [n.target for n in sim.model.graph.nodes if n.op == "placeholder"]
+
+
+def _check_inputs(model, inputs: Inputs, sim_inputs: list[str]) -> tuple[list[torch.Tensor], Any]:
     """The inputs in the graph's order (for onnxruntime) and as the batch the simulation is called
-    with; errors name the input that does not fit the graph's."""
+    with; errors name the input that does not fit the graph's. A dict is keyed by the graph's input
+    names; the simulation gets it by keyword where those are its own argument names (keyword inputs of
+    a HuggingFace model), else by position (a positional input is `input` / `input_<i>` in the graph)."""
     expected = graph_inputs(model)
     names = [n for n, _, _ in expected]
     if isinstance(inputs, dict):
@@ -112,7 +118,8 @@ def _check_inputs(model, inputs: Inputs) -> tuple[list[torch.Tensor], Any]:
             raise ValueError(f"inputs: the model's inputs are {_describe(expected)}"
                              + (f"; missing: {', '.join(missing)}" if missing else "")
                              + (f"; not inputs of the model: {', '.join(map(str, unknown))}" if unknown else ""))
-        ordered, batch = [inputs[n] for n in names], dict(inputs)
+        ordered = [inputs[n] for n in names]
+        batch = dict(inputs) if set(inputs) <= set(sim_inputs) else tuple(ordered)
     elif isinstance(inputs, torch.Tensor):
         ordered, batch = [inputs], (inputs,)
     elif isinstance(inputs, (tuple, list)):
