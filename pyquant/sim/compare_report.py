@@ -168,7 +168,7 @@ class ComparisonReport:
     def reason(self, t: TensorComparison) -> str:
         """Why tensor `t` differs, as far as the comparison can tell."""
         if not t.encoding_matches:
-            return "the graph's QuantizeLinear/DequantizeLinear carry another scale or zero point than the simulation"
+            return "the graph's QuantizeLinear/DequantizeLinear carry a scale or zero point other than the simulation's"
         if t.input_max_steps is not None and t.input_max_steps > 1.0 + STEP_TOLERANCE:
             if self.mode == "lockstep":
                 return (f"its input already differs by {t.input_max_steps:.3g} steps: the ops before it compute "

@@ -112,9 +112,11 @@ def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqP
     claimed: dict[int, str] = {}
     missing: list[str] = []
     disabled: dict[int, str] = {}
+    duplicates: set[int] = set()
     for name, qz in sim.quantizers.items():
         path = paths.get(id(qz), "")
-        if ".parametrizations." in f".{path}":
+        weight = ".parametrizations." in f".{path}"
+        if weight:
             # a parametrized weight: the pair reads the parameter's initializer; the exporter may prefix it
             # with the module that wrapped the simulation, so a unique suffix match is accepted too
             pname = _parameter_name(sim, name) or ""
@@ -122,17 +124,21 @@ def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqP
         else:
             hits = by_last.get(path.rpartition(".")[2] if path else "", [])
         hits = [i for i in hits if i not in claimed]
-        if len(hits) > 1:
+        if len(hits) > 1 and not weight:
             raise ExportMismatchError(f"{where}: quantizer {name} matches {len(hits)} QuantizeLinear nodes "
                                       f"({', '.join(found[i][0].name for i in hits[:3])})")
         if not qz.enabled:
-            if hits:
-                disabled[hits[0]] = name
+            for i in hits:
+                disabled[i] = name
             continue
         if not hits or found[hits[0]][1] is None:
             missing.append(name)
             continue
         claimed[hits[0]] = name
+        for i in hits[1:]:  # a layer run k times may have its weight quantized k times in the graph
+            claimed[i] = name
+            duplicates.add(i)
+    missing.sort(key=_graph_order(sim))
     extra = [i for i in range(len(found)) if i not in claimed]
     if missing or extra:
         parts = []
@@ -145,10 +151,13 @@ def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqP
                                         else "" if found[i][1] is not None else " (not followed by one "
                                         "DequantizeLinear)") for i in extra]
             parts.append(f"{len(extra)} QuantizeLinear node(s) that no enabled quantizer explains: {_few(desc)}")
-        raise ExportMismatchError(f"{where} is not the export of this simulation: {'; '.join(parts)}. Export the "
-                                  f"simulation as it is now: sim.export(folder, prefix, dummy_input)")
+        raise ExportMismatchError(f"{where} does not quantize what this simulation quantizes: {'; '.join(parts)}. "
+                                  f"Is it the export of this simulation as it is now (sim.export(folder, prefix, "
+                                  f"dummy_input))?")
     pairs = {}
     for i, name in sorted(claimed.items(), key=lambda kv: kv[0]):
+        if i in duplicates:
+            continue
         q, dq = found[i]
         try:
             pairs[name] = QdqPair(
@@ -160,6 +169,18 @@ def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqP
             raise ExportMismatchError(f"{where}: the scale or zero point of {q.name} ({exc.args[0]}) is computed "
                                       f"in the graph, not a constant; compare reads them as constants") from None
     return pairs
+
+
+def _graph_order(sim):
+    """Sort key of quantizer names: where their op sits in the simulation's graph (a weight before its
+    layer's output)."""
+    index = {n.name: i for i, n in enumerate(sim.model.graph.nodes)}
+
+    def key(name: str) -> tuple[int, int]:
+        p = sim.placement.get(name)
+        at = index.get(p.node, len(index)) if p is not None else len(index)
+        return at, 0 if name in sim.param_quantizers else 1
+    return key
 
 
 def _few(names: list[str], k: int = 6) -> str:
@@ -196,10 +217,9 @@ def with_outputs(model, names: list[str], dtypes: list[np.dtype]):
 
 def constants_model(model, pairs: list[QdqPair]):
     """A graph without inputs holding only the QuantizeLinear nodes of constant sources (the weights)
-    and the constants they read: onnxruntime's own codes for the weights, computed once, without
-    touching the graph whose kernels are being checked (a weight's codes made a graph output would stop
-    onnxruntime from folding them into its int8 kernels)."""
-    import onnx
+    and the constants they read: onnxruntime's own codes for the weights, computed apart from the graph
+    under test, so that reading them out cannot change how onnxruntime optimizes that graph (it folds
+    these nodes into int8 weights of its fused kernels)."""
     from onnx import helper
     want = {p.codes for p in pairs}
     nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in want]
