@@ -119,7 +119,7 @@ def test_optimized_int8_kernels_stay_within_one_step_in_lockstep(exported):
     assert "optimized (int8 kernels)" in r.summary()
 
 
-def test_the_test_helper_is_the_library_in_lockstep(exported):
+def test_assert_onnx_runs_simulation_is_compare_in_lockstep(exported):
     sim, path = exported
     flips = assert_onnx_runs_simulation(sim, path, {"input": tiny_data(8, seed=2)})
     assert list(flips) == ORDER and not any(bool(f.any()) for f in flips.values())
