@@ -202,9 +202,10 @@ def test_the_export_of_another_simulation_is_refused(exported, tmp_path):
     for s in (wide, narrow):
         s.compute_encodings(lambda m: m(x))
     path = narrow.export(tmp_path, "narrow", x[:1])["onnx"]
-    with pytest.raises(ExportMismatchError, match=r"quantizes a \[4, 3, 3, 3\] tensor, the simulation's "
-                                                  r"stem.0.weight a \[8, 3, 3, 3\] one"):
-        compare(wide, path, x)
+    for mode in ("end_to_end", "lockstep"):
+        with pytest.raises(ExportMismatchError, match=r"quantizes a \[4, 3, 3, 3\] tensor, the simulation's "
+                                                      r"stem.0.weight a \[8, 3, 3, 3\] one"):
+            compare(wide, path, x, mode=mode)
 
 
 def test_inputs_that_do_not_fit_are_named(exported):

@@ -18,7 +18,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from .export import run_onnx
 from .qdq_graph import (ExportMismatchError, QdqPair, constants_model, dequantize, graph_inputs, pair_quantizers,
                         with_outputs)
 
+if TYPE_CHECKING:
+    from .quantsim import QuantSim
+
 __all__ = ["compare", "MODES", "ExportMismatchError"]
 
 MODES = ("end_to_end", "lockstep")
@@ -39,8 +42,8 @@ MODES = ("end_to_end", "lockstep")
 Inputs = Union[torch.Tensor, tuple, list, dict]
 
 
-def compare(sim, onnx_path: Union[str, os.PathLike], inputs: Inputs, *, mode: str = "end_to_end",
-            optimize: bool = False, progress: Optional[bool] = None) -> ComparisonReport:
+def compare(sim: "QuantSim", onnx_path: Union[str, os.PathLike], inputs: Inputs, *,
+            mode: str = "end_to_end", optimize: bool = False, progress: Optional[bool] = None) -> ComparisonReport:
     """Runs `sim.model` and the QDQ ONNX model `onnx_path` (written by `sim.export`) on `inputs` and
     compares every quantized tensor.
 
@@ -75,7 +78,8 @@ def compare(sim, onnx_path: Union[str, os.PathLike], inputs: Inputs, *, mode: st
         target, target_outs, notes = _run_target(model, where, pairs, ordered, optimize)
         bar.update(note="onnxruntime")
         replace = {n: v for n, (v, _) in target.items()} if mode == "lockstep" else None
-        seen, sim_outs = _run_simulation(sim, batch, replace, bar)
+        seen, sim_outs = _run_simulation(
+            sim, batch, replace, bar, lambda n, got: _check_shape(where, pairs[n], got, target[n][0]))
     finally:
         bar.close()
     never = [n for n in pairs if n not in seen]
@@ -86,14 +90,16 @@ def compare(sim, onnx_path: Union[str, os.PathLike], inputs: Inputs, *, mode: st
                               tensors=[], outputs=[], notes=notes)
     for name, (sim_in, sim_val) in seen.items():
         tgt_val, tgt_in = target[name]
-        if tuple(tgt_val.shape) != tuple(sim_val.shape):
-            raise ExportMismatchError(f"{where}: {pairs[name].scope} quantizes a {list(tgt_val.shape)} tensor, the "
-                                      f"simulation's {name} a {list(sim_val.shape)} one; is this the export of "
-                                      f"this simulation?")
         report.tensors.append(_compare_tensor(sim, name, pairs[name], sim_in, sim_val, tgt_in, tgt_val))
         report.values[name] = TensorValues(sim_val, tgt_val, sim_in, tgt_in)
     _compare_outputs(report, model, sim_outs, target_outs)
     return report
+
+
+def _check_shape(where: str, pair: QdqPair, got: torch.Tensor, want: torch.Tensor) -> None:
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExportMismatchError(f"{where}: {pair.scope} quantizes a {list(want.shape)} tensor, the simulation's "
+                                  f"{pair.quantizer} a {list(got.shape)} one; is this the export of this simulation?")
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -101,7 +107,7 @@ def _describe(inputs: list[tuple[str, np.dtype, list[Any]]]) -> str:
     return ", ".join(f"{n}: {dt} [{', '.join(map(str, dims))}]" for n, dt, dims in inputs)
 
 
-def _placeholders(sim) -> list[str]:
+def _placeholders(sim: "QuantSim") -> list[str]:
     return [n.target for n in sim.model.graph.nodes if n.op == "placeholder"]
 
 
@@ -219,9 +225,12 @@ def _evaluating(model: torch.nn.Module):
             model.train(was)
 
 
-def _run_simulation(sim, batch: Any, replace: Optional[dict[str, torch.Tensor]], bar: Progress):
+def _run_simulation(sim: "QuantSim", batch: Any, replace: Optional[dict[str, torch.Tensor]], bar: Progress,
+                    check: Callable[[str, torch.Tensor], None]
+                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
     """{quantizer: (its input, its output)} in the order the simulation first calls them, and the model's
-    outputs. With `replace`, each quantizer hands on the given tensor instead of its output (lockstep)."""
+    outputs. With `replace`, each quantizer hands on the given tensor instead of its output (lockstep).
+    `check(name, output)` sees each quantizer's first output before anything is handed on."""
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def hook_for(name: str):
@@ -231,6 +240,7 @@ def _run_simulation(sim, batch: Any, replace: Optional[dict[str, torch.Tensor]],
             if name not in seen:  # a layer run k times calls its weight quantizer k times: the same tensor
                 # a fused max pool is not part of the QDQ pair: compare the quantized tensor before it
                 value = out if pool is None else mod.forward(args[0], act)
+                check(name, value)
                 # copies: an in-place op downstream must not change what was recorded
                 seen[name] = (_activation(args[0], act).detach().clone(), value.detach().clone())
                 bar.update(note=name)
@@ -278,7 +288,7 @@ def _encoding_matches(q, pair: QdqPair) -> bool:
     return same(pair.q_scale, pair.q_zero_point) and same(pair.scale, pair.zero_point)
 
 
-def _compare_tensor(sim, name: str, pair: QdqPair, sim_in: torch.Tensor, sim_val: torch.Tensor,
+def _compare_tensor(sim: "QuantSim", name: str, pair: QdqPair, sim_in: torch.Tensor, sim_val: torch.Tensor,
                     tgt_in: Optional[torch.Tensor], tgt_val: torch.Tensor) -> TensorComparison:
     q = sim.quantizer(name)
     scale = q.get_encoding().scale

@@ -11,9 +11,14 @@ weight's initializer, which is named after the parameter (`<layer>.parametrizati
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .quantsim import QuantSim
 
 __all__ = ["ExportMismatchError", "QdqPair", "pair_quantizers", "graph_inputs", "with_outputs",
            "constants_model", "dequantize"]
@@ -84,17 +89,17 @@ def _find_pairs(graph) -> list[tuple[Any, Any]]:
     return out
 
 
-def _module_paths(sim) -> dict[int, str]:
+def _module_paths(sim: "QuantSim") -> dict[int, str]:
     return {id(m): name for name, m in sim.model.named_modules(remove_duplicate=False)}
 
 
-def _parameter_name(sim, name: str) -> Optional[str]:
+def _parameter_name(sim: "QuantSim", name: str) -> Optional[str]:
     """The qualified name in sim.model of the weight behind weight quantizer `name`."""
     w = sim.weight(name)
     return next((n for n, p in sim.model.named_parameters(remove_duplicate=False) if p is w), None)
 
 
-def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqPair]:
+def pair_quantizers(sim: "QuantSim", model: "onnx.ModelProto", where: str = "the ONNX graph") -> dict[str, QdqPair]:
     """{quantizer name: its pair} for every enabled quantizer of `sim`, read from ONNX `model`.
 
     Raises ExportMismatchError naming the enabled quantizers without a pair and the pairs no enabled
@@ -171,7 +176,7 @@ def pair_quantizers(sim, model, where: str = "the ONNX graph") -> dict[str, QdqP
     return pairs
 
 
-def _graph_order(sim):
+def _graph_order(sim: "QuantSim") -> Callable[[str], tuple[int, int]]:
     """Sort key of quantizer names: where their op sits in the simulation's graph (a weight before its
     layer's output)."""
     index = {n.name: i for i, n in enumerate(sim.model.graph.nodes)}
@@ -187,7 +192,7 @@ def _few(names: list[str], k: int = 6) -> str:
     return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
 
 
-def graph_inputs(model) -> list[tuple[str, np.dtype, list[Any]]]:
+def graph_inputs(model: "onnx.ModelProto") -> list[tuple[str, np.dtype, list[Any]]]:
     """(name, dtype, dims) of each graph input; a dim is an int or the name of a free dimension."""
     from onnx import helper
     inits = {t.name for t in model.graph.initializer}
@@ -201,7 +206,7 @@ def graph_inputs(model) -> list[tuple[str, np.dtype, list[Any]]]:
     return out
 
 
-def with_outputs(model, names: list[str], dtypes: list[np.dtype]):
+def with_outputs(model: "onnx.ModelProto", names: list[str], dtypes: list[np.dtype]) -> "onnx.ModelProto":
     """A copy of `model` that also returns the tensors `names` (after its own outputs)."""
     import onnx
     from onnx import helper
@@ -215,7 +220,7 @@ def with_outputs(model, names: list[str], dtypes: list[np.dtype]):
     return m
 
 
-def constants_model(model, pairs: list[QdqPair]):
+def constants_model(model: "onnx.ModelProto", pairs: list[QdqPair]) -> "onnx.ModelProto":
     """A graph without inputs holding only the QuantizeLinear nodes of constant sources (the weights)
     and the constants they read: onnxruntime's own codes for the weights, computed apart from the graph
     under test, so that reading them out cannot change how onnxruntime optimizes that graph (it folds
