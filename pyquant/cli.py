@@ -4,6 +4,7 @@
     pyquant analyze   myproject.models:build  sensitivity, per-layer error, weight ranges -> HTML report
     pyquant autoquant myproject.models:build  search post-training techniques within an accuracy budget
     pyquant export    myproject.models:build  calibrate; write QDQ ONNX, encodings JSON and weights
+    pyquant compare   myproject.models:build  the exported model against the simulation, tensor by tensor
 
 SPEC is `package.module:function`. The module is imported from the current directory or PYTHONPATH;
 the function is called with no arguments and returns either a dict
@@ -19,7 +20,8 @@ or a tuple (model, dummy_input, data[, metric]).
 
 Exit codes: 0 done; 1 the run failed (an error in the model, the data or the quantization); 2 usage
 error (bad arguments or SPEC); 3 a missing optional dependency or asset (the message says what to
-install); 4 autoquant finished but could not meet the accuracy target; 130 interrupted."""
+install); 4 autoquant finished but could not meet the accuracy target; 5 compare found a quantized tensor
+more than one quantization step away from the simulation; 130 interrupted."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_MISSING, EXIT_TARGET_MISSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_DIFFERS = 5
 
 
 class UsageError(Exception):
@@ -194,6 +197,41 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_compare(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    if a.onnx is not None and not Path(a.onnx).is_file():
+        raise UsageError(f"--onnx: no such file: {a.onnx}")
+    name = a.name or spec.name
+    if not _plain_name(name):
+        raise UsageError(f"--name must be a plain file name prefix (no folders), got {name!r}")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise MissingDependency("compare runs the exported model with onnxruntime: pip install onnx onnxruntime "
+                                "(or pip install 'pyquant[onnx]')") from None
+    import json
+    from ._batches import as_batches
+    from ._io import atomic_write_text
+    from .sim.compare import compare
+    inputs = as_batches(spec.data, a.samples, a.samples, what=f"{a.spec}() data")[0]
+    sim = _calibrated_sim(spec, a)
+    out = Path(a.output)
+    if a.onnx is None:
+        onnx_path = sim.export(out, name, spec.dummy_input)["onnx"]
+        print(f"exported: {onnx_path}")
+    else:
+        onnx_path = Path(a.onnx)
+    report = compare(sim, onnx_path, inputs, mode=a.mode, optimize=a.optimize, progress=a.progress)
+    print(report.summary())
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+    print(f"report:   {out / 'compare.json'}")
+    if a.dump is not None:
+        print(f"tensors:  {report.save_tensors(a.dump)}")
+    return EXIT_OK if report.agrees else EXIT_DIFFERS
+
+
 def _agreement_metric(spec: Spec, a: argparse.Namespace) -> Callable[[Any], float]:
     """Top-1 agreement with the FP32 model on the SPEC's data: AutoQuant's accuracy when the SPEC has
     no metric of its own (FP32 scores 1.0)."""
@@ -341,6 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--encoding-version", choices=["1.0.0", "2.0.0"], default="1.0.0",
                     help="encodings file format (default 1.0.0)")
     ex.set_defaults(fn=_cmd_export)
+
+    cp = sub.add_parser("compare", help="run the exported model and the simulation on the same inputs; name the "
+                                        "first quantized tensor that differs by more than one step",
+                        description="Calibrates a QuantSim of the SPEC's model as `pyquant export` does, exports it "
+                                    "(OUTPUT/NAME.onnx) or takes --onnx, runs both on the first --samples samples "
+                                    "of the data and compares every quantized tensor: SQNR, the largest difference "
+                                    "in quantization steps and the share of elements more than one step apart. "
+                                    "Prints the table and the verdict, writes OUTPUT/compare.json; exit code 0 when "
+                                    f"no tensor differs by more than one step, {EXIT_DIFFERS} when one does.")
+    common(cp, "pyquant-compare")
+    cp.add_argument("--onnx", default=None, metavar="PATH",
+                    help="an exported QDQ model to check (default: export the simulation to OUTPUT); give the "
+                         "simulation options it was exported with")
+    cp.add_argument("--mode", choices=["end_to_end", "lockstep"], default="end_to_end",
+                    help="end_to_end: each side runs on its own, differences accumulate (what a user sees); "
+                         "lockstep: each simulated segment starts from the target's quantized tensors, so the "
+                         "first differing tensor is the op that computes differently (default end_to_end)")
+    cp.add_argument("--optimize", action="store_true",
+                    help="run onnxruntime with its graph optimizations, i.e. its int8 kernels (default: the graph "
+                         "as written, QDQ in float)")
+    cp.add_argument("--samples", type=_positive_int, default=8,
+                    help="samples of the data compared: the first batch, cut to this many (default 8)")
+    cp.add_argument("--dump", default=None, metavar="DIR",
+                    help="also write every compared tensor of both sides to DIR/tensors.npz")
+    cp.add_argument("--name", default=None, help="file name prefix of the export (default: the SPEC's name)")
+    cp.set_defaults(fn=_cmd_compare)
     return p
 
 

@@ -90,13 +90,13 @@ def ds_tolerance(g, x, s, o, qmin, qmax, s_shape):
 
 def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 1e-3) -> dict[str, torch.Tensor]:
     """Checks that an exported QDQ graph, run as written by onnxruntime, computes `sim.model` segment by
-    segment: the graph and the simulation run in lockstep, each segment between quantizers starting in
-    the simulation from the graph's own quantized tensors. Asserts that
+    segment (`pyquant.sim.compare.compare` in lockstep: each segment between quantizers starts in the
+    simulation from the graph's own quantized tensors). Asserts that
 
-    * every enabled quantizer the simulation calls is one QuantizeLinear/DequantizeLinear pair in the graph
-      (named after the quantizer's module), and the graph quantizes nothing else;
-    * each quantizer of the simulation, applied to the graph's input of that pair, gives the pair's output
-      bit for bit (same scale, zero point, rounding and clamping);
+    * every enabled quantizer is one QuantizeLinear/DequantizeLinear pair in the graph, and the graph
+      quantizes nothing else (compare raises ExportMismatchError otherwise);
+    * each pair carries the quantizer's scale and zero point, and the quantizer, applied to the graph's input
+      of that pair, gives the pair's output bit for bit (same rounding and clamping);
     * each quantizer's input, computed by the simulation from the graph's upstream tensors, is within
       `step_tol` quantization steps of the graph's (float summation order only);
     * the graph's outputs are the simulation's.
@@ -106,60 +106,16 @@ def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 
     a value on a rounding boundary can land one step apart, and every later quantizer sees that step.
     Returns {quantizer name: where its code in the simulation, from its own input, differs from the graph's}:
     the rounding flips of float noise (the simulation run alone equals the graph wherever none came before)."""
-    import onnx
-    import onnxruntime as ort
-    import torch.fx as fx
-    from torch.utils import _pytree
+    from pyquant.sim.compare import compare
 
-    from pyquant.quant import QuantizeDequantize
-
-    model = onnx.load(str(onnx_path))
-    pairs: dict[str, dict[str, str]] = {}
-    for n in model.graph.node:
-        parts = n.name.split("/")
-        if n.op_type == "QuantizeLinear" and len(parts) >= 2:
-            pairs.setdefault(parts[-2], {})["in"] = n.input[0]
-        elif n.op_type == "DequantizeLinear" and len(parts) >= 2:
-            pairs.setdefault(parts[-2], {})["out"] = n.output[0]
-    present = {o.name for o in model.graph.output}
-    for p in pairs.values():
-        for name in p.values():
-            if name not in present:
-                model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-                present.add(name)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = {i.name: inputs[i.name].detach().cpu().numpy() for i in sess.get_inputs()}
-    names = [o.name for o in sess.get_outputs()]
-    graph = dict(zip(names, (torch.from_numpy(v) for v in sess.run(None, feeds))))
-
-    seen, flips = [], {}
-
-    class Lockstep(fx.Interpreter):
-        def call_module(self, target, args, kwargs):
-            mod = self.fetch_attr(target)
-            if not (isinstance(mod, QuantizeDequantize) and mod.enabled):
-                return super().call_module(target, args, kwargs)
-            assert not kwargs, f"{target}: a fused activation has no QDQ pair of its own"
-            assert target in pairs and len(pairs[target]) == 2, f"{target} ({mod.name}): no QDQ pair in the graph"
-            x, g_in, g_out = args[0], graph[pairs[target]["in"]], graph[pairs[target]["out"]]
-            assert g_in.shape == x.shape, (f"{mod.name}: the graph quantizes a {tuple(g_in.shape)} "
-                                            f"tensor, the simulation a {tuple(x.shape)} one")
-            torch.testing.assert_close(mod(g_in), g_out, rtol=0, atol=0,
-                                       msg=lambda m: f"{mod.name}: QDQ differs from the quantizer\n{m}")
-            step = mod.get_encoding().scale.reshape(mod.shape)
-            err = ((x - g_in).abs() / step).max().item()
-            assert err <= step_tol, f"{mod.name}: input {err:.3g} steps from the graph's"
-            flips[mod.name] = mod(x) != g_out
-            seen.append(target)
-            return g_out  # the next segment starts from the graph's tensors
-
-    with torch.no_grad():
-        args = [inputs.get(n.target) for n in sim.model.graph.nodes if n.op == "placeholder"]
-        outs = _pytree.tree_leaves(Lockstep(sim.model).run(*args))
-    assert set(seen) == set(pairs), f"QDQ pairs the simulation does not call: {sorted(set(pairs) - set(seen))}"
-    graph_outs = [graph[o.name] for o in sess.get_outputs()[:len(outs)]]
-    for i, (a, b) in enumerate(zip(outs, graph_outs)):
-        torch.testing.assert_close(b, a, msg=lambda m, i=i: f"graph output {i}\n{m}")
-    return flips
+    report = compare(sim, onnx_path, inputs, mode="lockstep", optimize=False)
+    for t in report.tensors:
+        assert t.encoding_matches, f"{t.name}: the graph's scale or zero point is not the quantizer's"
+        assert t.qdq_exact, f"{t.name}: QDQ differs from the quantizer"
+        assert t.input_max_steps is not None and t.input_max_steps <= step_tol, \
+            f"{t.name}: input {t.input_max_steps} steps from the graph's"
+    assert not report.notes, report.notes
+    assert report.outputs, "no output of the graph was compared"
+    for o, (sim_out, graph_out) in zip(report.outputs, report.output_values):
+        torch.testing.assert_close(graph_out, sim_out, msg=lambda m, o=o: f"graph output {o.index} ({o.name})\n{m}")
+    return {name: v.simulation != v.target for name, v in report.values.items()}
