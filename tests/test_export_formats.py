@@ -1,7 +1,10 @@
-"""ONNX export (pyquant.sim.export): QDQ for every bit width and granularity the simulation has, at the
-lowest opset that expresses it, run by onnxruntime as written and checked against the simulation
-quantizer by quantizer; argument checks and atomic writes."""
+"""ONNX export forms (pyquant.sim.export): QDQ for every bit width and granularity the simulation has, at
+the lowest opset that expresses it, run by onnxruntime as written and checked against the simulation
+quantizer by quantizer; the plain FP32 graph with encodings keyed by its tensor names; argument checks
+and atomic writes."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from pyquant.sim.quantsim import QuantSim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper, version_converter  # noqa: E402
 
 
 class Net(nn.Module):
@@ -155,7 +158,7 @@ def test_qdq_export_runs_the_simulation(setting, tmp_path):
     (param_bw, output_bw, weights, sym), (opset, w_type, a_type) = SETTINGS[setting]
     sim, x = _sim(param_bw, output_bw, weights, sym)
     paths = sim.export(tmp_path, "net", x[:2])
-    assert paths.opset == opset
+    assert paths.opset == opset and paths.onnx_format == "qdq"
     model = onnx.load(str(paths["onnx"]))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
     assert not any(o.domain == "pyquant" for o in model.opset_import)
@@ -177,6 +180,107 @@ def test_qdq_export_runs_the_simulation(setting, tmp_path):
     # 16 bits here): within a few steps of the output quantizer, exact at 8 bits and below
     step = sim.quantizer("fc2.output").get_encoding().scale.item()
     torch.testing.assert_close(run_onnx(paths["onnx"], x, optimize=False)[0], want, rtol=0,
+                               atol=4 * step if output_bw > 8 else 0)
+
+
+def _fake_quantize_named_tensors(model, encodings: dict) -> None:
+    """What a target does with a plain graph and its encodings: fake-quantizes each tensor the file names
+    (a weight in its initializer's shape, an activation per tensor), in place, with the same QDQ writer."""
+    from pyquant.sim.onnx_qdq import onnx_scale_zero_point, qdq_form, write_qdq
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    forms = {}
+    for name, enc in encodings.items():
+        x_shape = dims.get(name)
+        scale, offset = enc.scale.numpy(), enc.offset.numpy()
+        if x_shape is not None:  # right-aligned against the weight
+            scale = scale.reshape((1,) * (len(x_shape) - scale.ndim) + scale.shape)
+            offset = offset.reshape(scale.shape)
+        forms[name] = (qdq_form(enc.bitwidth, enc.symmetric, scale.shape, x_shape), scale, offset, x_shape)
+    opset = max(f[0].opset for f in forms.values())
+    if opset > model.opset_import[0].version:
+        model.CopyFrom(version_converter.convert_version(model, opset))
+        model.ir_version = max(model.ir_version, 10)
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    nodes = list(g.node)
+    for i, (name, (form, scale, offset, x_shape)) in enumerate(forms.items()):
+        s, zp = onnx_scale_zero_point(form, scale, -offset, x_shape)
+        src, dst = name, f"fq{i}"
+        if name in outputs:  # the graph output keeps its name: its producer writes a new tensor
+            src, dst = f"fq{i}_in", name
+            for n in nodes:
+                n.output[:] = [src if o == name else o for o in n.output]
+        else:
+            for n in nodes:
+                n.input[:] = [dst if v == name else v for v in n.input]
+        qdq, inits = write_qdq(form, src, dst, s, zp, f"/fq{i}")
+        nodes += qdq
+        g.initializer.extend(inits)
+    del g.node[:]
+    g.node.extend(nodes)
+    model.CopyFrom(_topological(model))
+
+
+def _topological(model):
+    """The model with its nodes in an order where every input is produced before it is read."""
+    g = model.graph
+    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
+    todo, order = list(g.node), []
+    while todo:
+        rest = [n for n in todo if not all(v in ready for v in n.input)]
+        for n in todo:
+            if n not in rest:
+                order.append(n)
+                ready.update(n.output)
+        assert len(rest) < len(todo), "a cycle"
+        todo = rest
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(order)
+    return out
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0"])
+@pytest.mark.parametrize("setting", ["W8A8 per-channel", "W4A8 per-block", "W8A16 per-channel", "W3A6 per-channel"])
+def test_plain_export_keys_the_encodings_by_the_graph_tensor_names(setting, version, tmp_path):
+    """The plain form: no quantization node, every encoding named after a tensor of the graph (activations by
+    the output that produces them, weights by their initializer, as AIMET writes them), and the graph with
+    those tensors fake-quantized as the encodings say computes the simulation."""
+    from pyquant.sim.encodings import load_encodings
+    (param_bw, output_bw, weights, sym), _ = SETTINGS[setting]
+    sim, x = _sim(param_bw, output_bw, weights, sym)
+    paths = sim.export(tmp_path, "net", x[:2], onnx_format="plain", encoding_version=version)
+    assert paths.opset == 13 and paths.onnx_format == "plain"  # the model's ops need no more
+    model = onnx.load(str(paths["onnx"]))
+    assert {n.op_type for n in model.graph.node}.isdisjoint({"QuantizeLinear", "DequantizeLinear", "Clip"})
+    assert [o.domain for o in model.opset_import] == [""]
+    inits = {t.name for t in model.graph.initializer}
+    produced = {n.output[0] for n in model.graph.node} | {i.name for i in model.graph.input}
+    shapes = {n: q.shape for n, q in sim.param_quantizers.items()}
+    act, par = load_encodings(paths["encodings"], shapes=shapes, param_names=inits)
+    assert set(par) == set(sim.param_quantizers) <= inits  # weights: initializer = parameter = quantizer name
+    assert set(act) <= produced - inits and len(act) == len(sim.activation_quantizers)
+    assert "input" in act and "output" in act  # graph input and output by their own names
+    for name, enc in par.items():
+        want = sim.quantizer(name).get_encoding()
+        assert torch.equal(enc.scale.reshape(want.scale.shape), want.scale) and enc.bitwidth == param_bw
+    sim_act = sorted((float(e.scale), float(e.offset)) for e in sim.encodings()[0].values())
+    assert sorted((float(e.scale), float(e.offset)) for e in act.values()) == sim_act
+    # FP32: the original model's function
+    with torch.no_grad():
+        for q in sim.quantizers.values():
+            q.enabled = False
+        fp32 = sim.model(x)
+        for q in sim.quantizers.values():
+            q.enabled = True
+        want = sim.model(x)
+    torch.testing.assert_close(run_onnx(paths["onnx"], x, optimize=False)[0], fp32, rtol=1e-5, atol=1e-5)
+    # what a target builds from the two files is the simulation
+    _fake_quantize_named_tensors(model, {**act, **par})
+    onnx.save(model, str(tmp_path / "applied.onnx"))
+    step = sim.quantizer("fc2.output").get_encoding().scale.item()
+    torch.testing.assert_close(run_onnx(tmp_path / "applied.onnx", x, optimize=False)[0], want, rtol=0,
                                atol=4 * step if output_bw > 8 else 0)
 
 
@@ -216,8 +320,11 @@ def test_opset_is_the_lowest_that_expresses_the_model(tmp_path, capfd):
     sim.set_bitwidth("c1.weight", 4)
     sim.compute_encodings(lambda m: m(x))
     assert build_onnx(sim, x[:2]).opset == 21  # int4 weights
+    assert build_onnx(sim, x[:2], onnx_format="plain").opset == 14  # no QuantizeLinear to hold
     with pytest.raises(ValueError, match=r"opset_version=14 cannot express quantizer 'c1.weight'.*int4.*21"):
         sim.export(tmp_path, "m", x[:2], opset_version=14)
+    with pytest.raises(ValueError, match=r"opset_version=13 cannot express the model.*triu.*opset_version >= 14"):
+        sim.export(tmp_path, "m", x[:2], opset_version=13, onnx_format="plain")
     assert list(tmp_path.iterdir()) == []
     sim8 = QuantSim(Net().eval(), x[:2])
     sim8.compute_encodings(lambda m: m(x))
@@ -230,7 +337,8 @@ def test_opset_is_the_lowest_that_expresses_the_model(tmp_path, capfd):
 
 def test_export_arguments_are_checked_first(tmp_path):
     sim, x = _sim()
-    for kwargs, match in [({"opset_version": 12}, r"opset_version must be None .* integer in 13..21, got 12"),
+    for kwargs, match in [({"onnx_format": "qdq8"}, r"onnx_format must be one of 'qdq', 'plain', got 'qdq8'"),
+                          ({"opset_version": 12}, r"opset_version must be None .* integer in 13..21, got 12"),
                           ({"opset_version": 22}, r"opset_version .* 13..21, got 22"),
                           ({"opset_version": "13"}, r"opset_version .* got '13'"),
                           ({"opset_version": True}, r"opset_version .* got True"),
@@ -243,9 +351,9 @@ def test_export_arguments_are_checked_first(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_per_block_activation_has_no_qdq_form(tmp_path):
+def test_per_block_activation_has_no_qdq_form_but_a_plain_one(tmp_path):
     """Blocked QuantizeLinear needs the input's static shape, which an activation with a free batch size
-    has not: an error naming the quantizer."""
+    has not: an error naming the quantizer; the encodings file holds it."""
     sim, x = _sim()
     name = "input.x"  # the model input, 4 channels: blocks of 2 channels
     old = sim.activation_quantizers[name]
@@ -255,11 +363,14 @@ def test_per_block_activation_has_no_qdq_form(tmp_path):
     sim.activation_quantizers[name] = q
     sim.compute_encodings(lambda m: m(x))
     assert q.get_encoding().granularity == "per_block"
-    with pytest.raises(QdqFormError, match=r"'input.x': a per-block activation encoding has no QuantizeLinear"):
+    with pytest.raises(QdqFormError, match=r"'input.x': a per-block activation encoding .*onnx_format='plain'"):
         qdq_forms(sim)
     with pytest.raises(QdqFormError, match="input.x"):
         sim.export(tmp_path, "net", x[:2])
-    assert not list(tmp_path.iterdir())
+    paths = sim.export(tmp_path, "net", x[:2], onnx_format="plain")
+    entries = json.loads(paths["encodings"].read_text())["activation_encodings"]
+    entry = [e for e in entries if e["enc_type"] == "PER_BLOCK"]
+    assert len(entry) == 1 and entry[0]["block_size"] == 2
 
 
 def test_failed_export_leaves_every_file_as_it_was(tmp_path, monkeypatch):
@@ -274,14 +385,14 @@ def test_failed_export_leaves_every_file_as_it_was(tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "encodings_to_json", bad_json)
     with pytest.raises(E.EncodingsError):
-        sim.export(tmp_path, "net", x[:2], opset_version=21)
+        sim.export(tmp_path, "net", x[:2], onnx_format="plain")
     assert {k: p.read_bytes() for k, p in paths.items()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
 
 
 def test_minilm_w4a8_and_w8a16_export():
     """A transformer at the two common target settings: the QDQ graph (opset 21: int4 weights, uint16
-    activations) computes the simulation quantizer by quantizer."""
+    activations) computes the simulation quantizer by quantizer; the plain graph names every encoding."""
     from pyquant._assets import AssetMissingError
     try:
         from pyquant.models.minilm import minilm
@@ -291,6 +402,7 @@ def test_minilm_w4a8_and_w8a16_export():
     import tempfile
 
     from helpers import assert_onnx_runs_simulation
+    from pyquant.sim.encodings import load_encodings
     batch = tok(["The quick brown fox jumps over the lazy dog.", "Quantization maps reals to integers."],
                 padding=True, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -309,3 +421,12 @@ def test_minilm_w4a8_and_w8a16_export():
         assert paths.opset == 21
         # a 16-bit step is 256 times finer: LayerNorm's float noise is a few thousandths of one
         assert_onnx_runs_simulation(sim, paths["onnx"], inputs, step_tol=0.05)
+        paths = sim.export(d, "plain", inputs, onnx_format="plain", encoding_version="2.0.0")
+        assert paths.opset == 14  # scaled_dot_product_attention
+        g = onnx.load(paths["onnx"]).graph
+        inits = {t.name for t in g.initializer}
+        act, par = load_encodings(paths["encodings"], param_names=inits)
+        assert set(par) == set(sim.param_quantizers)  # the weights' names, as in the model's state dict
+        assert set(act) <= {o for n in g.node for o in n.output} | {i.name for i in g.input}
+        assert len(act) == len(sim.activation_quantizers)
+        assert run_onnx(paths["onnx"], inputs["input_ids"], inputs["attention_mask"], optimize=False)

@@ -1,9 +1,14 @@
-"""ONNX export of a QuantSim: every enabled quantizer becomes QuantizeLinear + DequantizeLinear
-(pyquant/sim/onnx_qdq.py says how each bit width and granularity is written and which opset that
-needs); onnxruntime runs the file as the simulation computes.
+"""ONNX export of a QuantSim, in two forms:
 
-The opset is the lowest that expresses the model (its ops and its quantizers) unless one is asked for;
-the model is traced once per opset tried (pyquant/sim/onnx_trace.py). Files are written atomically."""
+* ``"qdq"``: every enabled quantizer becomes QuantizeLinear + DequantizeLinear (pyquant/sim/onnx_qdq.py
+  says how each bit width and granularity is written and which opset that needs); onnxruntime runs the
+  file as the simulation computes.
+* ``"plain"``: the FP32 graph without quantization nodes, plus the encodings keyed by the graph's
+  tensor names (pyquant/sim/onnx_plain.py), for targets that take an encodings file.
+
+The opset is the lowest that expresses the model (its ops and, for QDQ, its quantizers) unless one is
+asked for; the model is traced once per opset tried (pyquant/sim/onnx_trace.py). Files are written
+atomically."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +21,9 @@ import torch
 from onnx import checker, version_converter
 
 from .._io import atomic_path
+from ..quant import Encoding
 from .onnx_graph import drop_unused_constants, restore_weight_names
+from .onnx_plain import markers_to_plain
 from .onnx_qdq import FIRST_OPSET, LAST_OPSET, QdqForm, QdqFormError, markers_to_qdq, qdq_form
 from .onnx_trace import (MARKER_DOMAIN, TORCHSCRIPT_MAX_OPSET, OpsetTooLowError, export_mode, markers,
                          trace)
@@ -24,28 +31,37 @@ from .onnx_trace import (MARKER_DOMAIN, TORCHSCRIPT_MAX_OPSET, OpsetTooLowError,
 if TYPE_CHECKING:
     from .quantsim import QuantSim
 
-__all__ = ["FIRST_OPSET", "LAST_OPSET", "ExportPaths", "OnnxExport", "check_export_args", "build_onnx",
-           "export_onnx", "qdq_forms", "save_onnx", "run_onnx", "export_mode"]
+__all__ = ["ONNX_FORMATS", "FIRST_OPSET", "LAST_OPSET", "ExportPaths", "OnnxExport", "check_export_args",
+           "build_onnx", "export_onnx", "qdq_forms", "save_onnx", "run_onnx", "export_mode"]
+
+ONNX_FORMATS = ("qdq", "plain")
 
 
 class ExportPaths(dict):
-    """The written files by kind ("onnx", "encodings", "pth"), with the ONNX opset they have."""
+    """The written files by kind ("onnx", "encodings", "pth"), with the ONNX opset and form they have."""
 
-    def __init__(self, paths: dict[str, Path], *, opset: int):
+    def __init__(self, paths: dict[str, Path], *, opset: int, onnx_format: str):
         super().__init__(paths)
         self.opset = opset
+        self.onnx_format = onnx_format
 
 
 @dataclasses.dataclass
 class OnnxExport:
-    """An exported model before it is written: the ONNX model and its opset."""
+    """An exported model before it is written: the ONNX model, its opset, the form, and for the plain form
+    the encodings keyed by the graph's tensor names (empty for QDQ, whose graph holds them)."""
 
     model: onnx.ModelProto
     opset: int
+    onnx_format: str
+    activation_encodings: dict[str, Encoding] = dataclasses.field(default_factory=dict)
+    param_encodings: dict[str, Encoding] = dataclasses.field(default_factory=dict)
 
 
-def check_export_args(opset_version: Any) -> None:
+def check_export_args(onnx_format: Any, opset_version: Any) -> None:
     """ValueError naming the argument and what it accepts."""
+    if onnx_format not in ONNX_FORMATS:
+        raise ValueError(f"onnx_format must be one of {', '.join(repr(f) for f in ONNX_FORMATS)}, got {onnx_format!r}")
     if opset_version is not None and (isinstance(opset_version, bool) or not isinstance(opset_version, int)
                                       or not FIRST_OPSET <= opset_version <= LAST_OPSET):
         raise ValueError(f"opset_version must be None (the lowest opset that expresses the model) or an integer in "
@@ -71,7 +87,7 @@ def qdq_forms(sim: QuantSim) -> dict[str, QdqForm]:
         elif enc.granularity == "per_block":
             raise QdqFormError(f"quantizer {name!r}: a per-block activation encoding has no QuantizeLinear form "
                                f"(blocked quantization needs the input's static shape, and activations keep the "
-                               f"batch size free)")
+                               f"batch size free); export it with onnx_format='plain'")
         try:
             forms[name] = qdq_form(q.bitwidth, q.symmetric, scale_shape, x_shape)
         except QdqFormError as e:
@@ -79,19 +95,21 @@ def qdq_forms(sim: QuantSim) -> dict[str, QdqForm]:
     return forms
 
 
-def build_onnx(sim: QuantSim, dummy_input: Any, *, opset_version: Optional[int] = None) -> OnnxExport:
-    """The QDQ ONNX model of `sim`, at `opset_version` or, when None, at the lowest opset that expresses
-    it: the highest of 13, what the model's ops need and what each quantizer's form needs (int4/int16
-    storage and blocked quantization: 21)."""
-    check_export_args(opset_version)
+def build_onnx(sim: QuantSim, dummy_input: Any, *, opset_version: Optional[int] = None,
+               onnx_format: str = "qdq") -> OnnxExport:
+    """The ONNX model of `sim` in `onnx_format`, at `opset_version` or, when None, at the lowest opset that
+    expresses it: the highest of 13, what the model's ops need and (QDQ) what each quantizer's form needs
+    (int4/int16 storage and blocked quantization: 21)."""
+    check_export_args(onnx_format, opset_version)
     needed, needed_by = FIRST_OPSET, None
-    for name, form in qdq_forms(sim).items():
-        if form.opset > needed:
-            needed, needed_by = form.opset, (name, form)
-    if opset_version is not None and opset_version < needed:
-        name, form = needed_by
-        raise ValueError(f"opset_version={opset_version} cannot express quantizer {name!r}: {form.describe()}; "
-                         f"use opset_version >= {needed}, or None for the lowest opset that expresses the model")
+    if onnx_format == "qdq":
+        for name, form in qdq_forms(sim).items():
+            if form.opset > needed:
+                needed, needed_by = form.opset, (name, form)
+        if opset_version is not None and opset_version < needed:
+            name, form = needed_by
+            raise ValueError(f"opset_version={opset_version} cannot express quantizer {name!r}: {form.describe()}; "
+                             f"use opset_version >= {needed}, or None for the lowest opset that expresses the model")
     target = opset_version if opset_version is not None else needed
     model, traced = _trace_lowest(sim.model, dummy_input, min(target, TORCHSCRIPT_MAX_OPSET),
                                   explicit=opset_version is not None)
@@ -102,14 +120,18 @@ def build_onnx(sim: QuantSim, dummy_input: Any, *, opset_version: Optional[int] 
         model.ir_version = max(model.ir_version, 10)  # int4 element types are IR version 10
     restore_weight_names(model.graph)
     found = markers(model)
-    markers_to_qdq(model, found)
+    out = OnnxExport(model, target, onnx_format)
+    if onnx_format == "qdq":
+        markers_to_qdq(model, found)
+    else:
+        out.activation_encodings, out.param_encodings = markers_to_plain(model, found)
     drop_unused_constants(model.graph)
     for i, o in enumerate(model.opset_import):
         if o.domain == MARKER_DOMAIN:
             del model.opset_import[i]
             break
     checker.check_model(model)
-    return OnnxExport(model, target)
+    return out
 
 
 def _trace_lowest(model: torch.nn.Module, dummy_input: Any, opset: int, explicit: bool) -> tuple[onnx.ModelProto, int]:
@@ -132,10 +154,10 @@ def save_onnx(model: onnx.ModelProto, path: os.PathLike) -> None:
         onnx.save(model, tmp)
 
 
-def export_onnx(sim: QuantSim, path: os.PathLike, dummy_input: Any,
-                opset_version: Optional[int] = None) -> OnnxExport:
+def export_onnx(sim: QuantSim, path: os.PathLike, dummy_input: Any, opset_version: Optional[int] = None,
+                onnx_format: str = "qdq") -> OnnxExport:
     """build_onnx, then the model written atomically to `path`."""
-    out = build_onnx(sim, dummy_input, opset_version=opset_version)
+    out = build_onnx(sim, dummy_input, opset_version=opset_version, onnx_format=onnx_format)
     save_onnx(out.model, Path(path))
     return out
 
