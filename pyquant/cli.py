@@ -431,9 +431,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(a, "threads", None):
         import torch
         torch.set_num_threads(a.threads)
-    from ._assets import AssetMissingError
     # warnings as one line each, without the source line that Python's default format adds
+    # (restored on return: main() is also called in-process, by tests and embedding tools)
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda msg, cat, *rest, **kw: f"pyquant {a.command}: warning: {msg}\n"
+    try:
+        return _run(a)
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _run(a: argparse.Namespace) -> int:
+    from ._assets import AssetMissingError
     try:
         return a.fn(a)
     except UsageError as exc:

@@ -214,8 +214,10 @@ class QuantizerBase(OnGrid, nn.Module):
     # ---- export ----
     @contextlib.contextmanager
     def exporting(self) -> Iterator[None]:
-        """Inside the block an enabled quantizer runs as torch's fake-quant ops with constant scale and
-        zero point, which the ONNX exporter writes as QuantizeLinear + DequantizeLinear."""
+        """Inside the block an enabled quantizer runs as one call of pyquant's own fake-quant op
+        (``torch.ops.pyquant.quantize_dequantize``) with constant scale and offset: the simulation's
+        function, bit for bit, at every bit width and granularity, recorded by a tracer as one node that
+        an ONNX exporter can write as QuantizeLinear + DequantizeLinear (pyquant.sim.export does)."""
         if not self.enabled:
             yield
             return
@@ -330,28 +332,22 @@ class QuantizeDequantize(QuantizerBase):
         return QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero point) as constant tensors for ONNX export (zero point = -offset, int32)."""
-        if self.bitwidth != 8:
-            raise NotImplementedError(f"{self._label()}: ONNX QuantizeLinear/DequantizeLinear export supports 8-bit "
-                                      f"encodings; this one is {self.bitwidth}-bit")
+        """(scale, zero point) of the encoding as constant tensors in the encoding's shape: zero point =
+        -offset as int32, on the quantizer's grid [qmin, qmax]. Which file formats can hold them (bit
+        width, granularity) is the exporter's to say."""
         enc = self.get_encoding()
         if enc is None:
             raise QuantizerError(f"{self._label()} has no encoding to export")
         return enc.scale.detach().clone(), (-enc.offset).round().to(torch.int32)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function through torch.fake_quantize_per_{tensor,channel}_affine, which the ONNX
-        exporter writes as QuantizeLinear + DequantizeLinear. Scale and zero point are constants
-        computed outside the traced region (see `exporting`)."""
+        """The same function as one call of the registered op with the constant scale and offset in
+        block-broadcast form (computed outside the traced region, see `exporting`): a trace shows one
+        node per quantizer, whose constant inputs say everything about the encoding."""
         s, zp = self._export_consts
-        nontrivial = [d for d, k in enumerate(_broadcast_to(s, x).shape) if k > 1]
-        if not nontrivial:
-            return torch.fake_quantize_per_tensor_affine(x, float(s.flatten()[0]), int(zp.flatten()[0]),
-                                                         self.qmin, self.qmax)
-        if len(nontrivial) > 1:
-            raise NotImplementedError(f"{self._label()}: per-block encodings have no opset-13 QDQ form")
-        return torch.fake_quantize_per_channel_affine(x, s.flatten().contiguous(), zp.flatten().contiguous(),
-                                                      nontrivial[0], self.qmin, self.qmax)
+        scale = _broadcast_to(s, x).to(device=x.device, dtype=torch.float32)
+        offset = _broadcast_to((-zp).to(torch.float32), x).to(x.device)  # integer negation: no -0.0
+        return raw.quantize_dequantize(x, scale, offset, self.qmin, self.qmax)
 
 
 class Quantize(QuantizerBase):

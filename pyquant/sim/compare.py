@@ -171,7 +171,7 @@ def _run_target(model, where: str, pairs: dict[str, QdqPair], ordered: list[torc
     n_out = len(model.graph.output)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pyquant-compare-") as tmp:
-        tapped = with_outputs(model, names, dtypes)
+        tapped, tap_of = with_outputs(model, names, dtypes)
         _save(tapped, Path(tmp) / "tapped.onnx")
         outs = run_onnx(Path(tmp) / "tapped.onnx", *ordered, optimize=optimize)
         # by name: a tensor read twice, or already an output of the model, is one output of the tapped graph
@@ -189,9 +189,9 @@ def _run_target(model, where: str, pairs: dict[str, QdqPair], ordered: list[torc
                              "the ones its plain run computes")
     out: dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
     for name, p in pairs.items():
-        c = taps[p.codes] if not p.is_constant else codes[p.codes]
+        c = taps[tap_of[p.codes]] if not p.is_constant else codes[p.codes]
         value = torch.from_numpy(dequantize(c.numpy(), p))
-        source = torch.from_numpy(np.array(p.constant)) if p.is_constant else taps.get(p.source)
+        source = torch.from_numpy(np.array(p.constant)) if p.is_constant else taps.get(tap_of.get(p.source))
         out[name] = (value, source)
     return out, graph_outs, notes
 

@@ -10,6 +10,8 @@ weight's initializer, which is named after the parameter (`<layer>.parametrizati
 """
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -125,7 +127,14 @@ def pair_quantizers(sim: "QuantSim", model: "onnx.ModelProto", where: str = "the
             # a parametrized weight: the pair reads the parameter's initializer; the exporter may prefix it
             # with the module that wrapped the simulation, so a unique suffix match is accepted too
             pname = _parameter_name(sim, name) or ""
-            hits = by_source.get(pname) or [i for s, ids in by_source.items() if s.endswith("." + pname) for i in ids]
+            # the export names a parametrized weight as the plain module attribute ("fc.weight")
+            plain = re.sub(r"\.parametrizations\.(\w+)\.original$", r".\1", pname)
+            hits = []
+            for cand in dict.fromkeys((pname, plain)):
+                hits = by_source.get(cand) or [i for s, ids in by_source.items() if s.endswith("." + cand)
+                                               for i in ids]
+                if hits:
+                    break
         else:
             hits = by_last.get(path.rpartition(".")[2] if path else "", [])
         hits = [i for i in hits if i not in claimed]
@@ -206,18 +215,37 @@ def graph_inputs(model: "onnx.ModelProto") -> list[tuple[str, np.dtype, list[Any
     return out
 
 
-def with_outputs(model: "onnx.ModelProto", names: list[str], dtypes: list[np.dtype]) -> "onnx.ModelProto":
-    """A copy of `model` that also returns the tensors `names` (after its own outputs)."""
+def _readable(graph, name: str, onnx_type: int) -> tuple[str, int]:
+    """(a tensor that holds `name`'s values and onnxruntime can hand to numpy, its type): 4-bit codes are
+    widened to 8 bits by a Cast appended to `graph` (exact)."""
+    from onnx import TensorProto, helper
+    wide = {TensorProto.INT4: TensorProto.INT8, TensorProto.UINT4: TensorProto.UINT8}.get(onnx_type)
+    if wide is None:
+        return name, onnx_type
+    out = f"{name}/as_{'int8' if wide == TensorProto.INT8 else 'uint8'}"
+    graph.node.append(helper.make_node("Cast", [name], [out], name=f"{name}/widen", to=wide))
+    return out, wide
+
+
+def with_outputs(model: "onnx.ModelProto", names: list[str],
+                 dtypes: list[np.dtype]) -> tuple["onnx.ModelProto", dict[str, str]]:
+    """A copy of `model` that also returns the tensors `names` (after its own outputs), and for each
+    name the output that holds it (4-bit codes come out widened to 8 bits)."""
     import onnx
     from onnx import helper
     m = onnx.ModelProto()
     m.CopyFrom(model)
     present = {o.name for o in m.graph.output}
+    where: dict[str, str] = {}
     for n, dt in zip(names, dtypes):
-        if n not in present:
-            m.graph.output.append(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(dt), None))
-            present.add(n)
-    return m
+        if n in where:
+            continue
+        out, t = _readable(m.graph, n, helper.np_dtype_to_tensor_dtype(dt))
+        if out not in present:
+            m.graph.output.append(helper.make_tensor_value_info(out, t, None))
+            present.add(out)
+        where[n] = out
+    return m, where
 
 
 def constants_model(model: "onnx.ModelProto", pairs: list[QdqPair]) -> "onnx.ModelProto":
@@ -231,9 +259,10 @@ def constants_model(model: "onnx.ModelProto", pairs: list[QdqPair]) -> "onnx.Mod
     needed = {i for n in nodes for i in n.input}
     nodes = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in needed] + nodes
     inits = [t for t in model.graph.initializer if t.name in needed]
-    outputs = [helper.make_tensor_value_info(p.codes, helper.np_dtype_to_tensor_dtype(p.q_zero_point.dtype), None)
-               for p in pairs]
-    g = helper.make_graph(nodes, "constants", [], outputs, initializer=inits)
+    g = helper.make_graph(nodes, "constants", [], [], initializer=inits)
+    for p in pairs:
+        out, t = _readable(g, p.codes, helper.np_dtype_to_tensor_dtype(p.q_zero_point.dtype))
+        g.output.append(helper.make_tensor_value_info(out, t, None))
     m = helper.make_model(g, opset_imports=list(model.opset_import))
     m.ir_version = model.ir_version
     return m

@@ -437,29 +437,51 @@ class QuantSim:
             raise KeyError(f"encodings for unknown quantizers: {missing[:8]}")
 
     def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any = None, *,
-               encoding_version: str = "1.0.0", opset_version: int = 13) -> dict[str, Path]:
-        """Writes `<prefix>.onnx` (QuantizeLinear/DequantizeLinear, per-channel with axis),
-        `<prefix>.encodings` (AIMET-compatible JSON) and `<prefix>.pth` (the FP32 weights), each
-        atomically. Returns the paths."""
-        from .encodings import write_encodings
-        from .export import export_onnx
+               encoding_version: str = "1.0.0", opset_version: Optional[int] = None,
+               onnx_format: str = "qdq") -> dict[str, Path]:
+        """Writes `<prefix>.onnx`, `<prefix>.encodings` (AIMET-compatible JSON, `encoding_version` 1.0.0,
+        2.0.0 or 0.6.1) and `<prefix>.pth` (the FP32 weights under the model's names), each atomically,
+        after everything has been built and checked.
+
+        `onnx_format`: "qdq" (default) writes every enabled quantizer as QuantizeLinear/DequantizeLinear
+        (8-bit per tensor or per channel at opset 13; 4- and 16-bit grids and per-block weights at 21;
+        other bit widths as the next wider type with a Clip of the codes) and the encodings under the
+        quantizers' names; "plain" writes the FP32 graph without quantization nodes and the encodings
+        keyed by the graph's tensor names (activations by their producer's output, weights by their
+        initializer), as targets that take encodings read them. `opset_version`: None (default) for the
+        lowest opset that expresses the model, or 13..21 (lower than a quantizer needs: ValueError naming
+        it). Returns the paths by kind ("onnx", "encodings", "pth"); `.opset` is the opset written."""
+        from .._io import atomic_write_text
+        from .encodings import VERSIONS, encodings_to_json
+        from .export import ExportPaths, build_onnx, check_export_args, save_onnx
+        check_export_args(onnx_format, opset_version)
+        if encoding_version not in VERSIONS:
+            raise ValueError(f"encoding_version must be one of {', '.join(VERSIONS)}, got {encoding_version!r}")
+        if not isinstance(filename_prefix, str) or not filename_prefix or any(
+                sep in filename_prefix for sep in (os.sep, os.altsep) if sep):
+            raise ValueError(f"filename_prefix must be a non-empty file name without a folder, got {filename_prefix!r}")
         unfolded = [n for n in self.param_quantizers if self.folds_batchnorm_each_step(n)]
         if unfolded:
             raise RuntimeError(f"export: the weights of {unfolded[:3]} are quantized with their batch norms folded "
                                f"in (batchnorm='fold_each_step'); fold them first: pq.fold_batchnorms_to_scale(sim)")
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         dummy = self._dummy_input if dummy_input is None else dummy_input
-        act, par = self.encodings()
-        paths = {"encodings": out / f"{filename_prefix}.encodings", "onnx": out / f"{filename_prefix}.onnx",
-                 "pth": out / f"{filename_prefix}.pth"}
-        write_encodings(paths["encodings"], act, par, version=encoding_version,
-                        quantizer_args={"activation_bitwidth": self.output_bw, "param_bitwidth": self.param_bw,
-                                        "quant_scheme": self.quant_scheme})
-        export_onnx(self, paths["onnx"], dummy, opset_version=opset_version)
+        onnx_model = build_onnx(self, dummy, opset_version=opset_version, onnx_format=onnx_format)
+        if onnx_format == "plain":  # keyed by the graph's tensor names
+            act, par = onnx_model.activation_encodings, onnx_model.param_encodings
+        else:
+            act, par = self.encodings()
+        text = encodings_to_json(act, par, version=encoding_version,
+                                 quantizer_args={"activation_bitwidth": self.output_bw,
+                                                 "param_bitwidth": self.param_bw, "quant_scheme": self.quant_scheme})
         state = {k.replace("parametrizations.weight.original", "weight"): v.detach().clone()
                  for k, v in self.model.state_dict().items()
                  if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
+        out.mkdir(parents=True, exist_ok=True)
+        paths = ExportPaths({"encodings": out / f"{filename_prefix}.encodings", "onnx": out / f"{filename_prefix}.onnx",
+                             "pth": out / f"{filename_prefix}.pth"}, opset=onnx_model.opset, onnx_format=onnx_format)
+        atomic_write_text(paths["encodings"], text)
+        save_onnx(onnx_model.model, paths["onnx"])
         atomic_torch_save(state, paths["pth"])
         return paths
 
