@@ -116,6 +116,8 @@ class QuantSim:
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
         self.placement: dict[str, P.QuantizerPlacement] = {p.name: p for p in P.plan(gm, self.config)}
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
+        self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
+        """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
         self._install()
         names = {id(q): n for n, q in self.activation_quantizers.items()}
         self.fused_activations: list[str] = fusion.fuse_activations(gm, names) if fuse_activations else []
@@ -370,7 +372,8 @@ class QuantSim:
         return state["extra"]
 
     def summary(self, file=None) -> str:
-        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding."""
+        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding; then the ops the
+        simulation does not know, left unquantized, each with the reason."""
         rows = [("name", "op", "bw", "sym", "granularity", "enabled", "scale", "offset")]
         for name, q in self.quantizers.items():
             enc = q.get_encoding()
@@ -385,10 +388,10 @@ class QuantSim:
                 gran = enc.granularity
             rows.append((name, self.op_type(name), str(q.bitwidth), "sym" if q.symmetric else "asym",
                          gran, "yes" if q.enabled else "no", sc, off))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        text = "\n".join(lines)
+        text = _table(rows)
+        if self.unquantized_ops:
+            text += "\n\nunquantized (ops the simulation does not know: no quantizer is guessed for them)\n"
+            text += _table([("node", "calls", "reason")] + [(u.node, u.target, u.reason) for u in self.unquantized_ops])
         print(text, file=file or sys.stdout)
         return text
 
@@ -435,6 +438,14 @@ class QuantSim:
                  if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
         atomic_torch_save(state, paths["pth"])
         return paths
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns, the header underlined."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _reshape_encoding(enc: Encoding, shape) -> Encoding:
