@@ -26,7 +26,7 @@ from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
 from ..ops import grid
 from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced,
-                     from_range, from_scale_offset)
+                     from_range, from_scale_offset, least_error_encoding)
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
@@ -247,10 +247,19 @@ class QuantSim:
         return wq.quantizer_input(w) if wq is not None else w
 
     def calibrate_weight(self, name: str) -> None:
-        """(Re)computes weight quantizer `name`'s encoding from its weight (a frozen one is kept)."""
+        """(Re)computes weight quantizer `name`'s encoding from its weight (a frozen one is kept). With a
+        histogram scheme each channel keeps the scheme's encoding unless round-to-nearest over the channel's
+        full range reconstructs the weight with a smaller squared error (pyquant.quant.least_error_encoding)."""
         q = self.param_quantizers[self._param(name).name]
+        w = self.quantizer_input(name)
         with torch.no_grad(), q.compute_encodings():
-            q(self.quantizer_input(name))
+            q(w)
+        if not q.frozen and not isinstance(q.encoding_analyzer, MinMax):
+            # A histogram search scores ranges on bin centres, which for a weight's few values per channel is
+            # not the real error; the weight itself is at hand, so keep the search's range wherever it is at
+            # least as good and round to nearest over the full range where that is better.
+            with torch.no_grad():
+                q.set_encoding(least_error_encoding(w.detach(), q.get_encoding()))
 
     def folds_batchnorm_each_step(self, name: str) -> bool:
         """Whether weight quantizer `name` folds its batch norm in on every forward (fold_each_step)."""
