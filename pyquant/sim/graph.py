@@ -222,10 +222,6 @@ def _is_float(n: fx.Node) -> bool:
     return n.meta.get("pq_dtype") in _FLOATS
 
 
-def _tensor_args(n: fx.Node) -> list[fx.Node]:
-    return list(n.all_input_nodes)
-
-
 def _shape_only(n: fx.Node) -> bool:
     if n.op == "call_function":
         return n.target in SHAPE_ONLY_FUNCTIONS
@@ -258,7 +254,7 @@ def _depends_on(nodes: list[fx.Node], sources: set[fx.Node], skip=lambda n: Fals
     carry the dependency on."""
     out = set(sources)
     for n in nodes:
-        if n not in out and not skip(n) and any(a in out for a in _tensor_args(n)):
+        if n not in out and not skip(n) and any(a in out for a in n.all_input_nodes):
             out.add(n)
     return out
 
@@ -272,9 +268,9 @@ def _data_dependent(gm: fx.GraphModule, nodes: list[fx.Node], op: dict, masks: s
                or (op.get(n) == "Gather" and n.op != "placeholder")}
     skip = lambda n: _shape_only(n) or n in masks or (n.op == "call_function" and n.target is attention_bias)
     data = _depends_on(nodes, sources, skip)
+    inputs = _depends_on(nodes, {n for n in nodes if n.op == "placeholder"})
     fed = {a for n in nodes if op.get(n) in _WEIGHTED and n not in data
-           for a in n.args[:1] if isinstance(a, fx.Node) and _is_float(a) and a.op != "get_attr"
-           and a not in masks}
+           for a in n.args[:1] if isinstance(a, fx.Node) and _is_float(a) and a in inputs and a not in masks}
     return _depends_on(nodes, sources | fed, skip) if fed else data
 
 
