@@ -88,7 +88,8 @@ def ds_tolerance(g, x, s, o, qmin, qmax, s_shape):
     return 1e-5 * ref.reduce_to(mag, s_shape).float() + 1e-12
 
 
-def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 1e-3) -> dict[str, torch.Tensor]:
+def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 1e-3, *,
+                                 module_weights: bool = False) -> dict[str, torch.Tensor]:
     """Checks that an exported QDQ graph, run as written by onnxruntime, computes `sim.model` segment by
     segment: the graph and the simulation run in lockstep, each segment between quantizers starting in
     the simulation from the graph's own quantized tensors. Asserts that
@@ -100,6 +101,11 @@ def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 
     * each quantizer's input, computed by the simulation from the graph's upstream tensors, is within
       `step_tol` quantization steps of the graph's (float summation order only);
     * the graph's outputs are the simulation's.
+
+    `module_weights`: the simulation was captured with torch.fx, so its weight quantizers run inside the
+    modules (parametrizations) rather than as graph nodes; their QDQ pairs are then counted (one per enabled
+    weight quantizer of a module) instead of stepped through, and every segment's input agreeing within
+    `step_tol` steps shows that the graph's quantized weights are the simulation's.
 
     An end-to-end comparison cannot ask for more than float noise before each quantizer: the two runtimes
     add up a matmul in different orders (and write attention, GELU, bias adds with different float ops), so
@@ -115,8 +121,12 @@ def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 
 
     model = onnx.load(str(onnx_path))
     pairs: dict[str, dict[str, str]] = {}
+    weight_pairs = 0
     for n in model.graph.node:
         parts = n.name.split("/")
+        if module_weights and "/weight.0/" in n.name and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            weight_pairs += n.op_type == "QuantizeLinear"  # a parametrization's quantizer, inside its module
+            continue
         if n.op_type == "QuantizeLinear" and len(parts) >= 2:
             pairs.setdefault(parts[-2], {})["in"] = n.input[0]
         elif n.op_type == "DequantizeLinear" and len(parts) >= 2:
@@ -159,6 +169,10 @@ def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 
         args = [inputs.get(n.target) for n in sim.model.graph.nodes if n.op == "placeholder"]
         outs = _pytree.tree_leaves(Lockstep(sim.model).run(*args))
     assert set(seen) == set(pairs), f"QDQ pairs the simulation does not call: {sorted(set(pairs) - set(seen))}"
+    if module_weights:
+        in_modules = [n for n, p in sim.placement.items()
+                      if p.is_param and p.graph_weight is None and sim.quantizer(n).enabled]
+        assert weight_pairs == len(in_modules), f"{weight_pairs} weight QDQ pairs for {len(in_modules)} weight quantizers"
     graph_outs = [graph[o.name] for o in sess.get_outputs()[:len(outs)]]
     for i, (a, b) in enumerate(zip(outs, graph_outs)):
         torch.testing.assert_close(b, a, msg=lambda m, i=i: f"graph output {i}\n{m}")
