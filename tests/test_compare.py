@@ -153,6 +153,33 @@ def test_fused_activations_pools_and_a_shared_layer():
     assert r.tensor("relu.output").shape == (6, 8, 12, 12)  # the quantized tensor, before the fused pool
 
 
+def test_in_place_activations_and_equal_weights_read_through_identity(tmp_path):
+    """Lockstep hands each segment a copy of the target's tensor (an in-place Hardswish downstream must not
+    edit it), and two norm gains of ones, which the exporter stores as one initializer read through
+    Identity nodes, still pair with their quantizers."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.norm1 = nn.Linear(16, 32), nn.Hardswish(inplace=True), nn.LayerNorm(32)
+            self.fc2, self.norm2 = nn.Linear(32, 32), nn.LayerNorm(32)
+
+        def forward(self, x):
+            return self.norm2(self.fc2(self.norm1(self.act(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    sim = QuantSim(Net().eval(), x[:1])
+    sim.compute_encodings(lambda m: m(x))
+    weights = [n for n in sim.param_quantizers if "norm" in n]
+    assert len(weights) == 2 and all(sim.quantizer(n).enabled for n in weights)
+    path = sim.export(tmp_path, "inplace", x[:1])["onnx"]
+    graph = onnx.load(path).graph
+    assert any(n.op_type == "Identity" for n in graph.node)  # the equal gains are one initializer
+    assert_onnx_runs_simulation(sim, path, {"input": x})
+    r = compare(sim, path, x, mode="lockstep", optimize=False)
+    assert all(t.qdq_exact for t in r.tensors), r.summary()
+
+
 # ---- a broken export ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["block.3.output", "head.0.weight"])
 def test_a_wrong_scale_is_found_at_its_tensor(exported, tmp_path, name):

@@ -377,6 +377,23 @@ def test_per_block_activation_has_no_qdq_form_but_a_plain_one(tmp_path):
     assert len(entry) == 1 and entry[0]["block_size"] == 2
 
 
+@pytest.mark.parametrize("keyword", [False, True])
+def test_export_leaves_every_module_in_its_mode(tmp_path, keyword):
+    """Export traces in eval mode and then restores each module's own mode, also for keyword inputs (whose
+    adapter module is always in training mode) and for a model with modules in both modes."""
+    sim, x = _sim()
+    sim.model.train()
+    eval_part = next(m for m in sim.model.modules() if m is not sim.model)
+    eval_part.eval()
+    before = [m.training for m in sim.model.modules()]
+    assert any(before) and not all(before)
+    sim.export(tmp_path, "net", {"x": x[:2]} if keyword else x[:2])
+    assert [m.training for m in sim.model.modules()] == before
+    sim.model.eval()
+    sim.export(tmp_path, "net", {"x": x[:2]} if keyword else x[:2])
+    assert not any(m.training for m in sim.model.modules())
+
+
 def test_failed_export_leaves_every_file_as_it_was(tmp_path, monkeypatch):
     """Everything is built and checked before the first file is replaced."""
     sim, x = _sim()

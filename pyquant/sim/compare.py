@@ -245,7 +245,8 @@ def _run_simulation(sim: "QuantSim", batch: Any, replace: Optional[dict[str, tor
                 seen[name] = (_activation(args[0], act).detach().clone(), value.detach().clone())
                 bar.update(note=name)
             if replace is not None:
-                t = replace[name].to(device=out.device, dtype=out.dtype)
+                # a copy: an in-place op downstream (Hardswish(inplace=True)) must not edit the target's tensor
+                t = replace[name].to(device=out.device, dtype=out.dtype, copy=True)
                 return t if pool is None else F.max_pool2d(t, *pool)
             return None
         return hook

@@ -86,13 +86,14 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int) -> onnx.ModelPro
     per enabled quantizer call; batch size free. OpsetTooLowError when an op of the model needs a higher
     opset (with the one the exporter names)."""
     names = input_names(dummy_input)
+    # each module's own mode, restored exactly afterwards (a QAT model may hold frozen batch norms in eval)
+    modes = [(m, m.training) for m in model.modules()]
     if isinstance(dummy_input, dict):
         # keyword inputs (HuggingFace models) become positional ones, in the dict's order
         args = tuple(dummy_input[n] for n in names)
         model = _KeywordAdapter(model, names)
     else:
         args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
-    was_training = model.training
     _set_train(model, False)
     buf = io.BytesIO()
     try:
@@ -111,7 +112,8 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int) -> onnx.ModelPro
             raise
         raise OpsetTooLowError(str(e).splitlines()[0], int(m.group(1))) from e
     finally:
-        _set_train(model, was_training)
+        for m, was in modes:
+            m.training = was
     out = onnx.load_from_string(buf.getvalue())
     if isinstance(model, _KeywordAdapter):  # the adapter's attribute is no part of the parameter names
         taken = tensor_names(out.graph)

@@ -4,7 +4,11 @@ This is the one place that reads the config's placement rules: which parameters 
 per channel or per tensor, symmetric or not), which op outputs and model inputs get an activation
 quantizer, which ops fuse into one kernel (supergroups: no quantizer between them) and which outputs
 have a fixed range. QuantSim turns each `QuantizerPlacement` into a quantizer; honouring a further
-config key means changing `plan` here, not the simulation."""
+config key means changing `plan` here, not the simulation.
+
+What a node is (a model input, an op's output, data movement, part of a larger op, not data-dependent, an
+op the simulation does not know) comes from graph.classify; this module only decides, from that and the
+config, where quantizers go."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +24,7 @@ from .config import HardwareConfig
 from .kernels import apply_supported_kernels
 from .passes import internal_nodes
 
-__all__ = ["QuantizerPlacement", "PER_CHANNEL_OPS", "plan"]
+__all__ = ["QuantizerPlacement", "UnquantizedOp", "PER_CHANNEL_OPS", "plan", "unquantized_ops"]
 
 PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose weights may be quantized per output channel (when the config says so)."""
@@ -73,22 +77,46 @@ class QuantizerPlacement:
         return tuple(k if d == self.axis else 1 for d, k in enumerate(self.weight_shape))
 
 
+@dataclasses.dataclass(frozen=True)
+class UnquantizedOp:
+    """A data-dependent op output that gets no quantizer because the simulation does not know the op:
+    `node` (the graph node), `target` (what it calls) and `reason`."""
+
+    node: str
+    target: str
+    reason: str
+
+
 def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
          unsupported_kernels: str = "error") -> list[QuantizerPlacement]:
-    """The quantizers of `gm` under `cfg`: module weights, then torch.export graph weights, then
-    activations, then op inputs, each in graph order (QuantSim names its graph quantizers in this order),
-    with weights at `param_bw` bits and activations at `output_bw` unless the config's supported_kernels
-    say otherwise (kernels.py: an error, or the nearest kernel with `unsupported_kernels="nearest"`)."""
-    op_type = {n: G.node_op_type(gm, n) for n in gm.graph.nodes}
+    """The quantizers of `gm` under `cfg`: module weights, then graph-attribute weights (torch.export
+    graphs, functional calls), then activations, then op inputs, each in graph order (QuantSim names its
+    graph quantizers in this order), with weights at `param_bw` bits and activations at `output_bw` unless
+    the config's supported_kernels say otherwise (kernels.py: an error, or the nearest kernel with
+    `unsupported_kernels="nearest"`)."""
+    roles = G.classify(gm)
+    # internal nodes are parts of a larger op: no supergroup starts, ends or runs through them by type
+    op_type = {n: (None if r.kind == "internal" else r.op_type) for n, r in roles.items()}
     modules = _module_weights(gm, cfg, op_type)
     middle = _supergroup_middles(gm, cfg, op_type)
-    acts = _activations(gm, cfg, op_type, middle)
+    acts = _activations(gm, cfg, roles, middle)
     placed = (modules + _graph_weights(gm, cfg, op_type, {p.name for p in modules}) + acts
-              + _op_inputs(gm, cfg, op_type, middle, {p.node for p in acts}))
+              + _op_inputs(gm, cfg, roles, middle, {p.node for p in acts}))
     placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw,
                                   strict=p.symmetric and cfg.strict_symmetric,
                                   unsigned_symmetric=p.symmetric and cfg.unsigned_symmetric) for p in placed]
     return apply_supported_kernels(placed, cfg, unsupported_kernels)
+
+
+def unquantized_ops(gm: fx.GraphModule) -> list[UnquantizedOp]:
+    """The data-dependent outputs of ops the simulation does not know, in graph order: no quantizer is
+    guessed for them (an unknown op may be anything on the target), and QuantSim.summary lists them."""
+    out = []
+    for n, r in G.classify(gm).items():
+        if r.kind == "unknown":
+            target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+            out.append(UnquantizedOp(n.name, str(target), r.reason))
+    return out
 
 
 def _per_channel_axis(cfg: HardwareConfig, op: str, axis: int) -> Optional[int]:
@@ -117,15 +145,15 @@ def _module_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> l
 
 def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
                    taken: set[str]) -> list[QuantizerPlacement]:
-    """Weights of ATen ops (graphs from torch.export): the parameter is a graph attribute."""
+    """Weights that are graph attributes: those of ATen ops (graphs from torch.export) and of functional
+    calls such as F.linear(x, self.weight); one quantizer per parameter, on the whole tensor, also when ops
+    read slices of its output channels."""
     out, seen = [], set(taken)
     for n in gm.graph.nodes:
-        spec = G.ATEN_WEIGHTS.get(n.target) if n.op == "call_function" else None
-        if spec is None or len(n.args) <= spec[0]:
+        found = G.weight_of(n)
+        if found is None or op_type.get(n) is None:
             continue
-        w_node = n.args[spec[0]]
-        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
-            continue
+        w_node, axis = found
         w = G.get_attr(gm, w_node.target)
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             continue
@@ -135,7 +163,7 @@ def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
             continue
         seen.add(name)
         out.append(QuantizerPlacement(name, "param", op_type[n], n.name, rule.is_symmetric,
-                                      _per_channel_axis(cfg, op_type[n], spec[1]), tuple(w.shape),
+                                      _per_channel_axis(cfg, op_type[n], axis), tuple(w.shape),
                                       graph_weight=str(w_node.target)))
     return out
 
@@ -183,24 +211,25 @@ def _call_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
     return out
 
 
-def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict, middle: set[fx.Node],
+def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.NodeRole], middle: set[fx.Node],
                quantized: set[str]) -> list[QuantizerPlacement]:
-    """Inputs of ops the config quantizes the inputs of (is_input_quantized): each floating-point
-    activation input that is not already quantized where it comes from (its producer, through data
-    movement, has no output or model-input quantizer) gets a quantizer on that edge. Inputs from inside
-    a supergroup stay unquantized (the group is one kernel); weights are the parameter rules' business."""
+    """Inputs of known ops the config quantizes the inputs of (is_input_quantized): each floating-point
+    data input (not a mask, table or shape: graph.classify) that is not already quantized where it comes
+    from (its producer, through data movement, has no output or model-input quantizer) gets a quantizer on
+    that edge. Inputs from inside a supergroup stay unquantized (the group is one kernel); weights are the
+    parameter rules' business."""
     call_index = _call_index(gm)
     out = []
     for n in gm.graph.nodes:
-        t = op_type.get(n)
-        if t is None or t == "Passthrough" or not cfg.input_quantized(t):
+        role = roles[n]
+        t = role.op_type
+        if role.kind != "op" or t is None or not cfg.input_quantized(t):
             continue
         for k, a in enumerate(dict.fromkeys(n.all_input_nodes)):
             src = a
-            while op_type.get(src) == "Passthrough" and len(src.all_input_nodes) == 1:
+            while roles[src].kind == "passthrough" and len(src.all_input_nodes) == 1:
                 src = src.all_input_nodes[0]
-            if (src.name in quantized or src in middle or a.op not in ("placeholder", "call_module", "call_function",
-                                                                        "call_method")
+            if (src.name in quantized or src in middle or roles[a].kind not in ("input", "op", "passthrough")
                     or a.meta.get("pq_dtype") not in _FLOATS):
                 continue
             base = n.target if n.op == "call_module" else n.name
@@ -210,10 +239,12 @@ def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict, middle: s
     return out
 
 
-def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
+def _activations(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.NodeRole],
                  middle: set[fx.Node]) -> list[QuantizerPlacement]:
-    """Model inputs, and outputs of quantizable ops outside a supergroup's middle: one per call site (a
-    module called k times has "<module>.output", "<module>.output_1", ... in call order)."""
+    """Model inputs holding data, and outputs of known ops holding data outside a supergroup's middle: one
+    per call site (a module called k times has "<module>.output", "<module>.output_1", ... in call order).
+    Parts of a larger op, tensors that are not data-dependent (masks, rotary tables, shapes) and ops the
+    simulation does not know get none (graph.classify)."""
     outputs: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "output":
@@ -221,14 +252,15 @@ def _activations(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
     call_index = _call_index(gm)
     out = []
     for n in gm.graph.nodes:
-        t = op_type.get(n)
+        role = roles[n]
+        t = role.op_type
         is_float = n.meta.get("pq_dtype") in _FLOATS
         if n.op == "placeholder":
-            if cfg.model_input_quantized and is_float:
+            if cfg.model_input_quantized and is_float and role.kind == "input":
                 out.append(QuantizerPlacement(f"input.{n.target}", "input", "ModelInput", n.name,
                                               cfg.activation_symmetric("")))
             continue
-        if t is None or t == "Passthrough" or not is_float or n in middle or not cfg.output_quantized(t):
+        if role.kind != "op" or not is_float or n in middle or not cfg.output_quantized(t):
             continue
         if n in outputs and not cfg.model_output_quantized:
             continue

@@ -52,7 +52,9 @@ class QdqPair:
 
 
 def _constants(graph) -> dict[str, np.ndarray]:
-    """Every constant tensor of the graph: initializers and Constant nodes' values."""
+    """Every constant tensor of the graph: initializers, Constant nodes' values, and Identity nodes of
+    either (the exporter writes equal parameters, e.g. norm gains of ones, as one initializer that each
+    parameter's name reads through an Identity)."""
     from onnx import numpy_helper
     out = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     for n in graph.node:
@@ -60,6 +62,8 @@ def _constants(graph) -> dict[str, np.ndarray]:
             for a in n.attribute:
                 if a.name == "value":
                     out[n.output[0]] = numpy_helper.to_array(a.t)
+        elif n.op_type == "Identity" and n.input[0] in out:
+            out[n.output[0]] = out[n.input[0]]
     return out
 
 
@@ -257,7 +261,9 @@ def constants_model(model: "onnx.ModelProto", pairs: list[QdqPair]) -> "onnx.Mod
     want = {p.codes for p in pairs}
     nodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in want]
     needed = {i for n in nodes for i in n.input}
-    nodes = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in needed] + nodes
+    aliases = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] in needed]
+    needed |= {n.input[0] for n in aliases}
+    nodes = [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] in needed] + aliases + nodes
     inits = [t for t in model.graph.initializer if t.name in needed]
     g = helper.make_graph(nodes, "constants", [], [], initializer=inits)
     for p in pairs:

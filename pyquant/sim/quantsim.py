@@ -26,7 +26,7 @@ from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
 from ..ops import grid
 from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced,
-                     from_range, from_scale_offset)
+                     from_range, from_scale_offset, least_error_encoding)
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
@@ -122,6 +122,8 @@ class QuantSim:
         self.placement: dict[str, P.QuantizerPlacement] = {
             p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels)}
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
+        self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
+        """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
         self._install()
         names = {id(q): n for n, q in self.activation_quantizers.items()}
         self.fused_activations: list[str] = fusion.fuse_activations(gm, names) if fuse_activations else []
@@ -261,10 +263,19 @@ class QuantSim:
         return wq.quantizer_input(w) if wq is not None else w
 
     def calibrate_weight(self, name: str) -> None:
-        """(Re)computes weight quantizer `name`'s encoding from its weight (a frozen one is kept)."""
+        """(Re)computes weight quantizer `name`'s encoding from its weight (a frozen one is kept). With a
+        histogram scheme each channel keeps the scheme's encoding unless round-to-nearest over the channel's
+        full range reconstructs the weight with a smaller squared error (pyquant.quant.least_error_encoding)."""
         q = self.param_quantizers[self._param(name).name]
+        w = self.quantizer_input(name)
         with torch.no_grad(), q.compute_encodings():
-            q(self.quantizer_input(name))
+            q(w)
+        if not q.frozen and not isinstance(q.encoding_analyzer, MinMax):
+            # A histogram search scores ranges on bin centres, which for a weight's few values per channel is
+            # not the real error; the weight itself is at hand, so keep the search's range wherever it is at
+            # least as good and round to nearest over the full range where that is better.
+            with torch.no_grad():
+                q.set_encoding(least_error_encoding(w.detach(), q.get_encoding()))
 
     def folds_batchnorm_each_step(self, name: str) -> bool:
         """Whether weight quantizer `name` folds its batch norm in on every forward (fold_each_step)."""
@@ -397,7 +408,8 @@ class QuantSim:
         return state["extra"]
 
     def summary(self, file=None) -> str:
-        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding."""
+        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding; then the ops the
+        simulation does not know, left unquantized, each with the reason."""
         rows = [("name", "op", "bw", "sym", "granularity", "enabled", "scale", "offset")]
         for name, q in self.quantizers.items():
             enc = q.get_encoding()
@@ -412,10 +424,10 @@ class QuantSim:
                 gran = enc.granularity
             rows.append((name, self.op_type(name), str(q.bitwidth), "sym" if q.symmetric else "asym",
                          gran, "yes" if q.enabled else "no", sc, off))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        text = "\n".join(lines)
+        text = _table(rows)
+        if self.unquantized_ops:
+            text += "\n\nunquantized (ops the simulation does not know: no quantizer is guessed for them)\n"
+            text += _table([("node", "calls", "reason")] + [(u.node, u.target, u.reason) for u in self.unquantized_ops])
         print(text, file=file or sys.stdout)
         return text
 
@@ -484,6 +496,14 @@ class QuantSim:
         save_onnx(onnx_model.model, paths["onnx"])
         atomic_torch_save(state, paths["pth"])
         return paths
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Rows as left-aligned columns, the header underlined."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def _reshape_encoding(enc: Encoding, shape) -> Encoding:

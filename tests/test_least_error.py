@@ -1,0 +1,59 @@
+"""pyquant.quant.least_error: per group, the encoding with the smallest real reconstruction error, on the
+grid the encoding names (signed, strict or unsigned)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyquant.quant import from_range, from_scale_offset, least_error, least_error_encoding
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _sse(x: torch.Tensor, enc) -> torch.Tensor:
+    return (enc.quantize_dequantize(x).double() - x.double()).square().sum(dim=1)
+
+
+@pytest.mark.parametrize("grid", [dict(), dict(strict=True)])
+def test_each_channel_gets_the_candidate_with_the_smaller_error(grid):
+    torch.manual_seed(0)
+    w = torch.randn(6, 40)
+    amax = w.abs().amax(dim=1, keepdim=True)
+    # a clipped range on even channels (worse), a full one on odd channels (as good as round-to-nearest)
+    clip = torch.where(torch.arange(6).reshape(6, 1) % 2 == 0, 0.3 * amax, amax)
+    enc = from_range(-clip, clip, 4, True, **grid)
+    best = least_error_encoding(w, enc)
+    assert best.strict == enc.strict and best.signed and best.qmin == enc.qmin
+    got, before = _sse(w, best), _sse(w, enc)
+    assert (got <= before).all()
+    assert (got[0::2] < before[0::2]).all()  # the clipped channels were replaced
+    assert torch.equal(best.scale[1::2], enc.scale[1::2]) or (got[1::2] <= before[1::2]).all()
+    # nothing on the result's grid below its qmin: a strict grid keeps dropping the most negative code
+    codes = torch.round(best.quantize_dequantize(w) / best.scale)
+    assert codes.min() >= best.qmin
+
+
+def test_an_encoding_nothing_beats_comes_back_unchanged():
+    torch.manual_seed(1)
+    w = torch.randn(4, 32)
+    amax = w.abs().amax(dim=1, keepdim=True)
+    once = least_error_encoding(w, from_range(-0.5 * amax, 0.5 * amax, 8, True))
+    assert least_error_encoding(w, once) is once  # already the least error on every channel: kept as is
+
+
+def test_unsigned_symmetric_stays_unsigned():
+    torch.manual_seed(2)
+    x = torch.rand(3, 64) + 0.01
+    enc = from_range(torch.zeros(3, 1), 0.2 * x.amax(dim=1, keepdim=True), 8, True, signed=False)
+    best = least_error_encoding(x, enc)
+    assert best.symmetric and not best.signed and (best.qmin, best.qmax) == (0, 255)
+    assert (_sse(x, best) < _sse(x, enc)).all()
+
+
+def test_candidates_on_different_grids_are_refused():
+    a = from_range(torch.tensor([-1.0]), torch.tensor([1.0]), 8, True)
+    b = from_range(torch.tensor([-1.0]), torch.tensor([1.0]), 8, True, strict=True)
+    with pytest.raises(ValueError, match="grid"):
+        least_error(torch.randn(8), [a, b])
+    with pytest.raises(ValueError, match="at least one"):
+        least_error(torch.randn(8), [])
