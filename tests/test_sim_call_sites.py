@@ -94,3 +94,35 @@ def test_shared_modules_export_and_run_in_onnxruntime(tmp_path):
     import json
     names = {e["name"] for e in json.loads(paths["encodings"].read_text())["activation_encodings"]}
     assert {"act.output_1", "act.output_2", "block.relu.output_1"} <= names
+
+
+def test_autoquant_and_layer_sensitivity_handle_shared_modules(tmp_path):
+    """The whole AutoQuant flow (folding, CLE, bias correction, AdaRound) and the per-layer sweep run on a
+    model whose modules are called several times; each call site of the shared SiLU is a layer of its own."""
+    from pyquant.analysis import layer_sensitivity
+    from pyquant.autoquant import AutoQuant
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    model = _model()
+    with torch.no_grad():
+        ref = model(x)
+
+    def fidelity(m: nn.Module) -> float:
+        with torch.no_grad():
+            return 1.0 - float((m(x) - ref).norm() / ref.norm())
+
+    aq = AutoQuant(model, x[:1], x, fidelity, param_bw=4, config="per_tensor", quant_schemes=("tf_enhanced",),
+                   adaround_kwargs={"iterations": 10, "batch_size": 8, "positions_per_sample": 16}, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = aq.optimize(allowed_accuracy_drop=0.0, output_dir=tmp_path)
+    evaluated = [s.key for s in res.steps if s.status == "evaluated"]
+    assert {"quantsim", "adaround"} <= set(evaluated), [(s.key, s.status, s.reason) for s in res.steps]
+    assert {"act.output", "act.output_1", "act.output_2", "shared.output_1"} <= set(res.sim.activation_quantizers)
+    assert fidelity(res.sim.model) == pytest.approx(res.accuracy, abs=1e-6)
+    sim = QuantSim(_model(), x[:1])
+    sim.compute_encodings(lambda m: m(x))
+    sens = layer_sensitivity(sim, x, progress=False)
+    by_quantizer = {q: row["layer"] for row in sens["layers"] for q in row["quantizers"]}
+    assert len({by_quantizer[n] for n in ("act.output", "act.output_1", "act.output_2")}) == 3
+    assert all(row["enabled_alone"] is not None for row in sens["layers"])
