@@ -383,3 +383,23 @@ def test_default_weight_scheme_is_no_worse_than_absmax_rounding_on_the_decoder()
             rtn = from_range(-amax, amax, bw, True).quantize_dequantize(w)
             err, err_rtn = (q(w) - w).double().square().sum(), (rtn - w).double().square().sum()
             assert err <= err_rtn, (name, bw, float(err / err_rtn))
+
+
+def test_a_keyword_captured_model_is_called_like_the_original():
+    """A transformers model captured from keyword inputs takes them by position too, as the model does
+    (`sim.model(ids)`, which pyquant.metrics.perplexity uses); mixing up the two is a clear error."""
+    from pyquant.metrics import perplexity
+    model, calib, export = _model("llama")
+    sim = QuantSim(model, export)
+    sim.compute_encodings(lambda m: m(**calib))
+    ids = calib["input_ids"]
+    with torch.no_grad():
+        by_name = sim.model(input_ids=ids).logits
+        torch.testing.assert_close(sim.model(ids).logits, by_name, rtol=0, atol=0)
+        clone = _copy(sim.model)
+        torch.testing.assert_close(clone(ids).logits, by_name, rtol=0, atol=0)
+    assert perplexity(sim.model, ids, progress=False) > 1
+    with pytest.raises(TypeError, match="input_ids both by position and by name"):
+        sim.model(ids, input_ids=ids)
+    with pytest.raises(TypeError, match="takes the inputs input_ids"):
+        sim.model(ids, ids)

@@ -4,6 +4,7 @@ speaks of."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import operator
 import traceback
@@ -557,7 +558,8 @@ def _is_hf(model: nn.Module) -> bool:
 
 
 def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
-    """torch.export (non-strict) as a GraphModule of ATen ops with the parameters as attributes."""
+    """torch.export (non-strict) as a GraphModule of ATen ops with the parameters as attributes; a graph
+    captured from keyword inputs also takes them by position, in the order of the model's forward."""
     if isinstance(dummy_input, dict):
         args, kwargs = (), dict(dummy_input)
     elif isinstance(dummy_input, (tuple, list)):
@@ -569,7 +571,36 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
     dyn = lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
     dynamic = ({k: dyn(v) for k, v in kwargs.items()} if kwargs else tuple(dyn(a) for a in args))
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
-    return ep.module()
+    gm = ep.module()
+    if kwargs:
+        # called like the model: positional arguments bind to the forward's own parameter names
+        # (`sim.model(input_ids)` as `model(input_ids)`), since the captured graph takes keywords only
+        try:
+            order = [n for n in inspect.signature(model.forward).parameters if n in kwargs]
+        except (TypeError, ValueError):
+            order = list(kwargs)
+        gm.register_forward_pre_hook(_PositionalAsKeywords(order), prepend=True, with_kwargs=True)
+    return gm
+
+
+class _PositionalAsKeywords:
+    """Forward pre-hook of a graph captured with keyword inputs: positional arguments become the keywords
+    `names` in order (a class, not a closure, so that the graph still pickles and deep-copies)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if not args:
+            return None
+        if len(args) > len(self.names):
+            raise TypeError(f"the simulated model takes the inputs {', '.join(self.names)} (by position or name); "
+                            f"got {len(args)} positional arguments")
+        named = dict(zip(self.names, args))
+        clash = sorted(set(named) & set(kwargs))
+        if clash:
+            raise TypeError(f"the simulated model got {', '.join(clash)} both by position and by name")
+        return (), {**named, **kwargs}
 
 
 def trace(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
