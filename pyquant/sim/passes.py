@@ -7,12 +7,12 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
-__all__ = ["SUPERGROUP_PASSES", "internal_nodes"]
+__all__ = ["SUPERGROUP_PASSES", "internal_nodes", "single_consumer"]
 
 OpTypes = dict  # fx.Node -> ONNX op type (graph.node_op_type), None for anything else
 
 
-def _single_consumer(n: fx.Node, op_type: OpTypes) -> Optional[fx.Node]:
+def single_consumer(n: fx.Node, op_type: OpTypes) -> Optional[fx.Node]:
     """The one op that consumes n's output, skipping data movement; None if there are several."""
     while True:
         users = list(n.users)
@@ -35,7 +35,7 @@ def _matmul_add(gm: fx.GraphModule, op_type: OpTypes) -> set[fx.Node]:
     for n in gm.graph.nodes:
         if op_type.get(n) != "MatMul":
             continue
-        add = _single_consumer(n, op_type)
+        add = single_consumer(n, op_type)
         if add is not None and op_type.get(add) == "Add" and len(add.args) == 2 \
                 and any(_is_constant(a, gm) for a in add.args):
             out.add(n)

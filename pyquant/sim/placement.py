@@ -22,7 +22,7 @@ from .._layers import weight_axis
 from . import graph as G
 from .config import HardwareConfig
 from .kernels import apply_supported_kernels
-from .passes import internal_nodes
+from .passes import internal_nodes, single_consumer
 
 __all__ = ["QuantizerPlacement", "UnquantizedOp", "PER_CHANNEL_OPS", "plan", "unquantized_ops"]
 
@@ -172,16 +172,6 @@ def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) 
     """Nodes inside a supergroup (all but its last op): no quantizer after them (e.g. Conv -> Relu).
     Data-movement nodes between the ops (an Identity left by batch-norm folding, a reshape) do not break
     a group. The config's supergroup_pass_list adds the matches of those named passes (passes.py)."""
-    def next_op(node: fx.Node) -> Optional[fx.Node]:
-        while True:
-            u = list(node.users)
-            if len(u) != 1:
-                return None
-            if op_type.get(u[0]) == "Passthrough":
-                node = u[0]
-                continue
-            return u[0]
-
     middle: set[fx.Node] = set()
     for group in cfg.supergroups:
         for n in gm.graph.nodes:
@@ -189,7 +179,7 @@ def _supergroup_middles(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) 
                 continue
             chain, cur = [n], n
             for t in group[1:]:
-                nxt = next_op(cur)
+                nxt = single_consumer(cur, op_type)
                 if nxt is None or op_type.get(nxt) != t:
                     break
                 chain.append(nxt)
