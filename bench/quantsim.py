@@ -8,10 +8,14 @@ pyquant against aimet-torch's `aimet_torch.quantsim.QuantizationSimModel` (v2), 
    KL, SQNR, and onnxruntime's int8 execution of the exported QDQ model as the on-target check); the
    Fashion-MNIST CNN (test accuracy on the 10k real test images); all-MiniLM-L6-v2 on fortune texts
    (embedding cosine similarity, and a logistic-regression probe on FP32 vs quantized embeddings).
+4. The model zoo of tests/zoo.py (ResNets, MobileNetV3, EfficientNet, ConvNeXt, ViT, MiniLM, a Llama
+   decoder, a padded BERT encoder, normalizations): enabled quantizers, W8A8 output SQNR vs FP32 and
+   calibration time, one thread; written to quantsim_zoo.json / .md.
 
     python -m bench.quantsim              # dev env: AIMET columns stay empty (no aimet_torch)
     python -m bench.quantsim --quick      # small sizes (a smoke run)
     python -m bench.quantsim --out DIR    # results elsewhere than bench/results
+    python -m bench.quantsim --only zoo   # section 4 alone (--skip zoo leaves it out of a full run)
 
 With AIMET: pyquant links no libtorch, so it is installed into the peer env (aimet-torch 2.42) and run
 on that env's torch. Run this file with ``-P`` there (no checkout on the front of sys.path, so that the
@@ -462,6 +466,230 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
     ]
 
 
+# ---- 4: the model zoo of tests/zoo.py ----------------------------------------------------------------
+ZOO_COLUMNS = ["model", "input", "pq_quantizers", "aimet_quantizers", "pq_sqnr_db", "aimet_sqnr_db",
+               "pq_calib_s", "aimet_calib_s", "aimet_over_pq", "error"]
+ZOO_BATCH = 16
+
+
+def _zoo_cases() -> list[tuple[str, str, Callable[[], tuple[torch.nn.Module, Callable[[int], dict]]]]]:
+    """(name, input, build) for each zoo model: build() -> (FP32 model, batch(seed) -> keyword inputs in the
+    order of the model's forward). The architectures are tests/zoo.py's, built as tests/test_zoo.py builds
+    them (seed 0; convolutional nets with data-calibrated batch norms, folded)."""
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    import zoo
+    from pyquant.techniques import fold_batchnorms
+
+    gen = lambda seed: torch.Generator().manual_seed(seed)
+
+    def images(seed: int) -> dict:
+        return {"x": torch.randn(ZOO_BATCH, 3, 32, 32, generator=gen(seed))}
+
+    def tokens(vocab: int, seq: int, padded: bool) -> Callable[[int], dict]:
+        def batch(seed: int) -> dict:
+            ids = torch.randint(1, vocab, (ZOO_BATCH, seq), generator=gen(seed))
+            if not padded:
+                return {"input_ids": ids}
+            mask = torch.ones_like(ids)
+            mask[::2, 2 * seq // 3:] = 0  # every other sequence padded over its last third
+            return {"input_ids": ids, "attention_mask": mask}
+        return batch
+
+    def cnn(make: Callable[[], torch.nn.Module], fold: bool = True):
+        def build():
+            torch.manual_seed(0)
+            model = make()
+            if fold:
+                zoo.calibrate_batchnorms(model, torch.randn(32, 3, 32, 32, generator=gen(1)))
+                fold_batchnorms(model)
+            return model.eval(), images
+        return build
+
+    def minilm():
+        from pyquant.models import minilm
+        return minilm()[1], tokens(30522, 32, True)
+
+    def seeded(make: Callable[[], torch.nn.Module], batch: Callable[[int], dict]):
+        def build():
+            torch.manual_seed(0)
+            return make().eval(), batch
+        return build
+
+    img = f"{ZOO_BATCH} x 3x32x32"
+    return [
+        ("ResNet-18 (width 16)", img, cnn(zoo.resnet18)),
+        ("ResNet-50 (width 8)", img, cnn(zoo.resnet50)),
+        ("MobileNetV3-Small (x0.5)", img, cnn(zoo.MobileNetV3Small)),
+        ("EfficientNet-B0 (x0.25)", img, cnn(zoo.EfficientNetB0)),
+        ("ConvNeXt (stem + 2 blocks)", img, cnn(zoo.ConvNeXtTiny, fold=False)),
+        ("ViT (2 blocks, nn.MultiheadAttention)", img, cnn(zoo.ViT, fold=False)),
+        ("all-MiniLM-L6-v2 (SDPA)", f"{ZOO_BATCH} x 32 tokens, half padded", minilm),
+        ("Llama decoder (transformers, 2 layers)", f"{ZOO_BATCH} x 16 tokens",
+         seeded(zoo.tiny_llama, tokens(256, 16, False))),
+        ("BERT encoder, additive padding mask", f"{ZOO_BATCH} x 12 tokens, half padded",
+         seeded(zoo.PaddedBert, tokens(100, 12, True))),
+        ("norms (4 RMSNorm forms, GroupNorm, SDPA)", f"{ZOO_BATCH} x 8 x 32",
+         seeded(zoo.NormZoo, lambda seed: {"x": torch.randn(ZOO_BATCH, 8, 32, generator=gen(seed))})),
+    ]
+
+
+def _first_tensor(y: Any) -> torch.Tensor:
+    """A model's output tensor (transformers' ModelOutput or tuple: its first field)."""
+    if hasattr(y, "to_tuple"):
+        y = y.to_tuple()
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
+class _FirstOutput(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return _first_tensor(self.model(*args))
+
+
+def _error_line(exc: BaseException) -> str:
+    """The type and message of an error on one line (a message that goes on over several lines, a list of
+    modules say, is joined), at most 240 characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:240]
+
+
+def _zoo_row(name: str, inputs: str, build, aimet: _Aimet, n_batches: int, reps: int) -> dict[str, Any]:
+    """One zoo model at W8A8 (default config: per-channel weights; tf_enhanced) in both toolkits."""
+    from pyquant.sim.quantsim import QuantSim
+
+    row: dict[str, Any] = dict(model=name, input=inputs)
+    try:
+        model, batch = build()
+    except Exception as exc:  # an asset or transformers missing: a row that says so
+        row["pq_error"] = row["error"] = f"not built: {_error_line(exc)}"
+        log(f"zoo {name}: {row['pq_error']}")
+        return row
+    calib = [batch(100 + i) for i in range(n_batches)]
+    evalx = batch(999)  # held out: the SQNR is not on the calibration data
+    ref = _first_tensor(model(**evalx))
+
+    def pyquant_calibrate() -> QuantSim:
+        sim = QuantSim(model, calib[0], quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
+        sim.compute_encodings(lambda m: [m(**b) for b in calib])
+        return sim
+
+    # AIMET traces with positional inputs and wants a tensor out: transformers models (a ModelOutput, and a
+    # KV cache from the decoder) go in behind a module that returns the first output
+    m_a = copy.deepcopy(model)
+    if hasattr(m_a, "config"):
+        m_a.config.use_cache = False
+        m_a = _FirstOutput(m_a)
+    args = [tuple(b.values()) for b in calib]
+
+    def aimet_calibrate(prepare: bool):
+        sim, _, _ = aimet.sim(m_a, args[0], "tf_enhanced", "default", prepare=prepare)
+        with _quiet():
+            sim.compute_encodings(lambda m: [m(*a) for a in args])
+        return sim
+
+    # first runs, untimed: they warm both up, give the sims measured below, and find what AIMET handles
+    try:
+        sim = pyquant_calibrate()
+    except Exception as exc:  # noqa: BLE001 - a failure is a row of the table
+        row["pq_error"] = _error_line(exc)
+        row["error"] = f"pyquant: {row['pq_error']}"
+        log(f"zoo {name}: pyquant failed: {row['pq_error']}")
+        return row
+    pq_params = sum(q.enabled for q in sim.param_quantizers.values())
+    pq_acts = sum(q.enabled for q in sim.activation_quantizers.values())
+    row.update(pq_quantizers=pq_params + pq_acts, pq_params=pq_params, pq_activations=pq_acts,
+               pq_sqnr_db=sqnr_db(ref, _first_tensor(sim.model(**evalx))))
+    del sim
+    fns: list[Callable[[], Any]] = [pyquant_calibrate]
+    if aimet.ok:
+        asim, prepare, errors = None, None, []
+        for prep in (True, False):  # AIMET's flow is prepare_model first; without it where that fails
+            try:
+                asim, prepare = aimet_calibrate(prep), prep
+                break
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{'prepare_model' if prep else 'QuantizationSimModel'}: {_error_line(exc)}")
+        if asim is None:
+            row["aimet_error"] = errors[-1]
+            row["error"] = f"AIMET {errors[-1]}"
+        else:
+            counts = aimet.quantizer_counts(asim)
+            with _quiet():
+                a_out = _first_tensor(asim.model(*evalx.values()))
+            row.update(aimet_quantizers=counts["params"] + counts["activations"], aimet_params=counts["params"],
+                       aimet_activations=counts["activations"], aimet_sqnr_db=sqnr_db(ref, a_out),
+                       aimet_prepare_model=prepare)
+            if errors:
+                row["aimet_prepare_error"] = errors[0]
+            del asim
+            fns.append(lambda: aimet_calibrate(prepare))
+        for e in errors:
+            log(f"zoo {name}: AIMET {e}")
+    times = interleaved_times(fns, warmup=0, reps=reps)
+    row["pq_calib_s"] = statistics.median(times[0])
+    row["pq_times_s"] = [round(t, 3) for t in times[0]]
+    if len(times) > 1:
+        row["aimet_calib_s"] = statistics.median(times[1])
+        row["aimet_times_s"] = [round(t, 3) for t in times[1]]
+        row["aimet_over_pq"] = row["aimet_calib_s"] / row["pq_calib_s"]
+    log(f"zoo {name}: pyquant {row['pq_quantizers']} quantizers, {row['pq_sqnr_db']:.1f} dB, {row['pq_calib_s']:.2f} s"
+        + (f"; AIMET {row['aimet_quantizers']} quantizers, {row['aimet_sqnr_db']:.1f} dB, {row['aimet_calib_s']:.2f} s"
+           if "aimet_calib_s" in row else f"; AIMET: {row.get('aimet_error', aimet.why)}"))
+    return row
+
+
+def zoo(aimet: _Aimet, a: argparse.Namespace) -> int:
+    """The zoo table: per model, enabled quantizers, W8A8 output SQNR vs FP32 and calibration time
+    (sim construction + compute_encodings), pyquant vs AIMET, one thread each; written to quantsim_zoo."""
+    from pyquant._native import cpu_module
+
+    n_batches, reps = (2, 1) if a.quick else (8, 3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both toolkits on one thread (pyquant's kernels have their own cap)
+    cpu_module().set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        rows = [_zoo_row(name, inputs, build, aimet, n_batches, reps) for name, inputs, build in _zoo_cases()]
+        wall = time.perf_counter() - t0
+        notes = [
+            f"pyquant {pyquant.__version__} (native {pyquant.native_info().get('simd')}); {aimet.label}; "
+            f"torch {torch.__version__}; 1 thread for torch and for pyquant's kernels",
+            "Models: tests/zoo.py's architectures with random weights (seed 0), as tests/test_zoo.py builds them "
+            "(convolutional nets: batch norms with running statistics from data, folded); all-MiniLM-L6-v2 with "
+            "its real weights (`pyquant.models.minilm()`). Inputs: standard-normal images / random token ids "
+            f"(uniform over the vocabulary), {n_batches} calibration batches of {ZOO_BATCH}, SQNR on one "
+            "further held-out batch",
+            "W8A8, the same settings in both: per-channel weights (pyquant config='default'; AIMET "
+            "default_config_per_channel.json), tf_enhanced for weights and activations",
+            "quantizers: enabled weight + activation quantizers (pq_params/pq_activations and "
+            "aimet_params/aimet_activations in the JSON). SQNR: 10 log10(|y|^2 / |y - y_q|^2) of the model's "
+            "output (logits, or last hidden state)",
+            "calib: sim construction + compute_encodings on the calibration batches, seconds, median of "
+            f"{reps} runs, pyquant and AIMET timed in turn round by round after one untimed run each (every run "
+            "in the JSON). AIMET's includes prepare_model where it succeeds (aimet_prepare_model; where it "
+            "fails, QuantizationSimModel runs on the model as it is and aimet_prepare_error has why); "
+            "transformers models go to AIMET with use_cache=False, behind a module that returns their first "
+            "output (its trace takes tensors only)",
+            "error: AIMET's (or pyquant's) error, type and message on one line, where it does not handle the model",
+            f"whole run {wall:.0f} s; the 2 cores are shared with other work: read the ratios",
+        ]
+        name = "quantsim_zoo" + ("_quick" if a.quick else "")
+        path = write_results(name, rows, ZOO_COLUMNS, title="QuantSim on the model zoo: quantizers, W8A8 output "
+                             "SQNR and calibration time, pyquant vs AIMET", notes=notes, out_dir=a.out)
+        payload = json.loads(path.read_text())
+        payload["environment"] = {"torch": torch.__version__, "aimet_torch": aimet.version,
+                                  "cpu": payload["machine"]["cpu"], "threads": 1, "pyquant": pyquant.__version__}
+        atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    finally:
+        torch.set_num_threads(threads)
+        cpu_module().set_num_threads(0)
+    return report(path, rows)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -474,7 +702,9 @@ def main(argv=None) -> int:
                    help="more AIMET accuracy rows for MobileNetV2, comma-separated: default/min_max, "
                         "per_tensor/min_max, per_tensor/tf_enhanced or 'all' (each recalibrates AIMET; "
                         "default/tf_enhanced always comes from the timed sim)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: fashion, minilm, accuracy")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: fashion, minilm, accuracy, zoo")
+    p.add_argument("--only", choices=["zoo"], default=None,
+                   help="run one section alone: zoo (the tests/zoo.py models, written to quantsim_zoo)")
     a = p.parse_args(argv)
 
     if not require_native("bench/quantsim.py"):
@@ -487,6 +717,8 @@ def main(argv=None) -> int:
     if not aimet.ok:
         log(f"AIMET not available ({aimet.why}): AIMET columns stay empty")
     torch.set_grad_enabled(False)
+    if a.only == "zoo":
+        return zoo(aimet, a)
 
     from pyquant._assets import AssetMissingError
     t_start = time.perf_counter()
@@ -608,7 +840,8 @@ def main(argv=None) -> int:
     payload = json.loads(path.read_text())  # the harness's JSON, plus the details behind the notes
     payload["details"] = meta
     atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
-    return report(path, rows)
+    report(path, rows)
+    return zoo(aimet, a) if "zoo" not in skip else 0
 
 
 if __name__ == "__main__":

@@ -55,11 +55,9 @@ def _cnn(make: Callable[[], nn.Module], fold: bool = True) -> Callable[[], tuple
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = zoo.tiny_llama()
     ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids}, {"input_ids": ids[:2]}
 

@@ -362,6 +362,17 @@ class PaddedBert(nn.Module):
         return x
 
 
+# ---- a small Llama decoder (transformers' LlamaForCausalLM: RMSNorm, rotary tables, grouped-query SDPA) ------
+def tiny_llama() -> nn.Module:
+    """Two layers, hidden 64, 4 query heads sharing 2 key/value heads, a 256-token vocabulary; needs
+    transformers (imported here, so that the rest of the zoo does not)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 # ---- RMSNorms as models write them -------------------------------------------------------------------------
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm: float32 variance, x * rsqrt(mean(x^2) + eps), then the gain."""
