@@ -21,6 +21,7 @@ import zoo
 from helpers import assert_onnx_runs_simulation, one_thread  # noqa: F401 (fixture)
 from pyquant import QuantSim
 from pyquant.metrics import sqnr_db
+from pyquant.quant import from_range
 from pyquant.sim import graph as G
 from pyquant.techniques import fold_batchnorms
 
@@ -401,3 +402,42 @@ def test_a_keyword_captured_model_is_called_like_the_original():
         sim.model(ids, input_ids=ids)
     with pytest.raises(TypeError, match="takes the inputs input_ids"):
         sim.model(ids, ids)
+
+
+def test_a_tied_embedding_and_head_share_one_per_row_weight_quantizer():
+    """Decoders tie the output head to the embedding table (Gemma does): one quantizer serves the lookup and
+    the head, per output channel as the head's config says (the table's rows), not one grid over the whole
+    vocabulary; the lookup reads the same rounded rows, and the export runs it in onnxruntime."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # rows of very different norms, as trained vocabularies have
+        model.lm_head.weight.mul_(torch.logspace(-2, 0, 256).unsqueeze(1)[torch.randperm(256)])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    sim = QuantSim(model, {"input_ids": ids}, param_bw=8, output_bw=16)
+    tied = [n for n in sim.param_quantizers if n.endswith(("lm_head.weight", "embed_tokens.weight"))]
+    assert len(tied) == 1, tied
+    q = sim.quantizer(tied[0])
+    assert tuple(q.shape) == (256, 1) and sim.op_type(tied[0]) == "Gemm"
+    sim.compute_encodings(lambda m: m(input_ids=ids))
+    w = model.lm_head.weight.detach()
+    per_row = q(w)
+    per_tensor_err = (from_range(-w.abs().max(), w.abs().max(), 8, True).quantize_dequantize(w) - w).square().sum()
+    assert (per_row - w).square().sum() < 0.1 * per_tensor_err
+    # the lookup reads the quantized rows: what reaches the lookup's output quantizer is the rounded table's rows
+    (lookup,) = [n for n in sim.activation_quantizers if sim.op_type(n) == "Gather"]
+    seen = {}
+    sim.quantizer(lookup).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        logits = sim.model(input_ids=ids).logits
+    torch.testing.assert_close(seen["x"], per_row[ids], rtol=1e-3, atol=1e-6)
+    with tempfile.TemporaryDirectory() as d, torch.no_grad():
+        paths = sim.export(d, "tied", {"input_ids": ids}, opset_version=21)
+        from pyquant.sim.export import run_onnx
+        ort = run_onnx(paths["onnx"], {"input_ids": ids})[0]
+    assert sqnr_db(logits, torch.as_tensor(ort)) > 40

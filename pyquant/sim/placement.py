@@ -147,24 +147,30 @@ def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
                    taken: set[str]) -> list[QuantizerPlacement]:
     """Weights that are graph attributes: those of ATen ops (graphs from torch.export) and of functional
     calls such as F.linear(x, self.weight); one quantizer per parameter, on the whole tensor, also when ops
-    read slices of its output channels."""
-    out, seen = [], set(taken)
+    read slices of its output channels. A weight read by several ops (a language model's embedding table
+    tied to its output head) gets one quantizer, per channel where one of its readers runs per channel:
+    the head's output channels are the table's rows, so the lookup reads per-row encodings as well, where a
+    per-tensor grid over a whole vocabulary would cost the head its precision."""
+    uses: dict[str, list[tuple[fx.Node, int, fx.Node]]] = {}
     for n in gm.graph.nodes:
         found = G.weight_of(n)
         if found is None or op_type.get(n) is None:
             continue
         w_node, axis = found
         w = G.get_attr(gm, w_node.target)
-        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-            continue
-        rule = cfg.param_rule(op_type[n], "weight")
         name = str(w_node.target)
-        if not rule.is_quantized or name in seen:
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point() or name in taken:
             continue
-        seen.add(name)
+        if cfg.param_rule(op_type[n], "weight").is_quantized:
+            uses.setdefault(name, []).append((n, axis, w_node))
+    out = []
+    for name, readers in uses.items():
+        per_channel = [r for r in readers if _per_channel_axis(cfg, op_type[r[0]], r[1]) is not None]
+        n, axis, w_node = (per_channel or readers)[0]
+        rule = cfg.param_rule(op_type[n], "weight")
         out.append(QuantizerPlacement(name, "param", op_type[n], n.name, rule.is_symmetric,
-                                      _per_channel_axis(cfg, op_type[n], axis), tuple(w.shape),
-                                      graph_weight=str(w_node.target)))
+                                      _per_channel_axis(cfg, op_type[n], axis),
+                                      tuple(G.get_attr(gm, w_node.target).shape), graph_weight=name))
     return out
 
 
