@@ -467,8 +467,8 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
 
 
 # ---- 4: the model zoo of tests/zoo.py ----------------------------------------------------------------
-ZOO_COLUMNS = ["model", "input", "pq_quantizers", "aimet_quantizers", "pq_sqnr_db", "aimet_sqnr_db",
-               "pq_calib_s", "aimet_calib_s", "aimet_over_pq", "error"]
+ZOO_COLUMNS = ["model", "input", "pq_quantizers", "aimet_quantizers", "aimet_prepare_model", "pq_sqnr_db",
+               "aimet_sqnr_db", "pq_calib_s", "aimet_calib_s", "aimet_over_pq", "error"]
 ZOO_BATCH = 16
 
 
@@ -674,6 +674,10 @@ def zoo(aimet: _Aimet, a: argparse.Namespace) -> int:
             "fails, QuantizationSimModel runs on the model as it is and aimet_prepare_error has why); "
             "transformers models go to AIMET with use_cache=False, behind a module that returns their first "
             "output (its trace takes tensors only)",
+            "aimet_prepare_model: whether AIMET's prepare_model traced the model. Where it does not (False), "
+            "AIMET quantizes the outputs of modules only: functional ops (residual adds, rotary arithmetic, "
+            "attention's matmuls and softmax) run unquantized, so it counts fewer quantizers and its SQNR "
+            "measures less of what a target computes",
             "error: AIMET's (or pyquant's) error, type and message on one line, where it does not handle the model",
             f"whole run {wall:.0f} s; the 2 cores are shared with other work: read the ratios",
         ]
