@@ -11,11 +11,16 @@ pyquant against aimet-torch's `aimet_torch.quantsim.QuantizationSimModel` (v2), 
 4. The model zoo of tests/zoo.py (ResNets, MobileNetV3, EfficientNet, ConvNeXt, ViT, MiniLM, a Llama
    decoder, a padded BERT encoder, normalizations): enabled quantizers, W8A8 output SQNR vs FP32 and
    calibration time, one thread; written to quantsim_zoo.json / .md.
+5. On target: the Fashion-MNIST CNN and MobileNetV2 at W8A8, W4A8 and W8A16, the simulation against
+   onnxruntime running the simulation's own QDQ export with its graph optimizations (int8 kernels, int32
+   biases): test accuracy (Fashion-MNIST), KL to FP32 and top-1 agreement (MobileNetV2), and in lockstep the
+   share of quantized values that differ; written to quantsim_on_target.json / .md.
 
     python -m bench.quantsim              # dev env: AIMET columns stay empty (no aimet_torch)
     python -m bench.quantsim --quick      # small sizes (a smoke run)
     python -m bench.quantsim --out DIR    # results elsewhere than bench/results
     python -m bench.quantsim --only zoo   # section 4 alone (--skip zoo leaves it out of a full run)
+    python -m bench.quantsim --only on_target   # section 5 alone (--skip on_target leaves it out)
 
 With AIMET: pyquant links no libtorch, so it is installed into the peer env (aimet-torch 2.42) and run
 on that env's torch. Run this file with ``-P`` there (no checkout on the front of sys.path, so that the
@@ -694,6 +699,251 @@ def zoo(aimet: _Aimet, a: argparse.Namespace) -> int:
     return report(path, rows)
 
 
+# ---- 5: on target: the simulation against onnxruntime running its export ---------------------------
+ON_TARGET_COLUMNS = ["model", "config", "measure", "sim", "ORT optimized", "ORT as written", "sim, x(1+1e-6)",
+                     "sim - ORT", "target", "met"]
+ON_TARGET_SETTINGS = (("W8A8", 8, 8), ("W4A8", 4, 8), ("W8A16", 8, 16))
+
+
+def _ort_outputs(path, x: torch.Tensor, optimize: bool, bs: int) -> torch.Tensor:
+    from pyquant.sim.export import run_onnx
+    return torch.cat([run_onnx(path, b, optimize=optimize)[0] for b in _batches(x, bs)])
+
+
+def _cells(values: dict[str, float], digits: int) -> dict[str, str]:
+    """Table cells with `digits` decimals (the harness's 3 significant digits would hide a 0.01-pt difference);
+    the JSON keeps the numbers under their own keys."""
+    return {k: f"{v:.{digits}f}" for k, v in values.items()}
+
+
+def _lockstep_share(sim, path, x: torch.Tensor, optimize: bool = True) -> tuple[float, float]:
+    """(mean over the quantized activation tensors of the share of elements whose quantized values differ
+    -- a step or more -- between sim.model and onnxruntime's run of `path` (optimized or as written), in
+    lockstep; the largest difference in steps)."""
+    from pyquant.sim.compare import compare
+    from pyquant.sim.compare_report import step_distance
+
+    rep = compare(sim, path, x, mode="lockstep", optimize=optimize, progress=False)
+    shares, worst = [], 0.0
+    for name, v in rep.values.items():
+        if name in sim.param_quantizers or v.simulation is None or v.target is None:
+            continue
+        d = step_distance(v.simulation, v.target, sim.quantizer(name).get_encoding().scale)
+        shares.append(float((d > 0.5).double().mean()))
+        worst = max(worst, float(d.max()))
+    return statistics.fmean(shares), worst
+
+
+def _float_bias_share(model, dummy, paths, x: torch.Tensor, pbw: int, obw: int, d: str) -> tuple[float, float]:
+    """_lockstep_share of the same simulation (its encodings loaded) with every bias kept in float."""
+    from pyquant.sim.quantsim import QuantSim
+
+    sim = QuantSim(model, dummy, quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default",
+                   int32_bias=False)
+    sim.load_encodings(paths["encodings"])
+    p = sim.export(d, "float_bias", dummy)
+    return _lockstep_share(sim, p["onnx"], x)
+
+
+def _on_target_fashion(a: argparse.Namespace, info: dict) -> list[dict[str, Any]]:
+    from pyquant.datasets import fashion_mnist_tensors
+    from pyquant.models import fashion_cnn
+    from pyquant.sim.quantsim import QuantSim
+    from pyquant.techniques import fold_batchnorms
+
+    n_calib, n_lock = (256, 64) if a.quick else (1024, 256)
+    model = fashion_cnn()
+    fold_batchnorms(model)
+    model.eval()
+    xtr, _ = fashion_mnist_tensors("train")
+    xte, yte = fashion_mnist_tensors("test")
+    if a.quick:
+        xte, yte = xte[:2000], yte[:2000]
+    calib = xtr[torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))[:n_calib]]
+    info["fashion"] = {"calibration_images": n_calib, "test_images": len(xte), "lockstep_images": n_lock}
+    acc = lambda logits: 100.0 * float((logits.argmax(1) == yte).double().mean())
+    fp32 = acc(_predict(model, xte, 1000))
+    name = "Fashion-MNIST CNN (BN folded)"
+    rows = []
+    for label, pbw, obw in ON_TARGET_SETTINGS:
+        t0 = time.perf_counter()
+        sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default")
+        sim.compute_encodings(_calibrate_loop(calib))
+        out = _predict(sim.model, xte, 1000)
+        out_p = _predict(sim.model, xte * (1 + 1e-6), 1000)
+        with tempfile.TemporaryDirectory() as d:
+            paths = sim.export(d, "fashion_cnn", calib[:1])
+            ort = _ort_outputs(paths["onnx"], xte, True, 2000)
+            plain = _ort_outputs(paths["onnx"], xte, False, 2000)
+            share, worst = _lockstep_share(sim, paths["onnx"], xte[:n_lock])
+            share_p, _ = _lockstep_share(sim, paths["onnx"], xte[:n_lock], optimize=False)
+            share_f, worst_f = _float_bias_share(model, calib[:1], paths, xte[:n_lock], pbw, obw, d)
+        s_acc, o_acc, p_acc = acc(out), acc(ort), acc(plain)
+        agree = 100.0 * float((out.argmax(1) == ort.argmax(1)).double().mean())
+        agree_plain = 100.0 * float((out.argmax(1) == plain.argmax(1)).double().mean())
+        cfg = f"{label} (opset {paths.opset})"
+        rows += [
+            dict(model=name, config=cfg, measure=f"test accuracy, % ({len(xte)} test images; FP32 {fp32:.2f})",
+                 **_cells({"sim": s_acc, "ORT optimized": o_acc, "ORT as written": p_acc,
+                           "sim, x(1+1e-6)": acc(out_p), "sim - ORT": s_acc - o_acc}, 2),
+                 target="abs(sim - ORT) <= 0.3 pt", met=abs(s_acc - o_acc) <= 0.3, fp32=fp32, opset=paths.opset,
+                 sim_accuracy=s_acc, ort_accuracy=o_acc, ort_as_written_accuracy=p_acc, difference_pt=s_acc - o_acc),
+            dict(model=name, config=cfg, measure="per-image prediction agreement with sim, %",
+                 **_cells({"ORT optimized": agree, "ORT as written": agree_plain}, 2), agreement=agree,
+                 agreement_as_written=agree_plain),
+            dict(model=name, config=cfg, measure=f"lockstep: share of the quantized activation values a step or "
+                 f"more apart from the simulation's, % ({n_lock} images); sim with float biases in brackets",
+                 **{"ORT optimized": f"{100 * share:.4f} (float biases: {100 * share_f:.4f})",
+                    "ORT as written": f"{100 * share_p:.4f}"},
+                 lockstep_share=share, lockstep_max_steps=worst, float_bias_share=share_f,
+                 float_bias_max_steps=worst_f, as_written_share=share_p),
+        ]
+        log(f"on target, Fashion-MNIST {label} (opset {paths.opset}): sim {s_acc:.2f}%, ORT optimized {o_acc:.2f}%, "
+            f"as written {p_acc:.2f}%, agreement {agree:.2f}%; lockstep share {100 * share:.4f}% (float biases "
+            f"{100 * share_f:.4f}%) [{time.perf_counter() - t0:.0f} s]")
+    return rows
+
+
+def _on_target_mobilenet(a: argparse.Namespace, info: dict) -> list[dict[str, Any]]:
+    from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
+    from pyquant.models import mobilenet_v2
+    from pyquant.sim.quantsim import QuantSim
+    from pyquant.techniques import fold_batchnorms
+
+    n_calib, per_image, n_lock = (64, 4, 2) if a.quick else (512, 64, 8)
+    model = mobilenet_v2()
+    fold_batchnorms(model)
+    model.eval()
+    calib = imagenet_calibration_set(n_calib)
+    evalx = imagenet_eval_set(n_per_image=per_image)
+    ref = _predict(model, evalx)
+    n_conf = top1_agreement(ref, ref)[1]
+    info["mobilenet_v2"] = {"calibration_images": n_calib, "crops": len(evalx), "fp32_confident": n_conf,
+                            "lockstep_crops": n_lock}
+    name = "MobileNetV2 (BN folded)"
+    rows = []
+    for label, pbw, obw in ON_TARGET_SETTINGS:
+        t0 = time.perf_counter()
+        sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default")
+        sim.compute_encodings(_calibrate_loop(calib))
+        out = _predict(sim.model, evalx, BATCH)
+        out_p = _predict(sim.model, evalx * (1 + 1e-6), BATCH)
+        with tempfile.TemporaryDirectory() as d:
+            paths = sim.export(d, "mobilenet_v2", calib[:1])
+            ort = _ort_outputs(paths["onnx"], evalx, True, 64)
+            plain = _ort_outputs(paths["onnx"], evalx, False, 64)
+            share = share_f = share_p = worst = worst_f = None
+            if label == "W8A8":  # the lockstep check costs minutes on the 2 cores: the main setting only
+                xl = evalx[::len(evalx) // n_lock][:n_lock]
+                share, worst = _lockstep_share(sim, paths["onnx"], xl)
+                share_p, _ = _lockstep_share(sim, paths["onnx"], xl, optimize=False)
+                share_f, worst_f = _float_bias_share(model, calib[:1], paths, xl, pbw, obw, d)
+        kl = {k: mean_kl(ref, v) for k, v in (("sim", out), ("ort", ort), ("plain", plain), ("pert", out_p))}
+        top1 = {k: 100.0 * top1_agreement(ref, v)[0] for k, v in (("sim", out), ("ort", ort), ("plain", plain),
+                                                                  ("pert", out_p))}
+        top1_all = {k: 100.0 * top1_agreement(ref, v, confident=None)[0] for k, v in (("sim", out), ("ort", ort))}
+        ratio = kl["sim"] / kl["ort"]
+        agree = 100.0 * top1_agreement(out, ort, confident=None)[0]
+        agree_plain = 100.0 * top1_agreement(out, plain, confident=None)[0]
+        cfg = f"{label} (opset {paths.opset})"
+        rows += [
+            dict(model=name, config=cfg, measure=f"mean KL(FP32 || quantized), nats ({len(evalx)} crops); "
+                 "'sim - ORT': the ratio sim / ORT",
+                 **_cells({"sim": kl["sim"], "ORT optimized": kl["ort"], "ORT as written": kl["plain"],
+                           "sim, x(1+1e-6)": kl["pert"]}, 4), **{"sim - ORT": f"{ratio:.3f}x"},
+                 target="sim within 10% of ORT", met=abs(ratio - 1) <= 0.10, kl_ratio=ratio, opset=paths.opset,
+                 kl_sim=kl["sim"], kl_ort=kl["ort"], kl_ort_as_written=kl["plain"], kl_sim_perturbed=kl["pert"]),
+            dict(model=name, config=cfg, measure=f"top-1 agreement with FP32, % ({n_conf} FP32-confident crops)",
+                 **_cells({"sim": top1["sim"], "ORT optimized": top1["ort"], "ORT as written": top1["plain"],
+                           "sim, x(1+1e-6)": top1["pert"], "sim - ORT": top1["sim"] - top1["ort"]}, 2),
+                 target="abs(sim - ORT) <= 2 pt", met=abs(top1["sim"] - top1["ort"]) <= 2.0, top1_sim=top1["sim"],
+                 top1_ort=top1["ort"], top1_ort_as_written=top1["plain"], top1_sim_perturbed=top1["pert"]),
+            dict(model=name, config=cfg, measure=f"top-1 agreement with FP32, % (all {len(evalx)} crops)",
+                 **_cells({"sim": top1_all["sim"], "ORT optimized": top1_all["ort"],
+                           "sim - ORT": top1_all["sim"] - top1_all["ort"]}, 2),
+                 top1_all_sim=top1_all["sim"], top1_all_ort=top1_all["ort"]),
+            dict(model=name, config=cfg, measure="per-crop top-1 agreement with sim, % (all crops)",
+                 **_cells({"ORT optimized": agree, "ORT as written": agree_plain}, 2), agreement=agree,
+                 agreement_as_written=agree_plain),
+        ]
+        if share is not None:
+            rows.append(dict(model=name, config=cfg, measure=f"lockstep: share of the quantized activation values a "
+                             f"step or more apart from the simulation's, % ({n_lock} crops); sim with float biases "
+                             "in brackets", **{"ORT optimized": f"{100 * share:.4f} (float biases: {100 * share_f:.4f})",
+                                               "ORT as written": f"{100 * share_p:.4f}"},
+                             lockstep_share=share, lockstep_max_steps=worst, float_bias_share=share_f,
+                             float_bias_max_steps=worst_f, as_written_share=share_p))
+        log(f"on target, MobileNetV2 {label} (opset {paths.opset}): KL sim {kl['sim']:.4f} / ORT {kl['ort']:.4f} "
+            f"(x{ratio:.3f}; as written {kl['plain']:.4f}, sim x(1+1e-6) {kl['pert']:.4f}); top-1 sim {top1['sim']:.2f}% "
+            f"/ ORT {top1['ort']:.2f}% (as written {top1['plain']:.2f}%, perturbed {top1['pert']:.2f}%)"
+            + (f"; lockstep share {100 * share:.4f}% (float biases {100 * share_f:.4f}%)" if share is not None else "")
+            + f" [{time.perf_counter() - t0:.0f} s]")
+    return rows
+
+
+def on_target(a: argparse.Namespace) -> int:
+    """The on-target table: the simulation's accuracy against onnxruntime's execution of the simulation's
+    own QDQ export (graph optimizations on, so its int8 kernels run), Fashion-MNIST CNN and MobileNetV2 at
+    W8A8, W4A8 and W8A16; written to quantsim_on_target."""
+    import onnxruntime
+    from pyquant._assets import AssetMissingError
+
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    missing = []
+    for section in (_on_target_fashion, _on_target_mobilenet):
+        try:
+            rows += section(a, info)
+        except AssetMissingError as exc:
+            missing.append(f"{section.__name__[len('_on_target_'):]} skipped: {exc}")
+            log(missing[-1])
+    wall = time.perf_counter() - t0
+    fa, mb = info.get("fashion", {}), info.get("mobilenet_v2", {})
+    notes = [
+        f"pyquant {pyquant.__version__} (native {pyquant.native_info().get('simd')}); onnxruntime "
+        f"{onnxruntime.__version__} (CPUExecutionProvider); torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads",
+        "Simulation: `QuantSim(model, x[:1], quant_scheme='tf_enhanced', param_bw=W, output_bw=A, config='default')` "
+        "(per-channel symmetric weights, asymmetric activations; biases simulated on the int32 grid at s_x * s_w, "
+        "`int32_bias=True`, the default), BN folded first (`fold_batchnorms`), then `compute_encodings` on the "
+        f"calibration images: Fashion-MNIST {fa.get('calibration_images')} random training images (seed 0), "
+        f"MobileNetV2 `imagenet_calibration_set({mb.get('calibration_images')})`",
+        "Target: `sim.export(...)` (QDQ ONNX at the lowest opset that expresses it: 13 for W8A8, 21 for int4 "
+        "weights and 16-bit activations) run by `pyquant.sim.export.run_onnx(path, x, optimize=True)`: "
+        "onnxruntime's ORT_ENABLE_ALL graph optimizations, which fuse QDQ into QLinearConv / QGemm / "
+        "QLinearAdd (8-bit) and derive int32 biases; 'ORT as written' is `optimize=False` (ORT_DISABLE_ALL: "
+        "every QDQ node runs as written, in float)",
+        "Noise floor: W8A8 MobileNetV2 is chaotic in its roundings (one flipped rounding cascades through the "
+        "following quantizers), so two implementations that sum in a different order differ end to end by "
+        "about as much as the sim does from itself on the input scaled by 1 + 1e-6 ('sim, x(1+1e-6)') or from "
+        "onnxruntime as written; the targets are to be read against that",
+        f"Fashion-MNIST: accuracy on the {fa.get('test_images')} real test images; agreement = the share of images "
+        "where the two predict the same class",
+        f"MobileNetV2: `imagenet_eval_set(n_per_image={64 if not a.quick else 4})` ({mb.get('crops')} crops of 7 "
+        "photos); KL = mean over crops of KL(softmax(FP32) || softmax(quantized)); top-1 agreement with FP32 on "
+        f"the {mb.get('fp32_confident')} crops where FP32's softmax max > 0.5 (`pyquant.metrics.top1_agreement`)",
+        "Lockstep (`pyquant.sim.compare`, mode='lockstep'): every simulated segment starts from onnxruntime's "
+        "quantized tensors, so a difference is the op's own; the share of differing values over the quantized "
+        f"activation tensors (mean over tensors) on {fa.get('lockstep_images')} test images / "
+        f"{mb.get('lockstep_crops')} crops (MobileNetV2: W8A8 only), against the optimized run for the "
+        "simulation and, in brackets, the same encodings with every bias in float (`int32_bias=False`, what the "
+        "simulation did before: onnxruntime's optimized kernels add int32 biases, which a float bias misses by "
+        "up to half a step of s_x * s_w), and against the run as written (float summation order only; at 16 bits "
+        "a step is a few ulps, so some values round apart there whatever the biases)",
+        f"whole section {wall:.0f} s on the 2 shared cores",
+    ] + missing
+    name = "quantsim_on_target" + ("_quick" if a.quick else "")
+    path = write_results(name, rows, ON_TARGET_COLUMNS, title="QuantSim predicts the target: the simulation "
+                         "against onnxruntime running its QDQ export", notes=notes, out_dir=a.out)
+    payload = json.loads(path.read_text())
+    payload["details"] = info
+    payload["environment"] = {"onnxruntime": onnxruntime.__version__, "graph_optimization_level": "ORT_ENABLE_ALL",
+                              "torch": torch.__version__, "pyquant": pyquant.__version__}
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    return report(path, rows)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -706,9 +956,11 @@ def main(argv=None) -> int:
                    help="more AIMET accuracy rows for MobileNetV2, comma-separated: default/min_max, "
                         "per_tensor/min_max, per_tensor/tf_enhanced or 'all' (each recalibrates AIMET; "
                         "default/tf_enhanced always comes from the timed sim)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: fashion, minilm, accuracy, zoo")
-    p.add_argument("--only", choices=["zoo"], default=None,
-                   help="run one section alone: zoo (the tests/zoo.py models, written to quantsim_zoo)")
+    p.add_argument("--skip", default="",
+                   help="comma-separated sections to skip: fashion, minilm, accuracy, zoo, on_target")
+    p.add_argument("--only", choices=["zoo", "on_target"], default=None,
+                   help="run one section alone: zoo (the tests/zoo.py models, written to quantsim_zoo) or on_target "
+                        "(the simulation against onnxruntime running its export, written to quantsim_on_target)")
     a = p.parse_args(argv)
 
     if not require_native("bench/quantsim.py"):
@@ -723,6 +975,8 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     if a.only == "zoo":
         return zoo(aimet, a)
+    if a.only == "on_target":
+        return on_target(a)
 
     from pyquant._assets import AssetMissingError
     t_start = time.perf_counter()
@@ -845,7 +1099,9 @@ def main(argv=None) -> int:
     payload["details"] = meta
     atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
     report(path, rows)
-    return zoo(aimet, a) if "zoo" not in skip else 0
+    if "zoo" not in skip:
+        zoo(aimet, a)
+    return on_target(a) if "on_target" not in skip else 0
 
 
 if __name__ == "__main__":

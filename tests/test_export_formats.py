@@ -187,10 +187,30 @@ def test_qdq_export_runs_the_simulation(setting, tmp_path):
                                atol=4 * step if output_bw > 8 else 0)
 
 
+def _int32_biases(model, encodings: dict) -> None:
+    """A float Conv/Gemm bias onto the int32 grid at s_x * s_w, in place, where the layer's input and weight
+    are named in the encodings (input per tensor, weight per tensor or per output channel): what an integer
+    target derives (onnxruntime's WeightBiasQuantization: Div, Round half to even, times the scale)."""
+    import numpy as np
+    inits = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm") or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        ex, ew = encodings.get(n.input[0]), encodings.get(n.input[1])
+        if ex is None or ew is None or ex.scale.numel() != 1 or ew.block_size is not None:
+            continue
+        s = (ex.scale.reshape(()) * ew.scale.reshape(-1)).numpy().astype(np.float32)
+        b = numpy_helper.to_array(inits[n.input[2]])
+        q = np.clip(np.round(b / s), -(2.0**31), 2.0**31 - 1).astype(np.float32)
+        inits[n.input[2]].CopyFrom(numpy_helper.from_array((q * s).astype(np.float32), n.input[2]))
+
+
 def _fake_quantize_named_tensors(model, encodings: dict) -> None:
     """What a target does with a plain graph and its encodings: fake-quantizes each tensor the file names
-    (a weight in its initializer's shape, an activation per tensor), in place, with the same QDQ writer."""
+    (a weight in its initializer's shape, an activation per tensor), in place, with the same QDQ writer,
+    and adds the biases of layers whose input and weight it quantizes on the int32 grid (_int32_biases)."""
     from pyquant.sim.onnx_qdq import onnx_scale_zero_point, qdq_form, write_qdq
+    _int32_biases(model, encodings)
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     forms = {}
     for name, enc in encodings.items():

@@ -32,7 +32,7 @@ class Net(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def _setup(range_learning, fold=True, seed=0, n=32):
+def _setup(range_learning, fold=True, seed=0, n=32, int32_bias=True):
     torch.manual_seed(seed)
     m = Net().eval()
     if fold:
@@ -40,7 +40,8 @@ def _setup(range_learning, fold=True, seed=0, n=32):
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(n, 1, 8, 8, generator=g)
     y = torch.randint(0, 4, (n,), generator=g)
-    sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=range_learning)
+    sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=range_learning,
+                   int32_bias=int32_bias)
     sim.compute_encodings(lambda mm: mm(x))
     return sim, x, y
 
@@ -125,7 +126,9 @@ def test_lsq_gradient_scale_changes_the_range_gradients():
 
 
 def test_batchnorm_kept_during_qat_then_folded_to_scale_and_reestimated():
-    sim, x, y = _setup(range_learning=True, fold=False)
+    # biases in float: folding then changes the function by float rounding only (an int32 bias would also
+    # round the folded bias onto its grid, which the target does and this test is not about)
+    sim, x, y = _setup(range_learning=True, fold=False, int32_bias=False)
     assert any(isinstance(m, nn.BatchNorm2d) for m in sim.model.modules())
     opt = torch.optim.SGD(sim.model.parameters(), lr=0.05)
     sim.model.train()
@@ -154,7 +157,7 @@ def test_batchnorm_folded_into_the_simulated_weight_each_step(tmp_path):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 1, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
     sim = QuantSim(m, x[:1], quant_scheme="min_max", param_bw=4, output_bw=8, range_learning=True,
-                   batchnorm="fold_each_step")
+                   batchnorm="fold_each_step", int32_bias=False)  # folding exact up to float rounding
     sim.compute_encodings(lambda mm: mm(x))
     # The weight encoding is the folded weight's: the same as a simulation of the folded model.
     folded = Net().eval()

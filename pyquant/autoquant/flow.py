@@ -255,11 +255,13 @@ class AutoQuant:
         sim = self._new_sim(fp, r)
         state = torch.load(path, map_location="cpu", weights_only=False)["model"]
         with torch.no_grad():  # layers that gained a bias (bias correction) need one to load into
-            for k, v in state.items():
-                mod_name, _, leaf = k.rpartition(".")
-                if leaf == "bias" and k not in sim.model.state_dict():
-                    mod = sim.model.get_submodule(mod_name)
-                    mod.bias = nn.Parameter(torch.zeros_like(v))
+            have = sim.model.state_dict()
+            for k in state:
+                mod_name = k[:-len(".bias")] if k.endswith(".bias") else (
+                    k[:-len(".parametrizations.bias.original")] if k.endswith(".parametrizations.bias.original")
+                    else None)
+                if mod_name is not None and k not in have:
+                    sim.bias(mod_name, create=True)
         sim.load_checkpoint(path)
         return sim
 

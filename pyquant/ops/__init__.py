@@ -19,7 +19,7 @@ from . import _cpu, _cuda, _reference, _registry
 from ._layout import set_value_checks
 
 __all__ = [
-    "quantize", "dequantize", "quantize_dequantize", "grid", "reference", "raw",
+    "quantize", "dequantize", "quantize_dequantize", "quantize_dequantize_int32", "grid", "reference", "raw",
     "adaround_weight", "adaround_regularizer", "adaround_init_alpha", "set_value_checks",
 ]
 
@@ -148,6 +148,43 @@ def dequantize(q: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union
     """``(q + o) * s`` for integer codes (any int or float dtype) in float32/float16/bfloat16."""
     s, o = _params(q, scale, offset, axis, block_size)
     return _registry.ops.dequantize(q, s, o, out_dtype)
+
+
+# ---- int32 (biases) --------------------------------------------------------------------------------
+class _Int32FakeQuant(torch.autograd.Function):
+    """The forward of the reference, bit for bit; the gradient passes straight through (nothing is kept for
+    the backward: the grid's ends are 2^31 steps away)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, overflow: str) -> torch.Tensor:
+        return _reference.quantize_dequantize_int32(x, s, overflow)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, None, None
+
+
+INT32_OVERFLOW = ("clamp", "float")
+
+
+def quantize_dequantize_int32(x: torch.Tensor, scale: Union[torch.Tensor, float], *, overflow: str = "clamp",
+                              check_values: bool = True) -> torch.Tensor:
+    """Fake quantization on the signed 32-bit grid with offset 0, as integer targets hold a bias (at scale
+    ``s_input * s_weight``): ``clamp(round(x / s), -2^31, 2^31 - 1) * s`` in float32 (true division, round
+    half to even, as section 5.2 of docs/design.md), in x's dtype. `scale` broadcasts against x (one value,
+    or one per element of a 1-d bias). `overflow`: "clamp" (default) saturates at the grid's ends; "float"
+    returns x unchanged when some element lies beyond them (a tensor the grid cannot hold stays in float).
+    Differentiable in x (straight through), not in the scale. `check_values=False` skips the check that the
+    scale is positive and finite."""
+    if overflow not in INT32_OVERFLOW:
+        raise ValueError(f"overflow must be one of {list(INT32_OVERFLOW)}, got {overflow!r}")
+    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=x.device)
+    s = s.to(device=x.device, dtype=torch.float32)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if check_values and not bool(((s > 0) & torch.isfinite(s)).all()):
+        raise ValueError(f"scale must be positive and finite, got {s.flatten()[:4].tolist()}")
+    return _Int32FakeQuant.apply(x, s, overflow)
 
 
 # ---- AdaRound --------------------------------------------------------------------------------------

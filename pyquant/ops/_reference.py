@@ -73,6 +73,21 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return ((q + o) * s).to(x.dtype)
 
 
+INT32_GRID = (-(2**31), 2**31 - 1)
+"""The signed 32-bit grid integer targets keep biases and accumulators on."""
+
+
+def quantize_dequantize_int32(x: torch.Tensor, scale: torch.Tensor, overflow: str = "clamp") -> torch.Tensor:
+    """Fake quantization on the signed 32-bit grid with offset 0: ``clamp(rint(x / s), -2^31, 2^31 - 1) * s``
+    in float32 (true division, round half to even; in float32 the upper end is 2^31). `scale` broadcasts
+    against `x`. `overflow="float"`: where some element lies beyond the grid, `x` unchanged."""
+    q = torch.round(x.float() / scale)
+    out = (torch.clamp(q, INT32_GRID[0], INT32_GRID[1]) * scale).to(x.dtype)
+    if overflow == "float":
+        return torch.where(((q >= INT32_GRID[0]) & (q <= INT32_GRID[1])).all(), out, x)
+    return out
+
+
 def fake_quant_derivatives(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int):
     """Per element of (already activated) x: whether round(x/s) - o lies on the grid, d x_hat / d scale with
     the rounding straight through -- round(x/s) - x/s inside the grid, clamp(q) + o outside -- and d x_hat /

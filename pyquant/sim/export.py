@@ -112,7 +112,7 @@ def build_onnx(sim: QuantSim, dummy_input: Any, *, opset_version: Optional[int] 
                              f"use opset_version >= {needed}, or None for the lowest opset that expresses the model")
     target = opset_version if opset_version is not None else needed
     model, traced = _trace_lowest(sim.model, dummy_input, min(target, TORCHSCRIPT_MAX_OPSET),
-                                  explicit=opset_version is not None)
+                                  explicit=opset_version is not None, int32_biases=onnx_format == "qdq")
     target = max(target, traced)
     if target > traced:
         # opset 21 (int4, int16, blocks): the exporter stops at 20; 20 -> 21 only widens types
@@ -134,12 +134,13 @@ def build_onnx(sim: QuantSim, dummy_input: Any, *, opset_version: Optional[int] 
     return out
 
 
-def _trace_lowest(model: torch.nn.Module, dummy_input: Any, opset: int, explicit: bool) -> tuple[onnx.ModelProto, int]:
+def _trace_lowest(model: torch.nn.Module, dummy_input: Any, opset: int, explicit: bool,
+                  int32_biases: bool = True) -> tuple[onnx.ModelProto, int]:
     """Traces at `opset`, or when not `explicit`, at the next opset the exporter names for an op it cannot
     write at `opset`. Returns the model and its opset."""
     while True:
         try:
-            return trace(model, dummy_input, opset), opset
+            return trace(model, dummy_input, opset, int32_biases), opset
         except OpsetTooLowError as e:
             if explicit or e.needed is None or e.needed <= opset or e.needed > TORCHSCRIPT_MAX_OPSET:
                 how = (f"use opset_version >= {e.needed}" if e.needed and e.needed <= LAST_OPSET
@@ -165,9 +166,9 @@ def export_onnx(sim: QuantSim, path: os.PathLike, dummy_input: Any, opset_versio
 def run_onnx(path: os.PathLike, *inputs: torch.Tensor, optimize: bool = True) -> list[torch.Tensor]:
     """Runs an exported model with onnxruntime's CPU execution provider: with `optimize` its graph
     optimizations turn QDQ patterns into real integer kernels, as a target would (the on-target check;
-    they also quantize float biases to int32 at s_x * s_w, which the simulation does not, and in
-    onnxruntime 1.32 drop a ReLU before a signed int4 QuantizeLinear); without, every node runs as
-    written: the simulation's numbers (docs/design.md 7.1)."""
+    they also put Conv/Gemm biases on the int32 grid at s_x * s_w, as the simulation does by default, and
+    in onnxruntime 1.32 drop a ReLU before a signed int4 QuantizeLinear, which it does not); without, every
+    node runs as written: the simulation's numbers (docs/design.md 7.1)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:

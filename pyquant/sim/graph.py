@@ -654,15 +654,18 @@ def _one_node_per_attribute(graph: fx.Graph) -> None:
 
 
 def propagate_shapes(gm: fx.GraphModule, dummy_input: Any) -> None:
-    """Runs the graph once on `dummy_input`, recording each node's output dtype in node.meta['pq_dtype']
-    and whether its output holds a floating-point tensor (alone or in a tuple) in node.meta['pq_float']."""
+    """Runs the graph once on `dummy_input`, recording each node's output dtype in node.meta['pq_dtype'],
+    its number of dimensions in node.meta['pq_ndim'] (None for anything but a tensor) and whether its output
+    holds a floating-point tensor (alone or in a tuple) in node.meta['pq_float']."""
     dtypes: dict[fx.Node, Any] = {}
+    ndims: dict[fx.Node, Optional[int]] = {}
     floats: dict[fx.Node, bool] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             dtypes[n] = out.dtype if isinstance(out, torch.Tensor) else type(out)
+            ndims[n] = out.dim() if isinstance(out, torch.Tensor) else None
             floats[n] = any(isinstance(t, torch.Tensor) and t.is_floating_point()
                             for t in pytree.tree_leaves(out))
             return out
@@ -678,6 +681,7 @@ def propagate_shapes(gm: fx.GraphModule, dummy_input: Any) -> None:
             Recorder(gm).run(dummy_input)
     for n, dt in dtypes.items():
         n.meta["pq_dtype"] = dt
+        n.meta["pq_ndim"] = ndims[n]
         n.meta["pq_float"] = floats[n]
 
 

@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from ..quant import QuantizeDequantize
+from .bias import Int32Bias
 from .onnx_graph import rename_tensors, tensor_names
 
 __all__ = ["MARKER_DOMAIN", "MARKER_OP", "TORCHSCRIPT_MAX_OPSET", "Marker", "OpsetTooLowError", "export_mode",
@@ -45,13 +46,16 @@ class OpsetTooLowError(ValueError):
 
 
 @contextlib.contextmanager
-def export_mode(model: torch.nn.Module) -> Iterator[None]:
+def export_mode(model: torch.nn.Module, int32_biases: bool = True) -> Iterator[None]:
     """Every enabled quantizer of `model` runs as the op the marker symbolic writes (see
-    QuantizeDequantize.exporting)."""
+    QuantizeDequantize.exporting), and every simulated int32 bias is a constant: the value the simulation
+    adds (`int32_biases`, the QDQ form) or the float bias (the plain form; see Int32Bias.exporting)."""
     with contextlib.ExitStack() as stack:
         for q in model.modules():
             if isinstance(q, QuantizeDequantize):
                 stack.enter_context(q.exporting())
+            elif isinstance(q, Int32Bias):
+                stack.enter_context(q.exporting(int32_biases))
         yield
 
 
@@ -81,10 +85,11 @@ def input_names(dummy_input: Any) -> list[str]:
     return [f"input_{i}" if n > 1 else "input" for i in range(n)]
 
 
-def trace(model: torch.nn.Module, dummy_input: Any, opset: int) -> onnx.ModelProto:
+def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bool = True) -> onnx.ModelProto:
     """`model` (a QuantSim's) as an ONNX model of `opset` (at most TORCHSCRIPT_MAX_OPSET) with one marker
-    per enabled quantizer call; batch size free. OpsetTooLowError when an op of the model needs a higher
-    opset (with the one the exporter names)."""
+    per enabled quantizer call and its int32 biases as the simulation adds them (`int32_biases`) or in
+    float; batch size free. OpsetTooLowError when an op of the model needs a higher opset (with the one
+    the exporter names)."""
     names = input_names(dummy_input)
     # each module's own mode, restored exactly afterwards (a QAT model may hold frozen batch norms in eval)
     modes = [(m, m.training) for m in model.modules()]
@@ -97,7 +102,7 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int) -> onnx.ModelPro
     _set_train(model, False)
     buf = io.BytesIO()
     try:
-        with export_mode(model), _marker_registered(), _no_graph_dump(), torch.no_grad(), warnings.catch_warnings():
+        with export_mode(model, int32_biases), _marker_registered(), _no_graph_dump(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             dynamic = {n: {0: "batch"} for n in names}  # the batch size stays free
             dynamic["output"] = {0: "batch"}

@@ -18,13 +18,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .._layers import weight_axis
+from .._layers import layers_for, weight_axis
 from . import graph as G
 from .config import HardwareConfig
 from .kernels import apply_supported_kernels
 from .passes import internal_nodes, single_consumer
 
-__all__ = ["QuantizerPlacement", "UnquantizedOp", "PER_CHANNEL_OPS", "plan", "unquantized_ops"]
+__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "plan", "unquantized_ops",
+           "int32_biases"]
 
 PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose weights may be quantized per output channel (when the config says so)."""
@@ -85,6 +86,17 @@ class UnquantizedOp:
     node: str
     target: str
     reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasPlacement:
+    """A layer whose bias an integer target adds on the int32 grid at scale s_x * s_w: `layer` (the module),
+    `node` (its graph node), `input_quantizer` (what quantizes its input, per tensor) and `weight_quantizer`."""
+
+    layer: str
+    node: str
+    input_quantizer: str
+    weight_quantizer: str
 
 
 def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
@@ -266,4 +278,59 @@ def _activations(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G
             name = f"{n.name}.output"
         out.append(QuantizerPlacement(name, "output", t, n.name, cfg.activation_symmetric(t),
                                       constraint=cfg.encoding_constraint(t)))
+    return out
+
+
+# Nodes between a quantizer and a layer that leave the layer's input the quantizer's DequantizeLinear output
+# in the exported graph: no ONNX node at all (identity, eval-mode dropout, contiguous copies) or one that
+# onnxruntime moves a DequantizeLinear across (Reshape, Transpose, Squeeze, Unsqueeze). Flatten is not
+# one of them: a Gemm after torch.flatten reads a Flatten, and its bias stays float.
+_TRANSPARENT_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_TRANSPARENT_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.t,
+                          torch.swapaxes, nn.functional.dropout}
+_TRANSPARENT_METHODS = {"view", "reshape", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "t",
+                        "clone", "detach", "view_as", "reshape_as", "swapaxes"}
+
+
+def _transparent(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _TRANSPARENT_MODULES)
+    if n.op == "call_function":
+        return n.target in _TRANSPARENT_FUNCTIONS
+    return n.op == "call_method" and n.target in _TRANSPARENT_METHODS
+
+
+def int32_biases(gm: fx.GraphModule, placed: list[QuantizerPlacement]) -> list[BiasPlacement]:
+    """The layers an integer target runs with an int32 bias at scale s_x * s_w (the input's scale times the
+    weight's), as onnxruntime's QDQ kernels derive it from the exported graph: a Conv, ConvTranspose or a
+    Linear on a 2-d input (an ONNX Gemm; on more dimensions it is MatMul + Add, whose bias stays float),
+    called as a module at one call site, with a quantized weight and an input quantized per tensor right
+    before it (the quantizer's output reaches the layer through nodes that leave it the DequantizeLinear's
+    output: identity, dropout, reshape, transpose, (un)squeeze). Whether the encodings allow it (a weight
+    per tensor or per output channel of a Conv/Gemm, enabled quantizers) is decided when the layer runs.
+    Layers without a bias are listed too: a bias they gain later (bias correction, folding) is simulated."""
+    weights = {p.name for p in placed if p.is_param and p.graph_weight is None}
+    after = {p.node: p.name for p in placed if p.kind in ("output", "input")}
+    on_edge = {(p.node, p.source): p.name for p in placed if p.kind == "op_input"}
+    found: dict[str, list[tuple[str, Optional[str]]]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or f"{n.target}.weight" not in weights:
+            continue
+        mod = gm.get_submodule(n.target)
+        if not isinstance(mod, layers_for("int32_bias")) or len(n.args) != 1 or n.kwargs:
+            continue
+        x = n.args[0]
+        q = None
+        if isinstance(x, fx.Node) and not (isinstance(mod, nn.Linear) and x.meta.get("pq_ndim") != 2):
+            q = on_edge.get((n.name, x.name))
+            src = x
+            while q is None and _transparent(gm, src) and src.args and isinstance(src.args[0], fx.Node):
+                src = src.args[0]
+            q = q or after.get(src.name)
+        found.setdefault(n.target, []).append((n.name, q))
+    out = []
+    for layer, sites in found.items():
+        qs = {q for _, q in sites}
+        if len(sites) == 1 and None not in qs:  # one call site: one input scale
+            out.append(BiasPlacement(layer, sites[0][0], sites[0][1], f"{layer}.weight"))
     return out

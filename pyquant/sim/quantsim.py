@@ -30,6 +30,7 @@ from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, Q
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
+from .bias import Int32Bias
 from .config import HardwareConfig, load_config
 from . import fusion
 from .weights import FoldedWeightQuantizer, WeightQuantizer
@@ -78,6 +79,11 @@ class QuantSim:
             supported_kernels list for it: "error" (default: a ConfigError naming the op and what the target
             runs) or "nearest" (the op moves to the nearest kernel it runs, with a warning; a float kernel
             leaves the op unquantized).
+        int32_bias: simulate biases as integer targets add them (default True): on the int32 grid at scale
+            s_x * s_w, the input quantizer's scale times the weight's (per output channel where the weight
+            is), for each Conv, ConvTranspose and Linear on a 2-d input (ONNX Gemm) whose input is quantized
+            right before it (pyquant.sim.placement.int32_biases says which); onnxruntime's QDQ kernels
+            derive the same int32 bias from the export. False keeps every bias in float.
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -92,7 +98,7 @@ class QuantSim:
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
                  batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
-                 unsupported_kernels: str = "error"):
+                 unsupported_kernels: str = "error", int32_bias: bool = True):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         grid(param_bw, True)
@@ -104,6 +110,8 @@ class QuantSim:
             raise ValueError(f"batchnorm must be 'separate' or 'fold_each_step', got {batchnorm!r}")
         if range_params not in RANGE_PARAMS:
             raise ValueError(f"range_params must be one of {sorted(RANGE_PARAMS)}, got {range_params!r}")
+        if not isinstance(int32_bias, bool):
+            raise TypeError(f"int32_bias must be True or False, got {int32_bias!r}")
         self.batchnorm = batchnorm
         self.range_params = range_params
         self.quant_scheme = quant_scheme
@@ -124,7 +132,13 @@ class QuantSim:
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
         self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
         """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
+        self.int32_biases: dict[str, P.BiasPlacement] = (
+            {b.layer: b for b in P.int32_biases(gm, list(self.placement.values()))} if int32_bias else {})
+        """Layers whose bias is simulated on the int32 grid at s_x * s_w, by module name (`bias(layer)`)."""
         self._install()
+        for layer in self.int32_biases:
+            if gm.get_submodule(layer).bias is not None:
+                self._install_int32_bias(layer)
         names = {id(q): n for n, q in self.activation_quantizers.items()}
         self.fused_activations: list[str] = fusion.fuse_activations(gm, names) if fuse_activations else []
         # QAT: encodings are trainable only with range learning (set after calibration)
@@ -187,6 +201,11 @@ class QuantSim:
             (self.param_quantizers if p.is_param else self.activation_quantizers)[p.name] = q
         gm.graph.lint()
         gm.recompile()
+
+    def _install_int32_bias(self, layer: str) -> None:
+        mod = self.model.get_submodule(layer)
+        qx = self.activation_quantizers[self.int32_biases[layer].input_quantizer]
+        parametrize.register_parametrization(mod, "bias", Int32Bias(mod, qx), unsafe=True)
 
     def _insert_after(self, node: fx.Node, qname: str, q: QuantizeDequantize) -> fx.Node:
         gm = self.model
@@ -255,6 +274,35 @@ class QuantSim:
             return G.get_attr(self.model, p.graph_weight)
         return self.model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight.original
 
+    def bias(self, layer: str, create: bool = False) -> Optional[nn.Parameter]:
+        """The float bias parameter of module `layer` (behind its int32 simulation where it has one: change it
+        in place under torch.no_grad() to change the model), or None when the layer has no bias. With
+        `create`, a layer without one first gets a zero bias, simulated like the layer's others would be."""
+        mod = self.model.get_submodule(layer)
+        params = getattr(mod, "parametrizations", None)
+        if params is not None and "bias" in params:
+            return params.bias.original
+        if mod.bias is None and create:
+            w = params.weight.original if params is not None and "weight" in params else mod.weight
+            n = w.shape[1] * getattr(mod, "groups", 1) if is_transposed(mod) else w.shape[0]
+            mod.bias = nn.Parameter(torch.zeros(n, device=w.device, dtype=w.dtype))
+            if layer in self.int32_biases:
+                self._install_int32_bias(layer)
+                return mod.parametrizations.bias.original
+        return mod.bias
+
+    @contextlib.contextmanager
+    def _float_biases(self):
+        """Biases in float inside the block (calibration: the input quantizers observe and pass their input)."""
+        mods = [m for m in self.model.modules() if isinstance(m, Int32Bias)]
+        for m in mods:
+            m.active = False
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.active = True
+
     def quantizer_input(self, name: str) -> torch.Tensor:
         """What weight quantizer `name` quantizes: the weight, or with batchnorm="fold_each_step" the
         weight with its batch norm folded in."""
@@ -309,6 +357,7 @@ class QuantSim:
         with contextlib.ExitStack() as stack:
             for q in acts.values():
                 stack.enter_context(q.compute_encodings(disable_if_unused=True))
+            stack.enter_context(self._float_biases())
             with torch.no_grad():
                 self._run(forward_fn, forward_pass_callback_args, progress)
         for n in constrained.keys() - fixed:  # one side fixed by the config, the other calibrated
@@ -408,8 +457,9 @@ class QuantSim:
         return state["extra"]
 
     def summary(self, file=None) -> str:
-        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding; then the ops the
-        simulation does not know, left unquantized, each with the reason."""
+        """A table of every quantizer: name, op type, bits, symmetry, granularity, encoding; then the layers
+        whose bias is simulated on the int32 grid, and the ops the simulation does not know, left
+        unquantized, each with the reason."""
         rows = [("name", "op", "bw", "sym", "granularity", "enabled", "scale", "offset")]
         for name, q in self.quantizers.items():
             enc = q.get_encoding()
@@ -425,6 +475,9 @@ class QuantSim:
             rows.append((name, self.op_type(name), str(q.bitwidth), "sym" if q.symmetric else "asym",
                          gran, "yes" if q.enabled else "no", sc, off))
         text = _table(rows)
+        if self.int32_biases:
+            text += (f"\n\nbiases on the int32 grid at s_x * s_w ({len(self.int32_biases)} layers): "
+                     + ", ".join(self.int32_biases))
         if self.unquantized_ops:
             text += "\n\nunquantized (ops the simulation does not know: no quantizer is guessed for them)\n"
             text += _table([("node", "calls", "reason")] + [(u.node, u.target, u.reason) for u in self.unquantized_ops])
@@ -486,7 +539,8 @@ class QuantSim:
         text = encodings_to_json(act, par, version=encoding_version,
                                  quantizer_args={"activation_bitwidth": self.output_bw,
                                                  "param_bitwidth": self.param_bw, "quant_scheme": self.quant_scheme})
-        state = {k.replace("parametrizations.weight.original", "weight"): v.detach().clone()
+        state = {k.replace("parametrizations.weight.original", "weight").replace("parametrizations.bias.original",
+                                                                                "bias"): v.detach().clone()
                  for k, v in self.model.state_dict().items()
                  if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
         out.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,9 @@ def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[Ba
             apply: Callable[[str, torch.Tensor], None]) -> None:
     """Runs the simulation's graph one node at a time over every chunk (pyquant.sim.staged). When a
     layer to correct has produced its outputs for all the data, its mean shift is what the
-    layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted by the
-    same amount, so later layers see the corrected values without a re-run."""
+    layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted by what the
+    layer's simulated bias moved (the shift, on the bias's int32 grid), so later layers see the corrected
+    values without a re-run."""
     run = StagedRun(sim.model, chunks)
     wanted = set(names)
     for i, n in enumerate(run.nodes):
@@ -87,10 +88,15 @@ def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[Ba
                 total = mu * w if total is None else total + mu * w
                 count += w
             shift = (total / count - ref[n.target]).float()
+            layer = sim.model.get_submodule(n.target)
+            before = layer.bias.detach().clone() if layer.bias is not None else 0.0
             apply(n.target, shift)
+            # what the layer adds changed by this much: the shift itself, up to the int32 grid the
+            # simulation keeps the bias on (layer.bias is the simulated bias, sim.bias the float one)
+            moved = (layer.bias.detach() - before).float()
             wanted.discard(n.target)  # a layer called again later is corrected once, at its first call
             for c, y in enumerate(outs):
-                outs[c] = y - _shift_view(shift, y, linear).to(y.dtype)
+                outs[c] = y + _shift_view(moved, y, linear).to(y.dtype)
             bar.update(note=n.target)
         run.release(i)
 
@@ -140,11 +146,9 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
     removed = BiasCorrectionReport()
 
     def apply(n: str, shift: torch.Tensor) -> None:
-        mod = sim.model.get_submodule(n)
         with torch.no_grad():
-            if mod.bias is None:
-                mod.bias = nn.Parameter(torch.zeros(shift.numel(), device=mod.weight.device))
-            mod.bias.sub_(shift.to(mod.bias.device, mod.bias.dtype))
+            bias = sim.bias(n, create=True)  # the float parameter, behind the simulated int32 bias
+            bias.sub_(shift.to(bias.device, bias.dtype))
         removed[n] = float(shift.abs().max())
 
     ref = _means(fp32_model, names, run)
@@ -199,8 +203,6 @@ def correct_bias_analytical(sim, bn_stats: dict) -> BiasCorrectionReport:
         else:
             shift = (dw.reshape(dw.shape[0], dw.shape[1], -1).sum(2) * ex.reshape(1, -1)).sum(1)
         shift = shift.float()
-        if mod.bias is None:
-            mod.bias = nn.Parameter(torch.zeros_like(shift))
-        mod.bias.sub_(shift)
+        sim.bias(b, create=True).sub_(shift)
         removed[b] = float(shift.abs().max())
     return removed

@@ -115,8 +115,11 @@ def _fold_model(model: nn.Module) -> FoldedPairs:
 
 
 @torch.no_grad()
-def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Folds `bn` into `layer` (in place); returns the per-output-channel factor applied to the weight."""
+def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None,
+          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Folds `bn` into `layer` (in place); returns the per-output-channel factor applied to the weight.
+    `weight` / `bias`: the parameters to change where they are not the layer's attributes (a simulation's,
+    behind its quantizers)."""
     w = layer.weight if weight is None else weight
     scale, _ = batchnorm_scale_shift(bn)
     axis = 1 if is_transposed(layer) else 0
@@ -125,6 +128,9 @@ def _fold(layer: nn.Module, bn: nn.Module, weight: Optional[torch.Tensor] = None
     shape = [1] * w.dim()
     shape[axis] = -1
     w.mul_(scale.reshape(shape))
+    if bias is not None:
+        bias.copy_((bias - bn.running_mean) * scale + (bn.bias if bn.affine else 0.0))
+        return scale
     b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
     new_b = (b - bn.running_mean) * scale + (bn.bias if bn.affine else 0.0)
     if layer.bias is None:
@@ -190,7 +196,8 @@ def _fold_sim(sim) -> FoldedPairs:
         qname = f"{prev.target}.weight"
         q = sim.param_quantizers.get(qname)
         folded_each_step = q is not None and sim.folds_batchnorm_each_step(qname)
-        k = _fold(layer, bn, weight=sim.weight(qname) if q is not None else None)
+        k = _fold(layer, bn, weight=sim.weight(qname) if q is not None else None,
+                  bias=sim.bias(prev.target, create=True))
         if folded_each_step:
             # The encoding already describes the folded weight: keep it, quantize the weight as is.
             sim.stop_folding_batchnorm(qname)
