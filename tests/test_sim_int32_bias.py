@@ -126,6 +126,15 @@ class Small(nn.Module):
         return self.fc2(torch.relu(self.fc(y.reshape(y.shape[0], -1))))
 
 
+def _small_with_biases(seed: int) -> Small:
+    """Small with random biases (never zeros): a bias that rounds on the int32 grid shows."""
+    m = Small().eval()
+    with torch.no_grad():
+        for layer in (m.c1, m.c2, m.fc, m.fc2):
+            layer.bias.copy_(rand_input(layer.bias.shape, seed=seed))
+    return m
+
+
 def _share_apart(sim, path, x) -> float:
     """In lockstep against onnxruntime's optimized run: the share of quantized activation values that differ."""
     from pyquant.sim.compare import compare
@@ -148,10 +157,7 @@ def test_optimized_onnxruntime_runs_the_int32_biases(param_bw, tmp_path):
     pytest.importorskip("onnxruntime")
     from pyquant.sim.export import run_onnx
     torch.manual_seed(1)
-    m = Small().eval()
-    with torch.no_grad():
-        for layer in (m.c1, m.c2, m.fc, m.fc2):
-            layer.bias.copy_(rand_input(layer.bias.shape, seed=7))
+    m = _small_with_biases(seed=7)
     x = rand_input((64, 2, 6, 6), seed=8)
     shares = {}
     for int32 in (True, False):
@@ -193,10 +199,7 @@ def test_calibration_sees_float_biases():
     """Recalibrating gives the first calibration's encodings: the input quantizers observe without
     quantizing, and the biases derived from their old encodings stay out of it."""
     torch.manual_seed(3)
-    m = Small().eval()
-    with torch.no_grad():
-        for layer in (m.c1, m.c2, m.fc, m.fc2):
-            layer.bias.copy_(rand_input(layer.bias.shape, seed=10))
+    m = _small_with_biases(seed=10)
     x = rand_input((32, 2, 6, 6), seed=11)
     sim = _calibrated(m, x, param_bw=4, output_bw=4)
     first = {n: q.get_encoding().scale.clone() for n, q in sim.activation_quantizers.items()}
