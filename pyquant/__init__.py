@@ -4,7 +4,7 @@ from __future__ import annotations
 from . import analysis, ops, quant
 from ._native import native_info
 from ._version import __version__
-from ._warnings import NothingToDoWarning, PyquantWarning
+from ._warnings import NothingToDoWarning, PyquantWarning, UnquantizedOpWarning
 from .sim.quantsim import QuantSim
 from .autoquant import AutoQuant, AutoQuantResult
 from .sim.encodings import load_encodings, write_encodings
@@ -13,4 +13,5 @@ from .techniques import (adaround, correct_bias, correct_bias_analytical, equali
 
 __all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings",
            "write_encodings", "fold_batchnorms", "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias",
-           "correct_bias_analytical", "reestimate_batchnorm", "NothingToDoWarning", "PyquantWarning", "__version__"]
+           "correct_bias_analytical", "reestimate_batchnorm", "NothingToDoWarning", "PyquantWarning",
+           "UnquantizedOpWarning", "__version__"]

@@ -6,7 +6,7 @@ import contextlib
 import warnings
 from typing import Iterator
 
-__all__ = ["PyquantWarning", "NothingToDoWarning", "nothing_to_do", "ignoring_nothing_to_do"]
+__all__ = ["PyquantWarning", "NothingToDoWarning", "UnquantizedOpWarning", "nothing_to_do", "ignoring_nothing_to_do"]
 
 
 class PyquantWarning(UserWarning):
@@ -16,6 +16,11 @@ class PyquantWarning(UserWarning):
 class NothingToDoWarning(PyquantWarning):
     """A technique found nothing to change in the model (no batch norm to fold, no layer pair to
     equalize, no quantized layer to correct): the model is returned as it was."""
+
+
+class UnquantizedOpWarning(PyquantWarning):
+    """The simulation met ops it does not know and left their outputs unquantized (a target may quantize
+    them: the simulation would then predict it too well); `QuantSim.summary()` lists them with the reason."""
 
 
 def nothing_to_do(message: str, stacklevel: int = 3) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import os
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 
 import zoo
 from helpers import assert_onnx_runs_simulation, one_thread  # noqa: F401 (fixture)
-from pyquant import QuantSim
+from pyquant import QuantSim, UnquantizedOpWarning
 from pyquant.metrics import sqnr_db
 from pyquant.quant import from_range
 from pyquant.sim import graph as G
@@ -122,7 +123,9 @@ def _sim(name: str, bw: int, **kwargs) -> tuple[QuantSim, torch.Tensor, torch.Te
     calibration inputs."""
     model, calib, export = _model(name)
     kwargs = {"param_bw": bw, "output_bw": bw, **kwargs}
-    sim = QuantSim(model, export, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnquantizedOpWarning)  # every op of the zoo is one the simulation knows
+        sim = QuantSim(model, export, **kwargs)
     sim.compute_encodings(lambda m: m(**calib))
     with torch.no_grad():
         return sim, _out(sim.model(**calib)), _out(model(**calib))
@@ -359,7 +362,8 @@ def test_an_unknown_op_is_listed_unquantized_with_the_reason():
             return self.fc(torch.cumsum(self.fc(x), dim=-1))
 
     x = torch.randn(4, 8)
-    sim = QuantSim(Odd().eval(), x)
+    with pytest.warns(UnquantizedOpWarning, match=r"1 op\(s\) .* unquantized: cumsum \(cumsum\).*summary"):
+        sim = QuantSim(Odd().eval(), x)
     assert [u.node for u in sim.unquantized_ops] == ["cumsum"]
     assert not any(p.node == "cumsum" for p in sim.placement.values())
     sim.compute_encodings(lambda m: m(x))

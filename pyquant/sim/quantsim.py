@@ -24,6 +24,7 @@ from .._batches import call, iter_batches
 from .._io import atomic_torch_save
 from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
+from .._warnings import UnquantizedOpWarning
 from ..ops import grid
 from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced,
                      from_range, from_scale_offset, least_error_encoding)
@@ -132,6 +133,12 @@ class QuantSim:
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
         self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
         """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
+        if self.unquantized_ops:
+            names = ", ".join(f"{u.node} ({u.target})" for u in self.unquantized_ops[:5])
+            more = f" and {len(self.unquantized_ops) - 5} more" if len(self.unquantized_ops) > 5 else ""
+            warnings.warn(f"QuantSim: {len(self.unquantized_ops)} op(s) the simulation does not know are left "
+                          f"unquantized: {names}{more}; sim.summary() lists them with the reason",
+                          UnquantizedOpWarning, stacklevel=2)
         self.int32_biases: dict[str, P.BiasPlacement] = (
             {b.layer: b for b in P.int32_biases(gm, list(self.placement.values()))} if int32_bias else {})
         """Layers whose bias is simulated on the int32 grid at s_x * s_w, by module name (`bias(layer)`)."""
