@@ -353,3 +353,14 @@ def test_eval_fn_key_does_not_depend_on_where_its_code_lives():
     assert _callable_digest(ns1["metric"]) == _callable_digest(ns2["metric"])
     exec(compile(src.replace("/ 3", "/ 4"), "c.py", "exec"), ns2)
     assert _callable_digest(ns1["metric"]) != _callable_digest(ns2["metric"])
+
+
+def test_a_cache_of_an_older_format_is_refused_naming_it(tmp_path):
+    """Steps cached before the simulation added biases on the int32 grid (format 2) measured another
+    simulation: the cache is refused, not reused."""
+    from pyquant.autoquant import AutoQuantCacheError
+    from pyquant.autoquant.cache import FORMAT, StepCache
+    (tmp_path / "autoquant_cache.json").write_text(json.dumps({"format": 2, "fingerprint": {"a": "1"}}))
+    with pytest.raises(AutoQuantCacheError, match=rf"format 2, this one writes {FORMAT}"):
+        StepCache(tmp_path, {"a": "1"})
+    assert FORMAT >= 3

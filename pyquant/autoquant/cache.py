@@ -16,7 +16,8 @@ from .result import StepRecord
 
 __all__ = ["AutoQuantCacheError", "StepCache"]
 
-FORMAT = 2  # 2: the fingerprint covers pyquant's version
+FORMAT = 3  # 2: the fingerprint covers pyquant's version; 3: the simulations add Conv/Gemm biases on the
+#              int32 grid as integer targets do (steps cached by format 2 were measured with float biases)
 _META = "autoquant_cache.json"
 
 
