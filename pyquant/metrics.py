@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .sim.compare_report import sqnr_db  # one SQNR for the metrics and the simulation's compare reports
+
 
 def _logits(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.ndim != 2:
@@ -49,22 +51,6 @@ def mean_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     # p * (log p - log q), with 0 * log 0 = 0 where the reference probability underflows
     kl = torch.where(logp.isneginf(), 0.0, logp.exp() * (logp - logq)).sum(1)
     return kl.mean().item()
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - out)^2)`` in dB
-    (inf when identical)."""
-    r = ref.detach().to("cpu", torch.float64)
-    o = out.detach().to("cpu", torch.float64)
-    if r.shape != o.shape:
-        raise ValueError(f"shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
-    noise = (r - o).square().sum().item()
-    signal = r.square().sum().item()
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def logistic_probe_accuracy(

@@ -108,13 +108,20 @@ def step_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torc
     return torch.where(both, torch.zeros_like(d), torch.where(d.isnan(), torch.full_like(d, math.inf), d))
 
 
-def sqnr_db(signal: torch.Tensor, other: torch.Tensor) -> float:
-    s64, o64 = signal.detach().double().cpu(), other.detach().double().cpu()
-    noise = float((o64 - s64).square().sum())
-    power = float(s64.square().sum())
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - out)^2)`` in dB, in float64
+    (inf when identical, -inf when `ref` is all zeros and `out` is not); `pyquant.metrics.sqnr_db`."""
+    r = ref.detach().to("cpu", torch.float64)
+    o = out.detach().to("cpu", torch.float64)
+    if r.shape != o.shape:
+        raise ValueError(f"shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
+    noise = (r - o).square().sum().item()
+    signal = r.square().sum().item()
     if noise == 0.0:
         return math.inf
-    return 10.0 * math.log10(power / noise) if power > 0 else -math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
 
 
 def tensor_stats(sim: torch.Tensor, target: torch.Tensor, scale: torch.Tensor) -> tuple[float, float, float]:
