@@ -39,6 +39,7 @@ assets are missing; a Fashion-MNIST or MiniLM section whose assets are missing i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import copy
 import json
@@ -50,7 +51,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 if __package__ in (None, ""):  # run as a file (python -P bench/quantsim.py): checkout last on sys.path
     sys.path.append(str(Path(__file__).resolve().parents[1]))
@@ -734,6 +735,36 @@ def _lockstep_share(sim, path, x: torch.Tensor, optimize: bool = True) -> tuple[
     return statistics.fmean(shares), worst
 
 
+@dataclasses.dataclass
+class _OnTarget:
+    """One setting of a model: its calibrated simulation, the export, and the outputs of both on the test
+    inputs (sim, sim on inputs scaled by 1 + 1e-6, onnxruntime optimized, onnxruntime as written)."""
+    sim: Any
+    paths: Any
+    dir: str
+    out: torch.Tensor
+    out_perturbed: torch.Tensor
+    ort: torch.Tensor
+    ort_as_written: torch.Tensor
+
+
+@contextlib.contextmanager
+def _simulate_and_run_on_target(model, calib: torch.Tensor, x: torch.Tensor, pbw: int, obw: int, stem: str,
+                                sim_batch: int, ort_batch: int) -> Iterator[_OnTarget]:
+    """Calibrates W<pbw>A<obw> (tf_enhanced, default config) on `calib`, exports it into a temporary folder
+    that lives for the block, and runs `x` through the simulation and onnxruntime."""
+    from pyquant.sim.quantsim import QuantSim
+
+    sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default")
+    sim.compute_encodings(_calibrate_loop(calib))
+    out = _predict(sim.model, x, sim_batch)
+    out_p = _predict(sim.model, x * (1 + 1e-6), sim_batch)
+    with tempfile.TemporaryDirectory() as d:
+        paths = sim.export(d, stem, calib[:1])
+        yield _OnTarget(sim, paths, d, out, out_p, _ort_outputs(paths["onnx"], x, True, ort_batch),
+                        _ort_outputs(paths["onnx"], x, False, ort_batch))
+
+
 def _float_bias_share(model, dummy, paths, x: torch.Tensor, pbw: int, obw: int, d: str) -> tuple[float, float]:
     """_lockstep_share of the same simulation (its encodings loaded) with every bias kept in float."""
     from pyquant.sim.quantsim import QuantSim
@@ -748,7 +779,6 @@ def _float_bias_share(model, dummy, paths, x: torch.Tensor, pbw: int, obw: int, 
 def _on_target_fashion(a: argparse.Namespace, info: dict) -> list[dict[str, Any]]:
     from pyquant.datasets import fashion_mnist_tensors
     from pyquant.models import fashion_cnn
-    from pyquant.sim.quantsim import QuantSim
     from pyquant.techniques import fold_batchnorms
 
     n_calib, n_lock = (256, 64) if a.quick else (1024, 256)
@@ -767,17 +797,11 @@ def _on_target_fashion(a: argparse.Namespace, info: dict) -> list[dict[str, Any]
     rows = []
     for label, pbw, obw in ON_TARGET_SETTINGS:
         t0 = time.perf_counter()
-        sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default")
-        sim.compute_encodings(_calibrate_loop(calib))
-        out = _predict(sim.model, xte, 1000)
-        out_p = _predict(sim.model, xte * (1 + 1e-6), 1000)
-        with tempfile.TemporaryDirectory() as d:
-            paths = sim.export(d, "fashion_cnn", calib[:1])
-            ort = _ort_outputs(paths["onnx"], xte, True, 2000)
-            plain = _ort_outputs(paths["onnx"], xte, False, 2000)
+        with _simulate_and_run_on_target(model, calib, xte, pbw, obw, "fashion_cnn", 1000, 2000) as r:
+            sim, paths, out, out_p, ort, plain = r.sim, r.paths, r.out, r.out_perturbed, r.ort, r.ort_as_written
             share, worst = _lockstep_share(sim, paths["onnx"], xte[:n_lock])
             share_p, _ = _lockstep_share(sim, paths["onnx"], xte[:n_lock], optimize=False)
-            share_f, worst_f = _float_bias_share(model, calib[:1], paths, xte[:n_lock], pbw, obw, d)
+            share_f, worst_f = _float_bias_share(model, calib[:1], paths, xte[:n_lock], pbw, obw, r.dir)
         s_acc, o_acc, p_acc = acc(out), acc(ort), acc(plain)
         agree = 100.0 * float((out.argmax(1) == ort.argmax(1)).double().mean())
         agree_plain = 100.0 * float((out.argmax(1) == plain.argmax(1)).double().mean())
@@ -807,7 +831,6 @@ def _on_target_fashion(a: argparse.Namespace, info: dict) -> list[dict[str, Any]
 def _on_target_mobilenet(a: argparse.Namespace, info: dict) -> list[dict[str, Any]]:
     from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
     from pyquant.models import mobilenet_v2
-    from pyquant.sim.quantsim import QuantSim
     from pyquant.techniques import fold_batchnorms
 
     n_calib, per_image, n_lock = (64, 4, 2) if a.quick else (512, 64, 8)
@@ -824,20 +847,14 @@ def _on_target_mobilenet(a: argparse.Namespace, info: dict) -> list[dict[str, An
     rows = []
     for label, pbw, obw in ON_TARGET_SETTINGS:
         t0 = time.perf_counter()
-        sim = QuantSim(model, calib[:1], quant_scheme="tf_enhanced", param_bw=pbw, output_bw=obw, config="default")
-        sim.compute_encodings(_calibrate_loop(calib))
-        out = _predict(sim.model, evalx, BATCH)
-        out_p = _predict(sim.model, evalx * (1 + 1e-6), BATCH)
-        with tempfile.TemporaryDirectory() as d:
-            paths = sim.export(d, "mobilenet_v2", calib[:1])
-            ort = _ort_outputs(paths["onnx"], evalx, True, 64)
-            plain = _ort_outputs(paths["onnx"], evalx, False, 64)
+        with _simulate_and_run_on_target(model, calib, evalx, pbw, obw, "mobilenet_v2", BATCH, 64) as r:
+            sim, paths, out, out_p, ort, plain = r.sim, r.paths, r.out, r.out_perturbed, r.ort, r.ort_as_written
             share = share_f = share_p = worst = worst_f = None
             if label == "W8A8":  # the lockstep check costs minutes on the 2 cores: the main setting only
                 xl = evalx[::len(evalx) // n_lock][:n_lock]
                 share, worst = _lockstep_share(sim, paths["onnx"], xl)
                 share_p, _ = _lockstep_share(sim, paths["onnx"], xl, optimize=False)
-                share_f, worst_f = _float_bias_share(model, calib[:1], paths, xl, pbw, obw, d)
+                share_f, worst_f = _float_bias_share(model, calib[:1], paths, xl, pbw, obw, r.dir)
         kl = {k: mean_kl(ref, v) for k, v in (("sim", out), ("ort", ort), ("plain", plain), ("pert", out_p))}
         top1 = {k: 100.0 * top1_agreement(ref, v)[0] for k, v in (("sim", out), ("ort", ort), ("plain", plain),
                                                                   ("pert", out_p))}
