@@ -28,10 +28,8 @@ def round_to_nearest_encodings(x: torch.Tensor, like: Encoding) -> list[Encoding
     """Round-to-nearest encodings of `x` that clip nothing, shaped, sized and on the grid of `like` (signed or
     not, strict or not): the observed range of each group, and for a signed symmetric encoding also
     absmax / qmax (the usual weight quantization)."""
-    dims = _group_dims(x, like)
-    xf = x.detach().float()
-    mn = xf.amin(dim=dims, keepdim=True).reshape(like.scale.shape) if dims else xf.reshape(like.scale.shape)
-    mx = xf.amax(dim=dims, keepdim=True).reshape(like.scale.shape) if dims else xf.reshape(like.scale.shape)
+    mn, mx, _ = ops.raw.minmax(x.detach().float(), list(_broadcast_to(like.scale, x).shape))
+    mn, mx = mn.reshape(like.scale.shape), mx.reshape(like.scale.shape)
     out = [from_range(mn, mx, like.bitwidth, like.symmetric, signed=like.signed, strict=like.strict)]
     if like.symmetric and like.signed:
         amax = torch.maximum(mx, -mn)
