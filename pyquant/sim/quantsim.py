@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._batches import call, iter_batches
+from .._batches import as_batches, call, iter_batches, reusable
 from .._io import atomic_torch_save
 from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
@@ -32,6 +32,7 @@ from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
 from .bias import Int32Bias
+from .layerwise_calibration import range_pass, calibrate_layerwise, sync_analyzers
 from .config import HardwareConfig, load_config
 from . import fusion
 from .weights import FoldedWeightQuantizer, WeightQuantizer
@@ -345,11 +346,25 @@ class QuantSim:
 
     # ---- calibration --------------------------------------------------------------------------
     def compute_encodings(self, forward_fn: Union[Callable[[nn.Module], Any], Iterable],
-                          forward_pass_callback_args: Any = None, *, progress: Optional[bool] = None) -> None:
+                          forward_pass_callback_args: Any = None, *, progress: Optional[bool] = None,
+                          layerwise: Union[bool, str] = False, process_group: Any = None) -> None:
         """Calibrates: weights first (from the weights themselves), then activations, observed while
         `forward_fn(sim.model)` (or `forward_fn(sim.model, args)`) runs the calibration data with the
         weights already quantized. `forward_fn` may also be the data itself (a tensor, a data loader or
-        any iterable of batches, see pyquant._batches), then shown with a progress bar on a terminal."""
+        any iterable of batches, see pyquant._batches), then shown with a progress bar on a terminal.
+
+        `layerwise`: calibrate one block of the model's repeated stack at a time (a transformer's decoder
+        layers; True finds the stack, a string names its path, e.g. "model.layers"), each block on its
+        inputs as the simulation computes them, the blocks before it already quantized; memory stays at the
+        model plus the values between two blocks for every batch (pyquant.sim.layerwise_calibration). Needs
+        the data itself, not a callback.
+
+        `process_group`: a torch.distributed group whose ranks each calibrate on their share of the data (the
+        same call on every rank); the statistics are all-reduced before the encodings are computed, so every
+        rank ends with the encodings of one process over all the data (histogram-based schemes then observe
+        in two passes over the data, ranges first, so that the counts add up exactly)."""
+        if not isinstance(layerwise, (bool, str)):
+            raise TypeError(f"layerwise must be True, False or the path of the block stack, got {layerwise!r}")
         for name, q in self.param_quantizers.items():
             if q.enabled:
                 self.calibrate_weight(name)
@@ -361,20 +376,45 @@ class QuantSim:
             q.set_encoding(from_range(torch.tensor(lo), torch.tensor(hi), q.bitwidth, q.symmetric, signed=q.signed,
                                       strict=q.strict))
         acts = {n: q for n, q in self.activation_quantizers.items() if q.enabled and n not in fixed}
-        with contextlib.ExitStack() as stack:
-            for q in acts.values():
-                stack.enter_context(q.compute_encodings(disable_if_unused=True))
-            stack.enter_context(self._float_biases())
-            with torch.no_grad():
-                self._run(forward_fn, forward_pass_callback_args, progress)
-        for n in constrained.keys() - fixed:  # one side fixed by the config, the other calibrated
-            q = self.activation_quantizers[n]
-            if q.enabled and q.has_encoding and not q.frozen:
-                enc = q.get_encoding()
-                lo, hi = constrained[n]
-                q.set_encoding(from_range(enc.min if lo is None else torch.full_like(enc.min, lo),
-                                          enc.max if hi is None else torch.full_like(enc.max, hi),
-                                          q.bitwidth, q.symmetric, signed=q.signed, strict=q.strict))
+
+        def constrain(names: Iterable[str]) -> None:  # one side fixed by the config, the other calibrated
+            for n in names:
+                if n not in constrained or n in fixed:
+                    continue
+                q = self.activation_quantizers[n]
+                if q.enabled and q.has_encoding and not q.frozen:
+                    enc = q.get_encoding()
+                    lo, hi = constrained[n]
+                    q.set_encoding(from_range(enc.min if lo is None else torch.full_like(enc.min, lo),
+                                              enc.max if hi is None else torch.full_like(enc.max, hi),
+                                              q.bitwidth, q.symmetric, signed=q.signed, strict=q.strict))
+
+        if layerwise is not False:
+            if callable(forward_fn):
+                raise TypeError("compute_encodings(layerwise=...) needs the calibration data (a tensor or an "
+                                "iterable of batches), not a callback: it runs the model block by block itself")
+            batches = as_batches(forward_fn, batch_size=None, what="forward_fn")
+            calibrate_layerwise(self.model, batches, acts, stack=None if layerwise is True else layerwise,
+                                process_group=process_group, progress=progress, finish=constrain,
+                                float_biases=self._float_biases)
+        else:
+            if process_group is not None:
+                forward_fn = reusable(forward_fn)
+            with contextlib.ExitStack() as stack:
+                for q in acts.values():
+                    stack.enter_context(q.compute_encodings(disable_if_unused=True))
+                stack.enter_context(self._float_biases())
+                with torch.no_grad():
+                    if process_group is not None:
+                        named = [(n, q.encoding_analyzer) for n, q in acts.items()]
+                        if any(hasattr(a, "update_range") for _, a in named):
+                            with range_pass([a for _, a in named]):  # two passes: ranges, then counts
+                                self._run(forward_fn, forward_pass_callback_args, progress)
+                            sync_analyzers(named, process_group, ranges=True)
+                    self._run(forward_fn, forward_pass_callback_args, progress)
+                    if process_group is not None:
+                        sync_analyzers(named, process_group)
+            constrain(constrained)
         unseen = [n for n, q in acts.items() if not q.enabled]
         if unseen:
             warnings.warn(f"QuantSim: {len(unseen)} quantizer(s) saw no data during calibration and were "
