@@ -27,6 +27,7 @@ layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -40,12 +41,10 @@ from .._progress import Progress
 from .._warnings import nothing_to_do
 from ..quant import Encoding, from_range, from_scale_offset
 from ..sim.quantsim import QuantSim
-from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, resume_job,
+from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, LayerCheckpoint,
                         set_frozen_encoding, sim_linear_layers, walk_sim_layers, weight_groups)
 
 __all__ = ["gptq", "gptq_weight", "GptqResult"]
-
-_CKPT = "gptq_checkpoint.pt"
 
 
 class GptqResult(LayerwiseResult):
@@ -172,14 +171,14 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         return GptqResult([], skipped)
     settings = {"percdamp": float(percdamp), "block_columns": block_columns, "act_order": act_order,
                 "layers": [l.name for l in layers]}
-    ckpt, state = resume_job(checkpoint_dir, _CKPT, "gptq", sim, batches, settings)
+    job = LayerCheckpoint(checkpoint_dir, "gptq", sim, batches, settings)
     with torch.no_grad():
-        for name in state["done"]:
-            saved, w = state["layers"][name], sim.weight(name)
+        for name in job.done:
+            saved, w = job.tensors(name), sim.weight(name)
             w.copy_(saved["weight"].to(w.device, w.dtype))
             set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], w.device)
-    report = [LayerError(**r) for r in state["report"]]
-    todo = [l for l in layers if l.name not in state["done"]]
+    report = [LayerError(**r) for r in job.report]
+    todo = [l for l in layers if l.name not in job.done]
     bar = Progress(len(layers), "gptq", progress)
     bar.n = len(layers) - len(todo)
 
@@ -196,12 +195,8 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         w.copy_(q(wq.to(w.dtype)))
         after = output_mse(w0, q(w), G, rows)
         report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
-        state["done"].append(layer.name)
-        state["layers"][layer.name] = {"weight": w.detach().cpu().clone(), "scale": enc.scale.detach().cpu(),
-                                       "offset": enc.offset.detach().cpu()}
-        state["report"] = [vars(r) for r in report]
-        if ckpt is not None:
-            ckpt.save(state)
+        job.save(layer.name, {"weight": w.detach().cpu().clone(), "scale": enc.scale.detach().cpu(),
+                              "offset": enc.offset.detach().cpu()}, dataclasses.asdict(report[-1]))
         bar.update(note=layer.name)
 
     if todo:

@@ -29,7 +29,7 @@ from ..sim.staged import StagedRun
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
            "apply_rows", "LayerRows", "collect_rows", "gram", "gram_loss", "following_activation",
            "channel_first", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
-           "LayerError", "LayerwiseResult", "resume_job", "set_frozen_encoding", "weight_groups"]
+           "LayerError", "LayerwiseResult", "LayerCheckpoint", "set_frozen_encoding", "weight_groups"]
 
 
 class _Stop(Exception):
@@ -460,22 +460,52 @@ class LayerwiseResult:
         return "\n".join(lines)
 
 
-def resume_job(checkpoint_dir: Optional[Union[str, os.PathLike]], filename: str, what: str, sim,
-               batches: list, settings: dict[str, Any]) -> tuple[Optional[Checkpoint], dict[str, Any]]:
-    """The checkpoint of a layer-wise job on a QuantSim (None without `checkpoint_dir`) and the state to
-    start from: the saved one when its fingerprint (every weight and encoding of the simulation, every
-    batch, the settings, pyquant's version) matches, else a new one -- with a warning naming what differs."""
-    state: dict[str, Any] = {"done": [], "layers": {}, "report": []}
-    if checkpoint_dir is None:
-        return None, state
-    ckpt = Checkpoint(Path(checkpoint_dir) / filename, fingerprint(model=sim.model, data=batches, settings=settings))
-    saved, diff = ckpt.load()
-    if saved is not None:
-        return ckpt, saved
-    if diff:
-        warnings.warn(f"{what}: the checkpoint in {checkpoint_dir} was made for another simulation, data or "
-                      f"settings ({'; '.join(diff)}); starting over", stacklevel=3)
-    return ckpt, state
+class LayerCheckpoint:
+    """The checkpoint of a layer-wise job on a QuantSim: one state file for the job (the layers done, the
+    report) and one per finished layer (its tensors), so that saving a layer writes that layer only. All
+    carry one fingerprint (every weight and encoding of the simulation, every batch, the settings,
+    pyquant's version): another job's files are not resumed, with a warning naming what differs. Without
+    `checkpoint_dir` nothing is written."""
+
+    def __init__(self, checkpoint_dir: Optional[Union[str, os.PathLike]], prefix: str, sim, batches: list,
+                 settings: dict[str, Any]):
+        self.done: list[str] = []
+        self.report: list[dict[str, Any]] = []
+        self._prefix = prefix
+        self._dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if self._dir is None:
+            return
+        self._fp = fingerprint(model=sim.model, data=batches, settings=settings)
+        saved, diff = self._job().load()
+        if saved is not None:
+            self.done, self.report = list(saved["done"]), list(saved["report"])
+        elif diff:
+            warnings.warn(f"{prefix}: the checkpoint in {self._dir} was made for another simulation, data or "
+                          f"settings ({'; '.join(diff)}); starting over", stacklevel=3)
+
+    def _job(self) -> Checkpoint:
+        return Checkpoint(self._dir / f"{self._prefix}_checkpoint.pt", self._fp)
+
+    def _layer(self, i: int) -> Checkpoint:
+        return Checkpoint(self._dir / f"{self._prefix}_layer_{i:04d}.pt", self._fp)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors saved for finished layer `name`."""
+        saved, _ = self._layer(self.done.index(name)).load()
+        if saved is None:
+            raise RuntimeError(f"{self._prefix}: the checkpoint in {self._dir} lists layer {name!r} as done, but "
+                               f"its file is missing or from another job; delete the folder to start over")
+        return saved
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+        """Records layer `name` as done, with its tensors and report entry: the layer's file first, then the
+        job's state that names it (an interruption in between recomputes the layer)."""
+        self.done.append(name)
+        self.report.append(report)
+        if self._dir is None:
+            return
+        self._layer(len(self.done) - 1).save(tensors)
+        self._job().save({"done": self.done, "report": self.report})
 
 
 def set_frozen_encoding(q, scale: torch.Tensor, offset: torch.Tensor, device: torch.device) -> None:

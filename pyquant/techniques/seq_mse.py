@@ -23,6 +23,7 @@ same data and settings, continues after the last finished layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Optional, Union
@@ -35,12 +36,10 @@ from .._progress import Progress
 from .._warnings import nothing_to_do
 from ..quant import Encoding, from_range, least_error
 from ..sim.quantsim import QuantSim
-from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, resume_job,
+from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, LayerCheckpoint,
                         set_frozen_encoding, sim_linear_layers, walk_sim_layers, weight_groups)
 
 __all__ = ["seq_mse", "seq_mse_encoding", "SeqMseResult"]
-
-_CKPT = "seq_mse_checkpoint.pt"
 
 
 class SeqMseResult(LayerwiseResult):
@@ -115,12 +114,12 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
         nothing_to_do("seq_mse: the simulation has no linear layer with an enabled, unfrozen weight quantizer")
         return SeqMseResult([], skipped)
     settings = {"num_candidates": num_candidates, "layers": [l.name for l in layers]}
-    ckpt, state = resume_job(checkpoint_dir, _CKPT, "seq_mse", sim, batches, settings)
-    for name in state["done"]:
-        saved = state["layers"][name]
+    job = LayerCheckpoint(checkpoint_dir, "seq_mse", sim, batches, settings)
+    for name in job.done:
+        saved = job.tensors(name)
         set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], sim.weight(name).device)
-    report = [LayerError(**r) for r in state["report"]]
-    todo = [l for l in layers if l.name not in state["done"]]
+    report = [LayerError(**r) for r in job.report]
+    todo = [l for l in layers if l.name not in job.done]
     bar = Progress(len(layers), "seq_mse", progress)
     bar.n = len(layers) - len(todo)
 
@@ -133,11 +132,7 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
         set_frozen_encoding(q, enc.scale, enc.offset, w.device)
         after = output_mse(w, q(w), G, rows)
         report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
-        state["done"].append(layer.name)
-        state["layers"][layer.name] = {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()}
-        state["report"] = [vars(r) for r in report]
-        if ckpt is not None:
-            ckpt.save(state)
+        job.save(layer.name, {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()}, dataclasses.asdict(report[-1]))
         bar.update(note=layer.name)
 
     if todo:
