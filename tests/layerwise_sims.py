@@ -21,7 +21,8 @@ def llama_case():
     mask = torch.ones_like(ids)
     mask[::3, 18:] = 0  # some sequences are padded
     calib = [{"input_ids": ids[i:i + 4], "attention_mask": mask[i:i + 4]} for i in range(0, 16, 4)]
-    ev = {"input_ids": torch.randint(0, 256, (6, 24), generator=g), "attention_mask": torch.ones(6, 24, dtype=torch.long)}
+    ev = {"input_ids": torch.randint(0, 256, (6, 24), generator=g),
+          "attention_mask": torch.ones(6, 24, dtype=torch.long)}
     with torch.no_grad():
         ref = model(**ev).logits
     return model, calib, ev, ref
@@ -62,3 +63,14 @@ def mlp_case():
 
 def mlp_sim(model, x) -> pyquant.QuantSim:
     return pyquant.QuantSim(model, x[:2], quant_scheme="min_max", param_bw=4, output_bw=8)
+
+
+def use_block_quantizers(sim: pyquant.QuantSim, block: int) -> None:
+    """Replaces every weight quantizer of the MLP's simulation by a per-block one (blocks of `block` input
+    columns), where QuantSim itself places per-channel ones."""
+    from pyquant.quant import QuantizeDequantize
+    for name in list(sim.param_quantizers):
+        w = sim.weight(name)
+        q = QuantizeDequantize((w.shape[0], w.shape[1] // block), 4, True, block_size=(1, block), name=name)
+        sim.model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight[0].q = q
+        sim.param_quantizers[name] = q

@@ -13,7 +13,7 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse
+from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, use_block_quantizers
 
 gptq_mod = importlib.import_module("pyquant.techniques.gptq")
 
@@ -182,3 +182,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="not positive definite"):  # no dampening of a singular Hessian
         q = _calibrated((16, 1), W)
         pyquant.techniques.gptq_weight(q, W, -torch.eye(48), percdamp=0.0, name="fc9")
+
+
+def test_per_block_weight_quantizers_in_a_simulation():
+    model, x, _ = mlp_case()
+    sim = mlp_sim(model, x)
+    use_block_quantizers(sim, 8)
+    res = pyquant.gptq(sim, x)
+    assert len(res.layers) == 3 and all(r.mse_after < r.mse_before for r in res.layers)
+    for r in res.layers:
+        q, w = sim.quantizer(r.name), sim.weight(r.name).detach()
+        assert q.frozen and q.get_encoding().scale.shape == (w.shape[0], w.shape[1] // 8)
+        with torch.no_grad():
+            assert torch.equal(q(w), w)

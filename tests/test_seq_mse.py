@@ -12,7 +12,7 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse
+from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, use_block_quantizers
 
 seq_mod = importlib.import_module("pyquant.techniques.seq_mse")
 
@@ -175,3 +175,14 @@ def test_nothing_to_do_when_every_weight_is_frozen():
     with pytest.warns(pyquant.NothingToDoWarning):
         res = pyquant.seq_mse(sim, x)
     assert res.layers == [] and set(res.skipped) == set(sim.param_quantizers)
+
+
+def test_per_block_weight_quantizers_in_a_simulation():
+    model, x, _ = mlp_case()
+    sim = mlp_sim(model, x)
+    use_block_quantizers(sim, 8)
+    res = pyquant.seq_mse(sim, x)
+    assert len(res.layers) == 3 and all(r.mse_after <= r.mse_before for r in res.layers)
+    for r in res.layers:
+        q, w = sim.quantizer(r.name), sim.weight(r.name)
+        assert q.frozen and q.get_encoding().scale.shape == (w.shape[0], w.shape[1] // 8)

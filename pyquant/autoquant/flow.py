@@ -285,8 +285,9 @@ class AutoQuant:
         with warnings.catch_warnings():
             warnings.simplefilter("error", NothingToDoWarning)
             try:
-                res = run(sim, self._calib, checkpoint_dir=None if cache is None else cache.layerwise_dir(r.layerwise),
-                          progress=self.progress, **self.layerwise_kwargs[r.layerwise])
+                ckpt = None if cache is None else cache.layerwise_dir(r.layerwise)
+                res = run(sim, self._calib, checkpoint_dir=ckpt, progress=self.progress,
+                          **self.layerwise_kwargs[r.layerwise])
             except NothingToDoWarning as w:
                 raise _Skip(str(w)) from None
         self._calibrate(sim, r)

@@ -132,7 +132,8 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
         set_frozen_encoding(q, enc.scale, enc.offset, w.device)
         after = output_mse(w, q(w), G, rows)
         report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
-        job.save(layer.name, {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()}, dataclasses.asdict(report[-1]))
+        job.save(layer.name, {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()},
+                 dataclasses.asdict(report[-1]))
         bar.update(note=layer.name)
 
     if todo:
