@@ -39,7 +39,7 @@ from .. import ops
 from .._batches import Data, as_batches
 from .._progress import Progress
 from .._warnings import nothing_to_do
-from ..quant import Encoding, from_range, from_scale_offset
+from ..quant import Encoding, QuantizerBase, from_range, from_scale_offset
 from ..sim.quantsim import QuantSim
 from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, LayerCheckpoint,
                         set_frozen_encoding, sim_linear_layers, walk_sim_layers, weight_groups)
@@ -64,7 +64,7 @@ def _check_settings(percdamp: float, block_columns: int, act_order: bool) -> Non
         raise TypeError(f"act_order must be True or False, got {act_order!r}")
 
 
-def gptq_weight(q, weight: torch.Tensor, hessian: torch.Tensor, *, percdamp: float = 0.01,
+def gptq_weight(q: QuantizerBase, weight: torch.Tensor, hessian: torch.Tensor, *, percdamp: float = 0.01,
                 block_columns: int = 128, act_order: bool = False,
                 name: str = "layer") -> tuple[torch.Tensor, Encoding]:
     """GPTQ of one linear layer: (the quantized weight, dequantized: values on the grid, and its encoding) for

@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -23,8 +23,11 @@ from torch import nn
 from .._checkpoint import Checkpoint
 from .._fingerprint import fingerprint
 from .._layers import layers_for
-from ..quant import from_scale_offset
+from ..quant import QuantizerBase, from_scale_offset
 from ..sim.staged import StagedRun
+
+if TYPE_CHECKING:
+    from ..sim.quantsim import QuantSim
 
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
            "apply_rows", "LayerRows", "collect_rows", "gram", "gram_loss", "following_activation",
@@ -304,7 +307,7 @@ class SimLayer:
     weight_node: Optional[str]
 
 
-def sim_linear_layers(sim) -> tuple[list[SimLayer], dict[str, str]]:
+def sim_linear_layers(sim: "QuantSim") -> tuple[list[SimLayer], dict[str, str]]:
     """The linear layers of QuantSim `sim` whose weight quantizer is enabled and not frozen, in graph order,
     and the other weight quantizers with why they are left out (not a linear layer, read by several ops or
     as a slice, disabled, frozen, batch norm folded each step)."""
@@ -365,7 +368,7 @@ def _positional(gm: fx.GraphModule, b: Any, i: int) -> tuple:
 
 
 @contextlib.contextmanager
-def _uncalibrated_activations_off(sim) -> Iterator[None]:
+def _uncalibrated_activations_off(sim: "QuantSim") -> Iterator[None]:
     """Activation quantizers without an encoding pass their input unchanged inside the block: a layer-wise
     method usually runs before activation calibration, on the weights-only simulation."""
     off = [q for q in sim.activation_quantizers.values() if q.enabled and not q.has_encoding]
@@ -378,7 +381,7 @@ def _uncalibrated_activations_off(sim) -> Iterator[None]:
             q.enabled = True
 
 
-def walk_sim_layers(sim, batches: list, todo: Sequence[SimLayer],
+def walk_sim_layers(sim: "QuantSim", batches: list, todo: Sequence[SimLayer],
                     run_layer: Callable[[SimLayer, list[torch.Tensor]], None]) -> None:
     """Runs QuantSim `sim`'s graph one node at a time over all `batches` (pyquant.sim.staged) and calls
     `run_layer(layer, xs)` at each layer of `todo`, with `xs` its inputs as rows [rows, in_features], one
@@ -467,8 +470,8 @@ class LayerCheckpoint:
     pyquant's version): another job's files are not resumed, with a warning naming what differs. Without
     `checkpoint_dir` nothing is written."""
 
-    def __init__(self, checkpoint_dir: Optional[Union[str, os.PathLike]], prefix: str, sim, batches: list,
-                 settings: dict[str, Any]):
+    def __init__(self, checkpoint_dir: Optional[Union[str, os.PathLike]], prefix: str, sim: "QuantSim",
+                 batches: list, settings: dict[str, Any]):
         self.done: list[str] = []
         self.report: list[dict[str, Any]] = []
         self._prefix = prefix
@@ -508,7 +511,7 @@ class LayerCheckpoint:
         self._job().save({"done": self.done, "report": self.report})
 
 
-def set_frozen_encoding(q, scale: torch.Tensor, offset: torch.Tensor, device: torch.device) -> None:
+def set_frozen_encoding(q: QuantizerBase, scale: torch.Tensor, offset: torch.Tensor, device: torch.device) -> None:
     """Gives weight quantizer `q` the encoding (scale, offset) on its own grid, on `device` (its weight's),
     and freezes it, so that a later `sim.compute_encodings` keeps it."""
     q.set_encoding(from_scale_offset(scale.to(device), offset.to(device), q.bitwidth, q.symmetric, q.block_size,
@@ -516,7 +519,7 @@ def set_frozen_encoding(q, scale: torch.Tensor, offset: torch.Tensor, device: to
     q.freeze()
 
 
-def weight_groups(q, w: torch.Tensor) -> tuple[int, int]:
+def weight_groups(q: QuantizerBase, w: torch.Tensor) -> tuple[int, int]:
     """(row groups, column blocks) of weight quantizer `q`'s encoding on a 2-d weight `w` [out, in]: its
     shape right-aligned against the weight, e.g. (out, 1) per channel, (1, 1) per tensor, (out, in // B)
     per block of B along the input dimension."""

@@ -34,7 +34,7 @@ from .. import ops
 from .._batches import Data, as_batches
 from .._progress import Progress
 from .._warnings import nothing_to_do
-from ..quant import Encoding, from_range, least_error
+from ..quant import Encoding, QuantizerBase, from_range, least_error
 from ..sim.quantsim import QuantSim
 from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, LayerCheckpoint,
                         set_frozen_encoding, sim_linear_layers, walk_sim_layers, weight_groups)
@@ -54,7 +54,7 @@ def _check_candidates(num_candidates: int) -> None:
         raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
 
 
-def seq_mse_encoding(q, weight: torch.Tensor, gram: torch.Tensor, num_candidates: int = 20) -> Encoding:
+def seq_mse_encoding(q: QuantizerBase, weight: torch.Tensor, gram: torch.Tensor, num_candidates: int = 20) -> Encoding:
     """The encoding of weight quantizer `q` (its shape, bit width, grid and block size) that gives each group
     of `weight` [out, in] the candidate range with the least output error on inputs whose Gram matrix is
     `gram` [in, in] (see the module's docstring). `q` needs no encoding of its own."""
