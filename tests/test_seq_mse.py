@@ -186,3 +186,13 @@ def test_per_block_weight_quantizers_in_a_simulation():
     for r in res.layers:
         q, w = sim.quantizer(r.name), sim.weight(r.name)
         assert q.frozen and q.get_encoding().scale.shape == (w.shape[0], w.shape[1] // 8)
+
+
+def test_candidates_in_several_calls_choose_the_same(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    W, X = torch.randn(12, 32, generator=g), torch.randn(100, 32, generator=g)
+    q = QuantizeDequantize((12, 1), 4, False)
+    one_call = pyquant.techniques.seq_mse_encoding(q, W, X.t() @ X, 9)
+    monkeypatch.setattr(seq_mod, "_CHUNK_BYTES", 2 * W.numel() * 16)  # two candidates per call
+    several = pyquant.techniques.seq_mse_encoding(q, W, X.t() @ X, 9)
+    assert torch.equal(one_call.scale, several.scale) and torch.equal(one_call.offset, several.offset)

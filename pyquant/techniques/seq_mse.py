@@ -16,8 +16,9 @@ Per linear layer of a QuantSim:
   * the least-loss candidate of each group (a tie keeps the wider range) becomes the quantizer's encoding,
     frozen, so that a later `sim.compute_encodings` calibrates the activations and keeps it.
 
-The candidates are quantized by pyquant's fake-quant op with the group's scale (per channel or per block),
-one call per candidate, and chosen by pyquant.quant.least_error with the output error as its measure. With
+The candidates are quantized by pyquant's fake-quant op, many at once (the weight repeated along a candidate
+dimension, block-broadcast scales), and chosen by pyquant.quant.least_error with the output error as its
+measure. With
 `checkpoint_dir`, every finished layer is saved; a rerun on a simulation built as the first was, with the
 same data and settings, continues after the last finished layer.
 """
@@ -40,6 +41,8 @@ from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, outpu
                         set_frozen_encoding, sim_linear_layers, walk_sim_layers, weight_groups)
 
 __all__ = ["seq_mse", "seq_mse_encoding", "SeqMseResult"]
+
+_CHUNK_BYTES = 256 * 2**20  # candidate copies of a weight per fake-quant call (with their float64 errors)
 
 
 class SeqMseResult(LayerwiseResult):
@@ -75,13 +78,22 @@ def seq_mse_encoding(q: QuantizerBase, weight: torch.Tensor, gram: torch.Tensor,
     G = gram.to(device=w.device, dtype=torch.float64)
     # each block's own columns: G's diagonal blocks [nb, B, B] (the whole G per channel)
     Gb = G.reshape(nb, B, nb, B).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-
-    def output_error(enc: Encoding) -> torch.Tensor:
-        E = (w - enc.quantize_dequantize(w)).double().reshape(out, nb, B)
-        per_row_block = torch.einsum("obi,bij,obj->ob", E, Gb, E)          # [out, nb]
-        return per_row_block.reshape(so, out // so, nb).sum(1).reshape(shape)
-
-    return least_error(w, candidates, error=output_error)
+    # All candidates' errors in a few calls of the fake-quant op: the weight repeated along a leading
+    # candidate dimension, each copy with its candidate's scale (block-broadcast [c, so, nb]), as many
+    # candidates per call as keep the copies within _CHUNK_BYTES.
+    per_call = max(1, min(C, _CHUNK_BYTES // max(w.numel() * 16, 1)))
+    errors = []
+    for c0 in range(0, C, per_call):
+        part = candidates[c0:c0 + per_call]
+        s = torch.stack([e.scale.reshape(so, nb) for e in part]).float()
+        o = torch.stack([e.offset.reshape(so, nb) for e in part]).float()
+        wc = w.unsqueeze(0).expand(len(part), out, cols).contiguous()
+        E = (wc - ops.raw.quantize_dequantize(wc, s, o, q.qmin, q.qmax)).double().reshape(len(part), out, nb, B)
+        per_row_block = torch.einsum("cobi,bij,cobj->cob", E, Gb, E)             # [c, out, nb]
+        errors.extend(per_row_block.reshape(len(part), so, out // so, nb).sum(2).reshape(len(part), *shape))
+    by_candidate = {id(e): err for e, err in zip(candidates, errors)}
+    # least_error keeps, per group, the first candidate with the least error: the widest range on a tie
+    return least_error(w, candidates, error=lambda enc: by_candidate[id(enc)])
 
 
 def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: int = 8,
