@@ -387,8 +387,9 @@ def walk_sim_layers(sim: "QuantSim", batches: list, todo: Sequence[SimLayer],
     `run_layer(layer, xs)` at each layer of `todo`, with `xs` its inputs as rows [rows, in_features], one
     tensor per batch, computed by the simulation whose earlier layers are already changed. The layer's
     output is computed with its changed weight and encoding before the walk goes on: one pass over the
-    data in all. Weight quantizers without an encoding are calibrated from their weights first;
-    activation quantizers without one pass their input unchanged."""
+    data in all, holding the live activations of every batch at once (as `walk_side_by_side` does). Every
+    position is a row, padded ones included. Weight quantizers without an encoding are calibrated from
+    their weights first; activation quantizers without one pass their input unchanged."""
     gm = sim.model
     for name, q in sim.param_quantizers.items():
         if q.enabled and not q.has_encoding:
