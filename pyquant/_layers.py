@@ -29,6 +29,8 @@ TECHNIQUE_LAYERS: dict[str, tuple[type, ...]] = {
     "cle": (nn.Conv2d, nn.Conv1d, nn.Linear),
     "bias_correction": (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d),
     "adaround": (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear),
+    # SeqMSE and GPTQ on a QuantSim: linear layers (modules, or linear ops on graph weights)
+    "layerwise_sim": (nn.Linear,),
     # QuantSim's int32 bias: layers an integer target runs with a bias on the int32 grid at s_x * s_w
     "int32_bias": _CONV + CONV_TRANSPOSE + (nn.Linear,),
     # layers whose per-channel weight ranges the analysis plots

@@ -98,7 +98,7 @@ def test_full_flow_keeps_only_improvements_and_picks_the_best(tmp_path):
         res = _aq(model, fn, param_bw=4).optimize(allowed_accuracy_drop=0.0, output_dir=tmp_path)
     assert _keys(res) == ["fp32", "quantsim", "weights_only/tf_enhanced", "weights_only/min_max", "weights_only/mse",
                           "activations_only/tf_enhanced", "activations_only/min_max", "activations_only/mse",
-                          "schemes", "cle", "cle+hba", "bias_correction", "adaround"]
+                          "schemes", "cle", "cle+hba", "bias_correction", "seq_mse", "gptq", "adaround"]
     assert fn.calls == sum(s.status == "evaluated" for s in res.steps)
     # every kept step beat the best before it, and the result is the best full simulation
     best = -1.0
@@ -116,8 +116,22 @@ def test_full_flow_keeps_only_improvements_and_picks_the_best(tmp_path):
     a = {s.key.split("/")[1]: s.accuracy for s in res.steps if s.kind == "activations_only"}
     assert res.activation_scheme == max(a, key=a.get)
     assert res.step("adaround").options["layers"] == 3
+    assert res.step("gptq").options["layers"] == 1 and res.step("seq_mse").options["layers"] == 1  # the Linear
     assert fn(res.sim.model) == pytest.approx(res.accuracy, abs=1e-6)
     assert res.step("quantsim").options == {}
+
+
+def test_layerwise_steps_default_to_low_bit_weights():
+    model = _net()
+    fn = Fidelity(model)
+    assert not any(_aq(model, fn).layerwise_enabled(m) for m in ("seq_mse", "gptq"))  # 8-bit weights
+    assert all(_aq(model, fn, param_bw=4).layerwise_enabled(m) for m in ("seq_mse", "gptq"))
+    aq = _aq(model, fn, param_bw=4, gptq=False, seq_mse_kwargs={"num_candidates": 8})
+    assert aq.layerwise_enabled("seq_mse") and not aq.layerwise_enabled("gptq")
+    with pytest.raises(TypeError, match="seq_mse must be True, False or None"):
+        _aq(model, fn, seq_mse="yes")
+    with pytest.raises(ValueError, match="gptq_kwargs: 'checkpoint_dir' is set by AutoQuant"):
+        _aq(model, fn, gptq_kwargs={"checkpoint_dir": "x"})
 
 
 def test_stops_as_soon_as_the_target_is_met(tmp_path):

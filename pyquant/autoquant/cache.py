@@ -103,3 +103,7 @@ class StepCache:
     @property
     def adaround_dir(self) -> Path:
         return self.root / "adaround"
+
+    def layerwise_dir(self, method: str) -> Path:
+        """The checkpoint folder of a layer-wise weight method ("seq_mse", "gptq")."""
+        return self.root / method

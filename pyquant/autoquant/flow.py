@@ -86,6 +86,9 @@ class AutoQuant:
             norms, no data) or None (not tried).
         adaround: try AdaRound as the last step (default True). `adaround_kwargs` go to
             `pyquant.adaround` (default: 1000 iterations per layer, all calibration samples).
+        seq_mse / gptq: try SeqMSE / GPTQ on the best simulation so far, before AdaRound (each replaces the
+            other; AdaRound replaces both). None (default): tried when param_bw <= 4, where weight rounding
+            costs most. `seq_mse_kwargs` / `gptq_kwargs` go to `pyquant.seq_mse` / `pyquant.gptq`.
         replace_relu6: let cross-layer equalization swap ReLU6 for ReLU (ReLU6 blocks it); the step is
             kept only if the metric says the swapped model is better.
         name: a name for the output files (default: the model's class name).
@@ -105,7 +108,10 @@ class AutoQuant:
                  config: Union[str, dict, HardwareConfig] = "default", *,
                  quant_schemes: Sequence[str] = DEFAULT_SCHEMES, batch_size: int = 32,
                  bias_correction: Optional[str] = "empirical", adaround: bool = True,
-                 adaround_kwargs: Optional[Mapping[str, Any]] = None, replace_relu6: bool = True,
+                 adaround_kwargs: Optional[Mapping[str, Any]] = None,
+                 seq_mse: Optional[bool] = None, seq_mse_kwargs: Optional[Mapping[str, Any]] = None,
+                 gptq: Optional[bool] = None, gptq_kwargs: Optional[Mapping[str, Any]] = None,
+                 replace_relu6: bool = True,
                  name: Optional[str] = None, progress: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,6 +139,16 @@ class AutoQuant:
         for k in ("param_bw", "quant_scheme", "config", "checkpoint_dir", "progress"):
             if k in self.adaround_kwargs:
                 raise ValueError(f"adaround_kwargs: {k!r} is set by AutoQuant itself")
+        self._layerwise_on: dict[str, Optional[bool]] = {}
+        self.layerwise_kwargs: dict[str, dict[str, Any]] = {}
+        for method, on, kw in (("seq_mse", seq_mse, seq_mse_kwargs), ("gptq", gptq, gptq_kwargs)):
+            if on is not None and not isinstance(on, bool):
+                raise TypeError(f"{method} must be True, False or None (tried when param_bw <= 4), got {on!r}")
+            self._layerwise_on[method] = on
+            self.layerwise_kwargs[method] = dict(kw or {})
+            for k in ("checkpoint_dir", "progress"):
+                if k in self.layerwise_kwargs[method]:
+                    raise ValueError(f"{method}_kwargs: {k!r} is set by AutoQuant itself")
         self.replace_relu6 = bool(replace_relu6)
         self.progress = progress
         self.name = name or type(model).__name__
@@ -143,6 +159,12 @@ class AutoQuant:
         self._calib = as_batches(data, batch_size)
         self._fp_models: dict[Optional[str], tuple[nn.Module, dict]] = {}
         self._fold = self._fold_info()
+
+    def layerwise_enabled(self, method: str) -> bool:
+        """Whether the flow tries layer-wise method `method` ("seq_mse", "gptq"): as asked, or by default
+        when weights have at most 4 bits."""
+        on = self._layerwise_on[method]
+        return self.param_bw <= 4 if on is None else on
 
     # ---- FP32 models ----------------------------------------------------------------------------
     def _fold_info(self) -> dict[str, Any]:
@@ -224,7 +246,10 @@ class AutoQuant:
         if r.bias_correction == "empirical":  # before the (costly) simulation is built
             self._positional("empirical bias correction")
         opts: dict[str, Any] = {k: v for k, v in info.items() if k != "bn_stats"}
-        if not r.adaround:
+        if r.layerwise is not None:
+            opts.update(self._layerwise(fp, r, cache))
+            sim = opts.pop("sim")
+        elif not r.adaround:
             sim = self._new_sim(fp, r)
             self._calibrate(sim, r)
         else:
@@ -248,6 +273,27 @@ class AutoQuant:
         if r.bias_correction:
             opts.update(self._correct_bias(sim, fp, info, r.bias_correction))
         return sim, opts
+
+    def _layerwise(self, fp: nn.Module, r: Recipe, cache: Optional[StepCache]) -> dict[str, Any]:
+        """A simulation with SeqMSE or GPTQ weights (frozen encodings), then calibrated; under "sim" with what
+        the method did."""
+        from ..techniques import gptq, seq_mse
+        if not r.weights:
+            raise _Skip("the weights are not quantized")
+        sim = self._new_sim(fp, r)
+        run = {"seq_mse": seq_mse, "gptq": gptq}[r.layerwise]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NothingToDoWarning)
+            try:
+                ckpt = None if cache is None else cache.layerwise_dir(r.layerwise)
+                res = run(sim, self._calib, checkpoint_dir=ckpt, progress=self.progress,
+                          **self.layerwise_kwargs[r.layerwise])
+            except NothingToDoWarning as w:
+                raise _Skip(str(w)) from None
+        self._calibrate(sim, r)
+        before = sum(x.mse_before for x in res.layers)
+        return {"sim": sim, "layers": len(res.layers),
+                "mse_vs_nearest": (sum(x.mse_after for x in res.layers) / before) if before > 0 else None}
 
     def _restore(self, r: Recipe, path: Path) -> QuantSim:
         """A cached step's simulation: built empty from its recipe, then its saved state loaded."""

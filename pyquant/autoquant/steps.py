@@ -20,6 +20,7 @@ class Recipe:
     cle: Optional[str] = None          # None, "cle" or "cle+hba"
     bias_correction: Optional[str] = None  # None, "empirical" or "analytical"
     adaround: bool = False
+    layerwise: Optional[str] = None    # None, "seq_mse" or "gptq": a layer-wise weight method on the simulation
     weights: bool = True               # weight quantizers on
     activations: bool = True           # activation quantizers on
 
@@ -65,6 +66,17 @@ def _cle(variant: str, title: str) -> TechniqueStep:
         build_order=0)
 
 
+def _layerwise(method: str, title: str) -> TechniqueStep:
+    """SeqMSE or GPTQ on the best simulation so far: one weight method at a time (each replaces the other
+    and AdaRound), tried by default when weights have at most 4 bits, where rounding costs most."""
+    return TechniqueStep(
+        key=method, title=lambda aq, best: title + (" + bias correction" if best.bias_correction else ""),
+        enabled=lambda aq: aq.layerwise_enabled(method),
+        change=lambda aq: {"layerwise": method, "adaround": False},
+        settings=lambda aq: {f"{method}_kwargs": aq.layerwise_kwargs[method]},
+        describe=lambda r: title if r.layerwise == method else None, build_order=1)
+
+
 TECHNIQUE_STEPS: tuple[TechniqueStep, ...] = (
     _cle("cle", "cross-layer equalization"),
     _cle("cle+hba", "cross-layer equalization + high-bias absorption"),
@@ -74,9 +86,11 @@ TECHNIQUE_STEPS: tuple[TechniqueStep, ...] = (
         settings=lambda aq: {"method": aq.bias_correction},
         describe=lambda r: f"bias correction ({r.bias_correction})" if r.bias_correction else None,
         build_order=2),
+    _layerwise("seq_mse", "SeqMSE"),
+    _layerwise("gptq", "GPTQ"),
     TechniqueStep(
         key="adaround", title=lambda aq, best: "AdaRound" + (" + bias correction" if best.bias_correction else ""),
-        enabled=lambda aq: aq.adaround, change=lambda aq: {"adaround": True},
+        enabled=lambda aq: aq.adaround, change=lambda aq: {"adaround": True, "layerwise": None},
         settings=lambda aq: {"adaround_kwargs": aq.adaround_kwargs},
         describe=lambda r: "AdaRound" if r.adaround else None, build_order=1),
 )

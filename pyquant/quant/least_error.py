@@ -8,7 +8,7 @@ real error can be measured: `least_error_encoding` keeps the search's encoding f
 at least as good and takes round-to-nearest where that is better."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -39,37 +39,43 @@ def round_to_nearest_encodings(x: torch.Tensor, like: Encoding) -> list[Encoding
     return out
 
 
-def least_error(x: torch.Tensor, candidates: Sequence[Encoding]) -> Encoding:
-    """Per encoding group, the candidate whose quantize-dequantize of `x` has the least sum of squared errors
-    (float64); a tie keeps the earlier candidate. All candidates share shape, bit width and grid and have
-    no blocks."""
+def least_error(x: torch.Tensor, candidates: Sequence[Encoding],
+                error: Optional[Callable[[Encoding], torch.Tensor]] = None) -> Encoding:
+    """Per encoding group, the candidate with the least error; a tie keeps the earlier candidate. All
+    candidates share shape, bit width, grid and block size.
+
+    `error(enc)`: the error of candidate `enc` per group, shaped like `enc.scale` (a layer's output error,
+    say); default: the sum of squared errors of quantize-dequantize of `x` (float64), which needs
+    candidates without blocks."""
     if not candidates:
         raise ValueError("least_error needs at least one candidate encoding")
     first = candidates[0]
     for c in candidates[1:]:
         if (c.scale.shape != first.scale.shape or c.bitwidth != first.bitwidth or c.symmetric != first.symmetric
-                or c.signed != first.signed or c.strict != first.strict
-                or c.block_size is not None or first.block_size is not None):
-            raise ValueError("least_error: candidates must share shape, bit width and grid (symmetry, "
-                             "signedness, strictness), without blocks")
-    dims = _group_dims(x, first)
-    xd = x.detach()
+                or c.signed != first.signed or c.strict != first.strict or c.block_size != first.block_size):
+            raise ValueError("least_error: candidates must share shape, bit width, grid (symmetry, "
+                             "signedness, strictness) and block size")
+    if error is None:
+        if first.block_size is not None:
+            raise ValueError("least_error: per-block candidates need an `error` function")
+        dims = _group_dims(x, first)
+        xd = x.detach()
 
-    def error(enc: Encoding) -> torch.Tensor:
-        e = (enc.quantize_dequantize(xd).double() - xd.double()).square()
-        return (e.sum(dim=dims, keepdim=True) if dims else e).reshape(first.scale.shape)
+        def error(enc: Encoding) -> torch.Tensor:
+            e = (enc.quantize_dequantize(xd).double() - xd.double()).square()
+            return (e.sum(dim=dims, keepdim=True) if dims else e).reshape(first.scale.shape)
 
-    best_err = error(first)
+    best_err = error(first).reshape(first.scale.shape)
     scale, offset = first.scale.clone(), first.offset.clone()
     for c in candidates[1:]:
-        err = error(c)
+        err = error(c).reshape(first.scale.shape)
         better = err < best_err
         scale = torch.where(better, c.scale, scale)
         offset = torch.where(better, c.offset, offset)
         best_err = torch.where(better, err, best_err)
     if torch.equal(scale, first.scale) and torch.equal(offset, first.offset):
         return first  # nothing better: the encoding itself, bit for bit
-    return from_scale_offset(scale, offset, first.bitwidth, first.symmetric, signed=first.signed,
+    return from_scale_offset(scale, offset, first.bitwidth, first.symmetric, first.block_size, signed=first.signed,
                              strict=first.strict)
 
 

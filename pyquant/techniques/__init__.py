@@ -3,8 +3,12 @@ from .adaround import AdaroundResult, AdaroundSettings, LayerReport, adaround
 from .bias_correction import BiasCorrectionReport, correct_bias, correct_bias_analytical
 from .bn_fold import FoldedPairs, fold_batchnorms, fold_batchnorms_to_scale
 from .cle import EqualizationReport, equalize
+from .gptq import GptqResult, gptq, gptq_weight
+from .layerwise import LayerError
 from .qat import reestimate_batchnorm
+from .seq_mse import SeqMseResult, seq_mse, seq_mse_encoding
 
 __all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
            "correct_bias", "correct_bias_analytical", "BiasCorrectionReport", "adaround", "AdaroundResult",
-           "AdaroundSettings", "LayerReport", "reestimate_batchnorm"]
+           "AdaroundSettings", "LayerReport", "reestimate_batchnorm", "seq_mse", "seq_mse_encoding", "SeqMseResult",
+           "gptq", "gptq_weight", "GptqResult", "LayerError"]

@@ -2,23 +2,37 @@
 same): walking the FP32 and the quantized model side by side to get each layer's inputs and FP32
 outputs for the whole calibration set, turning layers into matrix products over rows (im2col for
 convolutions), sampling the rows to keep within a memory budget, and the Gram-matrix form of a
-linear layer's reconstruction loss."""
+linear layer's reconstruction loss. On a QuantSim (SeqMSE, GPTQ): its linear layers in graph order,
+one staged pass over the simulation's graph that hands each layer its inputs, the inputs' Gram matrix,
+the layer's output error from it, and the result and checkpoint of such a job."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Callable, Iterable, Optional
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._checkpoint import Checkpoint
+from .._fingerprint import fingerprint
+from .._layers import layers_for
+from ..quant import QuantizerBase, from_scale_offset
 from ..sim.staged import StagedRun
+
+if TYPE_CHECKING:
+    from ..sim.quantsim import QuantSim
 
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
            "apply_rows", "LayerRows", "collect_rows", "gram", "gram_loss", "following_activation",
-           "channel_first"]
+           "channel_first", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
+           "LayerError", "LayerwiseResult", "LayerCheckpoint", "set_frozen_encoding", "weight_groups"]
 
 
 class _Stop(Exception):
@@ -273,3 +287,246 @@ def following_activation(gm: fx.GraphModule, target: str) -> Optional[nn.Module]
 def channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
     """The weight with output channels on dim 0 (ConvTranspose keeps them on dim 1)."""
     return w.transpose(0, 1).contiguous() if isinstance(layer, nn.ConvTranspose2d) else w.contiguous()
+
+
+# ---- linear layers of a QuantSim, walked in graph order ---------------------------------------------------
+# The ops that run a linear layer whose weight is a graph attribute (torch.export graphs, functional calls).
+_LINEAR_CALLS = {torch.ops.aten.linear.default, F.linear}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimLayer:
+    """A linear layer of a QuantSim: `name` is its weight quantizer's name (`sim.weight(name)` is the FP32
+    weight, [out_features, in_features]); `node` is the graph node that runs the layer (an nn.Linear
+    module call, or an ATen/functional linear reading a graph attribute); `weight_node` is, for a graph
+    attribute, the quantizer node whose output the layer reads (None for a module's parametrized
+    weight)."""
+
+    name: str
+    node: str
+    weight_node: Optional[str]
+
+
+def sim_linear_layers(sim: "QuantSim") -> tuple[list[SimLayer], dict[str, str]]:
+    """The linear layers of QuantSim `sim` whose weight quantizer is enabled and not frozen, in graph order,
+    and the other weight quantizers with why they are left out (not a linear layer, read by several ops or
+    as a slice, disabled, frozen, batch norm folded each step)."""
+    gm = sim.model
+    by_module = {id(m): n for n, m in gm.named_modules()}
+    qnode_of: dict[str, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            qnode_of[n.target] = n
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layers: list[tuple[int, SimLayer]] = []
+    skipped: dict[str, str] = {}
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    linear_modules = layers_for("layerwise_sim")
+    for name, p in sim.placement.items():
+        if not p.is_param:
+            continue
+        q = sim.quantizer(name)
+        if not q.enabled:
+            skipped[name] = "its weight quantizer is disabled"
+            continue
+        if q.frozen:
+            skipped[name] = "its encoding is frozen"
+            continue
+        if p.graph_weight is None:
+            node = nodes[p.node]
+            mod = gm.get_submodule(node.target)
+            if not isinstance(mod, linear_modules):
+                skipped[name] = f"not a linear layer ({type(mod).__name__})"
+            elif sim.folds_batchnorm_each_step(name):
+                skipped[name] = "its batch norm is folded into the weight on every step"
+            else:
+                layers.append((order[node.name], SimLayer(name, node.name, None)))
+            continue
+        qnode = qnode_of.get(by_module.get(id(q), ""))
+        readers = list(qnode.users) if qnode is not None else []
+        if len(readers) != 1:
+            skipped[name] = f"read by {len(readers)} ops (one linear reader is handled)"
+            continue
+        r = readers[0]
+        if r.op != "call_function" or r.target not in _LINEAR_CALLS or \
+                (r.args[1] if len(r.args) > 1 else r.kwargs.get("weight")) is not qnode:
+            skipped[name] = f"not read whole by a linear op (read by {r.target})"
+            continue
+        layers.append((order[r.name], SimLayer(name, r.name, qnode.name)))
+    return [l for _, l in sorted(layers, key=lambda t: t[0])], skipped
+
+
+def _positional(gm: fx.GraphModule, b: Any, i: int) -> tuple:
+    """A batch as the graph's positional inputs (a dict of keyword inputs by the placeholders' names)."""
+    if not isinstance(b, dict):
+        return tuple(b)
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    unknown = set(b) - set(names)
+    if unknown:
+        raise ValueError(f"data[{i}]: the simulation takes the inputs {names}, not {sorted(unknown)}")
+    return tuple(b.get(n) for n in names)
+
+
+@contextlib.contextmanager
+def _uncalibrated_activations_off(sim: "QuantSim") -> Iterator[None]:
+    """Activation quantizers without an encoding pass their input unchanged inside the block: a layer-wise
+    method usually runs before activation calibration, on the weights-only simulation."""
+    off = [q for q in sim.activation_quantizers.values() if q.enabled and not q.has_encoding]
+    for q in off:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for q in off:
+            q.enabled = True
+
+
+def walk_sim_layers(sim: "QuantSim", batches: list, todo: Sequence[SimLayer],
+                    run_layer: Callable[[SimLayer, list[torch.Tensor]], None]) -> None:
+    """Runs QuantSim `sim`'s graph one node at a time over all `batches` (pyquant.sim.staged) and calls
+    `run_layer(layer, xs)` at each layer of `todo`, with `xs` its inputs as rows [rows, in_features], one
+    tensor per batch, computed by the simulation whose earlier layers are already changed. The layer's
+    output is computed with its changed weight and encoding before the walk goes on: one pass over the
+    data in all, holding the live activations of every batch at once (as `walk_side_by_side` does). Every
+    position is a row, padded ones included. Weight quantizers without an encoding are calibrated from
+    their weights first; activation quantizers without one pass their input unchanged."""
+    gm = sim.model
+    for name, q in sim.param_quantizers.items():
+        if q.enabled and not q.has_encoding:
+            sim.calibrate_weight(name)
+    at = {l.node: l for l in todo}
+    run = StagedRun(gm, [_positional(gm, b, i) for i, b in enumerate(batches)])
+    with torch.no_grad(), _uncalibrated_activations_off(sim):
+        for i, n in enumerate(run.nodes):
+            if n.op == "output" or not at:
+                break
+            layer = at.pop(n.name, None)
+            if layer is not None:
+                x = run.value(n.args[0])
+                xs = [c.reshape(-1, c.shape[-1]) for c in (x if isinstance(x, list) else [x])]
+                run_layer(layer, xs)
+                if layer.weight_node is not None:  # the layer reads the quantized weight computed earlier
+                    run.env[layer.weight_node] = sim.quantizer(layer.name)(sim.weight(layer.name))
+            run.compute(n)
+            run.release(i)
+
+
+def input_gram(xs: Iterable[torch.Tensor], chunk_rows: int = 8192) -> tuple[torch.Tensor, int]:
+    """(G = X^T X, rows) over the rows of every tensor of `xs` ([rows, K] each), accumulated in float64 a
+    few thousand rows at a time: memory stays at one K x K matrix whatever the number of rows."""
+    G, rows = None, 0
+    for x in xs:
+        for i in range(0, x.shape[0], chunk_rows):
+            c = x[i:i + chunk_rows].double()
+            G = c.t() @ c if G is None else G.addmm_(c.t(), c)
+            rows += c.shape[0]
+    if G is None:
+        raise ValueError("input_gram: no rows")
+    return G, rows
+
+
+def output_mse(w: torch.Tensor, w_hat: torch.Tensor, G: torch.Tensor, rows: int) -> float:
+    """The mean squared error per output element of a linear layer with weight `w_hat` instead of `w` on
+    the rows whose Gram matrix is `G`: tr((w - w_hat) G (w - w_hat)^T) / (rows * out_features)."""
+    E = (w.detach() - w_hat.detach()).double().reshape(w.shape[0], -1)
+    return float(((E @ G.double()) * E).sum()) / max(rows * E.shape[0], 1)
+
+
+# ---- results and resuming of layer-wise methods on a QuantSim ---------------------------------------------
+@dataclasses.dataclass
+class LayerError:
+    """One layer's output MSE (per output element, on the calibration inputs the simulation gives it) with
+    its weight quantizer's encoding before the method (round to nearest) and after it."""
+
+    name: str
+    mse_before: float
+    mse_after: float
+    rows: int
+    seconds: float
+
+
+@dataclasses.dataclass
+class LayerwiseResult:
+    """`layers`: one entry per layer changed, in graph order; `skipped`: weight quantizers left as they
+    were, with the reason."""
+
+    layers: list[LayerError]
+    skipped: dict[str, str]
+
+    title = "layer"
+
+    def summary(self) -> str:
+        lines = [f"{self.title:40s} {'mse before':>12s} {'mse after':>12s} {'rows':>8s} {'s':>6s}"]
+        for r in self.layers:
+            lines.append(f"{r.name:40s} {r.mse_before:12.4g} {r.mse_after:12.4g} {r.rows:8d} {r.seconds:6.1f}")
+        if self.skipped:
+            lines.append(f"left as they were: {len(self.skipped)} weight quantizer(s)")
+        return "\n".join(lines)
+
+
+class LayerCheckpoint:
+    """The checkpoint of a layer-wise job on a QuantSim: one state file for the job (the layers done, the
+    report) and one per finished layer (its tensors), so that saving a layer writes that layer only. All
+    carry one fingerprint (every weight and encoding of the simulation, every batch, the settings,
+    pyquant's version): another job's files are not resumed, with a warning naming what differs. Without
+    `checkpoint_dir` nothing is written."""
+
+    def __init__(self, checkpoint_dir: Optional[Union[str, os.PathLike]], prefix: str, sim: "QuantSim",
+                 batches: list, settings: dict[str, Any]):
+        self.done: list[str] = []
+        self.report: list[dict[str, Any]] = []
+        self._prefix = prefix
+        self._dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if self._dir is None:
+            return
+        self._fp = fingerprint(model=sim.model, data=batches, settings=settings)
+        saved, diff = self._job().load()
+        if saved is not None:
+            self.done, self.report = list(saved["done"]), list(saved["report"])
+        elif diff:
+            warnings.warn(f"{prefix}: the checkpoint in {self._dir} was made for another simulation, data or "
+                          f"settings ({'; '.join(diff)}); starting over", stacklevel=3)
+
+    def _job(self) -> Checkpoint:
+        return Checkpoint(self._dir / f"{self._prefix}_checkpoint.pt", self._fp)
+
+    def _layer(self, i: int) -> Checkpoint:
+        return Checkpoint(self._dir / f"{self._prefix}_layer_{i:04d}.pt", self._fp)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors saved for finished layer `name`."""
+        saved, _ = self._layer(self.done.index(name)).load()
+        if saved is None:
+            raise RuntimeError(f"{self._prefix}: the checkpoint in {self._dir} lists layer {name!r} as done, but "
+                               f"its file is missing or from another job; delete the folder to start over")
+        return saved
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], report: dict[str, Any]) -> None:
+        """Records layer `name` as done, with its tensors and report entry: the layer's file first, then the
+        job's state that names it (an interruption in between recomputes the layer)."""
+        self.done.append(name)
+        self.report.append(report)
+        if self._dir is None:
+            return
+        self._layer(len(self.done) - 1).save(tensors)
+        self._job().save({"done": self.done, "report": self.report})
+
+
+def set_frozen_encoding(q: QuantizerBase, scale: torch.Tensor, offset: torch.Tensor, device: torch.device) -> None:
+    """Gives weight quantizer `q` the encoding (scale, offset) on its own grid, on `device` (its weight's),
+    and freezes it, so that a later `sim.compute_encodings` keeps it."""
+    q.set_encoding(from_scale_offset(scale.to(device), offset.to(device), q.bitwidth, q.symmetric, q.block_size,
+                                     signed=q.signed, strict=q.strict))
+    q.freeze()
+
+
+def weight_groups(q: QuantizerBase, w: torch.Tensor) -> tuple[int, int]:
+    """(row groups, column blocks) of weight quantizer `q`'s encoding on a 2-d weight `w` [out, in]: its
+    shape right-aligned against the weight, e.g. (out, 1) per channel, (1, 1) per tensor, (out, in // B)
+    per block of B along the input dimension."""
+    shape = tuple(q.shape)[-2:] if len(q.shape) >= 2 else (1,) * (2 - len(q.shape)) + tuple(q.shape)
+    so, nb = (int(v) for v in shape)
+    if w.dim() != 2 or w.shape[0] % so or w.shape[1] % nb:
+        raise ValueError(f"quantizer {q.name!r}: encoding shape {tuple(q.shape)} does not tile the weight "
+                         f"{tuple(w.shape)}")
+    return so, nb
