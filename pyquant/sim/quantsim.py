@@ -181,6 +181,7 @@ class QuantSim:
         torch.export graph weights and after quantized activations."""
         gm = self.model
         nodes = {n.name: n for n in gm.graph.nodes}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         n_weights = n_acts = n_inputs = 0
         for p in self.placement.values():
             q = self._new_quantizer(p)
@@ -192,7 +193,13 @@ class QuantSim:
                 parametrize.register_parametrization(mod, "weight", wq, unsafe=True)
             elif p.is_param:
                 w_node = next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == p.graph_weight)
-                self._insert_after(w_node, f"_pq_w_{n_weights}", q)
+                qn = self._insert_after(w_node, f"_pq_w_{n_weights}", q)
+                # Quantized where it is first read, not with the attributes at the top of the graph: the
+                # generated forward frees each quantized weight after its last use, so a forward holds a few
+                # quantized weights at a time, not a quantized copy of the model.
+                first = min(qn.users, key=lambda u: order[u], default=None)
+                if first is not None:
+                    first.prepend(qn)
                 n_weights += 1
             elif p.kind == "op_input":  # on the edge source -> op only
                 src = nodes[p.source]
