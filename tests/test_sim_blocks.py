@@ -239,3 +239,37 @@ def test_default_bit_widths_come_from_the_configs_first_kernel_and_arguments_win
     assert {q.bitwidth for q in w8a8.quantizers.values()} == {8}
     plain = QuantSim(_mlp(), x)  # no supported_kernels: 8 and 8
     assert (plain.param_bw, plain.output_bw) == (8, 8)
+
+
+# ---- AdaRound on per-block encodings -----------------------------------------------------------------------
+@pytest.mark.parametrize("lpbq", [False, True])
+def test_adaround_learns_the_rounding_of_per_block_weights(lpbq):
+    import pyquant
+    from pyquant.quant import LpbqEncoding
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    x = _data(64, 32, seed=4)
+    cfg = load_config("default").to_dict()
+    cfg["defaults"]["block_size"] = 8
+    if lpbq:
+        cfg["defaults"]["decompressed_bw"] = 6
+    res = pyquant.adaround(model, x[:1], x, param_bw=3, iterations=300, lr=1e-2, batch_size=8, config=cfg,
+                           progress=False, seed=1)
+    assert [r.name for r in res.report] == ["0", "2"]
+    for r in res.report:
+        assert r.mse_adaround < r.mse_nearest, r
+        assert 0 < r.changed_vs_nearest < 0.5
+    for layer in ("0", "2"):
+        enc = res.encodings[f"{layer}.weight"]
+        assert enc.block_size == (1, 8) and isinstance(enc, LpbqEncoding) == lpbq
+        w, w_hat = model.get_submodule(layer).weight.detach(), res.model.get_submodule(layer).weight.detach()
+        s = enc.scale.repeat_interleave(8, dim=1)
+        codes = w_hat / s
+        # on each block's grid, and rounded down or up from the FP32 weight (never further)
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+        q, f = codes.round(), torch.floor(w / s)
+        assert bool(((q >= -4) & (q <= 3)).all())
+        assert bool(((q == f) | (q == f + 1) | (q == -4) | (q == 3)).all())
+    sim = QuantSim(res.model, x[:1], param_bw=3, config=cfg)
+    res.apply_to(sim)
+    assert torch.equal(sim.model.get_submodule("0").weight.detach(), res.model.get_submodule("0").weight.detach())
