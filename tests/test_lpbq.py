@@ -201,6 +201,11 @@ def test_config_key_and_refusals():
     cfg["defaults"]["decompressed_bw"] = 40
     with pytest.raises(ValueError, match=r"defaults.decompressed_bw: expected an integer in 3..16"):
         load_config(cfg)
+    with pytest.raises(ValueError, match="'fc1.weight': an LPBQ weight's bit width must stay below its "
+                                         "decompressed_bw 8"):
+        sim.set_bitwidth("fc1.weight", 8)
+    sim.set_bitwidth("fc1.weight", 3)
+    assert sim.quantizer("fc1.weight").int_bits == 5
     q = LpbqQuantizeDequantize((3, 2), 4, 6, (1, 4), name="w")  # 2-bit integer scales: up to 4
     with pytest.raises(ValueError, match="'w'.* up to 16 do not fit 2 bits"):
         q.set_encoding(read_encodings(DATA / "aimet_lpbq_v1.encodings").params["0.weight"])

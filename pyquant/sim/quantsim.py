@@ -434,6 +434,9 @@ class QuantSim:
         """Overrides one quantizer's bit width (recompute or reload its encoding afterwards)."""
         q = self.quantizer(name)
         grid(bitwidth, q.signed, strict=q.strict)
+        if isinstance(q, LpbqQuantizeDequantize) and not q.decompressed_bw - 15 <= bitwidth < q.decompressed_bw:
+            raise ValueError(f"{name!r}: an LPBQ weight's bit width must stay below its decompressed_bw "
+                             f"{q.decompressed_bw} (by 1..15 bits), got {bitwidth}")
         q.bitwidth = bitwidth
         q.reset_encoding()
 
