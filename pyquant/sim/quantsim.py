@@ -104,7 +104,9 @@ class QuantSim:
 
     What other code may use: `model`, `quantizers` / `param_quantizers` / `activation_quantizers`,
     `quantizer(name)`, `placement` (where each quantizer sits: op type, node, kind), `op_type(name)`,
-    `weight(name)` / `quantizer_input(name)` / `calibrate_weight(name)` for weight quantizers, and the
+    `weight(name)` / `quantizer_input(name)` / `calibrate_weight(name)` for weight quantizers (a per-block
+    weight's blocks: `placement[name].block_size` / `.block_axis`, or the quantizer's `block_size`; LPBQ:
+    `placement[name].decompressed_bw`, an `LpbqQuantizeDequantize` quantizer), and the
     batch-norm fold hooks `folds_batchnorm_each_step(name)` / `stop_folding_batchnorm(name)`.
     """
 
