@@ -181,3 +181,27 @@ def test_unsigned_symmetric_puts_non_negative_data_on_the_unsigned_grid():
         err_plain = (plain.model(X) - Net().eval()(X)).abs().mean()
         err_unsigned = (unsigned.model(X) - Net().eval()(X)).abs().mean()
     assert err_unsigned < err_plain
+
+
+# ---- block_size, decompressed_bw and the default bit widths ------------------------------------------
+def test_block_size_quantizes_gemm_weights_per_block_and_decompressed_bw_adds_lpbq():
+    plain, blocked = _sim(_cfg(), param_bw=4), _sim(_cfg(defaults__block_size=4), param_bw=4)
+    assert plain.quantizer("fc.weight").shape == (5, 1) and blocked.quantizer("fc.weight").shape == (5, 2)
+    assert blocked.quantizer("conv.weight").shape == plain.quantizer("conv.weight").shape == (8, 1, 1, 1)
+    w = plain.weight("fc.weight").detach()
+    assert not torch.equal(plain.quantizer("fc.weight")(w), blocked.quantizer("fc.weight")(w))
+    assert _sim(_cfg(defaults__block_size=4, op_type__Gemm__block_size=0), param_bw=4) \
+        .quantizer("fc.weight").block_size is None
+    lpbq = _sim(_cfg(defaults__block_size=4, defaults__decompressed_bw=5), param_bw=4)
+    enc = lpbq.quantizer("fc.weight").get_encoding()
+    assert enc.decompressed_bw == 5 and set(enc.int_scale.unique().tolist()) <= {1.0, 2.0}
+    assert not torch.equal(lpbq.quantizer("fc.weight")(w), blocked.quantizer("fc.weight")(w))
+
+
+def test_the_first_supported_kernel_sets_the_default_bit_widths():
+    sim = QuantSim(Net().eval(), X[:1], config=_cfg(defaults__supported_kernels=[_kernel(16, 4), _kernel(8, 8)]))
+    assert {q.bitwidth for q in sim.param_quantizers.values()} == {4}
+    assert {q.bitwidth for q in sim.activation_quantizers.values()} == {16}
+    sim = QuantSim(Net().eval(), X[:1], config=_cfg(defaults__supported_kernels=[_kernel(16, 4), _kernel(8, 8)]),
+                   param_bw=8, output_bw=8)
+    assert {q.bitwidth for q in sim.quantizers.values()} == {8}

@@ -2,6 +2,7 @@
 from .analyzers import (CalibrationError, EncodingAnalyzer, Entropy, MinMax, Mse, Percentile, Sqnr, TfEnhanced,
                         sqnr_candidates)
 from .encoding import Encoding, from_range, from_scale_offset, min_scale
+from .lpbq import LpbqEncoding, LpbqQuantizeDequantize, lpbq_encoding, lpbq_scales
 from .least_error import least_error, least_error_encoding, round_to_nearest_encodings
 from .quantizer import Dequantize, Quantize, QuantizeDequantize, QuantizerBase, QuantizerError
 from .range_params import RANGE_PARAMS, MinMaxRange, RangeParams, ScaleOffsetRange
@@ -10,4 +11,5 @@ __all__ = ["Encoding", "from_range", "from_scale_offset", "min_scale", "Encoding
            "TfEnhanced", "Mse", "Percentile", "Entropy", "CalibrationError", "sqnr_candidates",
            "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerBase", "QuantizerError", "RangeParams",
            "MinMaxRange", "ScaleOffsetRange", "RANGE_PARAMS", "least_error", "least_error_encoding",
-           "round_to_nearest_encodings"]
+           "round_to_nearest_encodings", "LpbqEncoding", "LpbqQuantizeDequantize", "lpbq_encoding",
+           "lpbq_scales"]

@@ -1,4 +1,4 @@
-"""The encoding that reconstructs a tensor best, chosen per encoding group (a channel, or the whole tensor).
+"""The encoding that reconstructs a tensor best, chosen per encoding group (a channel, a block or the whole tensor).
 
 A histogram search (TF-enhanced, MSE) scores its candidates on bin centres of a 512-bin histogram. For a
 weight -- a few dozen to a few thousand values per channel, spread thinly over the bins -- that score is
@@ -14,14 +14,17 @@ import torch
 
 from .. import ops
 from .encoding import Encoding, _broadcast_to, from_range, from_scale_offset, min_scale
+from .lpbq import LpbqEncoding
 
 __all__ = ["least_error", "least_error_encoding", "round_to_nearest_encodings"]
 
 
-def _group_dims(x: torch.Tensor, enc: Encoding) -> tuple[int, ...]:
-    """The dimensions of `x` that one scale of `enc` covers (those where the scale has size 1)."""
-    s = _broadcast_to(enc.scale, x)
-    return tuple(d for d in range(x.dim()) if s.shape[d] == 1)
+def _group_sum(e: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """Per-element values `e` summed over each encoding group of `enc` (a block, a channel or the whole
+    tensor), in the encoding's shape."""
+    s = _broadcast_to(enc.scale, e).shape
+    split = [k for n, g in zip(e.shape, s) for k in (g, n // g)]  # each dim as (groups, elements per group)
+    return e.reshape(split).sum(dim=tuple(range(1, 2 * e.dim(), 2))).reshape(enc.scale.shape)
 
 
 def round_to_nearest_encodings(x: torch.Tensor, like: Encoding) -> list[Encoding]:
@@ -30,40 +33,37 @@ def round_to_nearest_encodings(x: torch.Tensor, like: Encoding) -> list[Encoding
     absmax / qmax (the usual weight quantization)."""
     mn, mx, _ = ops.raw.minmax(x.detach().float(), list(_broadcast_to(like.scale, x).shape))
     mn, mx = mn.reshape(like.scale.shape), mx.reshape(like.scale.shape)
-    out = [from_range(mn, mx, like.bitwidth, like.symmetric, signed=like.signed, strict=like.strict)]
+    out = [from_range(mn, mx, like.bitwidth, like.symmetric, like.block_size, signed=like.signed, strict=like.strict)]
     if like.symmetric and like.signed:
         amax = torch.maximum(mx, -mn)
         qmin, qmax = ops.grid(like.bitwidth, True, strict=like.strict)
         scale = torch.clamp(amax / qmax, min=min_scale(qmax - qmin))  # a zero channel keeps a valid scale
-        out.append(from_scale_offset(scale, torch.zeros_like(scale), like.bitwidth, True, strict=like.strict))
+        out.append(from_scale_offset(scale, torch.zeros_like(scale), like.bitwidth, True, like.block_size,
+                                     strict=like.strict))
     return out
 
 
 def least_error(x: torch.Tensor, candidates: Sequence[Encoding],
                 error: Optional[Callable[[Encoding], torch.Tensor]] = None) -> Encoding:
     """Per encoding group, the candidate with the least error; a tie keeps the earlier candidate. All
-    candidates share shape, bit width, grid and block size.
+    candidates share shape, bit width, grid and blocks.
 
     `error(enc)`: the error of candidate `enc` per group, shaped like `enc.scale` (a layer's output error,
-    say); default: the sum of squared errors of quantize-dequantize of `x` (float64), which needs
-    candidates without blocks."""
+    say); default: the sum of squared errors of quantize-dequantize of `x` over each group (float64)."""
     if not candidates:
         raise ValueError("least_error needs at least one candidate encoding")
     first = candidates[0]
     for c in candidates[1:]:
         if (c.scale.shape != first.scale.shape or c.bitwidth != first.bitwidth or c.symmetric != first.symmetric
-                or c.signed != first.signed or c.strict != first.strict or c.block_size != first.block_size):
-            raise ValueError("least_error: candidates must share shape, bit width, grid (symmetry, "
-                             "signedness, strictness) and block size")
+                or c.signed != first.signed or c.strict != first.strict
+                or (c.block_size is None) != (first.block_size is None)):
+            raise ValueError("least_error: candidates must share shape, bit width, grid (symmetry, signedness, "
+                             "strictness) and blocks")
     if error is None:
-        if first.block_size is not None:
-            raise ValueError("least_error: per-block candidates need an `error` function")
-        dims = _group_dims(x, first)
         xd = x.detach()
 
         def error(enc: Encoding) -> torch.Tensor:
-            e = (enc.quantize_dequantize(xd).double() - xd.double()).square()
-            return (e.sum(dim=dims, keepdim=True) if dims else e).reshape(first.scale.shape)
+            return _group_sum((enc.quantize_dequantize(xd).double() - xd.double()).square(), first)
 
     best_err = error(first).reshape(first.scale.shape)
     scale, offset = first.scale.clone(), first.offset.clone()
@@ -81,7 +81,9 @@ def least_error(x: torch.Tensor, candidates: Sequence[Encoding],
 
 def least_error_encoding(x: torch.Tensor, encoding: Encoding) -> Encoding:
     """`encoding`, with each group where round-to-nearest over the group's full range reconstructs `x` with
-    a smaller squared error replaced by that round-to-nearest encoding (see the module's docstring)."""
-    if encoding.block_size is not None:
+    a smaller squared error replaced by that round-to-nearest encoding (see the module's docstring); a group
+    is a channel, a block or the whole tensor. LPBQ encodings are returned as they are: their block scales
+    are tied to a per-channel scale, so a block's choice is not its own."""
+    if isinstance(encoding, LpbqEncoding):
         return encoding
     return least_error(x, [encoding, *round_to_nearest_encodings(x, encoding)])

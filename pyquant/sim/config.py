@@ -24,7 +24,9 @@ Resolution (the most specific setting wins, field by field, as in AIMET):
 * activations: ``op_type.<Op>`` > ``defaults.ops``; unset: inputs not quantized, outputs not quantized,
   asymmetric;
 * per-channel (weights): ``op_type.<Op>.per_channel_quantization`` > ``defaults.per_channel_quantization``
-  > False.
+  > False;
+* per-block weights (pyquant's keys, integers): ``op_type.<Op>.block_size`` > ``defaults.block_size`` > none,
+  and LPBQ block scales ``op_type.<Op>.decompressed_bw`` > ``defaults.decompressed_bw`` > none.
 
 Every section is optional when loading (a missing one is empty); ``to_dict()`` always writes the six
 sections AIMET requires, so its output loads in AIMET too.
@@ -117,6 +119,8 @@ class OpSettings:
     params: Mapping[str, ParamSettings] = dataclasses.field(default_factory=dict)
     encoding_constraints: Optional[tuple[Optional[float], Optional[float]]] = None
     supported_kernels: Optional[tuple[SupportedKernel, ...]] = None
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +134,8 @@ class Defaults:
     unsigned_symmetric: Optional[bool] = None
     hw_version: Optional[str] = None
     supported_kernels: Optional[tuple[SupportedKernel, ...]] = None
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +209,28 @@ class HardwareConfig:
         """The op's ``supported_kernels``, else the defaults', else ()."""
         return _first(self._op(op_type).supported_kernels, self.defaults.supported_kernels, ())
 
+    def block_size(self, op_type: Optional[str]) -> Optional[int]:
+        """Elements per weight scale along the input dimension of a Gemm/MatMul weight (per-block weights):
+        ``op_type.<Op>.block_size`` > ``defaults.block_size`` > None (per channel or per tensor); 0 at the op
+        level keeps that op's weights unblocked."""
+        b = _first(self._op(op_type).block_size, self.defaults.block_size)
+        return b or None
+
+    def decompressed_bw(self, op_type: Optional[str]) -> Optional[int]:
+        """LPBQ for per-block weights: the bit width that codes times their integer block scale fit
+        (``op_type.<Op>.decompressed_bw`` > ``defaults.decompressed_bw`` > None: plain float block scales)."""
+        return _first(self._op(op_type).decompressed_bw, self.defaults.decompressed_bw)
+
+    def default_bitwidths(self) -> tuple[Optional[int], Optional[int]]:
+        """(activation, parameter) bit widths of the first integer entry of ``defaults.supported_kernels``, as
+        AIMET takes its default bit widths from it; (None, None) without one."""
+        for k in self.defaults.supported_kernels or ():
+            if k.activation.dtype == "int":
+                par = k.param.bitwidth if k.param is not None and k.param.dtype == "int" else None
+                return k.activation.bitwidth, par
+            break
+        return None, None
+
     # ---- global ----
     @property
     def strict_symmetric(self) -> bool:
@@ -239,6 +267,9 @@ class HardwareConfig:
             defaults["hw_version"] = d.hw_version
         if d.supported_kernels is not None:
             defaults["supported_kernels"] = [_kernel_dict(k) for k in d.supported_kernels]
+        for key in ("block_size", "decompressed_bw"):
+            if getattr(d, key) is not None:
+                defaults[key] = getattr(d, key)
         out: dict[str, Any] = {
             "defaults": defaults,
             "params": {name: _settings_dict(p) for name, p in self.params.items()},
@@ -298,6 +329,9 @@ def _op_dict(o: OpSettings) -> dict[str, Any]:
         d["encoding_constraints"] = {k: v for k, v in zip(("min", "max"), o.encoding_constraints) if v is not None}
     if o.supported_kernels is not None:
         d["supported_kernels"] = [_kernel_dict(k) for k in o.supported_kernels]
+    for key in ("block_size", "decompressed_bw"):
+        if getattr(o, key) is not None:
+            d[key] = getattr(o, key)
     return d
 
 

@@ -18,11 +18,11 @@ __all__ = ["parse_config"]
 
 _TOP_KEYS = ("defaults", "params", "op_type", "supergroups", "supergroup_pass_list", "model_input", "model_output")
 _DEFAULTS_KEYS = ("ops", "params", "per_channel_quantization", "strict_symmetric", "unsigned_symmetric",
-                  "hw_version", "supported_kernels")
+                  "hw_version", "supported_kernels", "block_size", "decompressed_bw")
 _DEFAULT_OPS_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric")
 _PARAM_KEYS = ("is_quantized", "is_symmetric")
 _OP_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric", "per_channel_quantization", "params",
-            "encoding_constraints", "supported_kernels")
+            "encoding_constraints", "supported_kernels", "block_size", "decompressed_bw")
 _KERNEL_BITWIDTHS = (4, 8, 16, 32)
 
 
@@ -152,6 +152,16 @@ def _kernels(v: Any, path: str, param_required: bool) -> tuple[SupportedKernel, 
     return tuple(out)
 
 
+def _opt_int(obj: Mapping[str, Any], key: str, path: str, lo: int, hi: int) -> Optional[int]:
+    """An integer field in [lo, hi] (JSON numbers, not strings), or None when absent."""
+    if key not in obj:
+        return None
+    v, p = obj[key], _join(path, key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{p}: expected an integer in {lo}..{hi}, got {_show(v)}")
+    return v
+
+
 def _pass_name(v: Any, path: str) -> str:
     name = _string(v, path)
     if name not in SUPERGROUP_PASSES:
@@ -185,6 +195,8 @@ def _op_settings(v: Any, path: str) -> OpSettings:
                               if "encoding_constraints" in obj else None),
         supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), False)
                            if "supported_kernels" in obj else None),
+        block_size=_opt_int(obj, "block_size", path, 0, 2 ** 31 - 1),  # 0: this op's weights unblocked
+        decompressed_bw=_opt_int(obj, "decompressed_bw", path, 3, 16),
     )
 
 
@@ -206,6 +218,8 @@ def _defaults(v: Any, path: str) -> Defaults:
         hw_version=_string(obj["hw_version"], _join(path, "hw_version")) if "hw_version" in obj else None,
         supported_kernels=(_kernels(obj["supported_kernels"], _join(path, "supported_kernels"), True)
                            if "supported_kernels" in obj else None),
+        block_size=_opt_int(obj, "block_size", path, 1, 2 ** 31 - 1),
+        decompressed_bw=_opt_int(obj, "decompressed_bw", path, 3, 16),
     )
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 from ..quant.encoding import Encoding, from_scale_offset
+from ..quant.lpbq import lpbq_encoding
 from .encodings_types import VERSIONS, EncodingsError, EncodingsFile, PathLike
 
 __all__ = ["read_encodings", "parse_encodings"]
@@ -199,8 +200,10 @@ class _Reader:
             out.float_tensors[name] = bw
             return name, None
         kind = e.get("enc_type", "PER_TENSOR")
-        if kind not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK"):
-            raise self.fail(where, f"enc_type {kind!r} is not supported (PER_TENSOR, PER_CHANNEL, PER_BLOCK)")
+        if kind == "LPBQ":
+            return name, self._lpbq_1_0_0(name, e, where, bw)
+        if kind not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ"):
+            raise self.fail(where, f"enc_type {kind!r} is not supported (PER_TENSOR, PER_CHANNEL, PER_BLOCK, LPBQ)")
         if not 2 <= bw <= 16:
             out.skipped[name] = f"{bw}-bit"
             return name, None
@@ -240,7 +243,9 @@ class _Reader:
             raise self.fail(where, f"output_dtype {dtype!r} is not supported (intN, uintN, floatN)")
         signed, bw = not m.group(1), int(m.group(2))
         if "per_block_int_scale" in e:
-            raise self.fail(where, "LPBQ encodings (per_block_int_scale) are not supported")
+            if not signed:
+                raise self.fail(where, f"an LPBQ entry needs a signed output_dtype, got {dtype!r}")
+            return name, self._lpbq_2_0_0(name, e, where, bw)
         if not 2 <= bw <= 16:
             out.skipped[name] = dtype
             return name, None
@@ -274,6 +279,74 @@ class _Reader:
         else:  # an asymmetric encoding; pyquant's offset lives on the unsigned grid
             offset, sym = -zp - (2 ** (bw - 1) if signed else 0) + 0.0, False
         return name, self._encoding(name, where, scale, offset, bw, sym, kind, axis, block)
+
+    # ---- LPBQ (both versions) ----
+    def _lpbq(self, name: str, where: str, pc: torch.Tensor, ints: torch.Tensor, bw: int, dbw: int,
+              axis: Optional[int], block: int) -> Encoding:
+        """An LPBQ encoding from per-channel float scales and per-block integer scales, shaped by `shapes`
+        (or the file's nesting); `axis` the block axis (None: the last varying one, as AIMET blocks it)."""
+        if not 2 <= bw < dbw <= 16:
+            raise self.fail(where, f"LPBQ needs 2 <= compressed bit width < decompressed bit width <= 16, got {bw} "
+                                   f"and {dbw}")
+        if block < 1:
+            raise self.fail(where, f"block_size must be >= 1, got {block}")
+        hint = self.shapes.get(name)
+        shape = tuple(int(k) for k in hint) if hint is not None else tuple(ints.shape)
+        if math.prod(shape) != ints.numel():
+            raise self.fail(where, f"{ints.numel()} integer block scales do not fill the scale shape {shape}")
+        nd = len(shape)
+        if axis is None:
+            wide = [d for d, k in enumerate(shape) if k > 1]
+            axis = wide[-1] if wide else nd - 1
+        ax = axis + nd if axis < 0 else axis
+        if not 0 <= ax < nd:
+            raise self.fail(where, f"axis {axis} out of range for scale shape {shape}")
+        pc_shape = tuple(1 if d == ax else k for d, k in enumerate(shape))
+        if pc.numel() != math.prod(pc_shape):
+            raise self.fail(where, f"{pc.numel()} per-channel scales, the integer scales' shape {shape} has "
+                                   f"{math.prod(pc_shape)} channels")
+        block_size = tuple(block if d == ax else (1 if shape[d] > 1 else -1) for d in range(nd))
+        try:
+            return lpbq_encoding(pc.reshape(pc_shape), ints.reshape(shape), bw, dbw, block_size)
+        except ValueError as err:
+            raise self.fail(where, str(err)) from None
+
+    def _lpbq_1_0_0(self, name: str, e: Mapping, where: str, dbw: int) -> Encoding:
+        """AIMET's 1.0.0 LPBQ entry: bw (decompressed), compressed_bw, scale (per channel), offset
+        (-2^(bw-1) each), block_size, per_block_int_scale (row-major; the blocks along the last axis)."""
+        bw = self._int(e.get("compressed_bw"), f"{where}.compressed_bw")
+        if e.get("is_sym") is not True:
+            raise self.fail(where, "LPBQ entries are symmetric (is_sym true)")
+        for key in ("scale", "offset", "per_block_int_scale"):
+            if key not in e:
+                raise self.fail(where, f"an LPBQ entry needs {key!r}")
+        pc = self._tensor(e["scale"], f"{where}.scale").reshape(-1)
+        off = self._tensor(e["offset"], f"{where}.offset", integer=True).reshape(-1)
+        if off.numel() != pc.numel() or not bool(torch.all(off == -(2 ** (dbw - 1)))):
+            raise self.fail(where, f"an LPBQ entry has one offset per scale, each {-(2 ** (dbw - 1))} (bw {dbw})")
+        ints = self._tensor(e["per_block_int_scale"], f"{where}.per_block_int_scale", integer=True).reshape(-1)
+        if ints.numel() % pc.numel():
+            raise self.fail(where, f"{ints.numel()} integer block scales for {pc.numel()} channels")
+        block = self._int(e.get("block_size"), f"{where}.block_size")
+        return self._lpbq(name, where, pc, ints.reshape(pc.numel(), -1), bw, dbw, None, block)
+
+    def _lpbq_2_0_0(self, name: str, e: Mapping, where: str, bw: int) -> Encoding:
+        """AIMET's 2.0.0 LPBQ entry: axis, block_size, per_block_int_scale and per_channel_float_scale (nested),
+        output_dtype intB. The decompressed bit width is not in the file: it is read as B plus the bits of
+        the largest integer scale, ceil(log2(max)), exact whenever a channel's largest block sits at the top
+        of the integer grid (as calibration always puts it)."""
+        for key in ("per_channel_float_scale", "axis", "block_size"):
+            if e.get(key) is None:
+                raise self.fail(where, f"an LPBQ entry needs {key!r}")
+        ints = self._tensor(e["per_block_int_scale"], f"{where}.per_block_int_scale", integer=True)
+        pc = self._tensor(e["per_channel_float_scale"], f"{where}.per_channel_float_scale")
+        if "y_zero_point" in e and bool((self._tensor(e["y_zero_point"], f"{where}.y_zero_point",
+                                                      integer=True) != 0).any()):
+            raise self.fail(where, "LPBQ entries are symmetric (zero points 0)")
+        top = float(ints.max())
+        dbw = bw + max(1, math.ceil(math.log2(top))) if top >= 1 else bw + 1
+        return self._lpbq(name, where, pc, ints, bw, dbw, self._int(e["axis"], f"{where}.axis"),
+                          self._int(e["block_size"], f"{where}.block_size"))
 
     # ---- 0.6.1 ----
     def entry_0_6_1(self, name: Any, e: Any, where: str, out: EncodingsFile) -> Optional[Encoding]:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ..quant.encoding import Encoding
+from ..quant.lpbq import LpbqEncoding
 from .encodings_types import EncodingsError
 
 __all__ = ["entry_0_6_1", "entry_1_0_0", "entry_2_0_0"]
@@ -85,8 +86,30 @@ def _ints(t: torch.Tensor) -> list:
     return [int(v) for v in t.reshape(-1).tolist()]
 
 
+def _lpbq(enc: LpbqEncoding, name: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(per-channel scale, integer block scales, block axis, block length) of an LPBQ encoding, checked."""
+    _checked(enc, name)
+    kind, _, axis, block = _layout(enc, name)
+    if kind != "PER_BLOCK":
+        raise EncodingsError(f"{name}: an LPBQ encoding must be per block, got {kind.lower()}")
+    if enc.strict or not enc.signed:
+        raise EncodingsError(f"{name}: LPBQ encodings live on the signed grid (not strict, not unsigned)")
+    c = enc.per_channel_scale.detach().to("cpu", torch.float32)
+    n = enc.int_scale.detach().to("cpu", torch.float32).reshape(enc.scale.shape)
+    return c.reshape([1 if d == axis else k for d, k in enumerate(n.shape)]), n, axis, block
+
+
 def entry_1_0_0(enc: Encoding, name: str) -> dict[str, Any]:
-    """The 1.0.0 entry of ``enc`` (all fields but ``name``); the offset on the unsigned grid."""
+    """The 1.0.0 entry of ``enc`` (all fields but ``name``); the offset on the unsigned grid. An LPBQ
+    encoding is AIMET's ``LPBQ`` entry: ``bw`` the decompressed bit width, ``compressed_bw`` the grid's,
+    ``scale`` the per-channel float scales, ``offset`` -2^(bw-1) per channel, ``per_block_int_scale``
+    row-major."""
+    if isinstance(enc, LpbqEncoding):
+        c, n, _, block = _lpbq(enc, name)
+        dbw = enc.decompressed_bw
+        return {"dtype": "INT", "bw": dbw, "compressed_bw": enc.bitwidth, "is_sym": True, "enc_type": "LPBQ",
+                "scale": _floats(c), "offset": [-(2 ** (dbw - 1))] * c.numel(), "block_size": block,
+                "per_block_int_scale": _ints(n)}
     scale, offset, qmin, _ = _checked(enc, name)
     kind, _, _, block = _layout(enc, name)
     d: dict[str, Any] = {"dtype": "INT", "bw": enc.bitwidth, "is_sym": bool(enc.symmetric), "enc_type": kind,
@@ -100,7 +123,7 @@ def entry_0_6_1(enc: Encoding, name: str) -> list[dict[str, Any]]:
     """The 0.6.1 entry of ``enc``: one dict per channel, with the min/max the grid represents."""
     scale, offset, qmin, qmax = _checked(enc, name)
     kind, _, _, _ = _layout(enc, name)
-    if kind == "PER_BLOCK":
+    if kind == "PER_BLOCK" or isinstance(enc, LpbqEncoding):
         raise EncodingsError(f"{name}: version 0.6.1 has no per-block encodings; write 1.0.0 or 2.0.0")
     fmax = torch.finfo(torch.float32).max  # min/max are informational here; keep them finite
     lo = ((qmin + offset) * scale).clamp(-fmax, fmax)
@@ -111,7 +134,15 @@ def entry_0_6_1(enc: Encoding, name: str) -> list[dict[str, Any]]:
 
 
 def entry_2_0_0(enc: Encoding, name: str, is_param: bool) -> dict[str, Any]:
-    """The 2.0.0 entry of ``enc`` (all fields but ``name``); activations get a negative axis."""
+    """The 2.0.0 entry of ``enc`` (all fields but ``name``); activations get a negative axis. An LPBQ
+    encoding is AIMET's entry: ``axis`` and ``block_size`` of the blocks, ``per_block_int_scale`` and
+    ``per_channel_float_scale`` nested in the encoding's shape (1 along the block axis for the latter) and
+    ``output_dtype`` the grid's (the decompressed bit width is not written)."""
+    if isinstance(enc, LpbqEncoding):
+        c, n, axis, block = _lpbq(enc, name)
+        return {"axis": axis if is_param else axis - n.dim(), "block_size": block,
+                "per_block_int_scale": n.to(torch.int64).tolist(), "per_channel_float_scale": c.tolist(),
+                "output_dtype": f"int{enc.bitwidth}"}
     scale, offset, _, _ = _checked(enc, name)
     kind, channel_axis, block_axis, block = _layout(enc, name)
     zp = (-offset).to(torch.int64) if not enc.symmetric else torch.zeros(scale.shape, dtype=torch.int64)

@@ -24,11 +24,15 @@ from .config import HardwareConfig
 from .kernels import apply_supported_kernels
 from .passes import internal_nodes, single_consumer
 
-__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "plan", "unquantized_ops",
-           "int32_biases"]
+__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "PER_BLOCK_OPS", "plan",
+           "unquantized_ops", "int32_biases"]
 
 PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose weights may be quantized per output channel (when the config says so)."""
+
+PER_BLOCK_OPS = ("Gemm", "MatMul")
+"""Op types whose (2-d) weights may be quantized per block along their input dimension; other weights
+(convolutions, embedding tables) keep per-channel or per-tensor encodings."""
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -49,7 +53,12 @@ class QuantizerPlacement:
     `constraint`: a fixed output range (min, max) from the config (a side that is None is calibrated).
     `bitwidth`: its bit width (param_bw or output_bw, unless the config's supported_kernels moved it);
     `enabled`: False where the op runs in floating point (a float kernel). `strict` / `unsigned_symmetric`:
-    a symmetric quantizer's grid, from the config's defaults (strict_symmetric, unsigned_symmetric)."""
+    a symmetric quantizer's grid, from the config's defaults (strict_symmetric, unsigned_symmetric).
+    `output_axis`: a weight's output-channel axis (whether or not it is quantized per channel).
+    `block_size`: a Gemm/MatMul weight quantized per block: elements per scale along its input dimension
+    (the dimension other than `axis`, the output channels, which then always have scales of their own).
+    `decompressed_bw`: a per-block weight with LPBQ block scales (pyquant.quant.lpbq): the bit width codes
+    times their integer block scale fit."""
 
     name: str
     kind: str
@@ -65,16 +74,34 @@ class QuantizerPlacement:
     enabled: bool = True
     strict: bool = False
     unsigned_symmetric: bool = False
+    output_axis: Optional[int] = None
+    block_size: Optional[int] = None
+    decompressed_bw: Optional[int] = None
 
     @property
     def is_param(self) -> bool:
         return self.kind == "param"
 
     @property
+    def block_axis(self) -> Optional[int]:
+        """The dimension a per-block weight's blocks lie along (its input dimension), else None."""
+        return None if self.block_size is None else 1 - self.axis
+
+    @property
+    def quantizer_block_size(self) -> Optional[tuple[int, ...]]:
+        """The quantizer's `block_size`: elements per scale along each dimension, e.g. (1, B)."""
+        if self.block_size is None:
+            return None
+        return tuple(self.block_size if d == self.block_axis else 1 for d in range(len(self.weight_shape)))
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        """The encoding's shape: one scale per channel along `axis`, else one in all."""
+        """The encoding's shape: one scale per channel along `axis` (and per block of `block_size` along the
+        block axis), else one in all."""
         if self.weight_shape is None:
             return ()
+        if self.block_size is not None:
+            return tuple(k // self.block_size if d == self.block_axis else k for d, k in enumerate(self.weight_shape))
         return tuple(k if d == self.axis else 1 for d, k in enumerate(self.weight_shape))
 
 
@@ -100,12 +127,15 @@ class BiasPlacement:
 
 
 def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
-         unsupported_kernels: str = "error") -> list[QuantizerPlacement]:
+         unsupported_kernels: str = "error", block_size: Optional[int] = None,
+         decompressed_bw: Optional[int] = None) -> list[QuantizerPlacement]:
     """The quantizers of `gm` under `cfg`: module weights, then graph-attribute weights (torch.export
     graphs, functional calls), then activations, then op inputs, each in graph order (QuantSim names its
     graph quantizers in this order), with weights at `param_bw` bits and activations at `output_bw` unless
     the config's supported_kernels say otherwise (kernels.py: an error, or the nearest kernel with
-    `unsupported_kernels="nearest"`)."""
+    `unsupported_kernels="nearest"`). Gemm/MatMul weights are per block of `block_size` along their input
+    dimension (else the config's `block_size`), with LPBQ scales at `decompressed_bw` (else the config's);
+    a block size that does not divide a weight's input dimension is a ValueError naming the weight."""
     roles = G.classify(gm)
     # internal nodes are parts of a larger op: no supergroup starts, ends or runs through them by type
     op_type = {n: (None if r.kind == "internal" else r.op_type) for n, r in roles.items()}
@@ -117,7 +147,27 @@ def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: 
     placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw,
                                   strict=p.symmetric and cfg.strict_symmetric,
                                   unsigned_symmetric=p.symmetric and cfg.unsigned_symmetric) for p in placed]
+    placed = [_blocked(p, cfg, block_size, decompressed_bw) if p.is_param else p for p in placed]
     return apply_supported_kernels(placed, cfg, unsupported_kernels)
+
+
+def _blocked(p: QuantizerPlacement, cfg: HardwareConfig, block_size: Optional[int],
+             decompressed_bw: Optional[int]) -> QuantizerPlacement:
+    """A 2-d Gemm/MatMul weight per block along its input dimension when the argument or the config asks."""
+    b = block_size if block_size is not None else cfg.block_size(p.op_type)
+    if (b is None or p.op_type not in PER_BLOCK_OPS or p.weight_shape is None or len(p.weight_shape) != 2
+            or p.output_axis is None):
+        return p
+    where = "block_size" if block_size is not None else f"the config's block_size for {p.op_type}"
+    k = p.weight_shape[1 - p.output_axis]
+    if k % b:
+        raise ValueError(f"{where} = {b} does not divide the input dimension {k} of weight {p.name!r} (shape "
+                         f"{p.weight_shape}); use a divisor of {k}")
+    dbw = decompressed_bw if decompressed_bw is not None else cfg.decompressed_bw(p.op_type)
+    if dbw is not None and not p.symmetric:
+        raise ValueError(f"weight {p.name!r}: LPBQ (decompressed_bw={dbw}) needs symmetric weights, and the "
+                         f"config makes {p.op_type} weights asymmetric")
+    return dataclasses.replace(p, axis=p.output_axis, block_size=int(b), decompressed_bw=dbw)
 
 
 def unquantized_ops(gm: fx.GraphModule) -> list[UnquantizedOp]:
@@ -151,7 +201,7 @@ def _module_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict) -> l
         rule = cfg.param_rule(t, "weight")
         if rule.is_quantized:
             out.append(QuantizerPlacement(f"{n.target}.weight", "param", t, n.name, rule.is_symmetric,
-                                          _per_channel_axis(cfg, t, axis), tuple(w.shape)))
+                                          _per_channel_axis(cfg, t, axis), tuple(w.shape), output_axis=axis))
     return out
 
 
@@ -182,7 +232,8 @@ def _graph_weights(gm: fx.GraphModule, cfg: HardwareConfig, op_type: dict,
         rule = cfg.param_rule(op_type[n], "weight")
         out.append(QuantizerPlacement(name, "param", op_type[n], n.name, rule.is_symmetric,
                                       _per_channel_axis(cfg, op_type[n], axis),
-                                      tuple(G.get_attr(gm, w_node.target).shape), graph_weight=name))
+                                      tuple(G.get_attr(gm, w_node.target).shape), graph_weight=name,
+                                      output_axis=axis))
     return out
 
 

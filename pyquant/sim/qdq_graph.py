@@ -282,4 +282,8 @@ def dequantize(codes: np.ndarray, pair: QdqPair) -> np.ndarray:
         shape = [1] * codes.ndim
         shape[pair.axis] = scale.size
         scale, zp = scale.reshape(shape), zp.reshape(shape)
+    if scale.ndim == codes.ndim and scale.shape != codes.shape:  # blocked: one scale per block along the axis
+        for d, (n, k) in enumerate(zip(codes.shape, scale.shape)):
+            if k not in (1, n):
+                scale, zp = np.repeat(scale, n // k, axis=d), np.repeat(zp, n // k, axis=d)
     return (codes.astype(np.int32) - zp).astype(np.float32) * scale

@@ -26,8 +26,9 @@ from .._layers import BATCH_NORMS, is_transposed, layers_for, weight_axis
 from .._progress import Progress
 from .._warnings import UnquantizedOpWarning
 from ..ops import grid
-from ..quant import (RANGE_PARAMS, Encoding, Entropy, MinMax, Mse, Percentile, QuantizeDequantize, TfEnhanced,
-                     from_range, from_scale_offset, least_error_encoding)
+from ..quant import (RANGE_PARAMS, Encoding, Entropy, LpbqEncoding, LpbqQuantizeDequantize, MinMax, Mse, Percentile,
+                     QuantizeDequantize, TfEnhanced, from_range, from_scale_offset, least_error_encoding,
+                     lpbq_encoding)
 from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
@@ -53,7 +54,9 @@ class QuantSim:
         dummy_input: an input (tensor, tuple, or dict for HuggingFace models) used to capture the graph.
         quant_scheme: how encodings are calibrated: "tf_enhanced" (default), "min_max", "mse",
             "percentile" or "entropy" (the last two clip activations; weights then use min/max).
-        param_bw / output_bw: bit widths of weights and activations (2..16).
+        param_bw / output_bw: bit widths of weights and activations (2..16): W8A8 is (8, 8), W4A16 (4, 16).
+            None (default): the first integer kernel of the config's `defaults.supported_kernels` (as AIMET
+            reads it), else 8. An argument given always wins over the config.
         config: hardware config: a named profile ("default": per-channel weights, "per_tensor",
             "strict_symmetric_int8"), a JSON path or a dict.
         range_learning: make the encodings trainable after calibration (QAT); otherwise they stay fixed.
@@ -86,25 +89,51 @@ class QuantSim:
             is), for each Conv, ConvTranspose and Linear on a 2-d input (ONNX Gemm) whose input is quantized
             right before it (pyquant.sim.placement.int32_biases says which); onnxruntime's QDQ kernels
             derive the same int32 bias from the export. False keeps every bias in float.
+        block_size: quantize the weights of Gemm/MatMul layers (Linear, F.linear, x @ W) per block of
+            `block_size` elements along their input dimension, with one scale per output channel and block
+            (encoding shape (out, in / block_size)); None (default): the config's `block_size`, else per channel
+            or per tensor as the config says. Convolution and embedding weights keep their per-channel or
+            per-tensor encodings. A block size that does not divide a layer's input dimension is a ValueError
+            naming the weight.
+        decompressed_bw: LPBQ (pyquant.quant.lpbq) for the per-block weights: their block scales become one
+            float scale per output channel times an integer of `decompressed_bw - param_bw` bits per block
+            (e.g. param_bw=4, decompressed_bw=8); None (default): the config's `decompressed_bw`, else float
+            block scales. Needs per-block weights (from `block_size` or the config) and symmetric weights.
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
 
     What other code may use: `model`, `quantizers` / `param_quantizers` / `activation_quantizers`,
     `quantizer(name)`, `placement` (where each quantizer sits: op type, node, kind), `op_type(name)`,
-    `weight(name)` / `quantizer_input(name)` / `calibrate_weight(name)` for weight quantizers, and the
+    `weight(name)` / `quantizer_input(name)` / `calibrate_weight(name)` for weight quantizers (a per-block
+    weight's blocks: `placement[name].block_size` / `.block_axis`, or the quantizer's `block_size`; LPBQ:
+    `placement[name].decompressed_bw`, an `LpbqQuantizeDequantize` quantizer), and the
     batch-norm fold hooks `folds_batchnorm_each_step(name)` / `stop_folding_batchnorm(name)`.
     """
 
-    def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced", param_bw: int = 8,
-                 output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
+    def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced",
+                 param_bw: Optional[int] = None, output_bw: Optional[int] = None,
+                 config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
                  batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
-                 unsupported_kernels: str = "error", int32_bias: bool = True):
+                 unsupported_kernels: str = "error", int32_bias: bool = True, block_size: Optional[int] = None,
+                 decompressed_bw: Optional[int] = None):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
+        self.config = config if isinstance(config, HardwareConfig) else load_config(config)
+        cfg_act_bw, cfg_param_bw = self.config.default_bitwidths()
+        param_bw = param_bw if param_bw is not None else (cfg_param_bw or 8)
+        output_bw = output_bw if output_bw is not None else (cfg_act_bw or 8)
         grid(param_bw, True)
         grid(output_bw, False)
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise ValueError(f"block_size must be a positive int (elements per weight scale along the input "
+                             f"dimension) or None, got {block_size!r}")
+        if decompressed_bw is not None and (isinstance(decompressed_bw, bool) or not isinstance(decompressed_bw, int)
+                                            or not param_bw < decompressed_bw <= 16):
+            raise ValueError(f"decompressed_bw must be an int in {param_bw + 1}..16 (above param_bw={param_bw}) or "
+                             f"None, got {decompressed_bw!r}")
         if param_quant_scheme is not None and param_quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"param_quant_scheme must be one of {sorted(QUANT_SCHEMES)} or None (same as "
                              f"quant_scheme), got {param_quant_scheme!r}")
@@ -120,7 +149,6 @@ class QuantSim:
         self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
         self.output_bw = output_bw
-        self.config = config if isinstance(config, HardwareConfig) else load_config(config)
         self._dummy_input = dummy_input
         fp32 = copy.deepcopy(model)
         fp32.eval()
@@ -130,8 +158,12 @@ class QuantSim:
         self.param_quantizers: dict[str, QuantizeDequantize] = {}
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
         self.placement: dict[str, P.QuantizerPlacement] = {
-            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels)}
-        """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
+            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels, block_size,
+                                      decompressed_bw)}
+        """Where each quantizer sits (op type, graph node, kind, per-channel axis, block size), by quantizer name."""
+        if decompressed_bw is not None and not any(p.decompressed_bw for p in self.placement.values()):
+            raise ValueError(f"decompressed_bw={decompressed_bw} applies to per-block weights, and no weight is "
+                             f"per block: give block_size (or the config's block_size)")
         self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
         """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
         if self.unquantized_ops:
@@ -170,8 +202,13 @@ class QuantSim:
 
     def _new_quantizer(self, p: P.QuantizerPlacement) -> QuantizeDequantize:
         shape = p.shape
-        q = QuantizeDequantize(shape, p.bitwidth, p.symmetric, self._analyzer(shape, param=p.is_param), name=p.name,
-                               range_params=self.range_params, strict=p.strict,
+        if p.decompressed_bw is not None:
+            q = LpbqQuantizeDequantize(shape, p.bitwidth, p.decompressed_bw, p.quantizer_block_size,
+                                       self._analyzer(shape, param=True), name=p.name, strict=p.strict)
+            q.enabled = p.enabled
+            return q
+        q = QuantizeDequantize(shape, p.bitwidth, p.symmetric, self._analyzer(shape, param=p.is_param),
+                               p.quantizer_block_size, name=p.name, range_params=self.range_params, strict=p.strict,
                                unsigned_symmetric=p.unsigned_symmetric)
         q.enabled = p.enabled
         return q
@@ -446,6 +483,9 @@ class QuantSim:
         """Overrides one quantizer's bit width (recompute or reload its encoding afterwards)."""
         q = self.quantizer(name)
         grid(bitwidth, q.signed, strict=q.strict)
+        if isinstance(q, LpbqQuantizeDequantize) and not q.decompressed_bw - 15 <= bitwidth < q.decompressed_bw:
+            raise ValueError(f"{name!r}: an LPBQ weight's bit width must stay below its decompressed_bw "
+                             f"{q.decompressed_bw} (by 1..15 bits), got {bitwidth}")
         q.bitwidth = bitwidth
         q.reset_encoding()
 
@@ -519,13 +559,17 @@ class QuantSim:
             enc = q.get_encoding()
             if enc is None:
                 sc = off = "-"
-                gran = "per_channel" if any(s > 1 for s in q.shape) else "per_tensor"
+                gran = ("per_block" if q.block_size is not None else
+                        "per_channel" if any(s > 1 for s in q.shape) else "per_tensor")
             else:
                 s = enc.scale.flatten()
                 o = enc.offset.flatten()
                 sc = f"{float(s[0]):.4g}" if s.numel() == 1 else f"[{float(s.min()):.3g}..{float(s.max()):.3g}]"
                 off = f"{int(o[0])}" if o.numel() == 1 else f"[{int(o.min())}..{int(o.max())}]"
                 gran = enc.granularity
+            if q.block_size is not None:  # e.g. "per_block 32" or "lpbq 32 (8-bit)"
+                gran = (f"lpbq {max(q.block_size)} ({q.decompressed_bw}-bit)" if isinstance(q, LpbqQuantizeDequantize)
+                        else f"per_block {max(q.block_size)}")
             rows.append((name, self.op_type(name), str(q.bitwidth), "sym" if q.symmetric else "asym",
                          gran, "yes" if q.enabled else "no", sc, off))
         text = _table(rows)
@@ -615,6 +659,12 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def _reshape_encoding(enc: Encoding, shape) -> Encoding:
+    if isinstance(enc, LpbqEncoding):
+        n = enc.int_scale.reshape(shape) if enc.int_scale.numel() == max(1, math.prod(shape)) else enc.int_scale
+        ax = next((d for d, b in enumerate(enc.block_size or ()) if b > 1), None)
+        c = enc.per_channel_scale.reshape([1 if d == ax else k for d, k in enumerate(n.shape)]) \
+            if ax is not None and n.dim() == len(enc.block_size) else enc.per_channel_scale
+        return lpbq_encoding(c, n, enc.bitwidth, enc.decompressed_bw, enc.block_size, strict=enc.strict)
     s = enc.scale.reshape(shape) if enc.scale.numel() == max(1, math.prod(shape)) else enc.scale
     o = enc.offset.reshape(shape) if enc.offset.numel() == max(1, math.prod(shape)) else enc.offset
     return from_scale_offset(s, o, enc.bitwidth, enc.symmetric, enc.block_size)

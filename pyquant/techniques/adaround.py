@@ -216,7 +216,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
         if name in st.skip:
             with torch.no_grad():
                 w_cf = channel_first(layer_fp, layer_fp.weight.detach())
-                near = _nearest(w_cf, *_grid_params(w_cf, enc))
+                near = _nearest(_block_rows(name, w_cf, enc), *_grid_params(w_cf, enc)).reshape(w_cf.shape)
                 layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
         else:
             r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
@@ -301,17 +301,16 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + li)
     w0 = channel_first(layer_fp, layer_fp.weight.detach())
     s, o, qmin, qmax = _grid_params(w0, enc)
-    if s.numel() not in (1, w0.shape[0]):
-        raise NotImplementedError(f"adaround: {name}: per-block weight encodings are not supported")
+    w_rows = _block_rows(name, w0, enc)
     act = act if act is not None else nn.Identity()
     rows = collect_rows(f"adaround: {name}", layer_fp, pairs, n_total, act, int(cfg["position_pool"]),
                         int(cfg["memory_mb"]), g)
     rec = _Reconstruction(layer_fp, act, rows)
-    nearest = _nearest(w0, s, o, qmin, qmax)
+    nearest = _nearest(w_rows, s, o, qmin, qmax).reshape(w0.shape)
     mse_nearest = rec.full_loss(nearest)
-    alpha = _learn_rounding(w0, (s, o, qmin, qmax), rec, cfg, g)
+    alpha = _learn_rounding(w_rows, (s, o, qmin, qmax), rec, cfg, g, w0.shape)
     with torch.no_grad():
-        hard = ops.raw.adaround_weight(w0, alpha.detach(), s, o, qmin, qmax, True)
+        hard = ops.raw.adaround_weight(w_rows, alpha.detach(), s, o, qmin, qmax, True).reshape(w0.shape)
         mse_ada = rec.full_loss(hard)
         up = float((alpha >= 0).float().mean())
         changed = float((hard != nearest).float().mean())
@@ -321,10 +320,25 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
                        changed_vs_nearest=changed, rows=rec.kept_rows, rows_total=rec.rows.rows_total, seconds=0.0)
 
 
+def _block_rows(name: str, w0: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """The channel-first weight as rows of one scale each, as the AdaRound ops take it: itself when its
+    encoding is per tensor or per output channel; a per-block [C, K] weight with blocks of B along K
+    (encoding shape (C, K / B)) viewed as [C * K / B, B], one block per row."""
+    n = enc.scale.numel()
+    if n in (1, w0.shape[0]):
+        return w0
+    if w0.dim() != 2 or tuple(enc.scale.shape) != (w0.shape[0], n // w0.shape[0]) or w0.shape[1] % (n // w0.shape[0]):
+        raise NotImplementedError(f"adaround: {name}: per-block encodings of shape {tuple(enc.scale.shape)} on a "
+                                  f"weight of shape {tuple(w0.shape)}: only blocks along the input dimension of a "
+                                  f"2-d weight are supported")
+    return w0.reshape(n, -1)
+
+
 def _learn_rounding(w0: torch.Tensor, grid: tuple, rec: "_Reconstruction", cfg: Mapping[str, Any],
-                    g: torch.Generator) -> torch.Tensor:
+                    g: torch.Generator, shape: Optional[torch.Size] = None) -> torch.Tensor:
     """Adam on alpha: the reconstruction loss of the soft-rounded weight, plus the rounding regularizer
-    after the warm start with beta on a half cosine from beta_range[0] to beta_range[1]."""
+    after the warm start with beta on a half cosine from beta_range[0] to beta_range[1]. `w0` is in rows of
+    one scale each (`_block_rows`); `shape` the layer's weight shape when that differs."""
     s, o, qmin, qmax = grid
     alpha = ops.adaround_init_alpha(w0, s).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([alpha], lr=float(cfg["lr"]), fused=alpha.device.type in ("cpu", "cuda"))
@@ -335,7 +349,7 @@ def _learn_rounding(w0: torch.Tensor, grid: tuple, rec: "_Reconstruction", cfg: 
     steps = rec.steps(int(cfg["batch_size"]), int(cfg["positions_per_sample"]), g)
     for it in range(iters):
         w_soft = ops.raw.adaround_weight(w0, alpha, s, o, qmin, qmax, False)
-        loss = steps(w_soft)
+        loss = steps(w_soft if shape is None else w_soft.reshape(shape))
         if it >= warm and reg_param > 0:
             rel = (it - warm) / max(iters - warm, 1)
             beta = b1 + 0.5 * (b0 - b1) * (1.0 + math.cos(rel * math.pi))  # cosine decay from b0 to b1
