@@ -65,12 +65,8 @@ def mlp_sim(model, x) -> pyquant.QuantSim:
     return pyquant.QuantSim(model, x[:2], quant_scheme="min_max", param_bw=4, output_bw=8)
 
 
-def use_block_quantizers(sim: pyquant.QuantSim, block: int) -> None:
-    """Replaces every weight quantizer of the MLP's simulation by a per-block one (blocks of `block` input
-    columns), where QuantSim itself places per-channel ones."""
-    from pyquant.quant import QuantizeDequantize
-    for name in list(sim.param_quantizers):
-        w = sim.weight(name)
-        q = QuantizeDequantize((w.shape[0], w.shape[1] // block), 4, True, block_size=(1, block), name=name)
-        sim.model.get_submodule(name.rsplit(".", 1)[0]).parametrizations.weight[0].q = q
-        sim.param_quantizers[name] = q
+def block_sim(model, x, block: int, decompressed_bw=None) -> pyquant.QuantSim:
+    """The MLP's simulation with per-block weight quantizers (blocks of `block` input columns; LPBQ with
+    `decompressed_bw`), as QuantSim places them."""
+    return pyquant.QuantSim(model, x[:2], quant_scheme="min_max", param_bw=4, output_bw=8, block_size=block,
+                            decompressed_bw=decompressed_bw)

@@ -13,7 +13,7 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, use_block_quantizers
+from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, block_sim
 
 gptq_mod = importlib.import_module("pyquant.techniques.gptq")
 
@@ -186,12 +186,36 @@ def test_bad_arguments():
 
 def test_per_block_weight_quantizers_in_a_simulation():
     model, x, _ = mlp_case()
-    sim = mlp_sim(model, x)
-    use_block_quantizers(sim, 8)
+    sim = block_sim(model, x, 8)
     res = pyquant.gptq(sim, x)
     assert len(res.layers) == 3 and all(r.mse_after < r.mse_before for r in res.layers)
     for r in res.layers:
         q, w = sim.quantizer(r.name), sim.weight(r.name).detach()
         assert q.frozen and q.get_encoding().scale.shape == (w.shape[0], w.shape[1] // 8)
+        with torch.no_grad():
+            assert torch.equal(q(w), w)
+
+
+def test_tiny_llama_per_block_w4_beats_plain_calibration():
+    model, calib, ev, ref = llama_case()
+    plain = model_output_mse(pyquant.QuantSim(model, calib[0], quant_scheme="min_max", param_bw=4, output_bw=8,
+                                              block_size=16), calib, ev, ref)
+    sim = pyquant.QuantSim(model, calib[0], quant_scheme="min_max", param_bw=4, output_bw=8, block_size=16)
+    res = pyquant.gptq(sim, calib, progress=False)
+    assert len(res.layers) >= 14
+    for r in res.layers:
+        w = sim.weight(r.name)
+        assert sim.quantizer(r.name).get_encoding().scale.shape == (w.shape[0], w.shape[1] // 16)
+    assert model_output_mse(sim, calib, ev, ref) < plain
+
+
+def test_lpbq_weight_quantizers_keep_exact_integers():
+    model, x, _ = mlp_case()
+    sim = block_sim(model, x, 8, decompressed_bw=8)
+    res = pyquant.gptq(sim, x, progress=False)
+    assert len(res.layers) == 3 and all(r.mse_after < r.mse_before for r in res.layers)
+    for r in res.layers:
+        q, w = sim.quantizer(r.name), sim.weight(r.name).detach()
+        assert type(q).__name__ == "LpbqQuantizeDequantize"
         with torch.no_grad():
             assert torch.equal(q(w), w)

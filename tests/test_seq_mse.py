@@ -12,7 +12,7 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, use_block_quantizers
+from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, block_sim
 
 seq_mod = importlib.import_module("pyquant.techniques.seq_mse")
 
@@ -179,8 +179,7 @@ def test_nothing_to_do_when_every_weight_is_frozen():
 
 def test_per_block_weight_quantizers_in_a_simulation():
     model, x, _ = mlp_case()
-    sim = mlp_sim(model, x)
-    use_block_quantizers(sim, 8)
+    sim = block_sim(model, x, 8)
     res = pyquant.seq_mse(sim, x)
     assert len(res.layers) == 3 and all(r.mse_after <= r.mse_before for r in res.layers)
     for r in res.layers:
@@ -196,3 +195,16 @@ def test_candidates_in_several_calls_choose_the_same(monkeypatch):
     monkeypatch.setattr(seq_mod, "_CHUNK_BYTES", 2 * W.numel() * 16)  # two candidates per call
     several = pyquant.techniques.seq_mse_encoding(q, W, X.t() @ X, 9)
     assert torch.equal(one_call.scale, several.scale) and torch.equal(one_call.offset, several.offset)
+
+
+def test_tiny_llama_per_block_w4_beats_plain_calibration():
+    model, calib, ev, ref = llama_case()
+    plain = model_output_mse(pyquant.QuantSim(model, calib[0], quant_scheme="min_max", param_bw=4, output_bw=8,
+                                              block_size=16), calib, ev, ref)
+    sim = pyquant.QuantSim(model, calib[0], quant_scheme="min_max", param_bw=4, output_bw=8, block_size=16)
+    res = pyquant.seq_mse(sim, calib, progress=False)
+    assert len(res.layers) >= 14
+    for r in res.layers:
+        w = sim.weight(r.name)
+        assert sim.quantizer(r.name).get_encoding().scale.shape == (w.shape[0], w.shape[1] // 16)
+    assert model_output_mse(sim, calib, ev, ref) < plain
