@@ -115,14 +115,25 @@ def perplexity(model: torch.nn.Module, token_windows: torch.Tensor, batch_size: 
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    if int(token_windows.min()) < 0:
+        raise ValueError(f"token_windows holds a negative token id ({int(token_windows.min())})")
     nll, count = 0.0, 0
     bar = Progress(len(token_windows), "perplexity", progress)
     for i in range(0, len(token_windows), batch_size):
         ids = token_windows[i:i + batch_size].to(device)
-        out = model(ids)
+        try:
+            out = model(ids)
+        except (IndexError, RuntimeError) as exc:
+            if "index" in str(exc).lower() and "out of" in str(exc).lower():
+                raise ValueError(f"token id {int(ids.max())} is beyond the model's embedding table ({exc}): the "
+                                 "token windows come from another tokenizer than the model's") from exc
+            raise
         logits = getattr(out, "logits", out)
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
+        if int(ids.max()) >= logits.shape[-1]:  # the model cannot predict its own input tokens
+            raise ValueError(f"token id {int(ids.max())} is beyond the model's vocabulary of {logits.shape[-1]} "
+                             "logits: the token windows come from another tokenizer than the model's")
         lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         nll -= float(lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
         count += ids[:, 1:].numel()

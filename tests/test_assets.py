@@ -341,3 +341,24 @@ def test_perplexity_of_a_known_model():
     assert abs(perplexity(Knows(0.5), ids, batch_size=2) - 2.0) < 1e-3
     with pytest.raises(ValueError, match="token_windows must be int64"):
         perplexity(Uniform(), ids.float())
+
+
+def test_perplexity_catches_a_tokenizer_model_mismatch_at_the_first_batch():
+    from pyquant.metrics import perplexity
+
+    emb = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    ok = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert perplexity(emb, ok) > 1
+    wide = ok.clone()
+    wide[0, 3] = 70  # ids from a larger vocabulary than the model's
+    with pytest.raises(ValueError, match="another tokenizer"):
+        perplexity(emb, wide)
+
+    class Logits60(torch.nn.Module):  # takes any id, predicts over 60 tokens only
+        def forward(self, ids):
+            return torch.randn(ids.shape + (60,), generator=torch.Generator().manual_seed(1))
+
+    with pytest.raises(ValueError, match="vocabulary of 60"):
+        perplexity(Logits60(), wide)
+    with pytest.raises(ValueError, match="negative"):
+        perplexity(emb, ok - 5)
