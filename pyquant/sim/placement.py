@@ -24,8 +24,8 @@ from .config import HardwareConfig
 from .kernels import apply_supported_kernels
 from .passes import internal_nodes, single_consumer
 
-__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "plan", "unquantized_ops",
-           "int32_biases"]
+__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "KV_ROLES", "plan",
+           "unquantized_ops", "int32_biases", "kv_inputs"]
 
 PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose weights may be quantized per output channel (when the config says so)."""
@@ -100,12 +100,13 @@ class BiasPlacement:
 
 
 def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
-         unsupported_kernels: str = "error") -> list[QuantizerPlacement]:
+         unsupported_kernels: str = "error", kv_bw: Optional[int] = None) -> list[QuantizerPlacement]:
     """The quantizers of `gm` under `cfg`: module weights, then graph-attribute weights (torch.export
     graphs, functional calls), then activations, then op inputs, each in graph order (QuantSim names its
     graph quantizers in this order), with weights at `param_bw` bits and activations at `output_bw` unless
     the config's supported_kernels say otherwise (kernels.py: an error, or the nearest kernel with
-    `unsupported_kernels="nearest"`)."""
+    `unsupported_kernels="nearest"`). Last come the key/value quantizers of attention (`kv_inputs`), at
+    `kv_bw` bits, else the config's ``kv_cache.bitwidth``; none when both are None."""
     roles = G.classify(gm)
     # internal nodes are parts of a larger op: no supergroup starts, ends or runs through them by type
     op_type = {n: (None if r.kind == "internal" else r.op_type) for n, r in roles.items()}
@@ -117,7 +118,14 @@ def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: 
     placed = [dataclasses.replace(p, bitwidth=param_bw if p.is_param else output_bw,
                                   strict=p.symmetric and cfg.strict_symmetric,
                                   unsigned_symmetric=p.symmetric and cfg.unsigned_symmetric) for p in placed]
-    return apply_supported_kernels(placed, cfg, unsupported_kernels)
+    placed = apply_supported_kernels(placed, cfg, unsupported_kernels)
+    kv_bw = kv_bw if kv_bw is not None else cfg.kv_bitwidth
+    if kv_bw is None:
+        return placed
+    taken = {p.name for p in placed}
+    kv = [dataclasses.replace(p, bitwidth=kv_bw, strict=p.symmetric and cfg.strict_symmetric)
+          for p in kv_inputs(gm, cfg, roles) if p.name not in taken]
+    return placed + kv
 
 
 def unquantized_ops(gm: fx.GraphModule) -> list[UnquantizedOp]:
@@ -245,6 +253,78 @@ def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.N
             out.append(QuantizerPlacement(f"{base}.input_{k}{suffix}", "op_input", t, n.name,
                                           cfg.activation_symmetric(t), source=a.name))
     return out
+
+
+KV_ROLES = ("key", "value")
+"""The suffixes of key/value quantizer names: "<attention node>.key", "<attention node>.value"."""
+
+
+def kv_inputs(gm: fx.GraphModule, cfg: HardwareConfig,
+              roles: Optional[dict[fx.Node, G.NodeRole]] = None) -> list[QuantizerPlacement]:
+    """Op-input quantizers on the keys and values attention reads, what a decoder's key/value cache holds
+    (after the rotary embedding for the keys): for a fused attention op (scaled_dot_product_attention) its
+    key and value inputs; for attention written out as MatMul -> (scale, mask) -> Softmax -> MatMul, the
+    second operand of each product (the transposed keys, the values). Named "<attention node>.key" /
+    ".value" (the node is the fused op or the QK^T product), one scale per tensor, symmetric as the config's
+    ``kv_cache.is_symmetric`` (else the Attention op's rule). A quantizer placed on the edge into attention
+    quantizes every key and value read, cached ones included; with a fixed encoding that equals quantizing
+    each once as it enters the cache, so a simulation with and without a cache computes the same."""
+    roles = roles if roles is not None else G.classify(gm)
+    sym = cfg.kv_symmetric()
+    out = []
+    for n in gm.graph.nodes:
+        r = roles[n]
+        if r.op_type == "Attention" and r.kind == "op":
+            base = n
+            pairs = [("key", n, n.args[1] if len(n.args) > 1 else n.kwargs.get("key")),
+                     ("value", n, n.args[2] if len(n.args) > 2 else n.kwargs.get("value"))]
+        elif r.op_type == "Softmax" and r.kind == "op":
+            qk, pv = _scores_product(n, roles), _probs_product(n, roles)
+            if qk is None or pv is None:
+                continue
+            base = qk
+            pairs = [("key", qk, qk.args[1]), ("value", pv, pv.args[1])]
+        else:
+            continue
+        for what, op, src in pairs:
+            if isinstance(src, fx.Node) and src.meta.get("pq_dtype") in _FLOATS:
+                out.append(QuantizerPlacement(f"{base.name}.{what}", "op_input", "Attention", op.name, sym,
+                                              source=src.name))
+    return out
+
+
+def _scores_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Optional[fx.Node]:
+    """The Q K^T MatMul a Softmax's input comes from, through scaling, an additive mask, casts and data
+    movement (each taking the scores as its first operand)."""
+    cur = softmax.args[0] if softmax.args else None
+    for _ in range(8):
+        if not isinstance(cur, fx.Node):
+            return None
+        r = roles.get(cur)
+        if r is not None and r.op_type == "MatMul" and cur.op == "call_function" and len(cur.args) >= 2:
+            return cur
+        if r is None or r.op_type not in ("Mul", "Div", "Add", "Passthrough", None) or not cur.args:
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def _probs_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Optional[fx.Node]:
+    """The MatMul that multiplies the attention probabilities (a Softmax's output, through casts, dropout and
+    data movement) by the values, as its first operand."""
+    cur = softmax
+    for _ in range(6):
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        r = roles.get(u)
+        if r is not None and r.op_type == "MatMul" and u.op == "call_function" and u.args and u.args[0] is cur:
+            return u
+        if r is None or r.op_type not in ("Passthrough", None):
+            return None
+        cur = u
+    return None
 
 
 def _activations(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.NodeRole],

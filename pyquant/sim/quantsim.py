@@ -34,6 +34,7 @@ from . import placement as P
 from .bias import Int32Bias
 from .config import HardwareConfig, load_config
 from . import fusion
+from .memory import check_copy_fits
 from .weights import FoldedWeightQuantizer, WeightQuantizer
 
 QUANT_SCHEMES = {
@@ -48,7 +49,8 @@ class QuantSim:
     """Simulates quantized inference (and training) of `model`.
 
     Args:
-        model: the FP32 model; it is copied, never modified.
+        model: the FP32 model. By default it is copied and never modified; with `in_place=True` the
+            simulation is built on the model itself (see `in_place`).
         dummy_input: an input (tensor, tuple, or dict for HuggingFace models) used to capture the graph.
         quant_scheme: how encodings are calibrated: "tf_enhanced" (default), "min_max", "mse",
             "percentile" or "entropy" (the last two clip activations; weights then use min/max).
@@ -85,6 +87,21 @@ class QuantSim:
             is), for each Conv, ConvTranspose and Linear on a 2-d input (ONNX Gemm) whose input is quantized
             right before it (pyquant.sim.placement.int32_biases says which); onnxruntime's QDQ kernels
             derive the same int32 bias from the export. False keeps every bias in float.
+        kv_bw: bit width (2..16) of quantizers on the keys and values attention reads, what a decoder's
+            key/value cache holds: the key and value inputs of each attention op (scaled_dot_product_attention,
+            or the second operands of the QK^T and PV products of attention written out), the keys after the
+            rotary embedding. One scale per tensor, calibrated like the activations; named
+            "<attention node>.key" / "<attention node>.value" (pyquant.sim.placement.kv_inputs). None
+            (default): the config's ``kv_cache.bitwidth``, and no such quantizers when that is unset too.
+        in_place: build the simulation on `model` itself instead of a copy (default False). The simulated
+            graph then shares the model's parameter tensors, so a simulation costs the model's memory once
+            plus its quantizers (what a large language model needs). What it means for `model`: it is put in
+            eval mode and prepared for capture (fused modules such as nn.MultiheadAttention / nn.RMSNorm
+            run as their ops, with the same parameters and results; a transformers model's config gets
+            `use_cache=False` unless `kv_cache=True`), and every technique that changes the simulation's
+            weights (batch-norm folding, cross-layer equalization, bias correction, AdaRound, QAT) changes
+            the model's weights too. Without it, QuantSim first checks that the copy fits in the free memory
+            of the model's device (MemoryError with the bytes needed and available, naming this option).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -99,7 +116,8 @@ class QuantSim:
                  output_bw: int = 8, config: Union[str, os.PathLike, dict, HardwareConfig] = "default", *,
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
                  batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
-                 unsupported_kernels: str = "error", int32_bias: bool = True):
+                 unsupported_kernels: str = "error", int32_bias: bool = True, in_place: bool = False,
+                 kv_bw: Optional[int] = None):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         grid(param_bw, True)
@@ -113,15 +131,24 @@ class QuantSim:
             raise ValueError(f"range_params must be one of {sorted(RANGE_PARAMS)}, got {range_params!r}")
         if not isinstance(int32_bias, bool):
             raise TypeError(f"int32_bias must be True or False, got {int32_bias!r}")
+        if kv_bw is not None:
+            if isinstance(kv_bw, bool) or not isinstance(kv_bw, int) or not 2 <= kv_bw <= 16:
+                raise ValueError(f"kv_bw must be None or an integer bit width in 2..16, got {kv_bw!r}")
+        if not isinstance(in_place, bool):
+            raise TypeError(f"in_place must be True or False, got {in_place!r}")
         self.batchnorm = batchnorm
         self.range_params = range_params
         self.quant_scheme = quant_scheme
         self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
         self.output_bw = output_bw
+        self.kv_bw = kv_bw
         self.config = config if isinstance(config, HardwareConfig) else load_config(config)
         self._dummy_input = dummy_input
-        fp32 = copy.deepcopy(model)
+        self.in_place = in_place
+        if not in_place:
+            check_copy_fits(model)
+        fp32 = model if in_place else copy.deepcopy(model)
         fp32.eval()
         gm = G.trace(fp32, dummy_input)
         G.propagate_shapes(gm, dummy_input)
@@ -129,7 +156,7 @@ class QuantSim:
         self.param_quantizers: dict[str, QuantizeDequantize] = {}
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
         self.placement: dict[str, P.QuantizerPlacement] = {
-            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels)}
+            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels, kv_bw)}
         """Where each quantizer sits (op type, graph node, kind, per-channel axis), by quantizer name."""
         self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
         """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
