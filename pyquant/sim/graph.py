@@ -566,6 +566,12 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
         args, kwargs = tuple(dummy_input), {}
     else:
         args, kwargs = (dummy_input,), {}
+    if _is_hf(model):
+        # torch.export pins a dimension of size 1 in the example to 1: a batch of one sentence, or one token,
+        # would give a graph that runs nothing else. Batch and sequence are captured at size >= 2 at least
+        # (the graph is the same; the example's values do not matter to it).
+        args = tuple(_widened(a) for a in args)
+        kwargs = {k: _widened(v) for k, v in kwargs.items()}
     # Every dimension may vary (batch size, sequence length) unless the model pins it.
     auto = torch.export.Dim.AUTO
     dyn = lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
@@ -580,7 +586,52 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
         except (TypeError, ValueError):
             order = list(kwargs)
         gm.register_forward_pre_hook(_PositionalAsKeywords(order), prepend=True, with_kwargs=True)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if _is_hf(model) and isinstance(limit, int) and limit > 0:
+        gm.register_forward_pre_hook(SequenceLimit(limit), with_kwargs=True)
     return gm
+
+
+def _widened(t: Any) -> Any:
+    """A token-shaped input ([batch, sequence, ...]) with batch and sequence of size 1 repeated to 2."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    reps = [2 if d < 2 and t.shape[d] == 1 else 1 for d in range(t.dim())]
+    return t.repeat(*reps) if any(r > 1 for r in reps) else t
+
+
+class SequenceLimit:
+    """Forward pre-hook of a captured transformers model: a sequence longer than the model's largest position
+    (`config.max_position_embeddings`) is refused with an error naming the input and the accepted lengths,
+    where the graph would index its rotary or position tables out of range (a class, so the graph pickles)."""
+
+    INPUTS = ("input_ids", "inputs_embeds")
+
+    def __init__(self, max_length: int):
+        self.max_length = int(max_length)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for name in self.INPUTS:
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                past = _cached_length(kwargs)
+                if past + t.shape[1] > self.max_length:
+                    cached = f" after {past} cached positions" if past else ""
+                    raise ValueError(f"{name}: a sequence of {t.shape[1]} tokens{cached} reaches beyond the model's "
+                                     f"largest position (config.max_position_embeddings = {self.max_length}); "
+                                     f"this simulation runs 1..{self.max_length} positions in all")
+                return
+
+
+def _cached_length(kwargs: dict) -> int:
+    """How many positions a key/value cache passed to the model already holds (0 without one)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (AttributeError, TypeError):
+        return 0
 
 
 class _PositionalAsKeywords:

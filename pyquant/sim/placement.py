@@ -256,7 +256,7 @@ def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.N
 
 
 KV_ROLES = ("key", "value")
-"""The suffixes of key/value quantizer names: "<attention node>.key", "<attention node>.value"."""
+"""The suffixes of key/value quantizer names: "<attention module>.key", "<attention module>.value"."""
 
 
 def kv_inputs(gm: fx.GraphModule, cfg: HardwareConfig,
@@ -264,14 +264,16 @@ def kv_inputs(gm: fx.GraphModule, cfg: HardwareConfig,
     """Op-input quantizers on the keys and values attention reads, what a decoder's key/value cache holds
     (after the rotary embedding for the keys): for a fused attention op (scaled_dot_product_attention) its
     key and value inputs; for attention written out as MatMul -> (scale, mask) -> Softmax -> MatMul, the
-    second operand of each product (the transposed keys, the values). Named "<attention node>.key" /
-    ".value" (the node is the fused op or the QK^T product), one scale per tensor, symmetric as the config's
+    second operand of each product (the transposed keys, the values). Named "<module>.key" / "<module>.value"
+    after the module that runs the attention ("model.layers.0.self_attn.key"; the graph node's name where the
+    graph does not record modules), one scale per tensor, symmetric as the config's
     ``kv_cache.is_symmetric`` (else the Attention op's rule). A quantizer placed on the edge into attention
     quantizes every key and value read, cached ones included; with a fixed encoding that equals quantizing
     each once as it enters the cache, so a simulation with and without a cache computes the same."""
     roles = roles if roles is not None else G.classify(gm)
     sym = cfg.kv_symmetric()
-    out = []
+    out: list[QuantizerPlacement] = []
+    seen: dict[str, int] = {}
     for n in gm.graph.nodes:
         r = roles[n]
         if r.op_type == "Attention" and r.kind == "op":
@@ -286,11 +288,26 @@ def kv_inputs(gm: fx.GraphModule, cfg: HardwareConfig,
             pairs = [("key", qk, qk.args[1]), ("value", pv, pv.args[1])]
         else:
             continue
+        where = _attention_module(base) or base.name
+        if where in seen:  # one module calling attention twice: its calls in order
+            seen[where] += 1
+            where = f"{where}_{seen[where]}"
+        else:
+            seen[where] = 0
         for what, op, src in pairs:
             if isinstance(src, fx.Node) and src.meta.get("pq_dtype") in _FLOATS:
-                out.append(QuantizerPlacement(f"{base.name}.{what}", "op_input", "Attention", op.name, sym,
+                out.append(QuantizerPlacement(f"{where}.{what}", "op_input", "Attention", op.name, sym,
                                               source=src.name))
     return out
+
+
+def _attention_module(n: fx.Node) -> Optional[str]:
+    """The path of the innermost module a torch.export graph node was recorded in (None: not recorded)."""
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
 
 
 def _scores_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Optional[fx.Node]:
@@ -314,7 +331,7 @@ def _probs_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Option
     data movement) by the values, as its first operand."""
     cur = softmax
     for _ in range(6):
-        users = list(cur.users)
+        users = [u for u in cur.users if u.users or u.op == "output"]  # not checks such as metadata asserts
         if len(users) != 1:
             return None
         u = users[0]

@@ -91,7 +91,8 @@ class QuantSim:
             key/value cache holds: the key and value inputs of each attention op (scaled_dot_product_attention,
             or the second operands of the QK^T and PV products of attention written out), the keys after the
             rotary embedding. One scale per tensor, calibrated like the activations; named
-            "<attention node>.key" / "<attention node>.value" (pyquant.sim.placement.kv_inputs). None
+            "<attention module>.key" / ".value", e.g. "model.layers.0.self_attn.key"
+            (pyquant.sim.placement.kv_inputs). None
             (default): the config's ``kv_cache.bitwidth``, and no such quantizers when that is unset too.
         in_place: build the simulation on `model` itself instead of a copy (default False). The simulated
             graph then shares the model's parameter tensors, so a simulation costs the model's memory once
