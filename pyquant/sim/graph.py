@@ -397,6 +397,23 @@ def _unknown_reason(gm: fx.GraphModule, n: fx.Node) -> str:
     return f"{what} is not an op the simulation knows"
 
 
+KV_CACHE_META = "pq_kv_cache"
+"""node.meta key marking the placeholders of a graph captured with its key/value cache that hold cached keys
+and values (pyquant.sim.decoder)."""
+
+
+def _kv_cache_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The cache inputs (KV_CACHE_META) and the concatenations that append new positions to them."""
+    out = {n for n in nodes if n.op == "placeholder" and n.meta.get(KV_CACHE_META)}
+    if not out:
+        return out
+    cats = {torch.cat, _aten.cat.default}
+    for n in nodes:
+        if n.op == "call_function" and n.target in cats and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def classify(gm: fx.GraphModule) -> dict[fx.Node, NodeRole]:
     """What every node of a captured graph (after propagate_shapes) is to the simulation: see NodeRole.
     placement.plan puts quantizers on inputs of kind "input" and outputs of kind "op"."""
@@ -407,10 +424,13 @@ def classify(gm: fx.GraphModule) -> dict[fx.Node, NodeRole]:
     data = _data_dependent(gm, nodes, op, masks)
     composite, internal = _rms_norms(nodes, inputs)
     _masked_scores(nodes, op, data, inputs, internal)
+    cache = _kv_cache_nodes(nodes)
     roles: dict[fx.Node, NodeRole] = {}
     for n in nodes:
         t = composite.get(n, op[n])
-        if n.op == "placeholder":
+        if n in cache:  # cached keys/values, and the cache appending the new positions: memory, not an op
+            roles[n] = NodeRole("passthrough", "Passthrough")
+        elif n.op == "placeholder":
             roles[n] = NodeRole("input") if n in data else NodeRole(
                 "constant" if n in masks else "other", reason="an attention mask" if n in masks else "")
         elif n.op in ("get_attr", "output") or not n.meta.get("pq_float", _is_float(n)):
@@ -614,18 +634,21 @@ class SequenceLimit:
         for name in self.INPUTS:
             t = kwargs.get(name)
             if isinstance(t, torch.Tensor) and t.dim() >= 2:
-                past = _cached_length(kwargs)
-                if past + t.shape[1] > self.max_length:
-                    cached = f" after {past} cached positions" if past else ""
-                    raise ValueError(f"{name}: a sequence of {t.shape[1]} tokens{cached} reaches beyond the model's "
-                                     f"largest position (config.max_position_embeddings = {self.max_length}); "
-                                     f"this simulation runs 1..{self.max_length} positions in all")
+                self.check(name, t.shape[1], _cached_length(kwargs))
                 return
+
+    def check(self, name: str, length: int, past: int = 0) -> None:
+        """ValueError when `length` new positions after `past` cached ones pass the largest position."""
+        if past + length > self.max_length:
+            cached = f" after {past} cached positions" if past else ""
+            raise ValueError(f"{name}: a sequence of {length} tokens{cached} reaches beyond the model's largest "
+                             f"position (config.max_position_embeddings = {self.max_length}); this simulation runs "
+                             f"1..{self.max_length} positions in all")
 
 
 def _cached_length(kwargs: dict) -> int:
     """How many positions a key/value cache passed to the model already holds (0 without one)."""
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return 0
     try:
@@ -654,17 +677,31 @@ class _PositionalAsKeywords:
         return (), {**named, **kwargs}
 
 
-def trace(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
+def trace(model: nn.Module, dummy_input: Any, kv_cache: bool = False) -> fx.GraphModule:
     """Captures `model` as a torch.fx GraphModule: symbolic tracing keeps the module structure; models it
     cannot trace (HuggingFace transformers, Python control flow on shapes) are captured with torch.export.
 
-    `model` is prepared in place first (QuantSim passes its own copy): fused modules run as their ops
-    (decompose_fused_modules), and a transformers model stops returning a key/value cache, which is
-    inference state the simulated graph does not carry.
+    `model` is prepared in place first (QuantSim passes its own copy, or the model itself with in_place=True):
+    fused modules run as their ops (decompose_fused_modules), and a transformers model stops returning a
+    key/value cache, which is inference state the simulated graph does not carry -- unless `kv_cache`: then a
+    transformers model that generates text is captured with its cache as graph inputs and outputs
+    (pyquant.sim.decoder), for generate() with one step per new token.
 
     Raises UntraceableModelError naming the module and source line where tracing failed."""
     decompose_fused_modules(model)
     config = getattr(model, "config", None)
+    if kv_cache:
+        from .decoder import capture_cached, is_generative
+        if not (_is_hf(model) and is_generative(model)):
+            raise ValueError(f"kv_cache=True captures a transformers language model that generates text (a "
+                             f"...ForCausalLM); {type(model).__name__} is not one")
+        try:
+            return capture_cached(model, dummy_input)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear error
+            raise UntraceableModelError(f"cannot capture {type(model).__name__} with its key/value cache: "
+                                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if _is_hf(model) and getattr(config, "use_cache", False):
         config.use_cache = False
     tracer = _RecordingTracer()

@@ -34,6 +34,7 @@ from . import placement as P
 from .bias import Int32Bias
 from .config import HardwareConfig, load_config
 from . import fusion
+from .decoder import attach_generate, graph_example
 from .memory import check_copy_fits
 from .weights import FoldedWeightQuantizer, WeightQuantizer
 
@@ -94,6 +95,12 @@ class QuantSim:
             "<attention module>.key" / ".value", e.g. "model.layers.0.self_attn.key"
             (pyquant.sim.placement.kv_inputs). None
             (default): the config's ``kv_cache.bitwidth``, and no such quantizers when that is unset too.
+        kv_cache: capture a transformers language model (a ...ForCausalLM) with its key/value cache as graph
+            inputs and outputs (pyquant.sim.decoder), so that `sim.model.generate(...)` runs transformers'
+            generation with each step's new token alone through the simulation, the cached keys and values
+            read through the key/value quantizers (`kv_bw`). Calls without a cache (calibration, full
+            sequences) run the same graph and quantizers with an empty one. Default False: the model is
+            captured without its cache (`use_cache=False`) and `sim.model` has no generate().
         in_place: build the simulation on `model` itself instead of a copy (default False). The simulated
             graph then shares the model's parameter tensors, so a simulation costs the model's memory once
             plus its quantizers (what a large language model needs). What it means for `model`: it is put in
@@ -118,7 +125,7 @@ class QuantSim:
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
                  batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
                  unsupported_kernels: str = "error", int32_bias: bool = True, in_place: bool = False,
-                 kv_bw: Optional[int] = None):
+                 kv_bw: Optional[int] = None, kv_cache: bool = False):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         grid(param_bw, True)
@@ -137,6 +144,8 @@ class QuantSim:
                 raise ValueError(f"kv_bw must be None or an integer bit width in 2..16, got {kv_bw!r}")
         if not isinstance(in_place, bool):
             raise TypeError(f"in_place must be True or False, got {in_place!r}")
+        if not isinstance(kv_cache, bool):
+            raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
         self.batchnorm = batchnorm
         self.range_params = range_params
         self.quant_scheme = quant_scheme
@@ -151,8 +160,10 @@ class QuantSim:
             check_copy_fits(model)
         fp32 = model if in_place else copy.deepcopy(model)
         fp32.eval()
-        gm = G.trace(fp32, dummy_input)
-        G.propagate_shapes(gm, dummy_input)
+        gm = G.trace(fp32, dummy_input, kv_cache=kv_cache)
+        G.propagate_shapes(gm, graph_example(gm, dummy_input))
+        if kv_cache:
+            attach_generate(gm, fp32)
         self.model: fx.GraphModule = gm
         self.param_quantizers: dict[str, QuantizeDequantize] = {}
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
