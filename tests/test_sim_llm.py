@@ -219,6 +219,15 @@ def test_the_onnx_export_runs_other_batch_sizes_and_lengths_as_the_simulation(tm
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_a_kv_cache_simulation_exports_the_full_sequence_model(tmp_path, w8a8_kv8):
+    paths = w8a8_kv8.export(tmp_path, "lm")
+    for batch, length in ((1, 5), (3, 11)):
+        ids = _ids(batch, length, 5)
+        got = run_onnx(paths["onnx"], ids, optimize=False)
+        assert len(got) == 1
+        torch.testing.assert_close(got[0], w8a8_kv8.model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
 # ---- key/value quantizers -----------------------------------------------------------------------------
 def _attention_kv(model, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The keys and values each attention call of the FP32 model reads (scaled_dot_product_attention's)."""
