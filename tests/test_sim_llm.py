@@ -3,6 +3,7 @@ every batch size and sequence length (also in the ONNX export), quantizers on th
 reads (kv_bw), and generate() with a key/value cache through the simulation (kv_cache)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -203,18 +204,22 @@ def test_a_sequence_beyond_the_largest_position_is_refused(kv_cache):
         sim.model(input_ids=_ids(1, MAX_POS + 1, 1))
 
 
-def test_the_onnx_export_runs_other_batch_sizes_and_lengths_as_the_simulation(tmp_path):
-    model = _llama()
+@pytest.mark.parametrize("name, with_mask", [("llama", True), ("llama", False), ("gemma3", True)])
+def test_the_onnx_export_runs_other_batch_sizes_and_lengths_as_the_simulation(tmp_path, name, with_mask):
+    model = MODELS[name]()
     ids, mask = _ids(2, 8, 1), _mask(2, 8, 0)
+    dummy = {"input_ids": ids, "attention_mask": mask} if with_mask else {"input_ids": ids}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sim = QuantSim(model, {"input_ids": ids, "attention_mask": mask}, kv_bw=8)
-    sim.compute_encodings(lambda m: m(input_ids=ids, attention_mask=mask))
+        sim = QuantSim(model, dummy, kv_bw=8)
+    sim.compute_encodings(lambda m: m(**dummy))
     paths = sim.export(tmp_path, "lm")
     for batch, length in ((1, 5), (3, 13)):
-        i2, m2 = _ids(batch, length, 4), _mask(batch, length, 2)
-        got = run_onnx(paths["onnx"], i2, m2, optimize=False)[0]
-        want = sim.model(input_ids=i2, attention_mask=m2).logits
+        feed = {"input_ids": _ids(batch, length, 4)}
+        if with_mask:
+            feed["attention_mask"] = _mask(batch, length, 2)
+        got = run_onnx(paths["onnx"], *feed.values(), optimize=False)[0]
+        want = sim.model(**feed).logits
         assert got.shape == want.shape == (batch, length, VOCAB)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
@@ -255,7 +260,8 @@ def test_kv_quantizers_read_the_keys_after_rope_and_the_values(name):
     assert _kv_names(sim) == [f"model.layers.{i}.self_attn.{w}" for i in range(layers) for w in ("key", "value")]
     for n in _kv_names(sim):
         p = sim.placement[n]
-        assert (p.kind, p.op_type, sim.quantizer(n).bitwidth, sim.quantizer(n).shape) == ("op_input", "Attention", 8, ())
+        q = sim.quantizer(n)
+        assert (p.kind, p.op_type, q.bitwidth, q.shape) == ("op_input", "Attention", 8, ())
     for q in sim.quantizers.values():
         q.enabled = False
     seen: dict[str, torch.Tensor] = {}
@@ -418,6 +424,19 @@ def test_generate_through_gemma3_with_a_sliding_window_and_the_cache():
         prompt = _ids(1, 6, 9)  # 6 + 10 positions: beyond the sliding window of 8
         cached = sim.model.generate(prompt, max_new_tokens=10, do_sample=False)
     assert torch.equal(cached, _greedy_by_hand(sim.model, prompt, 10))
+
+
+def test_a_deep_copy_generates_through_its_own_graph(w8a8_kv8):
+    copied = copy.deepcopy(w8a8_kv8.model)
+    prompt = _ids(1, 4, 11)
+    shapes, handle = _calls(copied)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = copied.generate(prompt, max_new_tokens=4, do_sample=False)
+        want = w8a8_kv8.model.generate(prompt, max_new_tokens=4, do_sample=False)
+    handle.remove()
+    assert torch.equal(got, want)
+    assert shapes == [(1, 4)] + [(1, 1)] * 3  # the copy's graph ran, with the cache
 
 
 def test_generate_stops_at_the_largest_position(w8a8_kv8):

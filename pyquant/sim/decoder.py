@@ -26,12 +26,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import KV_CACHE_META, SequenceLimit
+from .graph import KV_CACHE_META, SequenceLimit, keep_forward_hooks
 
-__all__ = ["is_generative", "cached_decoder", "CacheInterface", "capture_cached", "attach_generate",
+__all__ = ["is_generative", "cached_decoder", "CacheInterface", "capture_cached", "attach_generate", "Generate",
            "graph_example"]
 
 _INPUTS = ("input_ids", "attention_mask", "position_ids")
+_PRESERVED = "_user_preserved_attributes"  # GraphModule.meta key: attributes a deep copy sets again
 # keyword arguments of a transformers forward that the capture runs as the model would with their defaults
 _IGNORED = ("cache_position", "return_dict", "output_attentions", "output_hidden_states")
 
@@ -76,10 +77,10 @@ def cached_decoder(model: nn.Module) -> nn.Module:
 
 
 class CacheInterface:
-    """Forward pre-hook and hook of a captured CachedDecoder graph (see the module docstring): keyword inputs
+    """Forward pre-hook and hook of a graph captured by capture_cached (see the module docstring): keyword inputs
     as the transformers model takes them become the graph's tensors, and its tensors a CausalLMOutputWithPast.
     `kv_shapes`: per layer, (kv heads, head dim) of the cached keys and values. A class, so that the graph
-    still pickles and deep-copies."""
+    deep-copies with it (graph.keep_forward_hooks)."""
 
     def __init__(self, kv_shapes: list[tuple[tuple[int, int], tuple[int, int]]], limit: Optional[SequenceLimit]):
         self.kv_shapes = kv_shapes
@@ -192,6 +193,7 @@ def capture_cached(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
     gm.register_forward_pre_hook(iface.before, with_kwargs=True, prepend=True)  # before export's input check
     gm.register_forward_hook(iface.after, with_kwargs=True)
     gm.meta["pq_cache_interface"] = iface
+    keep_forward_hooks(gm)
     return gm
 
 
@@ -215,16 +217,24 @@ def attach_generate(gm: fx.GraphModule, model: nn.Module) -> None:
     shell = object.__new__(type(model))
     shell.__dict__.update(model.__dict__)  # a shallow shell: the same submodules, parameters and config
     object.__setattr__(shell, "forward", functools.partial(_forward, gm))
+    object.__setattr__(gm, "generate", Generate(shell))
+    # a deep copy of the graph gets its own generate(), running the copy (GraphModule keeps these attributes)
+    gm.meta.setdefault(_PRESERVED, {})["generate"] = gm.generate
 
-    def generate(*args: Any, **kwargs: Any):
+
+class Generate:
+    """`sim.model.generate(...)`: transformers' generate of the model's class, each step run by the simulated
+    graph (with use_cache=True, the default, one step per new token on the cached positions, from an empty
+    DynamicCache unless one is given). A deep copy of the graph gets its own (GraphModule.meta keeps it)."""
+
+    def __init__(self, shell: nn.Module):
+        self.shell = shell
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("use_cache", True) and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
             from transformers import DynamicCache
-            kwargs["cache"] = DynamicCache()
-        return shell.generate(*args, **kwargs)
-
-    generate.__doc__ = (f"transformers' {type(model).__name__}.generate, each step run by this simulated graph "
-                        f"(with use_cache=True, the default, one step per new token on the cached positions)")
-    object.__setattr__(gm, "generate", generate)
+            kwargs["cache"] = DynamicCache()  # full layers (see cached_decoder), not the config's sliding ones
+        return self.shell.generate(*args, **kwargs)
 
 
 def _forward(gm: fx.GraphModule, *args: Any, **kwargs: Any):

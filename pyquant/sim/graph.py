@@ -609,6 +609,7 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if _is_hf(model) and isinstance(limit, int) and limit > 0:
         gm.register_forward_pre_hook(SequenceLimit(limit), with_kwargs=True)
+    keep_forward_hooks(gm)
     return gm
 
 
@@ -623,7 +624,7 @@ def _widened(t: Any) -> Any:
 class SequenceLimit:
     """Forward pre-hook of a captured transformers model: a sequence longer than the model's largest position
     (`config.max_position_embeddings`) is refused with an error naming the input and the accepted lengths,
-    where the graph would index its rotary or position tables out of range (a class, so the graph pickles)."""
+    where the graph would index its rotary or position tables out of range."""
 
     INPUTS = ("input_ids", "inputs_embeds")
 
@@ -655,6 +656,35 @@ def _cached_length(kwargs: dict) -> int:
         return int(cache.get_seq_length())
     except (AttributeError, TypeError):
         return 0
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+class _KeepForwardHooks:
+    """A GraphModule's deep copy starts without forward hooks (GraphModule.__deepcopy__ keeps only state-dict
+    hooks); the hooks that make a captured graph callable like its model (keyword inputs, the sequence limit,
+    the key/value cache interface) go with it."""
+
+    def __init__(self, original: fx.GraphModule):
+        self.original = original
+
+    def __call__(self, copy: fx.GraphModule) -> None:
+        ours = set()  # pyquant's hooks; torch.export's input check needs attributes a copy does not have
+        for table in ("_forward_pre_hooks", "_forward_hooks"):
+            for key, hook in getattr(self.original, table, {}).items():
+                if not getattr(hook, "__module__", "").startswith("torch."):
+                    ours.add(key)
+        for table in _HOOK_TABLES:
+            if hasattr(self.original, table):
+                src = getattr(self.original, table)
+                setattr(copy, table, type(src)((k, v) for k, v in src.items() if k in ours))
+
+
+def keep_forward_hooks(gm: fx.GraphModule) -> None:
+    """The forward hooks of `gm` (registered before or after) are those of its deep copies too."""
+    gm._register_deepcopy_hook(_KeepForwardHooks(gm))
 
 
 class _PositionalAsKeywords:
@@ -700,8 +730,9 @@ def trace(model: nn.Module, dummy_input: Any, kv_cache: bool = False) -> fx.Grap
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - one clear error
+            first = str(exc).splitlines()[0] if str(exc) else ""
             raise UntraceableModelError(f"cannot capture {type(model).__name__} with its key/value cache: "
-                                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                                        f"{type(exc).__name__}: {first}") from exc
     if _is_hf(model) and getattr(config, "use_cache", False):
         config.use_cache = False
     tracer = _RecordingTracer()

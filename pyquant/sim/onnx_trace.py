@@ -158,7 +158,23 @@ def _slice(x, dim=0, start=None, end=None, step=1):
     return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
 
 
+def _diff(x, n=1, dim=-1, prepend=None, append=None):
+    """torch.diff as slices and a subtraction (the exporter has no symbolic for aten::diff; transformers'
+    packed-sequence check computes one from the positions, which stop being a constant once sizes are free)."""
+    x = torch.cat([t for t in (prepend, x, append) if t is not None], dim)
+    for _ in range(n):
+        x = x.narrow(dim, 1, x.size(dim) - 1) - x.narrow(dim, 0, x.size(dim) - 1)
+    return x
+
+
+def _cumsum(x, dim, dtype=None):
+    """torch.cumsum, booleans counted as int64 (ONNX CumSum takes numbers only)."""
+    return torch.cumsum(x.to(torch.int64) if x.dtype == torch.bool else x, dim, dtype=dtype)
+
+
 _TRACEABLE = {
+    _aten.diff.default: _diff,
+    _aten.cumsum.default: _cumsum,
     _aten.sym_size.int: lambda x, d: x.size(d),
     _aten.arange.default: lambda end, **kw: torch.arange(end, **kw),
     _aten.arange.start: lambda start, end, **kw: torch.arange(start, end, **kw),
