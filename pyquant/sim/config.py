@@ -27,7 +27,9 @@ Resolution (the most specific setting wins, field by field, as in AIMET):
   > False.
 
 Every section is optional when loading (a missing one is empty); ``to_dict()`` always writes the six
-sections AIMET requires, so its output loads in AIMET too.
+sections AIMET requires, so its output loads in AIMET too. One section is pyquant's own: ``"kv_cache":
+{"bitwidth": 8, "is_symmetric": "True"}`` puts quantizers on the keys and values attention reads (what a
+decoder's key/value cache holds); ``to_dict()`` writes it only when set.
 """
 from __future__ import annotations
 

@@ -106,7 +106,8 @@ def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: 
     graph quantizers in this order), with weights at `param_bw` bits and activations at `output_bw` unless
     the config's supported_kernels say otherwise (kernels.py: an error, or the nearest kernel with
     `unsupported_kernels="nearest"`). Last come the key/value quantizers of attention (`kv_inputs`), at
-    `kv_bw` bits, else the config's ``kv_cache.bitwidth``; none when both are None."""
+    `kv_bw` bits, else the config's ``kv_cache.bitwidth``; none when both are None. Their width is the cache's
+    storage, which supported_kernels (the ops' compute) do not move."""
     roles = G.classify(gm)
     # internal nodes are parts of a larger op: no supergroup starts, ends or runs through them by type
     op_type = {n: (None if r.kind == "internal" else r.op_type) for n, r in roles.items()}
