@@ -614,10 +614,13 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
 
 
 def _widened(t: Any) -> Any:
-    """A token-shaped input ([batch, sequence, ...]) with batch and sequence of size 1 repeated to 2."""
+    """An input with a batch (dim 0) of size 1 repeated to 2, and a token-shaped one (integer or boolean:
+    ids, masks, positions, [batch, sequence]) also with a sequence of 1 repeated to 2. A float input's dim 1
+    may be anything (channels, features), so it is left as it is."""
     if not isinstance(t, torch.Tensor) or t.dim() < 2:
         return t
-    reps = [2 if d < 2 and t.shape[d] == 1 else 1 for d in range(t.dim())]
+    widen = (0,) if t.is_floating_point() else (0, 1)
+    reps = [2 if d in widen and t.shape[d] == 1 else 1 for d in range(t.dim())]
     return t.repeat(*reps) if any(r > 1 for r in reps) else t
 
 
