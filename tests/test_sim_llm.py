@@ -15,7 +15,7 @@ from pyquant.sim.config import ConfigError, load_config
 from pyquant.sim.export import run_onnx
 from pyquant.sim.quantsim import QuantSim
 import zoo
-from helpers import one_thread  # noqa: F401
+from helpers import assert_onnx_runs_simulation, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
@@ -222,6 +222,8 @@ def test_the_onnx_export_runs_other_batch_sizes_and_lengths_as_the_simulation(tm
         want = sim.model(**feed).logits
         assert got.shape == want.shape == (batch, length, VOCAB)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    if name == "llama" and with_mask:  # each key/value quantizer is one QDQ pair, pair by pair the simulation's
+        assert_onnx_runs_simulation(sim, paths["onnx"], feed)
 
 
 def test_a_kv_cache_simulation_exports_the_full_sequence_model(tmp_path, w8a8_kv8):
