@@ -441,6 +441,16 @@ def test_a_deep_copy_generates_through_its_own_graph(w8a8_kv8):
     assert shapes == [(1, 4)] + [(1, 1)] * 3  # the copy's graph ran, with the cache
 
 
+def test_a_cache_of_sliding_window_layers_is_refused(w8a8_kv8):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+    cache = transformers.DynamicCache()
+    cache.layers.append(DynamicSlidingWindowLayer(sliding_window=4))
+    with pytest.raises(TypeError, match="cache: .*full layers.*DynamicSlidingWindowLayer"):
+        w8a8_kv8.model(input_ids=_ids(1, 3, 1), cache=cache)
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        w8a8_kv8.model(input_ids=_ids(1, 3, 1), inputs_embeds=torch.randn(1, 3, 64))
+
+
 def test_generate_stops_at_the_largest_position(w8a8_kv8):
     with warnings.catch_warnings(), pytest.raises(ValueError, match="max_position_embeddings"):
         warnings.simplefilter("ignore")

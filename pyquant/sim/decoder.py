@@ -134,6 +134,11 @@ class CacheInterface:
         layers = list(getattr(cache, "layers", None) or []) if cache is not None else []
         if cache is not None and not hasattr(cache, "layers"):
             raise TypeError(f"cache: expected a transformers Cache (DynamicCache), got {type(cache).__name__}")
+        from transformers.cache_utils import DynamicLayer
+        odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
+        if odd:  # a sliding-window layer keeps only its window: the graph would read positions from 0 again
+            raise TypeError(f"cache: the simulated decoder reads caches of full layers (transformers.DynamicCache() "
+                            f"without a config); this one has {', '.join(odd)}")
         keys, values = [], []
         for i, ((kh, kd), (vh, vd)) in enumerate(self.kv_shapes):
             layer = layers[i] if i < len(layers) else None
