@@ -142,14 +142,22 @@ def pq_rows(a: Assets) -> dict[str, Callable[[], dict[str, Any]]]:
         rows["w8a16_kv8"] = calibrated("W8A16 + 8-bit KV cache",
                                        lambda: pq_sim(a, param_bw=8, output_bw=16, kv_bw=8))
     w4 = dict(param_bw=4, output_bw=16, weights="min_max", block_size=64)
-    rows["w4a16_b64_rtn"] = calibrated("W4A16 block 64, round to nearest", lambda: pq_sim(a, **w4))
-    rows["w4a16_b64_seqmse"] = calibrated("W4A16 block 64, SeqMSE (20 candidates)", lambda: pq_sim(a, **w4),
+
+    def w4_sim(**kw: Any):
+        sim = pq_sim(a, **w4, **kw)
+        for n in sim.param_quantizers:  # the (tied) embedding table stays at 8 bits per row, as LLM recipes keep it
+            if sim.op_type(n) == "Gather":
+                sim.set_bitwidth(n, 8)
+        return sim
+
+    rows["w4a16_b64_rtn"] = calibrated("W4A16 block 64, round to nearest", w4_sim)
+    rows["w4a16_b64_seqmse"] = calibrated("W4A16 block 64, SeqMSE (20 candidates)", w4_sim,
                                           lambda s: pyquant.seq_mse(s, a.batches, num_candidates=20,
                                                                     progress=False))
-    rows["w4a16_b64_gptq"] = calibrated("W4A16 block 64, GPTQ", lambda: pq_sim(a, **w4),
+    rows["w4a16_b64_gptq"] = calibrated("W4A16 block 64, GPTQ", w4_sim,
                                         lambda s: pyquant.gptq(s, a.batches, progress=False))
     rows["w4a16_b64_lpbq"] = calibrated("W4A16 block 64 LPBQ (4-bit integer block scales, 8-bit), round to nearest",
-                                        lambda: pq_sim(a, decompressed_bw=8, **w4))
+                                        lambda: w4_sim(decompressed_bw=8))
     rows["w8a8"] = calibrated("W8A8 (per-tensor 8-bit activations)", lambda: pq_sim(a, param_bw=8, output_bw=8))
     smooth = getattr(pyquant, "smooth_activations", None)
     if smooth is not None:
@@ -226,9 +234,24 @@ def aimet_rows(a: Assets) -> tuple[dict[str, Callable[[], dict[str, Any]]], str]
                         technique_s=t_tech)
         return run
 
-    linear = (torch.nn.Linear,)
-    b64 = lambda s: set_blockwise_quantization_for_weights(s, linear, 4, True, (1, 64))  # noqa: E731
-    lpbq = lambda s: set_grouped_blockwise_quantization_for_weights(s, linear, 4, True, 8, (1, 64), (1, -1))  # noqa
+    from aimet_torch.v2.quantization.affine import QuantizeDequantize
+
+    def decoder_linears(s) -> list:
+        return [m for n, m in s.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+
+    def eight_bit_table(s) -> None:  # the tied embedding / head at 8 bits per row, as pyquant's W4 rows
+        for n, m in s.model.named_modules():
+            if isinstance(m, (torch.nn.Embedding, torch.nn.Linear)) and ("embed_tokens" in n or "lm_head" in n):
+                w = m.weight
+                m.param_quantizers["weight"] = QuantizeDequantize((w.shape[0], 1), 8, True)
+
+    def b64(s) -> None:
+        set_blockwise_quantization_for_weights(s, decoder_linears(s), 4, True, (1, 64))
+        eight_bit_table(s)
+
+    def lpbq(s) -> None:
+        set_grouped_blockwise_quantization_for_weights(s, decoder_linears(s), 4, True, 8, (1, 64), (1, -1))
+        eight_bit_table(s)
     rows = {
         "aimet_w8a16": row("W8A16 (per-channel weights)", lambda: sim(8, 16)),
         "aimet_w4a16_b64_rtn": row("W4A16 block 64", lambda: sim(4, 16, QuantScheme.post_training_tf), b64),
@@ -443,7 +466,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "next-token NLL) (`pyquant.metrics.perplexity`); vs_fp32 = perplexity / FP32's",
         "pyquant: QuantSim, config 'default' (symmetric weights, asymmetric per-tensor activations on every op "
         "output), tf_enhanced activations; W4 rows min_max (round to nearest) weights per block of 64 input "
-        "columns. AIMET: QuantizationSimModel with default_config_per_channel.json, the same schemes and bit widths, "
+        "columns for the decoder's Linear layers, the tied embedding / head table at 8 bits per row (ModelOpt leaves "
+        "it in float). AIMET: QuantizationSimModel with default_config_per_channel.json, the same schemes and bit widths, "
         "set_blockwise_quantization_for_weights / set_grouped_blockwise_quantization_for_weights on every Linear. "
         "ModelOpt: mtq.quantize with the named config (only Linear inputs and weights are quantized)",
         "calib_s: simulation construction + calibration; technique_s: the technique itself (SeqMSE, GPTQ, "

@@ -373,6 +373,19 @@ def tiny_llama() -> nn.Module:
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def tiny_gemma3(attn_implementation: str = "sdpa") -> nn.Module:
+    """transformers' Gemma3ForCausalLM with random weights: two layers (one sliding-window, one global),
+    hidden 64, 4 query heads sharing 2 key/value heads, query/key norms, a 256-token vocabulary."""
+    import transformers
+
+    cfg = transformers.Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=64, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])
+    cfg._attn_implementation = attn_implementation
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
 # ---- RMSNorms as models write them -------------------------------------------------------------------------
 class LlamaStyleRMSNorm(nn.Module):
     """transformers' LlamaRMSNorm: float32 variance, x * rsqrt(mean(x^2) + eps), then the gain."""

@@ -29,7 +29,9 @@ Resolution (the most specific setting wins, field by field, as in AIMET):
   and LPBQ block scales ``op_type.<Op>.decompressed_bw`` > ``defaults.decompressed_bw`` > none.
 
 Every section is optional when loading (a missing one is empty); ``to_dict()`` always writes the six
-sections AIMET requires, so its output loads in AIMET too.
+sections AIMET requires, so its output loads in AIMET too. One section is pyquant's own: ``"kv_cache":
+{"bitwidth": 8, "is_symmetric": "True"}`` puts quantizers on the keys and values attention reads (what a
+decoder's key/value cache holds); ``to_dict()`` writes it only when set.
 """
 from __future__ import annotations
 
@@ -152,6 +154,16 @@ class ModelOutput:
     is_output_quantized: Optional[bool] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class KvCache:
+    """``kv_cache``: quantizers on the keys and values attention reads (what a decoder's key/value cache
+    holds). ``bitwidth`` None: no such quantizers unless QuantSim's ``kv_bw`` asks for them;
+    ``is_symmetric`` None: the Attention op's activation rule."""
+
+    bitwidth: Optional[int] = None
+    is_symmetric: Optional[bool] = None
+
+
 @dataclasses.dataclass(frozen=True, eq=True)
 class HardwareConfig:
     """A validated hardware config. Build it with :func:`load_config`; query it with the methods below.
@@ -167,6 +179,7 @@ class HardwareConfig:
     supergroup_pass_list: Optional[tuple[str, ...]] = None
     model_input: ModelInput = ModelInput()
     model_output: ModelOutput = ModelOutput()
+    kv_cache: KvCache = KvCache()
     source: Optional[str] = dataclasses.field(default=None, compare=False)
     """Where it came from (profile name or file path), for messages only."""
 
@@ -255,6 +268,16 @@ class HardwareConfig:
         the last op's rule says otherwise. (Unset, AIMET quantizes them by the last op's rule.)"""
         return bool(self.model_output.is_output_quantized)
 
+    @property
+    def kv_bitwidth(self) -> Optional[int]:
+        """``kv_cache.bitwidth``: the bit width of the key/value quantizers, or None (none placed)."""
+        return self.kv_cache.bitwidth
+
+    def kv_symmetric(self) -> bool:
+        """Whether the key/value quantizers are symmetric: ``kv_cache.is_symmetric``, else the Attention
+        op's activation rule."""
+        return _first(self.kv_cache.is_symmetric, self.activation_symmetric("Attention"))
+
     # ---- serialization ----
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict in the AIMET schema; ``load_config(cfg.to_dict()) == cfg``."""
@@ -280,6 +303,13 @@ class HardwareConfig:
             out["supergroup_pass_list"] = list(self.supergroup_pass_list)
         out["model_input"] = _settings_dict(self.model_input)
         out["model_output"] = _settings_dict(self.model_output)
+        if self.kv_cache != KvCache():
+            kv: dict[str, Any] = {}
+            if self.kv_cache.bitwidth is not None:
+                kv["bitwidth"] = self.kv_cache.bitwidth
+            if self.kv_cache.is_symmetric is not None:
+                kv["is_symmetric"] = _bstr(self.kv_cache.is_symmetric)
+            out["kv_cache"] = kv
         return out
 
     def save(self, path: Union[str, os.PathLike]) -> None:

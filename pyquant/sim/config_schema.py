@@ -9,14 +9,15 @@ import warnings
 from typing import Any, Iterable, Mapping, Optional, Union
 
 from .config import (ConfigError, ConfigWarning, DefaultOpSettings, Defaults, HardwareConfig, KernelSpec, ModelInput,
-                     ModelOutput, OpSettings, ParamSettings, SupportedKernel)
+                     KvCache, ModelOutput, OpSettings, ParamSettings, SupportedKernel)
 from .onnx_ops import ONNX_OPS
 from .passes import SUPERGROUP_PASSES
 
 __all__ = ["parse_config"]
 
 
-_TOP_KEYS = ("defaults", "params", "op_type", "supergroups", "supergroup_pass_list", "model_input", "model_output")
+_TOP_KEYS = ("defaults", "params", "op_type", "supergroups", "supergroup_pass_list", "model_input", "model_output",
+             "kv_cache")
 _DEFAULTS_KEYS = ("ops", "params", "per_channel_quantization", "strict_symmetric", "unsigned_symmetric",
                   "hw_version", "supported_kernels", "block_size", "decompressed_bw")
 _DEFAULT_OPS_KEYS = ("is_input_quantized", "is_output_quantized", "is_symmetric")
@@ -257,6 +258,14 @@ def parse_config(data: Any, source: Optional[str]) -> HardwareConfig:
         mo = _object(top["model_output"], "model_output")
         _keys(mo, ("is_output_quantized",), "model_output")
         model_output = ModelOutput(_opt_bool(mo, "is_output_quantized", "model_output"))
+    kv_cache = KvCache()
+    if "kv_cache" in top:
+        kv = _object(top["kv_cache"], "kv_cache")
+        _keys(kv, ("bitwidth", "is_symmetric"), "kv_cache")
+        bw = kv.get("bitwidth")
+        if bw is not None and (isinstance(bw, bool) or not isinstance(bw, int) or not 2 <= bw <= 16):
+            raise ConfigError(f"kv_cache.bitwidth: expected an integer in 2..16, got {_show(bw)}")
+        kv_cache = KvCache(bw, _opt_bool(kv, "is_symmetric", "kv_cache"))
     pass_list = None
     if "supergroup_pass_list" in top:
         pass_list = tuple(_pass_name(s, _join("supergroup_pass_list", i))
@@ -270,6 +279,7 @@ def parse_config(data: Any, source: Optional[str]) -> HardwareConfig:
         supergroup_pass_list=pass_list,
         model_input=model_input,
         model_output=model_output,
+        kv_cache=kv_cache,
         source=source,
     )
     _warn_unknown_ops(cfg)

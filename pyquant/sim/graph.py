@@ -397,6 +397,23 @@ def _unknown_reason(gm: fx.GraphModule, n: fx.Node) -> str:
     return f"{what} is not an op the simulation knows"
 
 
+KV_CACHE_META = "pq_kv_cache"
+"""node.meta key marking the placeholders of a graph captured with its key/value cache that hold cached keys
+and values (pyquant.sim.decoder)."""
+
+
+def _kv_cache_nodes(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The cache inputs (KV_CACHE_META) and the concatenations that append new positions to them."""
+    out = {n for n in nodes if n.op == "placeholder" and n.meta.get(KV_CACHE_META)}
+    if not out:
+        return out
+    cats = {torch.cat, _aten.cat.default}
+    for n in nodes:
+        if n.op == "call_function" and n.target in cats and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
 def classify(gm: fx.GraphModule) -> dict[fx.Node, NodeRole]:
     """What every node of a captured graph (after propagate_shapes) is to the simulation: see NodeRole.
     placement.plan puts quantizers on inputs of kind "input" and outputs of kind "op"."""
@@ -407,10 +424,13 @@ def classify(gm: fx.GraphModule) -> dict[fx.Node, NodeRole]:
     data = _data_dependent(gm, nodes, op, masks)
     composite, internal = _rms_norms(nodes, inputs)
     _masked_scores(nodes, op, data, inputs, internal)
+    cache = _kv_cache_nodes(nodes)
     roles: dict[fx.Node, NodeRole] = {}
     for n in nodes:
         t = composite.get(n, op[n])
-        if n.op == "placeholder":
+        if n in cache:  # cached keys/values, and the cache appending the new positions: memory, not an op
+            roles[n] = NodeRole("passthrough", "Passthrough")
+        elif n.op == "placeholder":
             roles[n] = NodeRole("input") if n in data else NodeRole(
                 "constant" if n in masks else "other", reason="an attention mask" if n in masks else "")
         elif n.op in ("get_attr", "output") or not n.meta.get("pq_float", _is_float(n)):
@@ -566,6 +586,12 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
         args, kwargs = tuple(dummy_input), {}
     else:
         args, kwargs = (dummy_input,), {}
+    if _is_hf(model):
+        # torch.export pins a dimension of size 1 in the example to 1: a batch of one sentence, or one token,
+        # would give a graph that runs nothing else. Batch and sequence are captured at size >= 2 at least
+        # (the graph is the same; the example's values do not matter to it).
+        args = tuple(_widened(a) for a in args)
+        kwargs = {k: _widened(v) for k, v in kwargs.items()}
     # Every dimension may vary (batch size, sequence length) unless the model pins it.
     auto = torch.export.Dim.AUTO
     dyn = lambda t: {d: auto for d in range(t.dim())} if isinstance(t, torch.Tensor) and t.dim() else None
@@ -580,7 +606,88 @@ def _export(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
         except (TypeError, ValueError):
             order = list(kwargs)
         gm.register_forward_pre_hook(_PositionalAsKeywords(order), prepend=True, with_kwargs=True)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if _is_hf(model) and isinstance(limit, int) and limit > 0:
+        gm.register_forward_pre_hook(SequenceLimit(limit), with_kwargs=True)
+    keep_forward_hooks(gm)
     return gm
+
+
+def _widened(t: Any) -> Any:
+    """An input with a batch (dim 0) of size 1 repeated to 2, and a token-shaped one (integer or boolean:
+    ids, masks, positions, [batch, sequence]) also with a sequence of 1 repeated to 2. A float input's dim 1
+    may be anything (channels, features), so it is left as it is."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        return t
+    widen = (0,) if t.is_floating_point() else (0, 1)
+    reps = [2 if d in widen and t.shape[d] == 1 else 1 for d in range(t.dim())]
+    return t.repeat(*reps) if any(r > 1 for r in reps) else t
+
+
+class SequenceLimit:
+    """Forward pre-hook of a captured transformers model: a sequence longer than the model's largest position
+    (`config.max_position_embeddings`) is refused with an error naming the input and the accepted lengths,
+    where the graph would index its rotary or position tables out of range."""
+
+    INPUTS = ("input_ids", "inputs_embeds")
+
+    def __init__(self, max_length: int):
+        self.max_length = int(max_length)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for name in self.INPUTS:
+            t = kwargs.get(name)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2:
+                self.check(name, t.shape[1], _cached_length(kwargs))
+                return
+
+    def check(self, name: str, length: int, past: int = 0) -> None:
+        """ValueError when `length` new positions after `past` cached ones pass the largest position."""
+        if past + length > self.max_length:
+            cached = f" after {past} cached positions" if past else ""
+            raise ValueError(f"{name}: a sequence of {length} tokens{cached} reaches beyond the model's largest "
+                             f"position (config.max_position_embeddings = {self.max_length}); this simulation runs "
+                             f"1..{self.max_length} positions in all")
+
+
+def _cached_length(kwargs: dict) -> int:
+    """How many positions a key/value cache passed to the model already holds (0 without one)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except (AttributeError, TypeError):
+        return 0
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+class _KeepForwardHooks:
+    """A GraphModule's deep copy starts without forward hooks (GraphModule.__deepcopy__ keeps only state-dict
+    hooks); the hooks that make a captured graph callable like its model (keyword inputs, the sequence limit,
+    the key/value cache interface) go with it."""
+
+    def __init__(self, original: fx.GraphModule):
+        self.original = original
+
+    def __call__(self, copy: fx.GraphModule) -> None:
+        ours = set()  # pyquant's hooks; torch.export's input check needs attributes a copy does not have
+        for table in ("_forward_pre_hooks", "_forward_hooks"):
+            for key, hook in getattr(self.original, table, {}).items():
+                if not getattr(hook, "__module__", "").startswith("torch."):
+                    ours.add(key)
+        for table in _HOOK_TABLES:
+            if hasattr(self.original, table):
+                src = getattr(self.original, table)
+                setattr(copy, table, type(src)((k, v) for k, v in src.items() if k in ours))
+
+
+def keep_forward_hooks(gm: fx.GraphModule) -> None:
+    """The forward hooks of `gm` (registered before or after) are those of its deep copies too."""
+    gm._register_deepcopy_hook(_KeepForwardHooks(gm))
 
 
 class _PositionalAsKeywords:
@@ -603,17 +710,32 @@ class _PositionalAsKeywords:
         return (), {**named, **kwargs}
 
 
-def trace(model: nn.Module, dummy_input: Any) -> fx.GraphModule:
+def trace(model: nn.Module, dummy_input: Any, kv_cache: bool = False) -> fx.GraphModule:
     """Captures `model` as a torch.fx GraphModule: symbolic tracing keeps the module structure; models it
     cannot trace (HuggingFace transformers, Python control flow on shapes) are captured with torch.export.
 
-    `model` is prepared in place first (QuantSim passes its own copy): fused modules run as their ops
-    (decompose_fused_modules), and a transformers model stops returning a key/value cache, which is
-    inference state the simulated graph does not carry.
+    `model` is prepared in place first (QuantSim passes its own copy, or the model itself with in_place=True):
+    fused modules run as their ops (decompose_fused_modules), and a transformers model stops returning a
+    key/value cache, which is inference state the simulated graph does not carry -- unless `kv_cache`: then a
+    transformers model that generates text is captured with its cache as graph inputs and outputs
+    (pyquant.sim.decoder), for generate() with one step per new token.
 
     Raises UntraceableModelError naming the module and source line where tracing failed."""
     decompose_fused_modules(model)
     config = getattr(model, "config", None)
+    if kv_cache:
+        from .decoder import capture_cached, is_generative
+        if not (_is_hf(model) and is_generative(model)):
+            raise ValueError(f"kv_cache=True captures a transformers language model that generates text (a "
+                             f"...ForCausalLM); {type(model).__name__} is not one")
+        try:
+            return capture_cached(model, dummy_input)
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear error
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise UntraceableModelError(f"cannot capture {type(model).__name__} with its key/value cache: "
+                                        f"{type(exc).__name__}: {first}") from exc
     if _is_hf(model) and getattr(config, "use_cache", False):
         config.use_cache = False
     tracer = _RecordingTracer()

@@ -89,7 +89,8 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bo
     """`model` (a QuantSim's) as an ONNX model of `opset` (at most TORCHSCRIPT_MAX_OPSET) with one marker
     per enabled quantizer call and its int32 biases as the simulation adds them (`int32_biases`) or in
     float; batch size free. OpsetTooLowError when an op of the model needs a higher opset (with the one
-    the exporter names)."""
+    the exporter names). Keyword inputs (transformers models) also keep the sequence length free
+    (`_dynamic_axes`)."""
     names = input_names(dummy_input)
     # each module's own mode, restored exactly afterwards (a QAT model may hold frozen batch norms in eval)
     modes = [(m, m.training) for m in model.modules()]
@@ -102,10 +103,10 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bo
     _set_train(model, False)
     buf = io.BytesIO()
     try:
-        with export_mode(model, int32_biases), _marker_registered(), _no_graph_dump(), torch.no_grad(), warnings.catch_warnings():
+        with export_mode(model, int32_biases), _marker_registered(), _no_graph_dump(), _traceable_sizes(model), \
+                torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            dynamic = {n: {0: "batch"} for n in names}  # the batch size stays free
-            dynamic["output"] = {0: "batch"}
+            dynamic = _dynamic_axes(model, names, args)
             torch.onnx.export(model, args, buf, opset_version=opset, input_names=names, output_names=["output"],
                               do_constant_folding=True, dynamic_axes=dynamic,
                               training=torch.onnx.TrainingMode.PRESERVE, dynamo=False,
@@ -125,6 +126,97 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bo
         rename_tensors(out.graph, {t.name: t.name[len("model."):] for t in out.graph.initializer
                                    if t.name.startswith("model.") and t.name[len("model."):] not in taken})
     return out
+
+
+def _dynamic_axes(model: torch.nn.Module, names: list[str], args: tuple) -> dict[str, dict[int, str]]:
+    """The axes the exported graph leaves free: the batch (dim 0) of every input and of the output; for
+    keyword inputs (transformers models: token ids, masks, positions) also the sequence (dim 1) of every input
+    of two or more dimensions, and of the output where its dim 1 is the example's sequence length (a
+    language model's logits, not a classifier's)."""
+    dynamic = {n: {0: "batch"} for n in names}
+    out_axes = {0: "batch"}
+    if isinstance(model, _KeywordAdapter):
+        seq = {a.shape[1] for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2}
+        for n, a in zip(names, args):
+            if isinstance(a, torch.Tensor) and a.dim() >= 2:
+                dynamic[n] = {0: "batch", 1: "sequence"}
+        first = model(*args)
+        first = first[0] if isinstance(first, (tuple, list)) else first
+        if len(seq) == 1 and isinstance(first, torch.Tensor) and first.dim() >= 2 and first.shape[1] in seq:
+            out_axes = {0: "batch", 1: "sequence"}
+    dynamic["output"] = out_axes
+    return dynamic
+
+
+# A torch.export graph reads a free dimension with aten.sym_size, which the TorchScript tracer sees as a Python
+# int: the exported file would hold the example's length as a constant. While tracing, the size reads and
+# the ops that take sizes run as the tensor methods the tracer records as graph ops (Shape, Gather, Range).
+_aten = torch.ops.aten
+
+
+def _slice(x, dim=0, start=None, end=None, step=1):
+    return x[(slice(None),) * (dim % x.dim()) + (slice(start, end, step),)]
+
+
+def _diff(x, n=1, dim=-1, prepend=None, append=None):
+    """torch.diff as slices and a subtraction (the exporter has no symbolic for aten::diff; transformers'
+    packed-sequence check computes one from the positions, which stop being a constant once sizes are free)."""
+    x = torch.cat([t for t in (prepend, x, append) if t is not None], dim)
+    for _ in range(n):
+        x = x.narrow(dim, 1, x.size(dim) - 1) - x.narrow(dim, 0, x.size(dim) - 1)
+    return x
+
+
+def _cumsum(x, dim, dtype=None):
+    """torch.cumsum, booleans counted as int64 (ONNX CumSum takes numbers only)."""
+    return torch.cumsum(x.to(torch.int64) if x.dtype == torch.bool else x, dim, dtype=dtype)
+
+
+_TRACEABLE = {
+    _aten.diff.default: _diff,
+    _aten.cumsum.default: _cumsum,
+    _aten.sym_size.int: lambda x, d: x.size(d),
+    _aten.arange.default: lambda end, **kw: torch.arange(end, **kw),
+    _aten.arange.start: lambda start, end, **kw: torch.arange(start, end, **kw),
+    _aten.arange.start_step: lambda start, end, step=1, **kw: torch.arange(start, end, step, **kw),
+    _aten.expand.default: lambda x, size, implicit=False: x.expand(*size),
+    _aten.view.default: lambda x, size: x.reshape(*size),
+    _aten.reshape.default: lambda x, size: x.reshape(*size),
+    _aten.new_ones.default: lambda x, size, **kw: x.new_ones(size, **kw),
+    _aten.new_zeros.default: lambda x, size, **kw: x.new_zeros(size, **kw),
+    _aten.full.default: lambda size, value, **kw: torch.full(size, value, **kw),
+    _aten.slice.Tensor: _slice,
+}
+
+
+@contextlib.contextmanager
+def _traceable_sizes(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the graphs of `model` that read sizes (aten.sym_size) run them, and the ops that
+    consume them, as traceable tensor methods (see above); restored afterwards."""
+    changed: list[tuple[torch.fx.GraphModule, torch.fx.Node, Any]] = []
+    for gm in model.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        sym = {n for n in gm.graph.nodes if n.op == "call_function" and n.target is _aten.sym_size.int}
+        if not sym:
+            continue
+        for n in gm.graph.nodes:  # everything computed from a size (also through Python arithmetic)
+            if n.op == "call_function" and any(a in sym for a in n.all_input_nodes):
+                sym.add(n)
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in _TRACEABLE and (
+                    n.target is _aten.sym_size.int or any(a in sym for a in n.all_input_nodes)):
+                changed.append((gm, n, n.target))
+                n.target = _TRACEABLE[n.target]
+    for gm in {id(g): g for g, _, _ in changed}.values():
+        gm.recompile()
+    try:
+        yield
+    finally:
+        for gm, n, target in changed:
+            n.target = target
+        for gm in {id(g): g for g, _, _ in changed}.values():
+            gm.recompile()
 
 
 @contextlib.contextmanager

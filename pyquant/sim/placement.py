@@ -24,8 +24,8 @@ from .config import HardwareConfig
 from .kernels import apply_supported_kernels
 from .passes import internal_nodes, single_consumer
 
-__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "PER_BLOCK_OPS", "plan",
-           "unquantized_ops", "int32_biases"]
+__all__ = ["QuantizerPlacement", "UnquantizedOp", "BiasPlacement", "PER_CHANNEL_OPS", "PER_BLOCK_OPS", "KV_ROLES",
+           "plan", "unquantized_ops", "int32_biases", "kv_inputs"]
 
 PER_CHANNEL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 """Op types whose weights may be quantized per output channel (when the config says so)."""
@@ -128,14 +128,17 @@ class BiasPlacement:
 
 def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: int = 8,
          unsupported_kernels: str = "error", block_size: Optional[int] = None,
-         decompressed_bw: Optional[int] = None) -> list[QuantizerPlacement]:
+         decompressed_bw: Optional[int] = None, kv_bw: Optional[int] = None) -> list[QuantizerPlacement]:
     """The quantizers of `gm` under `cfg`: module weights, then graph-attribute weights (torch.export
     graphs, functional calls), then activations, then op inputs, each in graph order (QuantSim names its
     graph quantizers in this order), with weights at `param_bw` bits and activations at `output_bw` unless
     the config's supported_kernels say otherwise (kernels.py: an error, or the nearest kernel with
     `unsupported_kernels="nearest"`). Gemm/MatMul weights are per block of `block_size` along their input
     dimension (else the config's `block_size`), with LPBQ scales at `decompressed_bw` (else the config's);
-    a block size that does not divide a weight's input dimension is a ValueError naming the weight."""
+    a block size that does not divide a weight's input dimension is a ValueError naming the weight. Last come
+    the key/value quantizers of attention (`kv_inputs`), at `kv_bw` bits, else the config's
+    ``kv_cache.bitwidth``; none when both are None. Their width is the cache's storage, which supported_kernels
+    (the ops' compute) do not move."""
     roles = G.classify(gm)
     # internal nodes are parts of a larger op: no supergroup starts, ends or runs through them by type
     op_type = {n: (None if r.kind == "internal" else r.op_type) for n, r in roles.items()}
@@ -148,7 +151,14 @@ def plan(gm: fx.GraphModule, cfg: HardwareConfig, param_bw: int = 8, output_bw: 
                                   strict=p.symmetric and cfg.strict_symmetric,
                                   unsigned_symmetric=p.symmetric and cfg.unsigned_symmetric) for p in placed]
     placed = [_blocked(p, cfg, block_size, decompressed_bw) if p.is_param else p for p in placed]
-    return apply_supported_kernels(placed, cfg, unsupported_kernels)
+    placed = apply_supported_kernels(placed, cfg, unsupported_kernels)
+    kv_bw = kv_bw if kv_bw is not None else cfg.kv_bitwidth
+    if kv_bw is None:
+        return placed
+    taken = {p.name for p in placed}
+    kv = [dataclasses.replace(p, bitwidth=kv_bw, strict=p.symmetric and cfg.strict_symmetric)
+          for p in kv_inputs(gm, cfg, roles) if p.name not in taken]
+    return placed + kv
 
 
 def _blocked(p: QuantizerPlacement, cfg: HardwareConfig, block_size: Optional[int],
@@ -296,6 +306,95 @@ def _op_inputs(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.N
             out.append(QuantizerPlacement(f"{base}.input_{k}{suffix}", "op_input", t, n.name,
                                           cfg.activation_symmetric(t), source=a.name))
     return out
+
+
+KV_ROLES = ("key", "value")
+"""The suffixes of key/value quantizer names: "<attention module>.key", "<attention module>.value"."""
+
+
+def kv_inputs(gm: fx.GraphModule, cfg: HardwareConfig,
+              roles: Optional[dict[fx.Node, G.NodeRole]] = None) -> list[QuantizerPlacement]:
+    """Op-input quantizers on the keys and values attention reads, what a decoder's key/value cache holds
+    (after the rotary embedding for the keys): for a fused attention op (scaled_dot_product_attention) its
+    key and value inputs; for attention written out as MatMul -> (scale, mask) -> Softmax -> MatMul, the
+    second operand of each product (the transposed keys, the values). Named "<module>.key" / "<module>.value"
+    after the module that runs the attention ("model.layers.0.self_attn.key"; the graph node's name where the
+    graph does not record modules), one scale per tensor, symmetric as the config's
+    ``kv_cache.is_symmetric`` (else the Attention op's rule). A quantizer placed on the edge into attention
+    quantizes every key and value read, cached ones included; with a fixed encoding that equals quantizing
+    each once as it enters the cache, so a simulation with and without a cache computes the same."""
+    roles = roles if roles is not None else G.classify(gm)
+    sym = cfg.kv_symmetric()
+    out: list[QuantizerPlacement] = []
+    seen: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        r = roles[n]
+        if r.op_type == "Attention" and r.kind == "op":
+            base = n
+            pairs = [("key", n, n.args[1] if len(n.args) > 1 else n.kwargs.get("key")),
+                     ("value", n, n.args[2] if len(n.args) > 2 else n.kwargs.get("value"))]
+        elif r.op_type == "Softmax" and r.kind == "op":
+            qk, pv = _scores_product(n, roles), _probs_product(n, roles)
+            if qk is None or pv is None:
+                continue
+            base = qk
+            pairs = [("key", qk, qk.args[1]), ("value", pv, pv.args[1])]
+        else:
+            continue
+        where = _attention_module(base) or base.name
+        if where in seen:  # one module calling attention twice: its calls in order
+            seen[where] += 1
+            where = f"{where}_{seen[where]}"
+        else:
+            seen[where] = 0
+        for what, op, src in pairs:
+            if isinstance(src, fx.Node) and src.meta.get("pq_dtype") in _FLOATS:
+                out.append(QuantizerPlacement(f"{where}.{what}", "op_input", "Attention", op.name, sym,
+                                              source=src.name))
+    return out
+
+
+def _attention_module(n: fx.Node) -> Optional[str]:
+    """The path of the innermost module a torch.export graph node was recorded in (None: not recorded)."""
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path or None
+
+
+def _scores_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Optional[fx.Node]:
+    """The Q K^T MatMul a Softmax's input comes from, through scaling, an additive mask, casts and data
+    movement (each taking the scores as its first operand)."""
+    cur = softmax.args[0] if softmax.args else None
+    for _ in range(8):
+        if not isinstance(cur, fx.Node):
+            return None
+        r = roles.get(cur)
+        if r is not None and r.op_type == "MatMul" and cur.op == "call_function" and len(cur.args) >= 2:
+            return cur
+        if r is None or r.op_type not in ("Mul", "Div", "Add", "Passthrough", None) or not cur.args:
+            return None
+        cur = cur.args[0]
+    return None
+
+
+def _probs_product(softmax: fx.Node, roles: dict[fx.Node, G.NodeRole]) -> Optional[fx.Node]:
+    """The MatMul that multiplies the attention probabilities (a Softmax's output, through casts, dropout and
+    data movement) by the values, as its first operand."""
+    cur = softmax
+    for _ in range(6):
+        users = [u for u in cur.users if u.users or u.op == "output"]  # not checks such as metadata asserts
+        if len(users) != 1:
+            return None
+        u = users[0]
+        r = roles.get(u)
+        if r is not None and r.op_type == "MatMul" and u.op == "call_function" and u.args and u.args[0] is cur:
+            return u
+        if r is None or r.op_type not in ("Passthrough", None):
+            return None
+        cur = u
+    return None
 
 
 def _activations(gm: fx.GraphModule, cfg: HardwareConfig, roles: dict[fx.Node, G.NodeRole],

@@ -36,6 +36,8 @@ from .bias import Int32Bias
 from .layerwise_calibration import range_pass, calibrate_layerwise, sync_analyzers
 from .config import HardwareConfig, load_config
 from . import fusion
+from .decoder import attach_generate, graph_example
+from .memory import check_copy_fits
 from .weights import FoldedWeightQuantizer, WeightQuantizer
 
 QUANT_SCHEMES = {
@@ -50,7 +52,8 @@ class QuantSim:
     """Simulates quantized inference (and training) of `model`.
 
     Args:
-        model: the FP32 model; it is copied, never modified.
+        model: the FP32 model. By default it is copied and never modified; with `in_place=True` the
+            simulation is built on the model itself (see `in_place`).
         dummy_input: an input (tensor, tuple, or dict for HuggingFace models) used to capture the graph.
         quant_scheme: how encodings are calibrated: "tf_enhanced" (default), "min_max", "mse",
             "percentile" or "entropy" (the last two clip activations; weights then use min/max).
@@ -99,6 +102,28 @@ class QuantSim:
             float scale per output channel times an integer of `decompressed_bw - param_bw` bits per block
             (e.g. param_bw=4, decompressed_bw=8); None (default): the config's `decompressed_bw`, else float
             block scales. Needs per-block weights (from `block_size` or the config) and symmetric weights.
+        kv_bw: bit width (2..16) of quantizers on the keys and values attention reads, what a decoder's
+            key/value cache holds: the key and value inputs of each attention op (scaled_dot_product_attention,
+            or the second operands of the QK^T and PV products of attention written out), the keys after the
+            rotary embedding. One scale per tensor, calibrated like the activations; named
+            "<attention module>.key" / ".value", e.g. "model.layers.0.self_attn.key"
+            (pyquant.sim.placement.kv_inputs). None
+            (default): the config's ``kv_cache.bitwidth``, and no such quantizers when that is unset too.
+        kv_cache: capture a transformers language model (a ...ForCausalLM) with its key/value cache as graph
+            inputs and outputs (pyquant.sim.decoder), so that `sim.model.generate(...)` runs transformers'
+            generation with each step's new token alone through the simulation, the cached keys and values
+            read through the key/value quantizers (`kv_bw`). Calls without a cache (calibration, full
+            sequences) run the same graph and quantizers with an empty one. Default False: the model is
+            captured without its cache (`use_cache=False`) and `sim.model` has no generate().
+        in_place: build the simulation on `model` itself instead of a copy (default False). The simulated
+            graph then shares the model's parameter tensors, so a simulation costs the model's memory once
+            plus its quantizers (what a large language model needs). What it means for `model`: it is put in
+            eval mode and prepared for capture (fused modules such as nn.MultiheadAttention / nn.RMSNorm
+            run as their ops, with the same parameters and results; a transformers model's config gets
+            `use_cache=False` unless `kv_cache=True`), and every technique that changes the simulation's
+            weights (batch-norm folding, cross-layer equalization, bias correction, AdaRound, QAT) changes
+            the model's weights too. Without it, QuantSim first checks that the copy fits in the free memory
+            of the model's device (MemoryError with the bytes needed and available, naming this option).
 
     After construction, `compute_encodings(forward_fn)` calibrates; `sim.model` then runs simulated
     inference and trains; `export(...)` writes the QDQ ONNX model, the encodings and the weights.
@@ -117,7 +142,8 @@ class QuantSim:
                  range_learning: bool = False, param_quant_scheme: Optional[str] = None,
                  batchnorm: str = "separate", fuse_activations: bool = False, range_params: str = "minmax",
                  unsupported_kernels: str = "error", int32_bias: bool = True, block_size: Optional[int] = None,
-                 decompressed_bw: Optional[int] = None):
+                 decompressed_bw: Optional[int] = None, in_place: bool = False, kv_bw: Optional[int] = None,
+                 kv_cache: bool = False):
         if quant_scheme not in QUANT_SCHEMES:
             raise ValueError(f"quant_scheme must be one of {sorted(QUANT_SCHEMES)}, got {quant_scheme!r}")
         self.config = config if isinstance(config, HardwareConfig) else load_config(config)
@@ -143,23 +169,36 @@ class QuantSim:
             raise ValueError(f"range_params must be one of {sorted(RANGE_PARAMS)}, got {range_params!r}")
         if not isinstance(int32_bias, bool):
             raise TypeError(f"int32_bias must be True or False, got {int32_bias!r}")
+        if kv_bw is not None:
+            if isinstance(kv_bw, bool) or not isinstance(kv_bw, int) or not 2 <= kv_bw <= 16:
+                raise ValueError(f"kv_bw must be None or an integer bit width in 2..16, got {kv_bw!r}")
+        if not isinstance(in_place, bool):
+            raise TypeError(f"in_place must be True or False, got {in_place!r}")
+        if not isinstance(kv_cache, bool):
+            raise TypeError(f"kv_cache must be True or False, got {kv_cache!r}")
         self.batchnorm = batchnorm
         self.range_params = range_params
         self.quant_scheme = quant_scheme
         self.param_quant_scheme = param_quant_scheme or quant_scheme
         self.param_bw = param_bw
         self.output_bw = output_bw
+        self.kv_bw = kv_bw
         self._dummy_input = dummy_input
-        fp32 = copy.deepcopy(model)
+        self.in_place = in_place
+        if not in_place:
+            check_copy_fits(model)
+        fp32 = model if in_place else copy.deepcopy(model)
         fp32.eval()
-        gm = G.trace(fp32, dummy_input)
-        G.propagate_shapes(gm, dummy_input)
+        gm = G.trace(fp32, dummy_input, kv_cache=kv_cache)
+        G.propagate_shapes(gm, graph_example(gm, dummy_input))
+        if kv_cache:
+            attach_generate(gm, fp32)
         self.model: fx.GraphModule = gm
         self.param_quantizers: dict[str, QuantizeDequantize] = {}
         self.activation_quantizers: dict[str, QuantizeDequantize] = {}
         self.placement: dict[str, P.QuantizerPlacement] = {
             p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels, block_size,
-                                      decompressed_bw)}
+                                      decompressed_bw, kv_bw)}
         """Where each quantizer sits (op type, graph node, kind, per-channel axis, block size), by quantizer name."""
         if decompressed_bw is not None and not any(p.decompressed_bw for p in self.placement.values()):
             raise ValueError(f"decompressed_bw={decompressed_bw} applies to per-block weights, and no weight is "
