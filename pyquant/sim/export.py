@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import onnx
 import torch
@@ -163,12 +163,13 @@ def export_onnx(sim: QuantSim, path: os.PathLike, dummy_input: Any, opset_versio
     return out
 
 
-def run_onnx(path: os.PathLike, *inputs: torch.Tensor, optimize: bool = True) -> list[torch.Tensor]:
+def run_onnx(path: os.PathLike, *inputs: Union[torch.Tensor, dict], optimize: bool = True) -> list[torch.Tensor]:
     """Runs an exported model with onnxruntime's CPU execution provider: with `optimize` its graph
     optimizations turn QDQ patterns into real integer kernels, as a target would (the on-target check;
     they also put Conv/Gemm biases on the int32 grid at s_x * s_w, as the simulation does by default, and
     in onnxruntime 1.32 drop a ReLU before a signed int4 QuantizeLinear, which it does not); without, every
-    node runs as written: the simulation's numbers (docs/design.md 7.1)."""
+    node runs as written: the simulation's numbers (docs/design.md 7.1). Inputs go by position, or as one
+    dict by the graph's input names (the keywords a model captured from keyword inputs takes)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -177,5 +178,12 @@ def run_onnx(path: os.PathLike, *inputs: torch.Tensor, optimize: bool = True) ->
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    if len(inputs) == 1 and isinstance(inputs[0], dict):
+        names = [i.name for i in sess.get_inputs()]
+        unknown = sorted(set(inputs[0]) - set(names))
+        if unknown:
+            raise ValueError(f"run_onnx: the model's inputs are {names}; got {unknown}")
+        feeds = {k: v.detach().cpu().numpy() for k, v in inputs[0].items()}
+    else:
+        feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
