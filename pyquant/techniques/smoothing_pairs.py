@@ -88,6 +88,11 @@ def _users(n: fx.Node) -> list[fx.Node]:
 def _same_channels(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), _SAME_CHANNELS_MODULES)
+    if n.op == "call_function" and n.target in (_aten.slice.Tensor, _aten.select.int):
+        # rows or tokens picked out (the last position before a language-model head): the channels stay
+        ndim = n.args[0].meta.get("pq_ndim") if isinstance(n.args[0], fx.Node) else None
+        dim = n.args[1] if len(n.args) > 1 else 0
+        return ndim is not None and isinstance(dim, int) and dim % ndim != ndim - 1
     if n.op == "call_function" and n.target in (_aten.dropout.default, F.dropout):
         train = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", n.kwargs.get("train", True))
         return train is False  # eval-mode dropout is the identity
@@ -217,6 +222,7 @@ def norm_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
     whose output reaches a Linear but cannot be smoothed exactly."""
     pairs: list[NormPair] = []
     skipped: dict[str, str] = {}
+    order = {m: i for i, m in enumerate(gm.graph.nodes)}
     for n in gm.graph.nodes:
         role = roles.get(n)
         if role is None or role.kind != "op" or role.op_type not in ("LayerNormalization", "RMSNormalization"):
@@ -226,6 +232,7 @@ def norm_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
             continue  # nothing to smooth into (q/k norms before rotary, norms before a residual add)
         params = _norm_params(gm, n, role)
         name = n.target if n.op == "call_module" else (params[0] if isinstance(params, tuple) else n.name)
+        linears.sort(key=order.__getitem__)
         names = ", ".join(linear_use(gm, u).layer for u in linears)
         if isinstance(params, str):
             skipped[f"{name} -> {names}"] = params
