@@ -300,3 +300,34 @@ def test_alpha_zero_changes_nothing_but_alpha_one_moves_everything():
     assert r1.pairs[0].spread_after == pytest.approx(1.0, rel=1e-4)
     wmax = model.up.weight.abs().amax(0)
     torch.testing.assert_close(m0.norm.weight, model.norm.weight * wmax, rtol=1e-5, atol=0)
+
+
+# ---- AutoQuant ------------------------------------------------------------------------------------------
+def test_autoquant_tries_smoothing_on_a_model_with_norm_pairs(tmp_path):
+    from pyquant import AutoQuant
+
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    _plant_gain_outliers(model, factor=40.0)
+    x = torch.randn(64, 16, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+    fn = lambda m: 1.0 - float((m(x) - ref).norm() / ref.norm())  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aq = AutoQuant(model, x[:1], x, fn, quant_schemes=("tf_enhanced",), bias_correction=None, adaround=False,
+                       progress=False)
+        res = aq.optimize(allowed_accuracy_drop=0.0, output_dir=tmp_path)
+    st = {s.key: s for s in res.steps}
+    assert st["smoothing"].status == "evaluated"
+    # smoothing helps this model: it is the best step and the result says it carries it
+    assert st["smoothing"].accuracy > st["quantsim"].accuracy
+    assert res.best_step == "smoothing" and "activation smoothing" in res.applied
+    assert fn(res.sim.model) == pytest.approx(res.accuracy, abs=1e-6)
+
+
+def test_autoquant_smoothing_alpha_is_checked():
+    from pyquant import AutoQuant
+
+    with pytest.raises(ValueError, match=r"smoothing_alpha must be a number in \[0, 1\]"):
+        AutoQuant(_Mlp(), torch.randn(1, 4, 32), torch.randn(8, 4, 32), lambda m: 0.0, smoothing_alpha=2.0)

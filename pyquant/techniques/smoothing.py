@@ -38,7 +38,7 @@ from .._warnings import nothing_to_do
 from ..sim.graph import classify, get_attr, propagate_shapes, trace
 from .smoothing_pairs import NormPair, ValueOutputPair, norm_pairs, param_uses, value_output_pairs
 
-__all__ = ["SmoothedPair", "SmoothingResult", "smooth_activations", "SCALE_RANGE"]
+__all__ = ["SmoothedPair", "SmoothingResult", "smooth_activations", "smoothing_pairs", "SCALE_RANGE"]
 
 SCALE_RANGE = (1e-5, 1e5)
 """The smoothing factors are clamped to this range, so that no gain or weight column is pushed toward
@@ -163,6 +163,30 @@ def _probe_value_maps(gm: fx.GraphModule, pairs: list[ValueOutputPair], dummy: A
     return maps
 
 
+def _capture(model: nn.Module, dummy: Any, value_output: bool
+             ) -> tuple[fx.GraphModule, list[NormPair], list[ValueOutputPair], dict[str, str]]:
+    captured = copy.deepcopy(model).eval()  # trace() prepares the model it captures in place
+    gm = trace(captured, dummy)
+    propagate_shapes(gm, dummy)
+    roles = classify(gm)
+    uses = param_uses(gm)
+    npairs, skipped = norm_pairs(gm, roles, uses)
+    vpairs: list[ValueOutputPair] = []
+    if value_output:
+        vpairs, vskipped = value_output_pairs(gm, roles, uses)
+        skipped.update(vskipped)
+    return gm, npairs, vpairs, skipped
+
+
+def smoothing_pairs(model: nn.Module, dummy_input: Any, *, value_output: bool = True) -> list[str]:
+    """The pairs smooth_activations() would scale in `model` ("source -> layer, ..."), found in the graph
+    captured with `dummy_input`; no data is run and nothing changes. (A value -> output pair whose channel
+    map the probe run cannot establish is listed here and skipped by smooth_activations.)"""
+    _, npairs, vpairs, _ = _capture(model, dummy_input, value_output)
+    return ([f"{p.norm} -> {', '.join(u.layer for u in p.linears)}" for p in npairs]
+            + [f"{p.v.layer} -> {p.o.layer}" for p in vpairs])
+
+
 @torch.no_grad()
 def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dummy_input: Optional[Any] = None,
                        value_output: bool = True, batch_size: Optional[int] = 32, max_samples: Optional[int] = None,
@@ -183,16 +207,7 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
     alpha = _check_alpha(alpha)
     batches = as_batches(data, batch_size, max_samples, "data")
     dummy = dummy_input if dummy_input is not None else batches[0]
-    captured = copy.deepcopy(model).eval()  # trace() prepares the model it captures in place
-    gm = trace(captured, dummy)
-    propagate_shapes(gm, dummy)
-    roles = classify(gm)
-    uses = param_uses(gm)
-    npairs, skipped = norm_pairs(gm, roles, uses)
-    vpairs: list[ValueOutputPair] = []
-    if value_output:
-        vpairs, vskipped = value_output_pairs(gm, roles, uses)
-        skipped.update(vskipped)
+    gm, npairs, vpairs, skipped = _capture(model, dummy, value_output)
     if not npairs and not vpairs:
         nothing_to_do("smooth_activations: no norm -> Linear or value -> output projection pair to smooth; the "
                       "model is unchanged" + (f" ({len(skipped)} pairs skipped, see the result)" if skipped else ""),
