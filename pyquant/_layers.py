@@ -27,6 +27,9 @@ TECHNIQUE_LAYERS: dict[str, tuple[type, ...]] = {
     "fold_each_step": _CONV + CONV_TRANSPOSE + (nn.Linear,),
     # pairs scaled by cross-layer equalization (depthwise Conv2d included)
     "cle": (nn.Conv2d, nn.Conv1d, nn.Linear),
+    # layers whose input columns activation smoothing scales (when called as modules; linear calls of
+    # functional and torch.export graphs are recognised in the graph)
+    "smoothing": (nn.Linear,),
     "bias_correction": (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d),
     "adaround": (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear),
     # QuantSim's int32 bias: layers an integer target runs with a bias on the int32 grid at s_x * s_w

@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._layers import layers_for
 from ..sim.graph import NodeRole
 
 _aten = torch.ops.aten
@@ -28,6 +29,7 @@ _SAME_CHANNELS_FUNCTIONS = {
 }
 _SAME_CHANNELS_METHODS = {"to", "float", "type_as", "contiguous", "clone", "detach"}
 _SAME_CHANNELS_MODULES = (nn.Dropout, nn.Identity)
+_LINEAR_MODULES = layers_for("smoothing")
 _LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, _aten.layer_norm.default}  # (x, shape, weight, bias, eps)
 _RMS_NORM_FUNCTIONS = {F.rms_norm, _aten.rms_norm.default}        # (x, shape, weight, eps)
@@ -123,7 +125,7 @@ def linear_use(gm: fx.GraphModule, n: fx.Node) -> Optional[LinearUse]:
     """`n` as a Linear layer whose weight is a whole parameter (not a slice or a computed tensor), else None."""
     if n.op == "call_module":
         mod = gm.get_submodule(n.target)
-        if isinstance(mod, nn.Linear) and n.args and isinstance(n.args[0], fx.Node):
+        if isinstance(mod, _LINEAR_MODULES) and n.args and isinstance(n.args[0], fx.Node):
             return LinearUse(n, f"{n.target}.weight", f"{n.target}.bias" if mod.bias is not None else None, n.args[0])
         return None
     if not _is_target(n, _LINEAR_FUNCTIONS) or not isinstance(n.args[0], fx.Node):
