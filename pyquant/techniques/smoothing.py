@@ -133,31 +133,36 @@ def _spread(r: torch.Tensor) -> float:
 def _probe_value_maps(gm: fx.GraphModule, pairs: list[ValueOutputPair], dummy: Any
                       ) -> dict[int, Optional[torch.Tensor]]:
     """For each pair (by index): o's input column -> v's output channel, measured by running the graph with
-    v's output replaced by its channel number + 1 in every position. Attention takes convex combinations of
-    value rows, so each o column then holds the number of the one v channel it reads. None where the
-    columns do not come out as whole channel numbers (the path is not a plain attention)."""
+    v's output replaced by its channel number (1..C) in every position. Attention takes convex combinations
+    of value rows, so each o column then holds the number of the one v channel it reads, up to the rounding
+    of the softmax's sum. None where the columns do not come out as whole channel numbers, the same in
+    every row (then the path is not a plain attention)."""
     seen: dict[int, torch.Tensor] = {}
+
     def probe(out: torch.Tensor) -> torch.Tensor:
-        c = out.shape[-1]
-        return torch.arange(1, c + 1, dtype=out.dtype, device=out.device).expand(out.shape).contiguous()
+        return torch.arange(1, out.shape[-1] + 1, dtype=out.dtype, device=out.device).expand(out.shape).contiguous()
+
+    def keeper(i: int) -> Callable[[torch.Tensor], None]:
+        def keep(t: torch.Tensor) -> None:
+            seen[i] = t.detach().float().reshape(-1, t.shape[-1])
+        return keep
 
     def run(idx: list[int]) -> None:
-        watch = {pairs[i].o.input: (lambda i: lambda t: seen.__setitem__(i, t.detach().float().reshape(-1, t.shape[-1])))(i)
-                 for i in idx}
-        _Watch(gm, watch, {pairs[i].v.node: probe for i in idx}).run_batch(dummy)
+        _Watch(gm, {pairs[i].o.input: keeper(i) for i in idx}, {pairs[i].v.node: probe for i in idx}).run_batch(dummy)
 
     def read(i: int) -> Optional[torch.Tensor]:
-        t = seen.get(i)
+        t = seen.pop(i, None)
         if t is None or not bool(torch.isfinite(t).all()):
             return None
         col = t.round()
-        if float((t - col).abs().max()) > 1e-2 or not bool((col == col[:1]).all()) or float(col.min()) < 1:
+        if (float((t - col).abs().max()) > 0.1 or not bool((col == col[:1]).all()) or float(col.min()) < 1
+                or float(col.max()) > get_attr(gm, pairs[i].v.weight).shape[0]):
             return None
         return col[0].long() - 1
 
-    run(list(range(len(pairs))))
+    run(list(range(len(pairs))))  # all pairs in one run
     maps = {i: read(i) for i in range(len(pairs))}
-    for i in [i for i, m in maps.items() if m is None]:  # one at a time: other probes may have upset it
+    for i in [i for i, m in maps.items() if m is None]:  # alone: another pair's probe may have upset it
         run([i])
         maps[i] = read(i)
     return maps
@@ -196,14 +201,16 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
 
     `data`: calibration data in any form pyquant takes (a tensor of samples, or batches: tensors, tuples,
     dicts of keyword inputs); the per-channel activation maxima are taken over all of it (at most
-    `max_samples` samples). `alpha` in [0, 1]: how much of the activation range moves into the weights
-    (0: none; 1: all). 0.5, the SmoothQuant default, balances the activation's and the weights' per-channel
-    ranges, which is what per-tensor activations with per-channel weights need: the weights' per-channel
-    quantization absorbs most of what they take on. `dummy_input` (default: the first batch) is what the
-    graph is captured with.
+    `max_samples` samples), in one pass with a progress bar (`progress`; None: on a terminal). `alpha` in
+    [0, 1] is the migration strength: 1 makes every activation channel's range 1 (s = max|X_j|), 0 flattens
+    the weights' input columns instead (s = 1 / max|W_j|). 0.5, the SmoothQuant default, makes the two
+    equal (max|X_j| / s_j = max|W_j| s_j), which suits per-tensor activations with per-output-channel
+    weights: what the weights take on is spread over rows that each have their own scale. `dummy_input`
+    (default: the first batch) is what the graph is captured with.
 
-    The model's function is unchanged up to float32 rounding. Pairs that cannot be smoothed exactly are
-    left as they are and named in the result's `skipped`; a model without pairs gets a NothingToDoWarning."""
+    The model's function is unchanged up to float32 rounding (a `1 + w` gain loses a little more where
+    (1 + w) / s is far below 1). Pairs that cannot be smoothed exactly are left as they are and named in the
+    result's `skipped`; a model without pairs gets a NothingToDoWarning."""
     alpha = _check_alpha(alpha)
     batches = as_batches(data, batch_size, max_samples, "data")
     dummy = dummy_input if dummy_input is not None else batches[0]
@@ -237,19 +244,18 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
             runner.run_batch(b)
             bar.update()
 
-    param = lambda path: get_attr(model, path)
     done: list[SmoothedPair] = []
     for p in npairs:
         xmax = stats[p.linears[0].input]
-        ws = [param(u.weight) for u in p.linears]
+        ws = [get_attr(model, u.weight) for u in p.linears]
         wmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in ws]).amax(dim=0)
         s = _scales(xmax.to(wmax.device), wmax, alpha)
         _smooth_norm(model, p, s)
         done.append(_report(p.norm, tuple(u.layer for u in p.linears), "norm", alpha, s, xmax))
     for p, m in vpairs_ok:
         xo = stats[p.o.input]
-        wo = param(p.o.weight).detach().abs().amax(dim=0).float()
-        wv = param(p.v.weight)
+        wo = get_attr(model, p.o.weight).detach().abs().amax(dim=0).float()
+        wv = get_attr(model, p.v.weight)
         cv = wv.shape[0]
         m = m.to(wo.device)
         xmax = torch.zeros(cv, device=wo.device).scatter_reduce(0, m, xo.to(wo.device), "amax")
