@@ -227,6 +227,10 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
             skipped[f"{vpairs[i].v.layer} -> {vpairs[i].o.layer}"] = (
                 "the output projection's inputs are not each one value channel (a probe run did not find the map)")
     vpairs_ok = [(p, maps[i]) for i, p in enumerate(vpairs) if maps.get(i) is not None]
+    if not npairs and not vpairs_ok:
+        nothing_to_do(f"smooth_activations: no pair can be smoothed exactly ({len(skipped)} skipped, see the "
+                      "result); the model is unchanged", stacklevel=3)
+        return SmoothingResult([], skipped)
 
     # the per-channel activation maxima of every smoothed activation, over all the data
     stats: dict[fx.Node, torch.Tensor] = {}
