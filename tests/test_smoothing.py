@@ -331,3 +331,14 @@ def test_autoquant_smoothing_alpha_is_checked():
 
     with pytest.raises(ValueError, match=r"smoothing_alpha must be a number in \[0, 1\]"):
         AutoQuant(_Mlp(), torch.randn(1, 4, 32), torch.randn(8, 4, 32), lambda m: 0.0, smoothing_alpha=2.0)
+
+
+def test_smoothing_pairs_lists_without_changing_anything():
+    from pyquant.techniques import smoothing_pairs
+
+    model = _NormModel().eval()
+    ref = copy.deepcopy(model)
+    pairs = smoothing_pairs(model, torch.randn(2, 5, 8))
+    assert pairs == [f"blocks.{i}.norm -> blocks.{i}.q, blocks.{i}.k" for i in range(5)]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert smoothing_pairs(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 8)) == []
