@@ -342,3 +342,45 @@ def test_smoothing_pairs_lists_without_changing_anything():
     assert pairs == [f"blocks.{i}.norm -> blocks.{i}.q, blocks.{i}.k" for i in range(5)]
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     assert smoothing_pairs(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 8)) == []
+
+
+def _fake_quant_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
+    """W8A8 output error of y = x w^T after smoothing by s, in plain torch: x / s per tensor on the unsigned
+    8-bit grid, w * s per output channel on the signed one."""
+    xs, ws = x / s, w * s
+    lo, hi = min(float(xs.min()), 0.0), max(float(xs.max()), 0.0)
+    sx = (hi - lo) / 255
+    ox = torch.round(torch.tensor(lo / sx))
+    qx = (torch.clamp(torch.round(xs / sx) - ox, 0, 255) + ox) * sx
+    sw = ws.abs().amax(1, keepdim=True) / 127
+    qw = torch.clamp(torch.round(ws / sw), -128, 127) * sw
+    return float((qx @ qw.T - x @ w.T).pow(2).sum())
+
+
+def test_alpha_search_picks_the_least_w8a8_layer_error():
+    torch.manual_seed(0)
+    model = _Mlp().eval()
+    _plant_gain_outliers(model, factor=40.0)
+    x = torch.randn(32, 16, 32)
+    candidates = (0.2, 0.5, 0.8, 1.0)
+    with torch.no_grad():
+        rows = model.norm(x).reshape(-1, 32)
+        w = model.up.weight.clone()
+    xmax, wmax = rows.abs().amax(0), w.abs().amax(0)
+    errors = [_fake_quant_error(rows, w, xmax.pow(a) / wmax.pow(1 - a)) for a in candidates]
+    best = candidates[min(range(len(candidates)), key=errors.__getitem__)]
+    assert len({round(e, 3) for e in errors}) == len(errors)  # the candidates differ
+    # every row goes into the search (search_rows covers the data), so the choice can be recomputed
+    res = smooth_activations(model, x, alpha=candidates, batch_size=8, search_rows=len(rows))
+    assert res.pairs[0].alpha == best
+    with torch.no_grad():
+        torch.testing.assert_close(model.up.weight, w * (xmax.pow(best) / wmax.pow(1 - best)), rtol=1e-5, atol=0)
+
+
+def test_bad_alpha_sequence_and_search_rows_are_clear_errors():
+    with pytest.raises(ValueError, match="empty sequence"):
+        smooth_activations(_Mlp(), torch.randn(4, 3, 32), alpha=())
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
+        smooth_activations(_Mlp(), torch.randn(4, 3, 32), alpha=(0.5, 2.0))
+    with pytest.raises(ValueError, match="search_rows must be a positive int"):
+        smooth_activations(_Mlp(), torch.randn(4, 3, 32), alpha=(0.5, 0.6), search_rows=0)

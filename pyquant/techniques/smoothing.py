@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,8 @@ from torch import nn
 from .._batches import Data, as_batches
 from .._progress import Progress
 from .._warnings import nothing_to_do
+from .. import ops
+from ..quant import from_range
 from ..sim.graph import classify, get_attr, propagate_shapes, trace
 from .smoothing_pairs import NormPair, ValueOutputPair, norm_pairs, param_uses, value_output_pairs
 
@@ -83,11 +85,18 @@ class SmoothingResult:
         return "\n".join(lines)
 
 
-def _check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0.0 <= float(alpha) <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1] (the share of the activation range moved into the "
-                         f"weights), got {alpha!r}")
-    return float(alpha)
+def _check_alpha(alpha: Any) -> tuple[float, ...]:
+    """The alpha candidates: one number, or a non-empty sequence of numbers to search, each in [0, 1]."""
+    many = isinstance(alpha, (list, tuple))
+    values = list(alpha) if many else [alpha]
+    for a in values:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0.0 <= float(a) <= 1.0):
+            raise ValueError(f"alpha must be a number in [0, 1] (the migration strength), or a non-empty sequence "
+                             f"of such numbers to search; got {alpha!r}")
+    if not values:
+        raise ValueError("alpha must be a number in [0, 1] (the migration strength), or a non-empty sequence "
+                         "of such numbers to search; got an empty sequence")
+    return tuple(float(a) for a in values)
 
 
 class _Watch(fx.Interpreter):
@@ -124,6 +133,34 @@ def _scales(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tenso
     ok = (xmax > 0) & (wmax > 0) & torch.isfinite(xmax) & torch.isfinite(wmax)
     s = xmax.clamp_min(1e-30).pow(alpha) / wmax.clamp_min(1e-30).pow(1.0 - alpha)
     return torch.where(ok, s, torch.ones_like(s)).clamp(*SCALE_RANGE)
+
+
+def _w8a8_error(rows: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
+    """Squared error of the Linear outputs on sample rows when the smoothed activation rows / s are quantized
+    per tensor (8 bits, asymmetric) and the smoothed weights W * s per output channel (8 bits, symmetric):
+    the quantity the alpha search minimizes."""
+    x = rows / s
+    ex = from_range(x.min(), x.max(), 8, symmetric=False)
+    qx = ops.quantize_dequantize(x, ex.scale, ex.offset, bitwidth=8, signed=False)
+    err = 0.0
+    for w in weights:
+        w = w.detach().float()
+        ws = w * s[None, :]
+        r = ws.abs().amax(dim=1)
+        ew = from_range(-r, r, 8, symmetric=True)
+        qw = ops.quantize_dequantize(ws, ew.scale, ew.offset, bitwidth=8, signed=True, axis=0)
+        err += float((qx @ qw.T - rows @ w.T).pow(2).sum())
+    return err
+
+
+def _best_scales(xmax: torch.Tensor, wmax: torch.Tensor, alphas: tuple[float, ...],
+                 error: Optional[Callable[[torch.Tensor], float]]) -> tuple[torch.Tensor, float]:
+    """(scales, alpha): the only alpha, or the candidate whose scales give the least `error`."""
+    if len(alphas) == 1 or error is None:
+        return _scales(xmax, wmax, alphas[0]), alphas[0]
+    tried = [(error(_scales(xmax, wmax, a)), i) for i, a in enumerate(alphas)]
+    a = alphas[min(tried)[1]]  # ties: the earlier candidate
+    return _scales(xmax, wmax, a), a
 
 
 def _spread(r: torch.Tensor) -> float:
@@ -193,9 +230,10 @@ def smoothing_pairs(model: nn.Module, dummy_input: Any, *, value_output: bool = 
 
 
 @torch.no_grad()
-def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dummy_input: Optional[Any] = None,
-                       value_output: bool = True, batch_size: Optional[int] = 32, max_samples: Optional[int] = None,
-                       progress: Optional[bool] = None) -> SmoothingResult:
+def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequence[float]] = 0.5,
+                       dummy_input: Optional[Any] = None, value_output: bool = True,
+                       batch_size: Optional[int] = 32, max_samples: Optional[int] = None,
+                       search_rows: int = 512, progress: Optional[bool] = None) -> SmoothingResult:
     """Smooths the activations read by `model`'s Linear layers in place (see the module docstring): every
     LayerNorm/RMSNorm -> Linear pair and, with `value_output`, every value -> output projection pair.
 
@@ -205,13 +243,18 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
     [0, 1] is the migration strength: 1 makes every activation channel's range 1 (s = max|X_j|), 0 flattens
     the weights' input columns instead (s = 1 / max|W_j|). 0.5, the SmoothQuant default, makes the two
     equal (max|X_j| / s_j = max|W_j| s_j), which suits per-tensor activations with per-output-channel
-    weights: what the weights take on is spread over rows that each have their own scale. `dummy_input`
-    (default: the first batch) is what the graph is captured with.
+    weights: what the weights take on is spread over rows that each have their own scale. A sequence of
+    alphas is searched per pair: the one whose smoothed layers, quantized as W8A8 (per-tensor activations,
+    per-channel weights), reproduce the FP32 outputs best on `search_rows` activation rows sampled from the
+    data wins. `dummy_input` (default: the first batch) is what the graph is captured with.
 
     The model's function is unchanged up to float32 rounding (a `1 + w` gain loses a little more where
     (1 + w) / s is far below 1). Pairs that cannot be smoothed exactly are left as they are and named in the
     result's `skipped`; a model without pairs gets a NothingToDoWarning."""
-    alpha = _check_alpha(alpha)
+    alphas = _check_alpha(alpha)
+    if isinstance(search_rows, bool) or not isinstance(search_rows, int) or search_rows < 1:
+        raise ValueError(f"search_rows must be a positive int (activation rows sampled for the alpha search), "
+                         f"got {search_rows!r}")
     batches = as_batches(data, batch_size, max_samples, "data")
     dummy = dummy_input if dummy_input is not None else batches[0]
     gm, npairs, vpairs, skipped = _capture(model, dummy, value_output)
@@ -233,12 +276,20 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
         return SmoothingResult([], skipped)
 
     # the per-channel activation maxima of every smoothed activation, over all the data
+    # and, to search alpha, a random sample of activation rows (an equal share from every batch)
     stats: dict[fx.Node, torch.Tensor] = {}
+    samples: dict[fx.Node, list[torch.Tensor]] = {}
+    per_batch = -(-search_rows // len(batches)) if len(alphas) > 1 else 0
+    gen = torch.Generator().manual_seed(0)
 
     def keep(node: fx.Node) -> Callable[[torch.Tensor], None]:
         def f(t: torch.Tensor) -> None:
             m = _channel_absmax(t)
             stats[node] = m if node not in stats else torch.maximum(stats[node], m)
+            if per_batch:
+                rows = t.detach().float().reshape(-1, t.shape[-1])
+                pick = torch.randperm(rows.shape[0], generator=gen)[:per_batch].to(rows.device)
+                samples.setdefault(node, []).append(rows[pick])
         return f
 
     watched = [p.linears[0].input for p in npairs] + [p.o.input for p, _ in vpairs_ok]
@@ -253,9 +304,11 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
         xmax = stats[p.linears[0].input]
         ws = [get_attr(model, u.weight) for u in p.linears]
         wmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in ws]).amax(dim=0)
-        s = _scales(xmax.to(wmax.device), wmax, alpha)
+        rows = torch.cat(samples[p.linears[0].input]).to(wmax.device) if per_batch else None
+        error = (lambda sc: _w8a8_error(rows, ws, sc)) if rows is not None else None
+        s, a = _best_scales(xmax.to(wmax.device), wmax, alphas, error)
         _smooth_norm(model, p, s)
-        done.append(_report(p.norm, tuple(u.layer for u in p.linears), "norm", alpha, s, xmax))
+        done.append(_report(p.norm, tuple(u.layer for u in p.linears), "norm", a, s, xmax))
     for p, m in vpairs_ok:
         xo = stats[p.o.input]
         wo = get_attr(model, p.o.weight).detach().abs().amax(dim=0).float()
@@ -264,9 +317,12 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: float = 0.5, dumm
         m = m.to(wo.device)
         xmax = torch.zeros(cv, device=wo.device).scatter_reduce(0, m, xo.to(wo.device), "amax")
         wmax = torch.zeros(cv, device=wo.device).scatter_reduce(0, m, wo, "amax")
-        s = _scales(xmax, wmax, alpha)
+        rows = torch.cat(samples[p.o.input]).to(wo.device) if per_batch else None
+        w_o = [get_attr(model, p.o.weight)]
+        error = (lambda sc: _w8a8_error(rows, w_o, sc[m])) if rows is not None else None
+        s, a = _best_scales(xmax, wmax, alphas, error)
         _smooth_value_output(model, p, s, m)
-        done.append(_report(p.v.layer, (p.o.layer,), "value-output", alpha, s[m], xo))
+        done.append(_report(p.v.layer, (p.o.layer,), "value-output", a, s[m], xo))
     return SmoothingResult(done, skipped)
 
 
