@@ -13,5 +13,6 @@ from .techniques import (adaround, correct_bias, correct_bias_analytical, equali
 
 __all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings",
            "write_encodings", "fold_batchnorms", "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias",
-           "correct_bias_analytical", "reestimate_batchnorm", "smooth_activations", "NothingToDoWarning", "PyquantWarning",
+           "correct_bias_analytical", "reestimate_batchnorm", "smooth_activations", "NothingToDoWarning",
+           "PyquantWarning",
            "UnquantizedOpWarning", "__version__"]

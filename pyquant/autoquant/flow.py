@@ -7,8 +7,9 @@ Flow (every evaluation is one call of `eval_fn`):
   2. weights-only and activations-only simulations for each candidate scheme: they tell which side
      costs the accuracy and pick each side's scheme; then both sides with the chosen schemes;
   3. cross-layer equalization, without and with high-bias absorption; activation smoothing (models with
-     norm -> Linear or value -> output projection pairs); empirical bias correction; AdaRound -- each on top of the best simulation so far, kept only if it beats it; the run stops as
-     soon as FP32 - accuracy <= allowed_accuracy_drop.
+     norm -> Linear or value -> output projection pairs); empirical bias correction; AdaRound -- each
+     on top of the best simulation so far, kept only if it beats it; the run stops as soon as
+     FP32 - accuracy <= allowed_accuracy_drop.
 """
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ class AutoQuant:
             if k in self.adaround_kwargs:
                 raise ValueError(f"adaround_kwargs: {k!r} is set by AutoQuant itself")
         self.replace_relu6 = bool(replace_relu6)
-        if smoothing_alpha is not None and (isinstance(smoothing_alpha, bool) or not isinstance(smoothing_alpha, (int, float))
+        if smoothing_alpha is not None and (isinstance(smoothing_alpha, bool)
+                                            or not isinstance(smoothing_alpha, (int, float))
                                             or not 0.0 <= float(smoothing_alpha) <= 1.0):
             raise ValueError(f"smoothing_alpha must be a number in [0, 1], or None to not try activation smoothing; "
                              f"got {smoothing_alpha!r}")

@@ -165,7 +165,8 @@ def _norm_params(gm: fx.GraphModule, n: fx.Node, role: NodeRole) -> Union[str, t
             return "it has no gain to absorb the scales"
         if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) != 1:
             return "it normalizes over more than the last dimension"
-        return n.target, f"{n.target}.weight", "w", f"{n.target}.bias" if getattr(mod, "bias", None) is not None else None
+        bias = f"{n.target}.bias" if getattr(mod, "bias", None) is not None else None
+        return n.target, f"{n.target}.weight", "w", bias
     if _is_target(n, _LAYER_NORM_FUNCTIONS | _RMS_NORM_FUNCTIONS):
         shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
         if shape is None or len(shape) != 1:
@@ -258,7 +259,8 @@ def norm_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
     return pairs, skipped
 
 
-def _value_path(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole], start: fx.Node) -> Union[str, tuple[fx.Node, set[fx.Node]]]:
+def _value_path(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
+                start: fx.Node) -> Union[str, tuple[fx.Node, set[fx.Node]]]:
     """From a value projection's output through data movement to the one attention op that reads it in its
     value slot: (the attention node, the nodes on the way), or why there is none."""
     seen, todo, attn = {start}, [start], None
