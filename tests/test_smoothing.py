@@ -285,7 +285,7 @@ def test_model_without_pairs_is_left_alone_with_a_warning():
         assert torch.equal(a, b)
 
 
-def test_alpha_zero_changes_nothing_but_alpha_one_moves_everything():
+def test_alpha_one_flattens_the_activation_and_alpha_zero_the_weights():
     torch.manual_seed(0)
     x = torch.randn(16, 4, 32)
     model = _Mlp().eval()
