@@ -9,9 +9,10 @@ from .sim.quantsim import QuantSim
 from .autoquant import AutoQuant, AutoQuantResult
 from .sim.encodings import load_encodings, write_encodings
 from .techniques import (adaround, correct_bias, correct_bias_analytical, equalize, fold_batchnorms,
-                         fold_batchnorms_to_scale, gptq, reestimate_batchnorm, seq_mse)
+                         fold_batchnorms_to_scale, gptq, reestimate_batchnorm, seq_mse, smooth_activations)
 
 __all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings",
            "write_encodings", "fold_batchnorms", "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias",
-           "correct_bias_analytical", "reestimate_batchnorm", "seq_mse", "gptq", "NothingToDoWarning", "PyquantWarning",
+           "correct_bias_analytical", "reestimate_batchnorm", "seq_mse", "gptq", "smooth_activations",
+           "NothingToDoWarning", "PyquantWarning",
            "UnquantizedOpWarning", "__version__"]

@@ -27,6 +27,9 @@ TECHNIQUE_LAYERS: dict[str, tuple[type, ...]] = {
     "fold_each_step": _CONV + CONV_TRANSPOSE + (nn.Linear,),
     # pairs scaled by cross-layer equalization (depthwise Conv2d included)
     "cle": (nn.Conv2d, nn.Conv1d, nn.Linear),
+    # layers whose input columns activation smoothing scales (when called as modules; linear calls of
+    # functional and torch.export graphs are recognised in the graph)
+    "smoothing": (nn.Linear,),
     "bias_correction": (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d),
     "adaround": (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear),
     # SeqMSE and GPTQ on a QuantSim: linear layers (modules, or linear ops on graph weights)

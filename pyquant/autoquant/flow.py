@@ -6,9 +6,10 @@ Flow (every evaluation is one call of `eval_fn`):
      target runs them) -- if that already meets the target, the run ends there;
   2. weights-only and activations-only simulations for each candidate scheme: they tell which side
      costs the accuracy and pick each side's scheme; then both sides with the chosen schemes;
-  3. cross-layer equalization, without and with high-bias absorption; empirical bias correction;
-     AdaRound -- each on top of the best simulation so far, kept only if it beats it; the run stops as
-     soon as FP32 - accuracy <= allowed_accuracy_drop.
+  3. cross-layer equalization, without and with high-bias absorption; activation smoothing (models with
+     norm -> Linear or value -> output projection pairs); empirical bias correction; AdaRound -- each
+     on top of the best simulation so far, kept only if it beats it; the run stops as soon as
+     FP32 - accuracy <= allowed_accuracy_drop.
 """
 from __future__ import annotations
 
@@ -91,6 +92,9 @@ class AutoQuant:
             costs most. `seq_mse_kwargs` / `gptq_kwargs` go to `pyquant.seq_mse` / `pyquant.gptq`.
         replace_relu6: let cross-layer equalization swap ReLU6 for ReLU (ReLU6 blocks it); the step is
             kept only if the metric says the swapped model is better.
+        smoothing_alpha: the alpha of activation smoothing (`pyquant.smooth_activations`), tried after
+            equalization on models with norm -> Linear or value -> output projection pairs; None: not
+            tried (default 0.5).
         name: a name for the output files (default: the model's class name).
         progress: show a progress bar (default: on a terminal).
 
@@ -111,7 +115,7 @@ class AutoQuant:
                  adaround_kwargs: Optional[Mapping[str, Any]] = None,
                  seq_mse: Optional[bool] = None, seq_mse_kwargs: Optional[Mapping[str, Any]] = None,
                  gptq: Optional[bool] = None, gptq_kwargs: Optional[Mapping[str, Any]] = None,
-                 replace_relu6: bool = True,
+                 replace_relu6: bool = True, smoothing_alpha: Optional[float] = 0.5,
                  name: Optional[str] = None, progress: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -150,6 +154,13 @@ class AutoQuant:
                 if k in self.layerwise_kwargs[method]:
                     raise ValueError(f"{method}_kwargs: {k!r} is set by AutoQuant itself")
         self.replace_relu6 = bool(replace_relu6)
+        if smoothing_alpha is not None and (isinstance(smoothing_alpha, bool)
+                                            or not isinstance(smoothing_alpha, (int, float))
+                                            or not 0.0 <= float(smoothing_alpha) <= 1.0):
+            raise ValueError(f"smoothing_alpha must be a number in [0, 1], or None to not try activation smoothing; "
+                             f"got {smoothing_alpha!r}")
+        self.smoothing_alpha = None if smoothing_alpha is None else float(smoothing_alpha)
+        self._smoothing_pairs: Optional[int] = None
         self.progress = progress
         self.name = name or type(model).__name__
         self.eval_fn = eval_fn
@@ -157,7 +168,7 @@ class AutoQuant:
         self._model = copy.deepcopy(model).eval()
         # kept in memory, so that every step calibrates on exactly the same data, in the same order
         self._calib = as_batches(data, batch_size)
-        self._fp_models: dict[Optional[str], tuple[nn.Module, dict]] = {}
+        self._fp_models: dict[Any, tuple[nn.Module, dict]] = {}  # cle, or (cle, "smoothing") -> model
         self._fold = self._fold_info()
 
     def layerwise_enabled(self, method: str) -> bool:
@@ -206,6 +217,39 @@ class AutoQuant:
         self._fp_models[cle] = (m, info)
         return m, info
 
+    def has_smoothing_pairs(self) -> bool:
+        """Whether the model has norm -> Linear or value -> output pairs that activation smoothing scales
+        (found once, in the captured graph)."""
+        if self._smoothing_pairs is None:
+            from ..techniques import smoothing_pairs
+            try:
+                self._smoothing_pairs = len(smoothing_pairs(self._model, self.dummy_input))
+            except Exception:  # noqa: BLE001 - a model that cannot be captured has no pairs to smooth
+                self._smoothing_pairs = 0
+        return self._smoothing_pairs > 0
+
+    def _smoothed_model(self, cle: Optional[str]) -> tuple[nn.Module, dict]:
+        """The FP32 model of `cle` with its activations smoothed (shared, never modified)."""
+        key = (cle, "smoothing")
+        if key in self._fp_models:
+            return self._fp_models[key]
+        from ..techniques import smooth_activations
+        base, base_info = self._fp_model(cle)
+        m = copy.deepcopy(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = smooth_activations(m, self._calib, alpha=self.smoothing_alpha, dummy_input=self.dummy_input,
+                                     progress=self.progress)
+        if not res.pairs:
+            raise _Skip("no norm -> Linear or value -> output projection pair to smooth"
+                        + (f" ({len(res.skipped)} skipped)" if res.skipped else ""))
+        info = {**base_info, "smoothed_pairs": len(res.pairs), "smoothing_skipped": len(res.skipped)}
+        self._fp_models[key] = (m, info)
+        return m, info
+
+    def _recipe_model(self, r: Recipe) -> tuple[nn.Module, dict]:
+        return self._smoothed_model(r.cle) if r.smoothing else self._fp_model(r.cle)
+
     # ---- simulations ---------------------------------------------------------------------------
     def _new_sim(self, model: nn.Module, r: Recipe) -> QuantSim:
         sim = QuantSim(model, self.dummy_input, quant_scheme=r.act_scheme, param_quant_scheme=r.weight_scheme,
@@ -242,7 +286,7 @@ class AutoQuant:
 
     def _build(self, r: Recipe, cache: Optional[StepCache]) -> tuple[QuantSim, dict[str, Any]]:
         """The calibrated simulation a recipe describes, and what was done to make it."""
-        fp, info = self._fp_model(r.cle)
+        fp, info = self._recipe_model(r)
         if r.bias_correction == "empirical":  # before the (costly) simulation is built
             self._positional("empirical bias correction")
         opts: dict[str, Any] = {k: v for k, v in info.items() if k != "bn_stats"}
@@ -297,7 +341,7 @@ class AutoQuant:
 
     def _restore(self, r: Recipe, path: Path) -> QuantSim:
         """A cached step's simulation: built empty from its recipe, then its saved state loaded."""
-        fp, _ = self._fp_model(r.cle)
+        fp, _ = self._recipe_model(r)
         sim = self._new_sim(fp, r)
         state = torch.load(path, map_location="cpu", weights_only=False)["model"]
         with torch.no_grad():  # layers that gained a bias (bias correction) need one to load into

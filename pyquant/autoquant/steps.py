@@ -18,6 +18,7 @@ class Recipe:
     weight_scheme: str
     act_scheme: str
     cle: Optional[str] = None          # None, "cle" or "cle+hba"
+    smoothing: bool = False            # activation smoothing of the FP32 model (after equalization)
     bias_correction: Optional[str] = None  # None, "empirical" or "analytical"
     adaround: bool = False
     layerwise: Optional[str] = None    # None, "seq_mse" or "gptq": a layer-wise weight method on the simulation
@@ -80,6 +81,11 @@ def _layerwise(method: str, title: str) -> TechniqueStep:
 TECHNIQUE_STEPS: tuple[TechniqueStep, ...] = (
     _cle("cle", "cross-layer equalization"),
     _cle("cle+hba", "cross-layer equalization + high-bias absorption"),
+    TechniqueStep(
+        key="smoothing", title=lambda aq, best: f"activation smoothing (alpha {aq.smoothing_alpha:g})",
+        enabled=lambda aq: aq.smoothing_alpha is not None and aq.has_smoothing_pairs(),
+        change=lambda aq: {"smoothing": True}, settings=lambda aq: {"alpha": aq.smoothing_alpha},
+        describe=lambda r: "activation smoothing" if r.smoothing else None, build_order=0),
     TechniqueStep(
         key="bias_correction", title=lambda aq, best: f"bias correction ({aq.bias_correction})",
         enabled=lambda aq: bool(aq.bias_correction), change=lambda aq: {"bias_correction": aq.bias_correction},

@@ -7,8 +7,10 @@ from .gptq import GptqResult, gptq, gptq_weight
 from .layerwise import LayerError
 from .qat import reestimate_batchnorm
 from .seq_mse import SeqMseResult, seq_mse, seq_mse_encoding
+from .smoothing import SmoothedPair, SmoothingResult, smooth_activations, smoothing_pairs
 
 __all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equalize", "EqualizationReport",
            "correct_bias", "correct_bias_analytical", "BiasCorrectionReport", "adaround", "AdaroundResult",
            "AdaroundSettings", "LayerReport", "reestimate_batchnorm", "seq_mse", "seq_mse_encoding", "SeqMseResult",
-           "gptq", "gptq_weight", "GptqResult", "LayerError"]
+           "gptq", "gptq_weight", "GptqResult", "LayerError", "smooth_activations", "smoothing_pairs",
+           "SmoothingResult", "SmoothedPair"]
