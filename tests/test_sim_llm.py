@@ -235,6 +235,39 @@ def test_a_kv_cache_simulation_exports_the_full_sequence_model(tmp_path, w8a8_kv
         torch.testing.assert_close(got[0], w8a8_kv8.model(input_ids=ids).logits, rtol=0, atol=1e-4)
 
 
+def test_external_data_beside_the_model_and_large_models_traced_through_a_file(tmp_path, monkeypatch):
+    """An export can put its weights in `<prefix>.onnx.data` (automatic beyond 1.5 GiB: protobuf's 2 GiB limit);
+    onnxruntime runs it as the in-memory export. A model above the in-memory trace limit goes through a
+    temporary file: the same graph."""
+    import onnx
+
+    from pyquant.sim import export as E
+    from pyquant.sim import onnx_trace
+    model = MODELS["llama"]()
+    ids = _ids(2, 8, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = QuantSim(model, {"input_ids": ids}, param_bw=4, output_bw=8, block_size=16)
+    sim.compute_encodings(lambda m: m(input_ids=ids))
+    plain = sim.export(tmp_path / "a", "lm")
+    assert "onnx_data" not in plain
+    ext = sim.export(tmp_path / "b", "lm", external_data=True)
+    assert ext["onnx_data"] == tmp_path / "b" / "lm.onnx.data" and ext["onnx_data"].stat().st_size > 100_000
+    assert ext["onnx"].stat().st_size < 0.5 * plain["onnx"].stat().st_size  # small tensors (scales) stay inside
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["lm.encodings", "lm.onnx", "lm.onnx.data", "lm.pth"]
+    x = _ids(3, 11, 2)
+    torch.testing.assert_close(run_onnx(ext["onnx"], x, optimize=False)[0], run_onnx(plain["onnx"], x, optimize=False)[0],
+                               rtol=0, atol=0)
+    monkeypatch.setattr(E, "EXTERNAL_DATA_BYTES", 1000)  # automatic above the limit
+    monkeypatch.setattr(onnx_trace, "TRACE_IN_MEMORY_BYTES", 1000)
+    auto = sim.export(tmp_path / "c", "lm")
+    assert "onnx_data" in auto
+    a, b = onnx.load(str(plain["onnx"])), onnx.load(str(auto["onnx"]))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    torch.testing.assert_close(run_onnx(auto["onnx"], x, optimize=False)[0], run_onnx(plain["onnx"], x, optimize=False)[0],
+                               rtol=0, atol=0)
+
+
 # ---- key/value quantizers -----------------------------------------------------------------------------
 def _attention_kv(model, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The keys and values each attention call of the FP32 model reads (scaled_dot_product_attention's)."""

@@ -149,10 +149,53 @@ def _trace_lowest(model: torch.nn.Module, dummy_input: Any, opset: int, explicit
             opset = e.needed
 
 
-def save_onnx(model: onnx.ModelProto, path: os.PathLike) -> None:
-    """Writes `model` atomically (a temporary file in the same folder, renamed over `path`)."""
-    with atomic_path(path) as tmp:
-        onnx.save(model, tmp)
+EXTERNAL_DATA_BYTES = 3 << 29
+"""Initializers above this size (1.5 GiB) go to an external data file: one protobuf message holds at most
+2 GiB, and the graph, names and attributes need room beside the weights."""
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers (raw or typed data, or already external)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += sum(len(getattr(t, f)) * 4 for f in ("float_data", "int32_data", "int64_data", "double_data"))
+            for e in t.external_data:
+                if e.key == "length":
+                    total += int(e.value)
+    return total
+
+
+def save_onnx(model: onnx.ModelProto, path: os.PathLike, external_data: Optional[bool] = None) -> Optional[Path]:
+    """Writes `model` atomically (a temporary file in the same folder, renamed over `path`). With
+    `external_data` (None: when the initializers exceed EXTERNAL_DATA_BYTES) the initializers go to
+    `<path>.data` beside it, which the model names by file name (onnxruntime finds it next to the model); both
+    are written to a temporary folder first and renamed into place, the data before the model. Returns the
+    data file's path, or None."""
+    path = Path(path)
+    if external_data is None:
+        external_data = initializer_bytes(model) > EXTERNAL_DATA_BYTES
+    if not external_data:
+        with atomic_path(path) as tmp:
+            onnx.save(model, tmp)
+        return None
+    import shutil
+    import tempfile
+    data = path.with_name(path.name + ".data")
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        onnx.save_model(model, str(tmpdir / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        for f in (tmpdir / data.name, tmpdir / path.name):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmpdir / data.name, data)
+        os.replace(tmpdir / path.name, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return data
 
 
 def export_onnx(sim: QuantSim, path: os.PathLike, dummy_input: Any, opset_version: Optional[int] = None,

@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from typing import Any, Iterator, Optional
 
@@ -34,6 +37,8 @@ __all__ = ["MARKER_DOMAIN", "MARKER_OP", "TORCHSCRIPT_MAX_OPSET", "Marker", "Ops
 MARKER_DOMAIN = "pyquant"
 MARKER_OP = "QuantizeDequantize"
 TORCHSCRIPT_MAX_OPSET = 20
+TRACE_IN_MEMORY_BYTES = 3 << 29
+"""Models with more parameter bytes than this (1.5 GiB) are exported through a temporary file."""
 _OP = "pyquant::quantize_dequantize"
 
 
@@ -101,7 +106,11 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bo
     else:
         args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     _set_train(model, False)
-    buf = io.BytesIO()
+    # torch.onnx.export holds a model in one protobuf message (2 GiB at most) unless it writes a file, with
+    # the weights as external data: a large model goes through a temporary folder, then back into memory.
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > TRACE_IN_MEMORY_BYTES
+    tmpdir = tempfile.mkdtemp(prefix="pyquant-onnx-") if large else None
+    buf: Any = os.path.join(tmpdir, "model.onnx") if large else io.BytesIO()
     try:
         with export_mode(model, int32_biases), _marker_registered(), _no_graph_dump(), _traceable_sizes(model), \
                 torch.no_grad(), warnings.catch_warnings():
@@ -120,7 +129,11 @@ def trace(model: torch.nn.Module, dummy_input: Any, opset: int, int32_biases: bo
     finally:
         for m, was in modes:
             m.training = was
-    out = onnx.load_from_string(buf.getvalue())
+    try:
+        out = onnx.load(buf) if large else onnx.load_from_string(buf.getvalue())
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     if isinstance(model, _KeywordAdapter):  # the adapter's attribute is no part of the parameter names
         taken = tensor_names(out.graph)
         rename_tensors(out.graph, {t.name: t.name[len("model."):] for t in out.graph.initializer

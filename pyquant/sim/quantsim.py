@@ -640,7 +640,7 @@ class QuantSim:
 
     def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any = None, *,
                encoding_version: str = "1.0.0", opset_version: Optional[int] = None,
-               onnx_format: str = "qdq") -> dict[str, Path]:
+               onnx_format: str = "qdq", external_data: Optional[bool] = None) -> dict[str, Path]:
         """Writes `<prefix>.onnx`, `<prefix>.encodings` (AIMET-compatible JSON, `encoding_version` 1.0.0,
         2.0.0 or 0.6.1) and `<prefix>.pth` (the FP32 weights under the model's names), each atomically,
         after everything has been built and checked.
@@ -652,7 +652,10 @@ class QuantSim:
         keyed by the graph's tensor names (activations by their producer's output, weights by their
         initializer), as targets that take encodings read them. `opset_version`: None (default) for the
         lowest opset that expresses the model, or 13..21 (lower than a quantizer needs: ValueError naming
-        it). Returns the paths by kind ("onnx", "encodings", "pth"); `.opset` is the opset written."""
+        it). `external_data`: write the ONNX initializers to `<prefix>.onnx.data` beside the model (None, the
+        default: when they exceed 1.5 GiB, as a model beyond protobuf's 2 GiB needs; the path is then
+        returned under "onnx_data"). Returns the paths by kind ("onnx", "encodings", "pth"); `.opset` is the
+        opset written."""
         from .._io import atomic_write_text
         from .encodings import VERSIONS, encodings_to_json
         from .export import ExportPaths, build_onnx, check_export_args, save_onnx
@@ -684,7 +687,9 @@ class QuantSim:
         paths = ExportPaths({"encodings": out / f"{filename_prefix}.encodings", "onnx": out / f"{filename_prefix}.onnx",
                              "pth": out / f"{filename_prefix}.pth"}, opset=onnx_model.opset, onnx_format=onnx_format)
         atomic_write_text(paths["encodings"], text)
-        save_onnx(onnx_model.model, paths["onnx"])
+        data = save_onnx(onnx_model.model, paths["onnx"], external_data)
+        if data is not None:
+            paths["onnx_data"] = data
         atomic_torch_save(state, paths["pth"])
         return paths
 
