@@ -160,6 +160,30 @@ def pq_rows(a: Assets) -> dict[str, Callable[[], dict[str, Any]]]:
     rows["w4a16_b64_lpbq"] = calibrated("W4A16 block 64 LPBQ (4-bit integer block scales, 8-bit), round to nearest",
                                         lambda: w4_sim(decompressed_bw=8))
     rows["w8a8"] = calibrated("W8A8 (per-tensor 8-bit activations)", lambda: pq_sim(a, param_bw=8, output_bw=8))
+    def exported() -> dict[str, Any]:
+        """The W4A16 block-64 simulation exported (QDQ, int4 per-block weights, opset 21) and run by onnxruntime."""
+        import tempfile
+        a.restore()
+        sim = w4_sim()
+        t = time.perf_counter()
+        with quiet():
+            sim.compute_encodings(a.batches, progress=False)
+        calib = time.perf_counter() - t
+        p_sim = perplexity(sim.model, a.ev)
+        with tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            with quiet(), torch.no_grad():
+                paths = sim.export(d, "gemma_w4a16", {"input_ids": a.ev[:1]}, opset_version=21)
+            t_export = time.perf_counter() - t
+            size = sum(f.stat().st_size for f in Path(d).iterdir() if f.name.startswith("gemma_w4a16.onnx"))
+            p_ort = onnx_perplexity(paths["onnx"], a.ev)
+        del sim
+        return dict(tool="pyquant + onnxruntime", setting="W4A16 block 64 exported: QDQ ONNX (int4 per-block "
+                    "weights, opset 21) run by onnxruntime", perplexity=p_ort, calib_s=calib,
+                    note=f"simulation {p_sim:.4g}, onnxruntime / simulation = {p_ort / p_sim:.4f}; export "
+                         f"{t_export:.0f} s, {size / 2**20:.0f} MiB", ort_vs_sim=p_ort / p_sim, sim_perplexity=p_sim)
+
+    rows["onnx_w4a16_b64"] = exported
     smooth = lambda: pyquant.smooth_activations(a.model, a.batches, progress=False)  # noqa: E731
     rows["w8a8_smooth"] = calibrated("W8A8 + activation smoothing", lambda: pq_sim(a, param_bw=8, output_bw=8),
                                      before=smooth)
@@ -180,6 +204,25 @@ LINEAR_INPUTS = {
 """A hardware config for targets that run only the matrix products in int8 (TensorRT-LLM's SmoothQuant
 GEMMs, ModelOpt's INT8 configs): per-tensor 8-bit inputs and per-channel 8-bit weights of every Linear,
 nothing else quantized."""
+
+
+def onnx_perplexity(path: Path, ev: torch.Tensor) -> float:
+    """Perplexity of an exported LM run by onnxruntime's CPU kernels as written (one session)."""
+    import math
+
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    nll, count = 0.0, 0
+    for w in ev:
+        ids = w[None]
+        logits = torch.from_numpy(sess.run(None, {name: ids.numpy()})[0])
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll -= float(lp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum())
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
 
 
 def _accepts(arg: str) -> bool:
@@ -383,6 +426,9 @@ def judge(rows: dict[str, dict[str, Any]]) -> None:
     g = lambda k: rows.get(k, {}).get("perplexity")  # noqa: E731
     if g("w8a16"):
         target("w8a16", "<= 1.01x FP32", g("w8a16") <= 1.01 * fp)
+    if rows.get("onnx_w4a16_b64", {}).get("ort_vs_sim"):
+        r = rows["onnx_w4a16_b64"]
+        r["target"], r["met"] = "onnxruntime within 1% of the simulation", abs(r["ort_vs_sim"] - 1) <= 0.01
     if g("w8a16_kv8") and g("w8a16"):
         target("w8a16_kv8", "<= 1.01x W8A16", g("w8a16_kv8") <= 1.01 * g("w8a16"))
     rtn = g("w4a16_b64_rtn")
@@ -434,6 +480,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     out_dir = Path(a.out) if a.out else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
     partial_path = out_dir / f"llm{'_quick' if a.quick else ''}.partial.json"
     settings = {"windows": len(assets.ev), "length": assets.length, "calib": len(assets.cal),
                 "pyquant": pyquant.__version__}

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -139,7 +139,8 @@ def gptq_weight(q: QuantizerBase, weight: torch.Tensor, hessian: torch.Tensor, *
 
 def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: int = 128, act_order: bool = False,
          batch_size: int = 8, max_samples: Optional[int] = None,
-         checkpoint_dir: Optional[Union[str, os.PathLike]] = None, progress: Optional[bool] = None) -> GptqResult:
+         checkpoint_dir: Optional[Union[str, os.PathLike]] = None, process_group: Any = None,
+         progress: Optional[bool] = None) -> GptqResult:
     """GPTQ on the linear layers of `sim` (in place): each layer's FP32 weight is replaced by GPTQ's values on
     its weight quantizer's grid, and the encoding is frozen.
 
@@ -156,6 +157,9 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         act_order: quantize the columns in order of decreasing Hessian diagonal.
         max_samples: samples of `data` used (default: all).
         checkpoint_dir: where each finished layer is saved; a rerun resumes there.
+        process_group: a torch.distributed group whose ranks each pass their share of the calibration data
+            (the same call on every rank): each layer's Gram matrix is summed over the ranks, so every rank
+            makes the choice one process over all the data makes (give each rank its own checkpoint_dir).
         progress: show a progress bar (None: on a terminal).
 
     Returns a GptqResult with each layer's output MSE with round-to-nearest (the calibrated encoding) and
@@ -186,7 +190,7 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         t0 = time.perf_counter()
         q, w = sim.quantizer(layer.name), sim.weight(layer.name)
         w0 = w.detach().clone()
-        G, rows = input_gram(xs)
+        G, rows = input_gram(xs, process_group=process_group)
         before = output_mse(w0, q(w0), G, rows)
         wq, enc = gptq_weight(q, w0, (2.0 / rows) * G, percdamp=percdamp, block_columns=block_columns,
                               act_order=act_order, name=layer.name)

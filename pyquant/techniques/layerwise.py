@@ -411,9 +411,12 @@ def walk_sim_layers(sim: "QuantSim", batches: list, todo: Sequence[SimLayer],
             run.release(i)
 
 
-def input_gram(xs: Iterable[torch.Tensor], chunk_rows: int = 8192) -> tuple[torch.Tensor, int]:
+def input_gram(xs: Iterable[torch.Tensor], chunk_rows: int = 8192,
+               process_group: Any = None) -> tuple[torch.Tensor, int]:
     """(G = X^T X, rows) over the rows of every tensor of `xs` ([rows, K] each), accumulated in float64 a
-    few thousand rows at a time: memory stays at one K x K matrix whatever the number of rows."""
+    few thousand rows at a time: memory stays at one K x K matrix whatever the number of rows. With a
+    torch.distributed `process_group`, G and the row count are summed over its ranks (each holding its share
+    of the data): every rank gets the Gram matrix of all the rows."""
     G, rows = None, 0
     for x in xs:
         for i in range(0, x.shape[0], chunk_rows):
@@ -422,6 +425,12 @@ def input_gram(xs: Iterable[torch.Tensor], chunk_rows: int = 8192) -> tuple[torc
             rows += c.shape[0]
     if G is None:
         raise ValueError("input_gram: no rows")
+    if process_group is not None:
+        import torch.distributed as dist
+        n = torch.tensor([rows], dtype=torch.float64, device=G.device)
+        dist.all_reduce(G, group=process_group)
+        dist.all_reduce(n, group=process_group)
+        rows = int(n.item())
     return G, rows
 
 

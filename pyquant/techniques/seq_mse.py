@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -98,7 +98,7 @@ def seq_mse_encoding(q: QuantizerBase, weight: torch.Tensor, gram: torch.Tensor,
 
 def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: int = 8,
             max_samples: Optional[int] = None, checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
-            progress: Optional[bool] = None) -> SeqMseResult:
+            process_group: Any = None, progress: Optional[bool] = None) -> SeqMseResult:
     """SeqMSE on the linear layers of `sim` (in place): each weight quantizer gets, per channel or block, the
     clipping range among `num_candidates` that least changes its layer's output on `data`, and is frozen.
 
@@ -113,6 +113,9 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
         num_candidates: clipping ranges tried per group (fractions k / num_candidates of its range), >= 1.
         max_samples: samples of `data` used (default: all).
         checkpoint_dir: where each finished layer is saved; a rerun resumes there.
+        process_group: a torch.distributed group whose ranks each pass their share of the calibration data
+            (the same call on every rank): each layer's Gram matrix is summed over the ranks, so every rank
+            makes the choice one process over all the data makes (give each rank its own checkpoint_dir).
         progress: show a progress bar (None: on a terminal).
 
     Returns a SeqMseResult with each layer's output MSE before (calibrated encoding) and after. A weight
@@ -138,7 +141,7 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
     def run_layer(layer: SimLayer, xs: list[torch.Tensor]) -> None:
         t0 = time.perf_counter()
         q, w = sim.quantizer(layer.name), sim.weight(layer.name)
-        G, rows = input_gram(xs)
+        G, rows = input_gram(xs, process_group=process_group)
         before = output_mse(w, q(w), G, rows)
         enc = seq_mse_encoding(q, w, G, num_candidates)
         set_frozen_encoding(q, enc.scale, enc.offset, w.device)

@@ -233,7 +233,8 @@ def smoothing_pairs(model: nn.Module, dummy_input: Any, *, value_output: bool = 
 def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequence[float]] = 0.5,
                        dummy_input: Optional[Any] = None, value_output: bool = True,
                        batch_size: Optional[int] = 32, max_samples: Optional[int] = None,
-                       search_rows: int = 512, progress: Optional[bool] = None) -> SmoothingResult:
+                       search_rows: int = 512, process_group: Any = None,
+                       progress: Optional[bool] = None) -> SmoothingResult:
     """Smooths the activations read by `model`'s Linear layers in place (see the module docstring): every
     LayerNorm/RMSNorm -> Linear pair and, with `value_output`, every value -> output projection pair.
 
@@ -247,6 +248,9 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
     alphas is searched per pair: the one whose smoothed layers, quantized as W8A8 (per-tensor activations,
     per-channel weights), reproduce the FP32 outputs best on `search_rows` activation rows sampled from the
     data wins. `dummy_input` (default: the first batch) is what the graph is captured with.
+    `process_group`: a torch.distributed group whose ranks each pass their share of the data (the same call
+    on every rank): the activation maxima are all-reduced (MAX) and an alpha search's errors summed over the
+    ranks, so every rank smooths its model as one process over all the data does.
 
     The model's function is unchanged up to float32 rounding (a `1 + w` gain loses a little more where
     (1 + w) / s is far below 1). Pairs that cannot be smoothed exactly are left as they are and named in the
@@ -299,13 +303,26 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
             runner.run_batch(b)
             bar.update()
 
+    if process_group is not None:
+        import torch.distributed as dist
+        for n in watched:  # the same order on every rank
+            dist.all_reduce(stats[n], op=dist.ReduceOp.MAX, group=process_group)
+
+    def summed(err: float) -> float:
+        if process_group is None:
+            return err
+        import torch.distributed as dist
+        t = torch.tensor([err], dtype=torch.float64)
+        dist.all_reduce(t, group=process_group)
+        return float(t)
+
     done: list[SmoothedPair] = []
     for p in npairs:
         xmax = stats[p.linears[0].input]
         ws = [get_attr(model, u.weight) for u in p.linears]
         wmax = torch.stack([w.detach().abs().amax(dim=0).float() for w in ws]).amax(dim=0)
         rows = torch.cat(samples[p.linears[0].input]).to(wmax.device) if per_batch else None
-        error = (lambda sc: _w8a8_error(rows, ws, sc)) if rows is not None else None
+        error = (lambda sc: summed(_w8a8_error(rows, ws, sc))) if rows is not None else None
         s, a = _best_scales(xmax.to(wmax.device), wmax, alphas, error)
         _smooth_norm(model, p, s)
         done.append(_report(p.norm, tuple(u.layer for u in p.linears), "norm", a, s, xmax))
@@ -319,7 +336,7 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
         wmax = torch.zeros(cv, device=wo.device).scatter_reduce(0, m, wo, "amax")
         rows = torch.cat(samples[p.o.input]).to(wo.device) if per_batch else None
         w_o = [get_attr(model, p.o.weight)]
-        error = (lambda sc: _w8a8_error(rows, w_o, sc[m])) if rows is not None else None
+        error = (lambda sc: summed(_w8a8_error(rows, w_o, sc[m]))) if rows is not None else None
         s, a = _best_scales(xmax, wmax, alphas, error)
         _smooth_value_output(model, p, s, m)
         done.append(_report(p.v.layer, (p.o.layer,), "value-output", a, s[m], xo))
