@@ -146,8 +146,9 @@ def pq_rows(a: Assets) -> dict[str, Callable[[], dict[str, Any]]]:
 
     def w4_sim(**kw: Any):
         sim = pq_sim(a, **w4, **kw)
-        for n in sim.param_quantizers:  # the (tied) embedding table stays at 8 bits per row, as LLM recipes keep it
-            if sim.op_type(n) == "Gather":
+        vocab = a.model.config.vocab_size
+        for n, p in sim.placement.items():  # the (tied) embedding / head table stays at 8 bits, as LLM recipes keep it
+            if p.is_param and p.weight_shape is not None and vocab in p.weight_shape:
                 sim.set_bitwidth(n, 8)
         return sim
 
