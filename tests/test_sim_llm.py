@@ -493,3 +493,14 @@ def test_generate_stops_at_the_largest_position(w8a8_kv8):
 def test_only_a_kv_cache_simulation_generates():
     assert not hasattr(_sim(_llama()).model, "generate")
     assert pyquant.QuantSim is QuantSim
+
+
+def test_token_ids_from_another_tokenizer_are_caught_at_the_first_batch():
+    model = MODELS["llama"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = QuantSim(model, {"input_ids": _ids(2, 8, 1)})
+    bad = _ids(2, 8, 2)
+    bad[1, 3] = VOCAB + 40  # a bigger vocabulary's id
+    with pytest.raises(ValueError, match=f"batch 0.*largest integer input is {VOCAB + 40}.*another tokenizer"):
+        sim.compute_encodings([{"input_ids": bad}, {"input_ids": _ids(2, 8, 3)}])

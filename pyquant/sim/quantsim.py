@@ -512,8 +512,11 @@ class QuantSim:
             forward_fn(self.model) if args is None else forward_fn(self.model, args)
             return
         bar = Progress(len(forward_fn) if hasattr(forward_fn, "__len__") else None, "calibrating", progress)
-        for b in iter_batches(forward_fn, batch_size=None, what="forward_fn"):  # (inputs, labels): labels dropped
-            call(self.model, b)
+        for i, b in enumerate(iter_batches(forward_fn, batch_size=None, what="forward_fn")):  # labels dropped
+            try:
+                call(self.model, b)
+            except (IndexError, RuntimeError) as exc:
+                raise _lookup_error(exc, b, i) from exc
             bar.update()
         bar.close()
 
@@ -692,6 +695,20 @@ class QuantSim:
             paths["onnx_data"] = data
         atomic_torch_save(state, paths["pth"])
         return paths
+
+
+def _lookup_error(exc: BaseException, batch: Any, i: int) -> BaseException:
+    """An embedding lookup past its table (token ids from another tokenizer than the model's) as a ValueError
+    naming the batch and the largest id; any other error as it is."""
+    text = str(exc).lower()
+    if not ("index" in text and "out of" in text):
+        return exc
+    ids = [t for t in (batch.values() if isinstance(batch, dict) else batch)
+           if torch.is_tensor(t) and not t.is_floating_point() and t.numel()]
+    top = max((int(t.max()) for t in ids), default=None)
+    return ValueError(f"calibration batch {i}: an index lookup failed ({str(exc).splitlines()[0]})"
+                      + (f"; its largest integer input is {top}: token ids from another tokenizer than the model's "
+                         "are beyond its embedding table" if top is not None else ""))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
