@@ -41,8 +41,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-if __package__ in (None, ""):  # run as a file (python -P bench/llm.py in the peer environment)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file (python -P bench/llm.py): checkout last on sys.path, so the
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # installed pyquant (with its native module) wins
 
 import pyquant  # noqa: E402
 from bench._harness import RESULTS, publish, require_native  # noqa: E402
