@@ -230,7 +230,7 @@ def test_top_level_and_file_errors(tmp_path):
         load_config(arr)
     with pytest.raises(ConfigError, match="neither a named profile .* nor an existing JSON file"):
         load_config("no_such_profile")
-    with pytest.raises(ConfigError, match="default, per_tensor, strict_symmetric_int8"):
+    with pytest.raises(ConfigError, match="default, per_tensor, strict_symmetric_int8, layer_inputs"):
         load_config(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"defaults": {"ops": {}},\n  "params": {,}}')
@@ -321,3 +321,28 @@ def test_save_failing_mid_write_leaves_the_existing_file(tmp_path, monkeypatch):
     assert len(listings[0]) == 2  # the temporary file sat beside the old one
     _assert_untouched(path, old)
     assert load_config(path) == _quiet_load("per_tensor")
+
+
+def test_layer_inputs_profile_quantizes_only_the_matrix_products():
+    """`layer_inputs`: the inputs and weights of Linear and Conv layers, nothing else (int8-GEMM targets)."""
+    import collections
+    import torch
+    from torch import nn
+    from pyquant import QuantSim
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.LayerNorm(36)
+            self.fc1, self.fc2 = nn.Linear(144, 16), nn.Linear(16, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            y = self.norm(y.flatten(2)).flatten(1)
+            return self.fc2(torch.relu(self.fc1(y)) + 1.0)
+
+    sim = QuantSim(Net().eval(), torch.randn(2, 3, 8, 8), config="layer_inputs")
+    kinds = collections.Counter((p.kind, p.op_type) for p in sim.placement.values())
+    assert kinds == {("param", "Conv"): 1, ("param", "Gemm"): 2, ("op_input", "Conv"): 1, ("op_input", "Gemm"): 2}
+    assert all(p.axis is not None for p in sim.placement.values() if p.is_param)  # per channel
+    assert all(not p.symmetric for p in sim.placement.values() if not p.is_param)

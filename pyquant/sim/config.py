@@ -50,10 +50,13 @@ __all__ = [
     "PROFILES", "load_config", "profile_path",
 ]
 
-PROFILES = ("default", "per_tensor", "strict_symmetric_int8")
+PROFILES = ("default", "per_tensor", "strict_symmetric_int8", "layer_inputs")
 """Named profiles shipped in ``pyquant/sim/configs``: ``default`` (per-channel symmetric weights,
-asymmetric activations), ``per_tensor`` (the same with per-tensor weights) and
-``strict_symmetric_int8`` (everything symmetric, strict symmetric grid)."""
+asymmetric activations), ``per_tensor`` (the same with per-tensor weights),
+``strict_symmetric_int8`` (everything symmetric, strict symmetric grid) and ``layer_inputs`` (only the
+matrix products: the inputs (asymmetric, per tensor) and per-channel symmetric weights of every Linear /
+Gemm and Conv, everything else in floating point, as targets that run only their GEMMs in integers do:
+TensorRT-LLM's SmoothQuant kernels, ModelOpt's INT8 configs)."""
 
 ConfigLike = Union[str, os.PathLike, Mapping[str, Any], "HardwareConfig"]
 
@@ -377,7 +380,7 @@ def profile_path(name: str) -> str:
 
 def load_config(config: ConfigLike) -> HardwareConfig:
     """A :class:`HardwareConfig` from a named profile (``"default"``, ``"per_tensor"``,
-    ``"strict_symmetric_int8"``), a JSON file path, or a dict in the same schema.
+    ``"strict_symmetric_int8"``, ``"layer_inputs"``), a JSON file path, or a dict in the same schema.
 
     Raises :class:`ConfigError` (a ValueError) naming the JSON path of the first invalid entry, e.g.
     ``op_type.Conv.params.weight.is_symmetric: expected "True" or "False", got "yes"``. Op names that
