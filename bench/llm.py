@@ -396,9 +396,13 @@ def memory_probe(kind: str, quick: bool, calib: int) -> dict[str, Any]:
     return out
 
 
-def memory_rows(quick: bool, calib: int) -> list[dict[str, Any]]:
-    res = {}
+def memory_rows(quick: bool, calib: int, saved: Optional[str] = None) -> list[dict[str, Any]]:
+    """The memory row from two probe processes (or from `saved`, the probes' JSON of an earlier run at the same
+    settings: {"fp32": ..., "sim": ...})."""
+    res = json.loads(Path(saved).read_text()) if saved else {}
     for kind in ("fp32", "sim"):
+        if kind in res:
+            continue
         cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--memory-probe", kind, "--calib", str(calib)]
         cmd += ["--quick"] if quick else []
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -468,6 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated row-key prefixes to run (default: all)")
     p.add_argument("--no-peers", action="store_true", help="skip AIMET and ModelOpt")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--memory-json", default=None, help="the memory probes' results of an earlier run (JSON)")
     p.add_argument("--fresh", action="store_true", help="recompute rows kept from an earlier run")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.add_argument("--memory-probe", choices=("fp32", "sim"), help=argparse.SUPPRESS)
@@ -528,7 +533,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     judge(done)
     rows = list(done.values())
     if not a.no_memory:
-        rows += memory_rows(a.quick, len(assets.cal))
+        rows += memory_rows(a.quick, len(assets.cal), a.memory_json)
     notes = [
         ", ".join(labels) + f"; torch {torch.__version__}, {torch.get_num_threads()} threads",
         "Gemma-3-270M (`pyquant.models.gemma3_270m()`): the Q4_K_M GGUF dequantized to float32, so its weights "

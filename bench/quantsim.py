@@ -442,6 +442,11 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
     sim_s = QuantSim(smoothed, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
     sim_s.compute_encodings(lambda m: [m(input_ids=ii, attention_mask=mm) for ii, mm, _ in fixed_batches(cal)])
     embs["pyquant+smoothing"] = embed(lambda ii, mm: sim_s.model(input_ids=ii, attention_mask=mm))
+    # int8-GEMM targets: only the Linear layers' inputs and weights quantized (the layer_inputs profile)
+    for key, m in (("pyquant layer_inputs", model), ("pyquant layer_inputs+smoothing", smoothed)):
+        s = QuantSim(m, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="layer_inputs")
+        s.compute_encodings(lambda mm_: [mm_(input_ids=ii, attention_mask=mm) for ii, mm, _ in fixed_batches(cal)])
+        embs[key] = embed(lambda ii, mm, s=s: s.model(input_ids=ii, attention_mask=mm))
     if aimet.ok:
         m_a = copy.deepcopy(model)
         m_a.config.return_dict = False  # AIMET's jit trace needs tensor outputs
@@ -484,6 +489,12 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
              pyquant=get("pyquant+smoothing", "cos_mean")),
         dict(model=name, measure="embedding cosine similarity with FP32, min", config=cfg_s, FP32=1.0,
              pyquant=get("pyquant+smoothing", "cos_min")),
+    ] + [
+        dict(model=name, measure=f"embedding cosine similarity with FP32, {stat}", FP32=1.0,
+             config=f"W8A8, config 'layer_inputs' (only the Linear layers' inputs and weights){extra}",
+             pyquant=get(key, f"cos_{stat}"))
+        for key, extra in (("pyquant layer_inputs", ""), ("pyquant layer_inputs+smoothing", ", activation smoothing"))
+        for stat in ("mean", "min")
     ]
 
 
