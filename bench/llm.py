@@ -469,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 evaluation / 2 calibration windows of 128 tokens")
     p.add_argument("--windows", type=int, default=40, help="evaluation windows of 512 tokens (default 40)")
     p.add_argument("--calib", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--only", default=None, help="comma-separated row-key prefixes to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated row-key prefixes to run, in this order (default: all)")
     p.add_argument("--no-peers", action="store_true", help="skip AIMET and ModelOpt")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-json", default=None, help="the memory probes' results of an earlier run (JSON)")
@@ -513,10 +513,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             plan.update(r)
             labels.append(label)
     only = [s for s in (a.only or "").split(",") if s]
+    if only:  # in the order --only gives (each prefix's rows in plan order), FP32 first
+        order = ["fp32"] + [k for s in only for k in plan if k.startswith(s) and k != "fp32"]
+        plan = {k: plan[k] for k in dict.fromkeys(order)}
     done: dict[str, dict[str, Any]] = {}
     for key, run in plan.items():
-        if only and key != "fp32" and not any(key.startswith(s) for s in only):
-            continue
         if key in kept:
             done[key] = kept[key]
             continue
