@@ -387,6 +387,10 @@ def memory_probe(kind: str, quick: bool, calib: int) -> dict[str, Any]:
         with quiet():
             sim = pyquant.QuantSim(a.model, a.batches[0], param_bw=8, output_bw=16, **kw)
         out["rss_sim_mib"] = vm("VmRSS")
+        from pyquant.sim.layerwise_calibration import segments
+        segs = segments(sim.model)
+        out["segments"] = len(segs)
+        out["largest_segment_nodes"] = max(len(s.nodes) for s in segs)
         with quiet():
             sim.compute_encodings(a.batches, layerwise=True, progress=False)
         cfg = a.model.config

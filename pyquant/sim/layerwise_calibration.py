@@ -106,6 +106,9 @@ def segments(gm: fx.GraphModule, stack: Optional[str] = None) -> list[Segment]:
         nodes.append(n)
     if nodes:
         out.append(Segment(len(out), None if current is None else f"{prefix}{current}", nodes))
+    for seg in out:
+        for n in seg.nodes:
+            n.meta["pq_segment"] = seg.index
     if not found:
         raise ValueError(f"layerwise={stack!r}: no graph node comes from a module under {stack!r}.<index>; "
                          f"the graph's block stack is {block_stack(gm)!r}")
@@ -165,9 +168,36 @@ class SegmentInputs:
                 const[a.name] = _call(gm, a, val)
             return const[a.name]
 
-        for n in seg.nodes:
+        if keep is None:
+            for n in seg.nodes:
+                env[n.name] = _call(gm, n, val)
+            return env
+        # each value is dropped after its last read in the segment unless a later segment reads it: one
+        # batch's activations inside a block, not the whole block's, are held at a time
+        last: dict[str, int] = {}
+        for i, n in enumerate(seg.nodes):
+            for a in _reads(n):
+                last[a.name] = i
+        for i, n in enumerate(seg.nodes):
             env[n.name] = _call(gm, n, val)
-        return env if keep is None else {k: v for k, v in env.items() if k in keep}
+            for a in _reads(n):
+                if last.get(a.name) == i and a.name not in keep:
+                    env.pop(a.name, None)
+                    const.pop(a.name, None)
+            if not n.users and n.name not in keep:
+                env.pop(n.name, None)
+        return {k: v for k, v in env.items() if k in keep}
+
+
+def _reads(n: fx.Node) -> list[fx.Node]:
+    """The values node `n` reads, and those its data-independent inputs read (computed on demand)."""
+    out, todo = [], list(n.all_input_nodes)
+    while todo:
+        a = todo.pop()
+        out.append(a)
+        if a.op not in ("placeholder", "get_attr") and "pq_segment" not in a.meta:
+            todo += a.all_input_nodes
+    return out
 
 
 def _call(gm: fx.GraphModule, n: fx.Node, val: Callable[[fx.Node], Any]) -> Any:
