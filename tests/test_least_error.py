@@ -57,3 +57,16 @@ def test_candidates_on_different_grids_are_refused():
         least_error(torch.randn(8), [a, b])
     with pytest.raises(ValueError, match="at least one"):
         least_error(torch.randn(8), [])
+
+
+def test_a_large_weight_is_scored_a_slice_of_rows_at_a_time_with_the_same_result(monkeypatch):
+    import pyquant.quant.least_error as le
+    from pyquant.quant import from_range
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(300, 48, generator=g) * torch.logspace(-2, 0, 300).unsqueeze(1)
+    enc = from_range(-w.abs().amax(1, keepdim=True) * 0.7, w.abs().amax(1, keepdim=True) * 0.7, 4, True)
+    whole = le.least_error_encoding(w, enc)
+    monkeypatch.setattr(le, "_CHUNK_ELEMENTS", 48 * 7)  # 7 rows at a time
+    sliced = le.least_error_encoding(w, enc)
+    assert torch.equal(whole.scale, sliced.scale) and torch.equal(whole.offset, sliced.offset)
+    assert not torch.equal(whole.scale, enc.scale)  # some rows did change

@@ -63,7 +63,7 @@ def least_error(x: torch.Tensor, candidates: Sequence[Encoding],
         xd = x.detach()
 
         def error(enc: Encoding) -> torch.Tensor:
-            return _group_sum((enc.quantize_dequantize(xd).double() - xd.double()).square(), first)
+            return _squared_error(xd, enc)
 
     best_err = error(first).reshape(first.scale.shape)
     scale, offset = first.scale.clone(), first.offset.clone()
@@ -77,6 +77,28 @@ def least_error(x: torch.Tensor, candidates: Sequence[Encoding],
         return first  # nothing better: the encoding itself, bit for bit
     return from_scale_offset(scale, offset, first.bitwidth, first.symmetric, first.block_size, signed=first.signed,
                              strict=first.strict)
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Elements of `x` whose float64 error is formed at once: a large weight (a language model's embedding table)
+is scored a few thousand rows at a time, not with several float64 copies of the whole table."""
+
+
+def _squared_error(x: torch.Tensor, enc: Encoding) -> torch.Tensor:
+    """The sum of squared errors of quantize-dequantize of `x` per group of `enc` (float64), a slice of rows at
+    a time where the groups do not span rows (one scale row per row of `x`)."""
+    rows = x.shape[0] if x.dim() else 1
+    per_row = x.dim() > 0 and enc.scale.dim() == x.dim() and enc.scale.shape[0] == rows
+    if not per_row or x.numel() <= _CHUNK_ELEMENTS:
+        return _group_sum((enc.quantize_dequantize(x).double() - x.double()).square(), enc)
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.numel() // rows))
+    parts = []
+    for i in range(0, rows, step):
+        sub = from_scale_offset(enc.scale[i:i + step], enc.offset[i:i + step], enc.bitwidth, enc.symmetric,
+                                enc.block_size, signed=enc.signed, strict=enc.strict)
+        xs = x[i:i + step]
+        parts.append(_group_sum((sub.quantize_dequantize(xs).double() - xs.double()).square(), sub))
+    return torch.cat(parts, dim=0)
 
 
 def least_error_encoding(x: torch.Tensor, encoding: Encoding) -> Encoding:
