@@ -2,8 +2,9 @@
 grid the encoding names (signed, strict or unsigned)."""
 from __future__ import annotations
 
-import pytest
 import importlib
+
+import pytest
 
 import torch
 
