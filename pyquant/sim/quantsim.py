@@ -415,6 +415,9 @@ class QuantSim:
             # least as good and round to nearest over the full range where that is better.
             with torch.no_grad():
                 q.set_encoding(least_error_encoding(w.detach(), q.get_encoding()))
+        # the weight is all the data there is: its statistics are not needed again (a language model's
+        # embedding table keeps a 512-bin histogram per row: a GiB)
+        q.encoding_analyzer.reset()
 
     def folds_batchnorm_each_step(self, name: str) -> bool:
         """Whether weight quantizer `name` folds its batch norm in on every forward (fold_each_step)."""
