@@ -259,11 +259,10 @@ def norm_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
     return pairs, skipped
 
 
-def _value_path(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
-                start: fx.Node) -> Union[str, tuple[fx.Node, set[fx.Node]]]:
-    """From a value projection's output through data movement to the one attention op that reads it in its
-    value slot: (the attention node, the nodes on the way), or why there is none."""
-    seen, todo, attn = {start}, [start], None
+def _through_data_movement(roles: dict[fx.Node, NodeRole], start: fx.Node) -> tuple[set[fx.Node], list[fx.Node]]:
+    """Everything `start`'s value reaches through data movement only (passthrough nodes, `start` included),
+    and the nodes that read it there and compute (in the order found, a node once per edge)."""
+    seen, todo, readers = {start}, [start], []
     while todo:
         for u in _users(todo.pop()):
             role = roles.get(u)
@@ -271,16 +270,28 @@ def _value_path(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
                 if u not in seen:
                     seen.add(u)
                     todo.append(u)
-                continue
-            kind = role.op_type if role is not None else None
-            slot = "v" if (kind == "Attention" and len(u.args) > 2 and u.args[2] in seen
-                           and not any(a in seen for a in u.args[:2])) else None
-            if (kind == "MatMul" and len(u.args) == 2 and u.args[1] in seen and u.args[0] not in seen
-                    and _from_softmax(roles, u.args[0])):
-                slot = "v"  # probabilities @ values
-            if slot is None or (attn is not None and attn is not u):
-                return f"its output reaches {_describe(u)}, not only the value slot of one attention op"
-            attn = u
+            else:
+                readers.append(u)
+    return seen, readers
+
+
+def _value_path(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
+                start: fx.Node) -> Union[str, tuple[fx.Node, set[fx.Node]]]:
+    """From a value projection's output through data movement to the one attention op that reads it in its
+    value slot: (the attention node, the nodes on the way), or why there is none."""
+    seen, readers = _through_data_movement(roles, start)
+    attn = None
+    for u in readers:
+        role = roles.get(u)
+        kind = role.op_type if role is not None else None
+        slot = "v" if (kind == "Attention" and len(u.args) > 2 and u.args[2] in seen
+                       and not any(a in seen for a in u.args[:2])) else None
+        if (kind == "MatMul" and len(u.args) == 2 and u.args[1] in seen and u.args[0] not in seen
+                and _from_softmax(roles, u.args[0])):
+            slot = "v"  # probabilities @ values
+        if slot is None or (attn is not None and attn is not u):
+            return f"its output reaches {_describe(u)}, not only the value slot of one attention op"
+        attn = u
     if attn is None:
         return "its output reaches no attention op"
     return attn, seen
@@ -308,16 +319,7 @@ def value_output_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
         if isinstance(found, str):
             continue  # not a value projection
         attn, _ = found
-        seen, todo, readers = {attn}, [attn], []
-        while todo:
-            for u in _users(todo.pop()):
-                role = roles.get(u)
-                if role is not None and role.kind == "passthrough":
-                    if u not in seen:
-                        seen.add(u)
-                        todo.append(u)
-                else:
-                    readers.append(u)
+        seen, readers = _through_data_movement(roles, attn)
         o = linear_use(gm, readers[0]) if len(readers) == 1 else None
         if o is None or o.input not in seen:
             skipped[f"{v.layer} -> ?"] = ("the attention output reaches "
