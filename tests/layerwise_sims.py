@@ -70,3 +70,40 @@ def block_sim(model, x, block: int, decompressed_bw=None) -> pyquant.QuantSim:
     `decompressed_bw`), as QuantSim places them."""
     return pyquant.QuantSim(model, x[:2], quant_scheme="min_max", param_bw=4, output_bw=8, block_size=block,
                             decompressed_bw=decompressed_bw)
+
+
+def fx_outputs_mse(method, **kw):
+    """`method` (pyquant.seq_mse or pyquant.gptq) on the MLP's simulation: (its result, the simulation's output
+    MSE against FP32 after calibrating the activations, the same for plain calibration)."""
+    model, x, ev = mlp_case()
+    ref = model(ev)
+    plain_sim = mlp_sim(model, x)
+    plain_sim.compute_encodings(x)
+    sim = mlp_sim(model, x)
+    res = method(sim, x, **kw)
+    sim.compute_encodings(x)
+    with torch.no_grad():
+        return res, float((sim.model(ev) - ref).pow(2).mean()), float((plain_sim.model(ev) - ref).pow(2).mean())
+
+
+def interrupted_then_resumed(method, module, per_layer: str, tmp_path, monkeypatch):
+    """`method` on the MLP's simulation stopped (KeyboardInterrupt) in its third call of `module.per_layer`,
+    then rerun from `tmp_path` on a fresh simulation: (uninterrupted sim, resumed sim, resumed result, calls
+    of the per-layer function in all)."""
+    model, x, _ = mlp_case()
+    whole = mlp_sim(model, x)
+    method(whole, x)
+    real, calls = getattr(module, per_layer), []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, per_layer, dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        method(mlp_sim(model, x), x, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(module, per_layer, real)
+    resumed = mlp_sim(model, x)
+    res = method(resumed, x, checkpoint_dir=tmp_path)
+    return whole, resumed, res, len(calls)

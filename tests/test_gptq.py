@@ -13,7 +13,8 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, block_sim
+from layerwise_sims import (block_sim, fx_outputs_mse, interrupted_then_resumed, llama_case, llama_sim, mlp_case,
+                            mlp_sim, model_output_mse)
 
 gptq_mod = importlib.import_module("pyquant.techniques.gptq")
 
@@ -126,37 +127,16 @@ def test_tiny_llama_w4_beats_plain_calibration_with_exact_integers():
 
 
 def test_fx_module_model():
-    model, x, ev = mlp_case()
-    ref = model(ev)
-    plain_sim = mlp_sim(model, x)
-    plain_sim.compute_encodings(x)
-    sim = mlp_sim(model, x)
-    res = pyquant.gptq(sim, x, batch_size=16)
+    res, mse, plain = fx_outputs_mse(pyquant.gptq, batch_size=16)
     assert [r.name for r in res.layers] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert all(r.mse_after < r.mse_before for r in res.layers)
-    sim.compute_encodings(x)
-    with torch.no_grad():
-        assert float((sim.model(ev) - ref).pow(2).mean()) < float((plain_sim.model(ev) - ref).pow(2).mean())
+    assert mse < plain
 
 
 def test_resume_after_interruption(tmp_path, monkeypatch):
+    whole, resumed, res, calls = interrupted_then_resumed(pyquant.gptq, gptq_mod, "gptq_weight", tmp_path, monkeypatch)
     model, x, _ = mlp_case()
-    whole = mlp_sim(model, x)
-    pyquant.gptq(whole, x)
-    real, calls = gptq_mod.gptq_weight, []
-
-    def dies_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(gptq_mod, "gptq_weight", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        pyquant.gptq(mlp_sim(model, x), x, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(gptq_mod, "gptq_weight", real)
-    resumed = mlp_sim(model, x)
-    res = pyquant.gptq(resumed, x, checkpoint_dir=tmp_path)
-    assert len(calls) == 3 and len(res.layers) == 3
+    assert calls == 3 and len(res.layers) == 3
     for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
         assert torch.equal(resumed.weight(n), whole.weight(n))
         assert torch.equal(resumed.quantizer(n).get_encoding().scale, whole.quantizer(n).get_encoding().scale)

@@ -12,7 +12,8 @@ import torch
 
 import pyquant
 from pyquant.quant import QuantizeDequantize
-from layerwise_sims import llama_case, llama_sim, mlp_case, mlp_sim, model_output_mse, block_sim
+from layerwise_sims import (block_sim, fx_outputs_mse, interrupted_then_resumed, llama_case, llama_sim, mlp_case,
+                            mlp_sim, model_output_mse)
 
 seq_mod = importlib.import_module("pyquant.techniques.seq_mse")
 
@@ -109,37 +110,16 @@ def test_tiny_llama_w4_beats_plain_calibration_and_freezes():
 
 
 def test_fx_module_model():
-    model, x, ev = mlp_case()
-    ref = model(ev)
-    plain_sim = mlp_sim(model, x)
-    plain_sim.compute_encodings(x)
-    sim = mlp_sim(model, x)
-    res = pyquant.seq_mse(sim, x, batch_size=16)
+    res, mse, plain = fx_outputs_mse(pyquant.seq_mse, batch_size=16)
     assert [r.name for r in res.layers] == ["fc1.weight", "fc2.weight", "fc3.weight"]
     assert all(r.rows == 64 for r in res.layers)
-    sim.compute_encodings(x)
-    with torch.no_grad():
-        assert float((sim.model(ev) - ref).pow(2).mean()) < float((plain_sim.model(ev) - ref).pow(2).mean())
+    assert mse < plain
 
 
 def test_resume_after_interruption(tmp_path, monkeypatch):
+    whole, resumed, res, calls = interrupted_then_resumed(pyquant.seq_mse, seq_mod, "seq_mse_encoding", tmp_path, monkeypatch)
     model, x, _ = mlp_case()
-    whole = mlp_sim(model, x)
-    pyquant.seq_mse(whole, x)
-    real, calls = seq_mod.seq_mse_encoding, []
-
-    def dies_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-    monkeypatch.setattr(seq_mod, "seq_mse_encoding", dies_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        pyquant.seq_mse(mlp_sim(model, x), x, checkpoint_dir=tmp_path)
-    monkeypatch.setattr(seq_mod, "seq_mse_encoding", real)
-    resumed = mlp_sim(model, x)
-    res = pyquant.seq_mse(resumed, x, checkpoint_dir=tmp_path)
-    assert len(calls) == 3 and len(res.layers) == 3  # two layers from the checkpoint, one computed now
+    assert calls == 3 and len(res.layers) == 3  # two layers from the checkpoint, one computed now
     assert sorted(p.name for p in tmp_path.iterdir()) == [  # one file per layer, one for the job
         "seq_mse_checkpoint.pt", "seq_mse_layer_0000.pt", "seq_mse_layer_0001.pt", "seq_mse_layer_0002.pt"]
     for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
