@@ -24,6 +24,7 @@ from .._checkpoint import Checkpoint
 from .._fingerprint import fingerprint
 from .._layers import layers_for
 from ..quant import QuantizerBase, from_scale_offset
+from ..sim.layerwise_calibration import placeholder_values
 from ..sim.staged import StagedRun
 
 if TYPE_CHECKING:
@@ -356,15 +357,9 @@ def sim_linear_layers(sim: "QuantSim") -> tuple[list[SimLayer], dict[str, str]]:
     return [l for _, l in sorted(layers, key=lambda t: t[0])], skipped
 
 
-def _positional(gm: fx.GraphModule, b: Any, i: int) -> tuple:
-    """A batch as the graph's positional inputs (a dict of keyword inputs by the placeholders' names)."""
-    if not isinstance(b, dict):
-        return tuple(b)
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    unknown = set(b) - set(names)
-    if unknown:
-        raise ValueError(f"data[{i}]: the simulation takes the inputs {names}, not {sorted(unknown)}")
-    return tuple(b.get(n) for n in names)
+def _positional(gm: fx.GraphModule, b: Any) -> tuple:
+    """A batch as the graph's positional inputs (keyword inputs by the placeholders' names)."""
+    return tuple(placeholder_values(gm, b).values())
 
 
 @contextlib.contextmanager
@@ -395,7 +390,7 @@ def walk_sim_layers(sim: "QuantSim", batches: list, todo: Sequence[SimLayer],
         if q.enabled and not q.has_encoding:
             sim.calibrate_weight(name)
     at = {l.node: l for l in todo}
-    run = StagedRun(gm, [_positional(gm, b, i) for i, b in enumerate(batches)])
+    run = StagedRun(gm, [_positional(gm, b) for b in batches])
     with torch.no_grad(), _uncalibrated_activations_off(sim):
         for i, n in enumerate(run.nodes):
             if n.op == "output" or not at:
