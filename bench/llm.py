@@ -554,7 +554,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "ModelOpt: mtq.quantize with the named config (only Linear inputs and weights are quantized)",
         "calib_s: simulation construction + calibration; technique_s: the technique itself (SeqMSE, GPTQ, "
         "smoothing); single runs on a shared 2-core machine, so only ratios within one run mean much",
-        f"whole run {time.perf_counter() - t_start:.0f} s",
+        f"this invocation {time.perf_counter() - t_start:.0f} s; the rows' own times (row_s in the JSON, rows kept "
+        f"from earlier invocations included) add up to {sum(r.get('row_s') or 0 for r in done.values()):.0f} s",
     ]
     return publish("llm", a, rows, COLUMNS, title="Gemma-3-270M under quantization: pyquant, AIMET and ModelOpt "
                    "(held-out Wikipedia summaries)", notes=notes)
