@@ -516,14 +516,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             r, label = rows_of(assets)
             plan.update(r)
             labels.append(label)
+    every = list(plan)
     only = [s for s in (a.only or "").split(",") if s]
     if only:  # in the order --only gives (each prefix's rows in plan order), FP32 first
         order = ["fp32"] + [k for s in only for k in plan if k.startswith(s) and k != "fp32"]
         plan = {k: plan[k] for k in dict.fromkeys(order)}
-    done: dict[str, dict[str, Any]] = {}
+    # rows kept from earlier runs stay in the results (and the resume file) even when --only skips them
+    done: dict[str, dict[str, Any]] = dict(kept)
     for key, run in plan.items():
         if key in kept:
-            done[key] = kept[key]
             continue
         log(f"{key} ...")
         t = time.perf_counter()
@@ -535,6 +536,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         done[key] = row
         log(f"{key}: {row.get('perplexity')} ({row['row_s']:.0f} s)")
         atomic_write_text(partial_path, json.dumps({"settings": settings, "rows": done}, indent=1, default=str))
+    done = {k: done[k] for k in sorted(done, key=lambda k: every.index(k) if k in every else len(every))}
     judge(done)
     rows = list(done.values())
     if not a.no_memory:

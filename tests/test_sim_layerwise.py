@@ -47,6 +47,39 @@ def test_segments_follow_the_decoder_layers():
     assert L._live_after(sim.model, segs)[-1] == set()  # the logits are never kept
 
 
+def test_a_segment_run_frees_its_values_without_the_garbage_collector():
+    # a reference cycle would keep a run's values (a language model's logits) until the collector passed
+    import gc
+    import weakref
+    _, sim, data = _llama_sim()
+    sim.compute_encodings(data)
+    segs = L.segments(sim.model)
+    inputs = L.SegmentInputs(sim.model, [L.placeholder_values(sim.model, b) for b in data[:1]])
+    seen: list[weakref.ref] = []
+    orig = L._call
+
+    def spy(gm, n, val):
+        out = orig(gm, n, val)
+        if isinstance(out, torch.Tensor):
+            seen.append(weakref.ref(out))
+        return out
+
+    gc.collect()
+    gc.disable()
+    try:
+        L._call = spy
+        with torch.no_grad():
+            for seg in segs:
+                inputs.envs[0] = inputs.run(seg, 0, keep=L._live_after(sim.model, segs)[seg.index])
+        assert inputs.envs[0] == {}  # the last segment keeps nothing
+        owned = {t.untyped_storage().data_ptr() for t in [*sim.model.parameters(), *sim.model.buffers()]}
+        alive = [t for t in (r() for r in seen) if t is not None and t.untyped_storage().data_ptr() not in owned]
+        assert len(seen) > 50 and alive == []  # only the model's own tensors (a no-op .to()) outlive the run
+    finally:
+        L._call = orig
+        gc.enable()
+
+
 def test_module_model_segments_and_calibrates():
     torch.manual_seed(0)
     m = zoo.PaddedBert().eval()

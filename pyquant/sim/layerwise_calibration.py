@@ -152,25 +152,11 @@ class SegmentInputs:
         return len(self.envs)
 
     def run(self, seg: Segment, b: int, keep: Optional[set[str]] = None) -> dict[str, Any]:
-        env = dict(self.envs[b])
-        gm = self.gm
-        const: dict[str, Any] = {}  # data-independent values (quantized weights), computed once per run
-
-        def val(a: fx.Node) -> Any:
-            if a.name in env:
-                return env[a.name]
-            if a.op == "get_attr":
-                obj: Any = gm
-                for part in str(a.target).split("."):
-                    obj = getattr(obj, part)
-                return obj
-            if a.name not in const:
-                const[a.name] = _call(gm, a, val)
-            return const[a.name]
-
+        ev = _Evaluator(self.gm, dict(self.envs[b]))
+        env = ev.env
         if keep is None:
             for n in seg.nodes:
-                env[n.name] = _call(gm, n, val)
+                env[n.name] = ev.call(n)
             return env
         # each value is dropped after its last read in the segment unless a later segment reads it: one
         # batch's activations inside a block, not the whole block's, are held at a time
@@ -179,14 +165,39 @@ class SegmentInputs:
             for a in _reads(n):
                 last[a.name] = i
         for i, n in enumerate(seg.nodes):
-            env[n.name] = _call(gm, n, val)
+            env[n.name] = ev.call(n)
             for a in _reads(n):
                 if last.get(a.name) == i and a.name not in keep:
                     env.pop(a.name, None)
-                    const.pop(a.name, None)
+                    ev.const.pop(a.name, None)
             if not n.users and n.name not in keep:
                 env.pop(n.name, None)
         return {k: v for k, v in env.items() if k in keep}
+
+
+class _Evaluator:
+    """Node values for one run: `env` (name -> value) and the data-independent values (quantized weights)
+    computed on demand in `const`. A class rather than a recursive closure: a closure that refers to itself
+    is a reference cycle, which would keep a run's values (a language model's logits) alive until the
+    garbage collector happens to pass."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict[str, Any]):
+        self.gm, self.env, self.const = gm, env, {}
+
+    def val(self, a: fx.Node) -> Any:
+        if a.name in self.env:
+            return self.env[a.name]
+        if a.op == "get_attr":
+            obj: Any = self.gm
+            for part in str(a.target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if a.name not in self.const:
+            self.const[a.name] = _call(self.gm, a, self.val)
+        return self.const[a.name]
+
+    def call(self, n: fx.Node) -> Any:
+        return _call(self.gm, n, self.val)
 
 
 def _reads(n: fx.Node) -> list[fx.Node]:
