@@ -81,6 +81,9 @@ def test_llama_stays_exact_and_scales_every_pair():
         assert by_source[f"model.layers.{i}.post_attention_layernorm"].layers == (
             f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj")
         assert by_source[f"model.layers.{i}.self_attn.v_proj"].layers == (f"model.layers.{i}.self_attn.o_proj",)
+        up_down = by_source[f"model.layers.{i}.mlp.up_proj"]
+        assert (up_down.kind, up_down.layers) == ("up-down", (f"model.layers.{i}.mlp.down_proj",))
+        assert _changed(model, ref, f"model.layers.{i}.mlp.down_proj.weight")
         assert _changed(model, ref, f"model.layers.{i}.input_layernorm.weight")
         assert _changed(model, ref, f"model.layers.{i}.self_attn.q_proj.weight")
     assert by_source["model.norm"].layers == ("lm_head",)
@@ -333,13 +336,64 @@ def test_autoquant_smoothing_alpha_is_checked():
         AutoQuant(_Mlp(), torch.randn(1, 4, 32), torch.randn(8, 4, 32), lambda m: 0.0, smoothing_alpha=2.0)
 
 
+class _GatedMLP(nn.Module):
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.leak = leak
+
+    def forward(self, x):
+        p = F.silu(self.gate(x)) * self.up(x)
+        y = self.down(p)
+        return y + p.mean(-1, keepdim=True) if self.leak else y
+
+
+def test_gated_mlp_up_rows_absorb_the_down_projections_input_outliers():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:  # outlier channels in the product the down projection reads
+            layer.mlp.up_proj.weight[[3, 17]] *= 40.0
+    data = _tokens(256)
+    ref = copy.deepcopy(model)
+    res = smooth_activations(model, data, value_output=False)
+    for i, (layer, layer0) in enumerate(zip(model.model.layers, ref.model.layers)):
+        pair = next(p for p in res.pairs if p.source == f"model.layers.{i}.mlp.up_proj")
+        assert pair.spread_after < pair.spread_before / 4
+        # down's column j took exactly the factor up's row j gave up (up's columns also took the norm pair's
+        # scales: one common factor per column)
+        s_up = (layer0.mlp.up_proj.weight[:, 0] / layer.mlp.up_proj.weight[:, 0]).detach()
+        s_down = (layer.mlp.down_proj.weight[0, :] / layer0.mlp.down_proj.weight[0, :]).detach()
+        ratio = s_down / s_up
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-5, atol=0)
+        assert float(s_down[[3, 17]].min()) > float(s_down.median()) * 4  # the outlier channels moved most
+    _assert_same(_outputs(ref, data), _outputs(model, data))
+
+
+def test_gated_product_read_elsewhere_is_skipped_and_named():
+    from pyquant.techniques import smoothing_pairs
+
+    x = torch.randn(4, 3, 8)
+    assert smoothing_pairs(_GatedMLP().eval(), x) == ["up -> down"]
+    model = _GatedMLP(leak=True).eval()
+    ref = copy.deepcopy(model)
+    assert smoothing_pairs(model, x) == []
+    with pytest.warns(NothingToDoWarning):
+        res = smooth_activations(model, [x], progress=False)
+    assert "also feeds" in res.skipped["up -> down"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    with pytest.warns(NothingToDoWarning):
+        assert smooth_activations(_GatedMLP().eval(), [x], gated_mlp=False, progress=False).pairs == []
+
+
 def test_smoothing_pairs_lists_without_changing_anything():
     from pyquant.techniques import smoothing_pairs
 
     model = _NormModel().eval()
     ref = copy.deepcopy(model)
     pairs = smoothing_pairs(model, torch.randn(2, 5, 8))
-    assert pairs == [f"blocks.{i}.norm -> blocks.{i}.q, blocks.{i}.k" for i in range(5)]
+    assert pairs == ([f"blocks.{i}.norm -> blocks.{i}.q, blocks.{i}.k" for i in range(5)]
+                     + [f"blocks.{i}.k -> blocks.{i}.out" for i in range(5)])  # relu(q) * k gates k
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
     assert smoothing_pairs(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(2, 8)) == []
 

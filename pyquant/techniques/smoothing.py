@@ -14,7 +14,10 @@ The division is absorbed exactly, in FP32, by a layer before the activation:
 * a LayerNorm or RMSNorm whose output only Linear layers read: its gain (and bias) is divided by s
   (Gemma's RMSNorm multiplies by 1 + w: the new weight is (1 + w) / s - 1);
 * a value projection whose output reaches the output projection through attention only: v's output rows
-  (and bias) are divided by s, o's input columns multiplied by it. With grouped-query attention one value
+  (and bias) are divided by s, o's input columns multiplied by it.
+* a gated MLP's up projection, whose output times the activated gate is the down projection's input (the
+  product of Llama's, Gemma's and most decoder LMs' MLPs, where the largest outliers of all sit): up's output
+  rows (and bias) are divided by s, down's input columns multiplied by it. With grouped-query attention one value
   channel feeds the columns of several query heads; the scale of a value channel is applied to every
   output-projection column that reads it (the map is measured on a probe run, not read from reshapes).
 
@@ -38,7 +41,7 @@ from .._warnings import nothing_to_do
 from .. import ops
 from ..quant import from_range
 from ..sim.graph import classify, get_attr, propagate_shapes, trace
-from .smoothing_pairs import NormPair, ValueOutputPair, norm_pairs, param_uses, value_output_pairs
+from .smoothing_pairs import GatedPair, NormPair, ValueOutputPair, gated_pairs, norm_pairs, param_uses, value_output_pairs
 
 __all__ = ["SmoothedPair", "SmoothingResult", "smooth_activations", "smoothing_pairs", "SCALE_RANGE"]
 
@@ -49,10 +52,10 @@ zero or overflow by a channel that is (nearly) dead in the data or the weights."
 
 @dataclasses.dataclass
 class SmoothedPair:
-    """One smoothed pair: `source` (the norm or value projection that absorbs 1/s), `layers` (the Linear
-    layers whose input columns were multiplied by s), `kind` ("norm" or "value-output"), the range of the
-    scales and the spread of the activation's per-channel ranges (largest per-channel max|x| over their
-    median) before and after."""
+    """One smoothed pair: `source` (the norm, value or up projection that absorbs 1/s), `layers` (the Linear
+    layers whose input columns were multiplied by s), `kind` ("norm", "value-output" or "up-down"), the
+    range of the scales and the spread of the activation's per-channel ranges (largest per-channel max|x|
+    over their median) before and after."""
 
     source: str
     layers: tuple[str, ...]
@@ -205,8 +208,8 @@ def _probe_value_maps(gm: fx.GraphModule, pairs: list[ValueOutputPair], dummy: A
     return maps
 
 
-def _capture(model: nn.Module, dummy: Any, value_output: bool
-             ) -> tuple[fx.GraphModule, list[NormPair], list[ValueOutputPair], dict[str, str]]:
+def _capture(model: nn.Module, dummy: Any, value_output: bool, gated_mlp: bool
+             ) -> tuple[fx.GraphModule, list[NormPair], list[ValueOutputPair], list[GatedPair], dict[str, str]]:
     captured = copy.deepcopy(model).eval()  # trace() prepares the model it captures in place
     gm = trace(captured, dummy)
     propagate_shapes(gm, dummy)
@@ -217,26 +220,32 @@ def _capture(model: nn.Module, dummy: Any, value_output: bool
     if value_output:
         vpairs, vskipped = value_output_pairs(gm, roles, uses)
         skipped.update(vskipped)
-    return gm, npairs, vpairs, skipped
+    gpairs: list[GatedPair] = []
+    if gated_mlp:
+        gpairs, gskipped = gated_pairs(gm, roles, uses)
+        skipped.update(gskipped)
+    return gm, npairs, vpairs, gpairs, skipped
 
 
-def smoothing_pairs(model: nn.Module, dummy_input: Any, *, value_output: bool = True) -> list[str]:
+def smoothing_pairs(model: nn.Module, dummy_input: Any, *, value_output: bool = True,
+                    gated_mlp: bool = True) -> list[str]:
     """The pairs smooth_activations() would scale in `model` ("source -> layer, ..."), found in the graph
     captured with `dummy_input`; no data is run and nothing changes. (A value -> output pair whose channel
     map the probe run cannot establish is listed here and skipped by smooth_activations.)"""
-    _, npairs, vpairs, _ = _capture(model, dummy_input, value_output)
+    _, npairs, vpairs, gpairs, _ = _capture(model, dummy_input, value_output, gated_mlp)
     return ([f"{p.norm} -> {', '.join(u.layer for u in p.linears)}" for p in npairs]
-            + [f"{p.v.layer} -> {p.o.layer}" for p in vpairs])
+            + [f"{p.v.layer} -> {p.o.layer}" for p in vpairs] + [f"{p.up.layer} -> {p.down.layer}" for p in gpairs])
 
 
 @torch.no_grad()
 def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequence[float]] = 0.5,
-                       dummy_input: Optional[Any] = None, value_output: bool = True,
+                       dummy_input: Optional[Any] = None, value_output: bool = True, gated_mlp: bool = True,
                        batch_size: Optional[int] = 32, max_samples: Optional[int] = None,
                        search_rows: int = 512, process_group: Any = None,
                        progress: Optional[bool] = None) -> SmoothingResult:
     """Smooths the activations read by `model`'s Linear layers in place (see the module docstring): every
-    LayerNorm/RMSNorm -> Linear pair and, with `value_output`, every value -> output projection pair.
+    LayerNorm/RMSNorm -> Linear pair, with `value_output` every value -> output projection pair and with
+    `gated_mlp` every gated MLP's up -> down projection pair.
 
     `data`: calibration data in any form pyquant takes (a tensor of samples, or batches: tensors, tuples,
     dicts of keyword inputs); the per-channel activation maxima are taken over all of it (at most
@@ -261,9 +270,10 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
                          f"got {search_rows!r}")
     batches = as_batches(data, batch_size, max_samples, "data")
     dummy = dummy_input if dummy_input is not None else batches[0]
-    gm, npairs, vpairs, skipped = _capture(model, dummy, value_output)
-    if not npairs and not vpairs:
-        nothing_to_do("smooth_activations: no norm -> Linear or value -> output projection pair to smooth; the "
+    gm, npairs, vpairs, gpairs, skipped = _capture(model, dummy, value_output, gated_mlp)
+    if not npairs and not vpairs and not gpairs:
+        nothing_to_do("smooth_activations: no norm -> Linear, value -> output or up -> down projection pair to "
+                      "smooth; the "
                       "model is unchanged" + (f" ({len(skipped)} pairs skipped, see the result)" if skipped else ""),
                       stacklevel=3)
         return SmoothingResult([], skipped)
@@ -274,7 +284,7 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
             skipped[f"{vpairs[i].v.layer} -> {vpairs[i].o.layer}"] = (
                 "the output projection's inputs are not each one value channel (a probe run did not find the map)")
     vpairs_ok = [(p, maps[i]) for i, p in enumerate(vpairs) if maps.get(i) is not None]
-    if not npairs and not vpairs_ok:
+    if not npairs and not vpairs_ok and not gpairs:
         nothing_to_do(f"smooth_activations: no pair can be smoothed exactly ({len(skipped)} skipped, see the "
                       "result); the model is unchanged", stacklevel=3)
         return SmoothingResult([], skipped)
@@ -296,7 +306,8 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
                 samples.setdefault(node, []).append(rows[pick])
         return f
 
-    watched = [p.linears[0].input for p in npairs] + [p.o.input for p, _ in vpairs_ok]
+    watched = ([p.linears[0].input for p in npairs] + [p.o.input for p, _ in vpairs_ok]
+               + [p.down.input for p in gpairs])
     runner = _Watch(gm, {n: keep(n) for n in watched})
     with Progress(len(batches), "smoothing", progress) as bar:
         for b in batches:
@@ -340,6 +351,15 @@ def smooth_activations(model: nn.Module, data: Data, *, alpha: Union[float, Sequ
         s, a = _best_scales(xmax, wmax, alphas, error)
         _smooth_value_output(model, p, s, m)
         done.append(_report(p.v.layer, (p.o.layer,), "value-output", a, s[m], xo))
+    for p in gpairs:
+        xmax = stats[p.down.input]
+        w_d = [get_attr(model, p.down.weight)]
+        wmax = w_d[0].detach().abs().amax(dim=0).float()
+        rows = torch.cat(samples[p.down.input]).to(wmax.device) if per_batch else None
+        error = (lambda sc: summed(_w8a8_error(rows, w_d, sc))) if rows is not None else None
+        s, a = _best_scales(xmax.to(wmax.device), wmax, alphas, error)
+        _smooth_up_down(model, p, s)
+        done.append(_report(p.up.layer, (p.down.layer,), "up-down", a, s, xmax))
     return SmoothingResult(done, skipped)
 
 
@@ -374,3 +394,14 @@ def _smooth_value_output(model: nn.Module, p: ValueOutputPair, s: torch.Tensor, 
         bv.copy_((bv.float() / sv.to(bv.device)).to(bv.dtype))
     wo = get_attr(model, p.o.weight)
     wo.copy_((wo.float() * s.to(wo.device)[m.to(wo.device)][None, :]).to(wo.dtype))
+
+
+def _smooth_up_down(model: nn.Module, p: GatedPair, s: torch.Tensor) -> None:
+    wu = get_attr(model, p.up.weight)
+    su = s.to(wu.device, torch.float32)
+    wu.copy_((wu.float() / su[:, None]).to(wu.dtype))
+    if p.up.bias is not None:
+        bu = get_attr(model, p.up.bias)
+        bu.copy_((bu.float() / su.to(bu.device)).to(bu.dtype))
+    wd = get_attr(model, p.down.weight)
+    wd.copy_((wd.float() * su.to(wd.device)[None, :]).to(wd.dtype))

@@ -1,6 +1,7 @@
 """The layer pairs activation smoothing scales, found in a captured graph (pyquant.sim.graph): a
 normalization whose gain (and bias) can absorb a per-channel factor and the Linear layers that read its
-output, and a value projection whose output reaches one output projection through attention only.
+output, a value projection whose output reaches one output projection through attention only, and a gated
+MLP's up projection whose output, multiplied by the gate, is the down projection's input.
 
 Everything here reads the graph: parameters are named by their paths (`model.layers.0.input_layernorm.weight`),
 which are the same in the user's model, so the technique can change the user's parameters in place."""
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import layers_for
-from ..sim.graph import NodeRole
+from ..sim.graph import NodeRole, get_attr
 
 _aten = torch.ops.aten
 
@@ -72,6 +73,17 @@ class ValueOutputPair:
 
     v: LinearUse
     o: LinearUse
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedPair:
+    """A gated MLP's up projection and the down projection that reads `product` = gate * up: channel j of
+    the product is up's output channel j times the gate's, so a factor on up's output row j reaches the
+    down projection's input column j unchanged."""
+
+    up: LinearUse
+    down: LinearUse
+    product: fx.Node
 
 
 def _is_target(n: Any, fns: set, methods: set = frozenset()) -> bool:
@@ -331,4 +343,45 @@ def value_output_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
             skipped[key] = f"the parameter {shared[0]} is read elsewhere too"
             continue
         pairs.append(ValueOutputPair(v, o))
+    return pairs, skipped
+
+
+def gated_pairs(gm: fx.GraphModule, roles: dict[fx.Node, NodeRole],
+                uses: dict[str, int]) -> tuple[list[GatedPair], dict[str, str]]:
+    """Up -> down projection pairs of gated MLPs: an elementwise product of a Linear output (up, read
+    nowhere else) with another value (the activated gate), read by exactly one Linear (down) and by nothing
+    else. Of two Linear operands (an MLP without an activation on its gate) the first is taken as up."""
+    pairs: list[GatedPair] = []
+    skipped: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        role = roles.get(n)
+        if (role is None or role.op_type != "Mul" or len(n.args) != 2
+                or not all(isinstance(a, fx.Node) for a in n.args)):
+            continue
+        readers, other = _readers(gm, n)
+        if not readers:
+            continue
+        ups = []
+        for a in n.args:
+            u = linear_use(gm, _strip_casts(gm, a))
+            if u is not None:
+                direct, elsewhere = _readers(gm, u.node)
+                if not direct and elsewhere == [n]:
+                    ups.append(u)
+        if not ups:
+            continue
+        up, down = ups[0], linear_use(gm, readers[0])
+        key = f"{up.layer} -> {down.layer}"
+        if other or len(readers) != 1:
+            what = [_describe(u) for u in other[:3]] + [linear_use(gm, u).layer for u in readers[1:3]]
+            skipped[key] = f"the product also feeds {', '.join(what)} (scaling it would change the model)"
+            continue
+        if get_attr(gm, up.weight).shape[0] != get_attr(gm, down.weight).shape[-1]:
+            skipped[key] = "the up projection's outputs are not the down projection's input columns one to one"
+            continue
+        shared = [p for p in (up.weight, up.bias, down.weight) if p is not None and uses.get(p, 0) != 1]
+        if shared:
+            skipped[key] = f"the parameter {shared[0]} is read elsewhere too"
+            continue
+        pairs.append(GatedPair(up, down, n))
     return pairs, skipped
