@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._batches import Data, as_batches
+from .._batches import Data, as_batches, batch_len
 from .._checkpoint import Checkpoint
 from .._deprecation import _UNSET, renamed
 from .._fingerprint import fingerprint
@@ -53,7 +53,8 @@ from .._progress import Progress
 from ..quant.encoding import Encoding
 from .bn_fold import _fold_model
 from . import layerwise
-from .layerwise import apply_rows, channel_first, collect_rows, following_activation, gram_loss, walk_layers
+from .layerwise import (apply_rows, channel_first, collect_rows, following_activation, graph_weight_layers, gram_loss,
+                        walk_layers)
 
 _LAYERS = layers_for("adaround")
 _CKPT = "adaround_checkpoint.pt"
@@ -165,8 +166,11 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
     norms are folded into it first).
 
     Args:
-        dummy_input: an input for tracing the model.
-        data: unlabelled calibration data: a tensor of samples, or batches (tensors or (inputs, ...)).
+        dummy_input: an input for tracing the model: a tensor, a tuple of positional inputs or a dict of
+            keyword inputs (a model torch.fx cannot trace, such as a transformers model, is captured with
+            torch.export, as QuantSim captures it).
+        data: unlabelled calibration data: a tensor of samples, or batches (tensors, tuples of positional
+            inputs, (inputs, labels) pairs or dicts of keyword inputs).
         param_bw: weight bit width (default 4); encodings follow `config` (QuantSim's hardware config:
             per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
         iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
@@ -187,11 +191,12 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                           positions_per_sample, position_pool, lr, quant_scheme, config, overrides or {}, tuple(skip),
                           memory_mb, seed)
     fp32 = copy.deepcopy(model).eval()
-    folded = list(_fold_model(fp32))
+    folded = list(_fold_model(fp32, dummy_input))
     qmodel = copy.deepcopy(fp32)
     dev = next((p.device for p in fp32.parameters()), torch.device("cpu"))
-    chunks = [b[0].to(dev) for b in as_batches(data, None, max_samples)]  # AdaRound feeds single-input models
-    n_samples = sum(len(c) for c in chunks)
+    chunks = [_chunk(b, dev) for b in as_batches(data, None, max_samples)]
+    n_samples = sum(batch_len(c if isinstance(c, torch.Tensor) else next(iter(c.values())) if isinstance(c, dict)
+                              else c[0]) for c in chunks)
     unknown = (set(st.overrides) | set(st.skip)) - {n for n, m in fp32.named_modules() if isinstance(m, _LAYERS)}
     if unknown:
         raise ValueError(f"overrides/skip name layers the model does not have (or that are not "
@@ -243,6 +248,16 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                           skipped=[n for n in order if n in st.skip], encodings_path=path)
 
 
+def _chunk(b: Any, dev: torch.device) -> Any:
+    """One batch on the model's device: a one-input batch as its tensor, more inputs as a tuple, keyword
+    inputs as a dict."""
+    if isinstance(b, dict):
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+    if len(b) == 1:
+        return b[0].to(dev)
+    return tuple(v.to(dev) if torch.is_tensor(v) else v for v in b)
+
+
 def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, chunks: list[torch.Tensor],
             st: AdaroundSettings, n_samples: int, order: list[str]) -> tuple[Optional[Checkpoint], dict[str, Any]]:
     """The checkpoint (None without checkpoint_dir) and the state to start from: the saved one when its
@@ -271,6 +286,7 @@ def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
     order = [n.target for n in gm.graph.nodes
              if n.op == "call_module" and f"{n.target}.weight" in sim.param_quantizers
              and isinstance(gm.get_submodule(n.target), _LAYERS)]
+    order += [name for name in graph_weight_layers(sim) if isinstance(_submodule(fp32, name), _LAYERS)]
     encodings: dict[str, Encoding] = {}
     for name in order:
         qname = f"{name}.weight"
@@ -280,6 +296,13 @@ def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
         sim.calibrate_weight(qname)
         encodings[qname] = sim.param_quantizers[qname].get_encoding()
     return gm, order, encodings
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, int, int]:
