@@ -201,7 +201,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
     if unknown:
         raise ValueError(f"overrides/skip name layers the model does not have (or that are not "
                          f"Conv/Linear): {sorted(unknown)}")
-    gm, order, encodings = _weight_encodings(fp32, dummy_input, st)
+    gm, order, encodings, graph_nodes = _weight_encodings(fp32, dummy_input, st)
 
     ckpt, state = _resume(checkpoint_dir, fp32, chunks, st, n_samples, order)
     with torch.no_grad():
@@ -225,7 +225,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                 layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
         else:
             r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
-                                following_activation(gm, name), st.for_layer(name), seed)
+                                following_activation(gm, name, graph_nodes.get(name)), st.for_layer(name), seed)
             r.seconds = time.perf_counter() - t0
             report.append(r)
         state["done"].append(name)
@@ -278,15 +278,18 @@ def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, 
 
 
 def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
-    """(graph, layers in execution order, weight encodings) from a weights-only simulation with the
-    requested config, scheme and per-layer bit widths."""
+    """(graph, layers in execution order, weight encodings, graph node of each layer that runs as an op of a
+    torch.export graph) from a weights-only simulation with the requested config, scheme and per-layer bit
+    widths."""
     from ..sim.quantsim import QuantSim
     sim = QuantSim(fp32, dummy_input, quant_scheme=st.quant_scheme, param_bw=st.param_bw, config=st.config)
     gm = sim.model
     order = [n.target for n in gm.graph.nodes
              if n.op == "call_module" and f"{n.target}.weight" in sim.param_quantizers
              and isinstance(gm.get_submodule(n.target), _LAYERS)]
-    order += [name for name in graph_weight_layers(sim) if isinstance(_submodule(fp32, name), _LAYERS)]
+    graph_nodes = {name: node for name, node in graph_weight_layers(sim).items()
+                   if isinstance(_submodule(fp32, name), _LAYERS)}
+    order += list(graph_nodes)
     encodings: dict[str, Encoding] = {}
     for name in order:
         qname = f"{name}.weight"
@@ -295,7 +298,7 @@ def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
             sim.set_bitwidth(qname, bw)
         sim.calibrate_weight(qname)
         encodings[qname] = sim.param_quantizers[qname].get_encoding()
-    return gm, order, encodings
+    return gm, order, encodings, graph_nodes
 
 
 def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:

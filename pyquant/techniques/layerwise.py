@@ -275,13 +275,19 @@ def gram_loss(w_hat: torch.Tensor, G: torch.Tensor, B: torch.Tensor, yy: float, 
     return (((W @ G) * W).sum() - 2.0 * (W * B).sum() + yy) / rows
 
 
-def following_activation(gm: fx.GraphModule, target: str) -> Optional[nn.Module]:
+_RELU_CALLS = {torch.relu, F.relu, torch.ops.aten.relu.default}
+_IDENTITY_CALLS = {torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
+
+
+def following_activation(gm: fx.GraphModule, target: str, node: Optional[str] = None) -> Optional[nn.Module]:
+    """The ReLU or ReLU6 that alone reads the output of layer `target` (a module call of `gm`; `node`: the
+    graph node running it, for a layer of a torch.export graph), through folded batch norms (Identity),
+    eval-mode dropout and copies; None when anything else reads it."""
     for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target == target:
+        if (n.op == "call_module" and n.target == target) or (node is not None and n.name == node):
             users = list(n.users)
             # an Identity (a folded batch norm) or Dropout in between changes nothing
-            while len(users) == 1 and users[0].op == "call_module" and \
-                    isinstance(gm.get_submodule(users[0].target), (nn.Identity, nn.Dropout)):
+            while len(users) == 1 and _passes_unchanged(gm, users[0]):
                 users = list(users[0].users)
             if len(users) != 1:
                 return None
@@ -289,10 +295,20 @@ def following_activation(gm: fx.GraphModule, target: str) -> Optional[nn.Module]
             if u.op == "call_module":
                 m = gm.get_submodule(u.target)
                 return m if isinstance(m, (nn.ReLU, nn.ReLU6)) else None
-            if u.op == "call_function" and u.target in (torch.relu, F.relu):
+            if u.op == "call_function" and u.target in _RELU_CALLS:
                 return nn.ReLU()
+            if u.op == "call_function" and u.target is torch.ops.aten.hardtanh.default and tuple(u.args[1:3]) == (0.0, 6.0):
+                return nn.ReLU6()
             return None
     return None
+
+
+def _passes_unchanged(gm: fx.GraphModule, u: fx.Node) -> bool:
+    if u.op == "call_module":
+        return isinstance(gm.get_submodule(u.target), (nn.Identity, nn.Dropout))
+    if u.op == "call_function" and u.target is torch.ops.aten.dropout.default:
+        return len(u.args) > 2 and u.args[2] is False
+    return u.op == "call_function" and u.target in _IDENTITY_CALLS
 
 
 def channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
