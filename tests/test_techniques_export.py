@@ -20,6 +20,7 @@ from pyquant import QuantSim
 from pyquant.techniques import adaround, correct_bias, equalize, fold_batchnorms
 
 pytest.importorskip("transformers")
+from helpers import assert_onnx_runs_simulation  # noqa: E402
 from zoo import PaddedBert, tiny_llama  # noqa: E402
 
 ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
@@ -206,6 +207,16 @@ def test_bias_correction_on_dict_batches_matches_the_positional_twin():
         assert after[n] < 1e-4 * max(before[n], 1e-3) + 1e-5, (n, before[n], after[n])
     with pytest.raises(ValueError, match="method='staged'"):
         correct_bias(sim, model, batches, method="sequential")
+
+
+def test_biases_added_by_bias_correction_export_with_the_simulation(tmp_path):
+    model, _ = _llama_twins()
+    batches = [{"input_ids": i} for i in IDS]
+    sim = _calibrated(model, batches[0], batches)
+    correct_bias(sim, model, batches)
+    sim.compute_encodings(batches)
+    files = sim.export(tmp_path, "llama", batches[0])
+    assert_onnx_runs_simulation(sim, files["onnx"], batches[1])
 
 
 def _ada(model, dummy, data, tmp=None, **kw):

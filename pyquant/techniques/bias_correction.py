@@ -152,7 +152,8 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = [n for n, m in sim.model.named_modules() if isinstance(m, _LAYERS) and f"{n}.weight" in sim.quantizers]
-    at = {n.name: n.target for n in sim.model.graph.nodes if n.op == "call_module" and n.target in set(names)}
+    modules = set(names)
+    at = {n.name: n.target for n in sim.model.graph.nodes if n.op == "call_module" and n.target in modules}
     graph_at = _graph_layers(sim, fp32_model)
     names += [n for n in graph_at.values() if n not in names]
     at.update(graph_at)
