@@ -16,7 +16,8 @@ Per layer, in execution order:
     that is cheaper than a step's rows;
   * the FP32 and the rounded model run side by side one graph node at a time over all samples (two
     forward passes in all, holding the live activations of every sample twice), so that no layer
-    re-runs the model from its input;
+    re-runs the model from its input; a model torch.fx cannot trace (captured with torch.export, such as
+    a transformers model fed dicts of keyword inputs) runs once per layer instead, stopped at the layer;
   * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
     (no regularizer during the first `warm_start` fraction; beta then falls from beta_range[0] to
     beta_range[1] along a half cosine); Adam on alpha only, through the fused kernels of pyquant.ops;
