@@ -58,9 +58,10 @@ def layer_graph(model: nn.Module, dummy_input: Any = None) -> fx.GraphModule:
         return fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - any fx failure: capture with torch.export instead
         if dummy_input is None:
-            raise ValueError(f"dummy_input: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}); "
-                             f"give an example input (a tensor, a tuple of inputs or a dict of keyword inputs) "
-                             f"to capture it with torch.export") from exc
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"dummy_input: torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                             f"{first}); give an example input (a tensor, a tuple of inputs or a dict of keyword "
+                             f"inputs) to capture it with torch.export") from exc
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     shell = copy.deepcopy(model, memo=shared).eval()  # trace() prepares what it captures in place
     return trace(shell, dummy_input)
