@@ -378,3 +378,36 @@ def test_a_cache_of_an_older_format_is_refused_naming_it(tmp_path):
     with pytest.raises(AutoQuantCacheError, match=rf"format 2, this one writes {FORMAT}"):
         StepCache(tmp_path, {"a": "1"})
     assert FORMAT >= 3
+
+
+def test_transformer_with_dict_batches_runs_bias_correction_and_adaround(tmp_path):
+    pytest.importorskip("transformers")
+    from zoo import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 256, (2, 8), generator=g)} for _ in range(2)]
+    ids = torch.randint(0, 256, (4, 8), generator=g)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+
+    def fidelity(m):
+        with torch.no_grad():
+            out = m(input_ids=ids)
+        logits = getattr(out, "logits", out)
+        return 1.0 - float((logits - ref).norm() / ref.norm())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = AutoQuant(model, calib[0], calib, fidelity, param_bw=4, progress=False, quant_schemes=("min_max",),
+                        seq_mse=False, gptq=False, smoothing_alpha=None,
+                        adaround_kwargs={"iterations": 10, "batch_size": 2, "positions_per_sample": 8}
+                        ).optimize(allowed_accuracy_drop=0.0, output_dir=tmp_path)
+    st = {s.key: s for s in res.steps}
+    for key in ("bias_correction", "adaround"):  # no longer skipped for dict batches
+        assert st[key].status == "evaluated", (key, st[key].status, st[key].reason)
+    assert st["adaround"].options["layers"] == 15
+    # no Conv/Linear pair of a Llama is joined by a positively homogeneous activation: the real reason
+    assert st["cle"].status == "skipped" and "positively homogeneous" in st["cle"].reason, st["cle"].reason
+    assert "dicts" not in " ".join(s.reason for s in res.steps)
+    assert not any(s.status == "failed" for s in res.steps), [(s.key, s.reason) for s in res.steps]

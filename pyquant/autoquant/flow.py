@@ -185,7 +185,7 @@ class AutoQuant:
         try:
             with ignoring_nothing_to_do():
                 pairs = fold_batchnorms(m, self.dummy_input)
-        except Exception as e:  # noqa: BLE001 - a model fx cannot trace is simulated as it is
+        except Exception as e:  # noqa: BLE001 - a model that cannot be captured is simulated as it is
             return {"folded": 0, "reason": f"batch norms not folded: {type(e).__name__}: {str(e)[:200]}"}
         n = len(pairs) + len(pairs.forward)
         self._fp_models[None] = (m, {"bn_stats": pairs.bn_stats})
@@ -198,16 +198,17 @@ class AutoQuant:
         if cle is None:  # the model could not be folded
             return self._model, {"bn_stats": {}}
         from ..techniques import equalize
-        if self._fold["reason"].startswith("batch norms not folded"):
-            raise _Skip("torch.fx cannot trace the model, and equalization finds its layer pairs in that graph")
+        if self._fold["reason"].startswith("batch norms not folded"):  # the model could not be captured
+            raise _Skip("equalization finds its layer pairs in the captured graph; " + self._fold["reason"])
         m = copy.deepcopy(self._model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rep = equalize(m, self.dummy_input, replace_relu6=self.replace_relu6,
                            absorb_high_bias=(cle == "cle+hba"))
         if not rep.pairs:
-            raise _Skip("no Conv/Linear layer pair to equalize" + (f" ({len(rep.skipped)} skipped)" if rep.skipped
-                                                                    else ""))
+            first = next(iter(rep.skipped.items()), None)
+            raise _Skip("no Conv/Linear layer pair with a positively homogeneous activation between them"
+                        + (f" ({len(rep.skipped)} skipped; {first[0]}: {first[1]})" if first else ""))
         if cle == "cle+hba" and not rep.absorbed:
             raise _Skip("no high bias to absorb (no folded batch norm before a ReLU)")
         info = {"bn_stats": rep.bn_stats, "pairs": len(rep.pairs), "absorbed": len(rep.absorbed),
@@ -266,14 +267,9 @@ class AutoQuant:
         else:  # weights come from the weights themselves: no need to run the data
             sim.compute_encodings(lambda m: None)
 
-    def _positional(self, what: str) -> None:
-        if any(isinstance(b, dict) for b in self._calib):
-            raise _Skip(f"{what} needs positional tensor inputs; the calibration batches are dicts")
-
     def _correct_bias(self, sim: QuantSim, fp: nn.Module, info: dict, method: str) -> dict[str, Any]:
         from ..techniques import correct_bias, correct_bias_analytical
         if method == "empirical":
-            self._positional("empirical bias correction")
             shifts = correct_bias(sim, fp, self._calib, progress=self.progress)
         else:
             if not info.get("bn_stats"):
@@ -287,8 +283,6 @@ class AutoQuant:
     def _build(self, r: Recipe, cache: Optional[StepCache]) -> tuple[QuantSim, dict[str, Any]]:
         """The calibrated simulation a recipe describes, and what was done to make it."""
         fp, info = self._recipe_model(r)
-        if r.bias_correction == "empirical":  # before the (costly) simulation is built
-            self._positional("empirical bias correction")
         opts: dict[str, Any] = {k: v for k, v in info.items() if k != "bn_stats"}
         if r.layerwise is not None:
             opts.update(self._layerwise(fp, r, cache))
@@ -298,11 +292,13 @@ class AutoQuant:
             self._calibrate(sim, r)
         else:
             from ..techniques import adaround
-            self._positional("AdaRound")
             xs = self._calib
-            if any(len(x) != 1 for x in xs) or not isinstance(self.dummy_input, torch.Tensor):
-                raise _Skip("AdaRound needs a single-input model (one tensor per batch)")
-            res = adaround(fp, self.dummy_input, torch.cat([x[0] for x in xs]), param_bw=self.param_bw,
+            one_tensor = isinstance(self.dummy_input, torch.Tensor) and all(
+                isinstance(x, tuple) and len(x) == 1 for x in xs)
+            # a single-input model's batches as one tensor of samples; others (keyword or several inputs)
+            # as the batches they are
+            data = torch.cat([x[0] for x in xs]) if one_tensor else xs
+            res = adaround(fp, self.dummy_input, data, param_bw=self.param_bw,
                            quant_scheme=r.weight_scheme, config=self._config_spec,
                            checkpoint_dir=None if cache is None else cache.adaround_dir,
                            progress=self.progress, **self.adaround_kwargs)

@@ -40,6 +40,10 @@ from .decoder import attach_generate, graph_example
 from .memory import check_copy_fits
 from .weights import FoldedWeightQuantizer, WeightQuantizer
 
+# The ops of a torch.export graph that take a bias as their third argument: where `bias(create=True)` adds one.
+_BIASED_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+               torch.ops.aten.conv3d.default, nn.functional.linear, nn.functional.conv1d, nn.functional.conv2d}
+
 QUANT_SCHEMES = {
     "tf_enhanced": TfEnhanced, "min_max": MinMax, "tf": MinMax, "mse": Mse, "percentile": Percentile,
     "entropy": Entropy,
@@ -373,6 +377,10 @@ class QuantSim:
         params = getattr(mod, "parametrizations", None)
         if params is not None and "bias" in params:
             return params.bias.original
+        graph_layer = self.placement.get(f"{layer}.weight")
+        if graph_layer is not None and graph_layer.graph_weight is not None:  # a torch.export graph's layer
+            bias = getattr(mod, "bias", None)
+            return self._add_graph_bias(layer, graph_layer) if bias is None and create else bias
         if mod.bias is None and create:
             w = params.weight.original if params is not None and "weight" in params else mod.weight
             n = w.shape[1] * getattr(mod, "groups", 1) if is_transposed(mod) else w.shape[0]
@@ -381,6 +389,31 @@ class QuantSim:
                 self._install_int32_bias(layer)
                 return mod.parametrizations.bias.original
         return mod.bias
+
+    def _add_graph_bias(self, layer: str, p: P.QuantizerPlacement) -> nn.Parameter:
+        """A zero bias `<layer>.bias` given to the one linear or convolution op of the graph that reads the
+        layer's weight (a torch.export graph's layer without a bias)."""
+        gm = self.model
+        node = next(n for n in gm.graph.nodes if n.name == p.node)
+        w_in = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        readers = len(w_in.users) if isinstance(w_in, fx.Node) else 0
+        if node.op != "call_function" or node.target not in _BIASED_OPS or readers != 1:
+            raise ValueError(f"layer {layer!r}: a bias can be added only where one linear or convolution op reads "
+                             f"the weight; {p.name} is read by {readers} node(s) ({node.target})")
+        w = self.weight(p.name)
+        bias = nn.Parameter(torch.zeros(w.shape[p.output_axis or 0], device=w.device, dtype=w.dtype))
+        gm.get_submodule(layer).register_parameter("bias", bias)
+        with gm.graph.inserting_before(node):
+            b_node = gm.graph.get_attr(f"{layer}.bias")
+        if "bias" in node.kwargs:
+            node.update_kwarg("bias", b_node)
+        elif len(node.args) > 2:
+            node.update_arg(2, b_node)
+        else:
+            node.args = tuple(node.args) + (b_node,)
+        gm.graph.lint()
+        gm.recompile()
+        return bias
 
     @contextlib.contextmanager
     def _float_biases(self):

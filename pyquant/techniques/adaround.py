@@ -16,7 +16,8 @@ Per layer, in execution order:
     that is cheaper than a step's rows;
   * the FP32 and the rounded model run side by side one graph node at a time over all samples (two
     forward passes in all, holding the live activations of every sample twice), so that no layer
-    re-runs the model from its input;
+    re-runs the model from its input; a model torch.fx cannot trace (captured with torch.export, such as
+    a transformers model fed dicts of keyword inputs) runs once per layer instead, stopped at the layer;
   * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
     (no regularizer during the first `warm_start` fraction; beta then falls from beta_range[0] to
     beta_range[1] along a half cosine); Adam on alpha only, through the fused kernels of pyquant.ops;
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .._batches import Data, as_batches
+from .._batches import Data, as_batches, batch_len
 from .._checkpoint import Checkpoint
 from .._deprecation import _UNSET, renamed
 from .._fingerprint import fingerprint
@@ -53,7 +54,8 @@ from .._progress import Progress
 from ..quant.encoding import Encoding
 from .bn_fold import _fold_model
 from . import layerwise
-from .layerwise import apply_rows, channel_first, collect_rows, following_activation, gram_loss, walk_layers
+from .layerwise import (apply_rows, channel_first, collect_rows, following_activation, graph_weight_layers, gram_loss,
+                        walk_layers)
 
 _LAYERS = layers_for("adaround")
 _CKPT = "adaround_checkpoint.pt"
@@ -165,8 +167,11 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
     norms are folded into it first).
 
     Args:
-        dummy_input: an input for tracing the model.
-        data: unlabelled calibration data: a tensor of samples, or batches (tensors or (inputs, ...)).
+        dummy_input: an input for tracing the model: a tensor, a tuple of positional inputs or a dict of
+            keyword inputs (a model torch.fx cannot trace, such as a transformers model, is captured with
+            torch.export, as QuantSim captures it).
+        data: unlabelled calibration data: a tensor of samples, or batches (tensors, tuples of positional
+            inputs, (inputs, labels) pairs or dicts of keyword inputs).
         param_bw: weight bit width (default 4); encodings follow `config` (QuantSim's hardware config:
             per-channel symmetric weights by default) and `quant_scheme` ("min_max", "tf_enhanced", ...).
         iterations, reg_param, beta_range, warm_start, lr: the optimization (per layer).
@@ -187,16 +192,17 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                           positions_per_sample, position_pool, lr, quant_scheme, config, overrides or {}, tuple(skip),
                           memory_mb, seed)
     fp32 = copy.deepcopy(model).eval()
-    folded = list(_fold_model(fp32))
+    folded = list(_fold_model(fp32, dummy_input))
     qmodel = copy.deepcopy(fp32)
     dev = next((p.device for p in fp32.parameters()), torch.device("cpu"))
-    chunks = [b[0].to(dev) for b in as_batches(data, None, max_samples)]  # AdaRound feeds single-input models
-    n_samples = sum(len(c) for c in chunks)
+    chunks = [_chunk(b, dev) for b in as_batches(data, None, max_samples)]
+    n_samples = sum(batch_len(c if isinstance(c, torch.Tensor) else next(iter(c.values())) if isinstance(c, dict)
+                              else c[0]) for c in chunks)
     unknown = (set(st.overrides) | set(st.skip)) - {n for n, m in fp32.named_modules() if isinstance(m, _LAYERS)}
     if unknown:
         raise ValueError(f"overrides/skip name layers the model does not have (or that are not "
                          f"Conv/Linear): {sorted(unknown)}")
-    gm, order, encodings = _weight_encodings(fp32, dummy_input, st)
+    gm, order, encodings, graph_nodes = _weight_encodings(fp32, dummy_input, st)
 
     ckpt, state = _resume(checkpoint_dir, fp32, chunks, st, n_samples, order)
     with torch.no_grad():
@@ -220,7 +226,7 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                 layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
         else:
             r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
-                                following_activation(gm, name), st.for_layer(name), seed)
+                                following_activation(gm, name, graph_nodes.get(name)), st.for_layer(name), seed)
             r.seconds = time.perf_counter() - t0
             report.append(r)
         state["done"].append(name)
@@ -243,6 +249,16 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                           skipped=[n for n in order if n in st.skip], encodings_path=path)
 
 
+def _chunk(b: Any, dev: torch.device) -> Any:
+    """One batch on the model's device: a one-input batch as its tensor, more inputs as a tuple, keyword
+    inputs as a dict."""
+    if isinstance(b, dict):
+        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+    if len(b) == 1:
+        return b[0].to(dev)
+    return tuple(v.to(dev) if torch.is_tensor(v) else v for v in b)
+
+
 def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, chunks: list[torch.Tensor],
             st: AdaroundSettings, n_samples: int, order: list[str]) -> tuple[Optional[Checkpoint], dict[str, Any]]:
     """The checkpoint (None without checkpoint_dir) and the state to start from: the saved one when its
@@ -263,14 +279,18 @@ def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, 
 
 
 def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
-    """(graph, layers in execution order, weight encodings) from a weights-only simulation with the
-    requested config, scheme and per-layer bit widths."""
+    """(graph, layers in execution order, weight encodings, graph node of each layer that runs as an op of a
+    torch.export graph) from a weights-only simulation with the requested config, scheme and per-layer bit
+    widths."""
     from ..sim.quantsim import QuantSim
     sim = QuantSim(fp32, dummy_input, quant_scheme=st.quant_scheme, param_bw=st.param_bw, config=st.config)
     gm = sim.model
     order = [n.target for n in gm.graph.nodes
              if n.op == "call_module" and f"{n.target}.weight" in sim.param_quantizers
              and isinstance(gm.get_submodule(n.target), _LAYERS)]
+    graph_nodes = {name: node for name, node in graph_weight_layers(sim).items()
+                   if isinstance(_submodule(fp32, name), _LAYERS)}
+    order += list(graph_nodes)
     encodings: dict[str, Encoding] = {}
     for name in order:
         qname = f"{name}.weight"
@@ -279,7 +299,14 @@ def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):
             sim.set_bitwidth(qname, bw)
         sim.calibrate_weight(qname)
         encodings[qname] = sim.param_quantizers[qname].get_encoding()
-    return gm, order, encodings
+    return gm, order, encodings, graph_nodes
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _grid_params(w: torch.Tensor, enc: Encoding) -> tuple[torch.Tensor, torch.Tensor, int, int]:

@@ -11,13 +11,16 @@ import math
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .._batches import Batch, as_batches, call
 from .._layers import layers_for
 from .._progress import Progress
 from .._warnings import nothing_to_do
+from ..sim.layerwise_calibration import placeholder_values
 from ..sim.staged import PerChunk, StagedRun
+from .layerwise import graph_weight_layers
 
 _LAYERS = layers_for("bias_correction")
 
@@ -65,39 +68,64 @@ def _shift_view(shift: torch.Tensor, y: torch.Tensor, linear: bool) -> torch.Ten
     return shift.reshape(-1) if linear else shift.reshape((1, -1) + (1,) * (y.dim() - 2))
 
 
+def _graph_layers(sim, fp32_model: nn.Module) -> dict[str, str]:
+    """The layers of a torch.export simulation (graph node running the layer -> its module path), for the
+    linear and convolution ops that read a whole quantized weight and their own bias or none, whose module
+    in `fp32_model` is a Conv/Linear layer."""
+    gm = sim.model
+    nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, str] = {}
+    for name, node_name in graph_weight_layers(sim).items():
+        node = nodes[node_name]
+        b_in = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if b_in is not None and not (isinstance(b_in, fx.Node) and b_in.op == "get_attr"
+                                     and b_in.target == f"{name}.bias"):
+            continue
+        try:
+            fp_layer = fp32_model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(fp_layer, _LAYERS):
+            out[node_name] = name
+    return out
+
+
 @torch.no_grad()
-def _staged(sim, names: list[str], ref: dict[str, torch.Tensor], chunks: list[Batch], bar: Progress,
-            apply: Callable[[str, torch.Tensor], None]) -> None:
+def _staged(sim, at: dict[str, str], linear: dict[str, bool], ref: dict[str, torch.Tensor], chunks: list[Batch],
+            bar: Progress, apply: Callable[[str, torch.Tensor], None]) -> None:
     """Runs the simulation's graph one node at a time over every chunk (pyquant.sim.staged). When a
-    layer to correct has produced its outputs for all the data, its mean shift is what the
-    layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted by what the
-    layer's simulated bias moved (the shift, on the bias's int32 grid), so later layers see the corrected
-    values without a re-run."""
-    run = StagedRun(sim.model, chunks)
-    wanted = set(names)
+    layer to correct (`at`: graph node -> layer) has produced its outputs for all the data, its mean shift
+    is what the layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted
+    by what the layer's simulated bias moved (the shift, on the bias's int32 grid), so later layers see the
+    corrected values without a re-run."""
+    gm = sim.model
+    run = StagedRun(gm, [tuple(placeholder_values(gm, c).values()) for c in chunks])
+    at = dict(at)
     for i, n in enumerate(run.nodes):
         if n.op == "output":
             break
         outs = run.compute(n)
-        if n.op == "call_module" and n.target in wanted and isinstance(outs, PerChunk):
-            linear = isinstance(sim.model.get_submodule(n.target), nn.Linear)
+        name = at.get(n.name)
+        if name is not None and isinstance(outs, PerChunk):
+            lin = linear[name]
             total, count = None, 0
             for y in outs:
-                mu = _channel_mean(y, linear)
-                w = y.numel() // y.shape[-1 if linear else 1]
+                mu = _channel_mean(y, lin)
+                w = y.numel() // y.shape[-1 if lin else 1]
                 total = mu * w if total is None else total + mu * w
                 count += w
-            shift = (total / count - ref[n.target]).float()
-            layer = sim.model.get_submodule(n.target)
-            before = layer.bias.detach().clone() if layer.bias is not None else 0.0
-            apply(n.target, shift)
+            shift = (total / count - ref[name]).float()
+            layer = gm.get_submodule(name)
+            before = layer.bias.detach().clone() if getattr(layer, "bias", None) is not None else 0.0
+            apply(name, shift)
             # what the layer adds changed by this much: the shift itself, up to the int32 grid the
             # simulation keeps the bias on (layer.bias is the simulated bias, sim.bias the float one)
             moved = (layer.bias.detach() - before).float()
-            wanted.discard(n.target)  # a layer called again later is corrected once, at its first call
+            # a layer called again later is corrected once, at its first call
+            at = {k: v for k, v in at.items() if v != name}
             for c, y in enumerate(outs):
-                outs[c] = y + _shift_view(moved, y, linear).to(y.dtype)
-            bar.update(note=n.target)
+                outs[c] = y + _shift_view(moved, y, lin).to(y.dtype)
+            bar.update(note=name)
         run.release(i)
 
 
@@ -109,26 +137,40 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
     with the earlier layers already corrected, is made to match the FP32 model's.
 
     `data`: the calibration inputs (a tensor, split into chunks of `batch_size`, or an iterable of
-    batches). ``method="staged"`` (default) runs the simulation's graph one node at a time over all
-    chunks and keeps each live value for all of them: one pass over the data in all (plus one FP32
-    pass), the same result as correcting layer by layer, at the memory cost of the widest live
-    activations of the whole data set. ``"sequential"`` re-runs the simulation once per layer (low
-    memory, slow); it also accepts `data` as a callable ``forward_fn(model)``. Returns, per layer, the
-    largest mean output shift removed (max over channels)."""
+    batches: tensors, tuples of positional inputs or dicts of keyword inputs). ``method="staged"``
+    (default) runs the simulation's graph one node at a time over all chunks and keeps each live value for
+    all of them: one pass over the data in all (plus one FP32 pass), the same result as correcting layer
+    by layer, at the memory cost of the widest live activations of the whole data set. ``"sequential"``
+    re-runs the simulation once per layer (low memory, slow); it also accepts `data` as a callable
+    ``forward_fn(model)``, and needs layers the simulation calls as modules (a torch.fx capture).
+
+    Simulations captured with torch.export (transformers models) are corrected at their linear and
+    convolution ops; a layer without a bias gets one (`sim.bias(layer, create=True)`). Returns, per layer,
+    the largest mean output shift removed (max over channels)."""
     if method not in ("staged", "sequential"):
         raise ValueError(f"method must be 'staged' or 'sequential', got {method!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = [n for n, m in sim.model.named_modules() if isinstance(m, _LAYERS) and f"{n}.weight" in sim.quantizers]
+    modules = set(names)
+    at = {n.name: n.target for n in sim.model.graph.nodes if n.op == "call_module" and n.target in modules}
+    graph_at = _graph_layers(sim, fp32_model)
+    names += [n for n in graph_at.values() if n not in names]
+    at.update(graph_at)
     if layers is not None:
         wanted = set(layers)
         unknown = wanted - set(names)
         if unknown:
             raise ValueError(f"layers: {sorted(unknown)} are not quantized Conv/Linear layers of the simulation")
         names = [n for n in names if n in wanted]
+        at = {k: v for k, v in at.items() if v in wanted}
     if not names:
         nothing_to_do("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do")
         return {}
+    in_graph = sorted(set(graph_at.values()) & set(names))
+    if method == "sequential" and in_graph:
+        raise ValueError(f"method='sequential' measures layers the simulation calls as modules; {in_graph[0]} "
+                         f"(and {len(in_graph) - 1} more) run as ops of a torch.export graph: use method='staged'")
     if callable(data):
         if method != "sequential":
             raise ValueError("data: a forward function works with method='sequential'; pass the calibration "
@@ -136,9 +178,6 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
         run = data
     else:
         chunks = as_batches(data, batch_size)
-        if any(isinstance(c, dict) for c in chunks) and method == "staged":
-            raise ValueError("data: method='staged' runs the graph on positional inputs; keyword (dict) batches "
-                             "need method='sequential'")
 
         def run(model):
             for c in chunks:
@@ -151,6 +190,8 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
             bias.sub_(shift.to(bias.device, bias.dtype))
         removed[n] = float(shift.abs().max())
 
+    for n in in_graph:  # a zero bias first, so that the graph is not changed while it runs
+        sim.bias(n, create=True)
     ref = _means(fp32_model, names, run)
     bar = Progress(len(names), "bias correction", progress)
     if method == "sequential":
@@ -158,7 +199,8 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
             apply(n, (_means(sim.model, [n], run)[n] - ref[n]).float())
             bar.update(note=n)
     else:
-        _staged(sim, names, ref, chunks, bar, apply)
+        linear = {n: isinstance(fp32_model.get_submodule(n), nn.Linear) for n in names}
+        _staged(sim, at, linear, ref, chunks, bar, apply)
     bar.close()
     return removed
 

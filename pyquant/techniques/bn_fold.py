@@ -17,6 +17,7 @@ quantizers' encodings are scaled with the weights, so a simulation trained with 
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 from .._deprecation import _UNSET
 from .._layers import batchnorm_scale_shift, batchnorm_usable, is_transposed, layers_for
 from .._warnings import nothing_to_do, verbose_switch
+from .graph_layers import batchnorm_of, layer_graph, layer_of, value_users
 
 _LAYERS = layers_for("bn_fold")
 
@@ -66,52 +68,69 @@ def fold_batchnorms(model: nn.Module, dummy_input: Optional[Any] = None, *, verb
     """Folds BatchNorms into the adjacent layers of `model` in place (each folded BN becomes
     nn.Identity) and returns what was folded.
 
-    The graph is read with torch.fx; `dummy_input` is accepted for API symmetry with the other
-    techniques. The model's outputs in eval mode are unchanged up to float rounding. A model with
+    The graph is read with torch.fx, or, for a model fx cannot trace, captured with torch.export from
+    `dummy_input` (a tensor, a tuple of positional inputs or a dict of keyword inputs) as QuantSim captures
+    it. The model's outputs in eval mode are unchanged up to float rounding. A model with
     nothing to fold is left as it is, with a NothingToDoWarning (`verbose` is deprecated: filter the
     category instead)."""
     with verbose_switch(verbose, "fold_batchnorms"):
-        pairs = _fold_model(model)
+        pairs = _fold_model(model, dummy_input)
         if not pairs and not pairs.forward:
             nothing_to_do("fold_batchnorms: no batch norm next to a Conv/ConvTranspose/Linear was found; the "
                           "model is unchanged", stacklevel=4)
     return pairs
 
 
-def _fold_model(model: nn.Module) -> FoldedPairs:
-    gm = fx.symbolic_trace(model)
+def _fold_model(model: nn.Module, dummy_input: Optional[Any] = None) -> FoldedPairs:
+    gm = layer_graph(model, dummy_input)
     pairs = FoldedPairs()
     done: set[str] = set()
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not batchnorm_usable(gm.get_submodule(n.target)):
+        bn_name = batchnorm_of(model, gm, n)
+        if bn_name is None or not batchnorm_usable(model.get_submodule(bn_name)):
             continue
         prev = n.args[0] if n.args else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+        if not isinstance(prev, fx.Node) or len(value_users(prev)) != 1:
             continue
-        if not isinstance(gm.get_submodule(prev.target), _LAYERS):
+        layer = layer_of(model, gm, prev, _LAYERS)
+        if layer is None:
             continue
-        bn_mod = model.get_submodule(n.target)
+        bn_mod = model.get_submodule(bn_name)
         if bn_mod.affine:
-            pairs.bn_stats[prev.target] = (bn_mod.bias.detach().clone(), bn_mod.weight.detach().abs().clone())
-        _fold(model.get_submodule(prev.target), bn_mod)
-        _replace(model, n.target, nn.Identity())
-        pairs.append((prev.target, n.target))
-        done.add(n.target)
+            pairs.bn_stats[layer] = (bn_mod.bias.detach().clone(), bn_mod.weight.detach().abs().clone())
+        _fold(model.get_submodule(layer), bn_mod)
+        _replace(model, bn_name, nn.Identity())
+        pairs.append((layer, bn_name))
+        done.add(bn_name)
     # BN -> layer, where the BN's output feeds only that layer and folding is exact
     for n in gm.graph.nodes:
-        if n.op != "call_module" or n.target in done or not batchnorm_usable(gm.get_submodule(n.target)):
+        bn_name = batchnorm_of(model, gm, n)
+        if bn_name is None or bn_name in done or not batchnorm_usable(model.get_submodule(bn_name)):
             continue
-        users = list(n.users)
-        if len(users) != 1 or users[0].op != "call_module":
+        out = _bn_output(n)
+        users = value_users(out) if out is not None else []
+        if len(users) != 1 or not users[0].args or users[0].args[0] is not out:
             continue
-        layer = model.get_submodule(users[0].target)
-        bn_mod = model.get_submodule(n.target)
+        layer_name = layer_of(model, gm, users[0], _LAYERS)
+        if layer_name is None:
+            continue
+        layer = model.get_submodule(layer_name)
+        bn_mod = model.get_submodule(bn_name)
         if not _can_fold_forward(layer, bn_mod.num_features) or getattr(layer, "groups", 1) != 1:
             continue
         _fold_forward(bn_mod, layer)
-        _replace(model, n.target, nn.Identity())
-        pairs.forward.append((n.target, users[0].target))
+        _replace(model, bn_name, nn.Identity())
+        pairs.forward.append((bn_name, layer_name))
     return pairs
+
+
+def _bn_output(n: fx.Node) -> Optional[fx.Node]:
+    """The node holding a batch norm's normalized output: the node itself, or for the ATen op that returns
+    (output, mean, invstd) its first item."""
+    if n.op == "call_function" and n.target is torch.ops.aten._native_batch_norm_legit_no_training.default:
+        items = [u for u in n.users if u.target is operator.getitem and u.args[1] == 0]
+        return items[0] if len(items) == 1 else None
+    return n
 
 
 @torch.no_grad()

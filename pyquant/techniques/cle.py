@@ -10,17 +10,21 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-import torch.fx as fx
 from torch import nn
 
+from .._batches import call
 from .._deprecation import _UNSET
 from .._layers import layers_for
 from .._warnings import nothing_to_do, verbose_switch
 from ..quant import QuantizerBase
 from .bn_fold import _fold_model
+from .graph_layers import activation_of, layer_graph, layer_of, value_users
 
 _LAYERS = layers_for("cle")
 _HOMOGENEOUS = (nn.ReLU, nn.PReLU, nn.Identity, nn.Dropout)
+# elementwise activations a pair may sit around: those outside the allowed ones block the pair, said so
+_ELEMENTWISE = _HOMOGENEOUS + (nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardtanh,
+                               nn.LeakyReLU, nn.ELU, nn.Hardsigmoid, nn.Mish, nn.Softplus)
 
 
 @dataclasses.dataclass
@@ -81,48 +85,53 @@ def _spread(m: nn.Module) -> float:
     return float(r.max() / r.clamp_min(1e-12).min())
 
 
-def _is_functional_relu(n: fx.Node) -> bool:
-    if n.op == "call_function":
-        return n.target in (torch.relu, torch.nn.functional.relu, torch.relu_)
-    return n.op == "call_method" and n.target in ("relu", "relu_")
-
-
-def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS):
+def _pairs(model: nn.Module, with_acts: bool = False, acts_allowed: tuple = _HOMOGENEOUS,
+           dummy_input: Any = None, skipped: Optional[dict[str, str]] = None):
     """(first, second) layer names joined through homogeneous activations only, each first layer
-    feeding only the second; with `with_acts`, also the activation types between them."""
-    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    feeding only the second; with `with_acts`, also the activation types between them. The graph is
+    torch.fx's, or torch.export's with `dummy_input` for a model fx cannot trace (graph_layers.layer_graph).
+    Layers joined through an activation that is not allowed go into `skipped` ("a -> b" -> why)."""
+    gm = layer_graph(model, dummy_input)
     out = []
     for n in gm.graph.nodes:
-        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), _LAYERS):
+        first = layer_of(model, gm, n, _LAYERS)
+        if first is None:
             continue
         cur = n
         acts: list[type] = []
+        blocked: Optional[str] = None  # the first activation on the way that is not allowed
         while True:
-            users = list(cur.users)
+            users = value_users(cur)
             if len(users) != 1:
                 break
             nxt = users[0]
-            if _is_functional_relu(nxt):
-                if nn.ReLU not in acts_allowed:
+            second = layer_of(model, gm, nxt, _LAYERS)
+            if second is not None:
+                if nxt.args[0] is not cur:  # reads the chain as its weight or bias, not as its input
                     break
-                acts.append(nn.ReLU)
-                cur = nxt
-                continue
-            if nxt.op != "call_module":
-                break
-            mod = gm.get_submodule(nxt.target)
-            if isinstance(mod, QuantizerBase):  # a simulation's quantizer: transparent here
-                cur = nxt
-                continue
-            if isinstance(mod, _LAYERS):
-                a, b = gm.get_submodule(n.target), mod
+                if blocked is not None:
+                    if skipped is not None:
+                        skipped[f"{first} -> {second}"] = blocked
+                    break
+                a, b = model.get_submodule(first), model.get_submodule(second)
                 channels_match = a.weight.shape[0] == (b.weight.shape[0] if _is_depthwise(b) else b.weight.shape[1])
                 if channels_match and (not isinstance(b, nn.Conv2d) or b.groups == 1 or _is_depthwise(b)):
-                    out.append((n.target, nxt.target, tuple(acts)) if with_acts else (n.target, nxt.target))
+                    out.append((first, second, tuple(acts)) if with_acts else (first, second))
                 break
-            if not isinstance(mod, acts_allowed) or (isinstance(mod, nn.PReLU) and mod.num_parameters != 1):
+            act = activation_of(model, gm, nxt)
+            if act is None or not nxt.args or nxt.args[0] is not cur:
                 break
-            acts.append(type(mod))
+            kind, mod = act
+            if issubclass(kind, QuantizerBase):  # a simulation's quantizer: transparent here
+                cur = nxt
+                continue
+            if not issubclass(kind, acts_allowed):
+                if not issubclass(kind, _ELEMENTWISE):
+                    break
+                blocked = blocked or f"{kind.__name__} between them is not positively homogeneous"
+            elif kind is nn.PReLU and (mod is None or mod.num_parameters != 1):
+                blocked = blocked or "a PReLU with one slope per channel between them is not positively homogeneous"
+            acts.append(kind)
             cur = nxt
     return out
 
@@ -177,7 +186,8 @@ def _outputs(model: nn.Module, dummy_input: Any) -> Optional[torch.Tensor]:
     if dummy_input is None:
         return None
     with torch.no_grad():
-        out = model(*dummy_input) if isinstance(dummy_input, tuple) else model(dummy_input)
+        out = call(model, dummy_input if isinstance(dummy_input, (tuple, dict)) else (dummy_input,))
+    out = getattr(out, "logits", out)  # a transformers model's output: its logits
     return out.detach().clone() if isinstance(out, torch.Tensor) else None
 
 
@@ -194,8 +204,14 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
     the outputs on `dummy_input` moved. Absorption is exact for activations above beta - 3 gamma (nearly
     all, for Gaussian pre-activations) and, across a zero-padded convolution, away from the borders.
 
-    Channels whose range is zero keep a scale of 1; a pair whose weights are non-finite or all zero is
-    skipped and named in the report. A model without pairs is left as it is, with a NothingToDoWarning
+    The pairs are found in the graph torch.fx traces, or, for a model fx cannot trace (transformers
+    models, Python control flow on shapes), in the one torch.export captures from `dummy_input` (a tensor,
+    a tuple of positional inputs or a dict of keyword inputs), as QuantSim captures it; the model's own
+    modules are changed either way.
+
+    Channels whose range is zero keep a scale of 1; a pair whose weights are non-finite or all zero, or
+    whose layers are joined through an activation that is not positively homogeneous, is skipped and
+    named in the report. A model without pairs is left as it is, with a NothingToDoWarning
     (`verbose` is deprecated: filter the category instead)."""
     with verbose_switch(verbose, "equalize"):
         report = _equalize(model, dummy_input, replace_relu6, absorb_high_bias, max_iterations, tol)
@@ -208,7 +224,7 @@ def equalize(model: nn.Module, dummy_input: Optional[Any] = None, *, replace_rel
 
 def _equalize(model: nn.Module, dummy_input: Optional[Any], replace_relu6: bool, absorb_high_bias: bool,
               max_iterations: int, tol: float) -> EqualizationReport:
-    folded = _fold_model(model)
+    folded = _fold_model(model, dummy_input)
     replaced = []
     moved = None
     if replace_relu6:
@@ -223,7 +239,7 @@ def _equalize(model: nn.Module, dummy_input: Optional[Any], replace_relu6: bool,
             moved = float((after_out - before_out).abs().max() / before_out.abs().max().clamp_min(1e-30))
     skipped: dict[str, str] = {}
     detailed = []
-    for a, b, acts in _pairs(model, with_acts=True):
+    for a, b, acts in _pairs(model, with_acts=True, dummy_input=dummy_input, skipped=skipped):
         why = _pair_problem(model.get_submodule(a), model.get_submodule(b))
         if why is None:
             detailed.append((a, b, acts))

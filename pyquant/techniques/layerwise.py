@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .._batches import call
 from .._checkpoint import Checkpoint
 from .._fingerprint import fingerprint
 from .._layers import layers_for
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
            "apply_rows", "LayerRows", "collect_rows", "gram", "gram_loss", "following_activation",
-           "channel_first", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
+           "channel_first", "graph_weight_layers", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
            "LayerError", "LayerwiseResult", "LayerCheckpoint", "set_frozen_encoding", "weight_groups"]
 
 
@@ -40,12 +41,19 @@ class _Stop(Exception):
     pass
 
 
-def walk_layers(fp32: nn.Module, qmodel: nn.Module, todo: list[str], chunks: list[torch.Tensor],
+def _graph_inputs(gm: fx.GraphModule, c: Any) -> tuple:
+    """One chunk (a tensor, a tuple of positional inputs or a dict of keyword inputs) as the graph's
+    positional inputs."""
+    return (c,) if isinstance(c, torch.Tensor) else _positional(gm, c)
+
+
+def walk_layers(fp32: nn.Module, qmodel: nn.Module, todo: list[str], chunks: list[Any],
                 run_layer: Callable[[str, Iterable[tuple]], None]) -> None:
     """Calls `run_layer(name, pairs)` for each layer of `todo` with `pairs` of (the layer's input in
     `qmodel`, its FP32 output in `fp32`) per chunk, the earlier layers of `qmodel` already changed.
-    Models torch.fx traces run side by side node by node (two passes in all); others run once per
-    layer, stopped at the layer."""
+    A chunk is a tensor (the one input), a tuple of positional inputs or a dict of keyword inputs.
+    Models torch.fx traces run side by side node by node (two passes in all); others (torch.export
+    captures, transformers models) run once per layer, stopped at the layer."""
     try:
         gm_fp, gm_q = fx.symbolic_trace(fp32), fx.symbolic_trace(qmodel)
     except Exception:  # a model fx cannot trace: one forward (stopped at the layer) per layer
@@ -58,8 +66,9 @@ def walk_layers(fp32: nn.Module, qmodel: nn.Module, todo: list[str], chunks: lis
         run_layer(name, ((capture(qmodel, lq, c, "input"), capture(fp32, lf, c, "output")) for c in chunks))
 
 
-def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> torch.Tensor:
-    """The layer's input (want='input') or output during model(x), stopping the forward right there."""
+def capture(model: nn.Module, layer: nn.Module, x: Any, want: str) -> torch.Tensor:
+    """The layer's input (want='input') or output during the model's forward on `x` (a tensor, a tuple of
+    positional inputs or a dict of keyword inputs), stopping the forward right there."""
     got = []
 
     def hook(mod, args, out):
@@ -68,7 +77,7 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> t
 
     h = layer.register_forward_hook(hook)
     try:
-        model(x)
+        call(model, (x,) if isinstance(x, torch.Tensor) else x)
     except _Stop:
         pass
     finally:
@@ -78,13 +87,14 @@ def capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, want: str) -> t
     return got[0].detach()
 
 
-def walk_side_by_side(gm_fp: fx.GraphModule, gm_q: fx.GraphModule, todo: set, chunks: list[torch.Tensor],
+def walk_side_by_side(gm_fp: fx.GraphModule, gm_q: fx.GraphModule, todo: set, chunks: list[Any],
             run_layer) -> None:
     """Runs the FP32 graph and the quantized model's graph side by side, one node at a time over all
     chunks (pyquant.sim.staged). At a layer in `todo`, its inputs in the quantized model and its FP32
     outputs are at hand: `run_layer(name, pairs)` changes the layer, and its output is computed with
     the changed weight before the walk goes on. Two forward passes in all, instead of two per layer."""
-    fp, q = StagedRun(gm_fp, [(c,) for c in chunks]), StagedRun(gm_q, [(c,) for c in chunks])
+    fp = StagedRun(gm_fp, [_graph_inputs(gm_fp, c) for c in chunks])
+    q = StagedRun(gm_q, [_graph_inputs(gm_q, c) for c in chunks])
     if [(n.op, str(n.target)) for n in fp.nodes] != [(n.op, str(n.target)) for n in q.nodes]:
         raise RuntimeError("the FP32 and quantized models traced to different graphs")
     with torch.no_grad():
@@ -265,13 +275,19 @@ def gram_loss(w_hat: torch.Tensor, G: torch.Tensor, B: torch.Tensor, yy: float, 
     return (((W @ G) * W).sum() - 2.0 * (W * B).sum() + yy) / rows
 
 
-def following_activation(gm: fx.GraphModule, target: str) -> Optional[nn.Module]:
+_RELU_CALLS = {torch.relu, F.relu, torch.ops.aten.relu.default}
+_IDENTITY_CALLS = {torch.ops.aten.clone.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default}
+
+
+def following_activation(gm: fx.GraphModule, target: str, node: Optional[str] = None) -> Optional[nn.Module]:
+    """The ReLU or ReLU6 that alone reads the output of layer `target` (a module call of `gm`; `node`: the
+    graph node running it, for a layer of a torch.export graph), through folded batch norms (Identity),
+    eval-mode dropout and copies; None when anything else reads it."""
     for n in gm.graph.nodes:
-        if n.op == "call_module" and n.target == target:
+        if (n.op == "call_module" and n.target == target) or (node is not None and n.name == node):
             users = list(n.users)
             # an Identity (a folded batch norm) or Dropout in between changes nothing
-            while len(users) == 1 and users[0].op == "call_module" and \
-                    isinstance(gm.get_submodule(users[0].target), (nn.Identity, nn.Dropout)):
+            while len(users) == 1 and _passes_unchanged(gm, users[0]):
                 users = list(users[0].users)
             if len(users) != 1:
                 return None
@@ -279,10 +295,20 @@ def following_activation(gm: fx.GraphModule, target: str) -> Optional[nn.Module]
             if u.op == "call_module":
                 m = gm.get_submodule(u.target)
                 return m if isinstance(m, (nn.ReLU, nn.ReLU6)) else None
-            if u.op == "call_function" and u.target in (torch.relu, F.relu):
+            if u.op == "call_function" and u.target in _RELU_CALLS:
                 return nn.ReLU()
+            if u.op == "call_function" and u.target is torch.ops.aten.hardtanh.default and tuple(u.args[1:3]) == (0.0, 6.0):
+                return nn.ReLU6()
             return None
     return None
+
+
+def _passes_unchanged(gm: fx.GraphModule, u: fx.Node) -> bool:
+    if u.op == "call_module":
+        return isinstance(gm.get_submodule(u.target), (nn.Identity, nn.Dropout))
+    if u.op == "call_function" and u.target is torch.ops.aten.dropout.default:
+        return len(u.args) > 2 and u.args[2] is False
+    return u.op == "call_function" and u.target in _IDENTITY_CALLS
 
 
 def channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
@@ -293,6 +319,7 @@ def channel_first(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
 # ---- linear layers of a QuantSim, walked in graph order ---------------------------------------------------
 # The ops that run a linear layer whose weight is a graph attribute (torch.export graphs, functional calls).
 _LINEAR_CALLS = {torch.ops.aten.linear.default, F.linear}
+_LAYER_CALLS = _LINEAR_CALLS | {torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, F.conv1d, F.conv2d}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +382,24 @@ def sim_linear_layers(sim: "QuantSim") -> tuple[list[SimLayer], dict[str, str]]:
             continue
         layers.append((order[r.name], SimLayer(name, r.name, qnode.name)))
     return [l for _, l in sorted(layers, key=lambda t: t[0])], skipped
+
+
+def graph_weight_layers(sim: "QuantSim") -> dict[str, str]:
+    """The layers of QuantSim `sim` that run as ops on a graph-attribute weight (torch.export captures), in
+    graph order: module path `<layer>` -> the graph node (by name) of the one linear or convolution op that
+    reads weight quantizer `<layer>.weight` whole."""
+    gm = sim.model
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = []
+    for name, p in sim.placement.items():
+        if not p.is_param or p.graph_weight is None or not name.endswith(".weight"):
+            continue
+        n = nodes[p.node]
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+        if n.op == "call_function" and n.target in _LAYER_CALLS and isinstance(w, fx.Node) and len(w.users) == 1:
+            found.append((order[n.name], name[:-len(".weight")], n.name))
+    return {layer: node for _, layer, node in sorted(found)}
 
 
 def _positional(gm: fx.GraphModule, b: Any) -> tuple:
