@@ -172,7 +172,7 @@ def _calibrated_sim(spec: Spec, a: argparse.Namespace):
         from ._warnings import ignoring_nothing_to_do
         from .techniques import fold_batchnorms
         with ignoring_nothing_to_do():
-            fold_batchnorms(model)
+            fold_batchnorms(model, spec.dummy_input)
     sim = QuantSim(model, spec.dummy_input, **_sim_kwargs(a))
     sim.compute_encodings(as_batches(spec.data, a.batch_size, a.calib_samples), progress=a.progress)
     return sim

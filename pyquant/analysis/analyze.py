@@ -72,7 +72,7 @@ def analyze(model: nn.Module, dummy_input: Any, data: Union[torch.Tensor, Iterab
         if fold_bn:
             from ..techniques import fold_batchnorms
             with ignoring_nothing_to_do():
-                fold_batchnorms(m)
+                fold_batchnorms(m, dummy_input)
         sim = QuantSim(m, dummy_input, quant_scheme=quant_scheme, param_bw=param_bw, output_bw=output_bw,
                        config=config)
         calib = as_batches(data if calib_data is None else calib_data, batch_size, calib_samples, what="data")

@@ -50,7 +50,7 @@ def cle_weight_ranges(model: nn.Module, dummy_input: Any, *, replace_relu6: bool
     before_m = copy.deepcopy(model).eval()
     if fold_bn:
         with ignoring_nothing_to_do():
-            fold_batchnorms(before_m)
+            fold_batchnorms(before_m, dummy_input)
     after_m = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "nothing to equalize" is reported in the summary instead
