@@ -142,6 +142,10 @@ def pq_rows(a: Assets) -> dict[str, Callable[[], dict[str, Any]]]:
     if _accepts("kv_bw"):
         rows["w8a16_kv8"] = calibrated("W8A16 + 8-bit KV cache",
                                        lambda: pq_sim(a, param_bw=8, output_bw=16, kv_bw=8))
+    # the residual stream (Gemma's reaches 1e5) on one 16-bit per-tensor grid is most of W8A16's loss; a target
+    # that runs only the matrix products in integers keeps it in float
+    rows["w8a16_linear"] = calibrated("W8A16, Linear inputs only (16-bit GEMM inputs, 8-bit weights, the rest in "
+                                      "float)", lambda: pq_sim(a, param_bw=8, output_bw=16, config=LINEAR_INPUTS))
     w4 = dict(param_bw=4, output_bw=16, weights="min_max", block_size=64)
 
     def w4_sim(table_bw: int = 8, **kw: Any):
@@ -440,8 +444,9 @@ def judge(rows: dict[str, dict[str, Any]]) -> None:
             rows[key]["target"], rows[key]["met"] = text, ok
 
     g = lambda k: rows.get(k, {}).get("perplexity")  # noqa: E731
-    if g("w8a16"):
-        target("w8a16", "<= 1.01x FP32", g("w8a16") <= 1.01 * fp)
+    for k in ("w8a16", "w8a16_linear"):
+        if g(k):
+            target(k, "<= 1.01x FP32", g(k) <= 1.01 * fp)
     if rows.get("onnx_w4a16_b64", {}).get("ort_vs_sim"):
         r = rows["onnx_w4a16_b64"]
         r["target"], r["met"] = "onnxruntime within 1% of the simulation", abs(r["ort_vs_sim"] - 1) <= 0.01
@@ -452,8 +457,9 @@ def judge(rows: dict[str, dict[str, Any]]) -> None:
         if rtn and g(k):
             target(k, "closes >= half of round-to-nearest's gap", (rtn - g(k)) >= 0.5 * (rtn - fp))
     if g("w4a16_b64_rtn_all4") and g("w4a16_b64_lpbq"):
-        target("w4a16_b64_lpbq", "within 1% of per-block float scales (w4a16_b64_rtn_all4)",
-               abs(g("w4a16_b64_lpbq") / g("w4a16_b64_rtn_all4") - 1) <= 0.01)
+        # LPBQ's integer block scales may only cost accuracy: lower perplexity than float scales passes
+        target("w4a16_b64_lpbq", "<= 1.01x per-block float scales (w4a16_b64_rtn_all4)",
+               g("w4a16_b64_lpbq") <= 1.01 * g("w4a16_b64_rtn_all4"))
     for k in ("w8a8_smooth", "w8a8_linear_smooth"):
         if g(k):
             target(k, "<= 1.10x FP32", g(k) <= 1.10 * fp)
