@@ -311,8 +311,9 @@ def aimet_rows(a: Assets) -> tuple[dict[str, Callable[[], dict[str, Any]]], str]
         return [m for n, m in s.model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
 
     def eight_bit_table(s) -> None:  # the tied embedding / head at 8 bits per row, as pyquant's W4 rows
-        for n, m in s.model.named_modules():
-            if isinstance(m, (torch.nn.Embedding, torch.nn.Linear)) and ("embed_tokens" in n or "lm_head" in n):
+        for n, m in s.model.named_modules():  # (AIMET leaves Gemma's scaled embedding unquantized)
+            if (isinstance(m, (torch.nn.Embedding, torch.nn.Linear)) and ("embed_tokens" in n or "lm_head" in n)
+                    and hasattr(m, "param_quantizers")):
                 w = m.weight
                 m.param_quantizers["weight"] = QuantizeDequantize((w.shape[0], 1), 8, True)
 
@@ -511,8 +512,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     kept: dict[str, Any] = {}
     if partial_path.exists() and not a.fresh:
         old = json.loads(partial_path.read_text())
-        if old.get("settings") == settings:
-            kept = old["rows"]
+        if old.get("settings") == settings:  # failed rows are tried again
+            kept = {k: r for k, r in old["rows"].items() if r.get("perplexity") is not None}
             log(f"resuming: {len(kept)} rows from {partial_path}")
     plan: dict[str, Callable[[], dict[str, Any]]] = {
         "fp32": lambda: dict(tool="torch", setting="FP32", perplexity=perplexity(assets.model, assets.ev))}
