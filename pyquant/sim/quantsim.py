@@ -42,7 +42,8 @@ from .weights import FoldedWeightQuantizer, WeightQuantizer
 
 # The ops of a torch.export graph that take a bias as their third argument: where `bias(create=True)` adds one.
 _BIASED_OPS = {torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
-               torch.ops.aten.conv3d.default, nn.functional.linear, nn.functional.conv1d, nn.functional.conv2d}
+               torch.ops.aten.conv3d.default, nn.functional.linear, nn.functional.conv1d, nn.functional.conv2d,
+               nn.functional.conv3d}
 
 QUANT_SCHEMES = {
     "tf_enhanced": TfEnhanced, "min_max": MinMax, "tf": MinMax, "mse": Mse, "percentile": Percentile,
