@@ -119,3 +119,21 @@ def assert_onnx_runs_simulation(sim, onnx_path, inputs: dict, step_tol: float = 
     for o, (sim_out, graph_out) in zip(report.outputs, report.output_values):
         torch.testing.assert_close(graph_out, sim_out, msg=lambda m, o=o: f"graph output {o.index} ({o.name})\n{m}")
     return {name: v.simulation != v.target for name, v in report.values.items()}
+
+
+def counted(monkeypatch, module, name: str, stop_at: int = 0) -> list:
+    """Replaces `module.name` (the original, if it is already replaced) with a wrapper that records each call
+    and raises KeyboardInterrupt on call number `stop_at` (a job killed mid-run; 0: never). Returns the list
+    of calls, one entry each."""
+    real = getattr(getattr(module, name), "__wrapped__", getattr(module, name))
+    calls: list = []
+
+    def wrapper(*args, **kw):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    wrapper.__wrapped__ = real
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

@@ -11,7 +11,7 @@ from torch import nn
 
 import pyquant
 from pyquant.sim.quantsim import QuantSim
-from helpers import fashion_mnist_or_skip
+from helpers import counted, fashion_mnist_or_skip
 
 ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
 layerwise = importlib.import_module("pyquant.techniques.layerwise")
@@ -73,26 +73,14 @@ def test_learned_rounding_beats_nearest_and_loads_into_quantsim():
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     full = _run()
-    real = ada_mod._optimize_layer
-    calls = {"n": 0}
-
-    def dies_on_third(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(ada_mod, "_optimize_layer", dies_on_third)
+    counted(monkeypatch, ada_mod, "_optimize_layer", stop_at=3)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path)
-    monkeypatch.setattr(ada_mod, "_optimize_layer", real)
     saved = torch.load(tmp_path / "adaround_checkpoint.pt", weights_only=False)
     assert saved["done"] == ["c1", "dw"]
-    calls["n"] = 0
-    monkeypatch.setattr(ada_mod, "_optimize_layer", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
-                                                                   real(*a, **k))[1])
+    calls = counted(monkeypatch, ada_mod, "_optimize_layer")
     resumed = _run(tmp_path)
-    assert calls["n"] == 3  # only the unfinished layers ran
+    assert len(calls) == 3  # only the unfinished layers ran
     for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
     assert [r.name for r in resumed.report] == ["c1", "dw", "up", "c1d", "fc"]

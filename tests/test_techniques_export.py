@@ -20,7 +20,7 @@ from pyquant import QuantSim
 from pyquant.techniques import adaround, correct_bias, equalize, fold_batchnorms
 
 pytest.importorskip("transformers")
-from helpers import assert_onnx_runs_simulation  # noqa: E402
+from helpers import assert_onnx_runs_simulation, counted  # noqa: E402
 from zoo import PaddedBert, tiny_llama  # noqa: E402
 
 ada_mod = importlib.import_module("pyquant.techniques.adaround")  # the module, not the function
@@ -249,23 +249,12 @@ def test_adaround_resumes_a_dict_batch_run(tmp_path, monkeypatch):
     data = [{"input_ids": i} for i in IDS[:2]]
     dummy = {"input_ids": IDS[0]}
     full = _ada(tiny_llama_seeded(), dummy, data, iterations=20)
-    real = ada_mod._optimize_layer
-    calls = {"n": 0}
-
-    def dies_on_fourth(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-
-    monkeypatch.setattr(ada_mod, "_optimize_layer", dies_on_fourth)
+    counted(monkeypatch, ada_mod, "_optimize_layer", stop_at=4)
     with pytest.raises(KeyboardInterrupt):
         _ada(tiny_llama_seeded(), dummy, data, tmp_path, iterations=20)
-    calls["n"] = 0
-    monkeypatch.setattr(ada_mod, "_optimize_layer", lambda *a, **k: (calls.__setitem__("n", calls["n"] + 1),
-                                                                   real(*a, **k))[1])
+    calls = counted(monkeypatch, ada_mod, "_optimize_layer")
     resumed = _ada(tiny_llama_seeded(), dummy, data, tmp_path, iterations=20)
-    assert calls["n"] == len(LLAMA_LAYERS) - 3  # only the unfinished layers ran
+    assert len(calls) == len(LLAMA_LAYERS) - 3  # only the unfinished layers ran
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
