@@ -18,6 +18,7 @@ from torch import nn
 
 from .._layers import layers_for
 from ..sim.graph import NodeRole, get_attr
+from .graph_layers import value_users
 
 _aten = torch.ops.aten
 
@@ -35,7 +36,6 @@ _LINEAR_FUNCTIONS = {F.linear, _aten.linear.default}
 _LAYER_NORM_FUNCTIONS = {F.layer_norm, _aten.layer_norm.default}  # (x, shape, weight, bias, eps)
 _RMS_NORM_FUNCTIONS = {F.rms_norm, _aten.rms_norm.default}        # (x, shape, weight, eps)
 _ADD = {operator.add, torch.add, _aten.add.Tensor, _aten.add.Scalar}
-_METADATA_ONLY = {_aten._assert_tensor_metadata.default, _aten.sym_size.int, _aten.sym_numel.default}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +94,6 @@ def _is_target(n: Any, fns: set, methods: set = frozenset()) -> bool:
     return n.op == "call_method" and n.target in methods
 
 
-def _users(n: fx.Node) -> list[fx.Node]:
-    """Users that read `n`'s values (not only its metadata or shape)."""
-    return [u for u in n.users if not (u.op == "call_function" and u.target in _METADATA_ONLY)]
-
-
 def _same_channels(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), _SAME_CHANNELS_MODULES)
@@ -125,7 +120,7 @@ def param_uses(gm: fx.GraphModule) -> dict[str, int]:
     uses: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
-            uses[n.target] = uses.get(n.target, 0) + len(_users(n))
+            uses[n.target] = uses.get(n.target, 0) + len(value_users(n))
         elif n.op == "call_module":
             for name, _ in gm.get_submodule(n.target).named_parameters():
                 path = f"{n.target}.{name}"
@@ -203,11 +198,11 @@ def _norm_params(gm: fx.GraphModule, n: fx.Node, role: NodeRole) -> Union[str, t
 
 def _readers(gm: fx.GraphModule, n: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
     """(the nodes that read `n`'s channels unchanged beyond casts/copies/eval dropout, the other readers)."""
-    direct, other, todo = [], [], _users(n)
+    direct, other, todo = [], [], value_users(n)
     while todo:
         u = todo.pop()
         if _same_channels(gm, u):
-            todo += _users(u)
+            todo += value_users(u)
         elif linear_use(gm, u) is not None and linear_use(gm, u).input in _chain(gm, n):
             direct.append(u)
         else:
@@ -219,7 +214,7 @@ def _chain(gm: fx.GraphModule, n: fx.Node) -> set[fx.Node]:
     """`n` and every node that holds its values unchanged (casts, copies, eval dropout)."""
     out, todo = {n}, [n]
     while todo:
-        for u in _users(todo.pop()):
+        for u in value_users(todo.pop()):
             if _same_channels(gm, u) and u not in out:
                 out.add(u)
                 todo.append(u)
@@ -276,7 +271,7 @@ def _through_data_movement(roles: dict[fx.Node, NodeRole], start: fx.Node) -> tu
     and the nodes that read it there and compute (in the order found, a node once per edge)."""
     seen, todo, readers = {start}, [start], []
     while todo:
-        for u in _users(todo.pop()):
+        for u in value_users(todo.pop()):
             role = roles.get(u)
             if role is not None and role.kind == "passthrough":
                 if u not in seen:
