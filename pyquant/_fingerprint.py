@@ -13,10 +13,12 @@ from torch import nn
 
 from ._version import __version__
 
-__all__ = ["digest", "model_digest", "callable_digest", "fingerprint", "differences"]
+__all__ = ["digest", "model_digest", "modules_digest", "callable_digest", "fingerprint", "differences"]
 
-_WHAT = {"model": "the model (weights or module types)", "data": "the calibration data", "dummy_input": "dummy_input",
-         "eval_fn": "eval_fn's code", "pyquant": "pyquant's version"}
+# what each entry is, and the verb of "... differ(s)"
+_WHAT = {"weights": ("the model's weights", "differ"), "modules": ("the model's module types", "differ"),
+         "data": ("the calibration data", "differs"), "dummy_input": ("dummy_input", "differs"),
+         "eval_fn": ("eval_fn's code", "differs"), "pyquant": ("pyquant's version", "differs")}
 
 
 def _feed(h: "hashlib._Hash", obj: Any) -> None:
@@ -52,9 +54,14 @@ def model_digest(model: nn.Module) -> str:
     """A digest of every tensor of the model's state and of its module types (a ReLU6 swapped for a
     ReLU keeps the state dict)."""
     h = hashlib.sha256()
-    h.update(repr([(n, type(m).__qualname__) for n, m in model.named_modules()]).encode())
-    _feed(h, dict(model.state_dict()))
+    h.update(modules_digest(model).encode())
+    h.update(digest(dict(model.state_dict())).encode())
     return h.hexdigest()[:20]
+
+
+def modules_digest(model: nn.Module) -> str:
+    """A digest of the model's module names and types."""
+    return hashlib.sha256(repr([(n, type(m).__qualname__) for n, m in model.named_modules()]).encode()).hexdigest()[:20]
 
 
 def callable_digest(fn: Callable) -> str:
@@ -85,12 +92,14 @@ def _feed_code(h: "hashlib._Hash", code: Any) -> None:
 
 def fingerprint(*, model: Optional[nn.Module] = None, data: Any = None, settings: Optional[Mapping[str, Any]] = None,
                 **parts: Any) -> dict[str, Any]:
-    """What a resumable result depends on: digests of `model` and `data`, of any further `parts`
+    """What a resumable result depends on: digests of `model` (every byte of its state dict, and its module
+    types), of `data` (every byte of every batch), of any further `parts`
     (callables by their code, anything else by value), the `settings` themselves (JSON, so a mismatch
     can name the setting) and pyquant's version."""
     fp: dict[str, Any] = {"pyquant": __version__}
-    if model is not None:
-        fp["model"] = model_digest(model)
+    if model is not None:  # two entries, so that a refusal says which of them changed
+        fp["weights"] = digest(dict(model.state_dict()))
+        fp["modules"] = modules_digest(model)
     if data is not None:
         fp["data"] = digest(data)
     for k, v in parts.items():
@@ -105,11 +114,14 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], then: str = "cac
     out = []
     for k in sorted((set(old) | set(new)) - {"settings"}):
         if old.get(k) != new.get(k):
-            what = _WHAT.get(k, k)
-            if k == "pyquant":
+            what, verb = _WHAT.get(k, (k, "differs"))
+            if k not in old or k not in new:  # a fingerprint of another form (older pyquant, other job)
+                out.append(f"{what}: {'not recorded' if k not in old else 'recorded'} in the {then} fingerprint"
+                           f"{'' if k not in old else ', not in this one'}")
+            elif k == "pyquant":
                 out.append(f"{what}: {then} {old.get(k)!r}, now {new.get(k)!r}")
             else:
-                out.append(f"{what} differs")
+                out.append(f"{what} {verb}")
     so, sn = old.get("settings", {}), new.get("settings", {})
     for k in sorted(set(so) | set(sn)):
         if so.get(k) != sn.get(k):
