@@ -37,7 +37,9 @@ from .layerwise_calibration import range_pass, calibrate_layerwise, sync_analyze
 from .config import HardwareConfig, load_config
 from . import fusion
 from .decoder import attach_generate, graph_example
+from .in_place import InPlaceChanges
 from .memory import check_copy_fits
+from .state_io import QuantizerSnapshot, check_checkpoint, check_encoding_shapes, checkpoint_state, read_checkpoint
 from .weights import FoldedWeightQuantizer, WeightQuantizer
 
 # The ops of a torch.export graph that take a bias as their third argument: where `bias(create=True)` adds one.
@@ -193,21 +195,29 @@ class QuantSim:
         if not in_place:
             check_copy_fits(model)
         fp32 = model if in_place else copy.deepcopy(model)
-        fp32.eval()
-        gm = G.trace(fp32, dummy_input, kv_cache=kv_cache)
-        G.propagate_shapes(gm, graph_example(gm, dummy_input))
-        if kv_cache:
-            attach_generate(gm, fp32)
-        self.model: fx.GraphModule = gm
-        self.param_quantizers: dict[str, QuantizeDequantize] = {}
-        self.activation_quantizers: dict[str, QuantizeDequantize] = {}
-        self.placement: dict[str, P.QuantizerPlacement] = {
-            p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels, block_size,
-                                      decompressed_bw, kv_bw)}
-        """Where each quantizer sits (op type, graph node, kind, per-channel axis, block size), by quantizer name."""
-        if decompressed_bw is not None and not any(p.decompressed_bw for p in self.placement.values()):
-            raise ValueError(f"decompressed_bw={decompressed_bw} applies to per-block weights, and no weight is "
-                             f"per block: give block_size (or the config's block_size)")
+        # in place, a construction refused before the quantizers are installed leaves the model as it was
+        undo = InPlaceChanges(model) if in_place else None
+        try:
+            fp32.eval()
+            gm = G.trace(fp32, dummy_input, kv_cache=kv_cache)
+            G.propagate_shapes(gm, graph_example(gm, dummy_input))
+            if kv_cache:
+                attach_generate(gm, fp32)
+            self.model: fx.GraphModule = gm
+            self.param_quantizers: dict[str, QuantizeDequantize] = {}
+            self.activation_quantizers: dict[str, QuantizeDequantize] = {}
+            self.placement: dict[str, P.QuantizerPlacement] = {
+                p.name: p for p in P.plan(gm, self.config, param_bw, output_bw, unsupported_kernels, block_size,
+                                          decompressed_bw, kv_bw)}
+            """Where each quantizer sits (op type, graph node, kind, per-channel axis, block size), by quantizer
+            name."""
+            if decompressed_bw is not None and not any(p.decompressed_bw for p in self.placement.values()):
+                raise ValueError(f"decompressed_bw={decompressed_bw} applies to per-block weights, and no weight "
+                                 f"is per block: give block_size (or the config's block_size)")
+        except BaseException:
+            if undo is not None:
+                undo.restore()
+            raise
         self.unquantized_ops: list[P.UnquantizedOp] = P.unquantized_ops(gm)
         """Ops the simulation does not know, whose outputs it leaves unquantized (listed by summary())."""
         if self.unquantized_ops:
@@ -611,22 +621,33 @@ class QuantSim:
     def save_checkpoint(self, path: Union[str, os.PathLike], optimizer: Optional[torch.optim.Optimizer] = None,
                         **extra: Any) -> None:
         """Saves the simulated model's state (weights, encodings, trainable quantizer parameters and the
-        quantizers' flags), an optimizer's state and any extra values, atomically."""
-        state = {"model": self.model.state_dict(),
-                 "quantizers": {n: q.state_flags() for n, q in self.quantizers.items()},
-                 "extra": extra, "optimizer": optimizer.state_dict() if optimizer is not None else None}
-        atomic_torch_save(state, path)
+        quantizers' flags), an optimizer's state and any extra values, atomically. Everything is saved as
+        tensors and plain values (an extra value of another kind is a TypeError), so that the file reads
+        back without unpickling objects."""
+        atomic_torch_save(checkpoint_state(self.model, self.quantizers, optimizer, extra), path)
 
     def load_checkpoint(self, path: Union[str, os.PathLike],
                         optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
         """Restores what save_checkpoint wrote (into this simulation of the same model); returns the
-        extra values."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        for n, f in state["quantizers"].items():
-            self.quantizer(n).load_state_flags(f)
-        self.model.load_state_dict(state["model"])
-        if optimizer is not None and state["optimizer"] is not None:
-            optimizer.load_state_dict(state["optimizer"])
+        extra values.
+
+        The file is read as tensors and plain values only: one holding other objects (which unpickling
+        could turn into running code) raises `pyquant.UnsafeFileError`. The load is all or nothing: the
+        whole file is checked against this simulation and `optimizer` first (ValueError naming the first
+        mismatch), and a failure while applying it puts the quantizers back as they were."""
+        where = f"checkpoint {os.fspath(path)!r}"
+        state = read_checkpoint(path)
+        check_checkpoint(state, self.model, self.quantizers, optimizer, where)
+        snapshot = QuantizerSnapshot(self.quantizers)
+        try:
+            for n, f in state["quantizers"].items():
+                self.quantizer(n).load_state_flags(f)
+            self.model.load_state_dict(state["model"])
+            if optimizer is not None and state["optimizer"] is not None:
+                optimizer.load_state_dict(state["optimizer"])
+        except BaseException:
+            snapshot.restore()
+            raise
         return state["extra"]
 
     def summary(self, file=None) -> str:
@@ -663,20 +684,31 @@ class QuantSim:
 
     # ------------------------------------------------------------------------------------------
     def load_encodings(self, path: Union[str, os.PathLike], strict: bool = True) -> None:
-        """Sets the quantizers' encodings from an encodings file (versions 1.0.0 and 2.0.0)."""
+        """Sets the quantizers' encodings from an encodings file (versions 0.6.1, 1.0.0 and 2.0.0).
+
+        All or nothing: the whole file is read and checked first (`EncodingsError` naming the entry;
+        with `strict`, a KeyError for names no quantizer has; a ValueError for an encoding with the wrong
+        number of scales), and a quantizer that refuses its encoding while they are set (ValueError) puts
+        every quantizer back as it was."""
         from .encodings import load_encodings
+        where = f"encodings file {os.fspath(path)!r}"
         act, par = load_encodings(path, param_names=list(self.param_quantizers))
-        missing = []
-        for table, quants in ((act, self.activation_quantizers), (par, self.param_quantizers)):
-            for name, enc in table.items():
-                q = quants.get(name)
-                if q is None:
-                    missing.append(name)
-                    continue
+        pairs = [(name, enc, quants[name]) for table, quants in ((act, self.activation_quantizers),
+                                                                  (par, self.param_quantizers))
+                 for name, enc in table.items() if name in quants]
+        missing = [n for n in act if n not in self.activation_quantizers] + \
+            [n for n in par if n not in self.param_quantizers]
+        if missing and strict:
+            raise KeyError(f"{where}: encodings for unknown quantizers: {missing[:8]}")
+        check_encoding_shapes(((n, e) for n, e, _ in pairs), self.quantizers, where)
+        snapshot = QuantizerSnapshot({n: q for n, _, q in pairs})
+        try:
+            for _, enc, q in pairs:
                 q.adopt_grid(enc)
                 q.set_encoding(_reshape_encoding(enc, q.shape))
-        if missing and strict:
-            raise KeyError(f"encodings for unknown quantizers: {missing[:8]}")
+        except BaseException:
+            snapshot.restore()
+            raise
 
     def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any = None, *,
                encoding_version: str = "1.0.0", opset_version: Optional[int] = None,
