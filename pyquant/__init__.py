@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from . import analysis, ops, quant
+from ._dirlock import DirectoryInUseError
 from ._native import native_info
+from ._safe_load import UnsafeFileError
 from ._version import __version__
 from ._warnings import NothingToDoWarning, PyquantWarning, UnquantizedOpWarning
 from .sim.quantsim import QuantSim
@@ -14,5 +16,5 @@ from .techniques import (adaround, correct_bias, correct_bias_analytical, equali
 __all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings",
            "write_encodings", "fold_batchnorms", "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias",
            "correct_bias_analytical", "reestimate_batchnorm", "seq_mse", "gptq", "smooth_activations",
-           "NothingToDoWarning", "PyquantWarning",
+           "NothingToDoWarning", "PyquantWarning", "UnsafeFileError", "DirectoryInUseError",
            "UnquantizedOpWarning", "__version__"]

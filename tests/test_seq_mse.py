@@ -120,8 +120,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     whole, resumed, res, calls = interrupted_then_resumed(pyquant.seq_mse, seq_mod, "seq_mse_encoding", tmp_path, monkeypatch)
     model, x, _ = mlp_case()
     assert calls == 3 and len(res.layers) == 3  # two layers from the checkpoint, one computed now
-    assert sorted(p.name for p in tmp_path.iterdir()) == [  # one file per layer, one for the job
-        "seq_mse_checkpoint.pt", "seq_mse_layer_0000.pt", "seq_mse_layer_0001.pt", "seq_mse_layer_0002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # one file per layer, one for the job, the lock
+        ".pyquant.lock", "seq_mse_checkpoint.pt", "seq_mse_layer_0000.pt", "seq_mse_layer_0001.pt", "seq_mse_layer_0002.pt"]
     for n in ("fc1.weight", "fc2.weight", "fc3.weight"):
         assert torch.equal(resumed.quantizer(n).get_encoding().scale, whole.quantizer(n).get_encoding().scale)
         assert resumed.quantizer(n).frozen

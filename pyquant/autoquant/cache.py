@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from .._dirlock import LOCK_FILE
 from .._fingerprint import differences
 from .._io import atomic_write_text
 from .result import StepRecord
@@ -56,9 +57,9 @@ class StepCache:
                     f"{'; '.join(diff)}. Pass another cache_dir, or delete this one to start over")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        if any(p for p in self.root.iterdir() if p.name not in ("steps", "states")):
+        if any(p for p in self.root.iterdir() if p.name not in ("steps", "states", LOCK_FILE)):
             # refuse to scatter the cache among a user's files (an output folder is fine once ours)
-            stray = sorted(p.name for p in self.root.iterdir())[:5]
+            stray = sorted(p.name for p in self.root.iterdir() if p.name != LOCK_FILE)[:5]
             raise AutoQuantCacheError(f"cache_dir {str(self.root)!r} is not empty and is not an AutoQuant cache "
                                       f"(it holds {stray}); pass an empty or new folder")
         atomic_write_text(meta, json.dumps({"format": FORMAT, "fingerprint": self.fp}, indent=2, sort_keys=True))

@@ -13,6 +13,7 @@ Flow (every evaluation is one call of `eval_fn`):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,12 +30,14 @@ import torch
 from torch import nn
 
 from .._batches import as_batches
+from .._dirlock import DirectoryLock
 from .._fingerprint import fingerprint
 from .._progress import Progress
 from .._version import __version__
 from .._warnings import NothingToDoWarning, ignoring_nothing_to_do
 from ..sim.config import HardwareConfig, load_config
 from ..sim.quantsim import QUANT_SCHEMES, QuantSim
+from ..sim.state_io import read_checkpoint
 from .cache import StepCache
 from .report import write_reports
 from .result import AutoQuantResult, StepRecord
@@ -339,7 +342,7 @@ class AutoQuant:
         """A cached step's simulation: built empty from its recipe, then its saved state loaded."""
         fp, _ = self._recipe_model(r)
         sim = self._new_sim(fp, r)
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = read_checkpoint(path)["model"]  # tensors and plain values only: UnsafeFileError otherwise
         with torch.no_grad():  # layers that gained a bias (bias correction) need one to load into
             have = sim.model.state_dict()
             for k in state:
@@ -396,19 +399,23 @@ class AutoQuant:
         if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
                                           or not time_budget_s > 0):
             raise ValueError(f"time_budget_s must be a positive number of seconds or None, got {time_budget_s!r}")
-        cache = None
-        if cache_dir is not None:
-            fp = fingerprint(model=self._model, data=self._calib, dummy_input=self.dummy_input, eval_fn=self.eval_fn,
-                             settings=self._settings())
-            cache = StepCache(cache_dir, fp)
-        out = Path(output_dir) if output_dir is not None else (
-            Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="pyquant-autoquant-")))
-        run = _Run(self, float(drop), time_budget_s, cache)
-        with warnings.catch_warnings():
-            # the techniques' "nothing to do" warnings become skipped steps in the report
-            warnings.simplefilter("ignore", NothingToDoWarning)
-            run.execute()
-        return run.finish(out)
+        with contextlib.ExitStack() as held:
+            cache = None
+            if cache_dir is not None:
+                # one run per cache_dir at a time (DirectoryInUseError names the other run's pid); the lock
+                # goes when this run ends, or with its process
+                held.enter_context(DirectoryLock(cache_dir, "cache_dir"))
+                fp = fingerprint(model=self._model, data=self._calib, dummy_input=self.dummy_input,
+                                 eval_fn=self.eval_fn, settings=self._settings())
+                cache = StepCache(cache_dir, fp)
+            out = Path(output_dir) if output_dir is not None else (
+                Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="pyquant-autoquant-")))
+            run = _Run(self, float(drop), time_budget_s, cache)
+            with warnings.catch_warnings():
+                # the techniques' "nothing to do" warnings become skipped steps in the report
+                warnings.simplefilter("ignore", NothingToDoWarning)
+                run.execute()
+            return run.finish(out)
 
 
 class _Run:

@@ -31,6 +31,7 @@ pyquant.techniques.layerwise, shared with other layer-wise methods.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -48,6 +49,7 @@ from .. import ops
 from .._batches import Data, as_batches, batch_len
 from .._checkpoint import Checkpoint
 from .._deprecation import _UNSET, renamed
+from .._dirlock import DirectoryLock
 from .._fingerprint import fingerprint
 from .._layers import layers_for
 from .._progress import Progress
@@ -182,7 +184,9 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
             deprecated name.
         overrides: per-layer settings, e.g. {"features.0.0": {"iterations": 2000, "param_bw": 8}}.
         skip: layer names to leave with round-to-nearest.
-        checkpoint_dir: where progress is saved after each layer; a rerun resumes there.
+        checkpoint_dir: where progress is saved after each layer; a rerun resumes there. One job uses it
+            at a time (another process's: `pyquant.DirectoryInUseError`), and a state file holding anything
+            but tensors and plain values is refused (`pyquant.UnsafeFileError`).
         memory_mb: budget for the kept inputs/targets of one layer; beyond it fewer positions are kept.
         seed: makes the run reproducible (and a resumed run identical to an uninterrupted one).
     """
@@ -204,49 +208,52 @@ def adaround(model: nn.Module, dummy_input: Any, data: Data, *, param_bw: int = 
                          f"Conv/Linear): {sorted(unknown)}")
     gm, order, encodings, graph_nodes = _weight_encodings(fp32, dummy_input, st)
 
-    ckpt, state = _resume(checkpoint_dir, fp32, chunks, st, n_samples, order)
-    with torch.no_grad():
-        for name, w in state["weights"].items():
-            qmodel.get_submodule(name).weight.copy_(w.to(dev))
+    # one job per checkpoint_dir at a time: DirectoryInUseError names the other job's pid
+    lock = DirectoryLock(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else contextlib.nullcontext()
+    with lock:
+        ckpt, state = _resume(checkpoint_dir, fp32, chunks, st, n_samples, order)
+        with torch.no_grad():
+            for name, w in state["weights"].items():
+                qmodel.get_submodule(name).weight.copy_(w.to(dev))
 
-    report = [LayerReport(**r) for r in state["report"]]
-    todo = [n for n in order if n not in state["done"]]
-    bar = Progress(len(order), "adaround", progress)
-    bar.n = len(order) - len(todo)
-    index = {n: i for i, n in enumerate(order)}
+        report = [LayerReport(**r) for r in state["report"]]
+        todo = [n for n in order if n not in state["done"]]
+        bar = Progress(len(order), "adaround", progress)
+        bar.n = len(order) - len(todo)
+        index = {n: i for i, n in enumerate(order)}
 
-    def run_layer(name: str, pairs: Iterable[tuple]) -> None:
-        t0 = time.perf_counter()
-        layer_fp, layer_q = fp32.get_submodule(name), qmodel.get_submodule(name)
-        enc = encodings[f"{name}.weight"]
-        if name in st.skip:
-            with torch.no_grad():
-                w_cf = channel_first(layer_fp, layer_fp.weight.detach())
-                near = _nearest(_block_rows(name, w_cf, enc), *_grid_params(w_cf, enc)).reshape(w_cf.shape)
-                layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
-        else:
-            r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
-                                following_activation(gm, name, graph_nodes.get(name)), st.for_layer(name), seed)
-            r.seconds = time.perf_counter() - t0
-            report.append(r)
-        state["done"].append(name)
-        state["weights"][name] = layer_q.weight.detach().cpu().clone()
-        state["report"] = [dataclasses.asdict(r) for r in report]
-        if ckpt is not None:
-            ckpt.save(state)
-        bar.update(note=name)
+        def run_layer(name: str, pairs: Iterable[tuple]) -> None:
+            t0 = time.perf_counter()
+            layer_fp, layer_q = fp32.get_submodule(name), qmodel.get_submodule(name)
+            enc = encodings[f"{name}.weight"]
+            if name in st.skip:
+                with torch.no_grad():
+                    w_cf = channel_first(layer_fp, layer_fp.weight.detach())
+                    near = _nearest(_block_rows(name, w_cf, enc), *_grid_params(w_cf, enc)).reshape(w_cf.shape)
+                    layer_q.weight.copy_(near.transpose(0, 1) if isinstance(layer_fp, nn.ConvTranspose2d) else near)
+            else:
+                r = _optimize_layer(name, index[name], layer_fp, layer_q, pairs, n_samples, enc,
+                                    following_activation(gm, name, graph_nodes.get(name)), st.for_layer(name), seed)
+                r.seconds = time.perf_counter() - t0
+                report.append(r)
+            state["done"].append(name)
+            state["weights"][name] = layer_q.weight.detach().cpu().clone()
+            state["report"] = [dataclasses.asdict(r) for r in report]
+            if ckpt is not None:
+                ckpt.save(state)
+            bar.update(note=name)
 
-    if todo:
-        walk_layers(fp32, qmodel, todo, chunks, run_layer)
-    bar.close()
+        if todo:
+            walk_layers(fp32, qmodel, todo, chunks, run_layer)
+        bar.close()
 
-    path = None
-    if checkpoint_dir is not None:
-        from ..sim.encodings import write_encodings
-        path = str(Path(checkpoint_dir) / "adaround_param_encodings.json")
-        write_encodings(path, {}, encodings)
-    return AdaroundResult(model=qmodel, encodings=encodings, report=report, folded=folded,
-                          skipped=[n for n in order if n in st.skip], encodings_path=path)
+        path = None
+        if checkpoint_dir is not None:
+            from ..sim.encodings import write_encodings
+            path = str(Path(checkpoint_dir) / "adaround_param_encodings.json")
+            write_encodings(path, {}, encodings)
+        return AdaroundResult(model=qmodel, encodings=encodings, report=report, folded=folded,
+                              skipped=[n for n in order if n in st.skip], encodings_path=path)
 
 
 def _chunk(b: Any, dev: torch.device) -> Any:

@@ -175,35 +175,35 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         return GptqResult([], skipped)
     settings = {"percdamp": float(percdamp), "block_columns": block_columns, "act_order": act_order,
                 "layers": [l.name for l in layers]}
-    job = LayerCheckpoint(checkpoint_dir, "gptq", sim, batches, settings)
-    with torch.no_grad():
-        for name in job.done:
-            saved, w = job.tensors(name), sim.weight(name)
-            w.copy_(saved["weight"].to(w.device, w.dtype))
-            set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], w.device)
-    report = [LayerError(**r) for r in job.report]
-    todo = [l for l in layers if l.name not in job.done]
-    bar = Progress(len(layers), "gptq", progress)
-    bar.n = len(layers) - len(todo)
+    with LayerCheckpoint(checkpoint_dir, "gptq", sim, batches, settings) as job:
+        with torch.no_grad():
+            for name in job.done:
+                saved, w = job.tensors(name), sim.weight(name)
+                w.copy_(saved["weight"].to(w.device, w.dtype))
+                set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], w.device)
+        report = [LayerError(**r) for r in job.report]
+        todo = [l for l in layers if l.name not in job.done]
+        bar = Progress(len(layers), "gptq", progress)
+        bar.n = len(layers) - len(todo)
 
-    def run_layer(layer: SimLayer, xs: list[torch.Tensor]) -> None:
-        t0 = time.perf_counter()
-        q, w = sim.quantizer(layer.name), sim.weight(layer.name)
-        w0 = w.detach().clone()
-        G, rows = input_gram(xs, process_group=process_group)
-        before = output_mse(w0, q(w0), G, rows)
-        wq, enc = gptq_weight(q, w0, (2.0 / rows) * G, percdamp=percdamp, block_columns=block_columns,
-                              act_order=act_order, name=layer.name)
-        set_frozen_encoding(q, enc.scale, enc.offset, w.device)
-        # the quantizer's own output: a fixed point of it, so the simulation reproduces GPTQ's integers
-        w.copy_(q(wq.to(w.dtype)))
-        after = output_mse(w0, q(w), G, rows)
-        report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
-        job.save(layer.name, {"weight": w.detach().cpu().clone(), "scale": enc.scale.detach().cpu(),
-                              "offset": enc.offset.detach().cpu()}, dataclasses.asdict(report[-1]))
-        bar.update(note=layer.name)
+        def run_layer(layer: SimLayer, xs: list[torch.Tensor]) -> None:
+            t0 = time.perf_counter()
+            q, w = sim.quantizer(layer.name), sim.weight(layer.name)
+            w0 = w.detach().clone()
+            G, rows = input_gram(xs, process_group=process_group)
+            before = output_mse(w0, q(w0), G, rows)
+            wq, enc = gptq_weight(q, w0, (2.0 / rows) * G, percdamp=percdamp, block_columns=block_columns,
+                                  act_order=act_order, name=layer.name)
+            set_frozen_encoding(q, enc.scale, enc.offset, w.device)
+            # the quantizer's own output: a fixed point of it, so the simulation reproduces GPTQ's integers
+            w.copy_(q(wq.to(w.dtype)))
+            after = output_mse(w0, q(w), G, rows)
+            report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
+            job.save(layer.name, {"weight": w.detach().cpu().clone(), "scale": enc.scale.detach().cpu(),
+                                  "offset": enc.offset.detach().cpu()}, dataclasses.asdict(report[-1]))
+            bar.update(note=layer.name)
 
-    if todo:
-        walk_sim_layers(sim, batches, todo, run_layer)
-    bar.close()
-    return GptqResult(report, skipped)
+        if todo:
+            walk_sim_layers(sim, batches, todo, run_layer)
+        bar.close()
+        return GptqResult(report, skipped)

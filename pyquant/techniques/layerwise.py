@@ -22,6 +22,7 @@ from torch import nn
 
 from .._batches import call
 from .._checkpoint import Checkpoint
+from .._dirlock import DirectoryLock
 from .._fingerprint import fingerprint
 from .._layers import layers_for
 from ..quant import QuantizerBase, from_scale_offset
@@ -518,7 +519,10 @@ class LayerCheckpoint:
     report) and one per finished layer (its tensors), so that saving a layer writes that layer only. All
     carry one fingerprint (every weight and encoding of the simulation, every batch, the settings,
     pyquant's version): another job's files are not resumed, with a warning naming what differs. Without
-    `checkpoint_dir` nothing is written."""
+    `checkpoint_dir` nothing is written.
+
+    Use it as a context manager: from construction to exit it holds `checkpoint_dir`'s lock, so a second
+    job on the same folder (in another process) is refused with `pyquant.DirectoryInUseError`."""
 
     def __init__(self, checkpoint_dir: Optional[Union[str, os.PathLike]], prefix: str, sim: "QuantSim",
                  batches: list, settings: dict[str, Any]):
@@ -526,15 +530,33 @@ class LayerCheckpoint:
         self.report: list[dict[str, Any]] = []
         self._prefix = prefix
         self._dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._lock: Optional[DirectoryLock] = None
         if self._dir is None:
             return
         self._fp = fingerprint(model=sim.model, data=batches, settings=settings)
-        saved, diff = self._job().load()
+        self._lock = DirectoryLock(self._dir, "checkpoint_dir").acquire()
+        try:
+            saved, diff = self._job().load()
+        except BaseException:
+            self.close()
+            raise
         if saved is not None:
             self.done, self.report = list(saved["done"]), list(saved["report"])
         elif diff:
             warnings.warn(f"{prefix}: the checkpoint in {self._dir} was made for another simulation, data or "
                           f"settings ({'; '.join(diff)}); starting over", stacklevel=3)
+
+    def close(self) -> None:
+        """Releases `checkpoint_dir` for other jobs."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "LayerCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _job(self) -> Checkpoint:
         return Checkpoint(self._dir / f"{self._prefix}_checkpoint.pt", self._fp)

@@ -129,29 +129,29 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
         nothing_to_do("seq_mse: the simulation has no linear layer with an enabled, unfrozen weight quantizer")
         return SeqMseResult([], skipped)
     settings = {"num_candidates": num_candidates, "layers": [l.name for l in layers]}
-    job = LayerCheckpoint(checkpoint_dir, "seq_mse", sim, batches, settings)
-    for name in job.done:
-        saved = job.tensors(name)
-        set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], sim.weight(name).device)
-    report = [LayerError(**r) for r in job.report]
-    todo = [l for l in layers if l.name not in job.done]
-    bar = Progress(len(layers), "seq_mse", progress)
-    bar.n = len(layers) - len(todo)
+    with LayerCheckpoint(checkpoint_dir, "seq_mse", sim, batches, settings) as job:
+        for name in job.done:
+            saved = job.tensors(name)
+            set_frozen_encoding(sim.quantizer(name), saved["scale"], saved["offset"], sim.weight(name).device)
+        report = [LayerError(**r) for r in job.report]
+        todo = [l for l in layers if l.name not in job.done]
+        bar = Progress(len(layers), "seq_mse", progress)
+        bar.n = len(layers) - len(todo)
 
-    def run_layer(layer: SimLayer, xs: list[torch.Tensor]) -> None:
-        t0 = time.perf_counter()
-        q, w = sim.quantizer(layer.name), sim.weight(layer.name)
-        G, rows = input_gram(xs, process_group=process_group)
-        before = output_mse(w, q(w), G, rows)
-        enc = seq_mse_encoding(q, w, G, num_candidates)
-        set_frozen_encoding(q, enc.scale, enc.offset, w.device)
-        after = output_mse(w, q(w), G, rows)
-        report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
-        job.save(layer.name, {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()},
-                 dataclasses.asdict(report[-1]))
-        bar.update(note=layer.name)
+        def run_layer(layer: SimLayer, xs: list[torch.Tensor]) -> None:
+            t0 = time.perf_counter()
+            q, w = sim.quantizer(layer.name), sim.weight(layer.name)
+            G, rows = input_gram(xs, process_group=process_group)
+            before = output_mse(w, q(w), G, rows)
+            enc = seq_mse_encoding(q, w, G, num_candidates)
+            set_frozen_encoding(q, enc.scale, enc.offset, w.device)
+            after = output_mse(w, q(w), G, rows)
+            report.append(LayerError(layer.name, before, after, rows, time.perf_counter() - t0))
+            job.save(layer.name, {"scale": enc.scale.detach().cpu(), "offset": enc.offset.detach().cpu()},
+                     dataclasses.asdict(report[-1]))
+            bar.update(note=layer.name)
 
-    if todo:
-        walk_sim_layers(sim, batches, todo, run_layer)
-    bar.close()
-    return SeqMseResult(report, skipped)
+        if todo:
+            walk_sim_layers(sim, batches, todo, run_layer)
+        bar.close()
+        return SeqMseResult(report, skipped)
