@@ -41,6 +41,7 @@ def checkpoint_state(model: nn.Module, quantizers: Mapping[str, QuantizerBase],
     state = {"model": model.state_dict(),
              "quantizers": {n: q.state_flags() for n, q in quantizers.items()},
              "extra": dict(extra), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+    check_plain(state["model"], "the model's state dict")  # e.g. a module's non-tensor extra state
     check_plain(state["optimizer"], "the optimizer's state")
     return state
 
@@ -80,8 +81,6 @@ def check_checkpoint(state: Mapping[str, Any], model: nn.Module, quantizers: Map
     for k, t in saved.items():
         if tuple(t.shape) != tuple(have[k].shape):
             raise ValueError(f"{where}: {k!r} has shape {tuple(t.shape)}, the simulation's is {tuple(have[k].shape)}")
-        if t.is_floating_point() != have[k].is_floating_point() and have[k].dtype != torch.bool:
-            raise ValueError(f"{where}: {k!r} is {t.dtype}, the simulation's is {have[k].dtype}")
     for name, flags in state["quantizers"].items():
         q = quantizers.get(name)
         if q is None:
