@@ -391,7 +391,9 @@ class AutoQuant:
         steps; FP32 and the first simulation always run). Returns the best simulation found.
 
         `cache_dir`: where each finished step is saved; a rerun with the same inputs resumes from it (a
-        cache made with other inputs raises `AutoQuantCacheError`). `output_dir`: where the encodings
+        cache made with other inputs raises `AutoQuantCacheError`); one run uses it at a time (a run in another
+        process: `pyquant.DirectoryInUseError` naming its pid), and a cached simulation holding anything but
+        tensors and plain values raises `pyquant.UnsafeFileError`. `output_dir`: where the encodings
         and the reports go (default: `cache_dir`, else a new temporary folder)."""
         drop = allowed_accuracy_drop
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop < 0:

@@ -156,7 +156,9 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
         block_columns: columns per lazy batch of updates (>= 1; default 128): speed only.
         act_order: quantize the columns in order of decreasing Hessian diagonal.
         max_samples: samples of `data` used (default: all).
-        checkpoint_dir: where each finished layer is saved; a rerun resumes there.
+        checkpoint_dir: where each finished layer is saved; a rerun resumes there. One job uses it at a time
+            (another process's: `pyquant.DirectoryInUseError`); a state file holding anything but tensors
+            and plain values raises `pyquant.UnsafeFileError`.
         process_group: a torch.distributed group whose ranks each pass their share of the calibration data
             (the same call on every rank): each layer's Gram matrix is summed over the ranks, so every rank
             makes the choice one process over all the data makes (give each rank its own checkpoint_dir).

@@ -112,7 +112,9 @@ def seq_mse(sim: QuantSim, data: Data, *, num_candidates: int = 20, batch_size: 
             {"input_ids": ..., "attention_mask": ...}.
         num_candidates: clipping ranges tried per group (fractions k / num_candidates of its range), >= 1.
         max_samples: samples of `data` used (default: all).
-        checkpoint_dir: where each finished layer is saved; a rerun resumes there.
+        checkpoint_dir: where each finished layer is saved; a rerun resumes there. One job uses it at a time
+            (another process's: `pyquant.DirectoryInUseError`); a state file holding anything but tensors
+            and plain values raises `pyquant.UnsafeFileError`.
         process_group: a torch.distributed group whose ranks each pass their share of the calibration data
             (the same call on every rank): each layer's Gram matrix is summed over the ranks, so every rank
             makes the choice one process over all the data makes (give each rank its own checkpoint_dir).
