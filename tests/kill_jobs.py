@@ -3,8 +3,8 @@
     python tests/kill_jobs.py JOB FOLDER RESULT
 
 runs JOB with its checkpoints (or cache) in FOLDER, resuming from whatever an earlier, killed run left
-there, and writes its final weights and encodings to RESULT. `kill_points.install()` arms the kill the
-environment asks for. Seeds, data and models are fixed, one thread: two runs compute the same bits."""
+there, and writes its final weights and encodings to RESULT. `kill_points.install()` sets up the kill the
+environment asks for; `kill_points.arm()` marks where the resumable work starts. Seeds, data and models are fixed, one thread: two runs compute the same bits."""
 from __future__ import annotations
 
 import json
@@ -46,6 +46,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 def adaround(folder: Path, result: str) -> None:
     import pyquant
     x = _images(32, 1)
+    kill_points.arm()
     res = pyquant.adaround(_conv_net(), x[:1], x, param_bw=4, iterations=40, lr=1e-2, batch_size=8,
                            positions_per_sample=16, checkpoint_dir=folder / "ckpt", seed=3, progress=False)
     kill_points.save_result(result, _state(res.model), encodings=Path(res.encodings_path).read_text())
@@ -63,6 +64,7 @@ def bias_correction(folder: Path, result: str, method: str = "staged") -> None:
     x = _images(32, 1)
     fp32 = _folded(x)
     sim = _calibrated_sim(_folded(x), x[:1], x, param_bw=4)
+    kill_points.arm()
     report = correct_bias(sim, fp32, x, method=method, batch_size=8, checkpoint_dir=folder / "ckpt", progress=False)
     kill_points.save_result(result, _state(sim.model), report=json.dumps(report))
 
@@ -87,6 +89,7 @@ def bias_correction_llama(folder: Path, result: str) -> None:
     fp32 = zoo.tiny_llama()
     torch.manual_seed(0)
     sim = _calibrated_sim(zoo.tiny_llama(), batches[0], batches, param_bw=4)
+    kill_points.arm()
     report = correct_bias(sim, fp32, batches, checkpoint_dir=folder / "ckpt", progress=False)
     kill_points.save_result(result, _state(sim.model), report=json.dumps(report))
 
@@ -105,6 +108,7 @@ def autoquant(folder: Path, result: str) -> None:
     aq = AutoQuant(model, x_cal[:1], x_cal, fidelity, param_bw=4, config="per_tensor", progress=False,
                    quant_schemes=("tf_enhanced", "min_max"),
                    adaround_kwargs={"iterations": 20, "batch_size": 16, "positions_per_sample": 16})
+    kill_points.arm()
     res = aq.optimize(allowed_accuracy_drop=0.0, cache_dir=folder / "cache", output_dir=folder / "out")
     steps = [(s.key, s.status, s.accuracy) for s in res.steps]
     kill_points.save_result(result, _state(res.sim.model), encodings=res.encodings_path.read_text(),
@@ -125,6 +129,7 @@ def qat(folder: Path, result: str, steps: int = 12, every: int = 2) -> None:
     torch.manual_seed(7)
     order_rng = torch.Generator().manual_seed(11)
     path = folder / "qat.pt"
+    kill_points.arm()
     step, order = 0, None
     if path.exists():
         extra = sim.load_checkpoint(path, opt)

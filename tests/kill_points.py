@@ -1,6 +1,7 @@
 """Child-process side of the kill-and-resume tests: patches that SIGKILL the process at a chosen point.
 
-A job script calls `install()` first. It reads
+A job script calls `install()` first, and `arm()` when the resumable work starts (building and calibrating
+its inputs is not part of it): only progress steps and writes after `arm()` count. `install()` reads
 
 * ``PYQUANT_TEST_KILL_DIR``: the job's folder; only writes to files under it are counted;
 * ``PYQUANT_TEST_KILL_AT``: ``progress:N`` (killed just after the N-th progress step of the whole process,
@@ -30,6 +31,7 @@ from pyquant import _progress
 _REAL_OPEN = builtins.open
 _REAL_SAVE = torch.save
 _counts = {"progress": 0, "write": 0}
+_armed = [False]
 
 
 def _die() -> None:
@@ -74,6 +76,8 @@ def install() -> None:
 
     def counts_write() -> bool:
         """True when this write is the one to die in."""
+        if not _armed[0]:
+            return False
         _counts["write"] += 1
         return kind == "write" and _counts["write"] == at
 
@@ -81,6 +85,8 @@ def install() -> None:
 
     def update(self, *args, **kw):
         real_update(self, *args, **kw)
+        if not _armed[0]:
+            return
         _counts["progress"] += 1
         if kind == "progress" and _counts["progress"] == at:
             _die()
@@ -108,6 +114,11 @@ def install() -> None:
     where = os.environ.get("PYQUANT_TEST_KILL_COUNT")
     if where:
         atexit.register(lambda: Path(where).write_text(json.dumps(_counts)))
+
+
+def arm() -> None:
+    """From here on, progress steps and writes count towards the kill point."""
+    _armed[0] = True
 
 
 def save_result(path: str, tensors: dict[str, torch.Tensor], **texts: str) -> None:
