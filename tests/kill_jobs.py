@@ -4,7 +4,8 @@
 
 runs JOB with its checkpoints (or cache) in FOLDER, resuming from whatever an earlier, killed run left
 there, and writes its final weights and encodings to RESULT. `kill_points.install()` sets up the kill the
-environment asks for; `kill_points.arm()` marks where the resumable work starts. Seeds, data and models are fixed, one thread: two runs compute the same bits."""
+environment asks for; `kill_points.arm()` marks where the resumable work starts. Seeds, data and models
+are fixed, one thread: two runs compute the same bits."""
 from __future__ import annotations
 
 import json

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import pytest
 import torch
@@ -38,7 +38,8 @@ def _params():
                 yield pytest.param(job, kind, i, id=f"{job}-{kind}-{i}", marks=[pytest.mark.slow] if slow else [])
 
 
-def _child(job: str, folder: Path, result: Path, kill: str = "", count: Path | None = None) -> subprocess.CompletedProcess:
+def _child(job: str, folder: Path, result: Path, kill: str = "",
+           count: Optional[Path] = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYQUANT_TEST_KILL")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONDONTWRITEBYTECODE="1")
     if kill:

@@ -188,7 +188,8 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
         nothing_to_do("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do")
         return {}
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
-        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, got {type(checkpoint_dir).__name__}")
+        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, "
+                        f"got {type(checkpoint_dir).__name__}")
     in_graph = sorted(set(graph_at.values()) & set(names))
     if method == "sequential" and in_graph:
         raise ValueError(f"method='sequential' measures layers the simulation calls as modules; {in_graph[0]} "
