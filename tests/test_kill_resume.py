@@ -80,6 +80,8 @@ def _assert_complete(folder: Path) -> list[Path]:
         if _temporary(p):
             temps.append(p)
             continue
+        if p.suffix == ".lock":  # a directory lock: held by a live process, no state in it
+            continue
         what = f"{p.relative_to(folder)} (a partial file where a complete one is expected)"
         if p.suffix in (".pt", ".pth"):
             try:
