@@ -231,6 +231,7 @@ def test_a_cache_killed_while_writing_its_record_is_taken_up_again(tmp_path):
     (tmp_path / ".autoquant_cache.json.k9x2.tmp").write_text('{"format": 3, "finger')
     StepCache(tmp_path, {"model": "abc"})
     assert json.loads((tmp_path / "autoquant_cache.json").read_text())["fingerprint"] == {"model": "abc"}
+    assert [p.name for p in tmp_path.iterdir()] == ["autoquant_cache.json"]  # the half-written file is gone
     other = tmp_path.parent / "other"
     other.mkdir()
     (other / ".notes.json.k9x2.tmp").write_text("x")  # a temporary file that is not the cache's record

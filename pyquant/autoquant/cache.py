@@ -29,11 +29,6 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", key)
 
 
-def _meta_temp(name: str) -> bool:
-    """A temporary file the atomic write of the cache's record leaves when the process dies mid-write."""
-    return name.startswith(f".{_META}.") and name.endswith(".tmp")
-
-
 class StepCache:
     """Records and best-state files under `root`; `root` is created on first use."""
 
@@ -60,10 +55,12 @@ class StepCache:
                     f"cache_dir {str(self.root)!r} holds the steps of a run with different inputs: "
                     f"{'; '.join(diff)}. Pass another cache_dir, or delete this one to start over")
             return
+        # a run killed while writing the record below left that write's temporary file, which would make
+        # the folder look foreign: it is removed (one run uses a cache_dir at a time)
+        for p in self.root.glob(f".{_META}.*.tmp"):
+            p.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        # a run killed while writing the record below leaves its temporary file: that folder is ours
-        ours = ("steps", "states")
-        if any(p for p in self.root.iterdir() if p.name not in ours and not _meta_temp(p.name)):
+        if any(p for p in self.root.iterdir() if p.name not in ("steps", "states")):
             # refuse to scatter the cache among a user's files (an output folder is fine once ours)
             stray = sorted(p.name for p in self.root.iterdir())[:5]
             raise AutoQuantCacheError(f"cache_dir {str(self.root)!r} is not empty and is not an AutoQuant cache "
