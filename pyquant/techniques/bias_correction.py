@@ -205,8 +205,17 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
         def run(model):
             for c in chunks:
                 call(model, c)
+        data = chunks  # what the fingerprint covers: the batches, or the forward function's code
+    return _correct(sim, fp32_model, names, at, in_graph, run, data, method, batch_size, checkpoint_dir, progress)
+
+
+def _correct(sim, fp32_model: nn.Module, names: list[str], at: dict[str, str], in_graph: list[str],
+             run: Callable[[nn.Module], Any], data: Any, method: str, batch_size: int,
+             checkpoint_dir: Optional[Union[str, os.PathLike]], progress: Optional[bool]) -> BiasCorrectionReport:
+    """correct_bias's work on its checked arguments (`data`: the batches, or a forward function), resumed
+    from `checkpoint_dir` when it holds this job's state."""
     # the fingerprint is taken before any bias is added or changed: the state a rerun starts from too
-    ckpt, state = _resume(checkpoint_dir, sim, fp32_model, data if callable(data) else chunks,
+    ckpt, state = _resume(checkpoint_dir, sim, fp32_model, data,
                           {"method": method, "batch_size": batch_size, "layers": names})
     removed = BiasCorrectionReport()
     saved: dict[str, torch.Tensor] = dict(state["shifts"])
@@ -239,7 +248,7 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
             bar.update(note=n)
     else:
         linear = {n: isinstance(fp32_model.get_submodule(n), nn.Linear) for n in names}
-        _staged(sim, at, linear, ref, chunks, bar, apply, saved)
+        _staged(sim, at, linear, ref, data, bar, apply, saved)
     bar.close()
     return removed
 
