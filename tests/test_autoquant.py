@@ -224,6 +224,21 @@ def test_cache_with_other_inputs_is_refused(tmp_path):
         _aq(model, Fidelity(model)).optimize(cache_dir=tmp_path.parent / "mine")
 
 
+def test_a_cache_killed_while_writing_its_record_is_taken_up_again(tmp_path):
+    """A run killed half-way through writing autoquant_cache.json leaves only the temporary file of that
+    atomic write: the folder is still an AutoQuant cache, and the rerun writes the record whole."""
+    from pyquant.autoquant.cache import StepCache
+    (tmp_path / ".autoquant_cache.json.k9x2.tmp").write_text('{"format": 3, "finger')
+    StepCache(tmp_path, {"model": "abc"})
+    assert json.loads((tmp_path / "autoquant_cache.json").read_text())["fingerprint"] == {"model": "abc"}
+    assert [p.name for p in tmp_path.iterdir()] == ["autoquant_cache.json"]  # the half-written file is gone
+    other = tmp_path.parent / "other"
+    other.mkdir()
+    (other / ".notes.json.k9x2.tmp").write_text("x")  # a temporary file that is not the cache's record
+    with pytest.raises(AutoQuantCacheError, match="not an AutoQuant cache"):
+        StepCache(other, {"model": "abc"})
+
+
 # ---- time budget, bad input --------------------------------------------------------------------------
 def test_time_budget_returns_the_best_so_far_and_says_so(tmp_path):
     model = _net()

@@ -166,6 +166,53 @@ def test_staged_and_sequential_bias_correction_agree():
         correct_bias(sim, m, lambda model: model(x))
 
 
+@pytest.mark.parametrize("method,stop,measured", [
+    # sequential: _means runs the FP32 pass, then once per layer; stopped measuring "b", "a" is saved
+    ("sequential", ("_means", 3), ("_means", 3)),
+    # staged: _shift_view runs per chunk (3) after a layer's save; stopped after "b"'s; resumed, only "c"
+    # and "fc" are measured (_channel_mean per chunk), the FP32 means are not recomputed
+    ("staged", ("_shift_view", 4), ("_channel_mean", 6))])
+def test_bias_correction_resumes_from_its_checkpoint(method, stop, measured, tmp_path, monkeypatch):
+    import importlib
+
+    from pyquant import QuantSim
+    from helpers import counted
+    bc_mod = importlib.import_module("pyquant.techniques.bias_correction")
+
+    m = _Residual().eval()
+    x = torch.randn(40, 3, 12, 12, generator=torch.Generator().manual_seed(1)) + 0.5
+
+    def calibrated():
+        sim = QuantSim(m, x[:2], quant_scheme="min_max", param_bw=4, config="per_tensor")
+        sim.compute_encodings(lambda model: model(x))
+        return sim
+
+    def run(ckpt=None, batch_size=16):
+        sim = calibrated()
+        removed = bc_mod.correct_bias(sim, m, x, method=method, batch_size=batch_size, checkpoint_dir=ckpt,
+                                      progress=False)
+        return sim, removed
+
+    whole, whole_removed = run()
+    counted(monkeypatch, bc_mod, stop[0], stop_at=stop[1])
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path)
+    saved = torch.load(tmp_path / "bias_correction_checkpoint.pt", weights_only=True)
+    assert list(saved["shifts"]) == (["a"] if method == "sequential" else ["a", "b"])
+    monkeypatch.undo()
+    calls = counted(monkeypatch, bc_mod, measured[0])
+    resumed, resumed_removed = run(tmp_path)
+    assert len(calls) == measured[1]  # the finished layers and the FP32 pass were not measured again
+    assert list(resumed_removed.items()) == list(whole_removed.items())
+    for n in ("a", "b", "c", "fc"):
+        assert torch.equal(resumed.bias(n), whole.bias(n)), n
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.warns(UserWarning, match="batch_size: saved 16, now 8"):
+        run(tmp_path, batch_size=8)  # another job's checkpoint is not resumed
+    with pytest.raises(TypeError, match="checkpoint_dir must be a path"):
+        bc_mod.correct_bias(whole, m, x, checkpoint_dir=3)
+
+
 def test_high_bias_absorption_moves_bias_and_keeps_outputs():
     """A ReLU whose input sits well above 0 (BN beta >> gamma): beta - 3 gamma moves to the next layer's
     bias. A 1x1 second layer has no zero-padded border, so outputs match wherever the BN statistics

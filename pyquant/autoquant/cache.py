@@ -56,6 +56,10 @@ class StepCache:
                     f"cache_dir {str(self.root)!r} holds the steps of a run with different inputs: "
                     f"{'; '.join(diff)}. Pass another cache_dir, or delete this one to start over")
             return
+        # a run killed while writing the record below left that write's temporary file, which would make
+        # the folder look foreign: it is removed (one run uses a cache_dir at a time)
+        for p in self.root.glob(f".{_META}.*.tmp"):
+            p.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         if any(p for p in self.root.iterdir() if p.name not in ("steps", "states", LOCK_FILE)):
             # refuse to scatter the cache among a user's files (an output folder is fine once ours)

@@ -4,17 +4,26 @@
 - empirical: the shift is measured on calibration data against the FP32 model, layer by layer in
   execution order (each measured with the earlier ones corrected, so accumulated errors are too);
 - analytical: no data; E[x] comes from the preceding batch norm's (beta, gamma) through the ReLU or
-  ReLU6 between the layers, as the mean of a clipped normal distribution."""
+  ReLU6 between the layers, as the mean of a clipped normal distribution.
+
+With `checkpoint_dir`, empirical correction saves the FP32 pass's means and each layer's shift as it is
+found; a rerun on a simulation built and calibrated as the first was, with the same data and settings,
+applies the saved shifts and measures only the layers that were not finished."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .._batches import Batch, as_batches, call
+from .._checkpoint import Checkpoint
+from .._fingerprint import fingerprint, model_digest
 from .._layers import layers_for
 from .._progress import Progress
 from .._warnings import nothing_to_do
@@ -23,6 +32,7 @@ from ..sim.staged import PerChunk, StagedRun
 from .layerwise import graph_weight_layers
 
 _LAYERS = layers_for("bias_correction")
+_CKPT = "bias_correction_checkpoint.pt"
 
 
 class BiasCorrectionReport(dict):
@@ -92,12 +102,13 @@ def _graph_layers(sim, fp32_model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def _staged(sim, at: dict[str, str], linear: dict[str, bool], ref: dict[str, torch.Tensor], chunks: list[Batch],
-            bar: Progress, apply: Callable[[str, torch.Tensor], None]) -> None:
+            bar: Progress, apply: Callable[[str, torch.Tensor], None], saved: dict[str, torch.Tensor]) -> None:
     """Runs the simulation's graph one node at a time over every chunk (pyquant.sim.staged). When a
     layer to correct (`at`: graph node -> layer) has produced its outputs for all the data, its mean shift
     is what the layer-by-layer method would measure; the bias is corrected and the kept outputs are shifted
     by what the layer's simulated bias moved (the shift, on the bias's int32 grid), so later layers see the
-    corrected values without a re-run."""
+    corrected values without a re-run. A layer in `saved` (a resumed run) gets its saved shift instead
+    of a measured one."""
     gm = sim.model
     run = StagedRun(gm, [tuple(placeholder_values(gm, c).values()) for c in chunks])
     at = dict(at)
@@ -108,13 +119,15 @@ def _staged(sim, at: dict[str, str], linear: dict[str, bool], ref: dict[str, tor
         name = at.get(n.name)
         if name is not None and isinstance(outs, PerChunk):
             lin = linear[name]
-            total, count = None, 0
-            for y in outs:
-                mu = _channel_mean(y, lin)
-                w = y.numel() // y.shape[-1 if lin else 1]
-                total = mu * w if total is None else total + mu * w
-                count += w
-            shift = (total / count - ref[name]).float()
+            shift = saved.get(name)
+            if shift is None:
+                total, count = None, 0
+                for y in outs:
+                    mu = _channel_mean(y, lin)
+                    w = y.numel() // y.shape[-1 if lin else 1]
+                    total = mu * w if total is None else total + mu * w
+                    count += w
+                shift = (total / count - ref[name].to(total.device)).float()
             layer = gm.get_submodule(name)
             before = layer.bias.detach().clone() if getattr(layer, "bias", None) is not None else 0.0
             apply(name, shift)
@@ -131,6 +144,7 @@ def _staged(sim, at: dict[str, str], linear: dict[str, bool], ref: dict[str, tor
 
 def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterable[str]] = None, *,
                  method: str = "staged", batch_size: int = 32,
+                 checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
                  progress: Optional[bool] = None) -> BiasCorrectionReport:
     """Corrects the biases of the quantized layers of `sim` (a calibrated QuantSim) in place: layer by
     layer in execution order, each layer's mean output per channel on the calibration data, measured
@@ -146,7 +160,13 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
 
     Simulations captured with torch.export (transformers models) are corrected at their linear and
     convolution ops; a layer without a bias gets one (`sim.bias(layer, create=True)`). Returns, per layer,
-    the largest mean output shift removed (max over channels)."""
+    the largest mean output shift removed (max over channels).
+
+    `checkpoint_dir`: where the FP32 means and each corrected layer's shift are saved (atomically, under
+    the fingerprint of the simulation, `fp32_model`, the data and the settings); a rerun on a simulation
+    built and calibrated as this one was resumes there and ends with the same biases, bit for bit
+    ("sequential" skips the finished layers' runs; "staged" replays its one pass with the saved shifts).
+    A checkpoint made for other inputs is not used (a warning names what differs)."""
     if method not in ("staged", "sequential"):
         raise ValueError(f"method must be 'staged' or 'sequential', got {method!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -167,6 +187,9 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
     if not names:
         nothing_to_do("correct_bias: the simulation has no quantized Conv/Linear layer; nothing to do")
         return {}
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a path (str or os.PathLike) or None, "
+                        f"got {type(checkpoint_dir).__name__}")
     in_graph = sorted(set(graph_at.values()) & set(names))
     if method == "sequential" and in_graph:
         raise ValueError(f"method='sequential' measures layers the simulation calls as modules; {in_graph[0]} "
@@ -182,27 +205,71 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
         def run(model):
             for c in chunks:
                 call(model, c)
+        data = chunks  # what the fingerprint covers: the batches, or the forward function's code
+    return _correct(sim, fp32_model, names, at, in_graph, run, data, method, batch_size, checkpoint_dir, progress)
+
+
+def _correct(sim, fp32_model: nn.Module, names: list[str], at: dict[str, str], in_graph: list[str],
+             run: Callable[[nn.Module], Any], data: Any, method: str, batch_size: int,
+             checkpoint_dir: Optional[Union[str, os.PathLike]], progress: Optional[bool]) -> BiasCorrectionReport:
+    """correct_bias's work on its checked arguments (`data`: the batches, or a forward function), resumed
+    from `checkpoint_dir` when it holds this job's state."""
+    # the fingerprint is taken before any bias is added or changed: the state a rerun starts from too
+    ckpt, state = _resume(checkpoint_dir, sim, fp32_model, data,
+                          {"method": method, "batch_size": batch_size, "layers": names})
     removed = BiasCorrectionReport()
+    saved: dict[str, torch.Tensor] = dict(state["shifts"])
 
     def apply(n: str, shift: torch.Tensor) -> None:
         with torch.no_grad():
             bias = sim.bias(n, create=True)  # the float parameter, behind the simulated int32 bias
             bias.sub_(shift.to(bias.device, bias.dtype))
         removed[n] = float(shift.abs().max())
+        if n not in state["shifts"]:
+            state["shifts"][n] = shift.detach().cpu().clone()
+            if ckpt is not None:
+                ckpt.save(state)
 
     for n in in_graph:  # a zero bias first, so that the graph is not changed while it runs
         sim.bias(n, create=True)
-    ref = _means(fp32_model, names, run)
+    if state["ref"] is None:
+        state["ref"] = {k: v.cpu() for k, v in _means(fp32_model, names, run).items()}
+        if ckpt is not None:
+            ckpt.save(state)
+    ref = state["ref"]
     bar = Progress(len(names), "bias correction", progress)
     if method == "sequential":
-        for n in names:
-            apply(n, (_means(sim.model, [n], run)[n] - ref[n]).float())
+        for n in [n for n in names if n in saved]:  # shifts found before an interruption
+            apply(n, saved[n])
+        bar.n = len(removed)
+        for n in [n for n in names if n not in saved]:
+            mean = _means(sim.model, [n], run)[n]
+            apply(n, (mean - ref[n].to(mean.device)).float())
             bar.update(note=n)
     else:
         linear = {n: isinstance(fp32_model.get_submodule(n), nn.Linear) for n in names}
-        _staged(sim, at, linear, ref, chunks, bar, apply)
+        _staged(sim, at, linear, ref, data, bar, apply, saved)
     bar.close()
     return removed
+
+
+def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], sim, fp32_model: nn.Module, data: Any,
+            settings: dict[str, Any]) -> tuple[Optional[Checkpoint], dict[str, Any]]:
+    """The checkpoint (None without checkpoint_dir) and the state to start from: the saved one when its
+    fingerprint matches, else a new one (FP32 means not yet measured, no shift found)."""
+    state: dict[str, Any] = {"ref": None, "shifts": {}}
+    if checkpoint_dir is None:
+        return None, state
+    fp = fingerprint(model=sim.model, settings=settings, fp32_model=model_digest(fp32_model),
+                     **({"forward_fn": data} if callable(data) else {"data": data}))
+    ckpt = Checkpoint(Path(checkpoint_dir) / _CKPT, fp)
+    saved, diff = ckpt.load()
+    if saved is not None:
+        return ckpt, saved
+    if diff:
+        warnings.warn(f"correct_bias: the checkpoint in {checkpoint_dir} was made for another simulation, model, "
+                      f"data or settings ({'; '.join(diff)}); starting over", stacklevel=3)
+    return ckpt, state
 
 
 def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math.inf) -> torch.Tensor:
