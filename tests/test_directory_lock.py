@@ -78,6 +78,15 @@ def test_adaround_checkpoint_dir_in_use_is_refused(holder):
         pyquant.adaround(model, x[:1], x, iterations=5, checkpoint_dir=folder, progress=False)
 
 
+def test_bias_correction_checkpoint_dir_in_use_is_refused(holder):
+    folder, proc = holder
+    model, x, _ = mlp_case()
+    sim = mlp_sim(model, x)
+    with pytest.raises(DirectoryInUseError, match=rf"checkpoint_dir '{folder}'.*process {proc.pid}"):
+        pyquant.correct_bias(sim, model, x, checkpoint_dir=folder, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [".pyquant.lock"]  # refused before writing any state
+
+
 @pytest.mark.parametrize("method", ["seq_mse", "gptq"])
 def test_layerwise_checkpoint_dir_in_use_is_refused(holder, method):
     folder, proc = holder

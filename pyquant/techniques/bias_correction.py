@@ -11,6 +11,7 @@ found; a rerun on a simulation built and calibrated as the first was, with the s
 applies the saved shifts and measures only the layers that were not finished."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -23,6 +24,7 @@ from torch import nn
 
 from .._batches import Batch, as_batches, call
 from .._checkpoint import Checkpoint
+from .._dirlock import DirectoryLock
 from .._fingerprint import fingerprint, model_digest
 from .._layers import layers_for
 from .._progress import Progress
@@ -206,7 +208,11 @@ def correct_bias(sim, fp32_model: nn.Module, data: Any, layers: Optional[Iterabl
             for c in chunks:
                 call(model, c)
         data = chunks  # what the fingerprint covers: the batches, or the forward function's code
-    return _correct(sim, fp32_model, names, at, in_graph, run, data, method, batch_size, checkpoint_dir, progress)
+    # one job per checkpoint_dir at a time: DirectoryInUseError names the other job's pid
+    lock = DirectoryLock(checkpoint_dir, "checkpoint_dir") if checkpoint_dir is not None else contextlib.nullcontext()
+    with lock:
+        return _correct(sim, fp32_model, names, at, in_graph, run, data, method, batch_size, checkpoint_dir,
+                        progress)
 
 
 def _correct(sim, fp32_model: nn.Module, names: list[str], at: dict[str, str], in_graph: list[str],
