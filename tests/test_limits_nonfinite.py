@@ -118,3 +118,20 @@ def test_quantizer_calibration_skips_the_nan_batch():
     # NaN at run time stays NaN (section 5.9); the encoding itself is finite
     y = q(torch.tensor([[float("nan"), 1.0, 2.0, 3.0]]))
     assert torch.isnan(y[0, 0]) and torch.isfinite(y[0, 1:]).all()
+
+
+@pytest.mark.parametrize("cls", [Sqnr, TfEnhanced, Percentile, Entropy])
+def test_merge_takes_a_group_from_the_side_that_saw_finite_values(cls):
+    """Shards: one saw only NaN in channel 1, the other real data there; the merged channel is the other's."""
+    data = batches(4)
+    nan_shard = data[0].clone()
+    nan_shard[:, 1] = float("nan")
+    other = data[1].clone()
+    other[:, 1] = other[:, 1].abs() + 5.0  # away from 0, where the placeholder range sits
+    a, _ = calibrate(cls, [nan_shard])
+    b, _ = calibrate(cls, [other])
+    only_b, _ = calibrate(cls, [other])
+    a.merge(b)
+    enc, ref_b = a.compute_encodings(8, False), only_b.compute_encodings(8, False)
+    assert torch.equal(enc.scale[1], ref_b.scale[1]) and torch.equal(enc.offset[1], ref_b.offset[1])
+    assert torch.equal(a.counts[1], only_b.counts[1])

@@ -171,8 +171,14 @@ class _Histogram(EncodingAnalyzer):
         if self.num_batches == 0:
             self.load_state_dict(other.state_dict())
             return
-        lo = torch.minimum(self.lo, other.lo)
-        hi = torch.maximum(self.hi, other.hi)
+        # a group that saw no finite value on one side has a placeholder range there: the other side's counts
+        mine, theirs = torch.isfinite(self.data_min), torch.isfinite(other.data_min)
+        both = mine & theirs
+        lo = torch.where(both, torch.minimum(self.lo, other.lo), torch.where(mine, self.lo, other.lo))
+        hi = torch.where(both, torch.maximum(self.hi, other.hi), torch.where(mine, self.hi, other.hi))
+        if self.limit_lo is not None and other.limit_lo is not None:
+            self.limit_lo = torch.where(mine, self.limit_lo, other.limit_lo)
+            self.limit_hi = torch.where(mine, self.limit_hi, other.limit_hi)
         a = self._rebin_if(self.counts, self.lo, self.hi, lo, hi)
         b = self._rebin_if(other.counts, other.lo, other.hi, lo, hi)
         self.counts, self.lo, self.hi = a + b, lo, hi
