@@ -115,7 +115,7 @@ class NativeBackend:
         _layout.check_grid(qmin, qmax)
         _layout.check_params(x, scale, offset)
         _registry.check_out_dtype_for_quantize(out_dtype, qmin, qmax)
-        if out_dtype != torch.float32 and bool(torch.isnan(x).any()):
+        if out_dtype != torch.float32 and _has_nan(x):
             raise ValueError("x contains NaN, which has no integer code; use out_dtype=torch.float32 to keep it")
         return self._forward(Q, x, scale, offset, qmin, qmax, out_dtype)
 
@@ -339,6 +339,14 @@ class NativeBackend:
         torch.library.register_kernel("pyquant::quantize_dequantize_backward", dt, self.qdq_backward, lib=lib)
         torch.library.register_kernel("pyquant::quantize", dt, self.quantize, lib=lib)
         torch.library.register_kernel("pyquant::dequantize", dt, self.dequantize, lib=lib)
+
+
+def _has_nan(x: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether x holds a NaN, looking at a contiguous x a chunk at a time: a mask of the whole tensor would
+    cost a byte per element (2 GiB beside a 2^31-element input)."""
+    if x.numel() <= chunk or not x.is_contiguous():
+        return bool(torch.isnan(x).any())
+    return any(bool(torch.isnan(c).any()) for c in x.view(-1).split(chunk))
 
 
 def _unpermute(t: torch.Tensor, perm: Optional[tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:
