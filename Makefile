@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install assets test demo bench clean
+.PHONY: install assets test demo bench sanitize clean
 
 install:
 	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis matplotlib
@@ -31,6 +31,11 @@ bench: install assets
 	$(PYTHON) -m bench.fake_quant
 	$(PYTHON) -m bench.calibration
 	$(PYTHON) -m bench.qat_kernels
+
+# The CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: a separate build into
+# build/sanitize (the normal build stays), then the kernel tests with the runtimes preloaded (.ci/sanitize).
+sanitize:
+	PYTHON=$(PYTHON) .ci/sanitize
 
 clean:
 	rm -rf build *.egg-info

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build with the CUDA module (sm_90), run the CUDA tests, run
-# compute-sanitizer (memcheck) over the CUDA kernel tests, then the GPU benchmarks (fake quant,
+# compute-sanitizer (memcheck, then racecheck on the kernels with shared memory) over the CUDA kernel
+# tests, then the GPU benchmarks (fake quant,
 # calibration, AdaRound per layer-iteration, QAT step vs FP32 on MobileNetV2). Every step has a
 # time limit so that one slow step cannot eat the others. Logs and results go under $OUT
-# (default /tmp/pyquant-gpu). Usage: bash bench/gpu_check.sh [--quick]; TEST_PATHS, SKIP_MEMCHECK=1
-# and BENCHES="fake_quant qat" narrow a rerun.
+# (default /tmp/pyquant-gpu). Usage: bash bench/gpu_check.sh [--quick]; TEST_PATHS, SKIP_MEMCHECK=1,
+# SKIP_RACECHECK=1 and BENCHES="fake_quant qat" narrow a rerun.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyquant-gpu}
@@ -30,6 +31,15 @@ step "compute-sanitizer memcheck"
   -k "forward_matches_reference and float32 and per_ or backward_matches or fused_activation or large or minmax_and_histogram or search or entropy or adaround" \
   >"$OUT/memcheck.log" 2>&1
 rc=$?; [[ -n ${SKIP_MEMCHECK:-} ]] || { grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3; [[ $rc -eq 0 ]] || { echo "memcheck failed ($rc)"; status=1; }; }
+
+# Shared-memory hazards (block histograms, min/max and gradient reductions, the search sums): racecheck
+# is slower than memcheck, so it runs the float32 cases of those kernels only.
+step "compute-sanitizer racecheck"
+[[ -n ${SKIP_RACECHECK:-} ]] && echo "skipped" || timeout ${RACECHECK_LIMIT:-150} compute-sanitizer --tool racecheck --error-exitcode 4 python3 -m pytest -q -m cuda -p no:cacheprovider \
+  $(ls tests/test_fake_quant.py tests/test_stats_kernels.py tests/test_adaround_kernels.py 2>/dev/null) \
+  -k "(backward_matches or minmax_and_histogram or search or entropy or regularizer) and not float16" \
+  >"$OUT/racecheck.log" 2>&1
+rc=$?; [[ -n ${SKIP_RACECHECK:-} ]] || { grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3; [[ $rc -eq 0 ]] || { echo "racecheck failed ($rc)"; status=1; }; }
 
 step "benchmarks"
 for b in ${BENCHES:-fake_quant calibration_cuda adaround_gpu qat}; do

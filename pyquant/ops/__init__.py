@@ -73,7 +73,7 @@ def _param_shape(x: torch.Tensor, axis: Optional[int], block_size: Optional[Bloc
             if isinstance(b, bool) or not isinstance(b, int) or (b < 1 and b != -1):
                 raise ValueError(f"block_size[{d}] must be a positive int or -1 (whole dimension), got {b!r}")
             b = n if b == -1 else b
-            if n % b:
+            if b and n % b:  # b == 0: the whole of an empty dimension
                 raise ValueError(f"block_size[{d}]={b} does not divide x.shape[{d}]={n}")
             shape.append(n // b if b else 1)
         return tuple(shape)

@@ -90,6 +90,10 @@ class NativeBackend:
 
     def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype, check: bool = True,
                  act: tuple[float, float] = _layout.NO_ACT):
+        if x.numel() == 0:  # nothing to compute (a dimension of size 0 may leave no scale to lay out either)
+            if check and scale.numel():
+                self._check_scale(scale.contiguous(), scale.numel())
+            return torch.empty_like(x, dtype=out_dtype)
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
         if check:
             self._check_scale(s, layout.nscale)
@@ -111,7 +115,7 @@ class NativeBackend:
         _layout.check_grid(qmin, qmax)
         _layout.check_params(x, scale, offset)
         _registry.check_out_dtype_for_quantize(out_dtype, qmin, qmax)
-        if out_dtype != torch.float32 and bool(torch.isnan(x).any()):
+        if out_dtype != torch.float32 and _has_nan(x):
             raise ValueError("x contains NaN, which has no integer code; use out_dtype=torch.float32 to keep it")
         return self._forward(Q, x, scale, offset, qmin, qmax, out_dtype)
 
@@ -125,6 +129,11 @@ class NativeBackend:
         if grad.shape != x.shape:
             raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
         grad = grad.to(x.dtype)
+        if x.numel() == 0:  # sums over no elements
+            need_dx, need_s, need_o = (bool(v) for v in output_mask)
+            return (torch.empty_like(x) if need_dx else x.new_empty(0),
+                    torch.zeros_like(scale) if need_s else scale.new_empty(0),
+                    torch.zeros_like(offset) if need_o else offset.new_empty(0))
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
         gk = grad.permute(perm) if perm is not None else grad
         if not gk.is_contiguous():
@@ -152,6 +161,9 @@ class NativeBackend:
         if x.dtype not in _layout.FLOAT_DTYPES:
             raise TypeError(f"x must be float32, float16 or bfloat16; got {x.dtype}")
         shape = _registry.check_group_shape(x, shape)
+        if x.numel() == 0:  # no values: every group's finite min/max is +inf/-inf
+            return (torch.full(shape, float("inf"), device=x.device), torch.full(shape, -float("inf"), device=x.device),
+                    torch.zeros(shape, dtype=torch.int64, device=x.device))
         x, xk, _, layout, perm = _layout.prepare_groups(self.m, x, shape, [])
         kshape = tuple(shape[d] for d in perm) if perm is not None else shape
         dev = x.device
@@ -172,6 +184,8 @@ class NativeBackend:
     def histogram(self, x, lo, rng, nbins):
         _registry.check_histogram_args(x, lo, rng, nbins)
         _registry.check_range_values(rng)
+        if x.numel() == 0:
+            return torch.zeros(tuple(lo.shape) + (nbins,), dtype=torch.int64, device=x.device)
         x, xk, (lok, rk), layout, perm = _layout.prepare_groups(self.m, x, tuple(lo.shape), [lo, rng])
         kshape = tuple(lok.shape) + (nbins,)
         dev = x.device
@@ -325,6 +339,14 @@ class NativeBackend:
         torch.library.register_kernel("pyquant::quantize_dequantize_backward", dt, self.qdq_backward, lib=lib)
         torch.library.register_kernel("pyquant::quantize", dt, self.quantize, lib=lib)
         torch.library.register_kernel("pyquant::dequantize", dt, self.dequantize, lib=lib)
+
+
+def _has_nan(x: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether x holds a NaN, looking at a contiguous x a chunk at a time: a mask of the whole tensor would
+    cost a byte per element (2 GiB beside a 2^31-element input)."""
+    if x.numel() <= chunk or not x.is_contiguous():
+        return bool(torch.isnan(x).any())
+    return any(bool(torch.isnan(c).any()) for c in x.view(-1).split(chunk))
 
 
 def _unpermute(t: torch.Tensor, perm: Optional[tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,8 @@ def block_sizes(x_shape: Sequence[int], s_shape: Sequence[int], name: str = "sca
     for d, (n, k) in enumerate(zip(x_shape, s_shape)):
         if k == 1:
             blocks.append(max(n, 1))
+        elif k == 0 and n == 0:  # one value per channel of an empty dimension: none
+            blocks.append(1)
         elif k > 0 and n % k == 0:
             blocks.append(n // k)
         else:

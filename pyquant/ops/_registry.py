@@ -242,6 +242,8 @@ def _ref_search(counts, c0, bw, cand_d, cand_o, ns, gamma, p):
 def check_entropy_args(counts, nq):
     if counts.dtype != torch.int64 or counts.dim() != 2:
         raise TypeError(f"counts must be an int64 [groups, bins] tensor, got {counts.dtype} {tuple(counts.shape)}")
+    if counts.shape[1] < 1:
+        raise ValueError(f"counts must have at least one bin, got shape {tuple(counts.shape)}")
     if not 1 <= nq <= counts.shape[1]:
         raise ValueError(f"nq (quantization levels) must be in 1..{counts.shape[1]} (the number of bins), got {nq}")
 

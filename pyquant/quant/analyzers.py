@@ -20,7 +20,8 @@ The histogram-based analyzers are defined in pyquant.quant.histogram_analyzers (
 Histograms follow AIMET's conventions (range from the first batch's finite min/max, growth by
 re-binning old counts proportionally, search candidates of the SQNR analyzer), so encodings can be
 compared channel by channel. NaN and ±inf are left out of every statistic, counted, and reported
-once per analyzer with a warning.
+once per analyzer with a warning; a batch that holds nothing else in a group adds nothing to that group
+(not even the start of its histogram's range) and is named in a warning of its own.
 """
 from __future__ import annotations
 
@@ -80,15 +81,26 @@ class EncodingAnalyzer:
     def _label(self) -> str:
         return f"{type(self).__name__} of quantizer '{self.name}'" if self.name else type(self).__name__
 
-    def _note_nonfinite(self, nf: torch.Tensor) -> None:
+    def _note_nonfinite(self, nf: torch.Tensor, mn: torch.Tensor) -> None:
+        """Counts a batch's NaN/inf values (`nf`, per group; `mn`: the batch's finite minimum, +inf in a group
+        without a finite value) and warns: once per analyzer about NaN/inf values at all, and for every batch
+        in which some group holds NaN/inf only -- that batch adds nothing to those groups."""
         self.nonfinite = nf if self.nonfinite is None else self.nonfinite + nf
-        if not self._warned_nonfinite:
-            total = int(nf.sum())
-            if total:
-                self._warned_nonfinite = True
-                warnings.warn(f"{self._label()}: calibration data holds {total} NaN/inf value(s); they are left out "
-                              f"of the statistics (further batches are counted without warning)", RuntimeWarning,
-                              stacklevel=3)
+        total = int(nf.sum())
+        if not total:
+            return
+        dead = (nf > 0) & ~torch.isfinite(mn)
+        ndead = int(dead.sum())
+        if ndead:
+            where = "" if dead.numel() == 1 else f" in {ndead} of its {dead.numel()} groups"
+            warnings.warn(f"{self._label()}: calibration batch {self.num_batches} holds only NaN/inf values{where}; "
+                          f"it is left out there (the encoding comes from the other batches)", RuntimeWarning,
+                          stacklevel=3)
+        elif not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"{self._label()}: calibration data holds {total} NaN/inf value(s); they are left out "
+                          f"of the statistics (further batches are counted without warning)", RuntimeWarning,
+                          stacklevel=3)
 
     def _require_stats(self) -> None:
         if self.num_batches == 0:
@@ -100,7 +112,8 @@ class EncodingAnalyzer:
         if bool(empty.any()):
             idx = torch.nonzero(empty.flatten())[0].item()
             raise CalibrationError(f"{self._label()}: group {idx} of encoding shape {tuple(mn.shape)} saw no finite "
-                                   f"value, so it has no range")
+                                   f"value in {self.num_batches} batch(es) (they were empty or held NaN/inf only), "
+                                   f"so it has no range")
 
     def _reshape_out(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.shape) if self.shape else t.reshape(())
@@ -167,7 +180,7 @@ class MinMax(EncodingAnalyzer):
 
     def update_stats(self, x: torch.Tensor) -> None:
         mn, mx, nf = self._group_minmax(x.detach())
-        self._note_nonfinite(nf)
+        self._note_nonfinite(nf, mn)
         self.min, self.max = _widened_range(self.min, self.max, mn, mx)
         self.num_batches += 1
 

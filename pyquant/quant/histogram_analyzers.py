@@ -64,34 +64,57 @@ class _Histogram(EncodingAnalyzer):
         mn, mx, _ = self._group_minmax(self._transform(x.detach()))
         self.lo, self.hi = _widened_range(self.lo, self.hi, mn, mx)
 
+    def _first_range(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range a group's histogram starts with, from the first batch with finite values in it."""
+        return mn, mx
+
+    def _set_limits(self, groups: Optional[torch.Tensor] = None) -> None:
+        """The growth limits of `groups` (all when None) from their current range."""
+        if self.growth_limit is None:
+            return
+        e0, en, _ = self._edges(self.lo, self.hi)
+        half = self.growth_limit * (en - e0) / 2
+        if groups is None:
+            self.limit_lo, self.limit_hi = e0 - half, en + half
+        else:
+            self.limit_lo = torch.where(groups, e0 - half, self.limit_lo)
+            self.limit_hi = torch.where(groups, en + half, self.limit_hi)
+
     def update_stats(self, x: torch.Tensor) -> None:
         x = self._transform(x.detach())
         g = _group_shape(self.shape, x)
         mn, mx, nf = op.minmax(x, list(g))
         mn, mx, nf = self._reshape_out(mn), self._reshape_out(mx), self._reshape_out(nf)
-        self._note_nonfinite(nf)
+        self._note_nonfinite(nf, mn)
         fin = torch.isfinite(mn)
+        # Groups that have seen no finite value yet (earlier batches empty or all NaN/inf) have a placeholder
+        # range and no counts: their first finite batch starts their range, as a first batch would.
+        unranged = None if self.data_min is None else ~torch.isfinite(self.data_min)
         self.data_min, self.data_max = _widened_range(self.data_min, self.data_max, mn, mx)
         nb = self.num_bins
         if self.counts is None:
-            if self.lo is None:  # range from this batch (groups without finite values get a dummy range)
-                self.lo = torch.where(fin, mn, torch.zeros_like(mn))
-                self.hi = torch.where(fin, mx, torch.zeros_like(mx))
+            if self.lo is None:  # range from this batch (groups without finite values get a placeholder range)
+                lo, hi = self._first_range(mn, mx)
+                self.lo = torch.where(fin, lo, torch.zeros_like(lo))
+                self.hi = torch.where(fin, hi, torch.zeros_like(hi))
             else:
                 self.lo = torch.where(torch.isfinite(self.lo), self.lo, torch.zeros_like(self.lo))
                 self.hi = torch.where(torch.isfinite(self.hi), self.hi, torch.zeros_like(self.hi))
-            e0, en, _ = self._edges(self.lo, self.hi)
-            if self.growth_limit is not None:
-                half = self.growth_limit * (en - e0) / 2
-                self.limit_lo, self.limit_hi = e0 - half, en + half
+            self._set_limits()
             self.counts = None
         else:
+            first = fin & unranged if unranged is not None else torch.zeros_like(fin)
+            if bool(first.any()):
+                lo, hi = self._first_range(mn, mx)
+                self.lo = torch.where(first, lo, self.lo)
+                self.hi = torch.where(first, hi, self.hi)
+                self._set_limits(first)
             lim_lo = self.limit_lo if self.limit_lo is not None else torch.full_like(self.lo, -math.inf)
             lim_hi = self.limit_hi if self.limit_hi is not None else torch.full_like(self.hi, math.inf)
             e0, en, _ = self._edges(self.lo, self.hi)
             new_lo = torch.where(fin, torch.minimum(torch.maximum(mn, lim_lo), e0), e0)
             new_hi = torch.where(fin, torch.maximum(torch.minimum(mx, lim_hi), en), en)
-            grow = (new_lo != self.lo) | (new_hi != self.hi)
+            grow = ((new_lo != self.lo) | (new_hi != self.hi)) & ~first
             if bool(grow.any()):
                 lo_n = torch.where(grow, new_lo, self.lo)
                 hi_n = torch.where(grow, new_hi, self.hi)
@@ -148,8 +171,14 @@ class _Histogram(EncodingAnalyzer):
         if self.num_batches == 0:
             self.load_state_dict(other.state_dict())
             return
-        lo = torch.minimum(self.lo, other.lo)
-        hi = torch.maximum(self.hi, other.hi)
+        # a group that saw no finite value on one side has a placeholder range there: the other side's counts
+        mine, theirs = torch.isfinite(self.data_min), torch.isfinite(other.data_min)
+        both = mine & theirs
+        lo = torch.where(both, torch.minimum(self.lo, other.lo), torch.where(mine, self.lo, other.lo))
+        hi = torch.where(both, torch.maximum(self.hi, other.hi), torch.where(mine, self.hi, other.hi))
+        if self.limit_lo is not None and other.limit_lo is not None:
+            self.limit_lo = torch.where(mine, self.limit_lo, other.limit_lo)
+            self.limit_hi = torch.where(mine, self.limit_hi, other.limit_hi)
         a = self._rebin_if(self.counts, self.lo, self.hi, lo, hi)
         b = self._rebin_if(other.counts, other.lo, other.hi, lo, hi)
         self.counts, self.lo, self.hi = a + b, lo, hi
@@ -365,6 +394,9 @@ class Entropy(_Histogram):
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs()
+
+    def _first_range(self, mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(mx), mx  # mx: max |x| (the histogram is of |x|)
 
     def observed_min(self) -> torch.Tensor:
         self._require_stats()
