@@ -33,6 +33,7 @@ from ..quant.analyzers import EncodingAnalyzer
 from . import graph as G
 from . import placement as P
 from .bias import Int32Bias
+from .checkpoint_checks import check_checkpoint
 from .layerwise_calibration import range_pass, calibrate_layerwise, sync_analyzers
 from .config import HardwareConfig, load_config
 from . import fusion
@@ -620,8 +621,11 @@ class QuantSim:
     def load_checkpoint(self, path: Union[str, os.PathLike],
                         optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
         """Restores what save_checkpoint wrote (into this simulation of the same model); returns the
-        extra values."""
+        extra values. A checkpoint of another simulation, or with invalid values (wrong keys, shapes or
+        dtypes, bad flags, non-finite or non-positive scales), raises CheckpointError naming the entry
+        before anything is loaded."""
         state = torch.load(path, map_location="cpu", weights_only=False)
+        check_checkpoint(state, self.model, self.quantizers, os.fspath(path))
         for n, f in state["quantizers"].items():
             self.quantizer(n).load_state_flags(f)
         self.model.load_state_dict(state["model"])
