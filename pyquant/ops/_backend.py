@@ -90,6 +90,8 @@ class NativeBackend:
 
     def _forward(self, op: int, x, scale, offset, qmin, qmax, out_dtype, check: bool = True,
                  act: tuple[float, float] = _layout.NO_ACT):
+        if scale.numel() == 0:  # per channel or block along an empty dimension: nothing to compute
+            return torch.empty_like(x, dtype=out_dtype)
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
         if check:
             self._check_scale(s, layout.nscale)
@@ -125,11 +127,14 @@ class NativeBackend:
         if grad.shape != x.shape:
             raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
         grad = grad.to(x.dtype)
+        need_dx, need_s, need_o = (bool(v) for v in output_mask)
+        if scale.numel() == 0:  # an empty x with no scales (see _forward)
+            return (torch.empty_like(x) if need_dx else x.new_empty(0), torch.empty_like(scale) if need_s else
+                    scale.new_empty(0), torch.empty_like(offset) if need_o else offset.new_empty(0))
         x, xk, s, o, layout, perm = _layout.prepare(self.m, x, scale, offset)
         gk = grad.permute(perm) if perm is not None else grad
         if not gk.is_contiguous():
             gk = gk.contiguous()
-        need_dx, need_s, need_o = (bool(v) for v in output_mask)
         dev = x.device
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         dxk = (dx.permute(perm) if perm is not None else dx) if need_dx else None
