@@ -96,6 +96,13 @@ def test_encodings_refuse_undecodable_and_overdeep_files(tmp_path):
         assert str(path) in str(err.value)
 
 
+def test_encodings_refuse_an_output_dtype_with_thousands_of_digits():
+    from pyquant.sim.encodings import EncodingsError, parse_encodings
+    doc = {"version": "2.0.0", "encodings": [{"name": "a", "output_dtype": "int" + "9" * 5000, "y_scale": 0.1}]}
+    with pytest.raises(EncodingsError, match=r"encodings\[0\] \('a'\): output_dtype"):
+        parse_encodings(doc)
+
+
 def test_encodings_refuse_wrong_top_level_types():
     from pyquant.sim.encodings import EncodingsError, parse_encodings
     for key, value in (("excluded_layers", 5), ("excluded_layers", "conv1"), ("producer", [1]),

@@ -118,7 +118,7 @@ def _check_shapes(shapes: Optional[Mapping[str, Sequence[int]]]) -> dict[str, tu
     return out
 
 
-_DTYPE_2_0_0 = re.compile(r"^(u?)int(\d+)$")
+_DTYPE_2_0_0 = re.compile(r"^(u?)int(\d{1,3})$")  # at most 3 digits: int() of a 5000-digit one would raise
 
 
 class _Reader:
@@ -270,11 +270,11 @@ class _Reader:
             raise self.fail(where, "missing output_dtype")
         m = _DTYPE_2_0_0.match(dtype)
         if m is None:
-            fm = re.match(r"^b?float(\d+)$", dtype)
+            fm = re.match(r"^b?float(\d{1,3})$", dtype)
             if fm:
                 out.float_tensors[name] = int(fm.group(1))
                 return name, None
-            raise self.fail(where, f"output_dtype {dtype!r} is not supported (intN, uintN, floatN)")
+            raise self.fail(where, f"output_dtype {dtype[:40]!r} is not supported (intN, uintN, floatN)")
         signed, bw = not m.group(1), int(m.group(2))
         if "per_block_int_scale" in e:
             if not signed:
