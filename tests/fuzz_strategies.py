@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from hypothesis import strategies as st
@@ -248,6 +248,3 @@ def shapes() -> st.SearchStrategy:
     huge_empty = st.tuples(st.just(0), st.sampled_from([2 ** 31 + 1, 2 ** 40, 2 ** 62]))
     return st.one_of(st.just(()), small, small, small, zero, huge_empty)
 
-
-def any_of(*strategies: Callable[[], st.SearchStrategy]) -> st.SearchStrategy:
-    return st.one_of(*[s() for s in strategies])

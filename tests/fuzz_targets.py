@@ -6,6 +6,7 @@ per-example time limit -- raises FuzzFailure. tests/test_fuzz.py runs the target
 bench/fuzz.py runs them at scale and counts the outcomes."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import tempfile
 import traceback
@@ -510,6 +512,7 @@ FAILING_SPECS = ("fuzz_specs:raises",)
 def cli_files() -> dict[str, str]:
     """Files a command line may name: a valid config, damaged ones, a folder, a missing path."""
     root = Path(tempfile.mkdtemp(prefix="pyquant_fuzz_cli_"))
+    atexit.register(shutil.rmtree, root, True)
     files = {"valid.json": json.dumps(FULL_CONFIG), "bad_json.json": '{"defaults": ', "bad_utf8.json": None,
              "deep.json": "[" * 100_000 + "]" * 100_000, "big_number.json": '{"kv_cache": {"bitwidth": ' +
              "9" * 5000 + "}}", "unknown_key.json": '{"nope": {}}', "list.json": "[]"}
@@ -591,7 +594,8 @@ def run_cli(argv: list[str]) -> str:
         torch.set_num_threads(threads)
     text = err.getvalue()
     if not isinstance(rc, int) or rc not in EXIT_CODES:
-        raise FuzzFailure(f"exit code {rc!r} outside the documented ones for a bad command line\nargv: {argv!r}\n{text}")
+        raise FuzzFailure(f"exit code {rc!r} outside the documented ones for a bad command line\nargv: {argv!r}\n"
+                          f"{text}")
     if rc == 1:  # "the run failed": only a SPEC whose function raises gets that far
         if not any(s in argv for s in FAILING_SPECS) or "failed:" not in text:
             raise FuzzFailure(f"exit code 1\nargv: {argv!r}\n{text}")
