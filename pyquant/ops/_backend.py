@@ -269,6 +269,9 @@ class NativeBackend:
         _registry.check_adaround_args(w, alpha, scale, offset, qmin, qmax)
         w, alpha = w.contiguous(), alpha.contiguous()
         s, o = scale.contiguous().reshape(-1), offset.contiguous().reshape(-1)
+        if s.numel() != o.numel():  # one per row and one in all: the kernel reads both at one count
+            n = max(s.numel(), o.numel())
+            s, o = s.expand(n).contiguous(), o.expand(n).contiguous()
         self._check_scale(s, s.numel())
         rows = w.shape[0] if w.dim() > 0 else 1
         row_len = w.numel() // rows if rows else 0
