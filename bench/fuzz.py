@@ -56,10 +56,12 @@ def run_target(name: str, examples: int, progress: bool) -> dict[str, Any]:
     def fuzz(example):
         try:
             outcomes[target.run(example)] += 1
-        except fuzz_targets.FuzzFailure as exc:
-            key = str(exc).split("\n", 1)[0][:200]
+        except Exception as exc:  # FuzzFailure; anything else is the judge's own error, kept as a failure too
+            text = str(exc) if isinstance(exc, fuzz_targets.FuzzFailure) else \
+                f"the judge raised {type(exc).__name__}: {exc}\ninput: {example!r}"[:2000]
+            key = text.split("\n", 1)[0][:200]
             failures[key] += 1
-            examples_of.setdefault(key, str(exc)[:2000])
+            examples_of.setdefault(key, text[:2000])
             outcomes["FAILURE"] += 1
         bar.update(1)
 

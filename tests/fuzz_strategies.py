@@ -211,6 +211,10 @@ def fill_tensor(shape: Sequence[int], dtype: torch.dtype, fill: str, seed: int) 
         t.view(-1)[torch.randint(0, t.numel(), (max(1, t.numel() // 3),), generator=g)] = special[fill]
     elif fill == "negative":
         t = -t.abs() - 0.1
+    elif fill == "positive":  # a valid scale
+        t = t.abs() * 0.05 + 1e-3
+    elif fill == "integer":  # a valid offset of an 8-bit unsigned grid
+        t = -(t.abs() * 20).round().clamp(0, 255)
     elif fill == "mixed" and t.numel():
         t.view(-1)[0] = math.nan
         t.view(-1)[-1] = math.inf

@@ -602,6 +602,8 @@ def run_cli(argv: list[str]) -> str:
     if rc == 2 and "error" not in text:
         raise FuzzFailure(f"exit code 2 without an error message\nargv: {argv!r}\n{text}")
     internal = re.search(r"\b(KeyError|IndexError|AttributeError|ZeroDivisionError|Traceback)\b", text)
+    if internal and internal.group(1) == "Traceback" and "--traceback" in argv and rc == 1:
+        internal = None  # asked for: the SPEC's own error, with its traceback
     if internal:
         raise FuzzFailure(f"an internal error reached the user\nargv: {argv!r}\n{text}")
     return f"exit {rc}"
@@ -640,17 +642,21 @@ def make_tensor(desc: tuple) -> torch.Tensor:
     return lay_out(fill_tensor(shape, dtype, fill, seed), layout)
 
 
-def _scale_like(draw, shape: tuple) -> Any:
-    """A scale (or offset) argument: a number or a tensor of a plausible or wrong shape, with edge values."""
-    kind = draw(st.sampled_from(["number", "tensor", "tensor"]))
+def _scale_like(draw, shape: tuple, valid: str = "positive") -> Any:
+    """A scale (or offset) argument: mostly a valid tensor of `shape` (`valid`: the fill that makes it valid),
+    else a number or a tensor with edge values and other dtypes."""
+    kind = draw(st.sampled_from(["valid", "number", "tensor"]) if draw(st.integers(0, 1)) else st.just("valid"))
     if kind == "number":
         return draw(st.one_of(st.sampled_from([0.1, 1.0, 0.0, -0.1, math.nan, math.inf, 1e-45, 1e38, 2.5e9, 1e30]),
                               st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3)))
+    if kind == "valid":
+        desc = (tuple(shape), torch.float32, valid, draw(strided_views()), draw(st.integers(0, 2 ** 16)))
+        return ("tensor", desc, draw(st.booleans()))
     return ("tensor", draw(tensors(shape=shape, dtypes=(torch.float32, torch.float32, torch.float64,
                                                         torch.float16, torch.int32))), draw(st.booleans()))
 
 
-X_DTYPES = (torch.float32,) * 6 + (torch.float16, torch.bfloat16) * 2 + ALL_DTYPES
+X_DTYPES = (torch.float32,) * 12 + (torch.float16, torch.bfloat16) * 4 + ALL_DTYPES
 
 
 def _block_sizes(shape: tuple) -> st.SearchStrategy:
@@ -658,9 +664,11 @@ def _block_sizes(shape: tuple) -> st.SearchStrategy:
     0, a negative, a non-int; sometimes one entry too many or too few."""
     def per_dim(n: int) -> st.SearchStrategy:
         divisors = [d for d in range(1, min(n, 64) + 1) if n % d == 0] or [1]
-        return st.one_of(st.sampled_from([-1, n, 1] + divisors), st.sampled_from([0, -2, n + 1, 3, True, 2.0]))
+        return st.integers(0, 5).flatmap(lambda k: st.sampled_from([-1, n, 1] + divisors) if k else st.sampled_from(
+            [0, -2, n + 1, 3, True, 2.0]))
     exact = st.tuples(*[per_dim(n) for n in shape]) if shape else st.just(())
-    return st.one_of(exact, exact, exact, st.lists(st.integers(-2, 4), max_size=len(shape) + 1).map(tuple))
+    wrong_length = st.lists(st.integers(-2, 4), max_size=len(shape) + 1).map(tuple)
+    return st.integers(0, 5).flatmap(lambda k: exact if k else wrong_length)
 
 
 def _small(shape: tuple) -> tuple:
@@ -674,39 +682,49 @@ def _param_shape_guess(draw, x_shape: tuple, axis: Any, block: Any) -> tuple:
         if isinstance(axis, int) and not isinstance(axis, bool) and x_shape and -len(x_shape) <= axis < len(x_shape):
             right = (x_shape[axis],)
         elif isinstance(block, tuple) and len(block) == len(x_shape) and all(
-                isinstance(b, int) and b > 0 and n % b == 0 for n, b in zip(x_shape, block)):
-            right = tuple(n // b for n, b in zip(x_shape, block))
+                isinstance(b, int) and not isinstance(b, bool) and (b == -1 or b > 0 and n % b == 0)
+                for n, b in zip(x_shape, block)):
+            right = tuple(1 if b == -1 else n // b for n, b in zip(x_shape, block))
     except Exception:
         right = None
     if right is not None and math.prod(right) > 4096:  # a scale that large is never drawn (x has no elements)
         right = None
     whole = tuple(x_shape) if math.prod(x_shape) <= 4096 else (1,)
-    return draw(st.sampled_from([right or ()] * 4 + [(), (1,), (2,), (3, 1), whole]))
+    if draw(st.integers(0, 3)):
+        return right or ()
+    return draw(st.sampled_from([(), (1,), (2,), (3, 1), whole]))
 
 
 @st.composite
 def op_inputs(draw) -> dict:
     op = draw(st.sampled_from(OPS))
-    bitwidth = draw(st.one_of(st.sampled_from([2, 3, 4, 8, 16]), st.sampled_from([0, 1, 17, 33, -1, True, 8.0,
-                                                                                  None, "8"]), st.integers(-40, 40)))
-    signed = draw(st.sampled_from([True, False, True, False, None, 1, "yes"]))
+    # mostly valid choices (the result is then checked against the formula), else adversarial ones
+    bitwidth = draw(st.sampled_from([2, 3, 4, 8, 16]) if draw(st.integers(0, 3)) else st.one_of(
+        st.sampled_from([0, 1, 17, 33, -1, True, 8.0, None, "8"]), st.integers(-40, 40)))
+    signed = draw(st.booleans() if draw(st.integers(0, 5)) else st.sampled_from([None, 1, "yes"]))
     if op == "grid":
         return {"op": op, "kwargs": {"bitwidth": bitwidth, "signed": signed,
                                      "strict": draw(st.sampled_from([False, True, None]))}}
     x = draw(tensors(dtypes=X_DTYPES))
     shape = x[0]
     nd = len(shape)
-    axis = draw(st.one_of(st.none(), st.integers(-nd - 2, nd + 1), st.sampled_from([True, 1.0, "0"])))
-    block = draw(st.one_of(st.none(), _block_sizes(shape)))
-    if axis is not None and block is not None and draw(st.integers(0, 3)):
-        block = None  # both given is one case; mostly one at a time
+    granularity = draw(st.sampled_from(["tensor", "axis", "block", "block", "adversarial"]))
+    axis = block = None
+    if granularity == "axis" and nd:
+        axis = draw(st.integers(-nd, nd - 1))
+    elif granularity == "block":
+        block = draw(_block_sizes(shape))
+    elif granularity == "adversarial":
+        axis = draw(st.one_of(st.none(), st.integers(-nd - 2, nd + 1), st.sampled_from([True, 1.0, "0"])))
+        block = draw(st.one_of(st.none(), _block_sizes(shape)))
     p_shape = _param_shape_guess(draw, shape, axis, block)
     kw: dict[str, Any] = {}
     if op in ("quantize_dequantize", "quantize", "dequantize"):
-        kw = {"scale": _scale_like(draw, p_shape), "offset": draw(st.one_of(st.none(), st.just(
-            "same"), st.sampled_from([0.0, -3.0, 0.5, 1e30, -1e30, math.nan, math.inf])))}
+        kw = {"scale": _scale_like(draw, p_shape), "offset": draw(st.one_of(
+            st.none(), st.just("same"), st.just("same"),
+            st.sampled_from([0.0, -3.0, 0.5, 1e30, -1e30, math.nan, math.inf])))}
         if kw["offset"] == "same":
-            kw["offset"] = _scale_like(draw, p_shape)
+            kw["offset"] = _scale_like(draw, p_shape, valid="integer")
         if axis is not None:
             kw["axis"] = axis
         if block is not None:
@@ -714,9 +732,10 @@ def op_inputs(draw) -> dict:
         if op != "dequantize":
             kw.update(bitwidth=bitwidth, signed=signed)
         if op != "quantize_dequantize":
-            kw["out_dtype"] = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.int8,
-                                                    torch.uint8, torch.int16, torch.int32, torch.int64,
-                                                    torch.float64, "float32"]))
+            valid = [torch.float32, torch.int16, torch.int32] if op == "quantize" else [
+                torch.float32, torch.float16, torch.bfloat16]
+            kw["out_dtype"] = draw(st.sampled_from(valid) if draw(st.integers(0, 2)) else st.sampled_from(
+                [torch.int8, torch.uint8, torch.int64, torch.float64, torch.float16, "float32"]))
         else:
             if draw(st.booleans()):
                 kw["activation"] = draw(st.sampled_from([(0, None), (0, 6), (None, None), (6, 0), (math.nan, 1),
@@ -756,7 +775,8 @@ def _expected_fake_quant(op: str, x: torch.Tensor, kw: dict, out: torch.Tensor) 
     scale = kw["scale"]
     s = scale.float() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
     off = kw.get("offset")
-    o = torch.zeros(()) if off is None else (off.float() if isinstance(off, torch.Tensor) else torch.tensor(float(off)))
+    o = torch.zeros_like(s) if off is None else (off.float() if isinstance(off, torch.Tensor) else
+                                                 torch.full_like(s, float(off)))
     nd = x.dim()
     if kw.get("axis") is not None:
         shape = [1] * nd

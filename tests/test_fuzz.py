@@ -171,6 +171,22 @@ def test_ops_empty_dimension_with_whole_dimension_blocks():
     assert s.grad.shape == (0, 1) and xg.grad.shape == (0, 6)
 
 
+def test_adaround_weight_with_per_row_scale_and_one_offset():
+    """The native kernel read scale and offset at one count: a per-row scale with a single offset read past the
+    offset's end (garbage results), a single scale with per-row offsets used the first offset everywhere."""
+    from pyquant.ops import _reference as ref
+    w, alpha = torch.randn(4, 3), torch.randn(4, 3)
+    s, o = torch.rand(4) * 0.1 + 0.01, torch.tensor([-3.0, 0.0, 2.0, 5.0])
+    for scale, offset in ((s, torch.tensor([-3.0])), (s[:1], o)):
+        got = torch.ops.pyquant.adaround_weight(w, alpha, scale, offset, -8, 7)
+        want = ref.adaround_weight(w, alpha, scale.expand(4), offset.expand(4), -8, 7)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        g = torch.randn(4, 3)
+        got = torch.ops.pyquant.adaround_weight_backward(g, w, alpha, scale, offset, -8, 7)
+        want = ref.adaround_weight_backward(g, w, alpha, scale.expand(4), offset.expand(4), -8, 7)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: pqo.quantize_dequantize(torch.randn(4), 0.1, math.nan), "offset must be finite"),
     (lambda: pqo.dequantize(torch.randn(4).double(), 0.1), "q must be one of"),
