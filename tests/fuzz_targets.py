@@ -772,6 +772,9 @@ def _materialize(v: Any) -> Any:
 def _expected_fake_quant(op: str, x: torch.Tensor, kw: dict, out: torch.Tensor) -> torch.Tensor:
     """The result of 5.2 computed here with plain torch: the scale and offset spread over x's elements, then
     the formula in float32 (round half to even)."""
+    if x.numel() == 0:
+        dtype = x.dtype if op == "quantize_dequantize" else kw.get("out_dtype", torch.float32)
+        return torch.empty(x.shape, dtype=dtype)
     scale = kw["scale"]
     s = scale.float() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale))
     off = kw.get("offset")
@@ -786,7 +789,7 @@ def _expected_fake_quant(op: str, x: torch.Tensor, kw: dict, out: torch.Tensor) 
         full = [1 if b == -1 else n // b for n, b in zip(x.shape, kw["block_size"])]
         s, o = s.reshape(full), o.reshape(full)
         for d, n in enumerate(x.shape):
-            if s.shape[d] and n:
+            if s.shape[d] > 1 and n:  # size 1 broadcasts
                 s = s.repeat_interleave(n // s.shape[d], dim=d)
                 o = o.repeat_interleave(n // o.shape[d], dim=d)
     else:

@@ -270,7 +270,7 @@ class NativeBackend:
         w, alpha = w.contiguous(), alpha.contiguous()
         s, o = scale.contiguous().reshape(-1), offset.contiguous().reshape(-1)
         if s.numel() != o.numel():  # one per row and one in all: the kernel reads both at one count
-            n = max(s.numel(), o.numel())
+            n = s.numel() if o.numel() == 1 else o.numel()  # the per-row count (0 for an empty w)
             s, o = s.expand(n).contiguous(), o.expand(n).contiguous()
         self._check_scale(s, s.numel())
         rows = w.shape[0] if w.dim() > 0 else 1
