@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install assets test demo bench clean
+.PHONY: install assets test demo bench fuzz clean
 
 install:
 	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis matplotlib
@@ -31,6 +31,10 @@ bench: install assets
 	$(PYTHON) -m bench.fake_quant
 	$(PYTHON) -m bench.calibration
 	$(PYTHON) -m bench.qat_kernels
+
+# 10,000 adversarial inputs per entry point (encodings, configs, checkpoints, CLI, ops): bench/results/fuzz.md
+fuzz: install
+	$(PYTHON) -m bench.fuzz
 
 clean:
 	rm -rf build *.egg-info
