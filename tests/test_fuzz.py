@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 
 import pyquant.ops as pqo
-from fuzz_targets import TARGETS, FuzzFailure, encodings_seeds, run_checkpoint, run_encodings, sims
+from fuzz_targets import DATA, TARGETS, FuzzFailure, encodings_seeds, run_checkpoint, run_encodings, sims
 
 CI_EXAMPLES = {"encodings": 300, "config": 300, "checkpoint": 150, "cli": 300, "ops": 400}
 
@@ -119,6 +119,22 @@ def test_encodings_shapes_argument_is_checked():
         parse_encodings(doc, shapes={name: (-1, -4)})
     with pytest.raises(ValueError, match=rf"shapes\['{name}'\]"):
         parse_encodings(doc, shapes={name: 4})
+
+
+def test_encodings_refuse_lpbq_integer_scales_beyond_float32():
+    from pyquant.sim.encodings import EncodingsError, parse_encodings
+    doc = json.loads((DATA / "aimet_lpbq_v2.encodings").read_text())
+    entry = next(e for e in doc["encodings"] if "per_block_int_scale" in e)
+    entry["per_block_int_scale"][0][0] = 1e164  # finite in the file; inf in float32 made log2 overflow
+    with pytest.raises(EncodingsError, match="per_block_int_scale: values beyond float32"):
+        parse_encodings(doc)
+
+
+def test_config_numbers_beyond_float_range_are_config_errors():
+    from pyquant.sim.config import ConfigError, load_config
+    cfg = {"op_type": {"Softmax": {"encoding_constraints": {"min": 0, "max": 10 ** 400}}}}
+    with pytest.raises(ConfigError, match=r"^op_type\.Softmax\.encoding_constraints\.max: expected a finite"):
+        load_config(cfg)
 
 
 def test_config_file_that_is_not_utf8_is_a_config_error(tmp_path):

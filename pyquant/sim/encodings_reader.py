@@ -161,9 +161,10 @@ class _Reader:
             raise self.fail(where, f"not a rectangular array: {e}") from None
         if t.numel() == 0:
             raise self.fail(where, "empty")
+        t = t.to(torch.float32)
         if not bool(torch.isfinite(t).all()):  # finite in the file, beyond float32 here
             raise self.fail(where, f"values beyond float32's range ({torch.finfo(torch.float32).max:.4g})")
-        return t.to(torch.float32)
+        return t
 
     # ---- building ----
     def _encoding(self, name: str, where: str, scale: torch.Tensor, offset: torch.Tensor, bw: int, sym: bool,
