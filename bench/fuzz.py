@@ -146,6 +146,8 @@ def main(argv: Any = None) -> int:
                                                      if k not in ("accepted", "FAILURE")) or "-",
              "failures": r["failures"], "seconds": r["seconds"]} for r in results]
     notes = [f"{r['target']}: {r['what']}" for r in results if r["what"]]
+    notes.append("encodings: ValueError / TypeError are refusals of the shapes= argument (tensor name -> scale "
+                 "shape), EncodingsError those of the file")
     notes.append("cli outcomes are exit codes (main() returns them; 2 is a usage error, 1 a SPEC whose function "
                  "raised); the other targets' refusals are exception types")
     for r in results:
