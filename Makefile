@@ -3,7 +3,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install assets test demo bench sanitize clean
+.PHONY: install assets test demo bench sanitize fuzz clean
 
 install:
 	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis matplotlib
@@ -36,6 +36,10 @@ bench: install assets
 # build/sanitize (the normal build stays), then the kernel tests with the runtimes preloaded (.ci/sanitize).
 sanitize:
 	PYTHON=$(PYTHON) .ci/sanitize
+
+# 10,000 adversarial inputs per entry point (encodings, configs, checkpoints, CLI, ops): bench/results/fuzz.md
+fuzz: install
+	$(PYTHON) -m bench.fuzz
 
 clean:
 	rm -rf build *.egg-info

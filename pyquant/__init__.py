@@ -8,12 +8,13 @@ from ._safe_load import UnsafeFileError
 from ._version import __version__
 from ._warnings import NothingToDoWarning, PyquantWarning, UnquantizedOpWarning
 from .sim.quantsim import QuantSim
+from .sim.state_io import CheckpointError
 from .autoquant import AutoQuant, AutoQuantResult
 from .sim.encodings import load_encodings, write_encodings
 from .techniques import (adaround, correct_bias, correct_bias_analytical, equalize, fold_batchnorms,
                          fold_batchnorms_to_scale, gptq, reestimate_batchnorm, seq_mse, smooth_activations)
 
-__all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "AutoQuant", "AutoQuantResult", "load_encodings",
+__all__ = ["analysis", "ops", "quant", "native_info", "QuantSim", "CheckpointError", "AutoQuant", "AutoQuantResult", "load_encodings",
            "write_encodings", "fold_batchnorms", "fold_batchnorms_to_scale", "equalize", "adaround", "correct_bias",
            "correct_bias_analytical", "reestimate_batchnorm", "seq_mse", "gptq", "smooth_activations",
            "NothingToDoWarning", "PyquantWarning", "UnsafeFileError", "DirectoryInUseError",

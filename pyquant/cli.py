@@ -293,6 +293,8 @@ _bitwidth = _number(int, lambda v: 2 <= v <= 16, "a bit width 2..16", "bit width
 _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)",
                     "must be in [0, 1) (0.01 = one point of accuracy)")
 _seconds = _number(float, lambda v: v > 0, "seconds", "must be > 0 seconds")
+MAX_THREADS = 4096
+_threads = _number(int, lambda v: 1 <= v <= MAX_THREADS, "a whole number", f"must be in 1..{MAX_THREADS}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-o", "--output", default=out_default, help=f"output folder (default {out_default})")
         sp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars on stderr (default: when stderr is a terminal)")
-        sp.add_argument("--threads", type=_positive_int, default=None,
+        sp.add_argument("--threads", type=_threads, default=None,
                         help="torch CPU threads (default: torch's choice; on a machine busy with other jobs, 1 "
                              "can be faster)")
         sp.add_argument("--traceback", action="store_true", help="print the full traceback when the run fails")
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "min_max and tf_enhanced, checked against onnxruntime's int8 kernels.")
     d.add_argument("--per-image", type=_positive_int, default=16, help="evaluation crops per photo (default 16)")
     d.add_argument("--calib", type=_positive_int, default=32, help="calibration crops (default 32)")
-    d.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--threads", type=_threads, default=None, help="torch CPU threads (default: torch's choice)")
     d.set_defaults(fn=_cmd_demo, traceback=False)
 
     an = sub.add_parser("analyze", help="where quantization hurts: sensitivity, per-layer error, weight ranges "

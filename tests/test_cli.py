@@ -65,7 +65,7 @@ def test_usage_errors_exit_2(capsys):
              (["export", "spec_tiny:build", "--config", "no_such_profile"], "named profile"),
              (["export", "spec_tiny:build", "--name", "../up"], "plain file name"),
              (["demo", "--per-image", "0"], "must be >= 1"),
-             (["analyze", "spec_tiny:build", "--threads", "0"], "must be >= 1")]
+             (["analyze", "spec_tiny:build", "--threads", "0"], "must be in 1..4096")]
     for argv, msg in cases:
         assert cli.main(argv) == cli.EXIT_USAGE, argv
         assert msg in capsys.readouterr().err, argv

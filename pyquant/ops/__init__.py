@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _cpu, _cuda, _reference, _registry
+from . import _cpu, _cuda, _layout, _reference, _registry
 from ._layout import set_value_checks
 
 __all__ = [
@@ -72,10 +72,12 @@ def _param_shape(x: torch.Tensor, axis: Optional[int], block_size: Optional[Bloc
         for d, (n, b) in enumerate(zip(x.shape, bs)):
             if isinstance(b, bool) or not isinstance(b, int) or (b < 1 and b != -1):
                 raise ValueError(f"block_size[{d}] must be a positive int or -1 (whole dimension), got {b!r}")
-            b = n if b == -1 else b
-            if b and n % b:  # b == 0: the whole of an empty dimension
+            if b == -1:  # the whole dimension, also an empty one: one scale along it
+                shape.append(1)
+                continue
+            if n % b:
                 raise ValueError(f"block_size[{d}]={b} does not divide x.shape[{d}]={n}")
-            shape.append(n // b if b else 1)
+            shape.append(n // b)
         return tuple(shape)
     return (1,) * nd
 
@@ -103,7 +105,14 @@ def _params(x: torch.Tensor, scale, offset, axis, block_size):
         if offset.numel() != n:
             raise ValueError(f"offset has {offset.numel()} values; expected {n} like scale")
         offset = offset.reshape(shape)
+        if not torch.compiler.is_compiling():  # a data-dependent branch would break a fullgraph compile
+            _layout.check_finite(offset, "offset")
     return scale, offset
+
+
+def _check_out_dtype(out_dtype: object) -> None:
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype, got {out_dtype!r}")
 
 
 def quantize_dequantize(x: torch.Tensor, scale: Union[torch.Tensor, float],
@@ -138,6 +147,7 @@ def quantize(x: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union[t
     """Integer codes ``clamp(round(x/s) - o, qmin, qmax)``, as float32 (default) or an integer dtype
     that holds the grid (int8/uint8/int16/int32). Integer output rejects NaN inputs."""
     qmin, qmax = grid(bitwidth, signed)
+    _check_out_dtype(out_dtype)
     s, o = _params(x, scale, offset, axis, block_size)
     return _registry.ops.quantize(x, s, o, qmin, qmax, out_dtype)
 
@@ -146,6 +156,10 @@ def dequantize(q: torch.Tensor, scale: Union[torch.Tensor, float], offset: Union
                *, axis: Optional[int] = None, block_size: Optional[BlockSize] = None,
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(q + o) * s`` for integer codes (any int or float dtype) in float32/float16/bfloat16."""
+    if q.dtype not in _layout.FLOAT_DTYPES + _layout.INT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in _layout.FLOAT_DTYPES + _layout.INT_DTYPES)
+        raise TypeError(f"q must be one of {names}; got {q.dtype}")
+    _check_out_dtype(out_dtype)
     s, o = _params(q, scale, offset, axis, block_size)
     return _registry.ops.dequantize(q, s, o, out_dtype)
 
@@ -182,16 +196,39 @@ def quantize_dequantize_int32(x: torch.Tensor, scale: Union[torch.Tensor, float]
     s = s.to(device=x.device, dtype=torch.float32)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if not _broadcasts(s.shape, x.shape) or torch.broadcast_shapes(s.shape, x.shape) != x.shape:
+        raise ValueError(f"scale of shape {tuple(s.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     if check_values and not bool(((s > 0) & torch.isfinite(s)).all()):
         raise ValueError(f"scale must be positive and finite, got {s.flatten()[:4].tolist()}")
     return _Int32FakeQuant.apply(x, s, overflow)
 
 
+def _broadcasts(a: Sequence[int], b: Sequence[int]) -> bool:
+    try:
+        torch.broadcast_shapes(tuple(a), tuple(b))
+    except RuntimeError:
+        return False
+    return True
+
+
 # ---- AdaRound --------------------------------------------------------------------------------------
 def _channel_params(w: torch.Tensor, scale, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset as flat float32 (one value, or one per output channel), checked: scale positive and
+    finite, offset finite."""
     s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=w.device)
     o = offset if isinstance(offset, torch.Tensor) else torch.tensor(float(offset or 0.0), device=w.device)
-    return s.float().reshape(-1), o.float().reshape(-1)
+    if not s.is_floating_point() or not o.is_floating_point():
+        raise TypeError(f"scale and offset must be floating point, got {s.dtype} and {o.dtype}")
+    s, o = s.float().reshape(-1), o.float().reshape(-1)
+    rows = w.shape[0] if w.dim() > 0 else 1
+    for name, p in (("scale", s), ("offset", o)):
+        if p.numel() not in (1, rows):
+            raise ValueError(f"{name} must have 1 value or one per output channel (w.shape[0] = {rows}), got "
+                             f"{p.numel()}")
+    if not torch.compiler.is_compiling():
+        _layout.check_positive_finite(s, "scale")
+        _layout.check_finite(o, "offset")
+    return s, o
 
 
 def adaround_weight(w: torch.Tensor, alpha: torch.Tensor, scale: Union[torch.Tensor, float],
@@ -206,12 +243,17 @@ def adaround_weight(w: torch.Tensor, alpha: torch.Tensor, scale: Union[torch.Ten
 
 
 def adaround_regularizer(alpha: torch.Tensor, beta: float) -> torch.Tensor:
-    """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every h to 0 or 1 (differentiable in alpha)."""
+    """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes every h to 0 or 1 (differentiable in alpha). `beta` > 0."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     return _registry.ops.adaround_regularizer(alpha, float(beta))[0]
 
 
 def adaround_init_alpha(w: torch.Tensor, scale: Union[torch.Tensor, float]) -> torch.Tensor:
-    """The alpha for which h(alpha) equals the fractional part of w/s (soft rounding starts at w itself)."""
+    """The alpha for which h(alpha) equals the fractional part of w/s (soft rounding starts at w itself).
+    `scale`: positive and finite, one value or one per output channel (dim 0 of w)."""
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
     s, _ = _channel_params(w, scale, None)
     s = s.reshape((-1,) + (1,) * (w.dim() - 1)) if w.dim() > 0 else s.reshape(())
     frac = w.float() / s - torch.floor(w.float() / s)

@@ -129,8 +129,8 @@ class NativeBackend:
         if grad.shape != x.shape:
             raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
         grad = grad.to(x.dtype)
+        need_dx, need_s, need_o = (bool(v) for v in output_mask)
         if x.numel() == 0:  # sums over no elements
-            need_dx, need_s, need_o = (bool(v) for v in output_mask)
             return (torch.empty_like(x) if need_dx else x.new_empty(0),
                     torch.zeros_like(scale) if need_s else scale.new_empty(0),
                     torch.zeros_like(offset) if need_o else offset.new_empty(0))
@@ -138,7 +138,6 @@ class NativeBackend:
         gk = grad.permute(perm) if perm is not None else grad
         if not gk.is_contiguous():
             gk = gk.contiguous()
-        need_dx, need_s, need_o = (bool(v) for v in output_mask)
         dev = x.device
         dx = torch.empty_like(x) if need_dx else x.new_empty(0)
         dxk = (dx.permute(perm) if perm is not None else dx) if need_dx else None
@@ -278,6 +277,9 @@ class NativeBackend:
         _registry.check_adaround_args(w, alpha, scale, offset, qmin, qmax)
         w, alpha = w.contiguous(), alpha.contiguous()
         s, o = scale.contiguous().reshape(-1), offset.contiguous().reshape(-1)
+        if s.numel() != o.numel():  # one per row and one in all: the kernel reads both at one count
+            n = s.numel() if o.numel() == 1 else o.numel()  # the per-row count (0 for an empty w)
+            s, o = s.expand(n).contiguous(), o.expand(n).contiguous()
         self._check_scale(s, s.numel())
         rows = w.shape[0] if w.dim() > 0 else 1
         row_len = w.numel() // rows if rows else 0

@@ -63,6 +63,8 @@ def block_sizes(x_shape: Sequence[int], s_shape: Sequence[int], name: str = "sca
             blocks.append(1)
         elif k > 0 and n % k == 0:
             blocks.append(n // k)
+        elif k == 0 and n == 0:  # an empty dimension has no blocks: per-channel or per-block along it
+            blocks.append(1)
         else:
             raise ValueError(
                 f"{name}.shape[{d}]={k} does not divide x.shape[{d}]={n}; each dimension of {name} "
@@ -111,6 +113,16 @@ def check_positive_finite(t: torch.Tensor, name: str, hint: str = "") -> None:
     if bool(bad.any()):
         v = t[bad].flatten()[0].item()
         raise ValueError(f"{name} must be positive and finite; found {v}{hint}")
+
+
+def check_finite(t: torch.Tensor, name: str) -> None:
+    """`t` must be finite (an offset: NaN or inf would make every output NaN or inf). GPU tensors follow
+    set_value_checks, as scales do."""
+    if t.device.type != "cpu" and not _VALUE_CHECKS["gpu"]:
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite; found {t[bad].flatten()[0].item()}")
 
 
 def check_scale_values(scale: torch.Tensor) -> None:

@@ -408,6 +408,12 @@ def load_config(config: ConfigLike) -> HardwareConfig:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
     return parse_config(data, source=source)

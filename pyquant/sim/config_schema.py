@@ -87,9 +87,13 @@ def _opt_bool(obj: Mapping[str, Any], key: str, path: str) -> Optional[bool]:
 def _number(v: Any, path: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{path}: expected a number, got {_type_name(v)} {_show(v)}")
-    if not math.isfinite(v):
-        raise ConfigError(f"{path}: expected a finite number, got {_show(v)}")
-    return float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an integer beyond float's range
+        f = math.inf
+    if not math.isfinite(f):
+        raise ConfigError(f"{path}: expected a finite number, got {_show(v)[:40]}")
+    return f
 
 
 def _string(v: Any, path: str) -> str:

@@ -28,6 +28,12 @@ def read_encodings(path: PathLike, *, shapes: Optional[Mapping[str, Sequence[int
             data = json.load(fh)
     except json.JSONDecodeError as e:
         raise EncodingsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise EncodingsError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    except RecursionError:
+        raise EncodingsError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+        raise EncodingsError(f"{path}: not valid JSON: {e}") from None
     return parse_encodings(data, shapes=shapes, param_names=param_names, source=path)
 
 
@@ -49,8 +55,11 @@ def parse_encodings(data: Mapping[str, Any], *, shapes: Optional[Mapping[str, Se
                                  f"'activation_encodings' or 'param_encodings')")
     if version not in VERSIONS:
         raise EncodingsError(f"{source}: version {version!r} is not supported; pyquant reads {', '.join(VERSIONS)}")
-    reader = _Reader(source, dict(shapes or {}))
-    out = EncodingsFile(version=version, activation={}, params={}, producer=data.get("producer"))
+    reader = _Reader(source, _check_shapes(shapes))
+    producer = data.get("producer")
+    if producer is not None and not isinstance(producer, Mapping):
+        raise EncodingsError(f"{source}: producer must be an object, got {type(producer).__name__}")
+    out = EncodingsFile(version=version, activation={}, params={}, producer=producer)
     if version == "2.0.0":
         entries = data.get("encodings")
         if not isinstance(entries, list):
@@ -83,12 +92,33 @@ def parse_encodings(data: Mapping[str, Any], *, shapes: Optional[Mapping[str, Se
                     if enc is not None:
                         table[name] = enc
         qa = data.get("quantizer_args")
-        out.quantizer_args = dict(qa) if isinstance(qa, Mapping) else None
-        out.excluded_layers = list(data.get("excluded_layers") or [])
+        if qa is not None and not isinstance(qa, Mapping):
+            raise EncodingsError(f"{source}: quantizer_args must be an object, got {type(qa).__name__}")
+        out.quantizer_args = dict(qa) if qa is not None else None
+        excluded = data.get("excluded_layers")
+        excluded = [] if excluded is None else excluded
+        if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+            raise EncodingsError(f"{source}: excluded_layers must be a list of layer names")
+        out.excluded_layers = list(excluded)
     return out
 
 
-_DTYPE_2_0_0 = re.compile(r"^(u?)int(\d+)$")
+def _check_shapes(shapes: Optional[Mapping[str, Sequence[int]]]) -> dict[str, tuple[int, ...]]:
+    """The `shapes` argument: tensor name -> scale shape (non-negative integers)."""
+    if shapes is None:
+        return {}
+    if not isinstance(shapes, Mapping):
+        raise TypeError(f"shapes must be a dict of tensor name -> scale shape, got {type(shapes).__name__}")
+    out = {}
+    for name, shape in shapes.items():
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in shape):
+            raise ValueError(f"shapes[{name!r}] must be a sequence of non-negative integers, got {shape!r}")
+        out[name] = tuple(shape)
+    return out
+
+
+_DTYPE_2_0_0 = re.compile(r"^(u?)int(\d{1,3})$")  # at most 3 digits: int() of a 5000-digit one would raise
 
 
 class _Reader:
@@ -109,7 +139,7 @@ class _Reader:
         return name
 
     def _int(self, v: Any, where: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not v.is_integer():
             raise self.fail(where, f"expected an integer, got {v!r}")
         return int(v)
 
@@ -118,9 +148,11 @@ class _Reader:
             if isinstance(x, list):
                 for y in x:
                     walk(y)
-            elif isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            elif isinstance(x, bool) or not isinstance(x, (int, float)):
                 raise self.fail(where, f"expected numbers, got {x!r}")
-            elif integer and not float(x).is_integer():
+            elif isinstance(x, int) and abs(x) > 2 ** 64 or isinstance(x, float) and not math.isfinite(x):
+                raise self.fail(where, f"expected finite numbers, got {x!r}")
+            elif integer and isinstance(x, float) and not x.is_integer():
                 raise self.fail(where, f"expected integers, got {x!r} (fractional zero points are not supported)")
         walk(v)
         try:
@@ -129,7 +161,10 @@ class _Reader:
             raise self.fail(where, f"not a rectangular array: {e}") from None
         if t.numel() == 0:
             raise self.fail(where, "empty")
-        return t.to(torch.float32)
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):  # finite in the file, beyond float32 here
+            raise self.fail(where, f"values beyond float32's range ({torch.finfo(torch.float32).max:.4g})")
+        return t
 
     # ---- building ----
     def _encoding(self, name: str, where: str, scale: torch.Tensor, offset: torch.Tensor, bw: int, sym: bool,
@@ -236,11 +271,11 @@ class _Reader:
             raise self.fail(where, "missing output_dtype")
         m = _DTYPE_2_0_0.match(dtype)
         if m is None:
-            fm = re.match(r"^b?float(\d+)$", dtype)
+            fm = re.match(r"^b?float(\d{1,3})$", dtype)
             if fm:
                 out.float_tensors[name] = int(fm.group(1))
                 return name, None
-            raise self.fail(where, f"output_dtype {dtype!r} is not supported (intN, uintN, floatN)")
+            raise self.fail(where, f"output_dtype {dtype[:40]!r} is not supported (intN, uintN, floatN)")
         signed, bw = not m.group(1), int(m.group(2))
         if "per_block_int_scale" in e:
             if not signed:
@@ -293,7 +328,8 @@ class _Reader:
         hint = self.shapes.get(name)
         shape = tuple(int(k) for k in hint) if hint is not None else tuple(ints.shape)
         if math.prod(shape) != ints.numel():
-            raise self.fail(where, f"{ints.numel()} integer block scales do not fill the scale shape {shape}")
+            given = f"shapes[{name!r}] = " if hint is not None else "the scale shape "
+            raise self.fail(where, f"{ints.numel()} integer block scales do not fill {given}{shape}")
         nd = len(shape)
         if axis is None:
             wide = [d for d, k in enumerate(shape) if k > 1]
@@ -382,6 +418,8 @@ class _Reader:
                 raise self.fail(f"{where}[{i}]", "channels disagree on bitwidth, dtype or is_symmetric")
             if "scale" not in c or "offset" not in c:
                 raise self.fail(f"{where}[{i}]", "needs 'scale' and 'offset'")
+            if isinstance(c["scale"], (list, Mapping)) or isinstance(c["offset"], (list, Mapping)):
+                raise self.fail(f"{where}[{i}]", "scale and offset are single numbers per channel in 0.6.1")
             scales.append(c["scale"])
             offsets.append(c["offset"])
             zps = c.get("zero_point_shift")

@@ -633,8 +633,8 @@ class QuantSim:
 
         The file is read as tensors and plain values only: one holding other objects (which unpickling
         could turn into running code) raises `pyquant.UnsafeFileError`. The load is all or nothing: the
-        whole file is checked against this simulation and `optimizer` first (ValueError naming the first
-        mismatch), and a failure while applying it puts the quantizers back as they were."""
+        whole file is checked against this simulation and `optimizer` first (`pyquant.CheckpointError`, a
+        ValueError, naming the first mismatch or invalid value: bit widths, non-finite or non-positive scales), and a failure while applying it puts the quantizers back as they were."""
         where = f"checkpoint {os.fspath(path)!r}"
         state = read_checkpoint(path)
         check_checkpoint(state, self.model, self.quantizers, optimizer, where)
