@@ -4,6 +4,7 @@ values only (no code runs from the file: one holding other objects raises `Unsaf
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -35,6 +36,17 @@ class Checkpoint:
         if diff:
             return None, diff
         return {k: v for k, v in saved.items() if k != "fingerprint"}, []
+
+    def resume(self, fresh: dict[str, Any], job: str) -> dict[str, Any]:
+        """The saved state when it matches, else `fresh`; a file of another job is named in a warning
+        (what differs) and then overwritten by this one's first save."""
+        saved, diff = self.load()
+        if saved is not None:
+            return saved
+        if diff:
+            warnings.warn(f"{job}: the checkpoint in {self.path.parent} was made with other settings, model or data "
+                          f"({'; '.join(diff)}); starting over", stacklevel=3)
+        return fresh
 
     def save(self, state: Mapping[str, Any]) -> None:
         """Writes `state` (tensors, numbers, strings, lists and dicts of them; its keys beside the

@@ -3,10 +3,11 @@ the destination, so a reader never sees half a file and a failure leaves the old
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Type, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -64,3 +65,20 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def read_json(path: PathLike, error: Type[Exception]) -> Any:
+    """A JSON file's document; text that is not UTF-8 JSON within Python's nesting and integer-digit
+    limits raises `error` naming the file (an unreadable file raises OSError)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
+        raise error(f"{path}: not valid JSON: {e}") from None

@@ -137,3 +137,14 @@ def counted(monkeypatch, module, name: str, stop_at: int = 0) -> list:
     wrapper.__wrapped__ = real
     monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+def output_fidelity(model, x):
+    """An eval_fn for AutoQuant: 1 - the relative error of a model's outputs on `x` against `model`'s now."""
+    with torch.no_grad():
+        ref = model(x)
+
+    def fidelity(m):
+        with torch.no_grad():
+            return 1.0 - float((m(x) - ref).norm() / ref.norm())
+    return fidelity

@@ -16,6 +16,7 @@ import pyquant
 from pyquant.autoquant import AutoQuant, AutoQuantCacheError
 from pyquant.sim.config import ConfigError, profile_path
 from pyquant.sim.encodings import EncodingsError
+from helpers import output_fidelity
 
 
 def _mlp(seed=0):
@@ -258,12 +259,7 @@ def test_failure_while_applying_a_checkpoint_rolls_the_quantizers_back(tmp_path,
 def test_refused_autoquant_cache_changes_neither_the_model_nor_the_cache(tmp_path):
     model = _mlp()
     x = _x(32)
-    with torch.no_grad():
-        ref = model(x)
-
-    def fidelity(m):
-        with torch.no_grad():
-            return 1.0 - float((m(x) - ref).norm() / ref.norm())
+    fidelity = output_fidelity(model, x)
 
     AutoQuant(model, x[:1], x, fidelity, progress=False, quant_schemes=("min_max",)).optimize(
         allowed_accuracy_drop=0.5, cache_dir=tmp_path / "c")

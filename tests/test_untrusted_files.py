@@ -15,6 +15,7 @@ from torch import nn
 import pyquant
 from pyquant import UnsafeFileError
 from pyquant.autoquant import AutoQuant
+from helpers import output_fidelity
 from layerwise_sims import mlp_case, mlp_sim
 
 
@@ -88,12 +89,7 @@ def test_optimizer_state_round_trips_without_unpickling_objects(tmp_path):
 def test_autoquant_cached_simulation_with_code_is_refused(tmp_path):
     model = _mlp()
     x = _x(32)
-    with torch.no_grad():
-        ref = model(x)
-
-    def fidelity(m):
-        with torch.no_grad():
-            return 1.0 - float((m(x) - ref).norm() / ref.norm())
+    fidelity = output_fidelity(model, x)
 
     def run():
         return AutoQuant(model, x[:1], x, fidelity, config="default", progress=False,

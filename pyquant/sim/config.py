@@ -41,7 +41,7 @@ import os
 from importlib import resources
 from typing import Any, Mapping, Optional, Union
 
-from .._io import atomic_write_text
+from .._io import atomic_write_text, read_json
 from .onnx_ops import ONNX_OPS  # noqa: F401  (still importable from here)
 
 __all__ = [
@@ -404,16 +404,7 @@ def load_config(config: ConfigLike) -> HardwareConfig:
         raise ConfigError(f"{text_path!r} is neither a named profile ({', '.join(PROFILES)}) nor an existing "
                           f"JSON file")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: JSON nested too deeply to read") from None
-    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        data = read_json(path, ConfigError)
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read: {e}") from None
     return parse_config(data, source=source)

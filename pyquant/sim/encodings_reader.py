@@ -3,7 +3,6 @@ the version is detected, every entry checked (errors name the file and the entry
 a pyquant Encoding."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -11,6 +10,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from .._io import read_json
 from ..quant.encoding import Encoding, from_scale_offset
 from ..quant.lpbq import lpbq_encoding
 from .encodings_types import VERSIONS, EncodingsError, EncodingsFile, PathLike
@@ -23,17 +23,7 @@ def read_encodings(path: PathLike, *, shapes: Optional[Mapping[str, Sequence[int
     """Like :func:`pyquant.sim.encodings.load_encodings`, with everything else the file holds
     (quantizer_args, excluded layers, producer, float tensors, skipped entries)."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise EncodingsError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise EncodingsError(f"{path}: not UTF-8 text (byte {e.start}): {e.reason}") from None
-    except RecursionError:
-        raise EncodingsError(f"{path}: JSON nested too deeply to read") from None
-    except ValueError as e:  # e.g. an integer literal longer than Python's digit limit
-        raise EncodingsError(f"{path}: not valid JSON: {e}") from None
+    data = read_json(path, EncodingsError)
     return parse_encodings(data, shapes=shapes, param_names=param_names, source=path)
 
 

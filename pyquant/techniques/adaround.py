@@ -37,7 +37,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -276,13 +275,7 @@ def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], fp32: nn.Module, 
     settings = {k: v for k, v in dataclasses.asdict(st).items() if k != "max_samples"}
     settings.update(num_samples=n_samples, order=order, beta_range=list(st.beta_range), skip=list(st.skip))
     ckpt = Checkpoint(Path(checkpoint_dir) / _CKPT, fingerprint(model=fp32, data=chunks, settings=settings))
-    saved, diff = ckpt.load()
-    if saved is not None:
-        return ckpt, saved
-    if diff:
-        warnings.warn(f"adaround: the checkpoint in {checkpoint_dir} was made with other settings, model or data "
-                      f"({'; '.join(diff)}); starting over", stacklevel=3)
-    return ckpt, state
+    return ckpt, ckpt.resume(state, "adaround")
 
 
 def _weight_encodings(fp32: nn.Module, dummy_input: Any, st: AdaroundSettings):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -269,13 +268,7 @@ def _resume(checkpoint_dir: Optional[Union[str, os.PathLike]], sim, fp32_model: 
     fp = fingerprint(model=sim.model, settings=settings, fp32_model=model_digest(fp32_model),
                      **({"forward_fn": data} if callable(data) else {"data": data}))
     ckpt = Checkpoint(Path(checkpoint_dir) / _CKPT, fp)
-    saved, diff = ckpt.load()
-    if saved is not None:
-        return ckpt, saved
-    if diff:
-        warnings.warn(f"correct_bias: the checkpoint in {checkpoint_dir} was made for another simulation, model, "
-                      f"data or settings ({'; '.join(diff)}); starting over", stacklevel=3)
-    return ckpt, state
+    return ckpt, ckpt.resume(state, "correct_bias")
 
 
 def _clipped_normal_mean(mu: torch.Tensor, sigma: torch.Tensor, hi: float = math.inf) -> torch.Tensor:

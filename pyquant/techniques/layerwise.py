@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -536,15 +535,11 @@ class LayerCheckpoint:
         self._fp = fingerprint(model=sim.model, data=batches, settings=settings)
         self._lock = DirectoryLock(self._dir, "checkpoint_dir").acquire()
         try:
-            saved, diff = self._job().load()
+            saved = self._job().resume({"done": [], "report": []}, prefix)
         except BaseException:
             self.close()
             raise
-        if saved is not None:
-            self.done, self.report = list(saved["done"]), list(saved["report"])
-        elif diff:
-            warnings.warn(f"{prefix}: the checkpoint in {self._dir} was made for another simulation, data or "
-                          f"settings ({'; '.join(diff)}); starting over", stacklevel=3)
+        self.done, self.report = list(saved["done"]), list(saved["report"])
 
     def close(self) -> None:
         """Releases `checkpoint_dir` for other jobs."""
