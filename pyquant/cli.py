@@ -237,7 +237,7 @@ def _agreement_metric(spec: Spec, a: argparse.Namespace) -> Callable[[Any], floa
     no metric of its own (FP32 scores 1.0)."""
     import torch
     from ._batches import as_batches, call
-    from .analysis._data import output_tensor
+    from .metrics import output_tensor
     batches = as_batches(spec.data, a.batch_size, a.calib_samples)
     with torch.no_grad():
         ref = [output_tensor(call(spec.model.eval(), b)).argmax(-1) for b in batches]

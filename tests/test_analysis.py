@@ -113,7 +113,7 @@ def test_sensitivity_staged_equals_plain_evaluation(monkeypatch, inplace):
                 m.inplace = True
     staged = layer_sensitivity(sim, data, "sqnr", batch_size=10)
     assert staged["staged"] is True
-    monkeypatch.setattr(sens_mod, "_inplace_free", lambda gm: False)
+    monkeypatch.setattr(sens_mod, "inplace_free", lambda gm: False)
     plain = layer_sensitivity(sim, data, "sqnr", batch_size=10)
     assert plain["staged"] is False
     for a, b in zip(staged["layers"], plain["layers"]):

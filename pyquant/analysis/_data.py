@@ -1,33 +1,14 @@
-"""What the analyses share besides the batching helpers (pyquant._batches, re-exported here): a
-model's output as one tensor, and JSON-safe numbers."""
+"""What the analyses share besides the batching helpers (pyquant._batches) and the output a metric reads
+(pyquant.metrics.output_tensor), both re-exported here: JSON-safe numbers."""
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from .._batches import Batch, as_batches, batch_args, call, reusable  # noqa: F401 (re-exported)
-
-
-def output_tensor(out: Any) -> torch.Tensor:
-    """The tensor a metric looks at: the output itself, a `logits` field, or the first tensor of a
-    tuple/list/dict output."""
-    if torch.is_tensor(out):
-        return out
-    logits = getattr(out, "logits", None)
-    if torch.is_tensor(logits):
-        return logits
-    if isinstance(out, dict):
-        if torch.is_tensor(out.get("logits")):
-            return out["logits"]
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        for v in out:
-            if torch.is_tensor(v):
-                return v
-    raise TypeError(f"the model returned {type(out).__name__}; a metric needs a tensor (or a tuple/dict "
-                    f"holding one)")
+from ..metrics import output_tensor  # noqa: F401 (re-exported)
 
 
 def finite(x: Optional[float], digits: int = 6) -> Optional[float]:

@@ -9,18 +9,15 @@ and forks at each layer: the part of the model before a layer is the same in eve
 sweep, so it runs once and each evaluation computes only what comes after the toggled layer."""
 from __future__ import annotations
 
-import contextlib
 import math
-import operator
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
-import torch.fx as fx
 
 from .._progress import Progress
 from ..metrics import mean_kl, sqnr_db, top1_agreement
-from ..sim.staged import PerChunk, StagedRun
+from ..sim.staged import StagedRun, inplace_free, no_inplace_modules
 from ._data import Batch, as_batches, call, finite, output_tensor
 from .layers import Layer, QuantizerState, layers
 
@@ -36,36 +33,6 @@ METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], float], bool, st
 MODES = ("enabled_alone", "disabled_alone")
 
 
-_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-                operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
-
-
-def _inplace_free(gm: fx.GraphModule) -> bool:
-    """True when no function or method node writes into its input (forks share the values computed
-    before them). Modules with `inplace=True` do not count: the sweep switches that off while it runs."""
-    for n in gm.graph.nodes:
-        if n.op in ("call_function", "call_method"):
-            if n.kwargs.get("inplace") or n.target in _INPLACE_OPS:
-                return False
-            name = getattr(n.target, "__name__", str(n.target))
-            if name.endswith("_") and not name.endswith("__"):
-                return False
-    return True
-
-
-@contextlib.contextmanager
-def _no_inplace_modules(gm: fx.GraphModule) -> Iterator[None]:
-    """Modules such as ReLU(inplace=True) compute out of place meanwhile (same values)."""
-    mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
-    for m in mods:
-        m.inplace = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.inplace = True
-
-
 class _Evaluator:
     """Evaluates the simulation's metric on fixed batches, either whole (any metric) or as suffixes of
     a staged run (built-in metrics on positional inputs)."""
@@ -78,7 +45,7 @@ class _Evaluator:
         self.ref: Optional[torch.Tensor] = None
         self.evaluations = 0
         self.staged = isinstance(metric, str) and all(isinstance(b, tuple) for b in batches) \
-            and _inplace_free(sim.model)
+            and inplace_free(sim.model)
         self.nodes = list(sim.model.graph.nodes)
 
     def _score(self, outs: list[Any]) -> float:
@@ -98,14 +65,6 @@ class _Evaluator:
             return self._score([call(self.sim.model, b) for b in self.batches])
 
     # ---- staged: one run of the shared prefix, a fork per evaluation ----
-    def _output(self, run: StagedRun) -> list[Any]:
-        out_node = self.nodes[-1]
-        per = []
-        for c in range(len(self.batches)):
-            pick = lambda a, c=c: run.env[a.name][c] if isinstance(run.env[a.name], PerChunk) else run.env[a.name]
-            per.append(fx.node.map_arg(out_node.args[0], pick))
-        return per
-
     def sweep(self, items: list[Layer], toggle: Callable[[Layer, bool], None], bar: Progress) -> list[float]:
         """Metric with each item toggled (toggle(item, True)), the rest as they are now."""
         results: list[float] = []
@@ -123,24 +82,18 @@ class _Evaluator:
         pos = 0
         order = sorted(range(len(items)), key=lambda i: items[i].first_node)
         scores: dict[int, float] = {}
-        with torch.inference_mode(), _no_inplace_modules(gm):
+        with torch.inference_mode(), no_inplace_modules(gm):
             for i in order:
                 it = items[i]
                 while pos < it.first_node:
                     base.compute(self.nodes[pos])
                     base.release(pos)
                     pos += 1
-                fork = StagedRun(gm, self.batches)
-                fork.env = dict(base.env)
                 toggle(it, True)
                 try:
-                    for j in range(pos, len(self.nodes) - 1):
-                        fork.compute(self.nodes[j])
-                        fork.release(j)
-                    scores[i] = self._score(self._output(fork))
+                    scores[i] = self._score(base.fork().run_to_end(pos))
                 finally:
                     toggle(it, False)
-                del fork
                 self.evaluations += 1
                 bar.update(note=it.name[-40:])
         return [scores[i] for i in range(len(items))]

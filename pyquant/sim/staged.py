@@ -4,7 +4,9 @@ to see each layer's inputs for the whole data set right when they need them, cha
 on -- one pass over the data instead of one per layer."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import operator
+from typing import Any, Iterator, Sequence
 
 import torch.fx as fx
 
@@ -16,7 +18,8 @@ class PerChunk(list):
 class StagedRun:
     """`run.compute(node)` evaluates `node` of `gm` for every chunk (`chunks`: one tuple of positional
     model inputs per chunk) from the values already computed; `run.release(i)` drops the values no
-    node after the i-th reads."""
+    node after the i-th reads; `run.fork()` branches off a run that shares the values so far (an
+evaluation of the rest of the graph under changed quantizers, without recomputing the common prefix)."""
 
     def __init__(self, gm: fx.GraphModule, chunks: Sequence[tuple]):
         self.gm = gm
@@ -63,3 +66,60 @@ class StagedRun:
     def release(self, i: int) -> None:
         for name in self._freed_at.get(i, ()):
             self.env.pop(name, None)
+
+    def fork(self) -> "StagedRun":
+        """A run that starts from this one's values (shared, not copied: the graph must not write into its
+        inputs, see `inplace_free`) and goes on independently."""
+        other = StagedRun.__new__(StagedRun)
+        other.__dict__.update(self.__dict__)
+        other.env = dict(self.env)
+        return other
+
+    def run_to_end(self, start: int) -> list[Any]:
+        """Computes nodes `start`.. up to the output and returns the graph's output for each chunk (as the
+        output node holds it: a pytree of tensors)."""
+        for j in range(start, len(self.nodes)):
+            n = self.nodes[j]
+            if n.op == "output":
+                return [fx.node.map_arg(n.args[0], lambda a, c=c: self._pick(a, c)) for c in range(len(self.chunks))]
+            self.compute(n)
+            self.release(j)
+        raise ValueError("the graph has no output node")
+
+    def _pick(self, a: fx.Node, c: int) -> Any:
+        v = self.env[a.name]
+        return v[c] if isinstance(v, PerChunk) else v
+
+
+_INPLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+
+
+def inplace_free(gm: fx.GraphModule) -> bool:
+    """True when no function or method node writes into its input, so that forks of a run can share the
+    values computed before them. Modules with `inplace=True` do not count: `no_inplace_modules` switches
+    them off while forks run."""
+    for n in gm.graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            if n.kwargs.get("inplace") or n.target in _INPLACE_OPS:
+                return False
+            schema = getattr(n.target, "_schema", None)  # an aten op of a torch.export graph
+            if schema is not None and schema.is_mutable:
+                return False
+            name = getattr(n.target, "__name__", str(n.target))
+            if name.endswith("_") and not name.endswith("__"):
+                return False
+    return True
+
+
+@contextlib.contextmanager
+def no_inplace_modules(gm: fx.GraphModule) -> Iterator[None]:
+    """Modules such as ReLU(inplace=True) compute out of place meanwhile (same values)."""
+    mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
+    for m in mods:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.inplace = True
