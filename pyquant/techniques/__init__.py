@@ -6,6 +6,7 @@ from .cle import EqualizationReport, equalize
 from .gptq import GptqResult, gptq, gptq_weight
 from .layerwise import LayerError
 from .qat import reestimate_batchnorm
+from .range_search import RangeChoice, RangeSearchResult, search_activation_ranges
 from .seq_mse import SeqMseResult, seq_mse, seq_mse_encoding
 from .smoothing import SmoothedPair, SmoothingResult, smooth_activations, smoothing_pairs
 
@@ -13,4 +14,4 @@ __all__ = ["fold_batchnorms", "fold_batchnorms_to_scale", "FoldedPairs", "equali
            "correct_bias", "correct_bias_analytical", "BiasCorrectionReport", "adaround", "AdaroundResult",
            "AdaroundSettings", "LayerReport", "reestimate_batchnorm", "seq_mse", "seq_mse_encoding", "SeqMseResult",
            "gptq", "gptq_weight", "GptqResult", "LayerError", "smooth_activations", "smoothing_pairs",
-           "SmoothingResult", "SmoothedPair"]
+           "SmoothingResult", "SmoothedPair", "search_activation_ranges", "RangeSearchResult", "RangeChoice"]
