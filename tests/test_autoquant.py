@@ -98,7 +98,8 @@ def test_full_flow_keeps_only_improvements_and_picks_the_best(tmp_path):
         res = _aq(model, fn, param_bw=4).optimize(allowed_accuracy_drop=0.0, output_dir=tmp_path)
     assert _keys(res) == ["fp32", "quantsim", "weights_only/tf_enhanced", "weights_only/min_max", "weights_only/mse",
                           "activations_only/tf_enhanced", "activations_only/min_max", "activations_only/mse",
-                          "schemes", "cle", "cle+hba", "bias_correction", "seq_mse", "gptq", "adaround"]
+                          "schemes", "cle", "cle+hba", "bias_correction", "seq_mse", "gptq", "adaround",
+                          "range_search"]
     assert fn.calls == sum(s.status == "evaluated" for s in res.steps)
     # every kept step beat the best before it, and the result is the best full simulation
     best = -1.0
@@ -117,6 +118,8 @@ def test_full_flow_keeps_only_improvements_and_picks_the_best(tmp_path):
     assert res.activation_scheme == max(a, key=a.get)
     assert res.step("adaround").options["layers"] == 3
     assert res.step("gptq").options["layers"] == 1 and res.step("seq_mse").options["layers"] == 1  # the Linear
+    rs = res.step("range_search")
+    assert rs.status == "evaluated" and rs.options["loss_after"] <= rs.options["loss_before"]
     assert fn(res.sim.model) == pytest.approx(res.accuracy, abs=1e-6)
     assert res.step("quantsim").options == {}
 
@@ -132,6 +135,16 @@ def test_layerwise_steps_default_to_low_bit_weights():
         _aq(model, fn, seq_mse="yes")
     with pytest.raises(ValueError, match="gptq_kwargs: 'checkpoint_dir' is set by AutoQuant"):
         _aq(model, fn, gptq_kwargs={"checkpoint_dir": "x"})
+
+
+def test_range_search_step_can_be_left_out_and_its_own_arguments_are_checked(tmp_path):
+    model = _net()
+    fn = Fidelity(model)
+    res = _aq(model, fn, range_search=False, adaround=False, bias_correction=None).optimize(
+        allowed_accuracy_drop=0.0, output_dir=tmp_path)
+    assert "range_search" not in _keys(res)
+    with pytest.raises(ValueError, match="range_search_kwargs: 'checkpoint_dir' is set by AutoQuant"):
+        _aq(model, fn, range_search_kwargs={"checkpoint_dir": "x"})
 
 
 def test_stops_as_soon_as_the_target_is_met(tmp_path):

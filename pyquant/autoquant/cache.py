@@ -110,5 +110,5 @@ class StepCache:
         return self.root / "adaround"
 
     def layerwise_dir(self, method: str) -> Path:
-        """The checkpoint folder of a layer-wise weight method ("seq_mse", "gptq")."""
+        """The checkpoint folder of a layer-wise method ("seq_mse", "gptq", "range_search")."""
         return self.root / method

@@ -7,9 +7,9 @@ Flow (every evaluation is one call of `eval_fn`):
   2. weights-only and activations-only simulations for each candidate scheme: they tell which side
      costs the accuracy and pick each side's scheme; then both sides with the chosen schemes;
   3. cross-layer equalization, without and with high-bias absorption; activation smoothing (models with
-     norm -> Linear or value -> output projection pairs); empirical bias correction; AdaRound -- each
-     on top of the best simulation so far, kept only if it beats it; the run stops as soon as
-     FP32 - accuracy <= allowed_accuracy_drop.
+     norm -> Linear or value -> output projection pairs); empirical bias correction; SeqMSE / GPTQ (low-bit
+     weights); AdaRound; the activation range search -- each on top of the best simulation so far, kept
+     only if it beats it; the run stops as soon as FP32 - accuracy <= allowed_accuracy_drop.
 """
 from __future__ import annotations
 
@@ -98,6 +98,9 @@ class AutoQuant:
         smoothing_alpha: the alpha of activation smoothing (`pyquant.smooth_activations`), tried after
             equalization on models with norm -> Linear or value -> output projection pairs; None: not
             tried (default 0.5).
+        range_search: try the output-aware activation range search (`pyquant.search_activation_ranges`) as
+            the last step, on the calibration data (default True; the simulation's activations must be
+            quantized). `range_search_kwargs` go to it (default: loss "mse", at most 256 samples).
         name: a name for the output files (default: the model's class name).
         progress: show a progress bar (default: on a terminal).
 
@@ -119,6 +122,7 @@ class AutoQuant:
                  seq_mse: Optional[bool] = None, seq_mse_kwargs: Optional[Mapping[str, Any]] = None,
                  gptq: Optional[bool] = None, gptq_kwargs: Optional[Mapping[str, Any]] = None,
                  replace_relu6: bool = True, smoothing_alpha: Optional[float] = 0.5,
+                 range_search: bool = True, range_search_kwargs: Optional[Mapping[str, Any]] = None,
                  name: Optional[str] = None, progress: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -164,6 +168,11 @@ class AutoQuant:
                              f"got {smoothing_alpha!r}")
         self.smoothing_alpha = None if smoothing_alpha is None else float(smoothing_alpha)
         self._smoothing_pairs: Optional[int] = None
+        self.range_search = bool(range_search)
+        self.range_search_kwargs = {"max_samples": 256, **dict(range_search_kwargs or {})}
+        for k in ("checkpoint_dir", "progress"):
+            if k in self.range_search_kwargs:
+                raise ValueError(f"range_search_kwargs: {k!r} is set by AutoQuant itself")
         self.progress = progress
         self.name = name or type(model).__name__
         self.eval_fn = eval_fn
@@ -315,7 +324,24 @@ class AutoQuant:
                         mse_vs_nearest=(sum(x.mse_adaround for x in res.report) / near) if near > 0 else None)
         if r.bias_correction:
             opts.update(self._correct_bias(sim, fp, info, r.bias_correction))
+        if r.range_search:
+            opts.update(self._search_ranges(sim, r, cache))
         return sim, opts
+
+    def _search_ranges(self, sim: QuantSim, r: Recipe, cache: Optional[StepCache]) -> dict[str, Any]:
+        """The activation range search on the calibrated simulation (its searched quantizers frozen)."""
+        from ..techniques import search_activation_ranges
+        if not r.activations:
+            raise _Skip("the activations are not quantized")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", NothingToDoWarning)
+            try:
+                res = search_activation_ranges(
+                    sim, self._calib, checkpoint_dir=None if cache is None else cache.layerwise_dir("range_search"),
+                    progress=self.progress, **self.range_search_kwargs)
+            except NothingToDoWarning as w:
+                raise _Skip(str(w)) from None
+        return {"quantizers_clipped": len(res.clipped), "loss_before": res.loss_before, "loss_after": res.loss_after}
 
     def _layerwise(self, fp: nn.Module, r: Recipe, cache: Optional[StepCache]) -> dict[str, Any]:
         """A simulation with SeqMSE or GPTQ weights (frozen encodings), then calibrated; under "sim" with what

@@ -22,6 +22,7 @@ class Recipe:
     bias_correction: Optional[str] = None  # None, "empirical" or "analytical"
     adaround: bool = False
     layerwise: Optional[str] = None    # None, "seq_mse" or "gptq": a layer-wise weight method on the simulation
+    range_search: bool = False         # activation ranges searched by the output's loss (last, on the calibrated sim)
     weights: bool = True               # weight quantizers on
     activations: bool = True           # activation quantizers on
 
@@ -99,5 +100,10 @@ TECHNIQUE_STEPS: tuple[TechniqueStep, ...] = (
         enabled=lambda aq: aq.adaround, change=lambda aq: {"adaround": True, "layerwise": None},
         settings=lambda aq: {"adaround_kwargs": aq.adaround_kwargs},
         describe=lambda r: "AdaRound" if r.adaround else None, build_order=1),
+    TechniqueStep(
+        key="range_search", title=lambda aq, best: "activation range search",
+        enabled=lambda aq: aq.range_search, change=lambda aq: {"range_search": True},
+        settings=lambda aq: {"range_search_kwargs": aq.range_search_kwargs},
+        describe=lambda r: "activation range search" if r.range_search else None, build_order=3),
 )
 """The technique steps, in the order the flow tries them."""
