@@ -1,5 +1,5 @@
 """What the analyses share besides the batching helpers (pyquant._batches) and the output a metric reads
-(pyquant.metrics.output_tensor), both re-exported here: JSON-safe numbers."""
+(pyquant._outputs), both re-exported here: JSON-safe numbers."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .._batches import Batch, as_batches, batch_args, call, reusable  # noqa: F401 (re-exported)
-from ..metrics import output_tensor  # noqa: F401 (re-exported)
+from .._outputs import output_tensor  # noqa: F401 (re-exported)
 
 
 def finite(x: Optional[float], digits: int = 6) -> Optional[float]:

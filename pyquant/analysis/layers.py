@@ -10,7 +10,7 @@ import dataclasses
 
 import torch.fx as fx
 
-from ..quant import QuantizeDequantize
+from ..sim.quantizer_state import QuantizerState, quantizer_nodes  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -19,23 +19,6 @@ class Layer:
     quantizers: list[str]
     first_node: int  # index in sim.model.graph of the first node whose result this layer's quantizers change
     op_type: str
-
-
-def quantizer_nodes(sim) -> dict[str, int]:
-    """Quantizer name -> index of the graph node where it acts."""
-    gm = sim.model
-    by_id = {id(q): n for n, q in sim.quantizers.items()}
-    where: dict[str, int] = {}
-    for i, node in enumerate(gm.graph.nodes):
-        if node.op != "call_module":
-            continue
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, QuantizeDequantize) and id(mod) in by_id:
-            where.setdefault(by_id[id(mod)], i)
-        wname = f"{node.target}.weight"
-        if wname in sim.param_quantizers:
-            where.setdefault(wname, i)
-    return where
 
 
 def _owner(sim, node: fx.Node, quant_node_ids: set) -> str | None:
@@ -75,26 +58,3 @@ def layers(sim) -> list[Layer]:
         out.append(Layer(key, qs, min(where[q] for q in qs), op))
     out.sort(key=lambda l: l.first_node)
     return out
-
-
-class QuantizerState:
-    """Saves which quantizers of `sim` are enabled and restores that on exit; `set(params=..,
-    activations=..)` switches whole kinds on or off (never enabling one that was off to begin with:
-    those have no encoding)."""
-
-    def __init__(self, sim):
-        self.sim = sim
-        self.saved = {n: q.enabled for n, q in sim.quantizers.items()}
-        self.usable = {n for n, on in self.saved.items() if on and sim.quantizers[n].get_encoding() is not None}
-
-    def set(self, params: bool, activations: bool) -> None:
-        for n in self.saved:
-            on = params if n in self.sim.param_quantizers else activations
-            self.sim.enable(n, on and n in self.usable)
-
-    def __enter__(self) -> "QuantizerState":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for n, on in self.saved.items():
-            self.sim.enable(n, on)

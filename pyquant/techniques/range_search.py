@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from .._batches import Batch, Data, as_batches, call
 from .._progress import Progress
 from .._warnings import nothing_to_do
-from ..analysis.layers import QuantizerState, quantizer_nodes
-from ..metrics import output_tensor
+from .._outputs import output_tensor
 from ..quant import Encoding, QuantizerBase, from_range
+from ..sim.quantizer_state import QuantizerState, quantizer_nodes
 from ..sim.quantsim import QuantSim
 from ..sim.staged import StagedRun, inplace_free, no_inplace_modules
 from .layerwise import LayerCheckpoint, _positional
