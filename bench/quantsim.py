@@ -385,6 +385,15 @@ def fashion(aimet: _Aimet, n_calib: int, n_test: Optional[int]) -> list:
 
 
 # ---- 3c: all-MiniLM-L6-v2 --------------------------------------------------------------------------
+def pooled_embedding_loss(fp32: torch.Tensor, out: torch.Tensor, batch: dict) -> float:
+    """1 - cosine of the mean-pooled (attention-masked) sentence embeddings, mean over the batch: the range
+    search's loss for the embedding the MiniLM rows measure."""
+    m = batch["attention_mask"].unsqueeze(-1).double()
+    a = (fp32.double() * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    b = (out.double() * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return float((1.0 - F.cosine_similarity(a, b, dim=-1)).mean())
+
+
 def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches: int, info: dict) -> list:
     from pyquant.datasets import fortunes_dataset
     from pyquant.models import minilm
@@ -432,6 +441,18 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
     out = embed(lambda ii, mm: sim.model(input_ids=ii, attention_mask=mm))
     t_pq = time.perf_counter() - t0
     embs = {"pyquant": out}
+    # the same simulation with its activation ranges searched (pyquant.search_activation_ranges) on the
+    # calibration texts, by the loss of the pooled embedding the rows below measure
+    calib_dicts = [{"input_ids": ii, "attention_mask": mm} for ii, mm, _ in fixed_batches(cal)]
+    sim_r = QuantSim(model, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
+    sim_r.compute_encodings(calib_dicts)
+    t0 = time.perf_counter()
+    rs = pyquant.search_activation_ranges(sim_r, calib_dicts, loss=pooled_embedding_loss, progress=None)
+    info["minilm"]["range_search"] = {
+        "seconds": round(time.perf_counter() - t0, 1), "evaluations": rs.evaluations, "staged": rs.staged,
+        "loss_before": rs.loss_before, "loss_after": rs.loss_after,
+        "clipped": {c.name: c.factor for c in rs.clipped}}
+    embs["pyquant+range search"] = embed(lambda ii, mm: sim_r.model(input_ids=ii, attention_mask=mm))
     # the same simulation of the model with its activations smoothed (pyquant.smooth_activations) on the
     # calibration texts
     smoothed = copy.deepcopy(model)
@@ -466,12 +487,14 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
     res = {}
     for k, e in embs.items():
         cos = (ref * e).sum(-1)
-        res[k] = dict(cos_mean=float(cos.mean()), cos_min=float(cos.min()),
+        res[k] = dict(cos_mean=float(cos.mean()), cos_min=float(cos.min()), cos_test=float(cos[te].mean()),
                       probe=logistic_probe_accuracy(e[tr], ytr, e[te], yte),
                       probe_cross=logistic_probe_accuracy(ref[tr], ytr, e[te], yte))
     name = "all-MiniLM-L6-v2"
     cfg = "W8A8 per-channel weights, tf_enhanced"
     cfg_s = f"{cfg}, activation smoothing (alpha 0.5, {len(smoothing.pairs)} pairs)"
+    cfg_r = (f"{cfg}, activation range search (pooled-embedding cosine on the {len(cal)} calibration texts; "
+             f"{len(info['minilm']['range_search']['clipped'])} of the ranges clipped)")
     data = f"{len(texts)} fortunes, {len(names)} categories, {seq_len} tokens"
     get = lambda k, f: res.get(k, {}).get(f)
     return [
@@ -489,6 +512,11 @@ def minilm_rows(aimet: _Aimet, per_category: int, seq_len: int, n_calib_batches:
              pyquant=get("pyquant+smoothing", "cos_mean")),
         dict(model=name, measure="embedding cosine similarity with FP32, min", config=cfg_s, FP32=1.0,
              pyquant=get("pyquant+smoothing", "cos_min")),
+    ] + [
+        dict(model=name, measure=f"embedding cosine similarity with FP32, {stat}", config=cfg_r, FP32=1.0,
+             pyquant=get("pyquant+range search", f"cos_{key}"))
+        for stat, key in ((f"mean ({data})", "mean"), ("min", "min"),
+                          (f"mean over the {len(test)} held-out texts (not searched on)", "test"))
     ] + [
         dict(model=name, measure=f"embedding cosine similarity with FP32, {stat}", FP32=1.0,
              config=f"W8A8, config 'layer_inputs' (only the Linear layers' inputs and weights){extra}",
@@ -988,6 +1016,45 @@ def on_target(a: argparse.Namespace) -> int:
 
 
 # ---- main ----------------------------------------------------------------------------------------
+def minilm_only(aimet: _Aimet, a: argparse.Namespace) -> int:
+    """The all-MiniLM-L6-v2 rows alone, written to quantsim_minilm."""
+    from pyquant._assets import AssetMissingError
+    meta: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        rows = minilm_rows(aimet, per_category=12 if a.quick else 60, seq_len=64 if a.quick else 128,
+                           n_calib_batches=1 if a.quick else 4, info=meta)
+    except AssetMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mn, rsd = meta["minilm"], meta["minilm"].get("range_search", {})
+    notes = [
+        f"pyquant {pyquant.__version__}; {aimet.label}; {torch.get_num_threads()} threads; whole run "
+        f"{time.perf_counter() - t0:.0f} s",
+        f"all-MiniLM-L6-v2: `pyquant.models.minilm()`, {mn['texts']} fortune texts of {len(FORTUNE_CATEGORIES)} "
+        f"categories, {mn['seq_len']} tokens, batches of {BATCH}; mean-pooled, L2-normalised embeddings; every "
+        f"simulation calibrated on the same {mn['calibration_texts']} training texts (tf_enhanced, config "
+        "'default': per-channel 8-bit weights, every op output at 8 bits per tensor); probe = "
+        f"`pyquant.metrics.logistic_probe_accuracy` on the fixed even/odd split ({mn['train']} / {mn['test']})",
+        "Activation range search: `pyquant.search_activation_ranges(sim, calibration_batches, "
+        "loss=bench.quantsim.pooled_embedding_loss)` (default factors 1, 0.75, 0.5, 0.35, 0.25, 0.15; one pass) "
+        f"on the calibration texts: {rsd.get('evaluations')} evaluations, staged {rsd.get('staged')}, "
+        f"{rsd.get('seconds')} s; loss {rsd.get('loss_before', float('nan')):.4g} -> "
+        f"{rsd.get('loss_after', float('nan')):.4g}; ranges clipped: "
+        + ", ".join(f"{k} x{v:g}" for k, v in rsd.get("clipped", {}).items()),
+    ]
+    if mn.get("aimet_error"):
+        notes.append(f"AIMET on MiniLM failed: {mn['aimet_error']}")
+    name = "quantsim_minilm" + ("_quick" if a.quick else "")
+    path = write_results(name, rows, COLUMNS, title="all-MiniLM-L6-v2 at W8A8: pyquant's simulations vs AIMET "
+                         "(one process)", notes=notes, out_dir=a.out)
+    payload = json.loads(path.read_text())
+    payload["details"] = meta
+    atomic_write(path, json.dumps(payload, indent=2, default=str) + "\n")
+    report(path, rows)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
@@ -1001,9 +1068,10 @@ def main(argv=None) -> int:
                         "default/tf_enhanced always comes from the timed sim)")
     p.add_argument("--skip", default="",
                    help="comma-separated sections to skip: fashion, minilm, accuracy, zoo, on_target")
-    p.add_argument("--only", choices=["zoo", "on_target"], default=None,
-                   help="run one section alone: zoo (the tests/zoo.py models, written to quantsim_zoo) or on_target "
-                        "(the simulation against onnxruntime running its export, written to quantsim_on_target)")
+    p.add_argument("--only", choices=["zoo", "on_target", "minilm"], default=None,
+                   help="run one section alone: zoo (the tests/zoo.py models, written to quantsim_zoo), on_target "
+                        "(the simulation against onnxruntime running its export, written to quantsim_on_target) or "
+                        "minilm (the all-MiniLM-L6-v2 rows, written to quantsim_minilm)")
     a = p.parse_args(argv)
 
     if not require_native("bench/quantsim.py"):
@@ -1020,6 +1088,8 @@ def main(argv=None) -> int:
         return zoo(aimet, a)
     if a.only == "on_target":
         return on_target(a)
+    if a.only == "minilm":
+        return minilm_only(aimet, a)
 
     from pyquant._assets import AssetMissingError
     t_start = time.perf_counter()

@@ -91,6 +91,18 @@ def test_staged_evaluation_equals_whole_forwards(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::pyquant.UnquantizedOpWarning")
+def test_walking_out_from_the_current_range_finds_the_exhaustive_choice_with_fewer_evaluations():
+    _, x, walked_sim = _case()
+    walked = pyquant.search_activation_ranges(walked_sim, x, batch_size=16, factors=(1.5, 1.0, 0.75, 0.5, 0.25, 0.1))
+    _, _, all_sim = _case()
+    every = pyquant.search_activation_ranges(all_sim, x, batch_size=16, factors=(1.5, 1.0, 0.75, 0.5, 0.25, 0.1),
+                                             exhaustive=True)
+    assert every.evaluations == 1 + 5 * len(every.choices)
+    assert walked.evaluations < every.evaluations
+    assert [c.factor for c in walked.choices] == [c.factor for c in every.choices]
+    assert walked.loss_after == pytest.approx(every.loss_after, rel=1e-12)
+
+
 def test_a_graph_with_inplace_ops_is_evaluated_whole():
     model, x, sim = _case(InPlace)
     res = pyquant.search_activation_ranges(sim, x, batch_size=16)
