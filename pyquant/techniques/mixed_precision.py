@@ -57,8 +57,8 @@ __all__ = ["mixed_precision", "MixedPrecisionResult", "MixPoint", "METRICS"]
 EvalFn = Callable[[torch.nn.Module], float]
 
 METRICS: dict[str, str] = {
-    "top1_agreement": "% of output rows (samples, or tokens: the last dimension's vectors) whose arg-max is "
-                      "FP32's (FP32: 100)",
+    "top1_agreement": "fraction of output rows (samples, or tokens: the last dimension's vectors) whose arg-max "
+                      "is FP32's (FP32: 1.0; an allowed drop of 0.01 is one point)",
     "cosine": "mean cosine similarity of the output's last-dimension vectors with FP32's (FP32: 1)",
 }
 """The built-in accuracy measures (higher is better), evaluated against the FP32 model's outputs on the
@@ -79,7 +79,7 @@ def _score(metric: str, ref: list[torch.Tensor], outs: list[torch.Tensor]) -> fl
         else:
             total += float(F.cosine_similarity(r2, o2, dim=-1, eps=1e-12).sum())
         rows += r2.shape[0]
-    return 100.0 * agree / max(rows, 1) if metric == "top1_agreement" else total / max(rows, 1)
+    return (agree if metric == "top1_agreement" else total) / max(rows, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,7 +458,7 @@ def mixed_precision(sim: QuantSim, candidates: Union[str, Sequence[CandidateLike
         data: calibration data for the encodings at each candidate width (and the evaluation data of a
             built-in metric unless `eval_data` is given): a tensor of samples split into `batch_size`
             batches, or batches -- tensors, tuples of positional inputs, dicts of keyword inputs.
-        allowed_accuracy_drop: how far below FP32's accuracy (in eval_fn's units: points of agreement for
+        allowed_accuracy_drop: how far below FP32's accuracy (in eval_fn's units: 0.01 is one point of
             "top1_agreement") the mix may go. When even the most expensive mix misses it, that mix is
             applied and returned with `target_met=False` and its `shortfall`.
         eval_data: evaluation data for a built-in metric (default: `data`).
