@@ -322,3 +322,24 @@ def test_tiny_llama_weights_only_on_dict_batches():
     assert float((ref == got).double().mean()) == pytest.approx(res.accuracy, abs=1e-12)
     costs = {g.name: g for g in res.groups}
     assert len(costs) >= 14  # 7 projections per layer, 2 layers (plus the head and the embedding)
+
+
+def test_encodings_at_each_width_are_a_fresh_calibration_at_that_width():
+    model, x, sim = _cnn_sim()
+    before = {n: q.get_encoding() for n, q in sim.quantizers.items()}
+    groups, _ = quantizer_groups(sim, "w4a8,w8a16")
+    encs = mp_module._Encodings(sim, groups, [(x[i:i + 16],) for i in range(0, len(x), 16)])
+    fresh = pyquant.QuantSim(model, x[:2], param_bw=4, output_bw=16)
+    fresh.compute_encodings(x, progress=False)
+    for g in groups:
+        for w in g.weights:  # weights from themselves at 4 bits
+            assert torch.equal(encs.encs[(w, 4)].scale, fresh.quantizer(w).get_encoding().scale)
+    wide = pyquant.QuantSim(model, x[:2], param_bw=8, output_bw=16)
+    wide.compute_encodings(x, progress=False)
+    for g in groups:
+        for a in g.activations:  # activations observed with the weights at their own (8-bit) widths
+            e, f = encs.encs[(a, 16)], wide.quantizer(a).get_encoding()
+            assert torch.equal(e.scale, f.scale) and torch.equal(e.offset, f.offset)
+    # the simulation is left as it was
+    for n, q in sim.quantizers.items():
+        assert q.bitwidth == 8 and torch.equal(q.get_encoding().scale, before[n].scale)

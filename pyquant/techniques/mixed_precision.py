@@ -223,6 +223,7 @@ class _Encodings:
                             self._retarget(w, bits)
                             sim.calibrate_weight(w)
                             self.encs[(w, bits)] = sim.quantizer(w).get_encoding()
+                    self._restore({w: saved[w]})  # activations calibrate with the weights as they were
             widths = sorted({c.activation_bits for g in groups for c in g.allowed if c.activation_bits is not None})
             for a in widths:
                 todo = [x for g in groups if any(c.activation_bits == a for c in g.allowed) for x in g.activations
