@@ -160,6 +160,9 @@ def test_costs_against_a_hand_count():
     assert costs["fc1"].macs == 8 * 16 and costs["fc2"].macs == 16 * 4     # per sample
     assert costs["fc1"].weight_elements == 128 and costs["fc2"].weight_elements == 64
     res = pyquant.mixed_precision(sim, "w4a8,w8a16", "cosine", x, 1.0, progress=False)
+    # a drop this large lets the cheapest mix meet the target: the search evaluates it and stops
+    assert [p.source for p in res.points] == ["start", "path"] and res.mix == {"fc1": Candidate(4, 8),
+                                                                             "fc2": Candidate(4, 8)}
     hand = {"fc1": {"w4a8": 128 * 4 * 8, "w8a16": 128 * 8 * 16}, "fc2": {"w4a8": 64 * 4 * 8, "w8a16": 64 * 8 * 16}}
     size = {"w4a8": 4, "w8a16": 8}
     assert res.costs["bitops"] == sum(hand[g][c.name] for g, c in res.mix.items())
@@ -183,11 +186,11 @@ def test_conv_macs_count_every_output_element():
 
 def test_staged_sensitivity_equals_whole_evaluation(monkeypatch):
     _, x, sim = _cnn_sim()
-    staged = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 0.002, progress=False)
+    staged = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, progress=False)
     assert staged.staged
     _, _, sim2 = _cnn_sim()
     monkeypatch.setattr(mp_module, "inplace_free", lambda gm: False)
-    whole = pyquant.mixed_precision(sim2, "w4a8,w8a8,w8a16", "cosine", x, 0.002, progress=False)
+    whole = pyquant.mixed_precision(sim2, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, progress=False)
     assert not whole.staged
     a = {json.dumps(p.mix, sort_keys=True): p.accuracy for p in staged.points if p.source == "sensitivity"}
     b = {json.dumps(p.mix, sort_keys=True): p.accuracy for p in whole.points if p.source == "sensitivity"}
@@ -213,15 +216,15 @@ class _StopAt:
 
 def test_a_rerun_after_a_kill_resumes_from_the_cache(tmp_path):
     model, x, sim = _cnn_sim()
-    full = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 0.002, progress=False)
+    full = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 5e-5, progress=False)
     _, _, sim = _cnn_sim()
     with pytest.raises(KeyboardInterrupt):
-        pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x, stop=6), x, 0.002,
+        pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x, stop=6), x, 5e-5,
                                 checkpoint_dir=tmp_path, progress=False)
     _, _, sim = _cnn_sim()
-    again = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 0.002, checkpoint_dir=tmp_path,
+    again = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 5e-5, checkpoint_dir=tmp_path,
                                     progress=False)
-    assert again.cached == 4                       # the four finished before the kill (FP32 is not cached)
+    assert again.cached == 4     # the start, the cheapest mix and two sensitivity steps (FP32 is not cached)
     assert again.evaluations == full.evaluations - 4
     assert again.mix == full.mix and again.accuracy == full.accuracy
     assert [dataclass_tuple(p) for p in again.points] == [dataclass_tuple(p) for p in full.points]
@@ -232,7 +235,7 @@ def test_a_rerun_after_a_kill_resumes_from_the_cache(tmp_path):
     sim3 = pyquant.QuantSim(other, x[:2])
     sim3.compute_encodings(x, progress=False)
     with pytest.warns(UserWarning, match="starting over"):
-        res3 = pyquant.mixed_precision(sim3, "w4a8,w8a8,w8a16", _StopAt(other, x), x, 0.002,
+        res3 = pyquant.mixed_precision(sim3, "w4a8,w8a8,w8a16", _StopAt(other, x), x, 5e-5,
                                        checkpoint_dir=tmp_path, progress=False)
     assert res3.cached == 0
 
@@ -243,7 +246,7 @@ def dataclass_tuple(p):
 
 def test_the_pareto_front_is_non_dominated_and_covers_every_point():
     _, x, sim = _cnn_sim()
-    res = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 0.002, refine=True, progress=False)
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, refine=True, progress=False)
     front = res.pareto
     assert front and len(res.points) > len(front)
     for p in front:
@@ -268,17 +271,17 @@ def test_time_budget_stops_early_with_the_best_mix_so_far(monkeypatch):
         clock[0] += 1.0
         return cosine(m)
 
-    res = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", slow, x, 0.002, time_budget=4.5, progress=False)
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", slow, x, 5e-5, time_budget=4.5, progress=False)
     assert not res.complete
-    # FP32 and the start at t=0..2, then sensitivity evaluations until the clock passes 4.5
-    assert [p.source for p in res.points] == ["start", "sensitivity", "sensitivity", "sensitivity"]
+    # FP32, the start and the cheapest mix at t=0..3, then sensitivity evaluations until the clock passes 4.5
+    assert [p.source for p in res.points] == ["start", "path", "sensitivity", "sensitivity"]
     assert res.cost == min(p.cost for p in res.points if p.accuracy >= res.target)
     assert "stopped by the time budget" in res.summary()
 
 
 def test_save_writes_encodings_at_the_chosen_widths_and_the_config(tmp_path):
     model, x, sim = _cnn_sim()
-    res = pyquant.mixed_precision(sim, "w4a8,w8a16", "cosine", x, 0.002, progress=False)
+    res = pyquant.mixed_precision(sim, "w4a8,w8a16", "cosine", x, 5e-5, progress=False)
     paths = res.save(sim, tmp_path, "mix")
     assert load_config(str(paths["config"])) == sim.config
     fresh = pyquant.QuantSim(SmallCnn().eval(), x[:2])

@@ -5,7 +5,8 @@ The search (the sensitivity-then-greedy scheme of AIMET's automatic mixed precis
 quantizer groups and bit-operation cost):
 
 1. Every group at its most expensive candidate: the starting mix. When even it misses the target, the
-   search ends there (`target_met=False`, with the distance).
+   search ends there (`target_met=False`, with the distance); when every group at its cheapest candidate
+   meets it, the search ends with that mix.
 2. Sensitivity: the accuracy with one group lowered to each of its other candidates, every other group
    at the start. The prefix of the graph before the group is the same for all of these evaluations, so
    with a built-in metric it runs once (pyquant.sim.staged) and each candidate computes only the rest.
@@ -546,7 +547,11 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
     sens: dict[tuple[str, Candidate], float] = {}
     try:
         start_acc = evaluate(start, "start")
-        if start_acc >= target:
+        floor = {g.name: min(g.allowed, key=lambda c: (cost_of(g.name, c), costs[g.name].of(c, "size"),
+                                                        g.allowed.index(c)))
+                 for g in groups}
+        # the cheapest mix first: when it meets the target there is nothing to search
+        if start_acc >= target and (floor == start or evaluate(floor, "path") < target):
             _sensitivity(sim, groups, start, encs, ev, sens, progress, note)
             path = _greedy_path(groups, start, start_acc, sens, cost_of)
             _walk_path(path, target, pareto_points, evaluate, progress)
