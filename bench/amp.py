@@ -54,20 +54,29 @@ def _batches(x: torch.Tensor, bs: int) -> list[tuple[torch.Tensor]]:
     return [(x[i:i + bs],) for i in range(0, len(x), bs)]
 
 
-def _agreement(ref: list[torch.Tensor], model: torch.nn.Module, batches: list[tuple]) -> float:
+def _call(model: torch.nn.Module, b, positional: bool = False) -> torch.Tensor:
+    """The output tensor of `model` on batch `b` (a tuple of inputs, or a dict of keyword inputs, given
+    positionally in its order to a model traced with positional inputs, as AIMET's is)."""
+    if isinstance(b, dict):
+        out = model(*b.values()) if positional else model(**b)
+    else:
+        out = model(*b)
+    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+
+
+def _agreement(ref: list[torch.Tensor], model: torch.nn.Module, batches: list, positional: bool = False) -> float:
     """Top-1 agreement with the FP32 arg-max, as pyquant's built-in "top1_agreement" counts it."""
     with torch.no_grad():
-        hits = sum(int((model(*b).argmax(-1) == r).sum()) for b, r in zip(batches, ref))
+        hits = sum(int((_call(model, b, positional).argmax(-1) == r).sum()) for b, r in zip(batches, ref))
     return hits / sum(r.numel() for r in ref)
 
 
-def _cosine(ref: list[torch.Tensor], model: torch.nn.Module, batches: list[tuple]) -> float:
+def _cosine(ref: list[torch.Tensor], model: torch.nn.Module, batches: list, positional: bool = False) -> float:
     """Mean cosine similarity of the output's last-dimension vectors with FP32's."""
     total, rows = 0.0, 0
     with torch.no_grad():
         for b, r in zip(batches, ref):
-            o = model(*b)
-            o = o[0] if isinstance(o, (tuple, list)) else getattr(o, "last_hidden_state", o)
+            o = _call(model, b, positional)
             r2, o2 = r.double().reshape(-1, r.shape[-1]), o.double().reshape(-1, r.shape[-1])
             total += float(F.cosine_similarity(r2, o2, dim=-1).sum())
             rows += r2.shape[0]
@@ -132,11 +141,11 @@ def _aimet_search(aimet, model, dummy, calib: list[tuple], evaluate: Callable, c
     def fwd(m, _=None):
         with torch.no_grad():
             for b in calib:
-                m(*b)
+                _call(m, b, positional=True)
 
     def cb(m, _=None):
         calls[0] += 1
-        return evaluate(m)
+        return evaluate(m, positional=True)
 
     with _quiet():
         asim.compute_encodings(fwd, None)
@@ -158,12 +167,12 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
     from pyquant.techniques import parse_candidates, quantizer_groups
 
     with torch.no_grad():
-        ref = [model(*b) for b in evals]
-        ref = [r[0] if isinstance(r, (tuple, list)) else getattr(r, "last_hidden_state", r) for r in ref]
+        ref = [_call(model, b) for b in evals]
         ref_top = [r.argmax(-1) for r in ref]
 
-    def evaluate(m) -> float:
-        return _agreement(ref_top, m, evals) if metric == "top1_agreement" else _cosine(ref, m, evals)
+    def evaluate(m, positional: bool = False) -> float:
+        return (_agreement(ref_top, m, evals, positional) if metric == "top1_agreement"
+                else _cosine(ref, m, evals, positional))
 
     sim = QuantSim(model, dummy, quant_scheme="tf_enhanced", param_bw=8, output_bw=8, config="default")
     sim.compute_encodings(calib, progress=False)
@@ -190,14 +199,15 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
         notes.append(f"{name}: {aimet.label}")
         return
     try:
-        asim, t_a, n_a, pareto = _aimet_search(aimet, copy.deepcopy(model), dummy, calib, evaluate,
+        a_dummy = tuple(dummy.values()) if isinstance(dummy, dict) else dummy
+        asim, t_a, n_a, pareto = _aimet_search(aimet, copy.deepcopy(model), a_dummy, calib, evaluate,
                                                parse_candidates(candidates), drop, prepare)
     except Exception as exc:  # noqa: BLE001 - a peer failing on a model is a result, not a crash
         notes.append(f"{name}: AIMET failed: {type(exc).__name__}: {str(exc)[:300]}")
         log(notes[-1])
         return
     a_mix = _aimet_mix(asim, groups, parse_candidates(candidates))
-    a_acc = evaluate(asim.model)
+    a_acc = evaluate(asim.model, positional=True)
     a_rel = rel(a_mix)
     fronts[f"{name} AIMET"] = [(float(p[0]), float(p[1])) for p in pareto]
     rows.append(dict(model=name, tool=aimet.label, seconds=t_a, evaluations=n_a, bitops_vs_w8a8=a_rel, accuracy=a_acc,
@@ -233,7 +243,8 @@ def minilm(a, aimet, rows, notes, fronts) -> None:
     texts, _, _ = fortunes_dataset(("computers", "science", "linux"), max_per_category=16 if a.quick else 96, seed=0)
     enc = tok(list(texts), padding="max_length", truncation=True, max_length=32, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    batches = [(ids[i:i + 16], mask[i:i + 16]) for i in range(0, len(ids), 16)]
+    # dict batches: a 2-tuple of tensors would read as (inputs, labels)
+    batches = [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, len(ids), 16)]
     calib, evals = batches[::2], batches[1::2] or batches
     run_case("all-MiniLM-L6-v2", model, batches[0], calib, evals, "cosine", "w4a8,w8a8", 0.01, aimet, False,
              rows, notes, fronts)
