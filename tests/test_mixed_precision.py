@@ -218,9 +218,12 @@ def test_a_rerun_after_a_kill_resumes_from_the_cache(tmp_path):
     model, x, sim = _cnn_sim()
     full = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 5e-5, progress=False)
     _, _, sim = _cnn_sim()
+    before = {n: q.get_encoding() for n, q in sim.quantizers.items()}
     with pytest.raises(KeyboardInterrupt):
         pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x, stop=6), x, 5e-5,
                                 checkpoint_dir=tmp_path, progress=False)
+    for n, q in sim.quantizers.items():  # the interrupted search left the simulation as it was
+        assert q.bitwidth == 8 and torch.equal(q.get_encoding().scale, before[n].scale)
     _, _, sim = _cnn_sim()
     again = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", _StopAt(model, x), x, 5e-5, checkpoint_dir=tmp_path,
                                     progress=False)

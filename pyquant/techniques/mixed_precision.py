@@ -213,6 +213,7 @@ class _Encodings:
         self.encs: dict[tuple[str, int], Encoding] = {}
         saved = {n: (q.bitwidth, q.get_encoding() if q.has_encoding else None, q.frozen)
                  for n, q in sim.quantizers.items()}
+        self.saved = saved
         for n, (b, e, _) in saved.items():
             if e is not None:
                 self.encs[(n, b)] = e
@@ -256,6 +257,10 @@ class _Encodings:
                 q.set_encoding(e)
             if frozen and not q.frozen:
                 q.freeze()
+
+    def restore(self) -> None:
+        """The simulation as it was before the search (widths, encodings, frozen flags)."""
+        self._restore(self.saved)
 
     def put(self, g: QuantizerGroup, c: Candidate) -> None:
         """Group `g`'s quantizers at candidate `c`, with their encodings at its widths."""
@@ -543,25 +548,34 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
         note(mix, acc, source)
         return acc
 
-    complete = True
     sens: dict[tuple[str, Candidate], float] = {}
+
+    def phases() -> bool:
+        """The search; False when the time budget ended it."""
+        try:
+            start_acc = evaluate(start, "start")
+            floor = {g.name: min(g.allowed, key=lambda c: (cost_of(g.name, c), costs[g.name].of(c, "size"),
+                                                            g.allowed.index(c)))
+                     for g in groups}
+            # the cheapest mix first: when it meets the target there is nothing to search
+            if start_acc >= target and (floor == start or evaluate(floor, "path") < target):
+                _sensitivity(sim, groups, start, encs, ev, sens, progress, note)
+                path = _greedy_path(groups, start, start_acc, sens, cost_of)
+                _walk_path(path, target, pareto_points, evaluate, progress)
+                if refine:
+                    _refine(groups, path, target, by_key, evaluate, cost_of, progress)
+        except _TimeUp:
+            if not points:
+                raise RuntimeError("mixed_precision: the time budget ended before the starting mix was evaluated; "
+                                   "give a larger time_budget") from None
+            return False
+        return True
+
     try:
-        start_acc = evaluate(start, "start")
-        floor = {g.name: min(g.allowed, key=lambda c: (cost_of(g.name, c), costs[g.name].of(c, "size"),
-                                                        g.allowed.index(c)))
-                 for g in groups}
-        # the cheapest mix first: when it meets the target there is nothing to search
-        if start_acc >= target and (floor == start or evaluate(floor, "path") < target):
-            _sensitivity(sim, groups, start, encs, ev, sens, progress, note)
-            path = _greedy_path(groups, start, start_acc, sens, cost_of)
-            _walk_path(path, target, pareto_points, evaluate, progress)
-            if refine:
-                _refine(groups, path, target, by_key, evaluate, cost_of, progress)
-    except _TimeUp:
-        complete = False
-        if not points:
-            raise RuntimeError("mixed_precision: the time budget ended before the starting mix was evaluated; "
-                               "give a larger time_budget") from None
+        complete = phases()
+    except BaseException:  # an error or an interruption leaves the simulation as it was given
+        encs.restore()
+        raise
     meeting = [p for p in points if p.accuracy >= target]
     best = min(meeting, key=lambda p: (p.cost, -p.accuracy)) if meeting else max(points, key=lambda p: p.accuracy)
     by_name = {(g.name, c.name): c for g in groups for c in g.allowed}
