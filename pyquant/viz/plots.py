@@ -162,12 +162,12 @@ def pareto(mp: dict[str, Any]) -> bytes:
     front = mp["pareto"]
     ax.plot([100 * p["relative_cost"] for p in front], [p["accuracy"] for p in front], "-", color="#333333", lw=1,
             drawstyle="steps-post", label="Pareto front", zorder=1)
-    ax.axhline(mp["target"], color=_BEFORE, lw=1, ls="--", label=f"target {mp['target']:.4g}")
+    ax.axhline(mp["target"], color=_BEFORE, lw=1, ls="--", label=f"target {mp['target']:.6g}")
     ax.scatter([100 * mp["relative_cost"]], [mp["accuracy"]], s=80, facecolors="none", edgecolors=_BEFORE, lw=1.5,
                label="chosen", zorder=3)
     ax.set_xlabel(f"cost ({mp['cost_model']}), % of the starting mix")
     ax.set_ylabel(mp["metric"])
     ax.set_title("Mixed precision: accuracy against cost")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return png_bytes(fig)
