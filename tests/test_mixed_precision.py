@@ -349,3 +349,16 @@ def test_encodings_at_each_width_are_a_fresh_calibration_at_that_width():
     # the simulation is left as it was
     for n, q in sim.quantizers.items():
         assert q.bitwidth == 8 and torch.equal(q.get_encoding().scale, before[n].scale)
+
+
+def test_the_greedy_path_orders_moves_by_loss_per_cost_then_by_the_finer_measure():
+    from pyquant.techniques.mixed_precision_groups import QuantizerGroup
+    lo, hi = Candidate(4, 8), Candidate(8, 8)
+    groups = [QuantizerGroup(n, (f"{n}.weight",), (), ("Gemm",), i, (lo, hi)) for i, n in enumerate("abc")]
+    cost = {("a", hi): 10, ("a", lo): 5, ("b", hi): 10, ("b", lo): 5, ("c", hi): 40, ("c", lo): 20}
+    start = {g.name: hi for g in groups}
+    # agreement: a and b lose nothing, c loses 0.1 over a saving of 20; cosine: b loses less than a
+    sens = {("a", lo): (1.0, 0.990), ("b", lo): (1.0, 0.999), ("c", lo): (0.9, 0.95)}
+    path = mp_module._greedy_path(groups, start, (1.0, 1.0), sens, lambda g, c: cost[(g, c)])
+    moved = [next(g for g in b if b[g] != a[g]) for a, b in zip(path, path[1:])]
+    assert moved == ["b", "a", "c"] and path[-1] == {"a": lo, "b": lo, "c": lo}

@@ -68,19 +68,20 @@ evaluation data: fast, staged, no labels needed."""
 Mix = dict[str, Candidate]
 
 
-def _score(metric: str, ref: list[torch.Tensor], outs: list[torch.Tensor]) -> float:
+def _score(metric: str, ref: list[torch.Tensor], outs: list[torch.Tensor]) -> tuple[float, float]:
+    """(the metric, the mean cosine similarity of the output rows with FP32's): the second is a finer
+    measure that orders moves the first cannot tell apart (agreement unchanged on every sample)."""
     agree, total, rows = 0.0, 0.0, 0
     for r, o in zip(ref, outs):
         if r.shape != o.shape:
             raise RuntimeError(f"the simulation's output has shape {tuple(o.shape)}, FP32's {tuple(r.shape)}")
         r2 = r.detach().double().reshape(-1, r.shape[-1] if r.dim() else 1)
         o2 = o.detach().double().reshape(-1, r2.shape[-1])
-        if metric == "top1_agreement":
-            agree += float((r2.argmax(-1) == o2.argmax(-1)).sum())
-        else:
-            total += float(F.cosine_similarity(r2, o2, dim=-1, eps=1e-12).sum())
+        agree += float((r2.argmax(-1) == o2.argmax(-1)).sum())
+        total += float(F.cosine_similarity(r2, o2, dim=-1, eps=1e-12).sum())
         rows += r2.shape[0]
-    return (agree if metric == "top1_agreement" else total) / max(rows, 1)
+    cosine = total / max(rows, 1)
+    return (agree / max(rows, 1) if metric == "top1_agreement" else cosine), cosine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +295,7 @@ class _Evaluator:
         self.staged = isinstance(eval_fn, str) and inplace_free(gm)
         self.chunks = [_positional(gm, b) for b in batches] if isinstance(eval_fn, str) else []
         self.ref: list[torch.Tensor] = []
+        self.fine: dict[str, float] = {}  # built-in metrics: the cosine of each evaluated mix, for ordering
         self.evaluations = 0
         self.cached = 0
 
@@ -309,7 +311,7 @@ class _Evaluator:
             if callable(self.eval_fn):
                 return self._checked(self.eval_fn(self.sim.model))
             self.ref = [r.detach() for r in self._outputs()]
-        return _score(self.eval_fn, self.ref, self.ref)
+        return _score(self.eval_fn, self.ref, self.ref)[0]
 
     def _checked(self, v: Any) -> float:
         try:
@@ -322,13 +324,17 @@ class _Evaluator:
 
     def lookup(self, key: str) -> Optional[float]:
         v = self.cache.scores.get(key)
+        if v is not None and key in self.cache.fine:
+            self.fine[key] = self.cache.fine[key]
         if v is not None:
             self.cached += 1
         return v
 
-    def _record(self, key: str, v: float) -> float:
+    def _record(self, key: str, v: Union[float, tuple[float, float]]) -> float:
         self.evaluations += 1
-        self.cache.put(key, v)
+        if isinstance(v, tuple):
+            v, self.fine[key] = v
+        self.cache.put(key, v, self.fine.get(key))
         return v
 
     def check_time(self) -> None:
@@ -357,19 +363,23 @@ class _Evaluator:
 
 
 class _Cache:
-    """The evaluated mixes' accuracies, saved after each evaluation under the job's fingerprint (resumable);
-    in memory only without a folder."""
+    """The evaluated mixes' accuracies (and, for built-in metrics, their cosine with FP32), saved after each
+    evaluation under the job's fingerprint (resumable); in memory only without a folder."""
 
     def __init__(self, folder: Optional[Union[str, os.PathLike]], fp: dict[str, Any]):
         self.scores: dict[str, float] = {}
+        self.fine: dict[str, float] = {}
         self._ckpt = None if folder is None else Checkpoint(Path(folder) / "mixed_precision_cache.pt", fp)
         if self._ckpt is not None:
-            self.scores = dict(self._ckpt.resume({"scores": {}}, "mixed_precision")["scores"])
+            saved = self._ckpt.resume({"scores": {}, "fine": {}}, "mixed_precision")
+            self.scores, self.fine = dict(saved["scores"]), dict(saved.get("fine", {}))
 
-    def put(self, key: str, v: float) -> None:
+    def put(self, key: str, v: float, fine: Optional[float] = None) -> None:
         self.scores[key] = float(v)
+        if fine is not None:
+            self.fine[key] = float(fine)
         if self._ckpt is not None:
-            self._ckpt.save({"scores": self.scores})
+            self._ckpt.save({"scores": self.scores, "fine": self.fine})
 
 
 # ---- the search -----------------------------------------------------------------------------------------
@@ -405,25 +415,27 @@ def _check(sim: QuantSim, eval_fn: Any, allowed_accuracy_drop: Any, cost: str, p
     return float(allowed_accuracy_drop)
 
 
-def _greedy_path(groups: list[QuantizerGroup], start: Mix, start_acc: float,
-                 sens: dict[tuple[str, Candidate], float], cost_of: Callable[[str, Candidate], float]) -> list[Mix]:
+def _greedy_path(groups: list[QuantizerGroup], start: Mix, start_acc: tuple[float, float],
+                 sens: dict[tuple[str, Candidate], tuple[float, float]],
+                 cost_of: Callable[[str, Candidate], float]) -> list[Mix]:
     """Mixes from `start` to the cheapest: each step lowers the one group whose move loses least accuracy (by
-    the sensitivity, relative to the group's current candidate) per unit of cost saved; moves whose loss is
-    unknown (the time budget ended the sensitivity) are not taken."""
+    the sensitivity, relative to the group's current candidate) per unit of cost saved, moves that lose the
+    same ordered by the finer measure (the cosine with FP32 of a built-in metric; 0 otherwise); moves whose
+    loss is unknown (the time budget ended the sensitivity) are not taken."""
     cur = dict(start)
     path = [dict(cur)]
     while True:
         best = None
         for g in groups:
             c0 = cur[g.name]
-            here = start_acc if c0 == start[g.name] else sens.get((g.name, c0), -math.inf)
+            here = start_acc if c0 == start[g.name] else sens.get((g.name, c0), (-math.inf, -math.inf))
             for c in g.allowed:
                 saved = cost_of(g.name, c0) - cost_of(g.name, c)
                 acc = sens.get((g.name, c))
                 if saved <= 0 or acc is None:
                     continue
-                loss = max(here - acc, 0.0)
-                rank = (loss / saved, -saved, g.first_node, c.name)
+                loss, fine = max(here[0] - acc[0], 0.0), max(here[1] - acc[1], 0.0)
+                rank = (loss / saved, fine / saved, -saved, g.first_node, c.name)
                 if best is None or rank < best[0]:
                     best = (rank, g.name, c)
         if best is None:
@@ -548,7 +560,7 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
         note(mix, acc, source)
         return acc
 
-    sens: dict[tuple[str, Candidate], float] = {}
+    sens: dict[tuple[str, Candidate], tuple[float, float]] = {}
 
     def phases() -> bool:
         """The search; False when the time budget ended it."""
@@ -560,7 +572,8 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
             # the cheapest mix first: when it meets the target there is nothing to search
             if start_acc >= target and (floor == start or evaluate(floor, "path") < target):
                 _sensitivity(sim, groups, start, encs, ev, sens, progress, note)
-                path = _greedy_path(groups, start, start_acc, sens, cost_of)
+                path = _greedy_path(groups, start, (start_acc, ev.fine.get(_key(groups, start), 0.0)), sens,
+                                    cost_of)
                 _walk_path(path, target, pareto_points, evaluate, progress)
                 if refine:
                     _refine(groups, path, target, by_key, evaluate, cost_of, progress)
@@ -592,7 +605,7 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
 
 
 def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: _Encodings, ev: _Evaluator,
-                 sens: dict[tuple[str, Candidate], float], progress: Optional[bool],
+                 sens: dict[tuple[str, Candidate], tuple[float, float]], progress: Optional[bool],
                  note: Callable[[Mix, float, str], None]) -> None:
     """Each group at each of its other candidates, the rest at the start: staged from the group's first node
     when the evaluation allows it."""
@@ -622,7 +635,7 @@ def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: 
                             acc = ev.whole(key)
                     finally:
                         encs.put(g, start[g.name])
-                sens[(g.name, c)] = acc
+                sens[(g.name, c)] = (acc, ev.fine.get(key, 0.0))
                 note(mix, acc, "sensitivity")
                 bar.update(note=f"{g.name[-30:]} {c.name}")
     finally:
