@@ -362,3 +362,31 @@ def test_the_greedy_path_orders_moves_by_loss_per_cost_then_by_the_finer_measure
     path = mp_module._greedy_path(groups, start, (1.0, 1.0), sens, lambda g, c: cost[(g, c)])
     moved = [next(g for g in b if b[g] != a[g]) for a, b in zip(path, path[1:])]
     assert moved == ["b", "a", "c"] and path[-1] == {"a": lo, "b": lo, "c": lo}
+
+
+def test_per_block_and_lpbq_weights_keep_their_blocks_and_lpbq_its_widths():
+    model = TwoLinear().eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    sim = pyquant.QuantSim(model, x[:2], block_size=4)
+    sim.compute_encodings(x, progress=False)
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", "cosine", x, 1.0, progress=False)
+    assert res.mix == {"fc1": Candidate(4, 8), "fc2": Candidate(4, 8)}
+    fresh = pyquant.QuantSim(model, x[:2], param_bw=4, block_size=4)
+    fresh.compute_encodings(x, progress=False)
+    for w in ("fc1.weight", "fc2.weight"):  # per block of 4 along the input, at 4 bits, from the weight itself
+        q = sim.quantizer(w)
+        assert q.bitwidth == 4 and q.block_size == (1, 4)
+        assert torch.equal(q.get_encoding().scale, fresh.quantizer(w).get_encoding().scale)
+    lpbq = pyquant.QuantSim(model, x[:2], param_bw=4, block_size=4, decompressed_bw=8)
+    lpbq.compute_encodings(x, progress=False)
+    # an LPBQ weight takes only widths below its decompressed_bw: 8 bits is not, so no layer runs w8a8
+    with pytest.raises(ValueError, match=r"w8a8.*decompressed_bw 8"):
+        quantizer_groups(lpbq, "w4a8,w8a8")
+    groups, _ = quantizer_groups(lpbq, "w3a8,w4a8")
+    assert all([c.name for c in g.allowed] == ["w3a8", "w4a8"] for g in groups)
+    res = pyquant.mixed_precision(lpbq, "w3a8,w4a8", "cosine", x, 1.0, progress=False)
+    assert res.mix == {"fc1": Candidate(3, 8), "fc2": Candidate(3, 8)}
+    q = lpbq.quantizer("fc1.weight")
+    assert isinstance(q, pyquant.quant.LpbqQuantizeDequantize) and q.bitwidth == 3 and q.decompressed_bw == 8
+    n = q.get_encoding().int_scale
+    assert int(n.min()) >= 1 and int(n.max()) == 2 ** (8 - 3)   # each channel's widest block at 2^(D - b)
