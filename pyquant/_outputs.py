@@ -1,13 +1,9 @@
-"""The tensor a model's output is compared by: the output itself, its `logits`, or the first tensor it holds.
-Metrics (pyquant.metrics) and the techniques that score a simulation's output against FP32's (range search,
-mixed precision) read outputs the same way."""
+"""A model's output as the one tensor a metric or a loss reads."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-
-__all__ = ["output_tensor"]
 
 
 def output_tensor(out: Any) -> torch.Tensor:

@@ -8,8 +8,27 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._outputs import output_tensor  # noqa: F401 (re-exported: metrics and techniques read outputs alike)
 from .sim.compare_report import sqnr_db  # noqa: F401 (re-exported: one SQNR for the metrics and compare)
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a metric looks at: the output itself, a `logits` field, or the first tensor of a
+    tuple/list/dict output."""
+    if torch.is_tensor(out):
+        return out
+    logits = getattr(out, "logits", None)
+    if torch.is_tensor(logits):
+        return logits
+    if isinstance(out, dict):
+        if torch.is_tensor(out.get("logits")):
+            return out["logits"]
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for v in out:
+            if torch.is_tensor(v):
+                return v
+    raise TypeError(f"the model returned {type(out).__name__}; a metric needs a tensor (or a tuple/dict "
+                    f"holding one)")
 
 
 def _logits(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -46,7 +46,7 @@ from .._outputs import output_tensor
 from .._progress import Progress
 from ..quant import Encoding
 from ..sim.encodings import write_encodings
-from ..sim.layers import QuantizerState
+from ..sim.quantizer_state import QuantizerState
 from ..sim.quantsim import QuantSim
 from ..sim.staged import StagedRun, inplace_free, no_inplace_modules
 from .layerwise import _positional

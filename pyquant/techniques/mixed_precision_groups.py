@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch.fx as fx
 
 from ..sim.kernels import describe, runs
-from ..sim.layers import quantizer_nodes
+from ..sim.quantizer_state import quantizer_nodes
 from ..sim.quantsim import QuantSim
 
 __all__ = ["Candidate", "QuantizerGroup", "parse_candidates", "quantizer_groups"]
