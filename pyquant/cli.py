@@ -3,6 +3,7 @@
     pyquant demo                            MobileNetV2 at W8A8 on real photos (about a minute)
     pyquant analyze   myproject.models:build  sensitivity, per-layer error, weight ranges -> HTML report
     pyquant autoquant myproject.models:build  search post-training techniques within an accuracy budget
+    pyquant amp       myproject.models:build  per-layer bit widths: the cheapest mix within an accuracy budget
     pyquant export    myproject.models:build  calibrate; write QDQ ONNX, encodings JSON and weights
     pyquant compare   myproject.models:build  the exported model against the simulation, tensor by tensor
 
@@ -20,7 +21,7 @@ or a tuple (model, dummy_input, data[, metric]).
 
 Exit codes: 0 done; 1 the run failed (an error in the model, the data or the quantization); 2 usage
 error (bad arguments or SPEC); 3 a missing optional dependency or asset (the message says what to
-install); 4 autoquant finished but could not meet the accuracy target; 5 compare found a quantized tensor
+install); 4 autoquant or amp finished but could not meet the accuracy target; 5 compare found a quantized tensor
 more than one quantization step away from the simulation; 130 interrupted."""
 from __future__ import annotations
 
@@ -273,6 +274,46 @@ def _cmd_autoquant(a: argparse.Namespace) -> int:
     return EXIT_OK if res.target_met else EXIT_TARGET_MISSED
 
 
+def _cmd_amp(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    from ._batches import as_batches
+    from .techniques import mixed_precision, quantizer_groups
+    name = a.name or spec.name
+    if not _plain_name(name):
+        raise UsageError(f"--name must be a plain file name prefix (no folders), got {name!r}")
+    if a.metric == "spec" and spec.metric is None:
+        raise UsageError(f"--metric spec: {a.spec}() returned no 'metric'")
+    eval_fn: Any = spec.metric if a.metric == "spec" or (a.metric is None and spec.metric is not None) \
+        else (a.metric or "top1_agreement")
+    sim = _calibrated_sim(spec, a)
+    try:
+        quantizer_groups(sim, a.candidates)  # a candidate the config cannot run is a usage error
+    except ValueError as exc:
+        raise UsageError(f"--candidates: {exc}") from None
+    out = Path(a.output)
+    cache = a.cache_dir if a.cache_dir is not None else str(out / "cache")
+    res = mixed_precision(sim, a.candidates, eval_fn, as_batches(spec.data, a.batch_size, a.calib_samples),
+                          a.allowed_drop, eval_data=as_batches(spec.data, a.batch_size, a.eval_samples),
+                          cost=a.cost, refine=a.refine, pareto_points=a.pareto_points, time_budget=a.time_budget,
+                          checkpoint_dir=cache, progress=a.progress)
+    paths = res.save(sim, out, name)
+    print(res.summary())
+    try:
+        from .viz import write_report
+        page = write_report({"model": name, "mixed_precision": res.to_json(),
+                             "simulation": {"param_bw": a.param_bw, "output_bw": a.output_bw,
+                                            "quant_scheme": a.quant_scheme, "param_quant_scheme": a.quant_scheme,
+                                            "config": a.config, "bn_folded": not a.keep_bn,
+                                            "quantizers": len(sim.quantizers)},
+                             "timings": {"total": res.seconds}},
+                            out / "report.html", png_dir=out / "figures", title=f"pyquant amp: {name}")
+        print(f"report:    {page}")
+    except ImportError as exc:  # the mix is written; the page needs matplotlib
+        print(f"no report ({exc})")
+    print(f"encodings: {paths['encodings']}\nconfig:    {paths['config']}\nresult:    {paths['result']}")
+    return EXIT_OK if res.target_met else EXIT_TARGET_MISSED
+
+
 # ---- argument parsing ---------------------------------------------------------------------------
 def _number(kind: type, ok, expected: str, bound: str):
     """An argparse type: `kind(text)` that satisfies `ok`, else an error naming the accepted range."""
@@ -293,6 +334,17 @@ _bitwidth = _number(int, lambda v: 2 <= v <= 16, "a bit width 2..16", "bit width
 _fraction = _number(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)",
                     "must be in [0, 1) (0.01 = one point of accuracy)")
 _seconds = _number(float, lambda v: v > 0, "seconds", "must be > 0 seconds")
+_non_negative = _number(float, lambda v: v >= 0 and v != float("inf"), "a number", "must be a finite number >= 0")
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number", "must be >= 0")
+
+
+def _candidates(text: str) -> str:
+    from .techniques import parse_candidates
+    try:
+        parse_candidates(text)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 MAX_THREADS = 4096
 _threads = _number(int, lambda v: 1 <= v <= MAX_THREADS, "a whole number", f"must be in 1..{MAX_THREADS}")
 
@@ -371,6 +423,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finished steps are kept here; a rerun with the same inputs resumes (default OUTPUT/cache)")
     aq.add_argument("--no-adaround", action="store_true", help="leave AdaRound out (the slowest step)")
     aq.set_defaults(fn=_cmd_autoquant)
+
+    am = sub.add_parser("amp", help="mixed precision: each layer's bit widths from candidates, the cheapest mix "
+                                    "within an accuracy budget",
+                        description="Calibrates a QuantSim of the SPEC's model, then chooses each layer's weight and "
+                                    "activation bit widths from --candidates (those the config's supported_kernels "
+                                    "run) so that the accuracy stays within --allowed-drop of FP32 at the least "
+                                    "cost. Writes OUTPUT/NAME.encodings (at the chosen widths), "
+                                    "OUTPUT/NAME_config.json, OUTPUT/NAME_mixed_precision.json and OUTPUT/report.html "
+                                    "(the Pareto front); exit code 4 when the target was not met.")
+    common(am, "pyquant-amp")
+    am.add_argument("--candidates", type=_candidates, default="w4a8,w8a8,w8a16",
+                    help="comma-separated w<bits>a<bits> (or w<bits>: weights only) candidates "
+                         "(default w4a8,w8a8,w8a16)")
+    am.add_argument("--allowed-drop", type=_non_negative, default=0.01,
+                    help="largest accepted accuracy drop from FP32, in the metric's units (default 0.01: one point "
+                         "of top-1 agreement)")
+    am.add_argument("--metric", choices=["top1_agreement", "cosine", "spec"], default=None,
+                    help="accuracy: top1_agreement or cosine with FP32 on the data (staged, fast), or spec (the "
+                         "SPEC's metric(model)); default: the SPEC's metric if it has one, else top1_agreement")
+    am.add_argument("--cost", choices=["bitops", "size"], default="bitops",
+                    help="what the mix minimises: bit operations (MACs x weight bits x activation bits) or weight "
+                         "size (default bitops)")
+    am.add_argument("--eval-samples", type=_positive_int, default=256,
+                    help="samples of the data evaluated per mix (default 256)")
+    am.add_argument("--refine", action="store_true", help="try further single-layer moves on the chosen mix")
+    am.add_argument("--pareto-points", type=_non_negative_int, default=8,
+                    help="extra points of the greedy path evaluated for the front (default 8)")
+    am.add_argument("--time-budget", type=_seconds, default=None, help="stop searching after this many seconds")
+    am.add_argument("--cache-dir", default=None,
+                    help="evaluations are kept here; a rerun with the same inputs resumes (default OUTPUT/cache)")
+    am.add_argument("--name", default=None, help="file name prefix (default: the SPEC's name or function)")
+    am.set_defaults(fn=_cmd_amp)
 
     ex = sub.add_parser("export", help="calibrate and write the QDQ ONNX model, encodings JSON and weights",
                         description="Calibrates a QuantSim of the SPEC's model on its data and writes "

@@ -9,7 +9,9 @@ Flow (every evaluation is one call of `eval_fn`):
   3. cross-layer equalization, without and with high-bias absorption; activation smoothing (models with
      norm -> Linear or value -> output projection pairs); empirical bias correction; SeqMSE / GPTQ (low-bit
      weights); AdaRound; the activation range search -- each on top of the best simulation so far, kept
-     only if it beats it; the run stops as soon as FP32 - accuracy <= allowed_accuracy_drop.
+     only if it beats it; the run stops as soon as FP32 - accuracy <= allowed_accuracy_drop;
+  4. opt-in (`mixed_precision=`): once the target is met, each layer's bit widths chosen from candidates
+     on the best simulation (`pyquant.mixed_precision`), kept when its cheaper mix still meets the target.
 """
 from __future__ import annotations
 
@@ -101,6 +103,10 @@ class AutoQuant:
         range_search: try the output-aware activation range search (`pyquant.search_activation_ranges`) as
             the last step, on the calibration data (default True; the simulation's activations must be
             quantized). `range_search_kwargs` go to it (default: loss "mse", at most 256 samples).
+        mixed_precision: candidates ("w4a8,w8a8,w8a16", or a list) to choose each layer's bit widths from
+            once the target is met (`pyquant.mixed_precision` on the best simulation, with eval_fn and the
+            calibration data; kept when the cheaper mix still meets the target). None (default): not tried.
+            `mixed_precision_kwargs` go to it (e.g. cost, refine, time_budget).
         name: a name for the output files (default: the model's class name).
         progress: show a progress bar (default: on a terminal).
 
@@ -123,6 +129,8 @@ class AutoQuant:
                  gptq: Optional[bool] = None, gptq_kwargs: Optional[Mapping[str, Any]] = None,
                  replace_relu6: bool = True, smoothing_alpha: Optional[float] = 0.5,
                  range_search: bool = True, range_search_kwargs: Optional[Mapping[str, Any]] = None,
+                 mixed_precision: Union[str, Sequence[Any], None] = None,
+                 mixed_precision_kwargs: Optional[Mapping[str, Any]] = None,
                  name: Optional[str] = None, progress: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -173,6 +181,14 @@ class AutoQuant:
         for k in ("checkpoint_dir", "progress"):
             if k in self.range_search_kwargs:
                 raise ValueError(f"range_search_kwargs: {k!r} is set by AutoQuant itself")
+        from ..techniques import parse_candidates
+        self.mixed_precision_candidates: Optional[tuple[str, ...]] = None if mixed_precision is None else tuple(
+            c.name for c in parse_candidates(mixed_precision))
+        self.mixed_precision_kwargs = dict(mixed_precision_kwargs or {})
+        for k in ("checkpoint_dir", "progress", "eval_data", "allowed_accuracy_drop"):
+            if k in self.mixed_precision_kwargs:
+                raise ValueError(f"mixed_precision_kwargs: {k!r} is set by AutoQuant itself")
+        self.allowed_drop: Optional[float] = None  # set by optimize(): the mixed-precision step's target
         self.progress = progress
         self.name = name or type(model).__name__
         self.eval_fn = eval_fn
@@ -326,7 +342,22 @@ class AutoQuant:
             opts.update(self._correct_bias(sim, fp, info, r.bias_correction))
         if r.range_search:
             opts.update(self._search_ranges(sim, r, cache))
+        if r.mixed_precision:
+            opts.update(self._mixed_precision(sim, cache))
         return sim, opts
+
+    def _mixed_precision(self, sim: QuantSim, cache: Optional[StepCache]) -> dict[str, Any]:
+        """Per-layer bit widths on the calibrated simulation, the cheapest mix within the run's target."""
+        from ..techniques import mixed_precision
+        res = mixed_precision(sim, list(self.mixed_precision_candidates), self.eval_fn, self._calib,
+                              self.allowed_drop, checkpoint_dir=None if cache is None else
+                              cache.layerwise_dir("mixed_precision"), progress=self.progress,
+                              **self.mixed_precision_kwargs)
+        counts: dict[str, int] = {}
+        for c in res.mix.values():
+            counts[c.name] = counts.get(c.name, 0) + 1
+        return {"mix": counts, "relative_cost": res.relative_cost, "cost_model": res.cost_model,
+                "evaluations": res.evaluations, "pareto": [[p.relative_cost, p.accuracy] for p in res.pareto]}
 
     def _search_ranges(self, sim: QuantSim, r: Recipe, cache: Optional[StepCache]) -> dict[str, Any]:
         """The activation range search on the calibrated simulation (its searched quantizers frozen)."""
@@ -424,6 +455,7 @@ class AutoQuant:
         drop = allowed_accuracy_drop
         if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop < 0:
             raise ValueError(f"allowed_accuracy_drop must be a finite number >= 0 (in eval_fn's units), got {drop!r}")
+        self.allowed_drop = float(drop)
         if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
                                           or not time_budget_s > 0):
             raise ValueError(f"time_budget_s must be a positive number of seconds or None, got {time_budget_s!r}")
@@ -472,6 +504,15 @@ class _Run:
             return True
         return False
 
+    def improves(self, rec: StepRecord, kind: str) -> bool:
+        """Whether an evaluated step replaces the best: a full simulation that beats it, or a mixed-precision
+        mix (cheaper by construction) that still meets the target."""
+        if rec.status != "evaluated":
+            return False
+        if kind == "mixed_precision":
+            return self.fp32 - rec.accuracy <= self.drop + 1e-12
+        return kind == "full" and (self.best is None or rec.accuracy > self.best.accuracy)
+
     def best_recipe(self) -> Recipe:
         return Recipe(**self.best.recipe)
 
@@ -485,8 +526,7 @@ class _Run:
         if rec is not None:
             rec.cached = True
             # whether it beats the best depends on this run's earlier steps, not the old run's
-            rec.improved = rec.status == "evaluated" and kind == "full" and (
-                self.best is None or rec.accuracy > self.best.accuracy)
+            rec.improved = self.improves(rec, kind)
         else:
             t0 = time.perf_counter()
             try:
@@ -510,7 +550,7 @@ class _Run:
                 warnings.warn(f"AutoQuant: step {key!r} failed and is left out: {msg}", RuntimeWarning, stacklevel=3)
                 rec = StepRecord(key, title, kind, "failed", seconds=time.perf_counter() - t0, reason=msg,
                                  recipe=recipe.to_json() if recipe else None, settings=settings)
-            if rec.status == "evaluated" and kind == "full" and (self.best is None or rec.accuracy > self.best.accuracy):
+            if self.improves(rec, kind):
                 rec.improved = True
                 if self.cache is not None:  # state first: a record never points at a missing state
                     self.cache.save_state(key, sim)
@@ -530,59 +570,72 @@ class _Run:
 
     # ---- the flow ------------------------------------------------------------------------------
     def execute(self) -> None:
-        aq = self.aq
         try:
-            self.step("fp32", "FP32 model", "fp32", None)
-            s0 = aq.quant_schemes[0]
-            base = Recipe(s0, s0)
-            folded = f", {aq._fold['folded']} batch norms folded" if aq._fold["folded"] else ""
-            self.step("quantsim", f"QuantSim W{aq.param_bw}A{aq.output_bw}, {s0}{folded}", "full", base)
-            if self.met():
-                return
-            # which side costs the accuracy, and each side's calibration scheme
-            w_cands = list(dict.fromkeys(_WEIGHT_EQUIVALENT.get(s, s) for s in aq.quant_schemes))
-            if _WEIGHT_EQUIVALENT.get(s0, s0) != w_cands[0]:
-                w_cands.insert(0, s0)
-            a_cands = list(dict.fromkeys("min_max" if s == "tf" else s for s in aq.quant_schemes))
-            w_acc: dict[str, float] = {}
-            a_acc: dict[str, float] = {}
-            for s in w_cands:
-                key = f"weights_only/{s}"
-                if self.out_of_time(key):
-                    return
-                r = self.step(key, f"weights only, {s}", "weights_only", dataclasses.replace(base, weight_scheme=s,
-                                                                                            activations=False))
-                if r.accuracy is not None:
-                    w_acc[s] = r.accuracy
-            for s in a_cands:
-                key = f"activations_only/{s}"
-                if self.out_of_time(key):
-                    return
-                r = self.step(key, f"activations only, {s}", "activations_only",
-                              dataclasses.replace(base, act_scheme=s, weights=False))
-                if r.accuracy is not None:
-                    a_acc[s] = r.accuracy
-            best_w = max(w_acc, key=lambda s: w_acc[s]) if w_acc else s0  # ties: the earlier candidate
-            best_a = max(a_acc, key=lambda s: a_acc[s]) if a_acc else s0
-            chosen = dataclasses.replace(base, weight_scheme=best_w, act_scheme=best_a)
-            if chosen != base:
-                if self.out_of_time("schemes"):
-                    return
-                self.step("schemes", f"weights {best_w}, activations {best_a}", "full", chosen)
-                if self.met():
-                    return
-            # techniques, each on top of the best so far
-            for t in TECHNIQUE_STEPS:
-                if not t.enabled(aq):
-                    continue
-                if self.out_of_time(t.key):
-                    return
-                best = self.best_recipe()
-                self.step(t.key, t.title(aq, best), "full", dataclasses.replace(best, **t.change(aq)))
-                if self.met():
-                    return
+            self._accuracy_steps()
+            self._mixed_precision_step()
         finally:
             self.bar.close()
+
+    def _mixed_precision_step(self) -> None:
+        """Once the target is met: the best simulation at the cheapest mix of precisions that still meets it."""
+        t = next(t for t in TECHNIQUE_STEPS if t.key == "mixed_precision")
+        if not t.enabled(self.aq) or not self.met() or self.out_of_time(t.key):
+            return
+        best = self.best_recipe()
+        self.step(t.key, t.title(self.aq, best), "mixed_precision", dataclasses.replace(best, **t.change(self.aq)))
+
+    def _accuracy_steps(self) -> None:
+        """FP32, the first simulation, the schemes and the techniques, until the target is met."""
+        aq = self.aq
+        self.step("fp32", "FP32 model", "fp32", None)
+        s0 = aq.quant_schemes[0]
+        base = Recipe(s0, s0)
+        folded = f", {aq._fold['folded']} batch norms folded" if aq._fold["folded"] else ""
+        self.step("quantsim", f"QuantSim W{aq.param_bw}A{aq.output_bw}, {s0}{folded}", "full", base)
+        if self.met():
+            return
+        # which side costs the accuracy, and each side's calibration scheme
+        w_cands = list(dict.fromkeys(_WEIGHT_EQUIVALENT.get(s, s) for s in aq.quant_schemes))
+        if _WEIGHT_EQUIVALENT.get(s0, s0) != w_cands[0]:
+            w_cands.insert(0, s0)
+        a_cands = list(dict.fromkeys("min_max" if s == "tf" else s for s in aq.quant_schemes))
+        w_acc: dict[str, float] = {}
+        a_acc: dict[str, float] = {}
+        for s in w_cands:
+            key = f"weights_only/{s}"
+            if self.out_of_time(key):
+                return
+            r = self.step(key, f"weights only, {s}", "weights_only", dataclasses.replace(base, weight_scheme=s,
+                                                                                        activations=False))
+            if r.accuracy is not None:
+                w_acc[s] = r.accuracy
+        for s in a_cands:
+            key = f"activations_only/{s}"
+            if self.out_of_time(key):
+                return
+            r = self.step(key, f"activations only, {s}", "activations_only",
+                          dataclasses.replace(base, act_scheme=s, weights=False))
+            if r.accuracy is not None:
+                a_acc[s] = r.accuracy
+        best_w = max(w_acc, key=lambda s: w_acc[s]) if w_acc else s0  # ties: the earlier candidate
+        best_a = max(a_acc, key=lambda s: a_acc[s]) if a_acc else s0
+        chosen = dataclasses.replace(base, weight_scheme=best_w, act_scheme=best_a)
+        if chosen != base:
+            if self.out_of_time("schemes"):
+                return
+            self.step("schemes", f"weights {best_w}, activations {best_a}", "full", chosen)
+            if self.met():
+                return
+        # techniques, each on top of the best so far
+        for t in TECHNIQUE_STEPS:
+            if not t.enabled(aq) or t.key == "mixed_precision":
+                continue
+            if self.out_of_time(t.key):
+                return
+            best = self.best_recipe()
+            self.step(t.key, t.title(aq, best), "full", dataclasses.replace(best, **t.change(aq)))
+            if self.met():
+                return
 
     def finish(self, out: Path) -> AutoQuantResult:
         aq = self.aq

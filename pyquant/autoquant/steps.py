@@ -23,6 +23,7 @@ class Recipe:
     adaround: bool = False
     layerwise: Optional[str] = None    # None, "seq_mse" or "gptq": a layer-wise weight method on the simulation
     range_search: bool = False         # activation ranges searched by the output's loss (last, on the calibrated sim)
+    mixed_precision: bool = False      # per-layer bit widths chosen under the target (after everything else)
     weights: bool = True               # weight quantizers on
     activations: bool = True           # activation quantizers on
 
@@ -105,5 +106,15 @@ TECHNIQUE_STEPS: tuple[TechniqueStep, ...] = (
         enabled=lambda aq: aq.range_search, change=lambda aq: {"range_search": True},
         settings=lambda aq: {"range_search_kwargs": aq.range_search_kwargs},
         describe=lambda r: "activation range search" if r.range_search else None, build_order=3),
+    TechniqueStep(
+        key="mixed_precision",
+        title=lambda aq, best: f"mixed precision ({','.join(aq.mixed_precision_candidates or ())})",
+        enabled=lambda aq: aq.mixed_precision_candidates is not None, change=lambda aq: {"mixed_precision": True},
+        settings=lambda aq: {"candidates": list(aq.mixed_precision_candidates or ()),
+                             "mixed_precision_kwargs": aq.mixed_precision_kwargs,
+                             "allowed_accuracy_drop": aq.allowed_drop},
+        describe=lambda r: "mixed precision" if r.mixed_precision else None, build_order=4),
 )
-"""The technique steps, in the order the flow tries them."""
+"""The technique steps, in the order the flow tries them. Mixed precision is of another kind: it trades
+accuracy for cost, so it runs last, only once the target is met, on the best simulation, and is kept when
+its mix still meets the target."""

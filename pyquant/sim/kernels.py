@@ -11,7 +11,7 @@ from typing import Optional
 
 from .config import ConfigError, HardwareConfig, SupportedKernel
 
-__all__ = ["UNSUPPORTED_MODES", "apply_supported_kernels", "describe"]
+__all__ = ["UNSUPPORTED_MODES", "apply_supported_kernels", "describe", "runs"]
 
 UNSUPPORTED_MODES = ("error", "nearest")
 
@@ -23,7 +23,7 @@ def describe(k: SupportedKernel) -> str:
     return f"W{w}A{a}"
 
 
-def _runs(k: SupportedKernel, act_bw: Optional[int], param_bw: Optional[int]) -> bool:
+def runs(k: SupportedKernel, act_bw: Optional[int], param_bw: Optional[int]) -> bool:
     """Whether kernel k runs an op whose quantized activations have act_bw bits and weights param_bw
     (None: the op has no such quantizer)."""
     if act_bw is not None and (k.activation.dtype != "int" or k.activation.bitwidth != act_bw):
@@ -62,7 +62,7 @@ def apply_supported_kernels(placements: list, cfg: HardwareConfig, unsupported: 
         params = {p.bitwidth for p in ps if p.is_param}
         act_bw = max(acts) if acts else None
         param_bw = max(params) if params else None
-        if len(acts) <= 1 and len(params) <= 1 and any(_runs(k, act_bw, param_bw) for k in kernels):
+        if len(acts) <= 1 and len(params) <= 1 and any(runs(k, act_bw, param_bw) for k in kernels):
             continue
         where = f"op_type.{op_type}.supported_kernels" if cfg.op_type.get(op_type) is not None and \
             cfg.op_type[op_type].supported_kernels is not None else "defaults.supported_kernels"

@@ -146,3 +146,28 @@ def histograms(hists: dict[str, Any], names: Optional[list[str]] = None, cols: i
         ax.tick_params(labelsize=7)
     fig.suptitle("Activation histograms (FP32 values; shaded: the encoding's range)", fontsize=10)
     return png_bytes(fig)
+
+
+def pareto(mp: dict[str, Any]) -> bytes:
+    """A mixed-precision search (MixedPrecisionResult.to_json()): every evaluated mix as accuracy against
+    cost relative to the starting mix, the Pareto front as a line, the target and the chosen mix marked."""
+    fig = figure(7, 3.6)
+    ax = fig.add_subplot()
+    colors = {"start": "#555555", "sensitivity": "#9db7d5", "path": _W, "refine": _A}
+    for source, color in colors.items():
+        pts = [p for p in mp["points"] if p["source"] == source]
+        if pts:
+            ax.scatter([100 * p["relative_cost"] for p in pts], [p["accuracy"] for p in pts], s=14, color=color,
+                       label=source, zorder=2)
+    front = mp["pareto"]
+    ax.plot([100 * p["relative_cost"] for p in front], [p["accuracy"] for p in front], "-", color="#333333", lw=1,
+            drawstyle="steps-post", label="Pareto front", zorder=1)
+    ax.axhline(mp["target"], color=_BEFORE, lw=1, ls="--", label=f"target {mp['target']:.6g}")
+    ax.scatter([100 * mp["relative_cost"]], [mp["accuracy"]], s=80, facecolors="none", edgecolors=_BEFORE, lw=1.5,
+               label="chosen", zorder=3)
+    ax.set_xlabel(f"cost ({mp['cost_model']}), % of the starting mix")
+    ax.set_ylabel(mp["metric"])
+    ax.set_title("Mixed precision: accuracy against cost")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    return png_bytes(fig)

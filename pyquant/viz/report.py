@@ -63,6 +63,8 @@ def figures(analysis: dict[str, Any]) -> dict[str, bytes]:
         out["channel_ranges"] = plots.channel_ranges(analysis["weight_ranges"])
     if analysis.get("histograms"):
         out["histograms"] = plots.histograms(analysis["histograms"])
+    if analysis.get("mixed_precision") and analysis["mixed_precision"]["points"]:
+        out["pareto"] = plots.pareto(analysis["mixed_precision"])
     return out
 
 
@@ -79,6 +81,7 @@ def render_html(analysis: dict[str, Any], title: Optional[str] = None,
         _layer_error_section(analysis, figs),
         _weight_ranges_section(analysis, figs),
         _histograms_section(analysis, figs),
+        _mixed_precision_section(analysis, figs),
         "</main>",
         _footer(analysis),
     ))
@@ -195,6 +198,33 @@ def _histograms_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str
                    [[n, hs[n]["data_min"], hs[n]["data_max"], hs[n]["encoding_min"], hs[n]["encoding_max"],
                      100 * (hs[n]["clipped_fraction"] or 0.0)] for n in top], {1, 2, 3, 4, 5})
     return _section("Activation histograms", note, _figure(figs, "histograms", "activation histograms") + table)
+
+
+def _mixed_precision_section(analysis: dict[str, Any], figs: dict[str, bytes]) -> str:
+    """A mixed-precision search: accuracy against cost of every evaluated mix, the Pareto front as a table
+    (cheapest first, the candidates' counts), and the chosen mix per layer."""
+    mp = analysis.get("mixed_precision")
+    if not mp:
+        return ""
+    met = "met" if mp["target_met"] else f"not met ({_num(mp['shortfall'], '.4g')} short)"
+    note = (f"Each layer's weight and activation bit widths chosen from the candidates: the cheapest mix whose "
+            f"{html.escape(str(mp['metric']))} stays at or above the target {_num(mp['target'], '.4g')} (FP32 "
+            f"{_num(mp['fp32_accuracy'], '.4g')}): {met}; the chosen mix costs {100 * mp['relative_cost']:.1f}% of "
+            f"the starting mix ({html.escape(mp['cost_model'])}). {mp['evaluations']} evaluations"
+            f"{' (staged)' if mp['staged'] else ''} in {mp['seconds']:.1f} s"
+            f"{'' if mp['complete'] else ', stopped by the time budget'}.")
+    rows = []
+    for p in mp["pareto"]:
+        counts: dict[str, int] = {}
+        for c in p["mix"].values():
+            counts[c] = counts.get(c, 0) + 1
+        rows.append([100 * p["relative_cost"], p["cost"], p["accuracy"], "yes" if p["accuracy"] >= mp["target"] else "no",
+                     ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))])
+    front = _table(["cost %", "cost", "accuracy", "meets target", "candidates"], rows, {0, 1, 2})
+    chosen = _table(["layer", "candidate", "allowed"],
+                    [[g["name"], mp["mix"][g["name"]], ", ".join(g["allowed"])] for g in mp["groups"]])
+    return _section("Mixed precision", note, _figure(figs, "pareto", "accuracy against cost") + front
+                    + "<h2>Chosen mix</h2>" + chosen)
 
 
 def _footer(analysis: dict[str, Any]) -> str:
