@@ -37,9 +37,9 @@ def main() -> None:
     with torch.no_grad():
         print(f"{name}: nearest rounding W4A8: SQNR {sqnr_db(ref, sim.model(evalx)):.2f} dB")
 
-    iterations = 40 if args.quick else 2000
+    iterations = 20 if args.quick else 2000
     res = pq.adaround(model, calib[:1], calib, param_bw=4, iterations=iterations, lr=1e-2,
-                      positions_per_sample=64 if args.quick else 512,
+                      positions_per_sample=32 if args.quick else 512,
                       checkpoint_dir=Path(args.out) / "adaround_ckpt")   # killed? run again: it resumes
     print("\n".join(res.summary().splitlines()[:4]))
     sim = pq.QuantSim(res.model, calib[:1], quant_scheme="min_max", param_bw=4, output_bw=8)

@@ -18,6 +18,15 @@ import torch
 from torch import nn
 
 QUICK_ENV = "PYQUANT_EXAMPLES_QUICK"
+NO_ASSETS_ENV = "PYQUANT_EXAMPLES_NO_ASSETS"   # =1: the small random models even where the assets are installed
+
+
+def require_assets() -> None:
+    """Raises AssetMissingError when NO_ASSETS_ENV asks for the small random models."""
+    from pyquant.models import AssetMissingError
+
+    if os.environ.get(NO_ASSETS_ENV, "") not in ("", "0"):
+        raise AssetMissingError("the offline assets (disabled by " + NO_ASSETS_ENV + ")", f"unset {NO_ASSETS_ENV}")
 
 
 def parse_args(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
@@ -69,20 +78,22 @@ def small_cnn(seed: int = 0) -> SmallCNN:
     return m.eval()
 
 
-def image_model(quick: bool, calib: int = 64, evaluation: int = 8) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
+def image_model(quick: bool, calib: int = 64, evaluation: int = 8, quick_evaluation: int = 1
+                ) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor]:
     """(name, FP32 model, calibration images, evaluation images): MobileNetV2 with ImageNet weights on real
     photo crops when its assets are installed, else SmallCNN on random images. `evaluation` is crops per
-    photo for MobileNetV2."""
+    photo for MobileNetV2 (`quick_evaluation` with `quick`)."""
     from pyquant.models import AssetMissingError
 
     try:
         from pyquant.datasets import imagenet_calibration_set, imagenet_eval_set
         from pyquant.models import mobilenet_v2
 
+        require_assets()
         model = mobilenet_v2()
         n_cal = min(calib, 8) if quick else calib
         return ("MobileNetV2", model, imagenet_calibration_set(n_cal),
-                imagenet_eval_set(n_per_image=1 if quick else evaluation))
+                imagenet_eval_set(n_per_image=quick_evaluation if quick else evaluation))
     except AssetMissingError as exc:
         print(f"note: {exc}; using a small random CNN instead")
     g = torch.Generator().manual_seed(1)
@@ -117,6 +128,7 @@ def text_encoder(quick: bool, texts: int = 64) -> tuple[str, Any, nn.Module, lis
         from pyquant.datasets import fortunes_dataset
         from pyquant.models import minilm
 
+        require_assets()
         tok, model = minilm(attn_implementation="eager")
         all_texts, _, _ = fortunes_dataset(max_per_category=max(2, n // 4))
         return "all-MiniLM-L6-v2", tok, model, all_texts[:n]
@@ -140,7 +152,7 @@ class HashTokenizer:
         self.vocab = vocab
 
     def __call__(self, texts, padding=True, truncation=True, max_length=64, return_tensors="pt"):
-        ids = [[101] + [1000 % self.vocab + (sum(map(ord, w)) % (self.vocab - 200)) for w in t.split()][:max_length - 2]
+        ids = [[101] + [200 + sum(map(ord, w)) % (self.vocab - 200) for w in t.split()][:max_length - 2]
                + [102] for t in texts]
         width = max(len(i) for i in ids)
         return {"input_ids": torch.tensor([i + [0] * (width - len(i)) for i in ids]),
