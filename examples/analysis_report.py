@@ -21,6 +21,8 @@ from common import image_model, parse_args
 def main() -> None:
     args = parse_args(__doc__)
     name, model, calib, evalx = image_model(args.quick)
+    if args.quick:
+        evalx = evalx[:4]                      # the sensitivity sweep evaluates the model twice per layer
     result = analyze(model, calib[:1], evalx, metric="sqnr", calib_data=calib,
                      layer_samples=4 if args.quick else 32, param_bw=8, output_bw=8)
 

@@ -24,7 +24,7 @@ from common import image_model, parse_args
 
 def main() -> None:
     args = parse_args(__doc__)
-    name, model, calib, evalx = image_model(args.quick, quick_evaluation=4)
+    name, model, calib, evalx = image_model(args.quick, quick_evaluation=2)
     with torch.no_grad():
         ref = model(evalx)
 

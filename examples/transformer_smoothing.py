@@ -40,7 +40,7 @@ def decoder_smoothing(quick: bool) -> None:
             layer.input_layernorm.weight[:3] *= 30.0
             layer.post_attention_layernorm.weight[5:7] *= 30.0
     vocab = model.config.vocab_size
-    batches = token_batches(vocab, 4 if quick else 16, 32)
+    batches = token_batches(vocab, 2 if quick else 16, 32)
     test = torch.cat([b["input_ids"] for b in token_batches(vocab, 4, 32, seed=1)])
     with torch.no_grad():
         ref = model(input_ids=test).logits
@@ -73,8 +73,8 @@ def encoder_range_search(quick: bool) -> None:
     sim = pq.QuantSim(model, batches[0], param_bw=8, output_bw=8)
     sim.compute_encodings(batches)
     print(f"{name} W8A8: cosine {cosine(sim.model):.4f}")
-    # in quick mode, only the first 12 activation quantizers are searched
-    names = list(sim.activation_quantizers)[:12] if quick else None
+    # in quick mode, only the first 6 activation quantizers are searched
+    names = list(sim.activation_quantizers)[:6] if quick else None
     res = pq.search_activation_ranges(sim, batches, loss="cosine", quantizers=names)
     print(res.summary().splitlines()[0])
     print(f"{name} W8A8 + range search: cosine {cosine(sim.model):.4f}")
