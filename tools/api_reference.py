@@ -179,8 +179,8 @@ def build_pages() -> dict[str, str]:
             obj = getattr(mod, n)
             if inspect.ismodule(obj):
                 page = PAGES.get(obj.__name__)
-                target = f"[{obj.__name__}]({page})" if page else f"`{obj.__name__}`"
-                index.append(f"- {target} (module): {first_paragraph(docstring(obj))}")
+                target = f"[`{n}`]({page})" if page else f"`{n}`"
+                index.append(f"- {target} (module {obj.__name__}): {first_paragraph(docstring(obj))}")
                 continue
             owner = home(obj, exported.get(id(obj), [m])) if (inspect.isclass(obj) or callable(obj)) else m
             if owner != m:
