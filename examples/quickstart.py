@@ -4,7 +4,8 @@
 
 Steps: fold batch norms (as an integer target runs the model), build a QuantSim, calibrate it on a few
 batches, read `sim.summary()`, compare the simulated outputs with FP32, and export the QDQ ONNX model with
-its encodings. Prints `top-1 agreement with FP32: <percent>` and `exported: <path>`.
+its encodings. Prints `top-1 agreement with FP32: <percent>` (over all images, and over those FP32 itself
+is confident about) and `exported: <path>`.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def main() -> None:
         ref, out = model(evalx), sim.model(evalx)
     agreement, count = top1_agreement(ref, out, confident=None)
     print(f"{name}: top-1 agreement with FP32: {100 * agreement:.1f}% of {count} images")
+    confident, n_confident = top1_agreement(ref, out, confident=0.5)   # where FP32 itself is sure
+    if n_confident:
+        print(f"{name}: on the {n_confident} images FP32 is confident about: {100 * confident:.1f}%")
 
     paths = sim.export(Path(args.out), "quickstart", calib[:1])  # .onnx (QDQ), .encodings (JSON), .pth
     print(f"exported: {paths['onnx']} (opset {paths.opset})")

@@ -70,6 +70,8 @@ def encodings(path: Path) -> dict:
 def check_quickstart(out: str, d: Path) -> None:
     agreement = number(r"top-1 agreement with FP32: ([\d.]+)%", out)
     assert 0.0 <= agreement <= 100.0
+    confident = [float(v) for v in re.findall(r"FP32 is confident about: ([\d.]+)%", out)]  # none: no sure image
+    assert len(confident) <= 1 and all(0.0 <= v <= 100.0 for v in confident)
     assert number(r"\.\.\. (\d+) quantizers", out) > 0
     model = onnx_model(d / "quickstart.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
