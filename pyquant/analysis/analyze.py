@@ -110,6 +110,7 @@ def save_json(analysis: dict[str, Any], path: Union[str, os.PathLike]) -> None:
 
 
 def load_json(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """Reads an analysis that `save_json` wrote; a file of another schema is a ValueError naming it."""
     with open(path, encoding="utf-8") as f:
         a = json.load(f)
     if a.get("schema") != SCHEMA:

@@ -74,9 +74,11 @@ class AutoQuantResult:
 
     @property
     def accuracy_drop(self) -> float:
+        """FP32's metric minus the chosen simulation's (in eval_fn's units)."""
         return self.fp32_accuracy - self.accuracy
 
     def step(self, key: str) -> StepRecord:
+        """The record of one step by its key ("quantsim", "cle", "adaround", ...); KeyError lists the keys."""
         for s in self.steps:
             if s.key == key:
                 return s

@@ -579,6 +579,7 @@ class QuantSim:
         q.reset_encoding()
 
     def enable(self, name: str, enabled: bool = True) -> None:
+        """Switches one quantizer on or off (off: its input passes unchanged, as in FP32)."""
         self.quantizer(name).enabled = enabled
 
     def encodings(self) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
@@ -615,6 +616,7 @@ class QuantSim:
             q.freeze()
 
     def unfreeze(self, name: Optional[str] = None) -> None:
+        """Releases one frozen quantizer's encoding (or all): range learning and recalibration change it again."""
         for q in ([self.quantizer(name)] if name is not None else self.quantizers.values()):
             q.unfreeze()
 
