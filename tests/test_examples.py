@@ -225,6 +225,17 @@ def check_distributed_calibration(out: str, d: Path) -> None:
     assert re.search(r"sharded == one process: True \(largest scale difference 0\)", out), out
 
 
+def check_mixed_precision(out: str, d: Path) -> None:
+    assert "target met: True" in out
+    cost = number(r"relative cost: ([\d.]+)", out)
+    acc, fp32, target = (number(p, out) for p in (r"accuracy: ([\d.]+) \(", r"\(FP32 ([\d.]+), target [\d.]+\)", r"target ([\d.]+)\)"))
+    assert 0.0 < cost <= 1.0                                # never more than the starting (most precise) mix
+    assert target <= acc <= 1.0 and target == pytest.approx(fp32 - 0.02, abs=1e-4)
+    saved = json.loads((d / "mixed_precision" / "mixed_precision_mixed_precision.json").read_text())
+    assert saved and (d / "mixed_precision" / "mixed_precision.encodings").is_file()
+    json.loads((d / "mixed_precision" / "mixed_precision_config.json").read_text())
+
+
 CHECKS: dict[str, Callable[[str, Path], None]] = {
     name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
