@@ -78,7 +78,8 @@ def check_checkpoint(state: Mapping[str, Any], model: nn.Module, quantizers: Map
                      optimizer: Optional[torch.optim.Optimizer], where: str) -> None:
     """Raises CheckpointError, naming the first problem, unless every part of `state` fits this simulation:
     flags for exactly its quantizers with valid values, the same state-dict names with the same shapes and
-    dtypes, encodings that are finite with positive scales (min <= max; offset 0 when symmetric; LPBQ
+    dtypes, encodings that are finite with positive scales (a min above its max is kept: range learning can
+    move it there, and the quantizer reads it as the smallest step; offset 0 when symmetric; LPBQ
     integer scales in range), and an optimizer state with the optimizer's groups and group sizes."""
     _check_all_flags(state["quantizers"], quantizers, where)
     _check_model(state["model"], model, quantizers, state["quantizers"], where)
@@ -154,7 +155,7 @@ def _check_model(saved: Mapping, model: nn.Module, quantizers: Mapping[str, Quan
 
 def _check_encoding_values(saved: Mapping, prefix: str, q: QuantizerBase, name: str, flags: Mapping,
                            where: str) -> None:
-    """The encoding a quantizer would load: finite parameters, a positive scale (or min <= max), offset 0
+    """The encoding a quantizer would load: finite parameters, a positive scale, offset 0
     when symmetric (an asymmetric offset may be fractional: range learning trains it), LPBQ integer scales
     in 1..2^k under positive per-channel scales."""
     values = dict(q.named_parameters(recurse=False))
@@ -167,8 +168,6 @@ def _check_encoding_values(saved: Mapping, prefix: str, q: QuantizerBase, name: 
         raise CheckpointError(f"{at('scale')}: scales must be positive, found {float(saved[prefix + 'scale'].min())}")
     if "offset" in values and flags["symmetric"] and bool((saved[prefix + "offset"] != 0).any()):
         raise CheckpointError(f"{at('offset')}: a symmetric encoding's offset is 0")
-    if "min" in values and not bool((saved[prefix + "min"] <= saved[prefix + "max"]).all()):
-        raise CheckpointError(f"{at('min')}: min above max")
     if isinstance(q, LpbqQuantizeDequantize):
         c, n = saved[prefix + "per_channel_scale"], saved[prefix + "int_scale"]
         k = q.decompressed_bw - flags["bitwidth"]  # the checkpoint's bit width, checked against decompressed_bw
