@@ -396,6 +396,14 @@ def w8a8_kv8():
     return sim
 
 
+def test_layerwise_calibration_of_a_cache_capture_is_a_clear_error(w8a8_kv8):
+    before = {n: q.get_encoding().scale.clone() for n, q in w8a8_kv8.quantizers.items() if q.has_encoding}
+    assert w8a8_kv8.kv_cache
+    with pytest.raises(ValueError, match="kv_cache=True.*layerwise=False"):
+        w8a8_kv8.compute_encodings([{"input_ids": _ids(2, 8, 3)}], layerwise=True)
+    assert all(torch.equal(w8a8_kv8.quantizer(n).get_encoding().scale, s) for n, s in before.items())
+
+
 def _greedy_by_hand(model, prompt: torch.Tensor, new: int) -> torch.Tensor:
     """Greedy decoding by full recomputation, each step the whole sequence through `model`."""
     seq = prompt

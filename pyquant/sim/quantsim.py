@@ -204,6 +204,8 @@ class QuantSim:
             if kv_cache:
                 attach_generate(gm, fp32)
             self.model: fx.GraphModule = gm
+            self.kv_cache = kv_cache
+            """Whether the model was captured with its key/value cache (`kv_cache=True`)."""
             self.param_quantizers: dict[str, QuantizeDequantize] = {}
             self.activation_quantizers: dict[str, QuantizeDequantize] = {}
             self.placement: dict[str, P.QuantizerPlacement] = {
@@ -520,6 +522,10 @@ class QuantSim:
                                               q.bitwidth, q.symmetric, signed=q.signed, strict=q.strict))
 
         if layerwise is not False:
+            if self.kv_cache:
+                raise ValueError("compute_encodings(layerwise=...) cuts the graph at its block stack, which a "
+                                 "simulation captured with kv_cache=True threads its cache through; calibrate it "
+                                 "with layerwise=False (its peak memory is the model's plus one batch's activations)")
             if callable(forward_fn):
                 raise TypeError("compute_encodings(layerwise=...) needs the calibration data (a tensor or an "
                                 "iterable of batches), not a callback: it runs the model block by block itself")
