@@ -199,3 +199,17 @@ def test_lpbq_weight_quantizers_keep_exact_integers():
         assert type(q).__name__ == "LpbqQuantizeDequantize"
         with torch.no_grad():
             assert torch.equal(q(w), w)
+
+
+def test_fewer_calibration_rows_than_input_columns_is_warned():
+    import warnings
+
+    from layerwise_sims import Mlp, mlp_sim
+
+    model = Mlp().eval()
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(pyquant.PyquantWarning, match=r"'fc1.weight' has 8 calibration rows for 24 input columns"):
+        pyquant.gptq(mlp_sim(model, x[:8]), x[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pyquant.PyquantWarning)
+        pyquant.gptq(mlp_sim(model, x), x)            # 64 rows >= 48 columns: no warning

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -38,7 +39,7 @@ import torch
 from .. import ops
 from .._batches import Data, as_batches
 from .._progress import Progress
-from .._warnings import nothing_to_do
+from .._warnings import PyquantWarning, nothing_to_do
 from ..quant import Encoding, QuantizerBase, from_range, from_scale_offset
 from ..sim.quantsim import QuantSim
 from .layerwise import (LayerError, LayerwiseResult, SimLayer, input_gram, output_mse, LayerCheckpoint,
@@ -193,6 +194,12 @@ def gptq(sim: QuantSim, data: Data, *, percdamp: float = 0.01, block_columns: in
             q, w = sim.quantizer(layer.name), sim.weight(layer.name)
             w0 = w.detach().clone()
             G, rows = input_gram(xs, process_group=process_group)
+            if rows < G.shape[0]:
+                # fewer rows than columns: X^T X is singular and the error feedback fits the few rows seen,
+                # which can leave the layer worse than round-to-nearest on other data
+                warnings.warn(f"gptq: layer {layer.name!r} has {rows} calibration rows for {G.shape[0]} input "
+                              f"columns; its Hessian is rank-deficient -- give at least {G.shape[0]} rows "
+                              f"(tokens or samples) of calibration data", PyquantWarning, stacklevel=2)
             before = output_mse(w0, q(w0), G, rows)
             wq, enc = gptq_weight(q, w0, (2.0 / rows) * G, percdamp=percdamp, block_columns=block_columns,
                                   act_order=act_order, name=layer.name)
