@@ -165,11 +165,14 @@ def test_resumes_after_a_kill_with_the_same_result(tmp_path, monkeypatch):
     n = len(full.choices)
     assert n >= 3
     _, _, killed = _case()
+    calibrated = {n: q.get_encoding() for n, q in killed.activation_quantizers.items()}
     calls = counted(monkeypatch, range_search, "_scaled", stop_at=8)  # mid-way through the second quantizer
     with pytest.raises(KeyboardInterrupt):
         pyquant.search_activation_ranges(killed, x, batch_size=16, checkpoint_dir=tmp_path)
     assert len(calls) == 8
     monkeypatch.undo()
+    for name, q in killed.activation_quantizers.items():     # the interrupted simulation is as it was given
+        assert torch.equal(q.get_encoding().scale, calibrated[name].scale) and not q.frozen
     _, _, resumed_sim = _case()
     resumed = pyquant.search_activation_ranges(resumed_sim, x, batch_size=16, checkpoint_dir=tmp_path)
     assert [c.factor for c in resumed.choices] == [c.factor for c in full.choices]

@@ -190,6 +190,7 @@ def search_activation_ranges(sim: QuantSim, data: Data, *, loss: Union[str, Loss
     """Chooses the clipping range of each calibrated activation quantizer of `sim` (in place) by the loss of
     the model's output against FP32 on `data` (see the module's docstring), and freezes the quantizers it
     searched so that a later `sim.compute_encodings` keeps their ranges (`sim.unfreeze()` releases them).
+    An error or an interruption leaves `sim` as it was given.
 
     Args:
         sim: a QuantSim after `compute_encodings` (its weight encodings, SeqMSE/GPTQ/AdaRound results
@@ -289,6 +290,12 @@ def search_activation_ranges(sim: QuantSim, data: Data, *, loss: Union[str, Loss
             else:
                 for p, name in todo:
                     decide(p, name, lambda: scorer.score(scorer.outputs_whole()))
+        except BaseException:
+            # an error or an interruption leaves the simulation as it was given (the decisions made so far
+            # are in checkpoint_dir: a rerun on it continues there)
+            for n in order:
+                sim.quantizer(n).set_encoding(calibrated[n])
+            raise
         finally:
             bar.close()
     for n in order:
