@@ -1,5 +1,5 @@
 """What the analyses share besides the batching helpers (pyquant._batches) and the output a metric reads
-(pyquant._outputs), both re-exported here: JSON-safe numbers."""
+(the shared `_outputs` module), both re-exported here: JSON-safe numbers."""
 from __future__ import annotations
 
 import math
