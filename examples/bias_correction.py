@@ -10,19 +10,14 @@ norms' statistics. Both follow CLE on a per-tensor simulation here. Prints `<ste
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
 import pyquant as pq
+from pyquant.metrics import sqnr_db
 
 from common import image_model, parse_args
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (out - ref).double().square().mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().square().mean() / noise))
 
 
 def main() -> None:

@@ -13,15 +13,9 @@ from __future__ import annotations
 import torch
 
 import pyquant as pq
-from pyquant.metrics import mean_kl
+from pyquant.metrics import mean_kl, sqnr_db
 
 from common import image_model, parse_args
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of `out` against `ref`, in dB (higher is better)."""
-    noise = (out - ref).double().square().mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().square().mean() / noise))
 
 
 def main() -> None:

@@ -16,13 +16,9 @@ import copy
 import torch
 
 import pyquant as pq
+from pyquant.metrics import sqnr_db
 
 from common import image_model, parse_args
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (out - ref).double().square().mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().square().mean() / noise))
 
 
 def simulate(model: torch.nn.Module, calib: torch.Tensor, evalx: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,9 @@ from pathlib import Path
 import torch
 
 import pyquant as pq
+from pyquant.metrics import sqnr_db
 
 from common import parse_args, tiny_decoder, token_batches
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (out - ref).double().square().mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().square().mean() / noise))
 
 
 def main() -> None:

@@ -23,14 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import pyquant as pq
-from pyquant.metrics import output_tensor
+from pyquant.metrics import output_tensor, sqnr_db
 
 from common import parse_args, text_encoder, tiny_decoder, token_batches
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    noise = (out - ref).double().square().mean().clamp_min(1e-30)
-    return float(10 * torch.log10(ref.double().square().mean() / noise))
 
 
 def decoder_smoothing(quick: bool) -> None:
