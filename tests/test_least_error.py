@@ -8,7 +8,8 @@ import pytest
 
 import torch
 
-from pyquant.quant import from_range, from_scale_offset, least_error, least_error_encoding
+from pyquant.quant import (CLIP_FACTORS, clipped_encodings, from_range, from_scale_offset, least_error,
+                           least_error_encoding)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,3 +74,34 @@ def test_a_large_weight_is_scored_a_slice_of_rows_at_a_time_with_the_same_result
     sliced = le.least_error_encoding(w, enc)
     assert torch.equal(whole.scale, sliced.scale) and torch.equal(whole.offset, sliced.offset)
     assert not torch.equal(whole.scale, enc.scale)  # some rows did change
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipped_encodings_shrink_the_full_range_and_the_search_beats_no_clipping_at_4_bits(symmetric):
+    torch.manual_seed(4)
+    w = torch.randn(16, 256) * torch.linspace(0.1, 2.0, 16).reshape(16, 1) + (0.0 if symmetric else 0.3)
+    mn, mx = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    like = from_range(mn, mx, 4, symmetric)
+    cands = clipped_encodings(w, like)
+    assert len(cands) == len(CLIP_FACTORS)
+    for f, c in zip(CLIP_FACTORS, cands):
+        assert (c.bitwidth, c.symmetric, c.signed, c.scale.shape) == (4, like.symmetric, like.signed, like.scale.shape)
+        if symmetric:  # absmax / qmax, scaled
+            assert torch.allclose(c.scale, f * torch.maximum(mx, -mn) / 7, rtol=1e-6)
+        else:  # the observed range shrunk about its middle (from_range then widens it to hold 0)
+            span, holds0 = c.max - c.min, (mn < 0) & (mx > 0)
+            assert (span <= (mx - mn) * 1.01).all()
+            assert torch.allclose(span[holds0], f * (mx - mn)[holds0], rtol=0.15)
+    best = least_error(w, [like, *cands])
+    # a bell-shaped channel at 4 bits reconstructs better with its extremes clipped: (almost) every channel
+    assert (_sse(w, best) <= _sse(w, like)).all() and int((_sse(w, best) < _sse(w, like)).sum()) >= 12
+    # and nothing of the candidates beats the choice on any channel
+    for c in cands:
+        assert (_sse(w, best) <= _sse(w, c) + 1e-9).all()
+
+
+def test_clipped_encodings_refuse_factors_outside_0_1():
+    like = from_range(torch.tensor([-1.0]), torch.tensor([1.0]), 4, True)
+    for bad in ([], [0.0], [1.5], [-0.2]):
+        with pytest.raises(ValueError, match="factors"):
+            clipped_encodings(torch.randn(8), like, bad)

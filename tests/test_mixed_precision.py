@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pyquant
+from pyquant.quant import clipped_encodings, least_error
 from pyquant.sim.config import load_config
 from pyquant.techniques import Candidate, parse_candidates, quantizer_groups
 from pyquant.techniques.mixed_precision_cost import layer_costs
@@ -135,6 +136,27 @@ def test_the_chosen_mix_meets_a_reachable_target_on_an_independent_evaluation():
     # cheaper than the starting mix (all w8a16) but not the cheapest: the target binds
     assert 0 < res.relative_cost < 1
     assert any(c != Candidate(4, 8) for c in res.mix.values())
+
+
+def test_refinement_measures_moves_on_the_chosen_mix_and_never_costs_more():
+    model, x, sim = _cnn_sim()
+    plain = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, progress=False)
+    model, x, sim = _cnn_sim()
+    refined = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, refine=True, progress=False)
+    assert refined.target_met and refined.cost <= plain.cost
+    moves = [p for p in refined.points if p.source == "refine"]
+    assert moves  # the chosen path point had cheaper single moves left to measure
+    on_path = {json.dumps(p.mix, sort_keys=True) for p in refined.points if p.source != "refine"}
+    for p in moves:  # each refinement point is one group away from a mix evaluated before it
+        near = [json.loads(k) for k in on_path]
+        assert any(sum(p.mix[g] != m[g] for g in m) == 1 for m in near) or any(
+            sum(p.mix[g] != q.mix[g] for g in q.mix) == 1 for q in moves if q is not p)
+    # the chosen mix's activations were calibrated anew (with its weights in place) and evaluated
+    assert any(p.source == "recalibrated" for p in refined.points)
+    # the staged refinement evaluations equal a whole evaluation of the applied mix, whichever activation
+    # calibration the chosen point was evaluated with
+    measured = _cosine(model, sim, x)
+    assert measured == pytest.approx(refined.accuracy, abs=1e-9) and measured >= refined.target
 
 
 def test_an_unreachable_target_returns_the_best_mix_and_how_far_it_is():
@@ -337,9 +359,19 @@ def test_encodings_at_each_width_are_a_fresh_calibration_at_that_width():
     encs = mp_module._Encodings(sim, groups, [(x[i:i + 16],) for i in range(0, len(x), 16)])
     fresh = pyquant.QuantSim(model, x[:2], param_bw=4, output_bw=16)
     fresh.compute_encodings(x, progress=False)
+    clipped_somewhere = False
     for g in groups:
-        for w in g.weights:  # weights from themselves at 4 bits
-            assert torch.equal(encs.encs[(w, 4)].scale, fresh.quantizer(w).get_encoding().scale)
+        for w in g.weights:  # weights from themselves at 4 bits, each channel at its least-error clipping
+            own = fresh.quantizer(w).get_encoding()
+            wt = fresh.quantizer_input(w).detach()
+            got = encs.encs[(w, 4)]
+            want = least_error(wt, [own, *clipped_encodings(wt, own)])
+            assert torch.equal(got.scale, want.scale) and got.bitwidth == 4
+            err_got = (got.quantize_dequantize(wt) - wt).square().flatten(1).sum(1)
+            err_own = (own.quantize_dequantize(wt) - wt).square().flatten(1).sum(1)
+            assert bool((err_got <= err_own + 1e-9).all())
+            clipped_somewhere |= bool((err_got < err_own * 0.99).any())
+    assert clipped_somewhere  # 4 bits: some channel's best range clips
     wide = pyquant.QuantSim(model, x[:2], param_bw=8, output_bw=16)
     wide.compute_encodings(x, progress=False)
     for g in groups:
@@ -376,7 +408,10 @@ def test_per_block_and_lpbq_weights_keep_their_blocks_and_lpbq_its_widths():
     for w in ("fc1.weight", "fc2.weight"):  # per block of 4 along the input, at 4 bits, from the weight itself
         q = sim.quantizer(w)
         assert q.bitwidth == 4 and q.block_size == (1, 4)
-        assert torch.equal(q.get_encoding().scale, fresh.quantizer(w).get_encoding().scale)
+        own, wt = fresh.quantizer(w).get_encoding(), fresh.quantizer_input(w).detach()
+        want = least_error(wt, [own, *clipped_encodings(wt, own)])  # each block at its least-error clipping
+        # set_encoding keeps the range: the scale read back is equal to a float32 rounding
+        assert want.block_size == (1, 4) and torch.allclose(q.get_encoding().scale, want.scale, rtol=1e-6, atol=0)
     lpbq = pyquant.QuantSim(model, x[:2], param_bw=4, block_size=4, decompressed_bw=8)
     lpbq.compute_encodings(x, progress=False)
     # an LPBQ weight takes only widths below its decompressed_bw: 8 bits is not, so no layer runs w8a8
@@ -390,3 +425,37 @@ def test_per_block_and_lpbq_weights_keep_their_blocks_and_lpbq_its_widths():
     assert isinstance(q, pyquant.quant.LpbqQuantizeDequantize) and q.bitwidth == 3 and q.decompressed_bw == 8
     n = q.get_encoding().int_scale
     assert int(n.min()) >= 1 and int(n.max()) == 2 ** (8 - 3)   # each channel's widest block at 2^(D - b)
+
+
+def test_recalibrating_activations_on_a_mix_is_a_generation_that_can_be_undone():
+    model, x, sim = _cnn_sim()
+    groups, _ = quantizer_groups(sim, "w4a8,w8a8")
+    calib = [(x[i:i + 16],) for i in range(0, len(x), 16)]
+    encs = mp_module._Encodings(sim, groups, calib)
+    acts = [n for n in sim.quantizers if n not in sim.param_quantizers]
+    first = {n: sim.quantizer(n).get_encoding() for n in acts}
+    low = Candidate(4, 8)
+    for g in groups:
+        encs.put(g, low)
+    weights = {n: sim.quantizer(n).get_encoding() for n in sim.param_quantizers}
+    encs.recalibrate(calib)
+    assert encs.generation == 1 and encs.tag
+    # the weights kept their 4-bit encodings; the activations are those of a calibration with them in place
+    for n, e in weights.items():
+        assert torch.equal(sim.quantizer(n).get_encoding().scale, e.scale) and not sim.quantizer(n).frozen
+    ref = pyquant.QuantSim(model, x[:2], param_bw=4)
+    for n, e in weights.items():
+        ref.quantizer(n).set_encoding(e)
+        ref.quantizer(n).freeze()
+    ref.compute_encodings(x, progress=False)
+    changed = 0
+    for n in acts:
+        got, want = sim.quantizer(n).get_encoding(), ref.quantizer(n).get_encoding()
+        assert torch.allclose(got.scale, want.scale, rtol=1e-6) and torch.equal(got.offset, want.offset)
+        changed += not torch.equal(got.scale, first[n].scale)
+    assert changed  # 4-bit weights move some activation's range
+    encs.use(0)  # back to the first calibration, bit for bit
+    for g in groups:
+        encs.put(g, low)
+    for n in acts:
+        assert torch.equal(sim.quantizer(n).get_encoding().scale, first[n].scale)

@@ -16,7 +16,8 @@ from .. import ops
 from .encoding import Encoding, _broadcast_to, from_range, from_scale_offset, min_scale
 from .lpbq import LpbqEncoding
 
-__all__ = ["least_error", "least_error_encoding", "round_to_nearest_encodings"]
+__all__ = ["least_error", "least_error_encoding", "round_to_nearest_encodings", "clipped_encodings",
+           "CLIP_FACTORS"]
 
 
 def _group_sum(e: torch.Tensor, enc: Encoding) -> torch.Tensor:
@@ -40,6 +41,33 @@ def round_to_nearest_encodings(x: torch.Tensor, like: Encoding) -> list[Encoding
         scale = torch.clamp(amax / qmax, min=min_scale(qmax - qmin))  # a zero channel keeps a valid scale
         out.append(from_scale_offset(scale, torch.zeros_like(scale), like.bitwidth, True, like.block_size,
                                      strict=like.strict))
+    return out
+
+
+CLIP_FACTORS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(1, 13))
+"""Fractions of the full range tried by `clipped_encodings` (0.95 down to 0.4): at 4 bits a channel's best
+range clips its extremes, by some 10-30% for bell-shaped weights."""
+
+
+def clipped_encodings(x: torch.Tensor, like: Encoding,
+                      factors: Sequence[float] = CLIP_FACTORS) -> list[Encoding]:
+    """Round-to-nearest encodings of `x` over each group's full range shrunk by each of `factors`, on the grid
+    of `like` (a signed symmetric grid: absmax / qmax scaled; otherwise the range about its middle): the
+    candidates of a per-group clipping search, `least_error(x, [like, *clipped_encodings(x, like)])`."""
+    if not factors or any(not (0.0 < float(f) <= 1.0) for f in factors):
+        raise ValueError(f"factors must be fractions in (0, 1], got {list(factors)!r}")
+    full = round_to_nearest_encodings(x, like)[-1]
+    out = []
+    for f in factors:
+        if full.symmetric:
+            qmin, qmax = ops.grid(full.bitwidth, full.signed, strict=full.strict)
+            scale = torch.clamp(full.scale * float(f), min=min_scale(qmax - qmin))
+            out.append(from_scale_offset(scale, full.offset, full.bitwidth, True, full.block_size,
+                                         signed=full.signed, strict=full.strict))
+        else:
+            mid, half = (full.max + full.min) / 2, (full.max - full.min) / 2 * float(f)
+            out.append(from_range(mid - half, mid + half, full.bitwidth, False, full.block_size,
+                                  signed=full.signed, strict=full.strict))
     return out
 
 

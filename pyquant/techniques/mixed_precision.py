@@ -14,14 +14,19 @@ quantizer groups and bit-operation cost):
    accuracy loss (from the sensitivity) per unit of cost saved. The accuracy along the path is evaluated
    by bisection for the cheapest point that meets the target, and at `pareto_points` evenly spaced points
    for the front.
-4. Optional refinement: the path's later moves tried one at a time on the chosen mix, each kept when the
-   evaluated accuracy still meets the target.
+4. Optional refinement, best-fit rounds from the chosen mix: every single move to a cheaper candidate
+   evaluated on the current mix (staged), the one losing least accuracy per cost saved among those still
+   meeting the target taken; the moves that met it are re-evaluated in the next round. Then the chosen
+   mix's activations are calibrated anew with its weights in place (what a deployment of that mix would
+   do); when that scores higher, more rounds follow from it (twice at most).
 
 Every evaluated mix is a point of accuracy versus cost; the result's Pareto front is those no other point
 beats on both. The cheapest point that meets the target is applied to the simulation.
 
-Encodings: each quantizer is calibrated once per bit width it may take (weights from themselves,
-activations on `data` with the simulation at the candidate width); a quantizer at the bit width it
+Encodings: each quantizer is calibrated once per bit width it may take (weights from themselves, each
+channel's range the one among the calibrated range and its clippings that reconstructs the weight with the
+least squared error -- a 4-bit channel's best range clips its extremes; activations on `data` with the
+simulation at the candidate width); a quantizer at the bit width it
 already has keeps its own encoding (SeqMSE, GPTQ, AdaRound or a range search's work stays where the
 width does not change)."""
 from __future__ import annotations
@@ -44,7 +49,7 @@ from .._fingerprint import fingerprint
 from .._io import atomic_write_text
 from .._outputs import output_tensor
 from .._progress import Progress
-from ..quant import Encoding
+from ..quant import Encoding, LpbqEncoding, clipped_encodings, least_error
 from ..sim.encodings import write_encodings
 from ..sim.quantizer_state import QuantizerState
 from ..sim.quantsim import QuantSim
@@ -66,6 +71,9 @@ METRICS: dict[str, str] = {
 evaluation data: fast, staged, no labels needed."""
 
 Mix = dict[str, Candidate]
+
+_RECALIBRATIONS = 2
+"""Refinement: how many times the chosen mix's activations are calibrated anew (each followed by more moves)."""
 
 
 def _score(metric: str, ref: list[torch.Tensor], outs: list[torch.Tensor]) -> tuple[float, float]:
@@ -212,6 +220,8 @@ class _Encodings:
     def __init__(self, sim: QuantSim, groups: list[QuantizerGroup], calib: list[Batch]):
         self.sim = sim
         self.encs: dict[tuple[str, int], Encoding] = {}
+        self.generation = 0
+        self.generations: list[dict] = []
         saved = {n: (q.bitwidth, q.get_encoding() if q.has_encoding else None, q.frozen)
                  for n, q in sim.quantizers.items()}
         self.saved = saved
@@ -225,7 +235,7 @@ class _Encodings:
                         if (w, bits) not in self.encs:
                             self._retarget(w, bits)
                             sim.calibrate_weight(w)
-                            self.encs[(w, bits)] = sim.quantizer(w).get_encoding()
+                            self.encs[(w, bits)] = self._least_error(w)
                     self._restore({w: saved[w]})  # activations calibrate with the weights as they were
             widths = sorted({c.activation_bits for g in groups for c in g.allowed if c.activation_bits is not None})
             for a in widths:
@@ -242,6 +252,58 @@ class _Encodings:
                 self._restore(saved)
         finally:
             self._restore(saved)
+
+    @property
+    def tag(self) -> str:
+        """What names the activation calibration in use in an evaluation's cache key ("" for the first)."""
+        return "" if self.generation == 0 else f"|activations calibrated on mix {self.generation}"
+
+    def _activation_state(self) -> dict:
+        acts = {n for n in self.sim.quantizers if n not in self.sim.param_quantizers}
+        return {"table": {k: e for k, e in self.encs.items() if k[0] in acts},
+                "live": {n: self.sim.quantizer(n).get_encoding() for n in acts if self.sim.quantizer(n).has_encoding}}
+
+    def recalibrate(self, calib: list[Batch]) -> None:
+        """The activations calibrated anew with the simulation as it stands (a mix applied; every weight keeps
+        its encoding, a frozen activation too): each activation's encoding at its current width in the table
+        is replaced, a new generation (`use` goes back to an earlier one)."""
+        if not self.generations:
+            self.generations.append(self._activation_state())
+        sim = self.sim
+        thawed = [n for n in sim.param_quantizers if sim.quantizer(n).enabled and not sim.quantizer(n).frozen]
+        for n in thawed:
+            sim.quantizer(n).freeze()
+        try:
+            sim.compute_encodings(calib, progress=False)
+        finally:
+            for n in thawed:
+                sim.quantizer(n).unfreeze()
+        for n, q in sim.quantizers.items():
+            if n not in sim.param_quantizers and q.has_encoding and (n, q.bitwidth) in self.encs:
+                self.encs[(n, q.bitwidth)] = q.get_encoding()
+        self.generations.append(self._activation_state())
+        self.generation = len(self.generations) - 1
+
+    def use(self, generation: int) -> None:
+        """The activation table and the ungrouped activations' encodings of `generation`."""
+        if generation == self.generation:
+            return
+        state = self.generations[generation]
+        self.encs.update(state["table"])
+        for n, e in state["live"].items():
+            self.sim.quantizer(n).set_encoding(e)
+        self.generation = generation
+
+    def _least_error(self, name: str) -> Encoding:
+        """Weight quantizer `name`'s calibrated encoding, with each channel's range clipped wherever that
+        reconstructs the weight better: a width the simulation was not calibrated at (W4 from W8) gets the
+        clipping a low width needs (pyquant.quant.clipped_encodings; LPBQ encodings as they are)."""
+        enc = self.sim.quantizer(name).get_encoding()
+        if isinstance(enc, LpbqEncoding):
+            return enc
+        with torch.no_grad():
+            w = self.sim.quantizer_input(name).detach()
+            return least_error(w, [enc, *clipped_encodings(w, enc)])
 
     def _retarget(self, name: str, bits: int) -> None:
         q = self.sim.quantizer(name)
@@ -482,8 +544,9 @@ def mixed_precision(sim: QuantSim, candidates: Union[str, Sequence[CandidateLike
             applied and returned with `target_met=False` and its `shortfall`.
         eval_data: evaluation data for a built-in metric (default: `data`).
         cost: "bitops" (default: multiply-accumulates x weight bits x activation bits) or "size" (weight bits).
-        refine: try the greedy path's later moves one at a time on the chosen mix, keeping each that still
-            meets the target (more evaluations, a cheaper mix where the sensitivity was pessimistic).
+        refine: after the path, best-fit rounds of single moves re-evaluated on the chosen mix, and its
+            activations calibrated anew with its weights (module docstring, step 4): more evaluations, a
+            cheaper mix where layers interact.
         pareto_points: path points evaluated beside the bisection, evenly spaced, for the front (default 8).
         max_samples: samples of `data` / `eval_data` used (default: all).
         time_budget: seconds; when spent, the search stops and returns the cheapest mix evaluated so far
@@ -542,15 +605,18 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
         for g in groups:
             encs.put(g, mix[g.name])
 
+    generation_of: dict[int, int] = {}  # id of a point -> the activation calibration it was evaluated with
+
     def note(mix: Mix, acc: float, source: str) -> None:
-        key = _key(groups, mix)
+        key = _key(groups, mix) + encs.tag
         if key not in by_key:
             c = mix_cost(costs, mix, cost)
             by_key[key] = MixPoint(acc, c, c / start_cost, source, {g: m.name for g, m in mix.items()})
             points.append(by_key[key])
+            generation_of[id(by_key[key])] = encs.generation
 
     def evaluate(mix: Mix, source: str) -> float:
-        key = _key(groups, mix)
+        key = _key(groups, mix) + encs.tag
         if key in by_key:  # evaluated earlier in this search (a path point that a sensitivity step reached)
             return by_key[key].accuracy
         acc = ev.lookup(key)
@@ -561,6 +627,14 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
         return acc
 
     sens: dict[tuple[str, Candidate], tuple[float, float]] = {}
+    by_name = {(g.name, c.name): c for g in groups for c in g.allowed}
+
+    def as_mix(p: MixPoint) -> Mix:
+        return {g: by_name[(g, c)] for g, c in p.mix.items()}
+
+    def cheapest() -> Optional[MixPoint]:
+        meeting = [p for p in points if p.accuracy >= target]
+        return min(meeting, key=lambda p: (p.cost, -p.accuracy)) if meeting else None
 
     def phases() -> bool:
         """The search; False when the time budget ended it."""
@@ -576,7 +650,28 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                                     cost_of)
                 _walk_path(path, target, pareto_points, evaluate, progress)
                 if refine:
-                    _refine(groups, path, target, by_key, evaluate, cost_of, progress)
+                    def moves_from(mix: Mix, todo: list[tuple[QuantizerGroup, Candidate]]) -> dict:
+                        got: dict[tuple[str, Candidate], tuple[float, float]] = {}
+                        _sensitivity(sim, groups, mix, encs, ev, got, progress, note, todo, "refine")
+                        return got
+
+                    _refine(groups, target, by_key, moves_from, cost_of)
+                    for _ in range(_RECALIBRATIONS):  # the chosen mix's own activation ranges, then more moves
+                        chosen = cheapest()
+                        if chosen is None:
+                            break
+                        mix = as_mix(chosen)
+                        encs.use(generation_of[id(chosen)])
+                        apply(mix)
+                        before = encs.generation
+                        encs.recalibrate(calib)
+                        if evaluate(mix, "recalibrated") <= chosen.accuracy:
+                            encs.use(before)  # no better for it: the search goes on as it was
+                            break
+                        cost_before = chosen.cost
+                        _refine(groups, target, by_key, moves_from, cost_of)
+                        if cheapest().cost >= cost_before:
+                            break
         except _TimeUp:
             if not points:
                 raise RuntimeError("mixed_precision: the time budget ended before the starting mix was evaluated; "
@@ -591,8 +686,8 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
         raise
     meeting = [p for p in points if p.accuracy >= target]
     best = min(meeting, key=lambda p: (p.cost, -p.accuracy)) if meeting else max(points, key=lambda p: p.accuracy)
-    by_name = {(g.name, c.name): c for g in groups for c in g.allowed}
-    mix = {g: by_name[(g, c)] for g, c in best.mix.items()}
+    mix = as_mix(best)
+    encs.use(generation_of[id(best)])
     apply(mix)
     met = best.accuracy >= target
     return MixedPrecisionResult(
@@ -606,11 +701,14 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
 
 def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: _Encodings, ev: _Evaluator,
                  sens: dict[tuple[str, Candidate], tuple[float, float]], progress: Optional[bool],
-                 note: Callable[[Mix, float, str], None]) -> None:
-    """Each group at each of its other candidates, the rest at the start: staged from the group's first node
-    when the evaluation allows it."""
-    todo = [(g, c) for g in groups for c in g.allowed if c != start[g.name]]
-    bar = Progress(len(todo), "mixed precision: sensitivity", progress)
+                 note: Callable[[Mix, float, str], None],
+                 todo: Optional[list[tuple[QuantizerGroup, Candidate]]] = None, source: str = "sensitivity") -> None:
+    """Each group at each of its other candidates (or the moves `todo`), the rest at `start`: staged from the
+    group's first node when the evaluation allows it."""
+    if todo is None:
+        todo = [(g, c) for g in groups for c in g.allowed if c != start[g.name]]
+    todo = sorted(todo, key=lambda m: m[0].first_node)  # the staged run only moves forward
+    bar = Progress(len(todo), f"mixed precision: {source}", progress)
     for g in groups:
         encs.put(g, start[g.name])
     nodes = list(sim.model.graph.nodes)
@@ -619,7 +717,7 @@ def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: 
         with no_inplace_modules(sim.model):
             for g, c in todo:
                 mix = {**start, g.name: c}
-                key = _key(groups, mix)
+                key = _key(groups, mix) + encs.tag
                 acc = ev.lookup(key)
                 if acc is None:
                     encs.put(g, c)
@@ -636,7 +734,7 @@ def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: 
                     finally:
                         encs.put(g, start[g.name])
                 sens[(g.name, c)] = (acc, ev.fine.get(key, 0.0))
-                note(mix, acc, "sensitivity")
+                note(mix, acc, source)
                 bar.update(note=f"{g.name[-30:]} {c.name}")
     finally:
         bar.close()
@@ -665,30 +763,30 @@ def _walk_path(path: list[Mix], target: float, pareto_points: int, evaluate: Cal
         bar.close()
 
 
-def _refine(groups: list[QuantizerGroup], path: list[Mix], target: float, by_key: dict[str, MixPoint],
-            evaluate: Callable[[Mix, str], float], cost_of: Callable[[str, Candidate], float],
-            progress: Optional[bool]) -> None:
-    """From the cheapest point meeting the target, the path's later moves one at a time, each kept when the
-    mix still meets it."""
+def _refine(groups: list[QuantizerGroup], target: float, by_key: dict[str, MixPoint],
+            moves_from: Callable[[Mix, list[tuple[QuantizerGroup, Candidate]]],
+                                 dict[tuple[str, Candidate], tuple[float, float]]],
+            cost_of: Callable[[str, Candidate], float]) -> None:
+    """Best-fit rounds from the cheapest point meeting the target: every single move to a cheaper candidate
+    evaluated on the current mix (staged, like the sensitivity), the one that loses least accuracy per unit
+    of cost saved among those still meeting the target taken, and the next round re-evaluates the moves
+    that met it -- interactions the one-at-a-time sensitivity cannot see are measured."""
     meeting = [p for p in by_key.values() if p.accuracy >= target]
     if not meeting:
         return
     best = min(meeting, key=lambda p: (p.cost, -p.accuracy))
     by_name = {(g.name, c.name): c for g in groups for c in g.allowed}
     cur = {g: by_name[(g, c)] for g, c in best.mix.items()}
-    moves = []
-    for a, b in zip(path, path[1:]):
-        moved = next(g for g in b if b[g] != a[g])
-        moves.append((moved, b[moved]))
-    todo = [(g, c) for g, c in moves if cost_of(g, c) < cost_of(g, cur[g])]
-    bar = Progress(len(todo), "mixed precision: refinement", progress)
-    try:
-        for g, c in todo:
-            if not cost_of(g, c) < cost_of(g, cur[g]):
-                continue
-            trial = {**cur, g: c}
-            if evaluate(trial, "refine") >= target:
-                cur = trial
-            bar.update(note=f"{g[-30:]} {c.name}")
-    finally:
-        bar.close()
+    here = best.accuracy
+    todo = [(g, c) for g in groups for c in g.allowed if cost_of(g.name, c) < cost_of(g.name, cur[g.name])]
+    while todo:
+        got = moves_from(cur, todo)
+        ok = [(g, c) for g, c in todo if got[(g.name, c)][0] >= target]
+        if not ok:
+            return
+        g, c = min(ok, key=lambda m: (max(here - got[(m[0].name, m[1])][0], 0.0)
+                                      / (cost_of(m[0].name, cur[m[0].name]) - cost_of(m[0].name, m[1])),
+                                      -got[(m[0].name, m[1])][0], m[0].first_node, m[1].name))
+        cur = {**cur, g.name: c}
+        here = got[(g.name, c)][0]
+        todo = [(h, d) for h, d in ok if cost_of(h.name, d) < cost_of(h.name, cur[h.name])]
