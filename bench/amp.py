@@ -8,7 +8,9 @@ and target.
 2. all-MiniLM-L6-v2 on fortune texts, W4 / W8 weights with 8-bit activations, accuracy = cosine similarity of
    the token states with FP32's; target: within 0.01 of W8A8's.
 
-For each: the search's seconds and evaluations, the chosen mix's bit operations relative to all-W8A8 (both
+pyquant runs with `refine=True` (its refinement: single moves measured on the chosen mix, and the chosen
+mix's activations calibrated anew; `--no-refine` for the path alone). For each: the search's seconds and
+evaluations, the chosen mix's bit operations relative to all-W8A8 (both
 mixes costed by pyquant's cost model: MACs x weight bits x activation bits, MACs from the captured graph's
 shapes), its accuracy, and the Pareto fronts side by side. Targets: pyquant's mix costs no more bit
 operations than AIMET's, its search is at least 5x faster, and on MobileNetV2 the mix costs at most 60% of
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from bench._harness import publish, require_native, versions
 
 COLUMNS = ["model", "tool", "seconds", "evaluations", "bitops_vs_w8a8", "accuracy", "w8a8_accuracy", "target",
-           "mix", "met"]
+           "at_target", "mix", "met"]
 
 
 def log(msg: str) -> None:
@@ -161,7 +163,7 @@ def _aimet_search(aimet, model, dummy, calib: list[tuple], evaluate: Callable, c
 
 # ---- one model -----------------------------------------------------------------------------------------------
 def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], metric: str, candidates: str,
-             margin: float, aimet, prepare: bool, rows: list, notes: list, fronts: dict) -> None:
+             margin: float, aimet, prepare: bool, rows: list, notes: list, fronts: dict, refine: bool = True) -> None:
     import pyquant
     from pyquant.sim.quantsim import QuantSim
     from pyquant.techniques import parse_candidates, quantizer_groups
@@ -184,7 +186,7 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
     rel = _relative_cost(sim, groups, evals[0])
 
     t0 = time.perf_counter()
-    res = pyquant.mixed_precision(sim, candidates, metric, calib, drop, eval_data=list(evals))
+    res = pyquant.mixed_precision(sim, candidates, metric, calib, drop, eval_data=list(evals), refine=refine)
     t_pq = time.perf_counter() - t0
     acc = evaluate(sim.model)
     pq_rel = rel(res.mix)
@@ -192,7 +194,7 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
                                  for p in res.pareto]
     met_mobilenet = pq_rel <= 0.6 and acc >= w8a8 - 0.01 if metric == "top1_agreement" else None
     rows.append(dict(model=name, tool="pyquant", seconds=t_pq, evaluations=res.evaluations, bitops_vs_w8a8=pq_rel,
-                     accuracy=acc, w8a8_accuracy=w8a8, target=target, mix=_counts(res.mix),
+                     accuracy=acc, w8a8_accuracy=w8a8, target=target, at_target=acc >= target, mix=_counts(res.mix),
                      met=met_mobilenet))
     log(res.summary())
     if not aimet.ok:
@@ -211,7 +213,7 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
     a_rel = rel(a_mix)
     fronts[f"{name} AIMET"] = [(float(p[0]), float(p[1])) for p in pareto]
     rows.append(dict(model=name, tool=aimet.label, seconds=t_a, evaluations=n_a, bitops_vs_w8a8=a_rel, accuracy=a_acc,
-                     w8a8_accuracy=w8a8, target=target, mix=_counts(a_mix), met=None))
+                     w8a8_accuracy=w8a8, target=target, at_target=a_acc >= target, mix=_counts(a_mix), met=None))
     rows.append(dict(model=name, tool="pyquant vs AIMET", seconds=t_a / t_pq, evaluations=None,
                      bitops_vs_w8a8=pq_rel / a_rel if a_rel else None, accuracy=None, w8a8_accuracy=None, target=None,
                      mix="search speed-up (>= 5x), bit operations ratio (<= 1)", met=t_a / t_pq >= 5 and pq_rel <= a_rel))
@@ -232,7 +234,7 @@ def mobilenet(a, aimet, rows, notes, fronts) -> None:
     idx = [i * per + j for j in range(per) for i in range(len(PHOTOS))][:n_eval]
     evalx = evalx[sorted(idx)]
     run_case("MobileNetV2", model, calib[:1], _batches(calib, 16), _batches(evalx, 32), "top1_agreement",
-             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts)
+             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts, not a.no_refine)
 
 
 def minilm(a, aimet, rows, notes, fronts) -> None:
@@ -247,7 +249,7 @@ def minilm(a, aimet, rows, notes, fronts) -> None:
     batches = [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, len(ids), 16)]
     calib, evals = batches[::2], batches[1::2] or batches
     run_case("all-MiniLM-L6-v2", model, batches[0], calib, evals, "cosine", "w4a8,w8a8", 0.01, aimet, False,
-             rows, notes, fronts)
+             rows, notes, fronts, not a.no_refine)
 
 
 def main(argv=None) -> int:
@@ -257,6 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=int, default=64, help="MobileNetV2 calibration crops (default 64)")
     p.add_argument("--only", choices=["mobilenet", "minilm"], default=None, help="one section")
     p.add_argument("--no-aimet", action="store_true", help="pyquant alone")
+    p.add_argument("--no-refine", action="store_true", help="pyquant without its refinement (refine=False)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
@@ -282,7 +285,7 @@ def main(argv=None) -> int:
         notes.append(f"Pareto front, {k} (" + ("bit operations vs W8A8, accuracy" if "pyquant" in k else
                                               "AIMET's bit operations, accuracy") + "): "
                      + "; ".join(f"{c:.3g}, {acc:.4f}" for c, acc in pts))
-    return publish("amp", a, rows, COLUMNS, title="Mixed precision: pyquant vs AIMET choose_mixed_precision",
+    return publish("amp" if a.only is None else f"amp_{a.only}", a, rows, COLUMNS, title="Mixed precision: pyquant vs AIMET choose_mixed_precision",
                    notes=notes)
 
 
