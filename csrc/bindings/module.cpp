@@ -6,6 +6,7 @@
 #include "layout_binding.h"
 #include "op_binding.h"
 #include "pyquant/cpu_api.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using namespace pq;
@@ -39,6 +40,7 @@ PYBIND11_MODULE(_C, m) {
         "Use 'avx512', 'avx2', 'baseline' or 'auto'; returns False if this CPU lacks it");
   m.def("num_threads", &cpu_threads, "threads the CPU kernels may use");
   m.def("set_num_threads", &set_cpu_threads, "cap the CPU kernels' threads (0: OpenMP's default)");
+  m.def("pool_helpers", &cpu::pool_helpers, "helper threads the CPU kernels' pool has started");
 #if defined(PQ_HAVE_OPENMP)
   m.attr("openmp") = true;
 #else

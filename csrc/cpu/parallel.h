@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 #include "pyquant/fake_quant.h"
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 namespace pq {
 namespace cpu {
@@ -17,25 +15,22 @@ inline int pick_threads(int64_t numel, int max_threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>(t, max_threads)));
 }
 
-// Runs fn(tid, begin, end) over `nthreads` contiguous ranges whose starts are multiples of 64.
+template <class F>
+void call_chunk(void* f, int64_t k) {
+  (*static_cast<F*>(f))(k);
+}
+
+// Runs fn(tid, begin, end) over `nthreads` contiguous ranges whose starts are multiples of 64, each range
+// once (tid is the range's index; whichever thread runs it, see thread_pool.h).
 template <class Fn>
 inline void parallel_ranges(int64_t numel, int nthreads, Fn&& fn) {
   if (nthreads <= 1) { fn(0, int64_t(0), numel); return; }
   const int64_t per = ((numel + nthreads - 1) / nthreads + 63) / 64 * 64;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = omp_get_thread_num();
+  auto chunk = [&](int64_t tid) {
     const int64_t b = std::min<int64_t>(numel, per * tid);
-    const int64_t e = std::min<int64_t>(numel, b + per);
-    fn(tid, b, e);
-  }
-#else
-  for (int tid = 0; tid < nthreads; ++tid) {
-    const int64_t b = std::min<int64_t>(numel, per * tid);
-    fn(tid, b, std::min<int64_t>(numel, b + per));
-  }
-#endif
+    fn(int(tid), b, std::min<int64_t>(numel, b + per));
+  };
+  run_chunks(nthreads, nthreads, &call_chunk<decltype(chunk)>, &chunk);
 }
 
 // Walks [begin, end) and calls seg(offset, n, scale_index, per_element) for each run of elements
@@ -99,15 +94,8 @@ inline void walk_groups(const QLayout& L, int64_t k0, int64_t k1, Seg&& seg) {
 template <class Fn>
 inline void parallel_split(int64_t n, int nthreads, Fn&& fn) {
   if (nthreads <= 1) { fn(0, int64_t(0), n); return; }
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = omp_get_thread_num();
-    fn(tid, n * tid / nthreads, n * (tid + 1) / nthreads);
-  }
-#else
-  for (int tid = 0; tid < nthreads; ++tid) fn(tid, n * tid / nthreads, n * (tid + 1) / nthreads);
-#endif
+  auto chunk = [&](int64_t tid) { fn(int(tid), n * tid / nthreads, n * (tid + 1) / nthreads); };
+  run_chunks(nthreads, nthreads, &call_chunk<decltype(chunk)>, &chunk);
 }
 
 }  // namespace cpu

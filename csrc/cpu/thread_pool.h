@@ -1,0 +1,27 @@
+// The CPU kernels' threads: a small pool whose helpers claim chunks of a call's work instead of being
+// assigned them.
+//
+// With a fixed assignment (an OpenMP parallel region), a call ends only when every thread has done its
+// share, so on a machine shared with another job a helper that the OS has not scheduled yet stalls the
+// call for a whole time slice; hundreds of quantizer calls per step turn a 2x slower machine into a 10x
+// slower step. Here the caller works too, and a helper that wakes late finds the chunks already taken:
+// the call degrades to one thread's speed, never to a time slice. Helpers wait on a condition variable
+// after a short spin, so an idle pool costs nothing.
+//
+// Each chunk index k in [0, n) runs exactly once, whichever thread runs it, so a kernel that keeps one
+// partial result per chunk and combines them in index order stays deterministic.
+#pragma once
+#include <cstdint>
+
+namespace pq {
+namespace cpu {
+
+// Runs body(ctx, k) for every k in [0, n), on at most `threads` threads (the caller included). A call
+// made while another is running (a second Python thread) runs its chunks on the caller alone.
+void run_chunks(int64_t n, int threads, void (*body)(void*, int64_t), void* ctx);
+
+// Helper threads the pool has started (for tests).
+int pool_helpers();
+
+}  // namespace cpu
+}  // namespace pq
