@@ -129,6 +129,17 @@ def check_scale_values(scale: torch.Tensor) -> None:
     check_positive_finite(scale, "scale", " (use a range-derived encoding)")
 
 
+def check_scale_values_on_device(scale: torch.Tensor) -> None:
+    """The scale check without a host read on a GPU: an asynchronous device-side assertion, which fails
+    the next synchronizing call (as CUDA errors do) instead of raising here. CPU scales are checked at
+    once. GPU tensors follow set_value_checks."""
+    if scale.device.type == "cpu":
+        check_scale_values(scale)
+    elif _VALUE_CHECKS["gpu"]:
+        torch._assert_async((torch.isfinite(scale) & (scale > 0)).all(),
+                            "pyquant: scale must be positive and finite (use a range-derived encoding)")
+
+
 def as_block_broadcast(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-tensor parameters of any shape become (1,)*x.ndim; others must already be block-broadcast."""
     if p.dim() == x.dim():

@@ -8,6 +8,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import ops
 from ..ops import raw
 from .encoding import _broadcast_to
 from .range_params import minmax_grads, minmax_to_scale_offset
@@ -42,10 +43,11 @@ class Spec(NamedTuple):
     qmin: int
     qmax: int
     grad_scale: float
-    check: bool
+    check: bool  # the kernel checks the scale (a CPU scale: a native loop, no tensor read)
     act: tuple[Optional[float], Optional[float]]
     pool: Optional[Pool]
     train: bool  # autograd on at the call: the chain factors are worth forming
+    check_on_device: bool = False  # a GPU scale parameter: checked by a device-side assertion, no host read
 
 
 def encoding(a: torch.Tensor, b: torch.Tensor, spec: Spec, factors: bool = True):
@@ -53,6 +55,8 @@ def encoding(a: torch.Tensor, b: torch.Tensor, spec: Spec, factors: bool = True)
     forward, where autograd is off. Without `factors` (fixed ranges) the chain factors are not formed."""
     if spec.minmax:
         return minmax_to_scale_offset(a, b, spec.qmin, spec.qmax, spec.symmetric, factors)
+    if spec.check_on_device:
+        ops.check_scale_values_on_device(a)
     return a, b, (None, None, None)
 
 
