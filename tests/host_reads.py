@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -25,10 +24,13 @@ TENSOR_READS = {
 OP_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
 
 
-class _MethodReads(TorchFunctionMode):
-    def __init__(self, counts: Counter) -> None:
+class MethodReads(TorchFunctionMode):
+    """The torch-function half alone: it leaves the dispatcher untouched, so code that calls kernels
+    directly when no dispatch mode is active (pyquant.ops.eager_kernel) runs as it does outside a test."""
+
+    def __init__(self, counts: Counter | None = None) -> None:
         super().__init__()
-        self.counts = counts
+        self.counts = counts if counts is not None else Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = TENSOR_READS.get(func)
@@ -66,7 +68,7 @@ class HostReadCounter:
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "HostReadCounter":
-        self._stack.enter_context(_MethodReads(self.counts))
+        self._stack.enter_context(MethodReads(self.counts))
         self._stack.enter_context(_OpReads(self.counts))
         return self
 
@@ -77,8 +79,3 @@ class HostReadCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
-
-@contextlib.contextmanager
-def counting() -> Iterator[HostReadCounter]:
-    with HostReadCounter() as c:
-        yield c

@@ -17,7 +17,7 @@ from pyquant.sim.quantsim import QuantSim
 
 import zoo
 from conftest import CUDA
-from host_reads import HostReadCounter
+from host_reads import HostReadCounter, MethodReads
 
 
 def _cnn_sim(device: str, **kwargs):
@@ -102,6 +102,9 @@ def test_qat_step_reads_nothing_on_the_host(model, settings):
     with HostReadCounter() as c:
         loss = _step(sim, loss_fn, opt)
     assert c.total == 0, dict(c.counts)
+    with MethodReads() as m:  # no dispatch mode: the quantizers call their kernels directly, as in training
+        _step(sim, loss_fn, opt)
+    assert sum(m.counts.values()) == 0, dict(m.counts)
     assert torch.isfinite(loss)
     moved = [n for n, p in sim.model.named_parameters() if not torch.equal(p, before[n])]
     assert moved, "the step trained nothing"

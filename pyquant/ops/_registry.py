@@ -2,6 +2,8 @@
 reference as the fallback kernel for any device. Device kernels register in _cpu.py / _cuda.py."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import _layout, _reference
@@ -41,6 +43,22 @@ _lib.define("quantize_dequantize_max_pool2d(Tensor x, Tensor scale, Tensor offse
             "bool check_values=True, float? act_min=None, float? act_max=None) -> (Tensor, Tensor, Tensor)")
 
 ops = torch.ops.pyquant
+
+# The native kernel registered for each (device type, op name), for `eager_kernel` (filled by _backend.py).
+NATIVE_KERNELS: dict[tuple[str, str], Callable] = {}
+
+
+def eager_kernel(name: str, x: torch.Tensor) -> Callable:
+    """What ``torch.ops.pyquant.<name>`` runs for `x`, as a plain function: the native kernel registered for
+    x's device, called without the dispatcher, or the registered op itself where the dispatcher has work
+    to do (a tensor subclass, a dispatch mode such as fake tensors, tracing or compiling, no native kernel).
+    For code that is already inside an autograd node (so the op's own autograd is not wanted), where the
+    dispatcher's Python layers cost more than a small kernel: same arguments, same results."""
+    if not torch.compiler.is_compiling() and type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack():
+        fn = NATIVE_KERNELS.get((x.device.type, name))
+        if fn is not None:
+            return fn
+    return getattr(ops, name)
 
 
 def check_adaround_args(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

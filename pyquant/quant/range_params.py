@@ -53,11 +53,11 @@ def minmax_grads(shape: torch.Size, factors: Factors, ds: torch.Tensor, do: Opti
     ``dmax = (ds - do' (min/s)/s) [s unclamped] / N`` and ``dmin = do'/s - dmax`` with
     ``do' = do [o unclamped]`` (symmetric: ``dmin = -dmax``)."""
     k_s, k_o, k_ot = factors
-    ds = ds.reshape(shape)
+    ds = ds if ds.shape == shape else ds.reshape(shape)
     if k_o is None:  # symmetric: the offset is 0
         dmax = ds * k_s
         return (-dmax if need_min else None), (dmax if need_max else None)
-    do = do.reshape(shape)
+    do = do if do.shape == shape else do.reshape(shape)
     dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
     return (torch.addcmul(-dmax, do, k_o) if need_min else None), (dmax if need_max else None)
 
