@@ -44,6 +44,8 @@ NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
         "adaround_backward": _ADAROUND_BACKWARD,
         "adaround_regularizer": _ADAROUND_REGULARIZER,
         "first_bad_scale": ("s", "n"),
+        "minmax_encoding": ("mn", "mx", "n", "qmin", "qmax", "min_scale", "symmetric", "s", "o", "k_s", "k_o",
+                            "k_ot"),
     },
     "cuda": {
         "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
@@ -161,6 +163,21 @@ class NativeBackend:
             with self.context(x):
                 self.m.fake_quant_backward(*args, *self.extra_args(x))
         return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
+
+    # ---- encodings of learned ranges ----
+    def minmax_encoding(self, mn, mx, qmin, qmax, min_scale, symmetric, factors):
+        _registry.check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
+        mn, mx = mn.contiguous(), mx.contiguous()
+        n = mn.numel()
+        parts = 2 + (1 if factors else 0) + (2 if factors and not symmetric else 0)
+        out = list(torch.empty((parts,) + tuple(mn.shape), dtype=torch.float32).unbind(0))  # one allocation
+        out += [mn.new_empty(0)] * (5 - parts)
+        s, o, k_s, k_o, k_ot = out
+        self.m.minmax_encoding(mn.data_ptr(), mx.data_ptr(), n, float(qmin), float(qmax), float(min_scale),
+                               bool(symmetric), s.data_ptr(), o.data_ptr(), k_s.data_ptr() if factors else 0,
+                               k_o.data_ptr() if factors and not symmetric else 0,
+                               k_ot.data_ptr() if factors and not symmetric else 0)
+        return s, o, k_s, k_o, k_ot
 
     # ---- statistics ----
     def minmax(self, x, shape):
@@ -341,6 +358,8 @@ class NativeBackend:
         if hasattr(self.m, "max_pool_forward"):
             reg("max_pool2d_window", self.max_pool2d_window)
             reg("max_pool2d_window_backward", self.max_pool2d_window_backward)
+        if hasattr(self.m, "minmax_encoding"):  # the CPU's (elsewhere the reference runs)
+            reg("minmax_encoding", self.minmax_encoding)
         reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
         reg("entropy_search", self.entropy_search)
         reg("search", self.search)

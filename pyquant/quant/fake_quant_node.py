@@ -10,8 +10,8 @@ import torch
 
 from .. import ops
 from ..ops import raw
-from .encoding import _broadcast_to
-from .range_params import minmax_grads, minmax_to_scale_offset
+from .encoding import _broadcast_to, min_scale
+from .range_params import minmax_grads
 
 __all__ = ["Pool", "Spec", "QuantizeNode", "encoding", "encoding_grads", "activate", "act_bounds"]
 
@@ -54,7 +54,11 @@ def encoding(a: torch.Tensor, b: torch.Tensor, spec: Spec, factors: bool = True)
     """(scale, offset, chain factors) of the encoding parameters; called inside autograd Functions'
     forward, where autograd is off. Without `factors` (fixed ranges) the chain factors are not formed."""
     if spec.minmax:
-        return minmax_to_scale_offset(a, b, spec.qmin, spec.qmax, spec.symmetric, factors)
+        s, o, k_s, k_o, k_ot = ops.eager_kernel("minmax_encoding", a)(
+            a, b, spec.qmin, spec.qmax, min_scale(spec.qmax - spec.qmin), spec.symmetric, factors)
+        if not factors:
+            return s, o, (None, None, None)
+        return s, o, (k_s, None, None) if spec.symmetric else (k_s, k_o, k_ot)
     if spec.check_on_device:
         ops.check_scale_values_on_device(a)
     return a, b, (None, None, None)
