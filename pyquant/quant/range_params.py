@@ -92,6 +92,10 @@ class MinMaxRange(RangeParams):
         q.max.copy_(enc.max.reshape(shape))
 
     def scale_offset(self, q, qmin, qmax, symmetric):
+        if not torch.is_grad_enabled():  # one op (native on the CPU), e.g. for a bias's int32 scale each call
+            s, o, *_ = ops.eager_kernel("minmax_encoding", q.min)(q.min, q.max, qmin, qmax, min_scale(qmax - qmin),
+                                                                  symmetric, False)
+            return s, o
         s, o, _ = minmax_to_scale_offset(q.min, q.max, qmin, qmax, symmetric)
         return s, o
 
