@@ -82,3 +82,28 @@ def test_fake_kernel_shapes_and_argument_checks():
         op(mn.double(), mx, 0, 255, 1e-7, False, True)
     with pytest.raises(ValueError, match="min_scale"):
         op(mn, mx, 0, 255, 0.0, False, True)
+
+
+def test_reference_kernel_matches_the_op():
+    mn, mx = _ranges(64, seed=3)
+    from pyquant.ops import _registry
+    for got, want in zip(_registry.reference_minmax_encoding(mn, mx, 0, 255, 1e-7, False, True),
+                         op(mn, mx, 0, 255, 1e-7, False, True)):
+        assert torch.equal(_bits(got), _bits(want))
+
+
+def test_eager_kernel_is_the_registered_kernel_or_the_op():
+    """On plain CPU tensors the native kernel itself (no dispatcher); under a dispatch mode (fake tensors) the
+    registered op; the same results either way."""
+    if not pyquant.ops.HAS_CPU_KERNELS:
+        pytest.skip("needs pyquant._C")
+    x = torch.randn(8, 16)
+    s, o = torch.tensor(0.05), torch.tensor(-7.0)
+    fn = pyquant.ops.eager_kernel("quantize_dequantize", x)
+    assert fn is not torch.ops.pyquant.quantize_dequantize
+    assert torch.equal(fn(x, s, o, 0, 15), torch.ops.pyquant.quantize_dequantize(x, s, o, 0, 15))
+    assert pyquant.ops.eager_kernel("minmax_encoding", torch.nn.Parameter(x)) is not op  # parameters too
+    with torch._subclasses.FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        assert pyquant.ops.eager_kernel("quantize_dequantize", fx) is torch.ops.pyquant.quantize_dequantize
+    assert pyquant.ops.eager_kernel("quantize_dequantize", x.to("meta")) is torch.ops.pyquant.quantize_dequantize

@@ -358,8 +358,10 @@ class NativeBackend:
         if hasattr(self.m, "max_pool_forward"):
             reg("max_pool2d_window", self.max_pool2d_window)
             reg("max_pool2d_window_backward", self.max_pool2d_window_backward)
-        if hasattr(self.m, "minmax_encoding"):  # the CPU's (elsewhere the reference runs)
+        if hasattr(self.m, "minmax_encoding"):  # the CPU's
             reg("minmax_encoding", self.minmax_encoding)
+        else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
+            _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
         reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
         reg("entropy_search", self.entropy_search)
         reg("search", self.search)

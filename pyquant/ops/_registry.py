@@ -287,7 +287,8 @@ def check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale) -> None:
         raise ValueError(f"min_scale must be > 0, got {min_scale}")
 
 
-def _ref_minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors):
+def reference_minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors):
+    """The reference kernel of minmax_encoding (every device without a native one)."""
     check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
     with torch.no_grad():
         out = _reference.minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors)
@@ -295,7 +296,7 @@ def _ref_minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors):
 
 
 torch.library.register_kernel("pyquant::entropy_search", None, _ref_entropy_search, lib=_lib)
-torch.library.register_kernel("pyquant::minmax_encoding", None, _ref_minmax_encoding, lib=_lib)
+torch.library.register_kernel("pyquant::minmax_encoding", None, reference_minmax_encoding, lib=_lib)
 torch.library.register_kernel("pyquant::search", None, _ref_search, lib=_lib)
 torch.library.register_kernel("pyquant::minmax", None, _ref_minmax, lib=_lib)
 torch.library.register_kernel("pyquant::histogram", None, _ref_histogram, lib=_lib)
