@@ -9,8 +9,10 @@ replaces, interleaved in one process:
    with range learning, on a MobileNetV2-sized activation (32x144x56x56);
 4. the single-channel input quantizer + conv node vs the two modules, forward + backward with range
    learning (128x1x28x28 into a 3x3 conv with 16 channels);
-5. one small quantizer's training step (64x16 tensor, forward + backward): pyquant min/max and
-   scale/offset vs torch's learnable fake-quant op.
+5. one quantizer's training step (forward + backward), W4, range learning: pyquant min/max and scale/offset
+   vs torch's learnable fake-quant op, on a 64x16 tensor (the per-call cost alone) and a 64x16x16x16 one;
+6. a small model's whole QAT step: a 3-conv CNN on 16x16 inputs (batch 64), W4A4 with range learning and
+   fuse_activations=True, forward + backward + SGD step, vs the same step of the FP32 model.
 
     python -m bench.qat_kernels [--quick]
 """
@@ -116,22 +118,62 @@ def input_conv(reps: int) -> list[dict[str, Any]]:
 
 
 def small_quantizer(reps: int) -> list[dict[str, Any]]:
-    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
     rows = []
     s = torch.tensor([0.02], requires_grad=True)
-    zp = torch.tensor([128.0], requires_grad=True)
+    zp = torch.tensor([8.0], requires_grad=True)
 
     def torch_learnable(t):
-        return torch._fake_quantize_learnable_per_tensor_affine(t, s, zp, 0, 255, 1.0)
+        return torch._fake_quantize_learnable_per_tensor_affine(t, s, zp, 0, 15, 1.0)
 
-    for mode in ("minmax", "scale_offset"):
-        q = _quantizer(mode=mode, x=x)
-        for p in q.encoding_parameters():
-            p.requires_grad_(True)
-        rows.append(_row(f"one quantizer's training step, {mode.replace('minmax', 'min/max')} (per call)",
-                         tuple(x.shape), [_fwd_bwd(q, x), _fwd_bwd(torch_learnable, x)],
-                         "torch._fake_quantize_learnable_per_tensor_affine", reps * 20))
+    for shape, n in (((64, 16), reps * 20), ((64, 16, 16, 16), reps * 4)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+        for mode in ("minmax", "scale_offset"):
+            q = QuantizeDequantize((), 4, False, range_params=mode)
+            with q.compute_encodings():
+                q(x)
+            q.set_range_learning(True)
+            rows.append(_row(f"one W4 quantizer's training step, {mode.replace('minmax', 'min/max')} (per call)",
+                             shape, [_fwd_bwd(q, x), _fwd_bwd(torch_learnable, x)],
+                             "torch._fake_quantize_learnable_per_tensor_affine", n))
     return rows
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 convolutions with ReLUs, two 2x2 max pools, a linear head: a model whose step is mostly
+    per-call overhead."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def small_model_step(reps: int) -> list[dict[str, Any]]:
+    from pyquant.sim.quantsim import QuantSim
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    fp32 = SmallCNN()
+    sim = QuantSim(SmallCNN(), x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=True,
+                   fuse_activations=True)
+    sim.compute_encodings(lambda m: m(x))
+
+    def step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return run
+
+    return [_row(f"3-conv CNN QAT step, W4A4, range learning, fused activations ({len(sim.quantizers)} quantizers)",
+                 tuple(x.shape), [step(sim.model), step(fp32)], "the FP32 model's step", reps * 4)]
 
 
 def main(argv=None) -> int:
@@ -142,8 +184,10 @@ def main(argv=None) -> int:
     if not require_native("bench/qat_kernels.py"):
         return 2
     reps = 5 if a.quick else 25
-    rows = pools(reps) + fused_activation(reps, a.quick) + input_conv(reps) + small_quantizer(reps)
-    notes = ["interleaved medians in one process; speedup = baseline_ms / pyquant_ms",
+    rows = (pools(reps) + fused_activation(reps, a.quick) + input_conv(reps) + small_quantizer(reps)
+            + small_model_step(reps))
+    notes = ["interleaved medians in one process; speedup = baseline_ms / pyquant_ms (the 3-conv CNN row: "
+             "speedup < 1, its inverse is the QAT step's cost relative to FP32)",
              "values and gradients of each pyquant case equal its baseline's (tests/test_pool_kernels.py, "
              "test_fake_quant.py, test_qat.py)"]
     path = write_results("qat_kernels" + ("_quick" if a.quick else ""), rows, COLUMNS,

@@ -44,6 +44,8 @@ NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
         "adaround_backward": _ADAROUND_BACKWARD,
         "adaround_regularizer": _ADAROUND_REGULARIZER,
         "first_bad_scale": ("s", "n"),
+        "minmax_encoding": ("mn", "mx", "n", "qmin", "qmax", "min_scale", "symmetric", "s", "o", "k_s", "k_o",
+                            "k_ot"),
     },
     "cuda": {
         "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
@@ -79,6 +81,7 @@ class NativeBackend:
         self.extra_args = extra_args
         self.context = context
         self.native_scale_check = native_scale_check
+        self.host = device_type == "cpu"
 
     def _check_scale(self, s: torch.Tensor, nscale: int) -> None:
         if self.native_scale_check:  # a C++ loop over the (contiguous, host) scales: no tensor ops
@@ -99,10 +102,13 @@ class NativeBackend:
             self._check_scale(s, layout.nscale)
         y = torch.empty_like(x, dtype=out_dtype)
         yk = y.permute(perm) if perm is not None else y
-        with self.context(x):
-            self.m.fake_quant_forward(op, xk.data_ptr(), DTYPE_CODE[x.dtype], yk.data_ptr(), DTYPE_CODE[out_dtype],
-                                      s.data_ptr(), o.data_ptr(), float(qmin), float(qmax), layout, *act,
-                                      *self.extra_args(x))
+        args = (op, xk.data_ptr(), DTYPE_CODE[x.dtype], yk.data_ptr(), DTYPE_CODE[out_dtype], s.data_ptr(),
+                o.data_ptr(), float(qmin), float(qmax), layout, *act)
+        if self.host:  # no device context or stream to enter
+            self.m.fake_quant_forward(*args)
+        else:
+            with self.context(x):
+                self.m.fake_quant_forward(*args, *self.extra_args(x))
         return y
 
     def qdq(self, x, scale, offset, qmin, qmax, grad_scale=1.0, check_values=True, act_min=None, act_max=None):
@@ -128,8 +134,9 @@ class NativeBackend:
         act = _layout.check_activation(act_min, act_max)
         if grad.shape != x.shape:
             raise ValueError(f"grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
-        grad = grad.to(x.dtype)
-        need_dx, need_s, need_o = (bool(v) for v in output_mask)
+        if grad.dtype != x.dtype:
+            grad = grad.to(x.dtype)
+        need_dx, need_s, need_o = output_mask
         if x.numel() == 0:  # sums over no elements
             return (torch.empty_like(x) if need_dx else x.new_empty(0),
                     torch.zeros_like(scale) if need_s else scale.new_empty(0),
@@ -147,13 +154,30 @@ class NativeBackend:
         ws = None
         if need_s or need_o:
             ws = torch.empty(self.ws_slots() * 2 * layout.nscale, dtype=torch.float64, device=dev)
-        with self.context(x):
-            self.m.fake_quant_backward(gk.data_ptr(), xk.data_ptr(), DTYPE_CODE[x.dtype],
-                                       dxk.data_ptr() if need_dx else 0, s.data_ptr(), o.data_ptr(),
-                                       float(qmin), float(qmax), layout, ws.data_ptr() if ws is not None else 0,
-                                       ds.data_ptr() if need_s else 0, do.data_ptr() if need_o else 0,
-                                       float(grad_scale), *act, *self.extra_args(x))
+        args = (gk.data_ptr(), xk.data_ptr(), DTYPE_CODE[x.dtype], dxk.data_ptr() if need_dx else 0, s.data_ptr(),
+                o.data_ptr(), float(qmin), float(qmax), layout, ws.data_ptr() if ws is not None else 0,
+                ds.data_ptr() if need_s else 0, do.data_ptr() if need_o else 0, float(grad_scale), *act)
+        if self.host:
+            self.m.fake_quant_backward(*args)
+        else:
+            with self.context(x):
+                self.m.fake_quant_backward(*args, *self.extra_args(x))
         return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
+
+    # ---- encodings of learned ranges ----
+    def minmax_encoding(self, mn, mx, qmin, qmax, min_scale, symmetric, factors):
+        _registry.check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
+        mn, mx = mn.contiguous(), mx.contiguous()
+        n = mn.numel()
+        parts = 2 + (1 if factors else 0) + (2 if factors and not symmetric else 0)
+        out = list(torch.empty((parts,) + tuple(mn.shape), dtype=torch.float32).unbind(0))  # one allocation
+        out += [mn.new_empty(0)] * (5 - parts)
+        s, o, k_s, k_o, k_ot = out
+        self.m.minmax_encoding(mn.data_ptr(), mx.data_ptr(), n, float(qmin), float(qmax), float(min_scale),
+                               bool(symmetric), s.data_ptr(), o.data_ptr(), k_s.data_ptr() if factors else 0,
+                               k_o.data_ptr() if factors and not symmetric else 0,
+                               k_ot.data_ptr() if factors and not symmetric else 0)
+        return s, o, k_s, k_o, k_ot
 
     # ---- statistics ----
     def minmax(self, x, shape):
@@ -203,7 +227,7 @@ class NativeBackend:
             with self.context(x):
                 self.m.histogram(xk.data_ptr(), DTYPE_CODE[x.dtype], layout, lok.data_ptr(), rk.data_ptr(), nbins,
                                  counts.data_ptr(), *self.extra_args(x))
-        if perm is not None:
+        if perm is not None and counts.dim() == len(perm) + 1:
             counts = counts.permute(_layout.inverse(perm) + (len(perm),)).contiguous()
         return counts.reshape(tuple(lo.shape) + (nbins,))
 
@@ -321,26 +345,32 @@ class NativeBackend:
         return value.float(), grad
 
     def register(self) -> None:
-        lib = _registry._lib
         dt = self.device_type
+
+        def reg(name: str, fn: Callable) -> None:
+            torch.library.register_kernel(f"pyquant::{name}", dt, fn, lib=_registry._lib)
+            _registry.NATIVE_KERNELS[(dt, name)] = fn
+
         if hasattr(self.m, "adaround_forward"):
-            torch.library.register_kernel("pyquant::adaround_weight", dt, self.adaround_weight, lib=lib)
-            torch.library.register_kernel("pyquant::adaround_weight_backward", dt, self.adaround_weight_backward,
-                                          lib=lib)
-            torch.library.register_kernel("pyquant::adaround_regularizer", dt, self.adaround_regularizer, lib=lib)
+            reg("adaround_weight", self.adaround_weight)
+            reg("adaround_weight_backward", self.adaround_weight_backward)
+            reg("adaround_regularizer", self.adaround_regularizer)
         if hasattr(self.m, "max_pool_forward"):
-            torch.library.register_kernel("pyquant::max_pool2d_window", dt, self.max_pool2d_window, lib=lib)
-            torch.library.register_kernel("pyquant::max_pool2d_window_backward", dt, self.max_pool2d_window_backward,
-                                          lib=lib)
-        torch.library.register_kernel("pyquant::quantize_dequantize_max_pool2d", dt, self.qdq_max_pool2d, lib=lib)
-        torch.library.register_kernel("pyquant::entropy_search", dt, self.entropy_search, lib=lib)
-        torch.library.register_kernel("pyquant::search", dt, self.search, lib=lib)
-        torch.library.register_kernel("pyquant::minmax", dt, self.minmax, lib=lib)
-        torch.library.register_kernel("pyquant::histogram", dt, self.histogram, lib=lib)
-        torch.library.register_kernel("pyquant::quantize_dequantize", dt, self.qdq, lib=lib)
-        torch.library.register_kernel("pyquant::quantize_dequantize_backward", dt, self.qdq_backward, lib=lib)
-        torch.library.register_kernel("pyquant::quantize", dt, self.quantize, lib=lib)
-        torch.library.register_kernel("pyquant::dequantize", dt, self.dequantize, lib=lib)
+            reg("max_pool2d_window", self.max_pool2d_window)
+            reg("max_pool2d_window_backward", self.max_pool2d_window_backward)
+        if hasattr(self.m, "minmax_encoding"):  # the CPU's
+            reg("minmax_encoding", self.minmax_encoding)
+        else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
+            _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
+        reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
+        reg("entropy_search", self.entropy_search)
+        reg("search", self.search)
+        reg("minmax", self.minmax)
+        reg("histogram", self.histogram)
+        reg("quantize_dequantize", self.qdq)
+        reg("quantize_dequantize_backward", self.qdq_backward)
+        reg("quantize", self.quantize)
+        reg("dequantize", self.dequantize)
 
 
 def _has_nan(x: torch.Tensor, chunk: int = 1 << 24) -> bool:
@@ -354,6 +384,6 @@ def _has_nan(x: torch.Tensor, chunk: int = 1 << 24) -> bool:
 def _unpermute(t: torch.Tensor, perm: Optional[tuple[int, ...]], like: torch.Tensor) -> torch.Tensor:
     if t.numel() == 0:
         return t
-    if perm is not None:
+    if perm is not None and t.dim() == len(perm):  # (a single value is not permuted)
         t = t.permute(_layout.inverse(perm)).contiguous()
-    return t.reshape(like.shape)
+    return t if t.shape == like.shape else t.reshape(like.shape)

@@ -129,6 +129,17 @@ def check_scale_values(scale: torch.Tensor) -> None:
     check_positive_finite(scale, "scale", " (use a range-derived encoding)")
 
 
+def check_scale_values_on_device(scale: torch.Tensor) -> None:
+    """The scale check without a host read on a GPU: an asynchronous device-side assertion, which fails
+    the next synchronizing call (as CUDA errors do) instead of raising here. CPU scales are checked at
+    once. GPU tensors follow set_value_checks."""
+    if scale.device.type == "cpu":
+        check_scale_values(scale)
+    elif _VALUE_CHECKS["gpu"]:
+        torch._assert_async((torch.isfinite(scale) & (scale > 0)).all(),
+                            "pyquant: scale must be positive and finite (use a range-derived encoding)")
+
+
 def as_block_broadcast(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-tensor parameters of any shape become (1,)*x.ndim; others must already be block-broadcast."""
     if p.dim() == x.dim():
@@ -222,9 +233,10 @@ def prepare(module, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
 def prepare_groups(module, x: torch.Tensor, g_shape: tuple[int, ...], params: list[torch.Tensor]):
     """Like prepare for any number of per-group tensors of block-broadcast shape `g_shape`:
     returns (x, x_kernel, params_kernel, layout, perm)."""
-    if len(g_shape) != x.dim():
+    # one value per parameter, in whatever shape (the kernels read only its address): kept as it is
+    single = len(g_shape) != x.dim()
+    if single:
         g_shape = (1,) * x.dim()
-        params = [p.reshape(g_shape) for p in params]
     perm = None
     if not x.is_contiguous():
         perm = _dense_perm(x)
@@ -232,8 +244,9 @@ def prepare_groups(module, x: torch.Tensor, g_shape: tuple[int, ...], params: li
             x = x.contiguous()
     if perm is not None:
         xk = x.permute(perm)
-        params = [p.permute(perm) for p in params]
-        g_shape = tuple(g_shape[d] for d in perm)
+        if not single:
+            params = [p.permute(perm) for p in params]
+            g_shape = tuple(g_shape[d] for d in perm)
     else:
         xk = x
     params = [p if p.is_contiguous() else p.contiguous() for p in params]

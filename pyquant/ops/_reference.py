@@ -77,6 +77,33 @@ INT32_GRID = (-(2**31), 2**31 - 1)
 """The signed 32-bit grid integer targets keep biases and accumulators on."""
 
 
+def _round_ste(t: torch.Tensor) -> torch.Tensor:
+    return t + (torch.round(t) - t).detach()
+
+
+def minmax_encoding(mn: torch.Tensor, mx: torch.Tensor, qmin: int, qmax: int, min_scale: float, symmetric: bool,
+                    factors: bool = True):
+    """(scale, offset, k_s, k_o, k_ot) of a learned range: ``s = clamp((max - min) / N, min_scale)`` and,
+    asymmetric, ``o = clamp(round(min / s) - qmin, -qmax, -qmin)`` (symmetric: ``o = 0``), N = qmax - qmin.
+    Under autograd the offset's rounding is straight-through, so (s, o) are differentiable in min and max.
+    With `factors`, the factors that carry the chain rule back by hand: ``[s unclamped] / N``,
+    ``[o unclamped] / s`` and ``[o unclamped] * (min / s) / s`` (None where not formed; k_o and k_ot are
+    None for a symmetric encoding)."""
+    ns = qmax - qmin
+    raw_s = (mx - mn) / ns
+    s = torch.clamp(raw_s, min=min_scale)
+    k_s = (raw_s == s) / ns if factors else None  # a clamp passes where it is inactive: raw_s == its clamp
+    if symmetric:
+        return s, torch.zeros_like(s), k_s, None, None
+    t = mn / s
+    raw_o = (_round_ste(t) if torch.is_grad_enabled() else torch.round(t)) - qmin
+    o = torch.clamp(raw_o, -qmax, -qmin) + 0.0  # + 0.0: no negative zero (which torch's clamp keeps or not)
+    if not factors:
+        return s, o, None, None, None
+    k_o = (raw_o == o) / s
+    return s, o, k_s, k_o, k_o * t
+
+
 def quantize_dequantize_int32(x: torch.Tensor, scale: torch.Tensor, overflow: str = "clamp") -> torch.Tensor:
     """Fake quantization on the signed 32-bit grid with offset 0: ``clamp(rint(x / s), -2^31, 2^31 - 1) * s``
     in float32 (true division, round half to even; in float32 the upper end is 2^31). `scale` broadcasts

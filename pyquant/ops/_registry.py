@@ -2,6 +2,8 @@
 reference as the fallback kernel for any device. Device kernels register in _cpu.py / _cuda.py."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import _layout, _reference
@@ -19,6 +21,10 @@ _lib.define("quantize(Tensor x, Tensor scale, Tensor offset, int qmin, int qmax,
 _lib.define("dequantize(Tensor q, Tensor scale, Tensor offset, ScalarType out_dtype) -> Tensor")
 
 _lib.define("minmax(Tensor x, int[] shape) -> (Tensor, Tensor, Tensor)")
+# A learned range's encoding and chain-rule factors (scale, offset, k_s, k_o, k_ot); a factor not formed is an
+# empty tensor. No autograd: the quantizer's node carries the chain rule with the factors.
+_lib.define("minmax_encoding(Tensor min, Tensor max, int qmin, int qmax, float min_scale, bool symmetric, "
+            "bool factors) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _lib.define("histogram(Tensor x, Tensor lo, Tensor range, int nbins) -> Tensor")
 _lib.define("search(Tensor counts, Tensor c0, Tensor bw, Tensor cand_d, Tensor cand_o, int ns, float gamma, "
             "float p) -> (Tensor, Tensor)")
@@ -41,6 +47,23 @@ _lib.define("quantize_dequantize_max_pool2d(Tensor x, Tensor scale, Tensor offse
             "bool check_values=True, float? act_min=None, float? act_max=None) -> (Tensor, Tensor, Tensor)")
 
 ops = torch.ops.pyquant
+
+# The native kernel registered for each (device type, op name), for `eager_kernel` (filled by _backend.py).
+NATIVE_KERNELS: dict[tuple[str, str], Callable] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors without a subclass's own dispatch
+
+
+def eager_kernel(name: str, x: torch.Tensor) -> Callable:
+    """What ``torch.ops.pyquant.<name>`` runs for `x`, as a plain function: the native kernel registered for
+    x's device, called without the dispatcher, or the registered op itself where the dispatcher has work
+    to do (a tensor subclass, a dispatch mode such as fake tensors, tracing or compiling, no native kernel).
+    For code that is already inside an autograd node (so the op's own autograd is not wanted), where the
+    dispatcher's Python layers cost more than a small kernel: same arguments, same results."""
+    if not torch.compiler.is_compiling() and type(x) in _PLAIN and not torch._C._len_torch_dispatch_stack():
+        fn = NATIVE_KERNELS.get((x.device.type, name))
+        if fn is not None:
+            return fn
+    return getattr(ops, name)
 
 
 def check_adaround_args(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -253,7 +276,27 @@ def _ref_entropy_search(counts, nq):
     return _reference.entropy_search(counts, nq)
 
 
+def check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale) -> None:
+    _layout.check_grid(qmin, qmax)
+    if mn.dtype != torch.float32 or mx.dtype != torch.float32:
+        raise TypeError(f"min and max must be float32, got {mn.dtype} and {mx.dtype}")
+    if mn.shape != mx.shape or mn.device != mx.device:
+        raise ValueError(f"min and max must have one shape and device, got {tuple(mn.shape)} on {mn.device} and "
+                         f"{tuple(mx.shape)} on {mx.device}")
+    if not min_scale > 0:
+        raise ValueError(f"min_scale must be > 0, got {min_scale}")
+
+
+def reference_minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors):
+    """The reference kernel of minmax_encoding (every device without a native one)."""
+    check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
+    with torch.no_grad():
+        out = _reference.minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors)
+    return tuple(t if t is not None else mn.new_empty(0) for t in out)
+
+
 torch.library.register_kernel("pyquant::entropy_search", None, _ref_entropy_search, lib=_lib)
+torch.library.register_kernel("pyquant::minmax_encoding", None, reference_minmax_encoding, lib=_lib)
 torch.library.register_kernel("pyquant::search", None, _ref_search, lib=_lib)
 torch.library.register_kernel("pyquant::minmax", None, _ref_minmax, lib=_lib)
 torch.library.register_kernel("pyquant::histogram", None, _ref_histogram, lib=_lib)
@@ -300,6 +343,14 @@ def _fake_minmax(x, shape):
     shape = check_group_shape(x, shape)
     return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32),
             x.new_empty(shape, dtype=torch.int64))
+
+
+@torch.library.register_fake("pyquant::minmax_encoding", lib=_lib)
+def _fake_minmax_encoding(mn, mx, qmin, qmax, min_scale, symmetric, factors):
+    check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
+    k_s = torch.empty_like(mn) if factors else mn.new_empty(0)
+    k_o = torch.empty_like(mn) if factors and not symmetric else mn.new_empty(0)
+    return torch.empty_like(mn), torch.empty_like(mn), k_s, k_o, torch.empty_like(k_o)
 
 
 @torch.library.register_fake("pyquant::histogram", lib=_lib)

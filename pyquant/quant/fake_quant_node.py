@@ -8,9 +8,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .. import ops
 from ..ops import raw
-from .encoding import _broadcast_to
-from .range_params import minmax_grads, minmax_to_scale_offset
+from .encoding import _broadcast_to, min_scale
+from .range_params import minmax_grads
 
 __all__ = ["Pool", "Spec", "QuantizeNode", "encoding", "encoding_grads", "activate", "act_bounds"]
 
@@ -42,17 +43,24 @@ class Spec(NamedTuple):
     qmin: int
     qmax: int
     grad_scale: float
-    check: bool
+    check: bool  # the kernel checks the scale (a CPU scale: a native loop, no tensor read)
     act: tuple[Optional[float], Optional[float]]
     pool: Optional[Pool]
     train: bool  # autograd on at the call: the chain factors are worth forming
+    check_on_device: bool = False  # a GPU scale parameter: checked by a device-side assertion, no host read
 
 
 def encoding(a: torch.Tensor, b: torch.Tensor, spec: Spec, factors: bool = True):
     """(scale, offset, chain factors) of the encoding parameters; called inside autograd Functions'
     forward, where autograd is off. Without `factors` (fixed ranges) the chain factors are not formed."""
     if spec.minmax:
-        return minmax_to_scale_offset(a, b, spec.qmin, spec.qmax, spec.symmetric, factors)
+        s, o, k_s, k_o, k_ot = ops.eager_kernel("minmax_encoding", a)(
+            a, b, spec.qmin, spec.qmax, min_scale(spec.qmax - spec.qmin), spec.symmetric, factors)
+        if not factors:
+            return s, o, (None, None, None)
+        return s, o, (k_s, None, None) if spec.symmetric else (k_s, k_o, k_ot)
+    if spec.check_on_device:
+        ops.check_scale_values_on_device(a)
     return a, b, (None, None, None)
 
 
@@ -72,15 +80,16 @@ class QuantizeNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, spec: Spec):
         s, o, factors = encoding(a, b, spec, spec.train and any(ctx.needs_input_grad[1:3]))
-        sb, ob = _broadcast_to(s, x), _broadcast_to(o, x)
+        sb, ob = _as_block_broadcast(s, x), _as_block_broadcast(o, x)
         idx = None
         pooled = False  # whether xin holds only each pooled maximum's input value
         if spec.pool is None:
             xin = x
-            out = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check, *spec.act)
+            out = ops.eager_kernel("quantize_dequantize", x)(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale,
+                                                             spec.check, *spec.act)
         elif _by_window(x, spec.pool) and _channelwise(sb):  # one pass, a byte per output for the argmax
-            out, idx, xin = raw.quantize_dequantize_max_pool2d(x, sb, ob, spec.qmin, spec.qmax, spec.pool[0],
-                                                               spec.check, *spec.act)
+            out, idx, xin = ops.eager_kernel("quantize_dequantize_max_pool2d", x)(
+                x, sb, ob, spec.qmin, spec.qmax, spec.pool[0], spec.check, *spec.act)
             pooled = True
         else:
             q = raw.quantize_dequantize(x, sb, ob, spec.qmin, spec.qmax, spec.grad_scale, spec.check, *spec.act)
@@ -96,21 +105,28 @@ class QuantizeNode(torch.autograd.Function):
     def backward(ctx, g):
         xin, idx, s, o, *factors = ctx.saved_tensors
         spec = ctx.spec
-        need_x, need_a, need_b = (bool(v) for v in ctx.needs_input_grad[:3])
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
         need_s = need_a or need_b
         need_o = need_s and not spec.symmetric if spec.minmax else need_b
         if spec.pool is not None and not ctx.pooled:  # the pool's backward first, at the input's size
             g = _unpool(g, idx, ctx.x_shape)
-        dx, ds, do = raw.quantize_dequantize_backward(g, xin, _broadcast_to(s, xin), _broadcast_to(o, xin),
-                                                      spec.qmin, spec.qmax, spec.grad_scale,
-                                                      [need_x, need_s, need_o], *spec.act)
+        dx, ds, do = ops.eager_kernel("quantize_dequantize_backward", xin)(
+            g, xin, _as_block_broadcast(s, xin), _as_block_broadcast(o, xin), spec.qmin, spec.qmax, spec.grad_scale,
+            [need_x, need_s, need_o], *spec.act)
         if need_x and ctx.pooled:
             if idx.dtype == torch.uint8:
-                dx = raw.max_pool2d_window_backward(dx.contiguous(), idx, spec.pool[0], list(ctx.x_shape))
+                dx = ops.eager_kernel("max_pool2d_window_backward", dx)(dx.contiguous(), idx, spec.pool[0],
+                                                                        list(ctx.x_shape))
             else:
                 dx = _unpool(dx, idx, ctx.x_shape)
         da, db = encoding_grads(spec, s, factors, ds, do, need_a, need_b)
         return (dx if need_x else None, da, db, None)
+
+
+def _as_block_broadcast(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An encoding parameter in the form the ops take; one value in any shape is per tensor as it is (the ops
+    lay it out themselves), which spares a reshape per call."""
+    return p if p.numel() == 1 else _broadcast_to(p, x)
 
 
 def _channelwise(sb: torch.Tensor) -> bool:
@@ -124,8 +140,12 @@ def encoding_grads(spec: Spec, s: torch.Tensor, factors, ds: torch.Tensor, do: t
     if not (need_a or need_b):
         return None, None
     if not spec.minmax:
-        return (ds.reshape(s.shape) if need_a else None), (do.reshape(s.shape) if need_b else None)
+        return (_shaped(ds, s.shape) if need_a else None), (_shaped(do, s.shape) if need_b else None)
     return minmax_grads(s.shape, factors, ds, do, need_a, need_b)
+
+
+def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _by_window(x: torch.Tensor, pool: Pool) -> bool:

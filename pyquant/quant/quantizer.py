@@ -318,13 +318,16 @@ class QuantizeDequantize(QuantizerBase):
 
     def _spec(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
               pool: Optional[Pool] = None) -> Spec:
+        qmin, qmax = ops.grid(self.bitwidth, self.signed, strict=self.strict)
         gs = 1.0
         if self.lsq_grad_scale:
-            gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * self.qmax) ** 0.5)
+            gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * qmax) ** 0.5)
         derived = self._range.derived
-        # min/max-derived scales are clamped positive: no need to read them back (a GPU sync)
-        return Spec(derived, self.symmetric, self.qmin, self.qmax, gs, not derived, act_bounds(activation), pool,
-                    torch.is_grad_enabled())
+        # min/max-derived scales are clamped positive: nothing to check. Scale parameters are checked by the
+        # kernel on the CPU (a native loop) and by a device-side assertion elsewhere: never read on the host.
+        host = x.device.type == "cpu"
+        return Spec(derived, self.symmetric, qmin, qmax, gs, not derived and host, act_bounds(activation),
+                    pool, torch.is_grad_enabled(), not derived and not host)
 
     def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                        pool: Optional[Pool] = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import ops
 from .encoding import Encoding, min_scale
 
 __all__ = ["RangeParams", "MinMaxRange", "ScaleOffsetRange", "RANGE_PARAMS", "minmax_to_scale_offset"]
@@ -19,32 +20,13 @@ __all__ = ["RangeParams", "MinMaxRange", "ScaleOffsetRange", "RANGE_PARAMS", "mi
 Factors = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
-def _round_ste(t: torch.Tensor) -> torch.Tensor:
-    return t + (torch.round(t) - t).detach()
-
-
 def minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, qmin: int, qmax: int, symmetric: bool,
                            factors: bool = False) -> tuple[torch.Tensor, torch.Tensor, Factors]:
-    """(scale, offset, chain factors) of a min/max range: ``s = clamp((max - min) / N, min_scale)`` and,
-    asymmetric, ``o = clamp(round(min / s) - qmin, -qmax, -qmin)`` (symmetric: ``o = 0``), N = qmax - qmin.
-
-    Under autograd the offset's rounding is straight-through, so (s, o) are differentiable in min and
-    max. With `factors` (inside an autograd Function's forward), the factors that carry the chain rule
-    back by hand (`minmax_grads`) are formed too: ``[s unclamped] / N``, ``[o unclamped] / s`` and
-    ``[o unclamped] * (min / s) / s``."""
-    ns = qmax - qmin
-    raw_s = (mx - mn) / ns
-    s = torch.clamp(raw_s, min=min_scale(ns))
-    k_s = (raw_s == s) / ns if factors else None  # a clamp passes where it is inactive: raw_s == its clamp
-    if symmetric:
-        return s, torch.zeros_like(s), (k_s, None, None)
-    t = mn / s
-    raw_o = (_round_ste(t) if torch.is_grad_enabled() else torch.round(t)) - qmin
-    o = torch.clamp(raw_o, -qmax, -qmin)
-    if not factors:
-        return s, o, (None, None, None)
-    k_o = (raw_o == o) / s
-    return s, o, (k_s, k_o, k_o * t)
+    """(scale, offset, chain factors) of a min/max range (pyquant.ops.reference.minmax_encoding, with this
+    grid's smallest scale): differentiable in min and max under autograd (the offset's rounding
+    straight-through); with `factors`, also the factors `minmax_grads` carries the chain rule back with."""
+    s, o, *k = ops.reference.minmax_encoding(mn, mx, qmin, qmax, min_scale(qmax - qmin), symmetric, factors)
+    return s, o, tuple(k)
 
 
 def minmax_grads(shape: torch.Size, factors: Factors, ds: torch.Tensor, do: Optional[torch.Tensor],
@@ -53,11 +35,11 @@ def minmax_grads(shape: torch.Size, factors: Factors, ds: torch.Tensor, do: Opti
     ``dmax = (ds - do' (min/s)/s) [s unclamped] / N`` and ``dmin = do'/s - dmax`` with
     ``do' = do [o unclamped]`` (symmetric: ``dmin = -dmax``)."""
     k_s, k_o, k_ot = factors
-    ds = ds.reshape(shape)
+    ds = ds if ds.shape == shape else ds.reshape(shape)
     if k_o is None:  # symmetric: the offset is 0
         dmax = ds * k_s
         return (-dmax if need_min else None), (dmax if need_max else None)
-    do = do.reshape(shape)
+    do = do if do.shape == shape else do.reshape(shape)
     dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
     return (torch.addcmul(-dmax, do, k_o) if need_min else None), (dmax if need_max else None)
 
@@ -110,6 +92,10 @@ class MinMaxRange(RangeParams):
         q.max.copy_(enc.max.reshape(shape))
 
     def scale_offset(self, q, qmin, qmax, symmetric):
+        if not torch.is_grad_enabled():  # one op (native on the CPU), e.g. for a bias's int32 scale each call
+            s, o, *_ = ops.eager_kernel("minmax_encoding", q.min)(q.min, q.max, qmin, qmax, min_scale(qmax - qmin),
+                                                                  symmetric, False)
+            return s, o
         s, o, _ = minmax_to_scale_offset(q.min, q.max, qmin, qmax, symmetric)
         return s, o
 

@@ -30,6 +30,7 @@ void entropy_search(const EntropySearchArgs& a, int max_threads);
 void adaround_forward(const AdaroundForwardArgs& a, int max_threads);
 void adaround_backward(const AdaroundBackwardArgs& a, int max_threads);
 double adaround_regularizer(const AdaroundRegularizerArgs& a, int max_threads);
+void minmax_encoding(const MinmaxEncodingArgs& a, int max_threads);  // encoding.cpp
 
 }  // namespace cpu
 

@@ -51,6 +51,14 @@ PQ_DEFINE_ARGS(FakeQuantBackwardArgs, PQ_FAKE_QUANT_BACKWARD_FIELDS,
                "not wanted); ws holds num_threads() * 2 * nscale float64 on the CPU, 2 * nscale on CUDA; with "
                "[act_lo, act_hi], x is the activation's input")
 
+// ---- encodings of learned ranges (encoding.h) ------------------------------------------------------
+#define PQ_MINMAX_ENCODING_FIELDS(X)                                                                   \
+  X(const float*, mn) X(const float*, mx) X(int64_t, n) X(float, qmin) X(float, qmax) X(float, min_scale) \
+  X(bool, symmetric) X(float*, s) X(float*, o) X(float*, k_s) X(float*, k_o) X(float*, k_ot)
+PQ_DEFINE_ARGS(MinmaxEncodingArgs, PQ_MINMAX_ENCODING_FIELDS,
+               "scale s and offset o of n min/max ranges on the grid [qmin, qmax], and the chain-rule factors "
+               "k_s, k_o, k_ot (null address: not wanted; k_o, k_ot unwritten when symmetric)")
+
 // ---- calibration statistics ----------------------------------------------------------------------
 #define PQ_MINMAX_FIELDS(X) \
   X(const void*, x) X(DType, dt) X(const QLayout&, layout) X(float*, mn) X(float*, mx) X(int64_t*, nonfinite)
