@@ -53,9 +53,10 @@ from .._fingerprint import fingerprint
 from .._layers import layers_for
 from .._progress import Progress
 from ..quant.encoding import Encoding
+from .adaround_loss import activation_bounds, gram_row_loss, row_loss
 from .bn_fold import _fold_model
 from . import layerwise
-from .layerwise import (apply_rows, channel_first, collect_rows, following_activation, graph_weight_layers, gram_loss,
+from .layerwise import (apply_rows, channel_first, collect_rows, following_activation, graph_weight_layers,
                         walk_layers)
 
 _LAYERS = layers_for("adaround")
@@ -344,7 +345,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
         w_store = hard.transpose(0, 1).contiguous() if rec.transposed else hard
         layer_q.weight.copy_(w_store.reshape(layer_q.weight.shape))
     return LayerReport(name=name, mse_nearest=mse_nearest, mse_adaround=mse_ada, rounded_up=up,
-                       changed_vs_nearest=changed, rows=rec.kept_rows, rows_total=rec.rows.rows_total, seconds=0.0)
+                       changed_vs_nearest=changed, rows=rec.kept_rows, rows_total=rec.rows_total, seconds=0.0)
 
 
 def _block_rows(name: str, w0: torch.Tensor, enc: Encoding) -> torch.Tensor:
@@ -389,17 +390,36 @@ def _learn_rounding(w0: torch.Tensor, grid: tuple, rec: "_Reconstruction", cfg: 
 
 class _Reconstruction:
     """A layer's reconstruction loss on its kept rows: sum over channels of the squared error after the
-    activation, mean over positions."""
+    activation, mean over positions. Dense and depthwise layers followed by a clamp (ReLU, ReLU6, none)
+    compute it with its gradient in one pass over a step's rows (pyquant.techniques.adaround_loss); a
+    depthwise layer's rows are kept channel first for that ([C, rows, k], [C, rows])."""
 
     def __init__(self, layer: nn.Module, act: nn.Module, rows):
-        self.layer, self.act, self.rows = layer, act, rows
+        self.layer, self.act, self.rows_total = layer, act, rows.rows_total
         self.transposed = rows.whole_samples
-        if not self.transposed:
-            self.Xr, self.Yr = rows.flat
+        self.samples = rows.samples
+        self.bounds = activation_bounds(act)
+        self.depthwise = False
+        if self.transposed:
+            self.X, self.Y = rows.X, rows.Y
+            return
+        self.pool = rows.X.shape[0]
+        Xr, Yr = rows.flat
+        C = Yr.shape[1]
+        if self.bounds is not None and isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == C > 1:
+            # one output channel per group: its k inputs side by side, channel first
+            self.depthwise = True
+            Xr = Xr.reshape(Xr.shape[0], C, -1).permute(1, 0, 2).contiguous()
+            Yr = Yr.t().contiguous()
+            rows.X = rows.Y = None  # the row-major copies are no longer needed
+        self.Xr, self.Yr = Xr, Yr
+        self.fused = self.bounds is not None and (self.depthwise or isinstance(layer, nn.Linear) or layer.groups == 1)
 
     @property
     def kept_rows(self) -> int:
-        return int(self.rows.samples if self.transposed else self.Xr.shape[0])
+        if self.transposed:
+            return int(self.samples)
+        return int(self.Xr.shape[1] if self.depthwise else self.Xr.shape[0])
 
     def predict(self, w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -409,49 +429,58 @@ class _Reconstruction:
         return self.act(apply_rows(layer, x.reshape(-1, x.shape[-1]), w_hat))
 
     def loss(self, w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss on rows x, y (in this layer's row layout; whole samples for a transposed convolution)."""
+        if not self.transposed and self.fused:
+            return row_loss(w_hat.reshape(w_hat.shape[0], -1), x, y, self.layer.bias, self.bounds, self.depthwise)
         d = self.predict(w_hat, x) - (y if self.transposed else y.reshape(-1, y.shape[-1]))
         return (d * d).sum() / (d.numel() // d.shape[1])  # sum over channels, mean over the rest
+
+    def _run(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows a..b of the table."""
+        if self.depthwise:
+            return self.Xr[:, a:b], self.Yr[:, a:b]
+        return self.Xr[a:b], self.Yr[a:b]
 
     def full_loss(self, w_hat: torch.Tensor) -> float:
         """The loss over all kept rows, in chunks."""
         with torch.no_grad():
             if self.transposed:
-                X, Y, n = self.rows.X, self.rows.Y, self.rows.samples
+                X, Y, n = self.X, self.Y, self.samples
                 tot = sum(float(self.loss(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64])
                           for i in range(0, n, 64))
                 return tot / max(n, 1)
-            step, Xr, Yr = 8192, self.Xr, self.Yr
-            tot = sum(float(self.loss(w_hat, Xr[i:i + step], Yr[i:i + step])) * len(Xr[i:i + step])
-                      for i in range(0, Xr.shape[0], step))
-            return tot / max(Xr.shape[0], 1)
+            step, n = 8192, self.kept_rows
+            tot = sum(float(self.loss(w_hat, *self._run(i, i + step))) * (min(i + step, n) - i)
+                      for i in range(0, n, step))
+            return tot / max(n, 1)
 
     def steps(self, batch_size: int, positions_per_sample: int, g: torch.Generator):
         """The loss of one optimization step as a function of the soft weight. Dense layers: the next run
         of batch_size * positions_per_sample rows of the table (wrapping around) -- or, with no activation
         after a dense layer, the exact loss of all kept rows through their Gram matrix whenever that is
         cheaper; transposed convolutions: batch_size random whole samples."""
-        bs = min(batch_size, self.rows.samples)
+        bs = min(batch_size, self.samples)
         if self.transposed:
-            X, Y, n, dev = self.rows.X, self.rows.Y, self.rows.samples, self.layer.weight.device
+            X, Y, n, dev = self.X, self.Y, self.samples, self.layer.weight.device
 
             def sampled(w_soft):
                 si = torch.randint(0, n, (bs,), generator=g).to(dev)
                 return self.loss(w_soft, X[si], Y[si])
             return sampled
-        Xr, Yr, layer = self.Xr, self.Yr, self.layer
-        per_step = min(bs * min(positions_per_sample, self.rows.X.shape[0]), Xr.shape[0])
+        layer, n = self.layer, self.kept_rows
+        per_step = min(bs * min(positions_per_sample, self.pool), n)
         # No activation after a dense layer: the loss is a quadratic form in the weight, so every step can
         # use all kept rows exactly through their Gram matrix, at a cost that does not grow with the rows.
-        if isinstance(self.act, nn.Identity) and (isinstance(layer, nn.Linear) or layer.groups == 1) \
-                and Xr.shape[1] < per_step:
-            stats = layerwise.gram(Xr, Yr, layer.bias)
-            return lambda w_soft: gram_loss(w_soft, *stats)
+        if isinstance(self.act, nn.Identity) and not self.depthwise and \
+                (isinstance(layer, nn.Linear) or layer.groups == 1) and self.Xr.shape[1] < per_step:
+            stats = layerwise.gram(self.Xr, self.Yr, layer.bias)
+            return lambda w_soft: gram_row_loss(w_soft, *stats)
         pos = [0]
 
         def next_run(w_soft):
-            if pos[0] + per_step > Xr.shape[0]:
+            if pos[0] + per_step > n:
                 pos[0] = 0
-            xb, yb = Xr[pos[0]:pos[0] + per_step], Yr[pos[0]:pos[0] + per_step]
+            xb, yb = self._run(pos[0], pos[0] + per_step)
             pos[0] += per_step
             return self.loss(w_soft, xb, yb)
         return next_run

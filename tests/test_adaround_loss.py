@@ -1,0 +1,67 @@
+"""AdaRound's one-pass reconstruction loss (pyquant.techniques.adaround_loss): its value and gradient
+equal autograd's through a plain pure-torch computation of the same loss, for dense and depthwise rows,
+each activation it handles, any chunking; the Gram form equals the loss on the rows themselves."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+L = importlib.import_module("pyquant.techniques.adaround_loss")
+layerwise = importlib.import_module("pyquant.techniques.layerwise")
+
+ACTS = [nn.Identity(), nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-1.0, 2.0)]
+
+
+def _reference(W, X, Y, b, act, depthwise):
+    """Sum over channels of the squared error after the activation, mean over rows, through autograd."""
+    z = torch.einsum("crk,ck->cr", X, W) + b[:, None] if depthwise else X @ W.t() + b
+    d = act(z) - Y
+    return (d * d).sum() / (X.shape[1] if depthwise else X.shape[0])
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("chunk", [None, 100, 10**9])
+def test_row_loss_and_gradient_equal_autograd(act, depthwise, chunk):
+    g = torch.Generator().manual_seed(7)
+    C, R, K = 6, 700, 9
+    X = torch.randn((C, R, K) if depthwise else (R, K), generator=g)
+    Y = act(torch.randn((C, R) if depthwise else (R, C), generator=g) * 2)
+    b = torch.randn(C, generator=g)
+    W = (torch.randn(C, K, generator=g)).requires_grad_(True)
+    ref = _reference(W, X, Y, b, act, depthwise)
+    g_ref, = torch.autograd.grad(ref, W)
+    got = L.row_loss(W, X, Y, b, L.activation_bounds(act), depthwise, chunk)
+    g_got, = torch.autograd.grad(got * 3.0, W)  # the incoming gradient scales the result
+    assert torch.allclose(got.detach(), ref.detach(), rtol=1e-5)
+    assert torch.allclose(g_got, 3.0 * g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+
+
+def test_row_loss_without_bias():
+    g = torch.Generator().manual_seed(8)
+    X, Y = torch.randn(300, 5, generator=g), torch.randn(300, 4, generator=g)
+    W = torch.randn(4, 5, generator=g).requires_grad_(True)
+    ref = ((torch.relu(X @ W.t()) - Y) ** 2).sum() / 300
+    got = L.row_loss(W, X, Y, None, (0.0, None))
+    assert torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(torch.autograd.grad(got, W)[0], torch.autograd.grad(ref, W)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_activation_bounds_only_for_clamps():
+    assert L.activation_bounds(nn.Identity()) == (None, None)
+    assert L.activation_bounds(nn.ReLU()) == (0.0, None)
+    assert L.activation_bounds(nn.ReLU6()) == (0.0, 6.0)
+    assert L.activation_bounds(nn.GELU()) is None
+
+
+def test_gram_loss_and_gradient_equal_the_loss_on_the_rows():
+    g = torch.Generator().manual_seed(9)
+    X, Y, b = torch.randn(400, 12, generator=g), torch.randn(400, 7, generator=g), torch.randn(7, generator=g)
+    W = torch.randn(7, 12, generator=g).requires_grad_(True)
+    ref = _reference(W, X, Y, b, nn.Identity(), False)
+    got = L.gram_row_loss(W, *layerwise.gram(X, Y, b))
+    assert torch.allclose(got, ref, rtol=1e-4)
+    assert torch.allclose(torch.autograd.grad(got, W)[0], torch.autograd.grad(ref, W)[0], rtol=1e-3, atol=1e-4)
