@@ -65,3 +65,27 @@ def test_gram_loss_and_gradient_equal_the_loss_on_the_rows():
     got = L.gram_row_loss(W, *layerwise.gram(X, Y, b))
     assert torch.allclose(got, ref, rtol=1e-4)
     assert torch.allclose(torch.autograd.grad(got, W)[0], torch.autograd.grad(ref, W)[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", [1000, 20])  # all positions kept / a random pool of them
+def test_channel_first_rows_are_the_row_major_rows_permuted(pool):
+    """A depthwise layer's rows collected channel first are the same rows, in the same order, as those
+    collected row-major (same generator state), with the activation applied to the targets."""
+    layer = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 5, 6, 7, generator=g) for _ in range(3)]
+    pairs = [(x, layer(x).detach() * 3) for x in xs]
+    rm = layerwise.collect_rows("t", layer, pairs, 12, nn.ReLU6(), pool, 1024, torch.Generator().manual_seed(5))
+    cf = layerwise.collect_rows("t", layer, pairs, 12, nn.ReLU6(), pool, 1024, torch.Generator().manual_seed(5),
+                                channel_first=True)
+    assert cf.channel_first and not rm.channel_first and cf.pool == rm.pool == min(pool, 42)
+    Xr, Yr = rm.flat
+    Xc, Yc = cf.flat
+    assert torch.equal(Xc, Xr.reshape(Xr.shape[0], 5, 9).permute(1, 0, 2))
+    assert torch.equal(Yc, Yr.t())
+    assert float(Yr.max()) <= 6.0 and float(Yr.min()) >= 0.0 and float(Yr.max()) > 0
+    # a dense layer ignores channel_first
+    dense = nn.Conv2d(5, 4, 3, padding=1)
+    pairs = [(x, dense(x).detach()) for x in xs]
+    d = layerwise.collect_rows("t", dense, pairs, 12, nn.Identity(), pool, 1024, torch.Generator(), channel_first=True)
+    assert not d.channel_first

@@ -332,7 +332,7 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     w_rows = _block_rows(name, w0, enc)
     act = act if act is not None else nn.Identity()
     rows = collect_rows(f"adaround: {name}", layer_fp, pairs, n_total, act, int(cfg["position_pool"]),
-                        int(cfg["memory_mb"]), g)
+                        int(cfg["memory_mb"]), g, channel_first=activation_bounds(act) is not None)
     rec = _Reconstruction(layer_fp, act, rows)
     nearest = _nearest(w_rows, s, o, qmin, qmax).reshape(w0.shape)
     mse_nearest = rec.full_loss(nearest)
@@ -403,16 +403,9 @@ class _Reconstruction:
         if self.transposed:
             self.X, self.Y = rows.X, rows.Y
             return
-        self.pool = rows.X.shape[0]
-        Xr, Yr = rows.flat
-        C = Yr.shape[1]
-        if self.bounds is not None and isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == C > 1:
-            # one output channel per group: its k inputs side by side, channel first
-            self.depthwise = True
-            Xr = Xr.reshape(Xr.shape[0], C, -1).permute(1, 0, 2).contiguous()
-            Yr = Yr.t().contiguous()
-            rows.X = rows.Y = None  # the row-major copies are no longer needed
-        self.Xr, self.Yr = Xr, Yr
+        self.pool = rows.pool
+        self.depthwise = rows.channel_first  # rows [C, rows, k], targets [C, rows]
+        self.Xr, self.Yr = rows.flat
         self.fused = self.bounds is not None and (self.depthwise or isinstance(layer, nn.Linear) or layer.groups == 1)
 
     @property
