@@ -89,3 +89,33 @@ def test_channel_first_rows_are_the_row_major_rows_permuted(pool):
     pairs = [(x, dense(x).detach()) for x in xs]
     d = layerwise.collect_rows("t", dense, pairs, 12, nn.Identity(), pool, 1024, torch.Generator(), channel_first=True)
     assert not d.channel_first
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                                   nn.Conv2d(4, 6, 1)], ids=["depthwise", "dense", "pointwise"])
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Identity()], ids=["relu6", "none"])
+def test_a_step_over_every_position_of_every_sample_is_the_full_convolution_loss(layer, act):
+    """With every output position kept and a step as large as the table, AdaRound's sampled step loss
+    and its gradient are those of the whole convolution over all samples (F.conv2d, autograd)."""
+    ada = importlib.import_module("pyquant.techniques.adaround")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    xs = [torch.randn(3, 4, 6, 5, generator=g) for _ in range(2)]
+    ys = [layer(x).detach() + 0.3 * torch.randn(layer(x).shape, generator=g) for x in xs]
+    P = ys[0].shape[2] * ys[0].shape[3]
+    rows = layerwise.collect_rows("t", layer, zip(xs, ys), 6, act, P, 1024, torch.Generator(),
+                                  channel_first=isinstance(act, nn.ReLU6))
+    rec = ada._Reconstruction(layer, act, rows)
+    assert rec.kept_rows == 6 * P
+    w = (layer.weight.detach() + 0.05 * torch.randn(layer.weight.shape, generator=g)).requires_grad_(True)
+    got = rec.steps(6, P, torch.Generator())(w)
+    g_got, = torch.autograd.grad(got, w)
+    x, y = torch.cat(xs), act(torch.cat(ys))
+    out = act(torch.nn.functional.conv2d(x, w, layer.bias, layer.stride, layer.padding, 1, layer.groups))
+    ref = ((out - y) ** 2).sum() / (6 * P)  # sum over channels, mean over samples and positions
+    g_ref, = torch.autograd.grad(ref, w)
+    assert torch.allclose(got, ref, rtol=1e-4)
+    assert torch.allclose(g_got, g_ref, rtol=1e-3, atol=1e-4 * float(g_ref.abs().max()))
+    assert rec.full_loss(w.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
