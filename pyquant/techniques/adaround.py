@@ -21,8 +21,8 @@ Per layer, in execution order:
   * loss = sum over channels of the squared error, mean over positions, + reg_param * sum(1 - |2h-1|^beta)
     (no regularizer during the first `warm_start` fraction; beta then falls from beta_range[0] to
     beta_range[1] along a half cosine); Adam on alpha only, through the fused kernels of pyquant.ops;
-  * the reconstruction term and its gradient in the weight come from one pass over a step's rows in
-    cache-sized chunks (pyquant.techniques.adaround_loss), a depthwise layer's rows kept channel first
+  * the reconstruction term and its gradient in the weight come from one forward over a step's rows in
+    chunks (pyquant.techniques.adaround_loss), a depthwise layer's rows kept channel first
     for it; image models are walked channels last;
   * at the end h = (alpha >= 0): the weight sits on the grid of its frozen encoding.
 
