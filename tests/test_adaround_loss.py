@@ -94,9 +94,11 @@ def test_channel_first_rows_are_the_row_major_rows_permuted(pool):
 @pytest.mark.parametrize("layer", [nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 6, 3, stride=2, padding=1),
                                    nn.Conv2d(4, 6, 1)], ids=["depthwise", "dense", "pointwise"])
 @pytest.mark.parametrize("act", [nn.ReLU6(), nn.Identity()], ids=["relu6", "none"])
-def test_a_step_over_every_position_of_every_sample_is_the_full_convolution_loss(layer, act):
+@pytest.mark.parametrize("whole", [False, True], ids=["rows", "whole-samples"])
+def test_a_step_over_every_position_of_every_sample_is_the_full_convolution_loss(layer, act, whole):
     """With every output position kept and a step as large as the table, AdaRound's sampled step loss
-    and its gradient are those of the whole convolution over all samples (F.conv2d, autograd)."""
+    and its gradient are those of the whole convolution over all samples (F.conv2d, autograd); a small
+    depthwise layer kept as whole samples (`whole_up_to`) gives the same."""
     ada = importlib.import_module("pyquant.techniques.adaround")
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -106,7 +108,8 @@ def test_a_step_over_every_position_of_every_sample_is_the_full_convolution_loss
     ys = [layer(x).detach() + 0.3 * torch.randn(layer(x).shape, generator=g) for x in xs]
     P = ys[0].shape[2] * ys[0].shape[3]
     rows = layerwise.collect_rows("t", layer, zip(xs, ys), 6, act, P, 1024, torch.Generator(),
-                                  channel_first=isinstance(act, nn.ReLU6))
+                                  channel_first=isinstance(act, nn.ReLU6), whole_up_to=P if whole else 0)
+    assert rows.whole_samples == (whole and layer.groups > 1)
     rec = ada._Reconstruction(layer, act, rows)
     assert rec.kept_rows == 6 * P
     w = (layer.weight.detach() + 0.05 * torch.randn(layer.weight.shape, generator=g)).requires_grad_(True)

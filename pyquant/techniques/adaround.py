@@ -355,7 +355,8 @@ def _optimize_layer(name: str, li: int, layer_fp: nn.Module, layer_q: nn.Module,
     w_rows = _block_rows(name, w0, enc)
     act = act if act is not None else nn.Identity()
     rows = collect_rows(f"adaround: {name}", layer_fp, pairs, n_total, act, int(cfg["position_pool"]),
-                        int(cfg["memory_mb"]), g, channel_first=activation_bounds(act) is not None)
+                        int(cfg["memory_mb"]), g, channel_first=activation_bounds(act) is not None,
+                        whole_up_to=int(cfg["positions_per_sample"]))
     rec = _Reconstruction(layer_fp, act, rows)
     nearest = _nearest(w_rows, s, o, qmin, qmax).reshape(w0.shape)
     mse_nearest = rec.full_loss(nearest)
@@ -419,11 +420,12 @@ class _Reconstruction:
 
     def __init__(self, layer: nn.Module, act: nn.Module, rows):
         self.layer, self.act, self.rows_total = layer, act, rows.rows_total
-        self.transposed = rows.whole_samples
+        self.whole = rows.whole_samples
+        self.transposed = isinstance(layer, nn.ConvTranspose2d)
         self.samples = rows.samples
         self.bounds = activation_bounds(act)
         self.depthwise = False
-        if self.transposed:
+        if self.whole:
             self.X, self.Y = rows.X, rows.Y
             return
         self.pool = rows.pool
@@ -435,6 +437,8 @@ class _Reconstruction:
     def kept_rows(self) -> int:
         if self.transposed:
             return int(self.samples)
+        if self.whole:  # every position of every sample
+            return int(self.samples * self.Y[0, 0].numel())
         return int(self.Xr.shape[1] if self.depthwise else self.Xr.shape[0])
 
     def predict(self, w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -442,13 +446,16 @@ class _Reconstruction:
         if self.transposed:
             return self.act(F.conv_transpose2d(x, w_hat.transpose(0, 1), layer.bias, layer.stride, layer.padding,
                                                layer.output_padding, layer.groups, layer.dilation))
+        if self.whole:  # a depthwise convolution on whole samples
+            return self.act(F.conv2d(x, w_hat.reshape(layer.weight.shape), layer.bias, layer.stride, layer.padding,
+                                     layer.dilation, layer.groups))
         return self.act(apply_rows(layer, x.reshape(-1, x.shape[-1]), w_hat))
 
     def loss(self, w_hat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss on rows x, y (in this layer's row layout; whole samples for a transposed convolution)."""
-        if not self.transposed and self.fused:
+        if not self.whole and self.fused:
             return row_loss(w_hat.reshape(w_hat.shape[0], -1), x, y, self.layer.bias, self.bounds, self.depthwise)
-        d = self.predict(w_hat, x) - (y if self.transposed else y.reshape(-1, y.shape[-1]))
+        d = self.predict(w_hat, x) - (y if self.whole else y.reshape(-1, y.shape[-1]))
         return (d * d).sum() / (d.numel() // d.shape[1])  # sum over channels, mean over the rest
 
     def _run(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +467,7 @@ class _Reconstruction:
     def full_loss(self, w_hat: torch.Tensor) -> float:
         """The loss over all kept rows, in chunks."""
         with torch.no_grad():
-            if self.transposed:
+            if self.whole:
                 X, Y, n = self.X, self.Y, self.samples
                 tot = sum(float(self.loss(w_hat, X[i:i + 64], Y[i:i + 64])) * len(X[i:i + 64])
                           for i in range(0, n, 64))
@@ -476,6 +483,17 @@ class _Reconstruction:
         after a dense layer, the exact loss of all kept rows through their Gram matrix whenever that is
         cheaper; transposed convolutions: batch_size random whole samples."""
         bs = min(batch_size, self.samples)
+        if self.whole and not self.transposed:  # depthwise, whole samples: the next run of samples
+            X, Y, n = self.X, self.Y, self.samples
+            at = [0]
+
+            def next_samples(w_soft):
+                if at[0] + bs > n:
+                    at[0] = 0
+                a = at[0]
+                at[0] += bs
+                return self.loss(w_soft, X[a:a + bs], Y[a:a + bs])
+            return next_samples
         if self.transposed:
             X, Y, n, dev = self.X, self.Y, self.samples, self.layer.weight.device
 

@@ -217,12 +217,14 @@ def is_depthwise(layer: nn.Module) -> bool:
 
 def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: int, act: nn.Module,
                  position_pool: int, memory_mb: int, g: torch.Generator,
-                 channel_first: bool = False) -> LayerRows:
+                 channel_first: bool = False, whole_up_to: int = 0) -> LayerRows:
     """Keeps, per calibration sample, a random pool of at most `position_pool` output positions (fewer
     when `memory_mb` would not hold them) of (input row from the quantized model, FP32 target row after
     `act`), from `pairs` of (layer input, FP32 layer output) per chunk. `g` draws the slot order first,
     then each sample's positions: the same generator state gives the same rows. `channel_first`: a
-    depthwise layer's rows are laid out channel first (`LayerRows`); the same rows either way."""
+    depthwise layer's rows are laid out channel first (`LayerRows`); the same rows either way.
+    `whole_up_to`: a depthwise Conv2d with at most this many output positions per sample keeps whole
+    samples instead (`whole_samples`; every position, no im2col), in the slot order."""
     dev = layer.weight.device
     transposed = isinstance(layer, nn.ConvTranspose2d)
     channel_first = bool(channel_first) and is_depthwise(layer)
@@ -233,6 +235,9 @@ def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: i
     filled = 0
     with torch.no_grad():
         for xin, yfp in pairs:
+            if not transposed and not xs and X is None and isinstance(layer, nn.Conv2d) and is_depthwise(layer) \
+                    and positions(layer, yfp.shape) <= int(whole_up_to):
+                transposed = True  # a small depthwise output: whole samples, as for a transposed convolution
             if transposed:  # no im2col: keep whole samples
                 xs.append(xin)
                 ys.append(act(yfp))
@@ -273,6 +278,12 @@ def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: i
                 filled += len(xr)
     if transposed:
         X, Y = torch.cat(xs), torch.cat(ys)
+        if not isinstance(layer, nn.ConvTranspose2d):  # in the slot order: a run of samples is a random batch
+            order = torch.empty(n_total, dtype=torch.long)
+            order[torch.tensor(slots)] = torch.arange(n_total)
+            X, Y = X[order.to(X.device)], Y[order.to(Y.device)]
+            if X.dim() == 4:  # channels last: a depthwise convolution's fastest layout on CPU
+                X, Y = X.contiguous(memory_format=torch.channels_last), Y.contiguous(memory_format=torch.channels_last)
         return LayerRows(X, Y, X.shape[0], rows_total, True)
     if X is None or filled != n_total:
         raise RuntimeError(f"{name}: expected {n_total} samples, saw {filled}")
