@@ -23,7 +23,9 @@ Per layer, in execution order:
     beta_range[1] along a half cosine); Adam on alpha only, through the fused kernels of pyquant.ops;
   * the reconstruction term and its gradient in the weight come from one forward over a step's rows in
     chunks (pyquant.techniques.adaround_loss), a depthwise layer's rows kept channel first
-    for it; image models are walked channels last;
+    for it; a depthwise layer with at most `positions_per_sample` output positions (a step would take
+    all of them) keeps whole samples instead and steps on the next run of `batch_size` of them with a
+    channels-last convolution; image models are walked channels last;
   * at the end h = (alpha >= 0): the weight sits on the grid of its frozen encoding.
 
 With `checkpoint_dir`, every finished layer is saved (atomically); a run restarted with the same
