@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=None, help="calibration samples for AdaRound (MobileNetV2)")
     p.add_argument("--skip", default="", help="comma-separated: mobilenet, fashion")
     p.add_argument("--seeds", type=int, default=1, help="pyquant AdaRound runs with seeds 0..N-1 (MobileNetV2)")
-    p.add_argument("--reach-iterations", default="50,100,200",
+    p.add_argument("--reach-iterations", default="50,100,150,200",
                    help="comma-separated iterations per layer tried, fewest first, for the time to reach AIMET's KL "
                         "(empty: no such row)")
     p.add_argument("--target-kl", type=float, default=None,
