@@ -177,3 +177,20 @@ def test_activation_found_through_a_folded_batchnorm_and_gram_path_for_linear_la
     assert grams == [torch.Size([48 * 64, 8])]       # "b": no activation, 8 inputs < 128 rows a step
     rb = next(r for r in res.report if r.name == "b")
     assert rb.mse_adaround < rb.mse_nearest and rb.changed_vs_nearest > 0
+
+
+def test_channels_last_walk_gives_the_same_rounding_and_restores_the_layout(monkeypatch):
+    """Image models are walked channels last; the result is that of a walk in the default layout, and
+    every weight of the result comes back in the default (contiguous) layout."""
+    fast = _run(iterations=100)
+    assert all(p.is_contiguous() for p in fast.model.parameters())
+
+    @ada_mod.contextlib.contextmanager
+    def plain(fp32, qmodel, chunks):
+        yield chunks
+    monkeypatch.setattr(ada_mod, "_channels_last", plain)
+    ref = _run(iterations=100)
+    for a, b in zip(fast.report, ref.report):
+        assert a.name == b.name and abs(a.mse_nearest - b.mse_nearest) <= 1e-4 * b.mse_nearest
+    for (n, p), q in zip(fast.model.named_parameters(), ref.model.parameters()):
+        assert (p == q).float().mean() > 0.98, n

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..sim.quantsim import QuantSim
 
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
-           "apply_rows", "LayerRows", "collect_rows", "gram", "gram_loss", "following_activation",
+           "apply_rows", "LayerRows", "collect_rows", "is_depthwise", "gram", "gram_loss", "following_activation",
            "channel_first", "graph_weight_layers", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
            "LayerError", "LayerwiseResult", "LayerCheckpoint", "set_frozen_encoding", "weight_groups"]
 
@@ -185,39 +185,62 @@ class LayerRows:
     Convolutions and linear layers: X [pool positions, samples, K] and Y [pool positions, samples, C],
     position-major with the samples in a random slot order, so that any contiguous run of the flat
     rows (`flat`) spans many samples: a step takes the next run, with no gathering copy per step.
-    Transposed convolutions (`whole_samples`): X and Y hold whole samples (no im2col)."""
+    Transposed convolutions (`whole_samples`): X and Y hold whole samples (no im2col).
+    Depthwise convolutions collected `channel_first`: X [C, pool positions, samples, k] and
+    Y [C, pool positions, samples], each channel's rows contiguous, in the same row order."""
 
     X: torch.Tensor
     Y: torch.Tensor
     samples: int
     rows_total: int  # positions the calibration samples have in all
     whole_samples: bool
+    channel_first: bool = False
+
+    @property
+    def pool(self) -> int:
+        """Positions kept per sample (not for whole samples)."""
+        return int(self.X.shape[1] if self.channel_first else self.X.shape[0])
 
     @property
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """X and Y as [rows, K] and [rows, C] (not for whole samples)."""
+        """X and Y as [rows, K] and [rows, C] (not for whole samples); `channel_first`: as [C, rows, k] and
+        [C, rows]."""
+        if self.channel_first:
+            return self.X.reshape(self.X.shape[0], -1, self.X.shape[-1]), self.Y.reshape(self.Y.shape[0], -1)
         return self.X.reshape(-1, self.X.shape[-1]), self.Y.reshape(-1, self.Y.shape[-1])
 
 
+def is_depthwise(layer: nn.Module) -> bool:
+    """A Conv1d/Conv2d with one output channel per group (and more than one group)."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1 and layer.groups == layer.out_channels
+
+
 def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: int, act: nn.Module,
-                 position_pool: int, memory_mb: int, g: torch.Generator) -> LayerRows:
+                 position_pool: int, memory_mb: int, g: torch.Generator,
+                 channel_first: bool = False, whole_up_to: int = 0) -> LayerRows:
     """Keeps, per calibration sample, a random pool of at most `position_pool` output positions (fewer
     when `memory_mb` would not hold them) of (input row from the quantized model, FP32 target row after
     `act`), from `pairs` of (layer input, FP32 layer output) per chunk. `g` draws the slot order first,
-    then each sample's positions: the same generator state gives the same rows."""
+    then each sample's positions: the same generator state gives the same rows. `channel_first`: a
+    depthwise layer's rows are laid out channel first (`LayerRows`); the same rows either way.
+    `whole_up_to`: a depthwise Conv2d with at most this many output positions per sample keeps whole
+    samples instead (`whole_samples`; every position, no im2col), in the slot order."""
     dev = layer.weight.device
     transposed = isinstance(layer, nn.ConvTranspose2d)
+    channel_first = bool(channel_first) and is_depthwise(layer)
     rows_total = 0
     X = Y = None
     xs, ys = [], []
-    slots = torch.randperm(n_total, generator=g).to(dev)
+    slots = torch.randperm(n_total, generator=g).tolist()
     filled = 0
     with torch.no_grad():
         for xin, yfp in pairs:
-            yfp = act(yfp)
+            if not transposed and not xs and X is None and isinstance(layer, nn.Conv2d) and is_depthwise(layer) \
+                    and positions(layer, yfp.shape) <= int(whole_up_to):
+                transposed = True  # a small depthwise output: whole samples, as for a transposed convolution
             if transposed:  # no im2col: keep whole samples
                 xs.append(xin)
-                ys.append(yfp)
+                ys.append(act(yfp))
                 rows_total += len(xin) * positions(layer, yfp.shape)
                 continue
             # a few samples at a time: im2col of a whole batch can be far larger than what is kept
@@ -237,19 +260,34 @@ def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: i
                           if isinstance(layer, nn.Linear) else rows_in_at(layer, xc, idx))
                 else:
                     xr = rows_in(layer, xc)
+                C = yr.shape[2]
                 if X is None:
-                    X = xr.new_empty(xr.shape[1], n_total, xr.shape[2])
-                    Y = yr.new_empty(yr.shape[1], n_total, yr.shape[2])
-                at = slots[filled:filled + len(xr)]
-                X.index_copy_(1, at, xr.transpose(0, 1))
-                Y.index_copy_(1, at, yr.transpose(0, 1))
+                    X = xr.new_empty(C, xr.shape[1], n_total, xr.shape[2] // C) if channel_first else \
+                        xr.new_empty(xr.shape[1], n_total, xr.shape[2])
+                    Y = yr.new_empty(C, yr.shape[1], n_total) if channel_first else \
+                        yr.new_empty(yr.shape[1], n_total, C)
+                yr = act(yr)  # elementwise: on the kept rows only
+                # one sample at a time: a slice copy of whole rows, several times faster than index_copy_
+                for j, slot in enumerate(slots[filled:filled + len(xr)]):
+                    if channel_first:
+                        X[:, :, slot] = xr[j].reshape(xr.shape[1], C, -1).transpose(0, 1)
+                        Y[:, :, slot] = yr[j].t()
+                    else:
+                        X[:, slot] = xr[j]
+                        Y[:, slot] = yr[j]
                 filled += len(xr)
     if transposed:
         X, Y = torch.cat(xs), torch.cat(ys)
+        if not isinstance(layer, nn.ConvTranspose2d):  # in the slot order: a run of samples is a random batch
+            order = torch.empty(n_total, dtype=torch.long)
+            order[torch.tensor(slots)] = torch.arange(n_total)
+            X, Y = X[order.to(X.device)], Y[order.to(Y.device)]
+            if X.dim() == 4:  # channels last: a depthwise convolution's fastest layout on CPU
+                X, Y = X.contiguous(memory_format=torch.channels_last), Y.contiguous(memory_format=torch.channels_last)
         return LayerRows(X, Y, X.shape[0], rows_total, True)
     if X is None or filled != n_total:
         raise RuntimeError(f"{name}: expected {n_total} samples, saw {filled}")
-    return LayerRows(X, Y, n_total, rows_total, False)
+    return LayerRows(X, Y, n_total, rows_total, False, channel_first)
 
 
 def gram(X: torch.Tensor, Y: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple:
