@@ -1,6 +1,6 @@
-"""The CPU kernels' thread pool (csrc/cpu/thread_pool.cpp): every chunk of a call runs once whichever thread
-claims it, so results are deterministic; calls from several Python threads at once and calls in a forked
-child still complete correctly."""
+"""The CPU kernels' thread pool (csrc/cpu/thread_pool.cpp, opt-in: PYQUANT_CPU_POOL=1): every chunk of a
+call runs once whichever thread claims it, so results are deterministic and equal to the OpenMP path's;
+calls from several Python threads at once and calls in a forked child still complete correctly."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -23,10 +23,12 @@ pytestmark = pytest.mark.skipif(_native.cpu_module() is None, reason="native CPU
 @pytest.fixture
 def two_threads():
     c = _native.cpu_module()
-    before = c.num_threads()
+    before, pool = c.num_threads(), c.cpu_pool_enabled()
     c.set_num_threads(2)
+    c.set_cpu_pool_enabled(True)
     yield c
     c.set_num_threads(0 if before == 0 else before)
+    c.set_cpu_pool_enabled(pool)
 
 
 def _call(x, s, o, g):
@@ -44,6 +46,10 @@ def test_results_do_not_depend_on_which_thread_ran_which_chunk(two_threads):
     for _ in range(8):
         for a, b in zip(first, _call(x, s, o, g)):
             assert torch.equal(a, b)
+    two_threads.set_cpu_pool_enabled(False)  # the same ranges in OpenMP regions: the same sums, bit for bit
+    for a, b in zip(first, _call(x, s, o, g)):
+        assert torch.equal(a, b)
+    two_threads.set_cpu_pool_enabled(True)
     ry = ref.quantize_dequantize(x, s, o, 0, 255)
     assert torch.equal(first[0], ry)
     rdx, rds, rdo = ref.quantize_dequantize_backward(g, x, s, o, 0, 255, 1.0, [True, True, True])

@@ -42,6 +42,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("num_threads", &cpu_threads, "threads the CPU kernels may use");
   m.def("set_num_threads", &set_cpu_threads, "cap the CPU kernels' threads (0: OpenMP's default)");
   m.def("pool_helpers", &cpu::pool_helpers, "helper threads the CPU kernels' pool has started");
+  m.def("cpu_pool_enabled", &cpu::pool_enabled, "whether the CPU kernels split work on pyquant's pool (else OpenMP)");
+  m.def("set_cpu_pool_enabled", &cpu::set_pool_enabled,
+        "split the CPU kernels' work on pyquant's pool (True) or in OpenMP regions (False)");
 #if defined(PQ_HAVE_OPENMP)
   m.attr("openmp") = true;
 #else

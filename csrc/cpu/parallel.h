@@ -4,6 +4,9 @@
 #include <cstdint>
 #include "pyquant/fake_quant.h"
 #include "thread_pool.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace pq {
 namespace cpu {
@@ -20,8 +23,27 @@ void call_chunk(void* f, int64_t k) {
   (*static_cast<F*>(f))(k);
 }
 
+// Runs chunk(k) for every k in [0, n): on the pool when it is enabled (thread_pool.h), else in an OpenMP
+// region (torch's threads), each thread taking every num_threads-th chunk so that none is skipped when
+// the runtime grants fewer threads than asked.
+template <class F>
+inline void run_all(int64_t n, F& chunk) {
+  if (pool_enabled()) {
+    run_chunks(n, int(n), &call_chunk<F>, &chunk);
+    return;
+  }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(int(n))
+  {
+    for (int64_t k = omp_get_thread_num(); k < n; k += omp_get_num_threads()) chunk(k);
+  }
+#else
+  for (int64_t k = 0; k < n; ++k) chunk(k);
+#endif
+}
+
 // Runs fn(tid, begin, end) over `nthreads` contiguous ranges whose starts are multiples of 64, each range
-// once (tid is the range's index; whichever thread runs it, see thread_pool.h).
+// once (tid is the range's index, whichever thread runs it).
 template <class Fn>
 inline void parallel_ranges(int64_t numel, int nthreads, Fn&& fn) {
   if (nthreads <= 1) { fn(0, int64_t(0), numel); return; }
@@ -30,7 +52,7 @@ inline void parallel_ranges(int64_t numel, int nthreads, Fn&& fn) {
     const int64_t b = std::min<int64_t>(numel, per * tid);
     fn(int(tid), b, std::min<int64_t>(numel, b + per));
   };
-  run_chunks(nthreads, nthreads, &call_chunk<decltype(chunk)>, &chunk);
+  run_all(nthreads, chunk);
 }
 
 // Walks [begin, end) and calls seg(offset, n, scale_index, per_element) for each run of elements
@@ -95,7 +117,7 @@ template <class Fn>
 inline void parallel_split(int64_t n, int nthreads, Fn&& fn) {
   if (nthreads <= 1) { fn(0, int64_t(0), n); return; }
   auto chunk = [&](int64_t tid) { fn(int(tid), n * tid / nthreads, n * (tid + 1) / nthreads); };
-  run_chunks(nthreads, nthreads, &call_chunk<decltype(chunk)>, &chunk);
+  run_all(nthreads, chunk);
 }
 
 }  // namespace cpu

@@ -3,6 +3,9 @@
 
 #include <pthread.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -129,6 +132,16 @@ void run_chunks(int64_t n, int threads, void (*body)(void*, int64_t), void* ctx)
   p->run(n, threads, body, ctx);
   p->busy.store(false, std::memory_order_release);
 }
+
+namespace {
+std::atomic<bool> g_enabled{[] {
+  const char* v = std::getenv("PYQUANT_CPU_POOL");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}()};
+}  // namespace
+
+bool pool_enabled() { return g_enabled.load(std::memory_order_relaxed); }
+void set_pool_enabled(bool on) { g_enabled.store(on, std::memory_order_relaxed); }
 
 int pool_helpers() {
   Pool* p = g_pool.load(std::memory_order_acquire);

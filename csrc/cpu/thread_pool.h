@@ -9,7 +9,9 @@
 // after a short spin, so an idle pool costs nothing.
 //
 // Each chunk index k in [0, n) runs exactly once, whichever thread runs it, so a kernel that keeps one
-// partial result per chunk and combines them in index order stays deterministic.
+// partial result per chunk and combines them in index order stays deterministic (and equal to the OpenMP
+// path's result). The pool is opt-in (PYQUANT_CPU_POOL=1): bench/contention.py measures it against OpenMP
+// regions, which share torch's own threads.
 #pragma once
 #include <cstdint>
 
@@ -22,6 +24,11 @@ void run_chunks(int64_t n, int threads, void (*body)(void*, int64_t), void* ctx)
 
 // Helper threads the pool has started (for tests).
 int pool_helpers();
+
+// Whether parallel_ranges/parallel_split use this pool (else OpenMP, sharing torch's threads). Off unless
+// the environment variable PYQUANT_CPU_POOL=1 was set when the module loaded, or set_pool_enabled(true).
+bool pool_enabled();
+void set_pool_enabled(bool on);
 
 }  // namespace cpu
 }  // namespace pq
