@@ -12,8 +12,9 @@ the machine's state hits both alike:
 - a 1M-float quantize-dequantize (torch.ops.pyquant) against torch's fake_quantize_per_tensor_affine.
 
 Each workload runs with the kernels' default threading (OpenMP regions) and with pyquant's pool
-(PYQUANT_CPU_POOL=1, csrc/cpu/thread_pool.cpp). Reported: medians alone and beside, each slowdown (beside / alone) and pyquant's slowdown relative to its
-baseline's (<= 1: pyquant slows no more than the FP32 model it simulates). Target: that ratio <= 1.1 for the
+(PYQUANT_CPU_POOL=1, csrc/cpu/thread_pool.cpp). Reported: medians alone and beside, each slowdown
+(beside / alone) and pyquant's slowdown relative to its baseline's (<= 1: pyquant slows no more than the
+FP32 model it simulates). Target: that ratio <= 1.1 for the
 simulated forward and step.
 
     python -m bench.contention            # ~8 minutes

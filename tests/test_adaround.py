@@ -136,7 +136,8 @@ def test_rows_at_kept_positions_equal_the_full_im2col_gathered(layer, shape):
 
 
 def test_gram_loss_equals_the_row_loss_and_its_gradient():
-    from pyquant.techniques.layerwise import gram as _gram, gram_loss as _gram_loss
+    from pyquant.techniques.adaround_loss import gram_row_loss as _gram_loss
+    from pyquant.techniques.layerwise import gram as _gram
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(3000, 40, generator=g), torch.randn(3000, 7, generator=g)
     b = torch.randn(7, generator=g)

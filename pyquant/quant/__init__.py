@@ -12,5 +12,6 @@ __all__ = ["Encoding", "from_range", "from_scale_offset", "min_scale", "Encoding
            "TfEnhanced", "Mse", "Percentile", "Entropy", "CalibrationError", "sqnr_candidates",
            "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerBase", "QuantizerError", "RangeParams",
            "MinMaxRange", "ScaleOffsetRange", "RANGE_PARAMS", "least_error", "least_error_encoding",
-           "round_to_nearest_encodings", "clipped_encodings", "CLIP_FACTORS", "LpbqEncoding", "LpbqQuantizeDequantize", "lpbq_encoding",
+           "round_to_nearest_encodings", "clipped_encodings", "CLIP_FACTORS", "LpbqEncoding",
+           "LpbqQuantizeDequantize", "lpbq_encoding",
            "lpbq_scales"]

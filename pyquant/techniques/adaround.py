@@ -276,8 +276,8 @@ def _chunk(b: Any, dev: torch.device) -> Any:
 def _channels_last(fp32: nn.Module, qmodel: nn.Module, chunks: list[Any]):
     """Inside the block, CPU models fed images (4-d tensors) run channels last, chunks included: their
     depthwise convolutions run faster so (MobileNetV2's forward in about 60% of the CPU time), and a
-    layer's input pixels come with their channels side by side, as im2col at kept positions reads them. The models get their layout back
-    at the end; the values are the same."""
+    layer's input pixels come with their channels side by side, as im2col at kept positions reads them.
+    The models get their layout back at the end; the values are the same."""
     four_d = all(isinstance(c, torch.Tensor) and c.dim() == 4 and c.device.type == "cpu" for c in chunks)
     if not four_d or not any(p.dim() == 4 for p in fp32.parameters()):
         yield chunks

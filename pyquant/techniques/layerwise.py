@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..sim.quantsim import QuantSim
 
 __all__ = ["walk_layers", "walk_side_by_side", "capture", "positions", "rows_in", "rows_in_at", "rows_out",
-           "apply_rows", "LayerRows", "collect_rows", "is_depthwise", "gram", "gram_loss", "following_activation",
+           "apply_rows", "LayerRows", "collect_rows", "is_depthwise", "gram", "following_activation",
            "channel_first", "graph_weight_layers", "SimLayer", "sim_linear_layers", "walk_sim_layers", "input_gram", "output_mse",
            "LayerError", "LayerwiseResult", "LayerCheckpoint", "set_frozen_encoding", "weight_groups"]
 
@@ -305,12 +305,6 @@ def gram(X: torch.Tensor, Y: torch.Tensor, bias: Optional[torch.Tensor]) -> tupl
         B += y.t() @ x
         yy += (y * y).sum()
     return G.float(), B.float(), float(yy), X.shape[0]
-
-
-def gram_loss(w_hat: torch.Tensor, G: torch.Tensor, B: torch.Tensor, yy: float, rows: int) -> torch.Tensor:
-    """The rows' reconstruction loss (sum over channels, mean over rows) from their Gram statistics."""
-    W = w_hat.reshape(w_hat.shape[0], -1)
-    return (((W @ G) * W).sum() - 2.0 * (W * B).sum() + yy) / rows
 
 
 _RELU_CALLS = {torch.relu, F.relu, torch.ops.aten.relu.default}

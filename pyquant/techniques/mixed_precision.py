@@ -655,7 +655,9 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                         _sensitivity(sim, groups, mix, encs, ev, got, progress, note, todo, "refine")
                         return got
 
-                    _refine(groups, target, by_key, moves_from, cost_of)
+                    chosen = cheapest()
+                    if chosen is not None:
+                        _refine(groups, target, as_mix(chosen), chosen.accuracy, moves_from, cost_of)
                     for _ in range(_RECALIBRATIONS):  # the chosen mix's own activation ranges, then more moves
                         chosen = cheapest()
                         if chosen is None:
@@ -665,11 +667,12 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                         apply(mix)
                         before = encs.generation
                         encs.recalibrate(calib)
-                        if evaluate(mix, "recalibrated") <= chosen.accuracy:
+                        acc = evaluate(mix, "recalibrated")
+                        if acc <= chosen.accuracy:
                             encs.use(before)  # no better for it: the search goes on as it was
                             break
                         cost_before = chosen.cost
-                        _refine(groups, target, by_key, moves_from, cost_of)
+                        _refine(groups, target, mix, acc, moves_from, cost_of)
                         if cheapest().cost >= cost_before:
                             break
         except _TimeUp:
@@ -763,21 +766,16 @@ def _walk_path(path: list[Mix], target: float, pareto_points: int, evaluate: Cal
         bar.close()
 
 
-def _refine(groups: list[QuantizerGroup], target: float, by_key: dict[str, MixPoint],
+def _refine(groups: list[QuantizerGroup], target: float, start: Mix, start_acc: float,
             moves_from: Callable[[Mix, list[tuple[QuantizerGroup, Candidate]]],
                                  dict[tuple[str, Candidate], tuple[float, float]]],
             cost_of: Callable[[str, Candidate], float]) -> None:
-    """Best-fit rounds from the cheapest point meeting the target: every single move to a cheaper candidate
-    evaluated on the current mix (staged, like the sensitivity), the one that loses least accuracy per unit
-    of cost saved among those still meeting the target taken, and the next round re-evaluates the moves
-    that met it -- interactions the one-at-a-time sensitivity cannot see are measured."""
-    meeting = [p for p in by_key.values() if p.accuracy >= target]
-    if not meeting:
-        return
-    best = min(meeting, key=lambda p: (p.cost, -p.accuracy))
-    by_name = {(g.name, c.name): c for g in groups for c in g.allowed}
-    cur = {g: by_name[(g, c)] for g, c in best.mix.items()}
-    here = best.accuracy
+    """Best-fit rounds from `start` (a mix meeting the target, scoring `start_acc`): every single move to a
+    cheaper candidate evaluated on the current mix (staged, like the sensitivity), the one that loses least
+    accuracy per unit of cost saved among those still meeting the target taken, and the next round
+    re-evaluates the moves that met it -- interactions the one-at-a-time sensitivity cannot see are
+    measured. Every evaluation becomes a point of the search (through `moves_from`)."""
+    cur, here = dict(start), start_acc
     todo = [(g, c) for g in groups for c in g.allowed if cost_of(g.name, c) < cost_of(g.name, cur[g.name])]
     while todo:
         got = moves_from(cur, todo)
