@@ -107,3 +107,17 @@ def test_eager_kernel_is_the_registered_kernel_or_the_op():
         fx = mode.from_tensor(x)
         assert pyquant.ops.eager_kernel("quantize_dequantize", fx) is torch.ops.pyquant.quantize_dequantize
     assert pyquant.ops.eager_kernel("quantize_dequantize", x.to("meta")) is torch.ops.pyquant.quantize_dequantize
+
+
+@pytest.mark.parametrize("symmetric,factors", [(False, True), (True, True), (False, False)])
+def test_the_registered_op_returns_tensors_that_alias_nothing(symmetric, factors):
+    """The dispatcher (torch.compile, functionalization) needs outputs that share no storage with the inputs
+    or with each other; the eager kernel inside the quantizer's node may share one allocation."""
+    mn, mx = _ranges(32, seed=5)
+    out = op(mn, mx, 0, 15, 1e-7, symmetric, factors)
+    ptrs = [t.untyped_storage().data_ptr() for t in (*out, mn, mx) if t.numel()]  # an empty one has no storage
+    assert len(set(ptrs)) == len(ptrs)
+    torch.library.opcheck(op, (mn.nan_to_num(0.0), mx.nan_to_num(0.0, posinf=5.0), 0, 15, 1e-7, symmetric, factors))
+    eager = pyquant.ops.eager_kernel("minmax_encoding", mn)(mn, mx, 0, 15, 1e-7, symmetric, factors)
+    for got, want in zip(eager, out):
+        assert torch.equal(_bits(got), _bits(want))

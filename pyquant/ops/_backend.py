@@ -3,6 +3,7 @@ checks, memory-order handling, output allocation. _cpu.py and _cuda.py instantia
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from types import ModuleType
 from typing import Callable, Optional
@@ -165,13 +166,20 @@ class NativeBackend:
         return dx, _unpermute(ds, perm, scale), _unpermute(do, perm, offset)
 
     # ---- encodings of learned ranges ----
-    def minmax_encoding(self, mn, mx, qmin, qmax, min_scale, symmetric, factors):
+    def minmax_encoding(self, mn, mx, qmin, qmax, min_scale, symmetric, factors, one_block: bool = False):
+        """`one_block`: the outputs share one allocation (and the unformed ones one empty tensor) -- for
+        eager calls from inside an autograd node only; the registered op returns tensors that alias
+        nothing, as the dispatcher (compile, functionalization) requires."""
         _registry.check_minmax_encoding_args(mn, mx, qmin, qmax, min_scale)
         mn, mx = mn.contiguous(), mx.contiguous()
         n = mn.numel()
         parts = 2 + (1 if factors else 0) + (2 if factors and not symmetric else 0)
-        out = list(torch.empty((parts,) + tuple(mn.shape), dtype=torch.float32).unbind(0))  # one allocation
-        out += [mn.new_empty(0)] * (5 - parts)
+        if one_block:
+            out = list(torch.empty((parts,) + tuple(mn.shape), dtype=torch.float32).unbind(0))
+            out += [mn.new_empty(0)] * (5 - parts)
+        else:
+            out = [torch.empty(mn.shape, dtype=torch.float32) for _ in range(parts)]
+            out += [mn.new_empty(0) for _ in range(5 - parts)]
         s, o, k_s, k_o, k_ot = out
         self.m.minmax_encoding(mn.data_ptr(), mx.data_ptr(), n, float(qmin), float(qmax), float(min_scale),
                                bool(symmetric), s.data_ptr(), o.data_ptr(), k_s.data_ptr() if factors else 0,
@@ -360,6 +368,8 @@ class NativeBackend:
             reg("max_pool2d_window_backward", self.max_pool2d_window_backward)
         if hasattr(self.m, "minmax_encoding"):  # the CPU's
             reg("minmax_encoding", self.minmax_encoding)
+            _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = functools.partial(self.minmax_encoding,
+                                                                                   one_block=True)
         else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
             _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
         reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
