@@ -8,6 +8,10 @@ and target.
 2. all-MiniLM-L6-v2 on fortune texts, W4 / W8 weights with 8-bit activations, accuracy = cosine similarity of
    the token states with FP32's; target: within 0.01 of W8A8's.
 
+With `--adaround-w4 N`, pyquant's 4-bit candidates run with AdaRound's weights (pyquant.adaround at 4 bits,
+N iterations per layer, on the calibration data; `candidate_weights`), a row of its own whose seconds include
+AdaRound's, written to amp_<section>_adaround.
+
 pyquant runs with `refine=True` (its refinement: single moves measured on the chosen mix, and the chosen
 mix's activations calibrated anew; `--no-refine` for the path alone). For each: the search's seconds and
 evaluations, the chosen mix's bit operations relative to all-W8A8 (both
@@ -163,7 +167,8 @@ def _aimet_search(aimet, model, dummy, calib: list[tuple], evaluate: Callable, c
 
 # ---- one model -----------------------------------------------------------------------------------------------
 def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], metric: str, candidates: str,
-             margin: float, aimet, prepare: bool, rows: list, notes: list, fronts: dict, refine: bool = True) -> None:
+             margin: float, aimet, prepare: bool, rows: list, notes: list, fronts: dict, refine: bool = True,
+             adaround_w4: int = 0) -> None:
     import pyquant
     from pyquant.sim.quantsim import QuantSim
     from pyquant.techniques import parse_candidates, quantizer_groups
@@ -186,14 +191,22 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
     rel = _relative_cost(sim, groups, evals[0])
 
     t0 = time.perf_counter()
-    res = pyquant.mixed_precision(sim, candidates, metric, calib, drop, eval_data=list(evals), refine=refine)
+    kw: dict[str, Any] = {}
+    tool = "pyquant"
+    if adaround_w4:
+        ada = pyquant.adaround(model, dummy, calib, param_bw=4, iterations=adaround_w4, progress=False)
+        kw["candidate_weights"] = {4: ada}
+        tool = f"pyquant, W4 from AdaRound ({adaround_w4} it/layer)"
+        notes.append(f"{name}: AdaRound at 4 bits took {time.perf_counter() - t0:.0f} s (in the row's seconds)")
+        log(notes[-1])
+    res = pyquant.mixed_precision(sim, candidates, metric, calib, drop, eval_data=list(evals), refine=refine, **kw)
     t_pq = time.perf_counter() - t0
     acc = evaluate(sim.model)
     pq_rel = rel(res.mix)
-    fronts[f"{name} pyquant"] = [(rel({g: parse_candidates([c])[0] for g, c in p.mix.items()}), p.accuracy)
+    fronts[f"{name} {tool}"] = [(rel({g: parse_candidates([c])[0] for g, c in p.mix.items()}), p.accuracy)
                                  for p in res.pareto]
     met_mobilenet = pq_rel <= 0.6 and acc >= w8a8 - 0.01 if metric == "top1_agreement" else None
-    rows.append(dict(model=name, tool="pyquant", seconds=t_pq, evaluations=res.evaluations, bitops_vs_w8a8=pq_rel,
+    rows.append(dict(model=name, tool=tool, seconds=t_pq, evaluations=res.evaluations, bitops_vs_w8a8=pq_rel,
                      accuracy=acc, w8a8_accuracy=w8a8, target=target, at_target=acc >= target, mix=_counts(res.mix),
                      met=met_mobilenet))
     log(res.summary())
@@ -234,7 +247,7 @@ def mobilenet(a, aimet, rows, notes, fronts) -> None:
     idx = [i * per + j for j in range(per) for i in range(len(PHOTOS))][:n_eval]
     evalx = evalx[sorted(idx)]
     run_case("MobileNetV2", model, calib[:1], _batches(calib, 16), _batches(evalx, 32), "top1_agreement",
-             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts, not a.no_refine)
+             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts, not a.no_refine, a.adaround_w4)
 
 
 def minilm(a, aimet, rows, notes, fronts) -> None:
@@ -249,7 +262,7 @@ def minilm(a, aimet, rows, notes, fronts) -> None:
     batches = [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, len(ids), 16)]
     calib, evals = batches[::2], batches[1::2] or batches
     run_case("all-MiniLM-L6-v2", model, batches[0], calib, evals, "cosine", "w4a8,w8a8", 0.01, aimet, False,
-             rows, notes, fronts, not a.no_refine)
+             rows, notes, fronts, not a.no_refine, a.adaround_w4)
 
 
 def main(argv=None) -> int:
@@ -260,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["mobilenet", "minilm"], default=None, help="one section")
     p.add_argument("--no-aimet", action="store_true", help="pyquant alone")
     p.add_argument("--no-refine", action="store_true", help="pyquant without its refinement (refine=False)")
+    p.add_argument("--adaround-w4", type=int, default=0, metavar="N",
+                   help="4-bit candidates with AdaRound's weights, N iterations per layer (default 0: off)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)
@@ -285,7 +300,8 @@ def main(argv=None) -> int:
         notes.append(f"Pareto front, {k} (" + ("bit operations vs W8A8, accuracy" if "pyquant" in k else
                                               "AIMET's bit operations, accuracy") + "): "
                      + "; ".join(f"{c:.3g}, {acc:.4f}" for c, acc in pts))
-    return publish("amp" if a.only is None else f"amp_{a.only}", a, rows, COLUMNS, title="Mixed precision: pyquant vs AIMET choose_mixed_precision",
+    name = ("amp" if a.only is None else f"amp_{a.only}") + ("_adaround" if a.adaround_w4 else "")
+    return publish(name, a, rows, COLUMNS, title="Mixed precision: pyquant vs AIMET choose_mixed_precision",
                    notes=notes)
 
 

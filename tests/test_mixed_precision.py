@@ -459,3 +459,111 @@ def test_recalibrating_activations_on_a_mix_is_a_generation_that_can_be_undone()
         encs.put(g, low)
     for n in acts:
         assert torch.equal(sim.quantizer(n).get_encoding().scale, first[n].scale)
+
+
+# ---- candidate weights (a rounding technique's weights at one width) -------------------------------------
+
+def _w4_values(sim, name, noise=0.0, seed=0):
+    """Weight `name` on its 4-bit least-error grid (optionally from a perturbed weight), with that encoding."""
+    q = sim.quantizer(name)
+    w = sim.weight(name).detach()
+    if noise:
+        w = w + noise * w.abs().max() * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    saved = (q.bitwidth, q.get_encoding())
+    try:
+        sim.set_bitwidth(name, 4)
+        with torch.no_grad(), q.compute_encodings():
+            q(w)
+        enc = q.get_encoding()
+        with torch.no_grad():
+            values = q(w).detach().clone()
+    finally:
+        sim.set_bitwidth(name, saved[0])
+        q.set_encoding(saved[1])
+    return values, enc
+
+
+def test_candidate_weights_run_at_their_width_and_the_own_weights_elsewhere():
+    model, x, sim = _cnn_sim()
+    own = {n: sim.weight(n).detach().clone() for n in ("c1.weight", "c2.weight", "fc.weight")}
+    # c2's 4-bit weights ruined: the search must see it (sensitivity) and keep c2 above 4 bits
+    bad = {"c2.weight": _w4_values(sim, "c2.weight", noise=0.5)}
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", "cosine", x, 0.002, candidate_weights={4: bad},
+                                  progress=False)
+    model0, _, sim0 = _cnn_sim()
+    plain = pyquant.mixed_precision(sim0, "w4a8,w8a8", "cosine", x, 0.002, progress=False)
+    group_of = {w: g.name for g in res.groups for w in g.weights}
+    assert all(c.weight_bits == 4 for c in plain.mix.values())  # without them every layer goes to 4 bits
+    assert res.mix[group_of["c2.weight"]].weight_bits == 8
+    c2_w4 = [p for p in res.points if p.source == "sensitivity" and p.mix[group_of["c2.weight"]] == "w4a8"]
+    assert len(c2_w4) == 1 and c2_w4[0].accuracy < plain.accuracy - 0.01  # the sensitivity ran the bad values
+    # the weights the chosen mix runs with: every layer at 8 bits holds its own weight
+    for n, w in own.items():
+        if res.mix[group_of[n]].weight_bits == 8:
+            torch.testing.assert_close(sim.weight(n), w, rtol=0, atol=0)
+    assert _cosine(model, sim, x) == pytest.approx(res.accuracy, abs=1e-9)
+
+
+def test_chosen_candidate_weights_are_applied_and_frozen_on_their_grid():
+    model, x, sim = _cnn_sim()
+    given = {n: _w4_values(sim, n, noise=0.01, seed=i) for i, n in enumerate(("c1.weight", "c2.weight", "fc.weight"))}
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", "cosine", x, 1.0, candidate_weights={4: given},
+                                  progress=False)
+    group_of = {w: g.name for g in res.groups for w in g.weights}
+    assert all(c.weight_bits == 4 for c in res.mix.values())  # any drop allowed: the cheapest mix
+    for n, (values, enc) in given.items():
+        q = sim.quantizer(n)
+        torch.testing.assert_close(sim.weight(n), values, rtol=0, atol=0)
+        assert q.frozen and q.bitwidth == 4 and res.mix[group_of[n]].weight_bits == 4
+        torch.testing.assert_close(q.get_encoding().scale, enc.scale)
+        torch.testing.assert_close(q(sim.weight(n)), values)  # the given values are a fixed point of the grid
+    assert _cosine(model, sim, x) == pytest.approx(res.accuracy, abs=1e-9)
+    sim.compute_encodings(x, progress=False)  # a recalibration (of the activations) keeps them
+    for n, (values, enc) in given.items():
+        torch.testing.assert_close(sim.quantizer(n).get_encoding().scale, enc.scale)
+        torch.testing.assert_close(sim.weight(n), values, rtol=0, atol=0)
+
+
+def test_candidate_weights_from_adaround_beat_round_to_nearest_at_four_bits():
+    model, x, sim = _cnn_sim()
+    ada = pyquant.adaround(model, x[:2], x, param_bw=4, iterations=200, progress=False)
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", "cosine", x, 1.0, candidate_weights={4: ada},
+                                  progress=False)
+    _, _, sim0 = _cnn_sim()
+    plain = pyquant.mixed_precision(sim0, "w4a8,w8a8", "cosine", x, 1.0, progress=False)
+    assert all(c.weight_bits == 4 for c in res.mix.values()) and all(c.weight_bits == 4 for c in plain.mix.values())
+    assert res.accuracy > plain.accuracy  # all layers at W4A8: learned rounding against nearest
+    for n in ada.encodings:
+        torch.testing.assert_close(sim.weight(n), ada.model.get_parameter(n), rtol=0, atol=0)
+
+
+def test_an_error_on_the_way_restores_the_own_weights():
+    model, x, sim = _cnn_sim()
+    own = sim.weight("c2.weight").detach().clone()
+
+    def fails(m):
+        if not torch.equal(sim.weight("c2.weight"), own):
+            raise KeyboardInterrupt("killed with the candidate weights in place")
+        return 1.0
+
+    with pytest.raises(KeyboardInterrupt):
+        pyquant.mixed_precision(sim, "w4a8,w8a8", fails, x, 0.5,
+                                candidate_weights={4: {"c2.weight": _w4_values(sim, "c2.weight", 0.1)}},
+                                progress=False)
+    torch.testing.assert_close(sim.weight("c2.weight"), own, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda sim: {3: {}}, r"key 3 is not a weight width of the candidates \(\[4, 8\]\)"),
+    (lambda sim: {4: {"nope.weight": _w4_values(sim, "c1.weight")}}, r"\[4\]\['nope.weight'\].*no grouped weight"),
+    (lambda sim: {4: {"c1.weight": (_w4_values(sim, "c1.weight")[0][:4], _w4_values(sim, "c1.weight")[1])}},
+     r"weight shape \(4, 3, 3, 3\) is not the simulation's \(8, 3, 3, 3\)"),
+    (lambda sim: {8: {"c1.weight": _w4_values(sim, "c1.weight")}}, r"the encoding is 4-bit .* takes 8-bit"),
+    (lambda sim: {4: {"c1.weight": sim.weight("c1.weight")}}, r"must be a \(weight tensor, Encoding\) pair"),
+    (lambda sim: {4: [1]}, r"candidate_weights\[4\] must be an AdaroundResult"),
+    (lambda sim: [4], r"candidate_weights must be a dict"),
+])
+def test_bad_candidate_weights_are_named(make, match):
+    _, x, sim = _cnn_sim()
+    with pytest.raises((ValueError, TypeError), match=match):
+        pyquant.mixed_precision(sim, "w4a8,w8a8", "cosine", x, 0.1, candidate_weights=make(sim), progress=False)
