@@ -11,7 +11,7 @@ import torch
 from .. import ops
 from ..ops import raw
 from .encoding import _broadcast_to, min_scale
-from .range_params import minmax_grads
+from .range_params import minmax_grads, shaped
 
 __all__ = ["Pool", "Spec", "QuantizeNode", "encoding", "encoding_grads", "activate", "act_bounds"]
 
@@ -140,12 +140,8 @@ def encoding_grads(spec: Spec, s: torch.Tensor, factors, ds: torch.Tensor, do: t
     if not (need_a or need_b):
         return None, None
     if not spec.minmax:
-        return (_shaped(ds, s.shape) if need_a else None), (_shaped(do, s.shape) if need_b else None)
+        return (shaped(ds, s.shape) if need_a else None), (shaped(do, s.shape) if need_b else None)
     return minmax_grads(s.shape, factors, ds, do, need_a, need_b)
-
-
-def _shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    return t if t.shape == shape else t.reshape(shape)
 
 
 def _by_window(x: torch.Tensor, pool: Pool) -> bool:

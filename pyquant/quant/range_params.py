@@ -29,17 +29,22 @@ def minmax_to_scale_offset(mn: torch.Tensor, mx: torch.Tensor, qmin: int, qmax: 
     return s, o, tuple(k)
 
 
+def shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """`t` in `shape`, without a reshape call when it already has it (a per-call cost on small layers)."""
+    return t if t.shape == shape else t.reshape(shape)
+
+
 def minmax_grads(shape: torch.Size, factors: Factors, ds: torch.Tensor, do: Optional[torch.Tensor],
                  need_min: bool, need_max: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(d min, d max) from the gradients of scale and offset and `minmax_to_scale_offset`'s factors:
     ``dmax = (ds - do' (min/s)/s) [s unclamped] / N`` and ``dmin = do'/s - dmax`` with
     ``do' = do [o unclamped]`` (symmetric: ``dmin = -dmax``)."""
     k_s, k_o, k_ot = factors
-    ds = ds if ds.shape == shape else ds.reshape(shape)
+    ds = shaped(ds, shape)
     if k_o is None:  # symmetric: the offset is 0
         dmax = ds * k_s
         return (-dmax if need_min else None), (dmax if need_max else None)
-    do = do if do.shape == shape else do.reshape(shape)
+    do = shaped(do, shape)
     dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
     return (torch.addcmul(-dmax, do, k_o) if need_min else None), (dmax if need_max else None)
 

@@ -15,11 +15,6 @@ constexpr float kAdaStretch = 1.2f;  // zeta - gamma
 
 PQ_HD float ada_sigmoid(float a) { return float(1.0 / (1.0 + exp(-double(a)))); }
 
-PQ_HD float ada_clamp(float v, float lo, float hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
-}
-
 struct AdaTerms {
   float sig, hr, h, t;
 };
@@ -28,14 +23,14 @@ PQ_HD AdaTerms ada_terms(float w, float a, float s, float o, bool hard) {
   AdaTerms r;
   r.sig = ada_sigmoid(a);
   r.hr = r.sig * kAdaStretch + kAdaGamma;
-  r.h = hard ? (a >= 0.f ? 1.f : 0.f) : ada_clamp(r.hr, 0.f, 1.f);
+  r.h = hard ? (a >= 0.f ? 1.f : 0.f) : clamp_keep_nan(r.hr, 0.f, 1.f);
   r.t = (floorf(w / s) + r.h) - o;
   return r;
 }
 
 PQ_HD float ada_weight(float w, float a, float s, float o, float qmin, float qmax, bool hard) {
   const AdaTerms r = ada_terms(w, a, s, o, hard);
-  return (ada_clamp(r.t, qmin, qmax) + o) * s;
+  return (clamp_keep_nan(r.t, qmin, qmax) + o) * s;
 }
 
 // d w~ / d alpha times g: zero where t or hr was clamped (torch.clamp passes the gradient on the
@@ -56,7 +51,7 @@ struct AdaReg {
 PQ_HD AdaReg ada_reg(float a, float beta) {
   const float sig = ada_sigmoid(a);
   const float hr = sig * kAdaStretch + kAdaGamma;
-  const float h = ada_clamp(hr, 0.f, 1.f);
+  const float h = clamp_keep_nan(hr, 0.f, 1.f);
   const float d = 2.f * h - 1.f;
   const double ad = fabs(double(d));
   AdaReg r;

@@ -39,6 +39,12 @@ PQ_HD float f32_from_bits(uint32_t u) {
 #endif
 }
 
+// clamp(v, lo, hi) that lets NaN through, as torch.clamp does, so kernels match their torch references.
+PQ_HD float clamp_keep_nan(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
 PQ_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
 
 // Round to nearest even, NaN -> quiet NaN (0x7FC0 with the input's sign), as torch does.

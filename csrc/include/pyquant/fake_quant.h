@@ -43,10 +43,7 @@ struct ActClamp {
   float lo = -INFINITY;
   float hi = INFINITY;
   PQ_HD bool on() const { return lo > -INFINITY || hi < INFINITY; }
-  PQ_HD float apply(float x) const {
-    x = x < lo ? lo : x;
-    return x > hi ? hi : x;
-  }
+  PQ_HD float apply(float x) const { return clamp_keep_nan(x, lo, hi); }
   PQ_HD bool passes(float x) const { return !(x <= lo) && !(hi < INFINITY && x >= hi); }
 };
 
