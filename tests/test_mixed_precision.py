@@ -461,6 +461,33 @@ def test_recalibrating_activations_on_a_mix_is_a_generation_that_can_be_undone()
         assert torch.equal(sim.quantizer(n).get_encoding().scale, first[n].scale)
 
 
+def test_an_earlier_generation_is_restored_under_a_mix_of_other_widths():
+    """Refinement goes back to the generation a point was evaluated with while another mix is in place: its
+    grouped activations may then sit at other widths than when that generation was recorded."""
+    model, x, sim = _cnn_sim()
+    groups, loose = quantizer_groups(sim, "w8a8,w8a16")
+    calib = [(x[i:i + 16],) for i in range(0, len(x), 16)]
+    encs = mp_module._Encodings(sim, groups, calib)
+    acts = [n for n in sim.quantizers if n not in sim.param_quantizers]
+    grouped = [n for g in groups for n in g.activations]
+    assert grouped
+    a8, a16 = Candidate(8, 8), Candidate(8, 16)
+    for g in groups:
+        encs.put(g, a8)
+    first = {n: sim.quantizer(n).get_encoding() for n in acts}
+    encs.recalibrate(calib)  # generation 0 recorded with every group at 8-bit activations
+    for g in groups:
+        encs.put(g, a16)
+    encs.use(0)  # the grouped activations are at 16 bits now: their 8-bit encodings wait in the table
+    assert all(sim.quantizer(n).bitwidth == 16 for n in grouped)
+    for n in loose:  # the ungrouped ones are generation 0's at once
+        assert torch.equal(sim.quantizer(n).get_encoding().scale, first[n].scale)
+    for g in groups:
+        encs.put(g, a8)
+    for n in acts:
+        assert torch.equal(sim.quantizer(n).get_encoding().scale, first[n].scale)
+
+
 # ---- candidate weights (a rounding technique's weights at one width) -------------------------------------
 
 def _w4_values(sim, name, noise=0.0, seed=0):

@@ -235,6 +235,7 @@ class _Encodings:
             self.own = {n: sim.weight(n).detach().clone() for n in {n for n, _ in self.values}}
         self.generation = 0
         self.generations: list[dict] = []
+        self.grouped = {n for g in groups for n in g.quantizers}  # their encodings come from the table
         saved = {n: (q.bitwidth, q.get_encoding() if q.has_encoding else None, q.frozen)
                  for n, q in sim.quantizers.items()}
         self.saved = saved
@@ -275,8 +276,11 @@ class _Encodings:
 
     def _activation_state(self) -> dict:
         acts = {n for n in self.sim.quantizers if n not in self.sim.param_quantizers}
+        # grouped activations are kept per width in the table (the mix in place when a generation is restored
+        # may give them other widths than now); the ungrouped ones keep their width and are kept as they are
         return {"table": {k: e for k, e in self.encs.items() if k[0] in acts},
-                "live": {n: self.sim.quantizer(n).get_encoding() for n in acts if self.sim.quantizer(n).has_encoding}}
+                "live": {n: self.sim.quantizer(n).get_encoding() for n in acts - self.grouped
+                         if self.sim.quantizer(n).has_encoding}}
 
     def recalibrate(self, calib: list[Batch]) -> None:
         """The activations calibrated anew with the simulation as it stands (a mix applied; every weight keeps
@@ -300,7 +304,8 @@ class _Encodings:
         self.generation = len(self.generations) - 1
 
     def use(self, generation: int) -> None:
-        """The activation table and the ungrouped activations' encodings of `generation`."""
+        """The activation table and the ungrouped activations' encodings of `generation` (grouped ones take
+        theirs from the table at the next `put`, at whatever width the mix then gives them)."""
         if generation == self.generation:
             return
         state = self.generations[generation]
