@@ -274,6 +274,24 @@ def _cmd_autoquant(a: argparse.Namespace) -> int:
     return EXIT_OK if res.target_met else EXIT_TARGET_MISSED
 
 
+def _amp_adaround(spec: Spec, a: argparse.Namespace, calib: list, checkpoint: Path) -> Optional[dict]:
+    """`--adaround-iterations N`: AdaRound's weights for the --adaround-bits candidates (default: the lowest
+    candidate weight width), learned on the calibration data and kept under `checkpoint` (a rerun resumes)."""
+    if not a.adaround_iterations:
+        if a.adaround_bits is not None:
+            raise UsageError("--adaround-bits needs --adaround-iterations N (N > 0)")
+        return None
+    from .techniques import adaround, parse_candidates
+    widths = sorted({c.weight_bits for c in parse_candidates(a.candidates)})
+    bits = widths[0] if a.adaround_bits is None else a.adaround_bits
+    if bits not in widths:
+        raise UsageError(f"--adaround-bits {bits}: no candidate has {bits}-bit weights (candidates' weight widths: "
+                         f"{widths})")
+    return {bits: adaround(spec.model, spec.dummy_input, calib, param_bw=bits, iterations=a.adaround_iterations,
+                           quant_scheme=a.quant_scheme, config=a.config, checkpoint_dir=checkpoint,
+                           progress=a.progress)}
+
+
 def _cmd_amp(a: argparse.Namespace) -> int:
     spec = load_spec(a.spec)
     from ._batches import as_batches
@@ -292,10 +310,12 @@ def _cmd_amp(a: argparse.Namespace) -> int:
         raise UsageError(f"--candidates: {exc}") from None
     out = Path(a.output)
     cache = a.cache_dir if a.cache_dir is not None else str(out / "cache")
-    res = mixed_precision(sim, a.candidates, eval_fn, as_batches(spec.data, a.batch_size, a.calib_samples),
+    calib = as_batches(spec.data, a.batch_size, a.calib_samples)
+    given = _amp_adaround(spec, a, calib, Path(cache) / "adaround")
+    res = mixed_precision(sim, a.candidates, eval_fn, calib,
                           a.allowed_drop, eval_data=as_batches(spec.data, a.batch_size, a.eval_samples),
                           cost=a.cost, refine=a.refine, pareto_points=a.pareto_points, time_budget=a.time_budget,
-                          checkpoint_dir=cache, progress=a.progress)
+                          checkpoint_dir=cache, candidate_weights=given, progress=a.progress)
     paths = res.save(sim, out, name)
     print(res.summary())
     try:
@@ -310,7 +330,8 @@ def _cmd_amp(a: argparse.Namespace) -> int:
         print(f"report:    {page}")
     except ImportError as exc:  # the mix is written; the page needs matplotlib
         print(f"no report ({exc})")
-    print(f"encodings: {paths['encodings']}\nconfig:    {paths['config']}\nresult:    {paths['result']}")
+    print(f"encodings: {paths['encodings']}\nweights:   {paths['weights']}\nconfig:    {paths['config']}\n"
+          f"result:    {paths['result']}")
     return EXIT_OK if res.target_met else EXIT_TARGET_MISSED
 
 
@@ -429,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Calibrates a QuantSim of the SPEC's model, then chooses each layer's weight and "
                                     "activation bit widths from --candidates (those the config's supported_kernels "
                                     "run) so that the accuracy stays within --allowed-drop of FP32 at the least "
-                                    "cost. Writes OUTPUT/NAME.encodings (at the chosen widths), "
+                                    "cost. Writes OUTPUT/NAME.encodings (at the chosen widths), OUTPUT/NAME.pth (the "
+                                    "weights they go with), "
                                     "OUTPUT/NAME_config.json, OUTPUT/NAME_mixed_precision.json and OUTPUT/report.html "
                                     "(the Pareto front); exit code 4 when the target was not met.")
     common(am, "pyquant-amp")
@@ -451,8 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     am.add_argument("--pareto-points", type=_non_negative_int, default=8,
                     help="extra points of the greedy path evaluated for the front (default 8)")
     am.add_argument("--time-budget", type=_seconds, default=None, help="stop searching after this many seconds")
+    am.add_argument("--adaround-iterations", type=_non_negative_int, default=0,
+                    help="learn the rounding of the --adaround-bits weights with AdaRound, this many iterations per "
+                         "layer (default 0: round to nearest); a low width with learned rounding loses far less")
+    am.add_argument("--adaround-bits", type=_positive_int, default=None,
+                    help="the candidate weight width AdaRound learns (default: the lowest among --candidates)")
     am.add_argument("--cache-dir", default=None,
-                    help="evaluations are kept here; a rerun with the same inputs resumes (default OUTPUT/cache)")
+                    help="evaluations (and AdaRound's layers) are kept here; a rerun with the same inputs resumes "
+                         "(default OUTPUT/cache)")
     am.add_argument("--name", default=None, help="file name prefix (default: the SPEC's name or function)")
     am.set_defaults(fn=_cmd_amp)
 

@@ -309,7 +309,11 @@ def test_save_writes_encodings_at_the_chosen_widths_and_the_config(tmp_path):
     res = pyquant.mixed_precision(sim, "w4a8,w8a16", "cosine", x, 5e-5, progress=False)
     paths = res.save(sim, tmp_path, "mix")
     assert load_config(str(paths["config"])) == sim.config
-    fresh = pyquant.QuantSim(SmallCnn().eval(), x[:2])
+    weights = torch.load(paths["weights"])
+    assert set(weights) == set(model.state_dict())
+    reloaded = SmallCnn().eval()
+    reloaded.load_state_dict(weights)  # the model's own names
+    fresh = pyquant.QuantSim(reloaded, x[:2])
     fresh.load_encodings(paths["encodings"])
     for name, q in sim.quantizers.items():
         if q.enabled:

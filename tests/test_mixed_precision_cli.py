@@ -53,3 +53,46 @@ def test_amp_exit_codes(tmp_path, capsys):
     assert rc == cli.EXIT_USAGE and "w4a8" in err and "W8A8" in err
     assert cli.main(["amp", "spec_tiny:build", "--candidates", "w4x8"]) == cli.EXIT_USAGE
     assert cli.main(["amp", "spec_tiny:build", "--allowed-drop", "-1"]) == cli.EXIT_USAGE
+
+
+def test_amp_with_adaround_writes_the_learned_weights(tmp_path, capsys):
+    """--adaround-iterations: the 4-bit candidates run with AdaRound's weights, and NAME.pth holds them (the
+    encodings alone would not reproduce the learned rounding)."""
+    import copy
+
+    import torch
+
+    import pyquant
+    from spec_tiny import build
+    out = tmp_path / "amp"
+    # a drop of 1.0 in cosine: every layer can go to the cheapest candidate, w4a8
+    rc = cli.main(["amp", "spec_tiny:build", "--candidates", "w4a8,w8a8", "--allowed-drop", "1.0", "--metric",
+                   "cosine", "--adaround-iterations", "40", "-o", str(out), "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == cli.EXIT_OK, text
+    result = json.loads((out / "build_mixed_precision.json").read_text())
+    assert set(result["mix"].values()) == {"w4a8"}
+    assert (out / "cache" / "adaround").is_dir()  # AdaRound's layers, for a rerun to resume from
+    saved = torch.load(out / "build.pth")
+    spec = build()
+    ada = pyquant.adaround(spec["model"], spec["dummy_input"], spec["data"], param_bw=4, iterations=40,
+                           quant_scheme="tf_enhanced", progress=False)  # the command's default scheme
+    folded = copy.deepcopy(spec["model"])
+    pyquant.fold_batchnorms(folded, spec["dummy_input"])
+    flipped = 0
+    for name, enc in ada.encodings.items():
+        w = saved[name]
+        assert torch.equal(w, ada.model.get_parameter(name).detach())
+        codes = w / enc.scale
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-3)  # on the 4-bit grid
+        flipped += int((codes.round() != (folded.get_parameter(name).detach() / enc.scale).round()).sum())
+    assert flipped > 0  # AdaRound's rounding, not round-to-nearest's
+
+
+def test_amp_adaround_arguments_are_checked(tmp_path, capsys):
+    assert cli.main(["amp", "spec_tiny:build", "--candidates", "w4a8,w8a8", "--adaround-iterations", "5",
+                     "--adaround-bits", "3", "-o", str(tmp_path / "a"), "--no-progress"]) == cli.EXIT_USAGE
+    assert "--adaround-bits 3" in capsys.readouterr().err
+    assert cli.main(["amp", "spec_tiny:build", "--adaround-bits", "4", "-o", str(tmp_path / "b"),
+                     "--no-progress"]) == cli.EXIT_USAGE
+    assert "--adaround-iterations" in capsys.readouterr().err

@@ -594,6 +594,14 @@ class QuantSim:
         par = {n: q.get_encoding() for n, q in self.param_quantizers.items() if q.enabled and q.get_encoding()}
         return act, par
 
+    def fp32_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's FP32 weights, biases and buffers under the model's own names (copies, without the
+        quantizers' state): what a target loads beside the encodings (`export` writes it as `<prefix>.pth`)."""
+        return {k.replace("parametrizations.weight.original", "weight").replace("parametrizations.bias.original",
+                                                                              "bias"): v.detach().clone()
+                for k, v in self.model.state_dict().items()
+                if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
+
     # ---- quantization-aware training -----------------------------------------------------------
     def quantizer_parameters(self) -> list[nn.Parameter]:
         """The encoding parameters (min/max, or scale/offset) of every quantizer, for an optimizer group
@@ -759,10 +767,7 @@ class QuantSim:
         text = encodings_to_json(act, par, version=encoding_version,
                                  quantizer_args={"activation_bitwidth": self.output_bw,
                                                  "param_bitwidth": self.param_bw, "quant_scheme": self.quant_scheme})
-        state = {k.replace("parametrizations.weight.original", "weight").replace("parametrizations.bias.original",
-                                                                                "bias"): v.detach().clone()
-                 for k, v in self.model.state_dict().items()
-                 if "_pq_act_" not in k and ".parametrizations.weight.0." not in k}
+        state = self.fp32_state_dict()
         out.mkdir(parents=True, exist_ok=True)
         paths = ExportPaths({"encodings": out / f"{filename_prefix}.encodings", "onnx": out / f"{filename_prefix}.onnx",
                              "pth": out / f"{filename_prefix}.pth"}, opset=onnx_model.opset, onnx_format=onnx_format)

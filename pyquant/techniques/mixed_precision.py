@@ -53,7 +53,7 @@ from .._batches import Batch, Data, as_batches, call
 from .._checkpoint import Checkpoint
 from .._dirlock import DirectoryLock
 from .._fingerprint import fingerprint
-from .._io import atomic_write_text
+from .._io import atomic_torch_save, atomic_write_text
 from .._outputs import output_tensor
 from .._progress import Progress
 from ..quant import Encoding, LpbqEncoding, clipped_encodings, least_error
@@ -201,9 +201,10 @@ class MixedPrecisionResult:
     def save(self, sim: QuantSim, path: Union[str, os.PathLike], prefix: str = "mixed_precision") -> dict[str, Path]:
         """Writes what a target needs to run the chosen mix, each file atomically: `<prefix>.encodings` (the
         simulation's encodings, each at its chosen bit width: `QuantSim.load_encodings` takes the widths back),
-        `<prefix>_config.json` (the hardware config the mix runs under) and `<prefix>_mixed_precision.json`
-        (this result: the mix per group, the front, every point). `sim` must hold the mix (as
-        `mixed_precision` leaves it)."""
+        `<prefix>.pth` (the FP32 weights the encodings go with: learned-rounding weights of `candidate_weights`
+        where the mix chose them, `QuantSim.fp32_state_dict`), `<prefix>_config.json` (the hardware config the
+        mix runs under) and `<prefix>_mixed_precision.json` (this result: the mix per group, the front, every
+        point). `sim` must hold the mix (as `mixed_precision` leaves it)."""
         for g, c in self.mix.items():
             for w in next(x for x in self.groups if x.name == g).weights:
                 if sim.quantizer(w).bitwidth != c.weight_bits:
@@ -211,10 +212,11 @@ class MixedPrecisionResult:
                                      f"{c.weight_bits}; save the simulation mixed_precision was run on")
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"encodings": out / f"{prefix}.encodings", "config": out / f"{prefix}_config.json",
-                 "result": out / f"{prefix}_mixed_precision.json"}
+        paths = {"encodings": out / f"{prefix}.encodings", "weights": out / f"{prefix}.pth",
+                 "config": out / f"{prefix}_config.json", "result": out / f"{prefix}_mixed_precision.json"}
         act, par = sim.encodings()
         write_encodings(paths["encodings"], act, par)
+        atomic_torch_save(sim.fp32_state_dict(), paths["weights"])
         atomic_write_text(paths["config"], json.dumps(sim.config.to_dict(), indent=2))
         atomic_write_text(paths["result"], json.dumps(self.to_json(), indent=1))
         return paths
