@@ -169,7 +169,7 @@ def _aimet_search(aimet, model, dummy, calib: list[tuple], evaluate: Callable, c
 # ---- one model -----------------------------------------------------------------------------------------------
 def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], metric: str, candidates: str,
              margin: float, aimet, prepare: bool, rows: list, notes: list, fronts: dict, refine: bool = True,
-             adaround_w4: int = 0) -> None:
+             adaround_w4: int = 0, adaround_cache: Optional[str] = None) -> None:
     import pyquant
     from pyquant.sim.quantsim import QuantSim
     from pyquant.techniques import parse_candidates, quantizer_groups
@@ -195,7 +195,8 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
     kw: dict[str, Any] = {}
     tool = "pyquant"
     if adaround_w4:
-        ada = pyquant.adaround(model, dummy, calib, param_bw=4, iterations=adaround_w4, progress=False)
+        ada = pyquant.adaround(model, dummy, calib, param_bw=4, iterations=adaround_w4, progress=False,
+                               checkpoint_dir=None if adaround_cache is None else Path(adaround_cache) / name)
         kw["candidate_weights"] = {4: ada}
         tool = f"pyquant, W4 from AdaRound ({adaround_w4} it/layer)"
         notes.append(f"{name}: AdaRound at 4 bits took {time.perf_counter() - t0:.0f} s (in the row's seconds)")
@@ -255,7 +256,8 @@ def mobilenet(a, aimet, rows, notes, fronts) -> None:
         log(notes[-1])
         evalx = evalx[keep]
     run_case("MobileNetV2", model, calib[:1], _batches(calib, 16), _batches(evalx, 32), "top1_agreement",
-             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts, not a.no_refine, a.adaround_w4)
+             "w4a8,w8a8,w8a16", 0.01, aimet, True, rows, notes, fronts, not a.no_refine, a.adaround_w4,
+             a.adaround_cache)
 
 
 def minilm(a, aimet, rows, notes, fronts) -> None:
@@ -270,7 +272,7 @@ def minilm(a, aimet, rows, notes, fronts) -> None:
     batches = [{"input_ids": ids[i:i + 16], "attention_mask": mask[i:i + 16]} for i in range(0, len(ids), 16)]
     calib, evals = batches[::2], batches[1::2] or batches
     run_case("all-MiniLM-L6-v2", model, batches[0], calib, evals, "cosine", "w4a8,w8a8", 0.01, aimet, False,
-             rows, notes, fronts, not a.no_refine, a.adaround_w4)
+             rows, notes, fronts, not a.no_refine, a.adaround_w4, a.adaround_cache)
 
 
 def main(argv=None) -> int:
@@ -286,6 +288,9 @@ def main(argv=None) -> int:
                         "counts it (crops FP32 itself is unsure of flip on noise)")
     p.add_argument("--adaround-w4", type=int, default=0, metavar="N",
                    help="4-bit candidates with AdaRound's weights, N iterations per layer (default 0: off)")
+    p.add_argument("--adaround-cache", default=None, metavar="DIR",
+                   help="keep AdaRound's layers under DIR/<model> (a rerun reuses them: its seconds then "
+                        "exclude AdaRound's work)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     a = p.parse_args(argv)

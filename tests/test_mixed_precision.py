@@ -138,6 +138,47 @@ def test_the_chosen_mix_meets_a_reachable_target_on_an_independent_evaluation():
     assert any(c != Candidate(4, 8) for c in res.mix.values())
 
 
+class FiveLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(16, 16), nn.ReLU())])
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_the_climb_finds_a_mix_whose_layers_compensate_each_other():
+    """Accuracy as learned rounding can make it: every layer at W4 compensates (0.95), all but the middle one
+    even more (0.97), any other mix loses 3 points per W4 layer. From the top, lowering a second layer already
+    misses the target (0.96), so the path and the single moves of the refinement stop at one W4 layer; the
+    climb from the cheapest mix raises the middle layer alone and meets it with four."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    sim = pyquant.QuantSim(FiveLinear().eval(), x[:2])
+    sim.compute_encodings(x, progress=False)
+    weights = [n for n in sim.param_quantizers if n.endswith("weight")]
+    middle = weights[2]
+
+    def accuracy(_model) -> float:
+        low = {n for n in weights if sim.quantizer(n).enabled and sim.quantizer(n).bitwidth == 4}
+        if low == set(weights):
+            return 0.95
+        if low == set(weights) - {middle}:
+            return 0.97
+        return 1.0 - 0.03 * len(low)
+
+    plain = pyquant.mixed_precision(sim, "w4a8,w8a8", accuracy, x, 0.04, progress=False)
+    assert sum(c.weight_bits == 4 for c in plain.mix.values()) == 1
+    sim = pyquant.QuantSim(FiveLinear().eval(), x[:2])
+    sim.compute_encodings(x, progress=False)
+    weights = [n for n in sim.param_quantizers if n.endswith("weight")]
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", accuracy, x, 0.04, refine=True, progress=False)
+    assert res.target_met and res.accuracy == 0.97 and res.cost < plain.cost
+    assert {w for g, c in res.mix.items() for w in next(x for x in res.groups if x.name == g).weights
+            if c.weight_bits == 8} == {middle}
+    assert any(p.source == "climb" for p in res.points)
+
+
 def test_refinement_measures_moves_on_the_chosen_mix_and_never_costs_more():
     model, x, sim = _cnn_sim()
     plain = pyquant.mixed_precision(sim, "w4a8,w8a8,w8a16", "cosine", x, 5e-5, progress=False)

@@ -14,9 +14,13 @@ quantizer groups and bit-operation cost):
    accuracy loss (from the sensitivity) per unit of cost saved. The accuracy along the path is evaluated
    by bisection for the cheapest point that meets the target, and at `pareto_points` evenly spaced points
    for the front.
-4. Optional refinement, best-fit rounds from the chosen mix: every single move to a cheaper candidate
-   evaluated on the current mix (staged), the one losing least accuracy per cost saved among those still
-   meeting the target taken; the moves that met it are re-evaluated in the next round. Then the chosen
+4. Optional refinement. First the climb: every group raised alone from the cheapest mix (staged), and a
+   greedy path back up to the starting mix, each step the move gaining most accuracy per unit of cost added,
+   walked like the first path. Where layers compensate each other's errors (AdaRound's weights learned on
+   the rounded model's inputs) the accuracy is not monotone along the first path, and the climb finds mixes
+   near the cheapest that it misses. Then best-fit rounds from the cheapest mix meeting the target: every
+   single move to a cheaper candidate evaluated on the current mix (staged), the one losing least accuracy
+   per cost saved among those still meeting the target taken; the moves that met it are re-evaluated in the next round. Then the chosen
    mix's activations are calibrated anew with its weights in place (what a deployment of that mix would
    do); when that scores higher, more rounds follow from it (twice at most).
 
@@ -104,7 +108,8 @@ def _score(metric: str, ref: list[torch.Tensor], outs: list[torch.Tensor]) -> tu
 class MixPoint:
     """One evaluated mix: its `accuracy`, `cost` (under the search's cost model), `relative_cost` (to the
     starting mix, every group at its most expensive candidate), how it was found (`source`: "start",
-    "sensitivity", "path", "refine") and the mix itself (group name -> candidate name)."""
+    "sensitivity", "path", "climb", "refine", "recalibrated") and the mix itself (group name -> candidate
+    name)."""
 
     accuracy: float
     cost: float
@@ -594,6 +599,34 @@ def _greedy_path(groups: list[QuantizerGroup], start: Mix, start_acc: tuple[floa
         path.append(dict(cur))
 
 
+def _ascent_path(groups: list[QuantizerGroup], floor: Mix, floor_acc: tuple[float, float],
+                 up: dict[tuple[str, Candidate], tuple[float, float]],
+                 cost_of: Callable[[str, Candidate], float]) -> list[Mix]:
+    """Mixes from the cheapest, `floor`, up to every group at its most expensive candidate: each step raises
+    the one group whose move gains most accuracy (by `up`, each group raised alone from the floor; relative to
+    the group's current candidate) per unit of cost added, ties by the finer measure. Moves whose gain is
+    unknown (the time budget ended the measurement) are not taken, and the path then ends short of the top."""
+    cur = dict(floor)
+    path = [dict(cur)]
+    while True:
+        best = None
+        for g in groups:
+            c0 = cur[g.name]
+            here = floor_acc if c0 == floor[g.name] else up.get((g.name, c0), (math.inf, math.inf))
+            for c in g.allowed:
+                added = cost_of(g.name, c) - cost_of(g.name, c0)
+                acc = up.get((g.name, c))
+                if added <= 0 or acc is None:
+                    continue
+                rank = (-(acc[0] - here[0]) / added, -(acc[1] - here[1]) / added, added, g.first_node, c.name)
+                if best is None or rank < best[0]:
+                    best = (rank, g.name, c)
+        if best is None:
+            return path
+        cur[best[1]] = best[2]
+        path.append(dict(cur))
+
+
 def _front(points: list[MixPoint]) -> list[MixPoint]:
     """The points no other beats: none cheaper-or-equal with accuracy higher-or-equal, better in one."""
     out = []
@@ -633,9 +666,9 @@ def mixed_precision(sim: QuantSim, candidates: Union[str, Sequence[CandidateLike
             applied and returned with `target_met=False` and its `shortfall`.
         eval_data: evaluation data for a built-in metric (default: `data`).
         cost: "bitops" (default: multiply-accumulates x weight bits x activation bits) or "size" (weight bits).
-        refine: after the path, best-fit rounds of single moves re-evaluated on the chosen mix, and its
-            activations calibrated anew with its weights (module docstring, step 4): more evaluations, a
-            cheaper mix where layers interact.
+        refine: after the path, the climb from the cheapest mix, best-fit rounds of single moves
+            re-evaluated on the chosen mix, and its activations calibrated anew with its weights (module
+            docstring, step 4): more evaluations, a cheaper mix where layers interact.
         pareto_points: path points evaluated beside the bisection, evenly spaced, for the front (default 8).
         max_samples: samples of `data` / `eval_data` used (default: all).
         time_budget: seconds; when spent, the search stops and returns the cheapest mix evaluated so far
@@ -748,6 +781,16 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                                     cost_of)
                 _walk_path(path, target, pareto_points, evaluate, progress)
                 if refine:
+                    # the climb from the cheapest mix: where layers compensate each other (learned rounding),
+                    # lowering from the top and raising from the bottom find different mixes
+                    up: dict[tuple[str, Candidate], tuple[float, float]] = {}
+                    _sensitivity(sim, groups, floor, encs, ev, up, progress, note,
+                                 [(g, c) for g in groups for c in g.allowed
+                                  if cost_of(g.name, c) > cost_of(g.name, floor[g.name])], "climb")
+                    floor_acc = (evaluate(floor, "path"), ev.fine.get(_key(groups, floor) + encs.tag, 0.0))
+                    climb = _ascent_path(groups, floor, floor_acc, up, cost_of)
+                    if climb[-1] == start:  # walked down from the top like the greedy path
+                        _walk_path(climb[::-1], target, pareto_points, evaluate, progress, "climb")
                     def moves_from(mix: Mix, todo: list[tuple[QuantizerGroup, Candidate]]) -> dict:
                         got: dict[tuple[str, Candidate], tuple[float, float]] = {}
                         _sensitivity(sim, groups, mix, encs, ev, got, progress, note, todo, "refine")
@@ -845,23 +888,24 @@ def _sensitivity(sim: QuantSim, groups: list[QuantizerGroup], start: Mix, encs: 
 
 
 def _walk_path(path: list[Mix], target: float, pareto_points: int, evaluate: Callable[[Mix, str], float],
-               progress: Optional[bool]) -> None:
+               progress: Optional[bool], source: str = "path") -> None:
     """Bisection along the path for the last point that meets the target (the path's accuracy taken as
     falling), then `pareto_points` evenly spaced points."""
     spaced = sorted({round(i * (len(path) - 1) / (pareto_points + 1)) for i in range(1, pareto_points + 1)}) \
         if len(path) > 2 and pareto_points else []
-    bar = Progress(max(1, math.ceil(math.log2(max(len(path), 2)))) + len(spaced), "mixed precision: path", progress)
+    bar = Progress(max(1, math.ceil(math.log2(max(len(path), 2)))) + len(spaced), f"mixed precision: {source}",
+                   progress)
     try:
         lo, hi = 0, len(path) - 1  # path[lo] meets the target (the start does)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if evaluate(path[mid], "path") >= target:
+            if evaluate(path[mid], source) >= target:
                 lo = mid
             else:
                 hi = mid - 1
             bar.update(note=f"point {mid}/{len(path) - 1}")
         for i in spaced:
-            evaluate(path[i], "path")
+            evaluate(path[i], source)
             bar.update(note=f"point {i}/{len(path) - 1}")
     finally:
         bar.close()
