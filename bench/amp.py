@@ -212,6 +212,9 @@ def run_case(name: str, model, dummy, calib: list[tuple], evals: list[tuple], me
                      accuracy=acc, w8a8_accuracy=w8a8, target=target, at_target=acc >= target, mix=_counts(res.mix),
                      met=met_mobilenet))
     log(res.summary())
+    floor = {g.name: min(g.allowed, key=lambda c: rel({g.name: c})) for g in groups}
+    raised = [f"{g} {c}" for g, c in res.mix.items() if c != floor[g]]
+    notes.append(f"{name} {tool}: groups above their cheapest candidate: " + (", ".join(raised) or "none"))
     if not aimet.ok:
         notes.append(f"{name}: {aimet.label}")
         return
