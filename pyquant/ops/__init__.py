@@ -17,12 +17,12 @@ import torch
 
 from . import _cpu, _cuda, _layout, _reference, _registry
 from ._layout import check_scale_values_on_device, set_value_checks
-from ._registry import eager_kernel
+from ._registry import eager_kernel, eager_native
 
 __all__ = [
     "quantize", "dequantize", "quantize_dequantize", "quantize_dequantize_int32", "grid", "reference", "raw",
     "adaround_weight", "adaround_regularizer", "adaround_init_alpha", "set_value_checks",
-    "check_scale_values_on_device", "eager_kernel",
+    "check_scale_values_on_device", "eager_kernel", "eager_native",
 ]
 
 reference = _reference

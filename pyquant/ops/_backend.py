@@ -47,6 +47,10 @@ NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
         "first_bad_scale": ("s", "n"),
         "minmax_encoding": ("mn", "mx", "n", "qmin", "qmax", "min_scale", "symmetric", "s", "o", "k_s", "k_o",
                             "k_ot"),
+        "minmax_qdq_forward": ("x", "dt", "y", "mn", "mx", "qmin", "qmax", "min_scale", "symmetric", "layout",
+                               "act_lo", "act_hi", "enc"),
+        "minmax_qdq_backward": ("g", "x", "dt", "dx", "enc", "qmin", "qmax", "symmetric", "layout", "ws", "dmin",
+                                "dmax", "grad_scale", "act_lo", "act_hi"),
     },
     "cuda": {
         "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
@@ -186,6 +190,41 @@ class NativeBackend:
                                k_o.data_ptr() if factors and not symmetric else 0,
                                k_ot.data_ptr() if factors and not symmetric else 0)
         return s, o, k_s, k_o, k_ot
+
+    # ---- a min/max quantizer's training call, one native entry each way (CPU) ----
+    def minmax_qdq_forward(self, x, mn, mx, qmin, qmax, min_scale, symmetric, act_min=None, act_max=None):
+        """(y, enc, state) for a contiguous float `x` and float32 ranges `mn`/`mx` in block-broadcast form
+        (or one value each): y the fake quantization of the activation's clamp of x (act_min/act_max, None:
+        unbounded) with the range's encoding, enc its s, o and chain factors (5 x nscale float32,
+        minmax_encoding's order), state what the backward takes back. The caller
+        (pyquant.quant.fake_quant_node) gives a grid from pyquant.ops.grid."""
+        act = _layout.check_activation(act_min, act_max)
+        mn, mx = (t if t.is_contiguous() else t.contiguous() for t in (mn, mx))
+        layout = _layout.checked_layout(self.m, tuple(x.shape), tuple(mn.shape))
+        enc = torch.empty(5 * layout.nscale, dtype=torch.float32)
+        y = torch.empty_like(x)
+        self.m.minmax_qdq_forward(x.data_ptr(), DTYPE_CODE[x.dtype], y.data_ptr(), mn.data_ptr(), mx.data_ptr(),
+                                  float(qmin), float(qmax), float(min_scale), bool(symmetric), layout, *act,
+                                  enc.data_ptr())
+        return y, enc, (layout, act)
+
+    def minmax_qdq_backward(self, grad, x, enc, state, qmin, qmax, symmetric, grad_scale, need_x, need_range):
+        """(dx or None, dmin or None, dmax or None) of minmax_qdq_forward, dmin/dmax flat (nscale values)."""
+        layout, act = state
+        if grad.dtype != x.dtype:
+            grad = grad.to(x.dtype)
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        dx = torch.empty_like(x) if need_x else None
+        n = layout.nscale
+        d = torch.empty(2 * n, dtype=torch.float32) if need_range else None
+        ws = torch.empty(self.ws_slots() * 2 * n, dtype=torch.float64) if need_range else None
+        p = d.data_ptr() if need_range else 0
+        self.m.minmax_qdq_backward(grad.data_ptr(), x.data_ptr(), DTYPE_CODE[x.dtype],
+                                   dx.data_ptr() if need_x else 0, enc.data_ptr(), float(qmin), float(qmax),
+                                   bool(symmetric), layout, ws.data_ptr() if need_range else 0, p,
+                                   p + 4 * n if need_range else 0, float(grad_scale), *act)
+        return dx, (d[:n] if need_range else None), (d[n:] if need_range else None)
 
     # ---- statistics ----
     def minmax(self, x, shape):
@@ -372,6 +411,9 @@ class NativeBackend:
                                                                                    one_block=True)
         else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
             _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
+        if hasattr(self.m, "minmax_qdq_forward"):  # fused steps inside QuantizeNode (no ops of their own)
+            _registry.NATIVE_KERNELS[(dt, "minmax_qdq_forward")] = self.minmax_qdq_forward
+            _registry.NATIVE_KERNELS[(dt, "minmax_qdq_backward")] = self.minmax_qdq_backward
         reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
         reg("entropy_search", self.entropy_search)
         reg("search", self.search)

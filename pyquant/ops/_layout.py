@@ -207,6 +207,17 @@ def _native_layout(module, shape: tuple[int, ...], s_shape: tuple[int, ...]):
     return module.Layout(*_plan(shape, s_shape))
 
 
+@functools.lru_cache(maxsize=4096)
+def checked_layout(module, shape: tuple[int, ...], s_shape: tuple[int, ...]):
+    """The native layout of a contiguous tensor of `shape` whose scale has the block-broadcast `s_shape`
+    (or any shape with one value: per tensor), its shapes checked once per pair (a mismatch raises each
+    time, as errors are not cached)."""
+    if len(s_shape) != len(shape) and math.prod(s_shape) == 1:
+        s_shape = (1,) * len(shape)
+    block_sizes(shape, s_shape)
+    return module.Layout(*_plan(shape, s_shape))
+
+
 def _dense_perm(x: torch.Tensor) -> Optional[tuple[int, ...]]:
     """The permutation that makes a dense (non-overlapping, gap-free) tensor contiguous, or None."""
     perm = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))

@@ -2,7 +2,7 @@
 reference as the fallback kernel for any device. Device kernels register in _cpu.py / _cuda.py."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -64,6 +64,15 @@ def eager_kernel(name: str, x: torch.Tensor) -> Callable:
         if fn is not None:
             return fn
     return getattr(ops, name)
+
+
+def eager_native(name: str, x: torch.Tensor) -> Optional[Callable]:
+    """A native entry that has no registered op of its own (a fused step inside an autograd node, such as
+    "minmax_qdq_forward"), for x's device when it has one and the call is plain eager (as for
+    `eager_kernel`); None otherwise, and the caller runs the registered ops instead."""
+    if torch.compiler.is_compiling() or type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack():
+        return None
+    return NATIVE_KERNELS.get((x.device.type, name))
 
 
 def check_adaround_args(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -45,8 +45,9 @@ def minmax_grads(shape: torch.Size, factors: Factors, ds: torch.Tensor, do: Opti
         dmax = ds * k_s
         return (-dmax if need_min else None), (dmax if need_max else None)
     do = shaped(do, shape)
-    dmax = torch.addcmul(ds, do, k_ot, value=-1.0).mul_(k_s)
-    return (torch.addcmul(-dmax, do, k_o) if need_min else None), (dmax if need_max else None)
+    # separate multiplies and adds, no fused multiply-add: the native step (minmax_qdq_backward) rounds the same
+    dmax = (ds - do * k_ot).mul_(k_s)
+    return ((do * k_o).sub_(dmax) if need_min else None), (dmax if need_max else None)
 
 
 class RangeParams:

@@ -59,6 +59,26 @@ PQ_DEFINE_ARGS(MinmaxEncodingArgs, PQ_MINMAX_ENCODING_FIELDS,
                "scale s and offset o of n min/max ranges on the grid [qmin, qmax], and the chain-rule factors "
                "k_s, k_o, k_ot (null address: not wanted; k_o, k_ot unwritten when symmetric)")
 
+// ---- a min/max quantizer's training call (quantizer_step.cpp): encoding + fake quantization ------------
+// enc holds 5 * nscale float32: s, o, k_s, k_o, k_ot (minmax_encoding's outputs, in that order).
+#define PQ_MINMAX_QDQ_FORWARD_FIELDS(X)                                                                   \
+  X(const void*, x) X(DType, dt) X(void*, y) X(const float*, mn) X(const float*, mx) X(float, qmin)     \
+  X(float, qmax) X(float, min_scale) X(bool, symmetric) X(const QLayout&, layout) X(float, act_lo)     \
+  X(float, act_hi) X(float*, enc)
+PQ_DEFINE_ARGS(MinmaxQdqForwardArgs, PQ_MINMAX_QDQ_FORWARD_FIELDS,
+               "minmax_encoding of the layout's nscale ranges into enc (s, o, k_s, k_o, k_ot, nscale values each), "
+               "then y = quantize_dequantize(clamp(x, act_lo, act_hi)) with that s and o: a min/max quantizer's "
+               "forward in one call")
+
+#define PQ_MINMAX_QDQ_BACKWARD_FIELDS(X)                                                                  \
+  X(const void*, g) X(const void*, x) X(DType, dt) X(void*, dx) X(const float*, enc) X(float, qmin)     \
+  X(float, qmax) X(bool, symmetric) X(const QLayout&, layout) X(double*, ws) X(float*, dmin)            \
+  X(float*, dmax) X(float, grad_scale) X(float, act_lo) X(float, act_hi)
+PQ_DEFINE_ARGS(MinmaxQdqBackwardArgs, PQ_MINMAX_QDQ_BACKWARD_FIELDS,
+               "the backward of minmax_qdq_forward: dx, and the gradients of min and max through the encoding "
+               "(enc: the forward's; dmin/dmax: nscale values each, null = not wanted, both or neither); ws as "
+               "fake_quant_backward's")
+
 // ---- calibration statistics ----------------------------------------------------------------------
 #define PQ_MINMAX_FIELDS(X) \
   X(const void*, x) X(DType, dt) X(const QLayout&, layout) X(float*, mn) X(float*, mx) X(int64_t*, nonfinite)
