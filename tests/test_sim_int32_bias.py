@@ -39,6 +39,40 @@ def test_int32_fake_quant_is_numpy_float32_round_half_even():
     assert pqo.quantize_dequantize_int32(big[2:], 1.0, overflow="float").tolist() == [2.0]
 
 
+@pytest.mark.parametrize("scale_shape", [(), (1,), (300,)])
+@pytest.mark.parametrize("overflow", ["clamp", "float"])
+def test_int32_fake_quant_native_loop_equals_the_reference(scale_shape, overflow, monkeypatch):
+    """The CPU's loop (int32_fake_quant) against the reference, bit for bit: ties, values past the grid's
+    ends, NaN; and it runs for contiguous float32 (a strided or bfloat16 bias takes the reference)."""
+    from pyquant.ops import _registry
+    native = _registry.NATIVE_KERNELS.get(("cpu", "int32_fake_quant"))
+    if native is None:
+        pytest.skip("needs the compiled CPU module")
+    calls = [0]
+
+    def counted(*a):
+        calls[0] += 1
+        return native(*a)
+    monkeypatch.setitem(_registry.NATIVE_KERNELS, ("cpu", "int32_fake_quant"), counted)
+    g = torch.Generator().manual_seed(7)
+    b = rand_input((300,), seed=8) * 50
+    s = torch.rand(scale_shape, generator=g) * 1e-3 + 1e-7
+    b[:6] = (torch.arange(6, dtype=torch.float32) + 0.5) * s.reshape(-1)[0]  # ties
+    for extra in ([], [3e12], [float("nan")]):  # on the grid; past its end; NaN (on no grid)
+        x = b.clone()
+        x[10:10 + len(extra)] = torch.tensor(extra)
+        got = pqo.quantize_dequantize_int32(x, s, overflow=overflow)
+        want = pqo.reference.quantize_dequantize_int32(x, s, overflow)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert calls[0] == 3
+    assert torch.equal(pqo.quantize_dequantize_int32(b[::2], s if s.numel() == 1 else s[::2], overflow=overflow),
+                       pqo.reference.quantize_dequantize_int32(b[::2], s if s.numel() == 1 else s[::2], overflow))
+    bb = b.bfloat16()
+    assert torch.equal(pqo.quantize_dequantize_int32(bb, s, overflow=overflow),
+                       pqo.reference.quantize_dequantize_int32(bb, s, overflow))
+    assert calls[0] == 3
+
+
 def test_int32_fake_quant_gradient_and_arguments():
     b = rand_input((16,), seed=4).requires_grad_(True)
     s = torch.full((16,), 0.01)

@@ -173,6 +173,10 @@ class _Int32FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, overflow: str) -> torch.Tensor:
+        native = eager_native("int32_fake_quant", x)
+        if (native is not None and x.dtype == torch.float32 and x.is_contiguous() and s.is_contiguous()
+                and (s.numel() == 1 or s.shape == x.shape)):
+            return native(x, s, overflow)  # one loop, the reference's float32 operations
         return _reference.quantize_dequantize_int32(x, s, overflow)
 
     @staticmethod
@@ -195,10 +199,12 @@ def quantize_dequantize_int32(x: torch.Tensor, scale: Union[torch.Tensor, float]
     if overflow not in INT32_OVERFLOW:
         raise ValueError(f"overflow must be one of {list(INT32_OVERFLOW)}, got {overflow!r}")
     s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), device=x.device)
-    s = s.to(device=x.device, dtype=torch.float32)
+    if s.dtype != torch.float32 or s.device != x.device:
+        s = s.to(device=x.device, dtype=torch.float32)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not _broadcasts(s.shape, x.shape) or torch.broadcast_shapes(s.shape, x.shape) != x.shape:
+    if s.shape != x.shape and s.dim() != 0 and (not _broadcasts(s.shape, x.shape)
+                                                or torch.broadcast_shapes(s.shape, x.shape) != x.shape):
         raise ValueError(f"scale of shape {tuple(s.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     if check_values and not bool(((s > 0) & torch.isfinite(s)).all()):
         raise ValueError(f"scale must be positive and finite, got {s.flatten()[:4].tolist()}")

@@ -51,6 +51,7 @@ NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
                                "act_lo", "act_hi", "enc"),
         "minmax_qdq_backward": ("g", "x", "dt", "dx", "enc", "qmin", "qmax", "symmetric", "layout", "ws", "dmin",
                                 "dmax", "grad_scale", "act_lo", "act_hi"),
+        "int32_fake_quant": ("x", "n", "s", "ns", "y", "overflow_float"),
     },
     "cuda": {
         "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
@@ -225,6 +226,15 @@ class NativeBackend:
                                    bool(symmetric), layout, ws.data_ptr() if need_range else 0, p,
                                    p + 4 * n if need_range else 0, float(grad_scale), *act)
         return dx, (d[:n] if need_range else None), (d[n:] if need_range else None)
+
+    # ---- a bias on the int32 grid (CPU) ----
+    def int32_fake_quant(self, x, scale, overflow):
+        """quantize_dequantize_int32's forward for a contiguous float32 `x` and a contiguous float32 scale of
+        one value or x's shape (the caller checks the rest)."""
+        y = torch.empty_like(x)
+        self.m.int32_fake_quant(x.data_ptr(), x.numel(), scale.data_ptr(), scale.numel(), y.data_ptr(),
+                                overflow == "float")
+        return y
 
     # ---- statistics ----
     def minmax(self, x, shape):
@@ -411,6 +421,8 @@ class NativeBackend:
                                                                                    one_block=True)
         else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
             _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
+        if hasattr(self.m, "int32_fake_quant"):  # inside quantize_dequantize_int32's node
+            _registry.NATIVE_KERNELS[(dt, "int32_fake_quant")] = self.int32_fake_quant
         if hasattr(self.m, "minmax_qdq_forward"):  # fused steps inside QuantizeNode (no ops of their own)
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_forward")] = self.minmax_qdq_forward
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_backward")] = self.minmax_qdq_backward

@@ -34,6 +34,8 @@ void minmax_encoding(const MinmaxEncodingArgs& a, int max_threads);  // encoding
 // A min/max quantizer's training call, encoding and chain rule inside (quantizer_step.cpp).
 const char* minmax_qdq_forward(const MinmaxQdqForwardArgs& a, int max_threads);
 const char* minmax_qdq_backward(const MinmaxQdqBackwardArgs& a, int max_threads);
+// A bias on the int32 grid, straight from its float values (int32_fake_quant.cpp).
+bool int32_fake_quant(const Int32FakeQuantArgs& a, int max_threads);
 
 }  // namespace cpu
 

@@ -79,6 +79,14 @@ PQ_DEFINE_ARGS(MinmaxQdqBackwardArgs, PQ_MINMAX_QDQ_BACKWARD_FIELDS,
                "(enc: the forward's; dmin/dmax: nscale values each, null = not wanted, both or neither); ws as "
                "fake_quant_backward's")
 
+// ---- a bias on the int32 grid (int32_fake_quant.cpp) -----------------------------------------------
+#define PQ_INT32_FAKE_QUANT_FIELDS(X) \
+  X(const float*, x) X(int64_t, n) X(const float*, s) X(int64_t, ns) X(float*, y) X(bool, overflow_float)
+PQ_DEFINE_ARGS(Int32FakeQuantArgs, PQ_INT32_FAKE_QUANT_FIELDS,
+               "y = clamp(rint(x / s), -2^31, 2^31) * s for n float32 values (s: one value, or ns == n, one per "
+               "element); overflow_float: where some element lies beyond the grid (or is NaN), y = x. Returns "
+               "whether every element lay on the grid")
+
 // ---- calibration statistics ----------------------------------------------------------------------
 #define PQ_MINMAX_FIELDS(X) \
   X(const void*, x) X(DType, dt) X(const QLayout&, layout) X(float*, mn) X(float*, mx) X(int64_t*, nonfinite)
