@@ -11,6 +11,7 @@ replaces, interleaved in one process:
    learning (128x1x28x28 into a 3x3 conv with 16 channels);
 5. one quantizer's training step (forward + backward), W4, range learning: pyquant min/max and scale/offset
    vs torch's learnable fake-quant op, on a 64x16 tensor (the per-call cost alone) and a 64x16x16x16 one;
+   and the floor of any Python-side node: an identity torch.autograd.Function with the same inputs;
 6. a small model's whole QAT step: a 3-conv CNN on 16x16 inputs (batch 64), W4A4 with range learning and
    fuse_activations=True, forward + backward + SGD step, vs the same step of the FP32 model.
 
@@ -135,7 +136,25 @@ def small_quantizer(reps: int) -> list[dict[str, Any]]:
             rows.append(_row(f"one W4 quantizer's training step, {mode.replace('minmax', 'min/max')} (per call)",
                              shape, [_fwd_bwd(q, x), _fwd_bwd(torch_learnable, x)],
                              "torch._fake_quantize_learnable_per_tensor_affine", n))
+        if len(shape) == 2:  # what any Python-side autograd node costs before its kernels run
+            rows.append(_row("floor: an identity torch.autograd.Function with the quantizer's inputs (per call)",
+                             shape, [_fwd_bwd(lambda t: _Identity.apply(t, *q.encoding_parameters()), x),
+                                     _fwd_bwd(torch_learnable, x)],
+                             "torch._fake_quantize_learnable_per_tensor_affine", n))
     return rows
+
+
+class _Identity(torch.autograd.Function):
+    """A node that does nothing (a copy forward, the gradient passed back): the fixed cost of a Python
+    autograd node, which a quantizer's node pays before any kernel."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
 
 
 class SmallCNN(nn.Module):

@@ -209,23 +209,25 @@ class NativeBackend:
                                   enc.data_ptr())
         return y, enc, (layout, act)
 
-    def minmax_qdq_backward(self, grad, x, enc, state, qmin, qmax, symmetric, grad_scale, need_x, need_range):
-        """(dx or None, dmin or None, dmax or None) of minmax_qdq_forward, dmin/dmax flat (nscale values)."""
+    def minmax_qdq_backward(self, grad, x, enc, state, qmin, qmax, symmetric, grad_scale, need_x, range_shape):
+        """(dx or None, dmin, dmax) of minmax_qdq_forward; the range gradients in `range_shape` (the min/max
+        parameters' shape; None: not wanted, and both None)."""
         layout, act = state
         if grad.dtype != x.dtype:
             grad = grad.to(x.dtype)
         if not grad.is_contiguous():
             grad = grad.contiguous()
         dx = torch.empty_like(x) if need_x else None
-        n = layout.nscale
-        d = torch.empty(2 * n, dtype=torch.float32) if need_range else None
-        ws = torch.empty(self.ws_slots() * 2 * n, dtype=torch.float64) if need_range else None
-        p = d.data_ptr() if need_range else 0
+        dmin = dmax = ws = None
+        if range_shape is not None:  # made in the parameters' shape: no view per call
+            dmin, dmax = torch.empty(range_shape), torch.empty(range_shape)
+            ws = torch.empty(self.ws_slots() * 2 * layout.nscale, dtype=torch.float64)
         self.m.minmax_qdq_backward(grad.data_ptr(), x.data_ptr(), DTYPE_CODE[x.dtype],
                                    dx.data_ptr() if need_x else 0, enc.data_ptr(), float(qmin), float(qmax),
-                                   bool(symmetric), layout, ws.data_ptr() if need_range else 0, p,
-                                   p + 4 * n if need_range else 0, float(grad_scale), *act)
-        return dx, (d[:n] if need_range else None), (d[n:] if need_range else None)
+                                   bool(symmetric), layout, ws.data_ptr() if ws is not None else 0,
+                                   dmin.data_ptr() if dmin is not None else 0,
+                                   dmax.data_ptr() if dmax is not None else 0, float(grad_scale), *act)
+        return dx, dmin, dmax
 
     # ---- a bias on the int32 grid (CPU) ----
     def int32_fake_quant(self, x, scale, overflow):

@@ -87,7 +87,8 @@ class QuantizeNode(torch.autograd.Function):
                 y, enc, state = fused(x, _as_block_broadcast(a, x), _as_block_broadcast(b, x), spec.qmin,
                                       spec.qmax, min_scale(spec.qmax - spec.qmin), spec.symmetric, *spec.act)
                 ctx.save_for_backward(x, enc)
-                ctx.spec, ctx.fused, ctx.a_shape = spec, state, a.shape
+                ctx.spec, ctx.a_shape = spec, a.shape
+                ctx.fused = (state, ops.eager_native("minmax_qdq_backward", x))
                 return y
         s, o, factors = encoding(a, b, spec, spec.train and any(ctx.needs_input_grad[1:3]))
         sb, ob = _as_block_broadcast(s, x), _as_block_broadcast(o, x)
@@ -117,10 +118,11 @@ class QuantizeNode(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         if ctx.fused is not None:  # the min/max encoding's chain rule inside the native backward
             x, enc = ctx.saved_tensors
-            dx, dmin, dmax = ops.eager_native("minmax_qdq_backward", x)(
-                g, x, enc, ctx.fused, spec.qmin, spec.qmax, spec.symmetric, spec.grad_scale, need_x, need_a or need_b)
-            return (dx, dmin.view(ctx.a_shape) if need_a else None, dmax.view(ctx.a_shape) if need_b else None,
-                    None)
+            state, backward = ctx.fused
+            dx, dmin, dmax = backward(
+                g, x, enc, state, spec.qmin, spec.qmax, spec.symmetric, spec.grad_scale, need_x,
+                ctx.a_shape if need_a or need_b else None)
+            return dx, (dmin if need_a else None), (dmax if need_b else None), None
         xin, idx, s, o, *factors = ctx.saved_tensors
         need_s = need_a or need_b
         need_o = need_s and not spec.symmetric if spec.minmax else need_b
