@@ -84,6 +84,7 @@ def test_cpu_backend_calls_pass_the_declared_parameters():
     y, enc, state = b.minmax_qdq_forward(x, -torch.rand(1, 4, 1, 1), torch.rand(1, 4, 1, 1), 0, 255, 1e-7, False, 0.0)
     b.minmax_qdq_backward(torch.ones_like(y), x, enc, state, 0, 255, False, 1.0, True, (1, 4, 1, 1))
     b.int32_fake_quant(torch.randn(8), torch.full((8,), 0.01), "float")
+    b.minmax_scale_product(-torch.rand(1), torch.rand(1), 0, 255, 1e-7, -torch.rand(4), torch.rand(4), -127, 127, 1e-7)
     expected = _backend.NATIVE_PARAMS["cpu"]
     assert set(rec.calls) == set(expected), "every CPU op is called above and declared in NATIVE_PARAMS"
     for name, n in rec.calls.items():

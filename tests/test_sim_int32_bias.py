@@ -73,6 +73,40 @@ def test_int32_fake_quant_native_loop_equals_the_reference(scale_shape, overflow
     assert calls[0] == 3
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("symmetric_input", [False, True])
+def test_the_bias_scale_in_one_native_call_equals_the_op_by_op_one(per_channel, symmetric_input, monkeypatch):
+    """Int32Bias.scale() of min/max quantizers on the CPU (one minmax_scale_product call) against the encodings'
+    scales multiplied as tensors: bit for bit, also for a range at the grid's smallest scale."""
+    from pyquant.ops import _registry
+    if ("cpu", "minmax_scale_product") not in _registry.NATIVE_KERNELS:
+        pytest.skip("needs the compiled CPU module")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = rand_input((4, 3, 10, 10), seed=2)
+    cfg = pyquant.sim.config.load_config("default").to_dict()
+    cfg["op_type"]["Conv"]["per_channel_quantization"] = str(per_channel)
+    cfg["defaults"]["ops"]["is_symmetric"] = str(symmetric_input)
+    sim = QuantSim(model, x[:1], quant_scheme="min_max", config=cfg, range_learning=True)
+    sim.compute_encodings(lambda m: m(x))
+    with torch.no_grad():  # a weight channel at the grid's smallest scale
+        wq = sim.param_quantizers["0.weight"]
+        wq.max.view(-1)[0] = wq.min.view(-1)[0]
+    biases = [m for m in sim.model.modules() if isinstance(m, Int32Bias)]
+    assert len(biases) == 2
+    fn, calls = _registry.NATIVE_KERNELS[("cpu", "minmax_scale_product")], []
+    monkeypatch.setitem(_registry.NATIVE_KERNELS, ("cpu", "minmax_scale_product"),
+                        lambda *a: calls.append(1) or fn(*a))
+    native = [b.scale() for b in biases]
+    assert len(calls) == 2  # both layers took the native call
+    monkeypatch.delitem(_registry.NATIVE_KERNELS, ("cpu", "minmax_scale_product"))
+    plain = [b.scale() for b in biases]
+    for a, b in zip(native, plain):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+        assert torch.equal(a, b)
+    assert native[0].numel() == (8 if per_channel else 1)
+
+
 def test_int32_fake_quant_gradient_and_arguments():
     b = rand_input((16,), seed=4).requires_grad_(True)
     s = torch.full((16,), 0.01)

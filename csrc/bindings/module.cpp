@@ -31,6 +31,7 @@ PYBIND11_MODULE(_C, m) {
   def_cpu_op(m, "minmax_qdq_forward", &cpu::minmax_qdq_forward);
   def_cpu_op(m, "minmax_qdq_backward", &cpu::minmax_qdq_backward);
   def_cpu_op(m, "int32_fake_quant", &cpu::int32_fake_quant);
+  def_cpu_op(m, "minmax_scale_product", &cpu::minmax_scale_product);
   m.def("first_bad_scale",
         [](uintptr_t s, int64_t n) -> int64_t {
           const float* p = reinterpret_cast<const float*>(s);

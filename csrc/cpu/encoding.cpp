@@ -18,5 +18,12 @@ void minmax_encoding(const MinmaxEncodingArgs& a, int) {
   }
 }
 
+void minmax_scale_product(const MinmaxScaleProductArgs& a, int) {
+  // the scale does not depend on the symmetry (only the offset does)
+  const float sa = minmax_encoding_one(a.a_mn[0], a.a_mx[0], a.a_qmin, a.a_qmax, a.a_min_scale, true).s;
+  for (int64_t i = 0; i < a.n; ++i)
+    a.out[i] = sa * minmax_encoding_one(a.b_mn[i], a.b_mx[i], a.b_qmin, a.b_qmax, a.b_min_scale, true).s;
+}
+
 }  // namespace cpu
 }  // namespace pq

@@ -52,6 +52,8 @@ NATIVE_PARAMS: dict[str, dict[str, tuple[str, ...]]] = {
         "minmax_qdq_backward": ("g", "x", "dt", "dx", "enc", "qmin", "qmax", "symmetric", "layout", "ws", "dmin",
                                 "dmax", "grad_scale", "act_lo", "act_hi"),
         "int32_fake_quant": ("x", "n", "s", "ns", "y", "overflow_float"),
+        "minmax_scale_product": ("a_mn", "a_mx", "a_qmin", "a_qmax", "a_min_scale", "b_mn", "b_mx", "n", "b_qmin",
+                                 "b_qmax", "b_min_scale", "out"),
     },
     "cuda": {
         "fake_quant_forward": _FAKE_QUANT_FORWARD + _STREAM,
@@ -238,6 +240,16 @@ class NativeBackend:
                                 overflow == "float")
         return y
 
+    def minmax_scale_product(self, a_mn, a_mx, a_qmin, a_qmax, a_min_scale, b_mn, b_mx, b_qmin, b_qmax, b_min_scale):
+        """s_a * s_b, flat float32 with b's element count: the minmax_encoding scales of the range a (one
+        value) and of each of b's, on the grids [qmin, qmax] with their smallest scales. Contiguous float32
+        CPU tensors (the caller checks)."""
+        out = torch.empty(b_mn.numel(), dtype=torch.float32)
+        self.m.minmax_scale_product(a_mn.data_ptr(), a_mx.data_ptr(), float(a_qmin), float(a_qmax), float(a_min_scale),
+                                    b_mn.data_ptr(), b_mx.data_ptr(), b_mn.numel(), float(b_qmin), float(b_qmax),
+                                    float(b_min_scale), out.data_ptr())
+        return out
+
     # ---- statistics ----
     def minmax(self, x, shape):
         if x.dtype not in _layout.FLOAT_DTYPES:
@@ -423,8 +435,9 @@ class NativeBackend:
                                                                                    one_block=True)
         else:  # the reference runs (a few tensor ops on the device): called directly, as a kernel would be
             _registry.NATIVE_KERNELS[(dt, "minmax_encoding")] = _registry.reference_minmax_encoding
-        if hasattr(self.m, "int32_fake_quant"):  # inside quantize_dequantize_int32's node
+        if hasattr(self.m, "int32_fake_quant"):  # inside quantize_dequantize_int32's node, and an int32 bias's scale
             _registry.NATIVE_KERNELS[(dt, "int32_fake_quant")] = self.int32_fake_quant
+            _registry.NATIVE_KERNELS[(dt, "minmax_scale_product")] = self.minmax_scale_product
         if hasattr(self.m, "minmax_qdq_forward"):  # fused steps inside QuantizeNode (no ops of their own)
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_forward")] = self.minmax_qdq_forward
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_backward")] = self.minmax_qdq_backward

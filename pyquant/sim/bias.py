@@ -10,9 +10,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .. import ops
 from .._layers import is_transposed
 from ..ops import quantize_dequantize_int32
-from ..quant import QuantizeDequantize
+from ..quant import QuantizeDequantize, min_scale
 from .weights import FoldedWeightQuantizer
 
 __all__ = ["Int32Bias"]
@@ -51,6 +52,9 @@ class Int32Bias(nn.Module):
         if (not self.active or qw is None or not (qx.enabled and qw.enabled) or not (qx.has_encoding and
                                                                                       qw.has_encoding)):
             return None
+        fast = self._native_scale(qx, qw)
+        if fast is not None:
+            return fast
         with torch.no_grad():
             sx, _ = qx.scale_offset()
             sw, _ = qw.scale_offset()
@@ -61,6 +65,25 @@ class Int32Bias(nn.Module):
             if is_transposed(self.layer) or sw.numel() != w.shape[0]:
                 return None
         return (sx.reshape(()) * sw.reshape(-1)).detach()
+
+    def _native_scale(self, qx: QuantizeDequantize, qw: QuantizeDequantize) -> Optional[torch.Tensor]:
+        """scale() in one native call (every biased layer's every call pays it) where it applies: min/max
+        ranges on the CPU, a per-tensor input, a weight per tensor or per output channel of a plain layer.
+        None elsewhere (scale() then computes it op by op)."""
+        if not (qx.range_params == qw.range_params == "minmax") or qw.block_size is not None:
+            return None
+        (xa, xb), (wa, wb) = qx.encoding_parameters(), qw.encoding_parameters()
+        fn = ops.eager_native("minmax_scale_product", wa)
+        if fn is None or xa.numel() != 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu"
+                                                    and t.is_contiguous() for t in (xa, xb, wa, wb)):
+            return None
+        n = wa.numel()
+        if n != 1:
+            w = self.layer.parametrizations.weight.original
+            if is_transposed(self.layer) or n != w.shape[0] or wa.shape[0] != n:
+                return None
+        return fn(xa, xb, qx.qmin, qx.qmax, min_scale(qx.qmax - qx.qmin), wa, wb, qw.qmin, qw.qmax,
+                  min_scale(qw.qmax - qw.qmin))
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if self._export_value is not None:

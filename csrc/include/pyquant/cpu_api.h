@@ -31,6 +31,7 @@ void adaround_forward(const AdaroundForwardArgs& a, int max_threads);
 void adaround_backward(const AdaroundBackwardArgs& a, int max_threads);
 double adaround_regularizer(const AdaroundRegularizerArgs& a, int max_threads);
 void minmax_encoding(const MinmaxEncodingArgs& a, int max_threads);  // encoding.cpp
+void minmax_scale_product(const MinmaxScaleProductArgs& a, int max_threads);  // encoding.cpp
 // A min/max quantizer's training call, encoding and chain rule inside (quantizer_step.cpp).
 const char* minmax_qdq_forward(const MinmaxQdqForwardArgs& a, int max_threads);
 const char* minmax_qdq_backward(const MinmaxQdqBackwardArgs& a, int max_threads);

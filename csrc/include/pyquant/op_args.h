@@ -59,6 +59,14 @@ PQ_DEFINE_ARGS(MinmaxEncodingArgs, PQ_MINMAX_ENCODING_FIELDS,
                "scale s and offset o of n min/max ranges on the grid [qmin, qmax], and the chain-rule factors "
                "k_s, k_o, k_ot (null address: not wanted; k_o, k_ot unwritten when symmetric)")
 
+#define PQ_MINMAX_SCALE_PRODUCT_FIELDS(X)                                                                 \
+  X(const float*, a_mn) X(const float*, a_mx) X(float, a_qmin) X(float, a_qmax) X(float, a_min_scale)        \
+  X(const float*, b_mn) X(const float*, b_mx) X(int64_t, n) X(float, b_qmin) X(float, b_qmax)                \
+  X(float, b_min_scale) X(float*, out)
+PQ_DEFINE_ARGS(MinmaxScaleProductArgs, PQ_MINMAX_SCALE_PRODUCT_FIELDS,
+               "out[i] = s_a * s_b[i]: the scale of one min/max range (a: e.g. a layer's input) times each of n "
+               "others' (b: e.g. its weight's channels), each minmax_encoding's scale -- an int32 bias's scale")
+
 // ---- a min/max quantizer's training call (quantizer_step.cpp): encoding + fake quantization ------------
 // enc holds 5 * nscale float32: s, o, k_s, k_o, k_ot (minmax_encoding's outputs, in that order).
 #define PQ_MINMAX_QDQ_FORWARD_FIELDS(X)                                                                   \
