@@ -177,6 +177,16 @@ def test_the_climb_finds_a_mix_whose_layers_compensate_each_other():
     assert {w for g, c in res.mix.items() for w in next(x for x in res.groups if x.name == g).weights
             if c.weight_bits == 8} == {middle}
     assert any(p.source == "climb" for p in res.points)
+    # every W4 layer losing alike: the path falls monotonically, and the climb (its evaluations) is skipped
+    sim = pyquant.QuantSim(FiveLinear().eval(), x[:2])
+    sim.compute_encodings(x, progress=False)
+    weights = [n for n in sim.param_quantizers if n.endswith("weight")]
+
+    def monotone(_model) -> float:
+        return 1.0 - 0.03 * sum(sim.quantizer(n).enabled and sim.quantizer(n).bitwidth == 4 for n in weights)
+
+    res = pyquant.mixed_precision(sim, "w4a8,w8a8", monotone, x, 0.04, refine=True, progress=False)
+    assert res.target_met and not any(p.source == "climb" for p in res.points)
 
 
 def test_refinement_measures_moves_on_the_chosen_mix_and_never_costs_more():

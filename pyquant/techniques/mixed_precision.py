@@ -14,11 +14,12 @@ quantizer groups and bit-operation cost):
    accuracy loss (from the sensitivity) per unit of cost saved. The accuracy along the path is evaluated
    by bisection for the cheapest point that meets the target, and at `pareto_points` evenly spaced points
    for the front.
-4. Optional refinement. First the climb: every group raised alone from the cheapest mix (staged), and a
-   greedy path back up to the starting mix, each step the move gaining most accuracy per unit of cost added,
-   walked like the first path. Where layers compensate each other's errors (AdaRound's weights learned on
-   the rounded model's inputs) the accuracy is not monotone along the first path, and the climb finds mixes
-   near the cheapest that it misses. Then best-fit rounds from the cheapest mix meeting the target: every
+4. Optional refinement. First, when the cheapest mix scores higher than a dearer mix on the path, the
+   climb: every group raised alone from the cheapest mix (staged), and a greedy path back up to the starting
+   mix, each step the move gaining most accuracy per unit of cost added, walked like the first path. Where
+   layers compensate each other's errors (AdaRound's weights learned on the rounded model's inputs) the
+   accuracy is not monotone along the first path, and the climb finds mixes near the cheapest that it
+   misses; where it is monotone the climb is skipped. Then best-fit rounds from the cheapest mix meeting the target: every
    single move to a cheaper candidate evaluated on the current mix (staged), the one losing least accuracy
    per cost saved among those still meeting the target taken; the moves that met it are re-evaluated in the next round. Then the chosen
    mix's activations are calibrated anew with its weights in place (what a deployment of that mix would
@@ -780,17 +781,20 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                 path = _greedy_path(groups, start, (start_acc, ev.fine.get(_key(groups, start), 0.0)), sens,
                                     cost_of)
                 _walk_path(path, target, pareto_points, evaluate, progress)
-                if refine:
-                    # the climb from the cheapest mix: where layers compensate each other (learned rounding),
-                    # lowering from the top and raising from the bottom find different mixes
+                floor_acc = (evaluate(floor, "path"), ev.fine.get(_key(groups, floor) + encs.tag, 0.0))
+                floor_cost = mix_cost(costs, floor, cost)
+                if refine and any(p.source == "path" and p.cost > floor_cost and p.accuracy < floor_acc[0]
+                                  for p in points):
+                    # the cheapest mix beats dearer ones on the path: layers compensate each other (learned
+                    # rounding), and raising from the bottom finds mixes that lowering from the top misses
                     up: dict[tuple[str, Candidate], tuple[float, float]] = {}
                     _sensitivity(sim, groups, floor, encs, ev, up, progress, note,
                                  [(g, c) for g in groups for c in g.allowed
                                   if cost_of(g.name, c) > cost_of(g.name, floor[g.name])], "climb")
-                    floor_acc = (evaluate(floor, "path"), ev.fine.get(_key(groups, floor) + encs.tag, 0.0))
                     climb = _ascent_path(groups, floor, floor_acc, up, cost_of)
                     if climb[-1] == start:  # walked down from the top like the greedy path
                         _walk_path(climb[::-1], target, pareto_points, evaluate, progress, "climb")
+                if refine:
                     def moves_from(mix: Mix, todo: list[tuple[QuantizerGroup, Candidate]]) -> dict:
                         got: dict[tuple[str, Candidate], tuple[float, float]] = {}
                         _sensitivity(sim, groups, mix, encs, ev, got, progress, note, todo, "refine")
