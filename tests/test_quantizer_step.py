@@ -122,3 +122,16 @@ def test_fused_step_rejects_a_mismatched_encoding_shape():
     q.set_range_learning(True)
     with pytest.raises(ValueError, match="does not divide"):
         q(torch.randn(2, 6, 4, 4, requires_grad=True))
+
+
+def test_fused_step_names_an_unsupported_dtype_as_the_op_by_op_path_does(unfused):
+    x = torch.randn(8, 8, dtype=torch.float64)
+    q = _quantizer((), None, 8, False, False, x)
+    errors = []
+    for run in range(2):
+        if run:
+            unfused()
+        with pytest.raises(TypeError, match="float64") as info:
+            q(x.clone().requires_grad_(True))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
