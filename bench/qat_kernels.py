@@ -12,6 +12,7 @@ replaces, interleaved in one process:
 5. one quantizer's training step (forward + backward), W4, range learning: pyquant min/max and scale/offset
    vs torch's learnable fake-quant op, on a 64x16 tensor (the per-call cost alone) and a 64x16x16x16 one;
    and the floor of any Python-side node: an identity torch.autograd.Function with the same inputs;
+   a conv's int32 bias (scale from the two encodings, then the int32 grid) vs the same op by op in torch;
 6. a small model's whole QAT step: a 3-conv CNN on 16x16 inputs (batch 64), W4A4 with range learning and
    fuse_activations=True, forward + backward + SGD step, vs the same step of the FP32 model.
 
@@ -195,6 +196,35 @@ def small_model_step(reps: int) -> list[dict[str, Any]]:
                  tuple(x.shape), [step(sim.model), step(fp32)], "the FP32 model's step", reps * 4)]
 
 
+def int32_bias(reps: int) -> list[dict[str, Any]]:
+    """A biased layer's int32 bias in a range-learning step (its scale from the input's and the weight's
+    min/max encodings, then the bias on the int32 grid) against the same computed op by op in torch: the two
+    encodings' scales, their product and the reference's fake quantization."""
+    from pyquant.ops import reference
+    from pyquant.sim.bias import Int32Bias
+    from pyquant.sim.quantsim import QuantSim
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 16, 16)
+    sim = QuantSim(SmallCNN(), x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=True)
+    sim.compute_encodings(lambda m: m(x))
+    conv = sim.model.get_submodule("features.3")
+    bias = next(m for m in conv.modules() if isinstance(m, Int32Bias))
+    b = conv.parametrizations.bias.original
+
+    def op_by_op():
+        with torch.no_grad():
+            sx, _ = bias.input_quantizer.scale_offset()
+            sw, _ = bias.weight_quantizer().scale_offset()
+            s = sx.reshape(()) * sw.reshape(-1)
+        return reference.quantize_dequantize_int32(b, s, "float")
+
+    assert torch.equal(bias(b), op_by_op())
+    return [_row("a conv's int32 bias: scale from the input and weight encodings, then the int32 grid (per call)",
+                 tuple(b.shape), [lambda: bias(b), op_by_op], "the same op by op in torch (pyquant.ops.reference)",
+                 reps * 20)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -204,7 +234,7 @@ def main(argv=None) -> int:
         return 2
     reps = 5 if a.quick else 25
     rows = (pools(reps) + fused_activation(reps, a.quick) + input_conv(reps) + small_quantizer(reps)
-            + small_model_step(reps))
+            + int32_bias(reps) + small_model_step(reps))
     notes = ["interleaved medians in one process; speedup = baseline_ms / pyquant_ms (the 3-conv CNN row: "
              "speedup < 1, its inverse is the QAT step's cost relative to FP32)",
              "values and gradients of each pyquant case equal its baseline's (tests/test_pool_kernels.py, "

@@ -446,9 +446,18 @@ def test_the_greedy_path_orders_moves_by_loss_per_cost_then_by_the_finer_measure
     start = {g.name: hi for g in groups}
     # agreement: a and b lose nothing, c loses 0.1 over a saving of 20; cosine: b loses less than a
     sens = {("a", lo): (1.0, 0.990), ("b", lo): (1.0, 0.999), ("c", lo): (0.9, 0.95)}
-    path = mp_module._greedy_path(groups, start, (1.0, 1.0), sens, lambda g, c: cost[(g, c)])
+    path = mp_module._greedy(groups, start, (1.0, 1.0), sens, lambda g, c: cost[(g, c)], up=False)
     moved = [next(g for g in b if b[g] != a[g]) for a, b in zip(path, path[1:])]
     assert moved == ["b", "a", "c"] and path[-1] == {"a": lo, "b": lo, "c": lo}
+    # the climb: most gained per cost added first, ties by the finer measure; a and b gain 0.05 over 5, c 0.1
+    # over 20; b's cosine gains more than a's
+    floor = {g.name: lo for g in groups}
+    raised = {("a", hi): (0.95, 0.990), ("b", hi): (0.95, 0.999), ("c", hi): (1.0, 1.0)}
+    climb = mp_module._greedy(groups, floor, (0.9, 0.98), raised, lambda g, c: cost[(g, c)], up=True)
+    moved = [next(g for g in b if b[g] != a[g]) for a, b in zip(climb, climb[1:])]
+    assert moved == ["b", "a", "c"] and climb[-1] == start
+    del raised[("c", hi)]  # a move not measured is not taken: the climb ends short of the top
+    assert mp_module._greedy(groups, floor, (0.9, 0.98), raised, lambda g, c: cost[(g, c)], up=True)[-1] != start
 
 
 def test_per_block_and_lpbq_weights_keep_their_blocks_and_lpbq_its_widths():

@@ -201,9 +201,7 @@ class NativeBackend:
         unbounded) with the range's encoding, enc its s, o and chain factors (5 x nscale float32,
         minmax_encoding's order), state what the backward takes back. The caller
         (pyquant.quant.fake_quant_node) gives a grid from pyquant.ops.grid."""
-        if x.dtype not in _layout.FLOAT_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in _layout.FLOAT_DTYPES)
-            raise TypeError(f"x must be one of {names}; got {x.dtype}")
+        _layout.check_x_dtype(x, _layout.FLOAT_DTYPES)
         act = _layout.check_activation(act_min, act_max)
         mn, mx = (t if t.is_contiguous() else t.contiguous() for t in (mn, mx))
         layout = _layout.checked_layout(self.m, tuple(x.shape), tuple(mn.shape))

@@ -72,12 +72,15 @@ def block_sizes(x_shape: Sequence[int], s_shape: Sequence[int], name: str = "sca
     return tuple(blocks)
 
 
-def check_params(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, x_float: bool = True) -> None:
-    """Type and shape checks shared by every kernel and the fake (meta) kernels."""
-    allowed = FLOAT_DTYPES if x_float else FLOAT_DTYPES + INT_DTYPES
+def check_x_dtype(x: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"x must be one of {names}; got {x.dtype}")
+
+
+def check_params(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, x_float: bool = True) -> None:
+    """Type and shape checks shared by every kernel and the fake (meta) kernels."""
+    check_x_dtype(x, FLOAT_DTYPES if x_float else FLOAT_DTYPES + INT_DTYPES)
     if scale.dtype != torch.float32:
         raise TypeError(f"scale must be float32, got {scale.dtype}")
     if offset.dtype != torch.float32:
@@ -215,7 +218,7 @@ def checked_layout(module, shape: tuple[int, ...], s_shape: tuple[int, ...]):
     if len(s_shape) != len(shape) and math.prod(s_shape) == 1:
         s_shape = (1,) * len(shape)
     block_sizes(shape, s_shape)
-    return module.Layout(*_plan(shape, s_shape))
+    return _native_layout(module, shape, s_shape)
 
 
 def _dense_perm(x: torch.Tensor) -> Optional[tuple[int, ...]]:

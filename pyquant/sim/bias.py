@@ -5,6 +5,7 @@ bias fake-quantized that way, so the layer runs unchanged and the bias stays a t
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -52,36 +53,32 @@ class Int32Bias(nn.Module):
         if (not self.active or qw is None or not (qx.enabled and qw.enabled) or not (qx.has_encoding and
                                                                                       qw.has_encoding)):
             return None
-        fast = self._native_scale(qx, qw)
-        if fast is not None:
-            return fast
+        if math.prod(qx.shape) != 1 or qw.block_size is not None:
+            return None
+        n = math.prod(qw.shape)
+        if n != 1:
+            w = self.layer.parametrizations.weight.original  # not layer.weight: that quantizes the weight again
+            if is_transposed(self.layer) or n != w.shape[0]:
+                return None
+        native = self._native_scale(qx, qw)
+        if native is not None:
+            return native
         with torch.no_grad():
             sx, _ = qx.scale_offset()
             sw, _ = qw.scale_offset()
-        if sx.numel() != 1 or qw.block_size is not None:
-            return None
-        if sw.numel() != 1:
-            w = self.layer.parametrizations.weight.original  # not layer.weight: that quantizes the weight again
-            if is_transposed(self.layer) or sw.numel() != w.shape[0]:
-                return None
         return (sx.reshape(()) * sw.reshape(-1)).detach()
 
-    def _native_scale(self, qx: QuantizeDequantize, qw: QuantizeDequantize) -> Optional[torch.Tensor]:
-        """scale() in one native call (every biased layer's every call pays it) where it applies: min/max
-        ranges on the CPU, a per-tensor input, a weight per tensor or per output channel of a plain layer.
-        None elsewhere (scale() then computes it op by op)."""
-        if not (qx.range_params == qw.range_params == "minmax") or qw.block_size is not None:
+    @staticmethod
+    def _native_scale(qx: QuantizeDequantize, qw: QuantizeDequantize) -> Optional[torch.Tensor]:
+        """The same product in one native call (every biased layer's every call pays it) for min/max ranges
+        in contiguous float32 CPU tensors; None elsewhere."""
+        if not (qx.range_params == qw.range_params == "minmax"):
             return None
         (xa, xb), (wa, wb) = qx.encoding_parameters(), qw.encoding_parameters()
         fn = ops.eager_native("minmax_scale_product", wa)
-        if fn is None or xa.numel() != 1 or not all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                                    and t.is_contiguous() for t in (xa, xb, wa, wb)):
+        if fn is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                 for t in (xa, xb, wa, wb)):
             return None
-        n = wa.numel()
-        if n != 1:
-            w = self.layer.parametrizations.weight.original
-            if is_transposed(self.layer) or n != w.shape[0] or wa.shape[0] != n:
-                return None
         return fn(xa, xb, qx.qmin, qx.qmax, min_scale(qx.qmax - qx.qmin), wa, wb, qw.qmin, qw.qmax,
                   min_scale(qw.qmax - qw.qmin))
 

@@ -19,11 +19,12 @@ quantizer groups and bit-operation cost):
    mix, each step the move gaining most accuracy per unit of cost added, walked like the first path. Where
    layers compensate each other's errors (AdaRound's weights learned on the rounded model's inputs) the
    accuracy is not monotone along the first path, and the climb finds mixes near the cheapest that it
-   misses; where it is monotone the climb is skipped. Then best-fit rounds from the cheapest mix meeting the target: every
-   single move to a cheaper candidate evaluated on the current mix (staged), the one losing least accuracy
-   per cost saved among those still meeting the target taken; the moves that met it are re-evaluated in the next round. Then the chosen
-   mix's activations are calibrated anew with its weights in place (what a deployment of that mix would
-   do); when that scores higher, more rounds follow from it (twice at most).
+   misses; where it is monotone the climb is skipped. Then best-fit rounds from the cheapest mix meeting
+   the target: every single move to a cheaper candidate evaluated on the current mix (staged), the one
+   losing least accuracy per cost saved among those still meeting the target taken; the moves that met it
+   are re-evaluated in the next round. Then the chosen mix's activations are calibrated anew with its
+   weights in place (what a deployment of that mix would do); when that scores higher, more rounds follow
+   from it (twice at most).
 
 Every evaluated mix is a point of accuracy versus cost; the result's Pareto front is those no other point
 beats on both. The cheapest point that meets the target is applied to the simulation.
@@ -571,55 +572,33 @@ def _candidate_weights(sim: QuantSim, groups: list[QuantizerGroup], candidate_we
     return out
 
 
-def _greedy_path(groups: list[QuantizerGroup], start: Mix, start_acc: tuple[float, float],
-                 sens: dict[tuple[str, Candidate], tuple[float, float]],
-                 cost_of: Callable[[str, Candidate], float]) -> list[Mix]:
-    """Mixes from `start` to the cheapest: each step lowers the one group whose move loses least accuracy (by
-    the sensitivity, relative to the group's current candidate) per unit of cost saved, moves that lose the
-    same ordered by the finer measure (the cosine with FP32 of a built-in metric; 0 otherwise); moves whose
-    loss is unknown (the time budget ended the sensitivity) are not taken."""
-    cur = dict(start)
+def _greedy(groups: list[QuantizerGroup], origin: Mix, origin_acc: tuple[float, float],
+            measured: dict[tuple[str, Candidate], tuple[float, float]], cost_of: Callable[[str, Candidate], float],
+            up: bool) -> list[Mix]:
+    """Mixes from `origin`, one group move a step: down to cheaper candidates (`up=False`: the move losing
+    least accuracy per unit of cost saved, larger savings first among equals) or up to dearer ones (the move
+    gaining most accuracy per unit of cost added, smaller additions first). A move's accuracy is `measured`
+    (the group moved alone from `origin`), relative to the group's current candidate; ties go by the finer
+    measure (the cosine with FP32 of a built-in metric; 0 otherwise). Moves not measured (the time budget
+    ended the measurement) are not taken."""
+    unknown = (math.inf, math.inf) if up else (-math.inf, -math.inf)
+    cur = dict(origin)
     path = [dict(cur)]
     while True:
         best = None
         for g in groups:
             c0 = cur[g.name]
-            here = start_acc if c0 == start[g.name] else sens.get((g.name, c0), (-math.inf, -math.inf))
+            here = origin_acc if c0 == origin[g.name] else measured.get((g.name, c0), unknown)
             for c in g.allowed:
-                saved = cost_of(g.name, c0) - cost_of(g.name, c)
-                acc = sens.get((g.name, c))
-                if saved <= 0 or acc is None:
+                step = cost_of(g.name, c) - cost_of(g.name, c0)
+                acc = measured.get((g.name, c))
+                if (step <= 0 if up else step >= 0) or acc is None:
                     continue
-                loss, fine = max(here[0] - acc[0], 0.0), max(here[1] - acc[1], 0.0)
-                rank = (loss / saved, fine / saved, -saved, g.first_node, c.name)
-                if best is None or rank < best[0]:
-                    best = (rank, g.name, c)
-        if best is None:
-            return path
-        cur[best[1]] = best[2]
-        path.append(dict(cur))
-
-
-def _ascent_path(groups: list[QuantizerGroup], floor: Mix, floor_acc: tuple[float, float],
-                 up: dict[tuple[str, Candidate], tuple[float, float]],
-                 cost_of: Callable[[str, Candidate], float]) -> list[Mix]:
-    """Mixes from the cheapest, `floor`, up to every group at its most expensive candidate: each step raises
-    the one group whose move gains most accuracy (by `up`, each group raised alone from the floor; relative to
-    the group's current candidate) per unit of cost added, ties by the finer measure. Moves whose gain is
-    unknown (the time budget ended the measurement) are not taken, and the path then ends short of the top."""
-    cur = dict(floor)
-    path = [dict(cur)]
-    while True:
-        best = None
-        for g in groups:
-            c0 = cur[g.name]
-            here = floor_acc if c0 == floor[g.name] else up.get((g.name, c0), (math.inf, math.inf))
-            for c in g.allowed:
-                added = cost_of(g.name, c) - cost_of(g.name, c0)
-                acc = up.get((g.name, c))
-                if added <= 0 or acc is None:
-                    continue
-                rank = (-(acc[0] - here[0]) / added, -(acc[1] - here[1]) / added, added, g.first_node, c.name)
+                if up:
+                    rank = (-(acc[0] - here[0]) / step, -(acc[1] - here[1]) / step, step)
+                else:  # step < 0: -step is the cost saved
+                    rank = (max(here[0] - acc[0], 0.0) / -step, max(here[1] - acc[1], 0.0) / -step, step)
+                rank += (g.first_node, c.name)
                 if best is None or rank < best[0]:
                     best = (rank, g.name, c)
         if best is None:
@@ -778,8 +757,8 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
             # the cheapest mix first: when it meets the target there is nothing to search
             if start_acc >= target and (floor == start or evaluate(floor, "path") < target):
                 _sensitivity(sim, groups, start, encs, ev, sens, progress, note)
-                path = _greedy_path(groups, start, (start_acc, ev.fine.get(_key(groups, start), 0.0)), sens,
-                                    cost_of)
+                path = _greedy(groups, start, (start_acc, ev.fine.get(_key(groups, start), 0.0)), sens, cost_of,
+                               up=False)
                 _walk_path(path, target, pareto_points, evaluate, progress)
                 floor_acc = (evaluate(floor, "path"), ev.fine.get(_key(groups, floor) + encs.tag, 0.0))
                 floor_cost = mix_cost(costs, floor, cost)
@@ -787,11 +766,11 @@ def _search(sim: QuantSim, groups: list[QuantizerGroup], ungrouped: list[str], c
                                   for p in points):
                     # the cheapest mix beats dearer ones on the path: layers compensate each other (learned
                     # rounding), and raising from the bottom finds mixes that lowering from the top misses
-                    up: dict[tuple[str, Candidate], tuple[float, float]] = {}
-                    _sensitivity(sim, groups, floor, encs, ev, up, progress, note,
+                    raised: dict[tuple[str, Candidate], tuple[float, float]] = {}
+                    _sensitivity(sim, groups, floor, encs, ev, raised, progress, note,
                                  [(g, c) for g in groups for c in g.allowed
                                   if cost_of(g.name, c) > cost_of(g.name, floor[g.name])], "climb")
-                    climb = _ascent_path(groups, floor, floor_acc, up, cost_of)
+                    climb = _greedy(groups, floor, floor_acc, raised, cost_of, up=True)
                     if climb[-1] == start:  # walked down from the top like the greedy path
                         _walk_path(climb[::-1], target, pareto_points, evaluate, progress, "climb")
                 if refine:
