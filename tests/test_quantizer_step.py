@@ -1,7 +1,8 @@
 """A min/max quantizer's training call on the CPU in one native entry each way (minmax_qdq_forward /
-minmax_qdq_backward: encoding, fake quantization, chain rule to min and max): the same values and gradients,
-bit for bit, as the op-by-op path it replaces, over granularities, grids, dtypes, fused activations and the
-LSQ gradient scale; and taken only where it applies."""
+minmax_qdq_backward: encoding, fake quantization, chain rule to min and max), recorded as one C++ autograd
+node (pyquant._C_autograd's minmax_qdq) or, without that module, inside the Python node: the same values and
+gradients, bit for bit, as the op-by-op path they replace, over granularities, grids, dtypes, fused
+activations and the LSQ gradient scale; and taken only where they apply."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,10 @@ from pyquant.quant import QuantizeDequantize
 pytestmark = pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="needs the compiled CPU module")
 
 FUSED = ("minmax_qdq_forward", "minmax_qdq_backward")
+HAS_NODE = ("cpu", "minmax_qdq") in _registry.NATIVE_KERNELS
+# the fused paths, each named by the entries taken away to reach it
+PATHS = [pytest.param((), id="cpp-node", marks=pytest.mark.skipif(not HAS_NODE, reason="no pyquant._C_autograd")),
+         pytest.param(("minmax_qdq",), id="python-node")]
 
 # (x shape, encoding shape, block_size)
 GRANULARITIES = [
@@ -46,24 +51,29 @@ def _step(q, x, act, g):
     return y.detach(), xr.grad, q.min.grad.clone(), q.max.grad.clone()
 
 
+def _without(monkeypatch, names):
+    for name in names:
+        monkeypatch.delitem(_registry.NATIVE_KERNELS, ("cpu", name), raising=False)
+
+
 @pytest.fixture
 def unfused(monkeypatch):
-    """Runs the op-by-op path: the fused entries removed from the native table."""
-    def off():
-        for name in FUSED:
-            monkeypatch.delitem(_registry.NATIVE_KERNELS, ("cpu", name), raising=False)
-    return off
+    """Runs the op-by-op path: the fused entries (and the C++ node) removed from the native table."""
+    return lambda: _without(monkeypatch, ("minmax_qdq",) + FUSED)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("xs,es,block", GRANULARITIES)
 @pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True), (3, False)])
 @pytest.mark.parametrize("act,lsq", [(None, False), ((0.0, 6.0), True), ((0.0, float("inf")), False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_equals_the_op_by_op_path(xs, es, block, bits, symmetric, act, lsq, dtype, unfused):
+def test_fused_step_equals_the_op_by_op_path(xs, es, block, bits, symmetric, act, lsq, dtype, path, unfused,
+                                             monkeypatch):
     gen = torch.Generator().manual_seed(hash((xs, bits, symmetric, lsq)) % 2**31)
     x = (torch.randn(xs, generator=gen) * 3 + 0.5).to(dtype)
     g = torch.randn(xs, generator=gen).to(dtype)
     q = _quantizer(es, block, bits, symmetric, lsq, x)
+    _without(monkeypatch, path)
     fused = _step(q, x, act, g)
     unfused()
     plain = _step(q, x, act, g)
@@ -73,9 +83,12 @@ def test_fused_step_equals_the_op_by_op_path(xs, es, block, bits, symmetric, act
     assert fused[2].abs().sum() > 0 and fused[3].abs().sum() > 0
 
 
-def test_the_fused_entries_run_where_they_apply(monkeypatch):
-    calls = {n: 0 for n in FUSED}
-    for name in FUSED:
+@pytest.mark.parametrize("path", PATHS)
+def test_the_fused_entries_run_where_they_apply(monkeypatch, path):
+    _without(monkeypatch, path)
+    entries = ("minmax_qdq",) if "minmax_qdq" not in path else FUSED  # the node's backward is C++'s
+    calls = {n: 0 for n in entries}
+    for name in entries:
         fn = _registry.NATIVE_KERNELS[("cpu", name)]
 
         def counted(*a, _fn=fn, _name=name, **k):
@@ -85,7 +98,8 @@ def test_the_fused_entries_run_where_they_apply(monkeypatch):
     x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0))
     q = _quantizer((1, 8, 1, 1), None, 8, False, False, x)
     _step(q, x, None, torch.ones_like(x))
-    assert calls == {"minmax_qdq_forward": 1, "minmax_qdq_backward": 1}
+    once = dict.fromkeys(entries, 1)
+    assert calls == once
     # a strided input, a fused max pool and scale/offset parameters take the op-by-op path
     _step(q, x.transpose(2, 3), None, torch.ones_like(x))
     xr = x.clone().requires_grad_(True)
@@ -94,13 +108,15 @@ def test_the_fused_entries_run_where_they_apply(monkeypatch):
     with so.compute_encodings():
         so(x)
     so(x.clone().requires_grad_(True)).sum().backward()
-    assert calls == {"minmax_qdq_forward": 1, "minmax_qdq_backward": 1}
+    assert calls == once
 
 
-def test_fused_step_with_fixed_ranges_gives_the_input_gradient_only(unfused):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_step_with_fixed_ranges_gives_the_input_gradient_only(unfused, monkeypatch, path):
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4)) * 2
     q = _quantizer((), None, 4, False, False, x)
     q.set_range_learning(False)
+    _without(monkeypatch, path)
     out = []
     for run in range(2):
         if run:
@@ -124,9 +140,11 @@ def test_fused_step_rejects_a_mismatched_encoding_shape():
         q(torch.randn(2, 6, 4, 4, requires_grad=True))
 
 
-def test_fused_step_names_an_unsupported_dtype_as_the_op_by_op_path_does(unfused):
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_step_names_an_unsupported_dtype_as_the_op_by_op_path_does(unfused, monkeypatch, path):
     x = torch.randn(8, 8, dtype=torch.float64)
     q = _quantizer((), None, 8, False, False, x)
+    _without(monkeypatch, path)
     errors = []
     for run in range(2):
         if run:

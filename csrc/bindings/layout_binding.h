@@ -42,6 +42,8 @@ inline void bind_layout(pybind11::module_& m) {
       .def_readonly("inner_block", &QLayout::inner_block)
       .def_readonly("nscale", &QLayout::nscale)
       .def("row_base", &QLayout::row_base)
+      // where the struct lives, for the autograd module, which copies it (the Python object outlives the call)
+      .def_property_readonly("address", [](const QLayout& L) { return reinterpret_cast<uintptr_t>(&L); })
       .def("__repr__", [](const QLayout& L) {
         return "Layout(numel=" + std::to_string(L.numel) + ", row_len=" + std::to_string(L.row_len) +
                ", inner_block=" + std::to_string(L.inner_block) + ", nscale=" + std::to_string(L.nscale) +

@@ -6,6 +6,7 @@
 #include "layout_binding.h"
 #include "op_binding.h"
 #include "pyquant/cpu_api.h"
+#include "pyquant/native_table.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
@@ -40,6 +41,9 @@ PYBIND11_MODULE(_C, m) {
           return -1;
         },
         py::arg("s"), py::arg("n"), "index of the first scale that is not positive and finite, or -1");
+  static const NativeTable table{kNativeTableVersion, uint32_t(sizeof(QLayout)), &cpu::minmax_qdq_forward,
+                                 &cpu::minmax_qdq_backward, &cpu_threads};
+  m.attr("native_table") = py::capsule(&table, kNativeTableName);
   m.def("simd_level", []() { return std::string(simd_level()); }, "SIMD level in use: avx512, avx2 or baseline");
   m.def("set_simd_level", [](const std::string& name) { return set_simd_level(name.c_str()); },
         "Use 'avx512', 'avx2', 'baseline' or 'auto'; returns False if this CPU lacks it");

@@ -75,15 +75,17 @@ class NativeBackend:
 
     `extra_args(x)` gives the trailing kernel arguments (the CUDA stream), `context(x)` the context
     the call runs under (the tensor's CUDA device), and `ws_slots()` how many per-thread
-    workspaces the backward reduction needs.
+    workspaces the backward reduction needs. `autograd`: the C++ autograd module bound to `module`'s
+    kernels, where there is one (the CPU's).
     """
 
     def __init__(self, module: ModuleType, device_type: str, *, ws_slots: Callable[[], int],
                  extra_args: Callable[[torch.Tensor], tuple] = lambda x: (),
                  context: Callable[[torch.Tensor], contextlib.AbstractContextManager] =
                  lambda x: contextlib.nullcontext(),
-                 native_scale_check: bool = False):
+                 native_scale_check: bool = False, autograd: Optional[ModuleType] = None):
         self.m = module
+        self.autograd = autograd
         self.device_type = device_type
         self.ws_slots = ws_slots
         self.extra_args = extra_args
@@ -231,6 +233,17 @@ class NativeBackend:
                                    dmin.data_ptr() if dmin is not None else 0,
                                    dmax.data_ptr() if dmax is not None else 0, float(grad_scale), *act)
         return dx, dmin, dmax
+
+    def minmax_qdq(self, x, mn, mx, range_shape, qmin, qmax, min_scale, symmetric, grad_scale, act_min=None,
+                   act_max=None):
+        """minmax_qdq_forward's y, recorded as one C++ autograd node (pyquant._C_autograd) whose backward is
+        minmax_qdq_backward: gradients of x and of the range parameters `mn`/`mx` themselves (contiguous
+        float32, any shape with the values of the block-broadcast `range_shape`)."""
+        _layout.check_x_dtype(x, _layout.FLOAT_DTYPES)
+        act = _layout.check_activation(act_min, act_max)
+        layout = _layout.checked_layout(self.m, tuple(x.shape), range_shape)
+        return self.autograd.minmax_qdq(x, mn, mx, layout.address, float(qmin), float(qmax), float(min_scale),
+                                        bool(symmetric), float(grad_scale), *act)
 
     # ---- a bias on the int32 grid (CPU) ----
     def int32_fake_quant(self, x, scale, overflow):
@@ -442,6 +455,8 @@ class NativeBackend:
         if hasattr(self.m, "minmax_qdq_forward"):  # fused steps inside QuantizeNode (no ops of their own)
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_forward")] = self.minmax_qdq_forward
             _registry.NATIVE_KERNELS[(dt, "minmax_qdq_backward")] = self.minmax_qdq_backward
+        if self.autograd is not None:  # the same step as one C++ autograd node (replaces QuantizeNode)
+            _registry.NATIVE_KERNELS[(dt, "minmax_qdq")] = self.minmax_qdq
         reg("quantize_dequantize_max_pool2d", self.qdq_max_pool2d)
         reg("entropy_search", self.entropy_search)
         reg("search", self.search)

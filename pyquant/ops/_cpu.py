@@ -15,6 +15,7 @@ def register() -> bool:
     if C is None:
         return False
     # One float64 workspace per thread for the backward reduction.
-    backend = NativeBackend(C, "cpu", ws_slots=C.num_threads, native_scale_check=True)
+    backend = NativeBackend(C, "cpu", ws_slots=C.num_threads, native_scale_check=True,
+                            autograd=_native.autograd_module())
     backend.register()
     return True

@@ -19,7 +19,7 @@ from .._deprecation import _UNSET, renamed
 from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
 from .encoding import Encoding, OnGrid, _broadcast_to, check_grid_kind, from_scale_offset
-from .fake_quant_node import Pool, QuantizeNode, Spec, act_bounds, activate
+from .fake_quant_node import Pool, Spec, act_bounds, activate, quantize
 from .range_params import RANGE_PARAMS, RangeParams
 
 __all__ = ["QuantizerBase", "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
@@ -332,7 +332,7 @@ class QuantizeDequantize(QuantizerBase):
     def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                        pool: Optional[Pool] = None) -> torch.Tensor:
         a, b = self.encoding_parameters()
-        return QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
+        return quantize(x, a, b, self._spec(x, activation, pool))
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) of the encoding as constant tensors in the encoding's shape: zero point =
