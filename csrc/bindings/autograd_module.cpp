@@ -11,7 +11,9 @@
 #include <torch/extension.h>
 #include <torch/headeronly/version.h>
 
+#include <cmath>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include "pyquant/native_table.h"
@@ -43,8 +45,8 @@ void raise_if(const char* err, const char* op) {
 
 constexpr int kMaxRangeDims = 8;
 
-// What the backward needs besides x, kept in the tail of the forward's state buffer (after the
-// encoding's 5 x nscale floats) so that the node saves two tensors and no map entries.
+// What the backward needs besides x and the encoding: kept as one byte string in the node's saved data,
+// so that the saved tensors are the ones the Python node saved (x and the encoding's values).
 struct Saved {
   pq::QLayout layout;
   float qmin, qmax, grad_scale, act_lo, act_hi;
@@ -53,13 +55,7 @@ struct Saved {
   int64_t range_shape[kMaxRangeDims];
 };
 
-constexpr int64_t kSavedFloats = int64_t((sizeof(Saved) + sizeof(float) - 1) / sizeof(float));
-
-Saved read_saved(const at::Tensor& state, int64_t nscale) {
-  Saved s;
-  std::memcpy(&s, state.data_ptr<float>() + 5 * nscale, sizeof(Saved));
-  return s;
-}
+constexpr const char* kSavedKey = "pyquant";
 
 struct MinmaxQdq : public ag::Function<MinmaxQdq> {
   static at::Tensor forward(ag::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& mn,
@@ -67,13 +63,13 @@ struct MinmaxQdq : public ag::Function<MinmaxQdq> {
     const pq::QLayout& L = saved.layout;
     const int64_t n = L.nscale;
     at::Tensor y = at::empty_like(x);
-    at::Tensor state = at::empty({5 * n + kSavedFloats}, x.options().dtype(at::kFloat));
-    std::memcpy(state.data_ptr<float>() + 5 * n, &saved, sizeof(Saved));
+    at::Tensor enc = at::empty({5 * n}, x.options().dtype(at::kFloat));
     const pq::MinmaxQdqForwardArgs a{x.data_ptr(), dtype_code(x), y.data_ptr(), mn.data_ptr<float>(),
                                      mx.data_ptr<float>(), saved.qmin, saved.qmax, float(min_scale),
-                                     saved.symmetric, L, saved.act_lo, saved.act_hi, state.data_ptr<float>()};
+                                     saved.symmetric, L, saved.act_lo, saved.act_hi, enc.data_ptr<float>()};
     raise_if(table().minmax_qdq_forward(a, table().threads()), "minmax_qdq_forward");
-    ctx->save_for_backward({x, state});
+    ctx->save_for_backward({x, enc});
+    ctx->saved_data[kSavedKey] = std::string(reinterpret_cast<const char*>(&saved), sizeof(Saved));
     return y;
   }
 
@@ -84,20 +80,21 @@ struct MinmaxQdq : public ag::Function<MinmaxQdq> {
     if (!grads[0].defined() || !(need_x || need_range)) return out;
     const auto saved_vars = ctx->get_saved_variables();
     const at::Tensor& x = saved_vars[0];
-    const at::Tensor& state = saved_vars[1];
-    const int64_t n = (state.numel() - kSavedFloats) / 5;
-    const Saved s = read_saved(state, n);
+    const at::Tensor& enc = saved_vars[1];
+    const int64_t n = enc.numel() / 5;
+    Saved s;
+    std::memcpy(&s, ctx->saved_data[kSavedKey].toStringRef().data(), sizeof(Saved));
     const at::Tensor g = grads[0].to(x.scalar_type()).contiguous();
     at::Tensor dx = need_x ? at::empty_like(x) : at::Tensor();
     at::Tensor dmin, dmax, ws;
     if (need_range) {
       const at::IntArrayRef shape(s.range_shape, size_t(s.range_dims));
-      dmin = at::empty(shape, state.options());
-      dmax = at::empty(shape, state.options());
-      ws = at::empty({int64_t(table().threads()) * 2 * n}, state.options().dtype(at::kDouble));
+      dmin = at::empty(shape, enc.options());
+      dmax = at::empty(shape, enc.options());
+      ws = at::empty({int64_t(table().threads()) * 2 * n}, enc.options().dtype(at::kDouble));
     }
     const pq::MinmaxQdqBackwardArgs a{g.data_ptr(), x.data_ptr(), dtype_code(x), need_x ? dx.data_ptr() : nullptr,
-                                      state.data_ptr<float>(), s.qmin, s.qmax, s.symmetric, s.layout,
+                                      enc.data_ptr<float>(), s.qmin, s.qmax, s.symmetric, s.layout,
                                       need_range ? ws.data_ptr<double>() : nullptr,
                                       need_range ? dmin.data_ptr<float>() : nullptr,
                                       need_range ? dmax.data_ptr<float>() : nullptr, s.grad_scale, s.act_lo,
@@ -110,34 +107,47 @@ struct MinmaxQdq : public ag::Function<MinmaxQdq> {
   }
 };
 
-// The entry: x contiguous on the CPU; mn and mx the range parameters (float32, contiguous, the layout's
-// nscale values each, in the parameters' own shape, which their gradients take); `layout` the address of
-// a pyquant._C Layout for x's shape and the range's block-broadcast shape (copied here).
-at::Tensor minmax_qdq(const at::Tensor& x, const at::Tensor& mn, const at::Tensor& mx, uintptr_t layout,
+bool node_dtype(const at::Tensor& x) {
+  const auto t = x.scalar_type();
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The entry: y for x, or None where the node does not take the call (x strided, empty or not a float
+// type; ranges that are not contiguous float32 CPU tensors; an activation range that is not lo < hi) and
+// the caller runs its own path, which accepts or refuses the call with its own errors. mn and mx are the
+// range parameters in their own shape, which their gradients take; `layout` the address of a pyquant._C
+// Layout for x's shape and the range's block-broadcast shape (copied here).
+py::object minmax_qdq(const at::Tensor& x, const at::Tensor& mn, const at::Tensor& mx, uintptr_t layout,
                       double qmin, double qmax, double min_scale, bool symmetric, double grad_scale,
-                      double act_lo, double act_hi) {
+                      std::optional<double> act_lo, std::optional<double> act_hi) {
+  const double lo = act_lo.value_or(-INFINITY), hi = act_hi.value_or(INFINITY);
+  const bool ranges_fit = mn.scalar_type() == at::kFloat && mx.scalar_type() == at::kFloat &&
+                          mn.device().is_cpu() && mx.device().is_cpu() && mn.is_contiguous() &&
+                          mx.is_contiguous() && mn.sizes() == mx.sizes() && mn.dim() <= kMaxRangeDims;
+  if (!(x.device().is_cpu() && x.is_contiguous() && x.numel() > 0 && node_dtype(x) && ranges_fit && lo < hi &&
+        lo != INFINITY && hi != -INFINITY))
+    return py::none();
   TORCH_CHECK(layout != 0, "minmax_qdq: no layout");
   Saved s{};
   s.layout = *reinterpret_cast<const pq::QLayout*>(layout);
-  TORCH_CHECK(x.device().is_cpu() && mn.device().is_cpu() && mx.device().is_cpu(),
-              "minmax_qdq: x, mn and mx must be CPU tensors");
-  TORCH_CHECK(x.is_contiguous() && x.numel() == s.layout.numel, "minmax_qdq: x must be contiguous with ",
-              s.layout.numel, " elements (the layout's)");
-  for (const at::Tensor* p : {&mn, &mx})
-    TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == s.layout.nscale,
-                "minmax_qdq: mn and mx must be contiguous float32 with the layout's ", s.layout.nscale,
-                " values");
-  TORCH_CHECK(mn.sizes() == mx.sizes(), "minmax_qdq: mn and mx differ in shape");
-  TORCH_CHECK(mn.dim() <= kMaxRangeDims, "minmax_qdq: a range of at most ", kMaxRangeDims, " dimensions");
+  TORCH_CHECK(x.numel() == s.layout.numel, "minmax_qdq: x has ", x.numel(), " elements, the layout's ",
+              s.layout.numel);
+  TORCH_CHECK(mn.numel() == s.layout.nscale, "minmax_qdq: mn and mx must have the layout's ", s.layout.nscale,
+              " values, got ", mn.numel());
   s.qmin = float(qmin);
   s.qmax = float(qmax);
   s.grad_scale = float(grad_scale);
-  s.act_lo = float(act_lo);
-  s.act_hi = float(act_hi);
+  s.act_lo = float(lo);
+  s.act_hi = float(hi);
   s.symmetric = symmetric;
   s.range_dims = int32_t(mn.dim());
   for (int64_t d = 0; d < mn.dim(); ++d) s.range_shape[d] = mn.size(d);
-  return MinmaxQdq::apply(x, mn, mx, s, min_scale);
+  at::Tensor y;
+  {
+    py::gil_scoped_release nogil;
+    y = MinmaxQdq::apply(x, mn, mx, s, min_scale);
+  }
+  return py::cast(std::move(y));
 }
 
 }  // namespace
@@ -159,7 +169,8 @@ PYBIND11_MODULE(_C_autograd, m) {
       py::arg("native_table"), "use the kernels of pyquant._C (its `native_table` capsule)");
   m.def("minmax_qdq", &minmax_qdq, py::arg("x"), py::arg("mn"), py::arg("mx"), py::arg("layout"),
         py::arg("qmin"), py::arg("qmax"), py::arg("min_scale"), py::arg("symmetric"), py::arg("grad_scale"),
-        py::arg("act_lo"), py::arg("act_hi"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("act_lo"), py::arg("act_hi"),
         "a min/max quantizer's training call as one autograd node: minmax_qdq_forward, and in the backward "
-        "minmax_qdq_backward (dx, and the gradients of mn and mx in their own shape)");
+        "minmax_qdq_backward (dx, and the gradients of mn and mx in their own shape); None where the node "
+        "does not take the call");
 }

@@ -234,16 +234,18 @@ class NativeBackend:
                                    dmax.data_ptr() if dmax is not None else 0, float(grad_scale), *act)
         return dx, dmin, dmax
 
-    def minmax_qdq(self, x, mn, mx, range_shape, qmin, qmax, min_scale, symmetric, grad_scale, act_min=None,
-                   act_max=None):
+    def minmax_qdq(self, x, mn, mx, qmin, qmax, min_scale, symmetric, grad_scale, act_min=None, act_max=None):
         """minmax_qdq_forward's y, recorded as one C++ autograd node (pyquant._C_autograd) whose backward is
-        minmax_qdq_backward: gradients of x and of the range parameters `mn`/`mx` themselves (contiguous
-        float32, any shape with the values of the block-broadcast `range_shape`)."""
-        _layout.check_x_dtype(x, _layout.FLOAT_DTYPES)
-        act = _layout.check_activation(act_min, act_max)
-        layout = _layout.checked_layout(self.m, tuple(x.shape), range_shape)
-        return self.autograd.minmax_qdq(x, mn, mx, layout.address, float(qmin), float(qmax), float(min_scale),
-                                        bool(symmetric), float(grad_scale), *act)
+        minmax_qdq_backward: gradients of x and of the range parameters `mn`/`mx` themselves (any shape that
+        right-aligns with x's, as the ops take it). None where the node does not take the call (x strided,
+        empty or not a float type; ranges not contiguous float32 on the CPU; act_min >= act_max): the caller
+        runs its own path, which accepts or refuses it with its own errors. A range shape that does not fit
+        x's raises here, as the ops' layout check does."""
+        nd, rd = x.dim(), mn.dim()
+        shape = mn.shape if rd == nd else (mn.shape[rd - nd:] if rd > nd else (1,) * (nd - rd) + tuple(mn.shape))
+        layout = _layout.checked_layout(self.m, tuple(x.shape), tuple(shape))
+        return self.autograd.minmax_qdq(x, mn, mx, layout.address, qmin, qmax, min_scale, symmetric, grad_scale,
+                                        act_min, act_max)
 
     # ---- a bias on the int32 grid (CPU) ----
     def int32_fake_quant(self, x, scale, overflow):

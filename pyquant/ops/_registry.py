@@ -60,7 +60,7 @@ def eager_kernel(name: str, x: torch.Tensor) -> Callable:
     For code that is already inside an autograd node (so the op's own autograd is not wanted), where the
     dispatcher's Python layers cost more than a small kernel: same arguments, same results."""
     if not torch.compiler.is_compiling() and type(x) in _PLAIN and not torch._C._len_torch_dispatch_stack():
-        fn = NATIVE_KERNELS.get((x.device.type, name))
+        fn = NATIVE_KERNELS.get(("cpu" if x.is_cpu else x.device.type, name))  # is_cpu: no device object
         if fn is not None:
             return fn
     return getattr(ops, name)
@@ -72,7 +72,7 @@ def eager_native(name: str, x: torch.Tensor) -> Optional[Callable]:
     `eager_kernel`); None otherwise, and the caller runs the registered ops instead."""
     if torch.compiler.is_compiling() or type(x) not in _PLAIN or torch._C._len_torch_dispatch_stack():
         return None
-    return NATIVE_KERNELS.get((x.device.type, name))
+    return NATIVE_KERNELS.get(("cpu" if x.is_cpu else x.device.type, name))
 
 
 def check_adaround_args(w: torch.Tensor, alpha: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

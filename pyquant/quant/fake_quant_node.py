@@ -13,7 +13,7 @@ from ..ops import raw
 from .encoding import _broadcast_to, min_scale
 from .range_params import minmax_grads, shaped
 
-__all__ = ["Pool", "Spec", "QuantizeNode", "quantize", "encoding", "encoding_grads", "activate", "act_bounds"]
+__all__ = ["Pool", "Spec", "QuantizeNode", "encoding", "encoding_grads", "activate", "act_bounds"]
 
 
 def activate(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -62,19 +62,6 @@ def encoding(a: torch.Tensor, b: torch.Tensor, spec: Spec, factors: bool = True)
     if spec.check_on_device:
         ops.check_scale_values_on_device(a)
     return a, b, (None, None, None)
-
-
-def quantize(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """A quantizer's call on its encoding parameters: a min/max quantizer without a pool on a plain CPU
-    tensor as one C++ autograd node (pyquant._C_autograd, where it was built), anything else as
-    QuantizeNode. Both run the same kernels: values and gradients are equal bit for bit."""
-    if spec.minmax and spec.pool is None:
-        node = ops.eager_native("minmax_qdq", x)
-        if (node is not None and x.is_contiguous() and x.numel() and a.dtype == b.dtype == torch.float32
-                and a.device == x.device and b.device == x.device and a.is_contiguous() and b.is_contiguous()):
-            return node(x, a, b, tuple(_as_block_broadcast(a, x).shape), spec.qmin, spec.qmax,
-                        min_scale(spec.qmax - spec.qmin), spec.symmetric, spec.grad_scale, *spec.act)
-    return QuantizeNode.apply(x, a, b, spec)
 
 
 class QuantizeNode(torch.autograd.Function):

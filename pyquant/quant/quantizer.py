@@ -8,6 +8,7 @@ The public surface the other layers use: `set_encoding` / `get_encoding` / `has_
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Iterator, Optional, Sequence
 
@@ -18,8 +19,8 @@ from .. import ops
 from .._deprecation import _UNSET, renamed
 from ..ops import raw
 from .analyzers import EncodingAnalyzer, MinMax
-from .encoding import Encoding, OnGrid, _broadcast_to, check_grid_kind, from_scale_offset
-from .fake_quant_node import Pool, Spec, act_bounds, activate, quantize
+from .encoding import Encoding, OnGrid, _broadcast_to, check_grid_kind, from_scale_offset, min_scale
+from .fake_quant_node import Pool, QuantizeNode, Spec, act_bounds, activate
 from .range_params import RANGE_PARAMS, RangeParams
 
 __all__ = ["QuantizerBase", "QuantizeDequantize", "Quantize", "Dequantize", "QuantizerError"]
@@ -276,6 +277,13 @@ class QuantizerBase(OnGrid, nn.Module):
         return ", ".join(parts)
 
 
+@functools.lru_cache(maxsize=None, typed=True)
+def _grid(bitwidth: int, signed: bool, strict: bool) -> tuple[int, int, float]:
+    """(qmin, qmax, smallest scale) of a grid, validated once per grid: a quantizer looks it up per call."""
+    qmin, qmax = ops.grid(bitwidth, signed, strict=strict)
+    return qmin, qmax, min_scale(qmax - qmin)
+
+
 class QuantizeDequantize(QuantizerBase):
     """Fake quantization ``x -> (clamp(round(x/s) - o, qmin, qmax) + o) * s`` with a learnable range.
 
@@ -318,21 +326,31 @@ class QuantizeDequantize(QuantizerBase):
 
     def _spec(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
               pool: Optional[Pool] = None) -> Spec:
-        qmin, qmax = ops.grid(self.bitwidth, self.signed, strict=self.strict)
-        gs = 1.0
-        if self.lsq_grad_scale:
-            gs = float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * qmax) ** 0.5)
+        qmin, qmax, _ = _grid(self.bitwidth, self.signed, self.strict)
         derived = self._range.derived
         # min/max-derived scales are clamped positive: nothing to check. Scale parameters are checked by the
         # kernel on the CPU (a native loop) and by a device-side assertion elsewhere: never read on the host.
-        host = x.device.type == "cpu"
-        return Spec(derived, self.symmetric, qmin, qmax, gs, not derived and host, act_bounds(activation),
-                    pool, torch.is_grad_enabled(), not derived and not host)
+        host = x.is_cpu
+        return Spec(derived, self.symmetric, qmin, qmax, self._grad_scale(x, qmax), not derived and host,
+                    act_bounds(activation), pool, torch.is_grad_enabled(), not derived and not host)
+
+    def _grad_scale(self, x: torch.Tensor, qmax: int) -> float:
+        if not self.lsq_grad_scale:
+            return 1.0
+        return float(1.0 / (max(x.numel() // max(math.prod(self.shape), 1), 1) * qmax) ** 0.5)
 
     def _quantize_node(self, x: torch.Tensor, activation: Optional[tuple[float, float]] = None,
                        pool: Optional[Pool] = None) -> torch.Tensor:
         a, b = self.encoding_parameters()
-        return quantize(x, a, b, self._spec(x, activation, pool))
+        if pool is None and self._range.derived:  # min/max: one C++ autograd node, where there is one for x
+            node = ops.eager_native("minmax_qdq", x)
+            if node is not None:
+                qmin, qmax, smin = _grid(self.bitwidth, self.signed, self.strict)
+                lo, hi = act_bounds(activation)
+                y = node(x, a, b, qmin, qmax, smin, self.symmetric, self._grad_scale(x, qmax), lo, hi)
+                if y is not None:
+                    return y
+        return QuantizeNode.apply(x, a, b, self._spec(x, activation, pool))
 
     def export_constants(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero point) of the encoding as constant tensors in the encoding's shape: zero point =
