@@ -313,9 +313,10 @@ def adaround_regularizer(alpha: torch.Tensor, beta: float) -> tuple[torch.Tensor
     h = torch.clamp(hr, 0.0, 1.0)
     d = 2.0 * h - 1.0
     ad = d.double().abs()
-    value = (1.0 - ad.pow(float(beta))).sum().float()
+    p = ad.pow(float(beta) - 1.0)  # |d|^(beta-1), which gives |d|^beta too (one power, as the kernels)
     keep = (hr >= 0) & (hr <= 1) & (ad != 0)
-    dd = -float(beta) * ad.pow(float(beta) - 1.0) * torch.sign(d).double()
+    value = (1.0 - torch.where(keep, p * ad, ad.pow(float(beta)))).sum().float()
+    dd = -float(beta) * p * torch.sign(d).double()
     g = (dd * 2.0 * float(_f32(_ADA_STRETCH, alpha)) * sig.double() * (1.0 - sig.double())).float()
     return value, torch.where(keep, g, torch.zeros_like(g))
 

@@ -135,6 +135,13 @@ def rows_in(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def rows_in_at(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """`rows_in(layer, x)` gathered at output positions idx [N, keep] ([N, keep, K]), built from the
     kept positions' patches only: the full im2col of an early layer is tens of times larger."""
+    g = patches_at(layer, x, idx)
+    return g.transpose(2, 3).reshape(g.shape[0], g.shape[1], -1)  # unfold's (c, i, j) order
+
+
+def patches_at(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The input patches of a convolution at output positions idx [N, keep]: [N, keep, kh * kw, C] (a
+    position's kernel taps, each with its channels)."""
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(2)
         k, st, pad, dil = (1, layer.kernel_size[0]), (1, layer.stride[0]), (0, layer.padding[0]), (1, layer.dilation[0])
@@ -151,8 +158,7 @@ def rows_in_at(layer: nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Te
     cw = ow.unsqueeze(-1) * st[1] + torch.arange(k[1], device=dev) * dil[1]      # [N, keep, kw]
     flat = (rh.unsqueeze(-1) * Wp + cw.unsqueeze(-2)).reshape(N, -1)  # [N, keep*kh*kw] pixel indices
     g = pixels.reshape(N, Hp * Wp, C)[torch.arange(N, device=dev).unsqueeze(-1), flat]  # [N, keep*kh*kw, C]
-    g = g.reshape(N, idx.shape[1], k[0] * k[1], C)
-    return g.transpose(2, 3).reshape(N, idx.shape[1], C * k[0] * k[1])  # unfold's (c, i, j) order
+    return g.reshape(N, idx.shape[1], k[0] * k[1], C)
 
 
 def rows_out(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -256,13 +262,18 @@ def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: i
                 if keep < P:
                     idx = torch.stack([torch.randperm(P, generator=g)[:keep] for _ in range(yr.shape[0])]).to(dev)
                     yr = torch.gather(yr, 1, idx.unsqueeze(-1).expand(-1, -1, yr.shape[2]))
-                    xr = (torch.gather(rows_in(layer, xc), 1, idx.unsqueeze(-1).expand(-1, -1, K))
-                          if isinstance(layer, nn.Linear) else rows_in_at(layer, xc, idx))
+                    if channel_first:  # patches [n, keep, kh*kw, C]: each sample's go to X channel first in one copy
+                        xr = patches_at(layer, xc, idx)
+                    else:
+                        xr = (torch.gather(rows_in(layer, xc), 1, idx.unsqueeze(-1).expand(-1, -1, K))
+                              if isinstance(layer, nn.Linear) else rows_in_at(layer, xc, idx))
                 else:
                     xr = rows_in(layer, xc)
+                    if channel_first:  # [n, P, C * kh*kw] in unfold's (c, i, j) order, as patches
+                        xr = xr.reshape(xr.shape[0], xr.shape[1], yr.shape[2], -1).transpose(2, 3)
                 C = yr.shape[2]
                 if X is None:
-                    X = xr.new_empty(C, xr.shape[1], n_total, xr.shape[2] // C) if channel_first else \
+                    X = xr.new_empty(C, xr.shape[1], n_total, xr.shape[2]) if channel_first else \
                         xr.new_empty(xr.shape[1], n_total, xr.shape[2])
                     Y = yr.new_empty(C, yr.shape[1], n_total) if channel_first else \
                         yr.new_empty(yr.shape[1], n_total, C)
@@ -270,7 +281,7 @@ def collect_rows(name: str, layer: nn.Module, pairs: Iterable[tuple], n_total: i
                 # one sample at a time: a slice copy of whole rows, several times faster than index_copy_
                 for j, slot in enumerate(slots[filled:filled + len(xr)]):
                     if channel_first:
-                        X[:, :, slot] = xr[j].reshape(xr.shape[1], C, -1).transpose(0, 1)
+                        X[:, :, slot] = xr[j].permute(2, 0, 1)
                         Y[:, :, slot] = yr[j].t()
                     else:
                         X[:, slot] = xr[j]

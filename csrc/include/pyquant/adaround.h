@@ -54,13 +54,17 @@ PQ_HD AdaReg ada_reg(float a, float beta) {
   const float h = clamp_keep_nan(hr, 0.f, 1.f);
   const float d = 2.f * h - 1.f;
   const double ad = fabs(double(d));
-  AdaReg r;
-  r.value = 1.0 - pow(ad, double(beta));
   const bool pass = (hr >= 0.f) && (hr <= 1.f);
-  if (!pass || ad == 0.0) {
-    r.grad = 0.f;
-  } else {
-    const double dd = -double(beta) * pow(ad, double(beta) - 1.0) * (d > 0.f ? 1.0 : -1.0);
+  AdaReg r;
+  r.grad = 0.f;
+  if (!pass) {  // clamped: |d| is 1 (the term is 0), or NaN; no gradient
+    r.value = ad == 1.0 ? 0.0 : 1.0 - pow(ad, double(beta));
+  } else if (ad == 0.0) {  // |d|^beta = 0 for any beta > 0; its derivative term is taken as 0
+    r.value = 1.0;
+  } else {  // one power serves the value and the gradient: |d|^beta = |d|^(beta-1) * |d|
+    const double p = pow(ad, double(beta) - 1.0);
+    r.value = 1.0 - p * ad;
+    const double dd = -double(beta) * p * (d > 0.f ? 1.0 : -1.0);
     r.grad = float(dd * 2.0 * double(kAdaStretch) * double(sig) * (1.0 - double(sig)));
   }
   return r;
