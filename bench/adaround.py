@@ -17,7 +17,7 @@ reset before each run), so that the two toolkits' memory figures do not mix.
     python -m bench.adaround                                   # dev env
     cd /work/main && /tmp/pyquant-peers/bin/python -P bench/adaround.py   # with AIMET
     python -m bench.adaround --quick
-    python -m bench.adaround --iterations 300 --samples 256 --skip fashion      # AIMET's full settings
+    python -m bench.adaround --iterations 300 --samples 256 --skip fashion --name adaround_full   # AIMET's full settings
 """
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--reach-iterations", default="50,100,150,200",
                    help="comma-separated iterations per layer tried, fewest first, for the time to reach AIMET's KL "
                         "(empty: no such row)")
+    p.add_argument("--name", default="adaround", help="results file name under bench/results (default adaround)")
     p.add_argument("--target-kl", type=float, default=None,
                    help="AIMET's KL from an earlier run at the same settings, when aimet_torch is not installed")
     a = p.parse_args(argv)
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
             notes.append(f"Fashion-MNIST: {len(xte)} test images, accuracy in %")
     notes.append(f"{versions()}; peak RSS: the process's high-water mark during each run, reset "
                  "before it (it includes the model, data and evaluation set already in memory)")
-    return publish("adaround", a, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes)
+    return publish(a.name, a, rows, COLUMNS, title="AdaRound: quality and speed", notes=notes)
 
 
 if __name__ == "__main__":
