@@ -68,6 +68,32 @@ def test_adaround_regularizer_matches_reference(device, n, beta):
     torch.testing.assert_close(g, rg, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("beta", [20.0, 2.0, 1.0, 0.5])
+def test_adaround_regularizer_terms_where_h_is_clamped_or_live(device, beta):
+    """Saturated alphas (h clamped to 0 or 1) add 0 and pass no gradient, without a power; live ones add
+    1 - |2h - 1|^beta; a NaN alpha makes the value NaN. Each element's term against the formula in
+    float64 (one power per element in the kernels: |d|^beta = |d|^(beta-1) * |d|)."""
+    a = torch.tensor([60.0, -60.0, 8.0, -8.0, 0.3, -1.7, 2.39, -2.39, 1e-4]).to(device)
+    v, g = torch.ops.pyquant.adaround_regularizer(a, beta)
+    hr = ref.adaround_sigmoid(a.cpu()) * ref._ADA_STRETCH + ref._ADA_GAMMA  # in float32, as the kernels
+    h = torch.clamp(hr, 0, 1).double()
+    want = (1 - (2 * h - 1).abs().pow(beta)).sum()
+    torch.testing.assert_close(v.double().cpu(), want, rtol=1e-6, atol=1e-6)
+    clamped = (hr < 0) | (hr > 1)
+    assert clamped[:4].all() and not clamped[4:].any()
+    assert torch.equal(g.cpu()[clamped], torch.zeros(int(clamped.sum())))
+    assert bool((g.cpu()[4:-1] != 0).all())  # live (the last one's |d|^(beta-1) may underflow to 0)
+    for one in range(a.numel()):  # each term alone
+        vi, _ = torch.ops.pyquant.adaround_regularizer(a[one:one + 1], beta)
+        hi = h[one]
+        torch.testing.assert_close(vi.double().cpu(), 1 - (2 * hi - 1).abs().pow(beta), rtol=1e-6, atol=1e-6)
+        if clamped[one]:
+            assert float(vi) == 0.0
+    vn, gn = torch.ops.pyquant.adaround_regularizer(torch.tensor([float("nan"), 0.5]).to(device), beta)
+    assert torch.isnan(vn) and float(gn.cpu()[1]) != 0
+
+
 def test_reference_gradients_match_autograd_of_the_formula():
     """The explicit backward is the derivative of the forward formula: autograd in float64 agrees, and
     gradcheck passes on the differentiable pieces."""
