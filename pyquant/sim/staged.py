@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 
 class PerChunk(list):
@@ -19,13 +22,19 @@ class StagedRun:
     """`run.compute(node)` evaluates `node` of `gm` for every chunk (`chunks`: one tuple of positional
     model inputs per chunk) from the values already computed; `run.release(i)` drops the values no
     node after the i-th reads; `run.fork()` branches off a run that shares the values so far (an
-evaluation of the rest of the graph under changed quantizers, without recomputing the common prefix)."""
+evaluation of the rest of the graph under changed quantizers, without recomputing the common prefix).
 
-    def __init__(self, gm: fx.GraphModule, chunks: Sequence[tuple]):
+    `inplace_activations`: a ReLU / ReLU6 / Hardtanh module whose input this run computed and nothing after
+    it reads clamps that input in place (same values): over a whole data set an activation is the largest
+    tensor of its stage, and a second one of its size costs memory and fresh pages. Only for a run that is
+    not forked (forks share values)."""
+
+    def __init__(self, gm: fx.GraphModule, chunks: Sequence[tuple], *, inplace_activations: bool = False):
         self.gm = gm
         self.chunks = list(chunks)
         self.nodes = list(gm.graph.nodes)
         self.env: dict[str, Any] = {}
+        self.inplace_activations = inplace_activations
         self._placeholders = [n.name for n in self.nodes if n.op == "placeholder"]
         self._freed_at: dict[int, list[str]] = {}
         last: dict[str, int] = {}
@@ -47,6 +56,8 @@ evaluation of the rest of the graph under changed quantizers, without recomputin
             out = self.gm
             for part in n.target.split("."):
                 out = getattr(out, part)
+        elif self.inplace_activations and (clamp := self._inplace_clamp(n)) is not None:
+            out = PerChunk(clamp(v) for v in env[n.args[0].name])
         else:
             per = any(isinstance(env[a.name], PerChunk) for a in n.all_input_nodes)
             outs = PerChunk()
@@ -62,6 +73,25 @@ evaluation of the rest of the graph under changed quantizers, without recomputin
             out = outs if per else outs[0]
         env[n.name] = out
         return out
+
+    def _inplace_clamp(self, n: fx.Node) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The in-place form of activation module `n`, where its input may be overwritten: a value of this
+        run's (not a graph input, which is the caller's data), per chunk, read by `n` alone."""
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], fx.Node):
+            return None
+        src = n.args[0]
+        vals = self.env.get(src.name)
+        # nothing else reads it or a view of it (one user), it is no view itself, and no gradient is recorded
+        if src.op == "placeholder" or len(src.users) != 1 or not isinstance(vals, PerChunk) or \
+                torch.is_grad_enabled() or any(not isinstance(v, torch.Tensor) or v._base is not None for v in vals):
+            return None
+        mod = self.gm.get_submodule(n.target)
+        if type(mod) is nn.ReLU:
+            return torch.relu_
+        if type(mod) in (nn.ReLU6, nn.Hardtanh):
+            lo, hi = float(mod.min_val), float(mod.max_val)
+            return lambda v: F.hardtanh_(v, lo, hi)
+        return None
 
     def release(self, i: int) -> None:
         for name in self._freed_at.get(i, ()):

@@ -93,8 +93,10 @@ def walk_side_by_side(gm_fp: fx.GraphModule, gm_q: fx.GraphModule, todo: set, ch
     chunks (pyquant.sim.staged). At a layer in `todo`, its inputs in the quantized model and its FP32
     outputs are at hand: `run_layer(name, pairs)` changes the layer, and its output is computed with
     the changed weight before the walk goes on. Two forward passes in all, instead of two per layer."""
-    fp = StagedRun(gm_fp, [_graph_inputs(gm_fp, c) for c in chunks])
-    q = StagedRun(gm_q, [_graph_inputs(gm_q, c) for c in chunks])
+    # activations clamp their inputs in place: a layer's FP32 output is read (by run_layer) before its
+    # activation runs, and neither run is forked
+    fp = StagedRun(gm_fp, [_graph_inputs(gm_fp, c) for c in chunks], inplace_activations=True)
+    q = StagedRun(gm_q, [_graph_inputs(gm_q, c) for c in chunks], inplace_activations=True)
     if [(n.op, str(n.target)) for n in fp.nodes] != [(n.op, str(n.target)) for n in q.nodes]:
         raise RuntimeError("the FP32 and quantized models traced to different graphs")
     with torch.no_grad():
