@@ -5,9 +5,10 @@
 //
 // The one part of pyquant built against libtorch. The kernels stay in pyquant._C (torch-free); this
 // module reaches them through the function table that _C hands out (pyquant/native_table.h), so both
-// use one copy of the kernels, their thread cap and SIMD choice. pyquant.ops checks the arguments
-// (dtypes, devices, layout) before it calls in; the checks here only keep a wrong call from reading
-// out of bounds.
+// use one copy of the kernels, their thread cap and SIMD choice. pyquant.ops plans the layout from the
+// shapes (a range shape that does not fit x raises there); the entry here declines a call it does not
+// take (None: the quantizer's Python node runs) and checks the tensors against the layout, so that a
+// wrong call cannot read out of bounds.
 #include <torch/extension.h>
 #include <torch/headeronly/version.h>
 
