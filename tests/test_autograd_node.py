@@ -156,12 +156,13 @@ def _train(monkeypatch, use_node: bool, steps: int = 3):
         sim = QuantSim(_CNN(), x[:1], quant_scheme="min_max", param_bw=4, output_bw=4, range_learning=True,
                        fuse_activations=True)
         sim.compute_encodings(lambda mod: mod(x))
+        before = {k: v.detach().clone() for k, v in sim.model.state_dict().items()}
         opt = torch.optim.SGD(sim.model.parameters(), lr=1e-2)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(sim.model(x), y).backward()
             opt.step()
-        return {k: v.detach().clone() for k, v in sim.model.state_dict().items()}
+        return before, {k: v.detach().clone() for k, v in sim.model.state_dict().items()}
 
 
 def test_a_qat_step_with_the_node_equals_the_python_node(monkeypatch):
@@ -169,12 +170,12 @@ def test_a_qat_step_with_the_node_equals_the_python_node(monkeypatch):
     fn = _registry.NATIVE_KERNELS[("cpu", "minmax_qdq")]
     monkeypatch.setitem(_registry.NATIVE_KERNELS, ("cpu", "minmax_qdq"),
                         lambda *a, **k: calls.append(1) or fn(*a, **k))
-    with_node = _train(monkeypatch, True)
+    start, with_node = _train(monkeypatch, True)
     assert calls, "the C++ node did not run"
-    without = _train(monkeypatch, False)
+    _, without = _train(monkeypatch, False)
     assert with_node.keys() == without.keys()
-    moved = 0
     for k in with_node:
         torch.testing.assert_close(with_node[k], without[k], rtol=0, atol=0, msg=k)
-        moved += k.endswith(("min", "max"))
-    assert moved > 0
+    # the ranges learned (the node's range gradients reached them), so the equality covers them
+    ranges = [k for k in with_node if k.endswith((".min", ".max"))]
+    assert ranges and sum(not torch.equal(with_node[k], start[k]) for k in ranges) >= len(ranges) // 2
